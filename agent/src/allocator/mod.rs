@@ -1,0 +1,536 @@
+//! The allocator: the one place that turns IPAM decisions into datastore transactions.
+//!
+//! Every operation reads what it needs, decides with the pure functions of [`crate::ipam`], and commits one
+//! compare-and-swap transaction over every record it read and changes. A revision conflict means someone
+//! else changed one of them in between: the operation starts over from fresh reads, at most
+//! [`MAX_ATTEMPTS`] times. Any other failure is returned as it is.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use ipnet::IpNet;
+
+use crate::{
+    catalog::{Catalog, decode, encode},
+    ipam::{
+        self, Affinity, Allocation, Block, BlockError, HandleRecord, NamespaceInfo, NodeInfo, Owner, PodInfo,
+        Requested, SelectionError, check::Snapshot,
+    },
+    resources::{IpPool, IpamConfigSpec},
+    store::{KeyValue, Revision, Store, StoreError, Txn, TxnOutcome, keys},
+};
+
+/// How many times an operation starts over after a revision conflict.
+pub const MAX_ATTEMPTS: usize = 32;
+
+/// Seconds since the epoch; injectable so tests can move time.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+}
+
+/// Errors from allocation and release.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    /// No pool may be used, or a named pool is refused.
+    #[error(transparent)]
+    Selection(#[from] SelectionError),
+    /// Every usable pool is full for this node.
+    #[error("{family} pool {pools} is exhausted for node {node:?}: {detail}")]
+    Exhausted {
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+        /// The pools tried, quoted and comma-separated.
+        pools: String,
+        /// The node.
+        node: String,
+        /// Why nothing could be found.
+        detail: String,
+    },
+    /// A specific address could not be assigned.
+    #[error("cannot assign {ip}: {reason}")]
+    AddressUnavailable {
+        /// The address.
+        ip: IpAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The address changed hands since the caller looked (its sequence number differs).
+    #[error("{ip} was reassigned since it was seen (sequence {expected}, now {actual}); not released")]
+    Reassigned {
+        /// The address.
+        ip: IpAddr,
+        /// The sequence the caller saw.
+        expected: u64,
+        /// The sequence now.
+        actual: u64,
+    },
+    /// Concurrent writers kept winning.
+    #[error("gave up on {operation} after {MAX_ATTEMPTS} attempts: other writers kept changing the same records")]
+    Contention {
+        /// What was being done.
+        operation: String,
+    },
+    /// The datastore failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An assigned address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assigned {
+    /// The address.
+    pub ip: IpAddr,
+    /// The pool it came from.
+    pub pool: String,
+    /// The block it came from.
+    pub block: IpNet,
+}
+
+/// One request for addresses.
+#[derive(Clone, Debug, Default)]
+pub struct AssignRequest {
+    /// One per (container, interface): see [`ipam::handle_for`].
+    pub handle: String,
+    /// The node the pod runs on.
+    pub node: NodeInfo,
+    /// The pod's namespace.
+    pub namespace: NamespaceInfo,
+    /// The pod, when known.
+    pub pod: Option<PodInfo>,
+    /// What the runtime asked for.
+    pub requested: Requested,
+}
+
+/// Allocates and releases addresses in a datastore.
+#[derive(Clone)]
+pub struct Allocator {
+    store: Arc<dyn Store>,
+    clock: Clock,
+}
+
+struct Loaded {
+    pools: Vec<IpPool>,
+    config: IpamConfigSpec,
+}
+
+impl Allocator {
+    /// An allocator on `store` using the wall clock.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self::with_clock(store, system_clock())
+    }
+
+    /// An allocator with an injected clock.
+    pub fn with_clock(store: Arc<dyn Store>, clock: Clock) -> Self {
+        Self { store, clock }
+    }
+
+    /// The datastore.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    async fn load(&self) -> Result<Loaded, StoreError> {
+        let catalog = Catalog::new(Arc::clone(&self.store));
+        let pools = catalog.pools().await?.into_iter().map(|(p, _)| p).collect();
+        let config = catalog.config().await?.0.spec;
+        Ok(Loaded { pools, config })
+    }
+
+    /// Assign addresses for a pod: one per family whose pools admit it, or exactly the fixed addresses asked
+    /// for. Idempotent per handle: a repeated request returns what the handle already holds. If any family
+    /// fails, nothing stays allocated.
+    pub async fn assign(&self, request: &AssignRequest) -> Result<Vec<Assigned>, AllocError> {
+        if let Some(existing) = self.addresses_of(&request.handle).await? {
+            return Ok(existing);
+        }
+        let loaded = self.load().await?;
+        let selection = ipam::selection::select(
+            &loaded.pools,
+            &request.node,
+            &request.namespace,
+            request.pod.as_ref(),
+            &request.requested,
+        )?;
+        let owner = Owner {
+            handle: request.handle.clone(),
+            node: request.node.name.clone(),
+            namespace: Some(request.namespace.name.clone()),
+            pod: request.pod.as_ref().map(|p| p.name.clone()),
+        };
+        let mut done = Vec::new();
+        let mut result = Ok(());
+        for (ip, pool) in &selection.ips {
+            match self.assign_fixed(&owner, *ip, pool, &loaded.config).await {
+                Ok(a) => done.push(a),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        for (family, pools) in [("IPv4", &selection.ipv4), ("IPv6", &selection.ipv6)] {
+            if result.is_err() || pools.is_empty() {
+                continue;
+            }
+            match self.assign_auto(&owner, family, pools, &loaded.config).await {
+                Ok(a) => done.push(a),
+                Err(e) => result = Err(e),
+            }
+        }
+        if let Err(err) = result {
+            if !done.is_empty() {
+                // Roll back the families that succeeded; the original error is what the caller must see.
+                let _ = self.release_handle(&request.handle).await;
+            }
+            return Err(err);
+        }
+        Ok(done)
+    }
+
+    /// The addresses a handle holds, or `None` if it holds none.
+    pub async fn addresses_of(&self, handle: &str) -> Result<Option<Vec<Assigned>>, AllocError> {
+        let key = keys::handle(handle);
+        let Some(kv) = self.store.get(&key).await? else { return Ok(None) };
+        let record: HandleRecord = decode(&key, &kv.value)?;
+        let mut out = Vec::new();
+        for cidr in record.blocks.keys() {
+            if let Some((block, _)) = self.block(*cidr).await? {
+                out.extend(block.ips_of(handle).into_iter().map(|ip| Assigned {
+                    ip,
+                    pool: block.pool.clone(),
+                    block: block.cidr,
+                }));
+            }
+        }
+        Ok(Some(out))
+    }
+
+    async fn block(&self, cidr: IpNet) -> Result<Option<(Block, Revision)>, StoreError> {
+        let key = keys::block(cidr);
+        match self.store.get(&key).await? {
+            Some(kv) => Ok(Some((decode(&key, &kv.value)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// The block holding `ip`: computed from its pool, or found among the blocks if its pool was deleted.
+    async fn block_of(&self, ip: IpAddr) -> Result<Option<IpNet>, StoreError> {
+        let pools = Catalog::new(Arc::clone(&self.store)).pools().await?;
+        if let Some(cidr) = pools.iter().find_map(|(p, _)| ipam::block_containing(p, ip)) {
+            return Ok(Some(cidr));
+        }
+        let (block_keys, _) = self.store.list_keys(keys::BLOCKS).await?;
+        Ok(block_keys
+            .iter()
+            .filter_map(|k| keys::parse_cidr_segment(k.strip_prefix(keys::BLOCKS)?))
+            .find(|c| c.contains(&ip)))
+    }
+
+    async fn handle_record(&self, handle: &str) -> Result<(HandleRecord, Option<Revision>), StoreError> {
+        let key = keys::handle(handle);
+        match self.store.get(&key).await? {
+            Some(kv) => Ok((decode(&key, &kv.value)?, Some(kv.mod_revision))),
+            None => Ok((HandleRecord { handle: handle.to_string(), ..Default::default() }, None)),
+        }
+    }
+
+    /// Commit `block` (created if `block_rev` is `None`) with one more address for the owner's handle.
+    async fn commit_assignment(
+        &self,
+        owner: &Owner,
+        block: &Block,
+        block_rev: Option<Revision>,
+        extra: Txn,
+    ) -> Result<bool, StoreError> {
+        let (mut record, handle_rev) = self.handle_record(&owner.handle).await?;
+        *record.blocks.entry(block.cidr).or_default() += 1;
+        let mut txn = write_block(extra, block, block_rev);
+        txn = txn.write(keys::handle(&owner.handle), handle_rev, encode(&record));
+        Ok(self.store.txn(txn).await?.is_committed())
+    }
+
+    async fn assign_auto(
+        &self,
+        owner: &Owner,
+        family: &'static str,
+        pools: &[&IpPool],
+        config: &IpamConfigSpec,
+    ) -> Result<Assigned, AllocError> {
+        let in_pools = |cidr: &IpNet| pools.iter().find(|p| p.cidr().contains(cidr));
+        let cooldown = config.reuse_cooldown_seconds;
+        for _ in 0..MAX_ATTEMPTS {
+            let now = (self.clock)();
+            // 1. A block this node already owns that has room, in pool preference order.
+            let (room_keys, _) = self.store.list_keys(&keys::node_room(&owner.node)).await?;
+            let with_room: Vec<IpNet> =
+                room_keys.iter().filter_map(|k| keys::parse_cidr_segment(k.rsplit('/').next()?)).collect();
+            let mut candidates: Vec<(usize, IpNet)> = with_room
+                .iter()
+                .filter_map(|c| in_pools(c).map(|p| (pools.iter().position(|q| q.name() == p.name()).unwrap_or(0), *c)))
+                .collect();
+            candidates.sort();
+            let mut conflicted = false;
+            for (_, cidr) in candidates {
+                let Some((mut block, rev)) = self.block(cidr).await? else { continue };
+                if block.affinity.as_deref() != Some(owner.node.as_str()) {
+                    continue;
+                }
+                if let Some(ip) = block.assign_next(owner, now, cooldown) {
+                    if self.commit_assignment(owner, &block, Some(rev), Txn::new()).await? {
+                        return Ok(Assigned { ip, pool: block.pool, block: cidr });
+                    }
+                    conflicted = true;
+                    break;
+                }
+            }
+            if conflicted {
+                continue;
+            }
+
+            // 2. Claim a new block, unless the node is at its limit.
+            let owned = if config.max_blocks_per_host > 0 {
+                self.store.list_keys(&keys::node_affinities(&owner.node)).await?.0.len()
+            } else {
+                0
+            };
+            let at_limit = config.max_blocks_per_host > 0 && owned >= config.max_blocks_per_host as usize;
+            if !at_limit {
+                let (block_keys, _) = self.store.list_keys(keys::BLOCKS).await?;
+                let claimed: BTreeSet<IpNet> =
+                    block_keys.iter().filter_map(|k| keys::parse_cidr_segment(k.strip_prefix(keys::BLOCKS)?)).collect();
+                let next = pools.iter().find_map(|p| ipam::unclaimed_blocks(p, &claimed).next().map(|c| (p, c)));
+                if let Some((pool, cidr)) = next {
+                    let mut block = Block::new(cidr, pool.name(), &owner.node, now);
+                    let ip = block.assign_next(owner, now, cooldown).ok_or_else(|| AllocError::Exhausted {
+                        family,
+                        pools: pool_names(pools),
+                        node: owner.node.clone(),
+                        detail: format!("new block {cidr} has no address"),
+                    })?;
+                    let affinity = Affinity { node: owner.node.clone(), cidr };
+                    let claim = Txn::new().create(keys::affinity(&owner.node, cidr), encode(&affinity));
+                    if self.commit_assignment(owner, &block, None, claim).await? {
+                        return Ok(Assigned { ip, pool: pool.name().to_string(), block: cidr });
+                    }
+                    continue;
+                }
+            }
+
+            // 3. Borrow from another node's block.
+            if !config.strict_affinity {
+                let (block_kvs, _) = self.store.list(keys::BLOCKS).await?;
+                let mut borrowed = None;
+                for kv in &block_kvs {
+                    let mut block: Block = decode(&kv.key, &kv.value)?;
+                    if in_pools(&block.cidr).is_none() || !block.has_available(now, cooldown) {
+                        continue;
+                    }
+                    if let Some(ip) = block.assign_next(owner, now, cooldown) {
+                        borrowed = Some((block, kv.mod_revision, ip));
+                        break;
+                    }
+                }
+                if let Some((block, rev, ip)) = borrowed {
+                    if self.commit_assignment(owner, &block, Some(rev), Txn::new()).await? {
+                        return Ok(Assigned { ip, pool: block.pool, block: block.cidr });
+                    }
+                    continue;
+                }
+            }
+            let detail = match (at_limit, config.strict_affinity) {
+                (true, true) => format!(
+                    "the node holds {} block(s), the maxBlocksPerHost limit, and they are full; strictAffinity forbids borrowing",
+                    owned
+                ),
+                (true, false) => format!(
+                    "the node holds {owned} block(s), the maxBlocksPerHost limit, and no block anywhere has a free address"
+                ),
+                (false, true) => {
+                    "every block is claimed and this node's blocks are full; strictAffinity forbids borrowing"
+                        .to_string()
+                }
+                (false, false) => {
+                    let cooling = if cooldown > 0 {
+                        format!(" (released addresses wait {cooldown}s before reuse)")
+                    } else {
+                        String::new()
+                    };
+                    format!("every address is in use{cooling}")
+                }
+            };
+            return Err(AllocError::Exhausted { family, pools: pool_names(pools), node: owner.node.clone(), detail });
+        }
+        Err(AllocError::Contention { operation: format!("assigning an {family} address for {}", owner.handle) })
+    }
+
+    async fn assign_fixed(
+        &self,
+        owner: &Owner,
+        ip: IpAddr,
+        pool: &IpPool,
+        config: &IpamConfigSpec,
+    ) -> Result<Assigned, AllocError> {
+        let cidr = ipam::block_containing(pool, ip)
+            .ok_or_else(|| AllocError::AddressUnavailable { ip, reason: format!("not in pool {}", pool.name()) })?;
+        let unavailable = |reason: String| AllocError::AddressUnavailable { ip, reason };
+        for _ in 0..MAX_ATTEMPTS {
+            let now = (self.clock)();
+            let committed = match self.block(cidr).await? {
+                Some((mut block, rev)) => {
+                    if config.strict_affinity && block.affinity.as_deref() != Some(owner.node.as_str()) {
+                        return Err(unavailable(format!(
+                            "its block {cidr} belongs to node {:?} and strictAffinity forbids borrowing",
+                            block.affinity.unwrap_or_default()
+                        )));
+                    }
+                    block
+                        .assign_ip(ip, owner, now, config.reuse_cooldown_seconds)
+                        .map_err(|e: BlockError| unavailable(e.to_string()))?;
+                    self.commit_assignment(owner, &block, Some(rev), Txn::new()).await?
+                }
+                None => {
+                    let mut block = Block::new(cidr, pool.name(), &owner.node, now);
+                    block
+                        .assign_ip(ip, owner, now, config.reuse_cooldown_seconds)
+                        .map_err(|e| unavailable(e.to_string()))?;
+                    let affinity = Affinity { node: owner.node.clone(), cidr };
+                    let claim = Txn::new().create(keys::affinity(&owner.node, cidr), encode(&affinity));
+                    self.commit_assignment(owner, &block, None, claim).await?
+                }
+            };
+            if committed {
+                return Ok(Assigned { ip, pool: pool.name().to_string(), block: cidr });
+            }
+        }
+        Err(AllocError::Contention { operation: format!("assigning {ip}") })
+    }
+
+    /// Release every address of a handle, all in one transaction. Returns the addresses released (empty if
+    /// the handle holds none: release is idempotent).
+    pub async fn release_handle(&self, handle: &str) -> Result<Vec<IpAddr>, AllocError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let now = (self.clock)();
+            let key = keys::handle(handle);
+            let Some(kv) = self.store.get(&key).await? else { return Ok(Vec::new()) };
+            let record: HandleRecord = decode(&key, &kv.value)?;
+            let mut txn = Txn::new().delete(&key, kv.mod_revision);
+            let mut released = Vec::new();
+            for cidr in record.blocks.keys() {
+                if let Some((mut block, rev)) = self.block(*cidr).await? {
+                    released.extend(block.release_handle(handle, now));
+                    txn = write_block(txn, &block, Some(rev));
+                }
+            }
+            if self.store.txn(txn).await?.is_committed() {
+                return Ok(released);
+            }
+        }
+        Err(AllocError::Contention { operation: format!("releasing handle {handle}") })
+    }
+
+    /// Release one address. With `expected_sequence`, only if it is still the allocation the caller saw.
+    /// Returns who held it, or `None` if it was not allocated.
+    pub async fn release_ip(
+        &self,
+        ip: IpAddr,
+        expected_sequence: Option<u64>,
+    ) -> Result<Option<Allocation>, AllocError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let now = (self.clock)();
+            let Some(cidr) = self.block_of(ip).await? else { return Ok(None) };
+            let Some((mut block, rev)) = self.block(cidr).await? else { continue };
+            let Some(current) = block.allocation(ip) else { return Ok(None) };
+            if let Some(expected) = expected_sequence
+                && current.sequence != expected
+            {
+                return Err(AllocError::Reassigned { ip, expected, actual: current.sequence });
+            }
+            let Some(allocation) = block.release_ip(ip, now) else { return Ok(None) };
+            let mut txn = write_block(Txn::new(), &block, Some(rev));
+            let (mut record, handle_rev) = self.handle_record(&allocation.handle).await?;
+            if let Some(handle_rev) = handle_rev {
+                let hkey = keys::handle(&allocation.handle);
+                let count = record.blocks.entry(cidr).or_default();
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    record.blocks.remove(&cidr);
+                }
+                txn = if record.blocks.is_empty() {
+                    txn.delete(hkey, handle_rev)
+                } else {
+                    txn.update(hkey, handle_rev, encode(&record))
+                };
+            }
+            if self.store.txn(txn).await?.is_committed() {
+                return Ok(Some(allocation));
+            }
+        }
+        Err(AllocError::Contention { operation: format!("releasing {ip}") })
+    }
+
+    /// Give back to their pools the blocks of `node` that have been empty for the grace period and whose
+    /// released addresses have finished their cooldown. Returns the blocks released.
+    pub async fn release_empty_blocks(&self, node: &str) -> Result<Vec<IpNet>, AllocError> {
+        let config = Catalog::new(Arc::clone(&self.store)).config().await?.0.spec;
+        let now = (self.clock)();
+        let (affinities, _) = self.store.list(&keys::node_affinities(node)).await?;
+        let mut released = Vec::new();
+        for akv in affinities {
+            let affinity: Affinity = decode(&akv.key, &akv.value)?;
+            let Some((block, rev)) = self.block(affinity.cidr).await? else { continue };
+            let idle = block.empty_since.is_some_and(|t| now >= t.saturating_add(config.empty_block_grace_seconds));
+            if block.is_empty() && idle && now >= block.cooled_down_at(config.reuse_cooldown_seconds) {
+                let txn = delete_block(Txn::new(), &block, rev).delete(&akv.key, akv.mod_revision);
+                // A conflict means the block was used meanwhile: keep it.
+                if let TxnOutcome::Committed(_) = self.store.txn(txn).await? {
+                    released.push(block.cidr);
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    /// Everything `ipam check` and `ipam show` look at.
+    pub async fn snapshot(&self) -> Result<Snapshot, AllocError> {
+        fn all<T: serde::de::DeserializeOwned>(kvs: &[KeyValue]) -> Result<Vec<T>, StoreError> {
+            kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+        }
+        let pools = Catalog::new(Arc::clone(&self.store)).pools().await?.into_iter().map(|(p, _)| p).collect();
+        Ok(Snapshot {
+            pools,
+            blocks: all(&self.store.list(keys::BLOCKS).await?.0)?,
+            affinities: all(&self.store.list(keys::AFFINITIES).await?.0)?,
+            handles: all(&self.store.list(keys::HANDLES).await?.0)?,
+        })
+    }
+}
+
+/// Write a block and keep its node's room index in step with it.
+pub fn write_block(txn: Txn, block: &Block, revision: Option<Revision>) -> Txn {
+    let txn = txn.write(keys::block(block.cidr), revision, encode(block));
+    match &block.affinity {
+        Some(node) if block.free_count() > 0 => txn.put(keys::room(node, block.cidr), Vec::new()),
+        Some(node) => txn.remove(keys::room(node, block.cidr)),
+        None => txn,
+    }
+}
+
+/// Delete a block and its room index entry.
+pub fn delete_block(txn: Txn, block: &Block, revision: Revision) -> Txn {
+    let txn = txn.delete(keys::block(block.cidr), revision);
+    match &block.affinity {
+        Some(node) => txn.remove(keys::room(node, block.cidr)),
+        None => txn,
+    }
+}
+
+fn pool_names(pools: &[&IpPool]) -> String {
+    pools.iter().map(|p| format!("{:?}", p.name())).collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,11 @@
+//! poolwarden: per-namespace IP address management with kernel enforcement.
+//!
+//! This crate holds the node agent and the `poolwarden` CLI. The layers, from the bottom: [`resources`]
+//! (the documents users write), [`ipam`] (pure allocation logic), [`store`] (the datastore), [`catalog`] and
+//! [`allocator`] (the operations that turn decisions into datastore transactions).
+
+pub mod allocator;
+pub mod catalog;
+pub mod ipam;
+pub mod resources;
+pub mod store;
