@@ -6,6 +6,7 @@
 
 pub mod allocator;
 pub mod catalog;
+pub mod cli;
 pub mod ipam;
 pub mod resources;
 pub mod store;

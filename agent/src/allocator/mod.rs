@@ -113,6 +113,24 @@ pub struct AssignRequest {
 pub struct Allocator {
     store: Arc<dyn Store>,
     clock: Clock,
+    locks: Arc<Locks>,
+}
+
+enum Attempt {
+    Done(Assigned),
+    Conflict,
+    NoRoom,
+}
+
+/// Named async locks, created on first use (one per block and one per node's claims).
+#[derive(Default)]
+struct Locks(std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Locks {
+    fn get(&self, name: String) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(map.entry(name).or_default())
+    }
 }
 
 struct Loaded {
@@ -128,7 +146,7 @@ impl Allocator {
 
     /// An allocator with an injected clock.
     pub fn with_clock(store: Arc<dyn Store>, clock: Clock) -> Self {
-        Self { store, clock }
+        Self { store, clock, locks: Arc::default() }
     }
 
     /// The datastore.
@@ -266,33 +284,22 @@ impl Allocator {
         let in_pools = |cidr: &IpNet| pools.iter().find(|p| p.cidr().contains(cidr));
         let cooldown = config.reuse_cooldown_seconds;
         for _ in 0..MAX_ATTEMPTS {
+            // 1. A block this node already owns that has room.
+            match self.assign_from_owned(owner, pools, cooldown).await? {
+                Attempt::Done(assigned) => return Ok(assigned),
+                Attempt::Conflict => continue,
+                Attempt::NoRoom => {}
+            }
+            // Only one claim per node at a time: a burst of requests on a node with full blocks claims one new
+            // block, not one each. Whoever waited here looks again first, since the claim before it made room.
+            let claim_lock = self.locks.get(format!("claim/{}", owner.node));
+            let _claiming = claim_lock.lock().await;
+            match self.assign_from_owned(owner, pools, cooldown).await? {
+                Attempt::Done(assigned) => return Ok(assigned),
+                Attempt::Conflict => continue,
+                Attempt::NoRoom => {}
+            }
             let now = (self.clock)();
-            // 1. A block this node already owns that has room, in pool preference order.
-            let (room_keys, _) = self.store.list_keys(&keys::node_room(&owner.node)).await?;
-            let with_room: Vec<IpNet> =
-                room_keys.iter().filter_map(|k| keys::parse_cidr_segment(k.rsplit('/').next()?)).collect();
-            let mut candidates: Vec<(usize, IpNet)> = with_room
-                .iter()
-                .filter_map(|c| in_pools(c).map(|p| (pools.iter().position(|q| q.name() == p.name()).unwrap_or(0), *c)))
-                .collect();
-            candidates.sort();
-            let mut conflicted = false;
-            for (_, cidr) in candidates {
-                let Some((mut block, rev)) = self.block(cidr).await? else { continue };
-                if block.affinity.as_deref() != Some(owner.node.as_str()) {
-                    continue;
-                }
-                if let Some(ip) = block.assign_next(owner, now, cooldown) {
-                    if self.commit_assignment(owner, &block, Some(rev), Txn::new()).await? {
-                        return Ok(Assigned { ip, pool: block.pool, block: cidr });
-                    }
-                    conflicted = true;
-                    break;
-                }
-            }
-            if conflicted {
-                continue;
-            }
 
             // 2. Claim a new block, unless the node is at its limit.
             let owned = if config.max_blocks_per_host > 0 {
@@ -370,6 +377,34 @@ impl Allocator {
         Err(AllocError::Contention { operation: format!("assigning an {family} address for {}", owner.handle) })
     }
 
+    async fn assign_from_owned(&self, owner: &Owner, pools: &[&IpPool], cooldown: u64) -> Result<Attempt, StoreError> {
+        let (room_keys, _) = self.store.list_keys(&keys::node_room(&owner.node)).await?;
+        let mut candidates: Vec<(usize, IpNet)> = room_keys
+            .iter()
+            .filter_map(|k| keys::parse_cidr_segment(k.rsplit('/').next()?))
+            .filter_map(|c| Some((pools.iter().position(|p| p.cidr().contains(&c))?, c)))
+            .collect();
+        candidates.sort();
+        for (_, cidr) in candidates {
+            // Writers in this process take turns on a block instead of racing for its revision; the store's
+            // compare-and-swap still decides against writers elsewhere.
+            let lock = self.locks.get(format!("block/{cidr}"));
+            let _turn = lock.lock().await;
+            let now = (self.clock)();
+            let Some((mut block, rev)) = self.block(cidr).await? else { continue };
+            if block.affinity.as_deref() != Some(owner.node.as_str()) {
+                continue;
+            }
+            if let Some(ip) = block.assign_next(owner, now, cooldown) {
+                if self.commit_assignment(owner, &block, Some(rev), Txn::new()).await? {
+                    return Ok(Attempt::Done(Assigned { ip, pool: block.pool, block: cidr }));
+                }
+                return Ok(Attempt::Conflict);
+            }
+        }
+        Ok(Attempt::NoRoom)
+    }
+
     async fn assign_fixed(
         &self,
         owner: &Owner,
@@ -420,6 +455,12 @@ impl Allocator {
             let key = keys::handle(handle);
             let Some(kv) = self.store.get(&key).await? else { return Ok(Vec::new()) };
             let record: HandleRecord = decode(&key, &kv.value)?;
+            // The record's blocks are a sorted map, so every releaser takes the locks in one order.
+            let locks: Vec<_> = record.blocks.keys().map(|cidr| self.locks.get(format!("block/{cidr}"))).collect();
+            let mut turns = Vec::with_capacity(locks.len());
+            for lock in &locks {
+                turns.push(lock.lock().await);
+            }
             let mut txn = Txn::new().delete(&key, kv.mod_revision);
             let mut released = Vec::new();
             for cidr in record.blocks.keys() {
@@ -445,6 +486,8 @@ impl Allocator {
         for _ in 0..MAX_ATTEMPTS {
             let now = (self.clock)();
             let Some(cidr) = self.block_of(ip).await? else { return Ok(None) };
+            let lock = self.locks.get(format!("block/{cidr}"));
+            let _turn = lock.lock().await;
             let Some((mut block, rev)) = self.block(cidr).await? else { continue };
             let Some(current) = block.allocation(ip) else { return Ok(None) };
             if let Some(expected) = expected_sequence

@@ -1,0 +1,176 @@
+//! The allocator end to end on the embedded store: the seed's scenario, binding, limits, borrowing,
+//! cooldown, idempotence and concurrency.
+
+mod support;
+
+use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
+
+use poolwarden::{
+    allocator::AllocError,
+    ipam::{SelectionError, check::check},
+    resources::ANNOTATION_IPV4_POOLS,
+};
+use support::{Env, pool_yaml, request};
+
+const EXTERNAL: &str = "[\"external-pool\"]";
+
+async fn assert_clean(env: &Env) {
+    let problems = check(&env.allocator.snapshot().await.unwrap());
+    assert!(problems.is_empty(), "ipam check: {problems:?}");
+}
+
+#[tokio::test]
+async fn seed_pool_gives_exactly_64_addresses_in_8_blocks_then_cooldown_gates_reuse() {
+    let env = Env::new();
+    env.apply(&pool_yaml("external-pool", "172.16.0.0/26", 29, "  allowedNamespaces: [external-ns]\n")).await;
+    env.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {reuseCooldownSeconds: 60}\n",
+    )
+    .await;
+    let ann = [(ANNOTATION_IPV4_POOLS, EXTERNAL)];
+    let mut seen = BTreeSet::new();
+    for i in 0..64 {
+        let got = env.allocator.assign(&request(&format!("pod-{i}"), "node-0", "external-ns", &ann)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(seen.insert(got[0].ip), "{} handed out twice", got[0].ip);
+        assert_eq!(got[0].pool, "external-pool");
+    }
+    let snapshot = env.allocator.snapshot().await.unwrap();
+    assert_eq!(snapshot.blocks.len(), 8, "a /26 cut into /29s is 8 blocks");
+    assert!(snapshot.blocks.iter().all(|b| b.used() == 8 && b.cidr.prefix_len() == 29));
+
+    let err = env.allocator.assign(&request("pod-64", "node-0", "external-ns", &ann)).await.unwrap_err();
+    assert!(matches!(err, AllocError::Exhausted { .. }), "{err}");
+    assert!(err.to_string().contains("pool \"external-pool\" is exhausted"), "{err}");
+
+    let released = env.allocator.release_handle("pod-17").await.unwrap();
+    assert_eq!(released.len(), 1);
+    let err = env.allocator.assign(&request("pod-65", "node-0", "external-ns", &ann)).await.unwrap_err();
+    assert!(err.to_string().contains("wait 60s before reuse"), "inside the cooldown nothing is free: {err}");
+    env.advance(60);
+    let again = env.allocator.assign(&request("pod-65", "node-0", "external-ns", &ann)).await.unwrap();
+    assert_eq!(again[0].ip, released[0], "exactly the released address comes back");
+    assert!(env.allocator.assign(&request("pod-66", "node-0", "external-ns", &ann)).await.is_err(), "and only one");
+    assert_clean(&env).await;
+}
+
+#[tokio::test]
+async fn bound_pool_is_refused_to_other_namespaces_even_when_annotated() {
+    let env = Env::new();
+    env.apply(&pool_yaml("external-pool", "172.16.0.0/26", 29, "  allowedNamespaces: [external-ns]\n")).await;
+    env.apply(&pool_yaml("internal-pool", "192.168.0.0/24", 29, "")).await;
+    let mut req = request("p", "node-0", "default", &[]);
+    req.pod.as_mut().unwrap().annotations.insert("cni.projectcalico.org/ipv4pools".into(), EXTERNAL.into());
+    let err = env.allocator.assign(&req).await.unwrap_err();
+    let AllocError::Selection(SelectionError::Refused { pool, namespace, .. }) = &err else { panic!("{err}") };
+    assert_eq!((pool.as_str(), namespace.as_str()), ("external-pool", "default"));
+    assert!(env.allocator.snapshot().await.unwrap().blocks.is_empty(), "a refused request claims nothing");
+
+    // Without an annotation the default namespace gets the unbound pool only.
+    let got = env.allocator.assign(&request("q", "node-0", "default", &[])).await.unwrap();
+    assert_eq!(got[0].pool, "internal-pool");
+}
+
+#[tokio::test]
+async fn assign_is_idempotent_per_handle_and_release_undoes_it() {
+    let env = Env::new();
+    env.apply(&pool_yaml("p4", "10.1.0.0/24", 28, "")).await;
+    env.apply(&pool_yaml("p6", "fd00:1::/120", 124, "")).await;
+    let req = request("c1.eth0", "node-0", "default", &[]);
+    let first = env.allocator.assign(&req).await.unwrap();
+    assert_eq!(first.len(), 2, "dual stack: one address per family: {first:?}");
+    assert!(first[0].ip.is_ipv4() && first[1].ip.is_ipv6());
+    assert_eq!(env.allocator.assign(&req).await.unwrap(), first, "a repeated ADD gets the same addresses");
+    let released: BTreeSet<IpAddr> = env.allocator.release_handle("c1.eth0").await.unwrap().into_iter().collect();
+    assert_eq!(released, first.iter().map(|a| a.ip).collect());
+    assert!(env.allocator.release_handle("c1.eth0").await.unwrap().is_empty(), "release is idempotent");
+    let snapshot = env.allocator.snapshot().await.unwrap();
+    assert!(snapshot.handles.is_empty() && snapshot.blocks.iter().all(|b| b.used() == 0));
+    assert_clean(&env).await;
+}
+
+#[tokio::test]
+async fn max_blocks_per_host_then_borrowing_or_strict_refusal() {
+    let env = Env::new();
+    env.apply(&pool_yaml("small", "10.2.0.0/28", 30, "")).await; // 4 blocks of 4
+    env.apply("apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {maxBlocksPerHost: 1, strictAffinity: true}\n").await;
+    for i in 0..4 {
+        env.allocator.assign(&request(&format!("a{i}"), "node-a", "default", &[])).await.unwrap();
+    }
+    let err = env.allocator.assign(&request("a4", "node-a", "default", &[])).await.unwrap_err();
+    assert!(err.to_string().contains("maxBlocksPerHost"), "{err}");
+
+    // Three other nodes claim the other three blocks and fill them.
+    for i in 0..12 {
+        let node = ["node-b", "node-c", "node-d"][i / 4];
+        env.allocator
+            .assign(&request(&format!("b{i}"), node, "default", &[]))
+            .await
+            .unwrap_or_else(|e| panic!("b{i}: {e}"));
+    }
+    env.allocator.release_handle("b0").await.unwrap();
+    let err = env.allocator.assign(&request("a5", "node-a", "default", &[])).await.unwrap_err();
+    assert!(err.to_string().contains("strictAffinity"), "strict: no borrowing: {err}");
+
+    env.apply("apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {maxBlocksPerHost: 1, strictAffinity: false}\n").await;
+    let got = env.allocator.assign(&request("a5", "node-a", "default", &[])).await.unwrap();
+    let snapshot = env.allocator.snapshot().await.unwrap();
+    let block = snapshot.blocks.iter().find(|b| b.cidr.contains(&got[0].ip)).unwrap();
+    assert_eq!(block.affinity.as_deref(), Some("node-b"), "borrowed from node-b's block");
+    assert_eq!(block.allocation(got[0].ip).unwrap().node, "node-a");
+    assert_clean(&env).await;
+}
+
+#[tokio::test]
+async fn specific_addresses_and_in_use_errors() {
+    let env = Env::new();
+    env.apply(&pool_yaml("p", "10.3.0.0/24", 26, "")).await;
+    let mut req = request("fixed", "node-0", "default", &[]);
+    req.pod.as_mut().unwrap().annotations.insert("poolwarden.io/ipAddrs".into(), "[\"10.3.0.77\"]".into());
+    assert_eq!(env.allocator.assign(&req).await.unwrap()[0].ip.to_string(), "10.3.0.77");
+    let mut again = request("other", "node-1", "default", &[]);
+    again.requested.ips = vec!["10.3.0.77".parse().unwrap()];
+    let err = env.allocator.assign(&again).await.unwrap_err();
+    assert!(err.to_string().contains("10.3.0.77 is already in use by fixed"), "{err}");
+    assert_clean(&env).await;
+}
+
+#[tokio::test]
+async fn empty_blocks_go_back_after_the_grace_period() {
+    let env = Env::new();
+    env.apply(&pool_yaml("p", "10.4.0.0/24", 29, "")).await;
+    env.apply("apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {emptyBlockGraceSeconds: 100}\n").await;
+    env.allocator.assign(&request("x", "node-0", "default", &[])).await.unwrap();
+    env.allocator.release_handle("x").await.unwrap();
+    assert!(env.allocator.release_empty_blocks("node-0").await.unwrap().is_empty(), "not before the grace period");
+    env.advance(100);
+    assert_eq!(env.allocator.release_empty_blocks("node-0").await.unwrap().len(), 1);
+    let snapshot = env.allocator.snapshot().await.unwrap();
+    assert!(snapshot.blocks.is_empty() && snapshot.affinities.is_empty());
+    assert_clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_assigns_on_three_nodes_never_collide() {
+    let env = Arc::new(Env::new());
+    env.apply(&pool_yaml("p", "10.5.0.0/24", 28, "")).await;
+    let mut tasks = Vec::new();
+    for i in 0..120 {
+        let env = Arc::clone(&env);
+        tasks.push(tokio::spawn(async move {
+            let node = format!("node-{}", i % 3);
+            env.allocator
+                .assign(&request(&format!("h{i}"), &node, "default", &[]))
+                .await
+                .unwrap_or_else(|e| panic!("h{i}: {e}"))
+        }));
+    }
+    let mut ips = BTreeSet::new();
+    for t in tasks {
+        for a in t.await.unwrap() {
+            assert!(ips.insert(a.ip), "{} assigned twice", a.ip);
+        }
+    }
+    assert_eq!(ips.len(), 120);
+    assert_clean(&env).await;
+}
