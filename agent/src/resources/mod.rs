@@ -188,6 +188,7 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IpPoolSpec {
     /// The pool's range, for example `10.0.0.0/26` or `fd00::/112`.
+    #[serde(deserialize_with = "cidr_field")]
     pub cidr: IpNet,
     /// Prefix length of the blocks nodes claim; absent means 26 (IPv4) or 122 (IPv6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -222,6 +223,15 @@ pub struct IpPoolSpec {
     /// Automatic pools serve pods that name no pool; manual ones only those that do.
     #[serde(default, skip_serializing_if = "is_default")]
     pub assignment_mode: AssignmentMode,
+}
+
+fn cidr_field<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpNet, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a CIDR: expected an address and a prefix length, such as 10.0.0.0/16 or fd00::/48"
+        ))
+    })
 }
 
 /// A validated IP pool.
@@ -335,6 +345,7 @@ impl Namespace {
 }
 
 /// A document understood and validated on its own.
+#[expect(clippy::large_enum_variant, reason = "documents are parsed once per apply; boxing would buy nothing")]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resource {
     /// An `IPPool`.
@@ -522,13 +533,16 @@ fn typed<T: DeserializeOwned>(value: Value, at: &Location, kind: &str) -> Result
         .and_then(Value::as_str)
         .map_or_else(|| kind.to_string(), |n| format!("{kind} {n:?}"));
     serde_path_to_error::deserialize(value).map_err(|e| {
-        let field = e.path().to_string();
-        ResourceError::Field {
-            at: at.clone(),
-            object: name,
-            field: if field == "." { "(document)".into() } else { field },
-            message: e.into_inner().to_string(),
-        }
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        // serde reports a missing field at its parent; name the field itself.
+        let missing = message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`'));
+        let (field, message) = match missing {
+            Some(child) if path == "." => (child.to_string(), "missing (required)".to_string()),
+            Some(child) => (format!("{path}.{child}"), "missing (required)".to_string()),
+            None => (path, message),
+        };
+        ResourceError::Field { at: at.clone(), object: name, field, message }
     })
 }
 
@@ -599,7 +613,7 @@ pub fn valid_name(name: &str) -> bool {
 
 fn check_name(check: &FieldCheck<'_>, name: &str) -> Result<(), ResourceError> {
     if name.is_empty() {
-        return Err(check.fail("metadata.name", "missing: every object needs a name"));
+        return Err(check.fail("metadata.name", "missing (required): every object needs a name"));
     }
     if !valid_name(name) {
         return Err(check.fail(
@@ -612,7 +626,12 @@ fn check_name(check: &FieldCheck<'_>, name: &str) -> Result<(), ResourceError> {
 
 impl PoolDocument {
     fn validate(self, at: &Location) -> Result<IpPool, ResourceError> {
-        let check = FieldCheck { at, object: format!("IPPool {:?}", self.metadata.name) };
+        let object = if self.metadata.name.is_empty() {
+            "IPPool (unnamed)".into()
+        } else {
+            format!("IPPool {:?}", self.metadata.name)
+        };
+        let check = FieldCheck { at, object };
         check_name(&check, &self.metadata.name)?;
         let pool = IpPool { metadata: self.metadata, spec: self.spec };
         validate_pool_spec(&pool).map_err(|(field, message)| check.fail(field, message))?;

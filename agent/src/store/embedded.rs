@@ -94,7 +94,7 @@ impl EmbeddedStore {
         &self.shared.path
     }
 
-    fn scan(&self, prefix: &str, with_values: bool) -> Result<(Vec<(String, Vec<u8>)>, Revision), StoreError> {
+    fn scan(&self, prefix: &str, with_values: bool) -> Result<(Vec<RawEntry>, Revision), StoreError> {
         self.read("list", |txn| {
             let table = txn.open_table(KV)?;
             let mut raw = Vec::new();
@@ -227,6 +227,9 @@ fn writer_loop(shared: &Shared, requests: &std_mpsc::Receiver<WriteRequest>) {
         }
     }
 }
+
+/// A key and its encoded entry, as scanned from the table.
+type RawEntry = (String, Vec<u8>);
 
 type Published = Vec<(Revision, Vec<WatchEvent>)>;
 
