@@ -1,1 +1,247 @@
-fn main() {}
+//! `cargo xtask setup|test|demo|bench|fuzz`: everything a new machine needs to build, test, show and measure
+//! poolwarden, in Rust, so that nothing depends on a step done by hand.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, test, demo and benchmark poolwarden")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent; prints what it installs).
+    Setup,
+    /// Install what is missing, check formatting and lints, and run every test.
+    Test,
+    /// Run the seed's example on this machine with the embedded datastore.
+    Demo {
+        /// Keep the datastore (and print where it is) instead of removing it.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run the benchmarks and print figures with their peer measured in the same run.
+    Bench,
+    /// Fuzz the YAML documents and the selector parser with cargo-fuzz (nightly).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+}
+
+/// Debian packages the build and the tests use.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    // (command that proves it is installed, package)
+    ("ip", "iproute2"),
+];
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
+    match cli.command {
+        Task::Setup => setup(),
+        Task::Test => test(),
+        Task::Demo { keep } => demo(&root, keep),
+        Task::Bench => bench(),
+        Task::Fuzz { seconds } => fuzz(seconds),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    eprintln!("+ {program} {}", args.join(" "));
+    let status = Command::new(program).args(args).status().with_context(|| format!("run {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn have_command(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+        || ["/usr/sbin", "/sbin"].iter().any(|d| Path::new(d).join(name).is_file())
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> =
+        DEBIAN_PACKAGES.iter().filter(|(command, _)| !have_command(command)).map(|&(_, package)| package).collect();
+    if missing.is_empty() {
+        eprintln!("setup: Debian packages present: {}", DEBIAN_PACKAGES.iter().map(|p| p.1).collect::<Vec<_>>().join(" "));
+    } else {
+        eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+        run("apt-get", &["update", "-q"])?;
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+        args.extend(&missing);
+        run("apt-get", &args)?;
+    }
+    for component in ["rustfmt", "clippy"] {
+        let installed = Command::new("rustup")
+            .args(["component", "list", "--installed"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with(component)))
+            .unwrap_or(false);
+        if installed {
+            eprintln!("setup: rust component {component} present");
+        } else {
+            eprintln!("setup: installing rust component {component}");
+            run("rustup", &["component", "add", component])?;
+        }
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    setup()?;
+    run("cargo", &["fmt", "--all", "--", "--check"])?;
+    run("cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    run("cargo", &["test", "--workspace", "--all-targets"])?;
+    run("cargo", &["test", "--workspace", "--doc"])?;
+    Ok(())
+}
+
+fn bench() -> Result<()> {
+    setup()?;
+    run("cargo", &["bench", "-p", "poolwarden", "--bench", "allocator"])
+}
+
+const FUZZ_TARGETS: &[&str] = &["documents", "selector"];
+
+fn fuzz(seconds: u64) -> Result<()> {
+    setup()?;
+    if !succeeds("rustup", &["run", "nightly", "rustc", "--version"]) {
+        run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+    }
+    if !succeeds("cargo", &["fuzz", "--version"]) {
+        eprintln!("setup: installing cargo-fuzz");
+        run("cargo", &["install", "cargo-fuzz", "--locked"])?;
+    }
+    let max_time = format!("-max_total_time={seconds}");
+    for target in FUZZ_TARGETS {
+        run("cargo", &["+nightly", "fuzz", "run", "--fuzz-dir", "agent/fuzz", target, "--", &max_time])?;
+    }
+    Ok(())
+}
+
+const SEED_POOLS: &str = "\
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata:
+  name: external-pool
+spec:
+  cidr: 172.16.0.0/26
+  blockSize: 29
+  ipipMode: Always
+  natOutgoing: true
+---
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata:
+  name: internal-pool
+spec:
+  cidr: 192.168.0.0/16
+  blockSize: 29
+  ipipMode: Always
+  natOutgoing: true
+";
+
+fn demo(root: &Path, keep: bool) -> Result<()> {
+    run("cargo", &["build", "--release", "-p", "poolwarden", "--bin", "poolwarden"])?;
+    let binary = root.join("target/release/poolwarden");
+    let dir = tempdir_named("poolwarden-demo")?;
+    let store = dir.join("store.redb");
+    let pools = dir.join("pools.yaml");
+    std::fs::write(&pools, SEED_POOLS)?;
+    let datastore = format!("embedded:{}", store.display());
+    let pw = |args: &[&str]| -> Result<String> {
+        let output = Command::new(&binary).args(args).env("POOLWARDEN_DATASTORE", &datastore).output()?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            bail!("{}", String::from_utf8_lossy(&output.stderr).trim());
+        }
+        Ok(text)
+    };
+    let step = |title: &str, command: &str| println!("\n== {title}\n$ {command}");
+
+    step("Step 1: create the pools (the seed's Calico YAML, unchanged)", "poolwarden apply -f pools.yaml");
+    print!("{}", pw(&["apply", "-f", &pools.display().to_string()])?);
+    print!("{}", pw(&["get", "pools", "-o", "wide"])?);
+
+    step(
+        "Step 2: assign each pool to a namespace",
+        "poolwarden annotate namespace external-ns 'poolwarden.io/ipv4pools=[\"external-pool\"]' (and internal-ns)",
+    );
+    print!("{}", pw(&["annotate", "namespace", "external-ns", "poolwarden.io/ipv4pools=[\"external-pool\"]"])?);
+    print!("{}", pw(&["annotate", "namespace", "internal-ns", "cni.projectcalico.org/ipv4pools=[\"internal-pool\"]"])?);
+    print!("{}", pw(&["get", "namespaces"])?);
+
+    step("Step 3: three pods in each namespace", "poolwarden ipam assign --namespace NS --pod nginx-N --node node-0");
+    let mut rows = Vec::new();
+    for ns in ["external-ns", "internal-ns"] {
+        for i in 1..=3 {
+            let pod = format!("nginx-{i}");
+            let out = pw(&["ipam", "assign", "--namespace", ns, "--pod", &pod, "--node", "node-0"])?;
+            let fields: Vec<&str> = out.split_whitespace().collect();
+            rows.push(format!("{ns:<13}{pod:<10}{:<15}{:<15}node-0", fields[0], fields[1]));
+        }
+    }
+    println!("{:<13}{:<10}{:<15}{:<15}NODE", "NAMESPACE", "NAME", "IP", "POOL");
+    for row in rows {
+        println!("{row}");
+    }
+
+    step(
+        "Step 4: bind external-pool to external-ns (allowedNamespaces), then try to take it from elsewhere",
+        "poolwarden apply -f bound.yaml; poolwarden ipam assign --namespace default --pod-annotation ...",
+    );
+    let bound = dir.join("bound.yaml");
+    let bound_yaml = SEED_POOLS.split("---").next().unwrap_or_default().replace("natOutgoing: true", "natOutgoing: true\n  allowedNamespaces: [external-ns]");
+    std::fs::write(&bound, bound_yaml)?;
+    print!("{}", pw(&["apply", "-f", &bound.display().to_string()])?);
+    match pw(&["ipam", "assign", "--namespace", "default", "--pod", "intruder", "--node", "node-0", "--pod-annotation", "poolwarden.io/ipv4pools=[\"external-pool\"]"]) {
+        Ok(out) => bail!("a pod in namespace default was given an address from the bound pool: {out}"),
+        Err(refused) => println!("refused, as it must be:\n  {refused}"),
+    }
+
+    step("Pools and blocks", "poolwarden ipam show; poolwarden ipam show --blocks");
+    print!("{}", pw(&["ipam", "show"])?);
+    print!("{}", pw(&["ipam", "show", "--blocks"])?);
+    step("Consistency", "poolwarden ipam check");
+    print!("{}", pw(&["ipam", "check"])?);
+
+    if keep {
+        println!("\nThe datastore is kept at {}: POOLWARDEN_DATASTORE={datastore} {} ipam show", store.display(), binary.display());
+    } else {
+        std::fs::remove_dir_all(&dir)?;
+        println!("\nRemoved {} (run with --keep to explore it).", dir.display());
+    }
+    Ok(())
+}
+
+fn tempdir_named(prefix: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    Ok(dir)
+}
