@@ -87,7 +87,8 @@ fn seed_steps_from_the_command_line() {
 
     for ns in ["external-ns", "internal-ns"] {
         for i in 1..=3 {
-            let out = cli.ok(&["ipam", "assign", "--namespace", ns, "--pod", &format!("nginx-{i}"), "--node", "node-0"]);
+            let out =
+                cli.ok(&["ipam", "assign", "--namespace", ns, "--pod", &format!("nginx-{i}"), "--node", "node-0"]);
             let (ip, pool) = {
                 let f: Vec<&str> = out.split_whitespace().collect();
                 (f[0].to_string(), f[1].to_string())
@@ -105,8 +106,14 @@ fn seed_steps_from_the_command_line() {
 
     let refused = cli.fails(&["delete", "pool", "external-pool"]);
     assert!(refused.contains("still has 3 allocated address(es) in 1 block(s)"), "{refused}");
-    assert_eq!(cli.ok(&["ipam", "release", "--handle", "external-ns.nginx-2"]), "released 172.16.0.1 (handle external-ns.nginx-2)\n");
-    assert_eq!(cli.ok(&["ipam", "release", "--ip", "172.16.0.0"]), "released 172.16.0.0 (handle external-ns.nginx-1)\n");
+    assert_eq!(
+        cli.ok(&["ipam", "release", "--handle", "external-ns.nginx-2"]),
+        "released 172.16.0.1 (handle external-ns.nginx-2)\n"
+    );
+    assert_eq!(
+        cli.ok(&["ipam", "release", "--ip", "172.16.0.0"]),
+        "released 172.16.0.0 (handle external-ns.nginx-1)\n"
+    );
     assert_eq!(cli.ok(&["ipam", "release", "--ip", "172.16.0.0"]), "172.16.0.0 was not allocated\n");
     let forced = cli.ok(&["delete", "pool", "external-pool", "--force"]);
     assert!(forced.contains("left behind: 1 allocated address(es) in 1 block(s) (172.16.0.0/29)"), "{forced}");
@@ -119,7 +126,10 @@ fn seed_steps_from_the_command_line() {
 fn yaml_output_applies_back_unchanged_from_stdin_and_directories() {
     let cli = Cli::new();
     let dir = cli.file("conf/a.yaml", SEED);
-    cli.file("conf/b.yml", "apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {strictAffinity: true}\n");
+    cli.file(
+        "conf/b.yml",
+        "apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {strictAffinity: true}\n",
+    );
     cli.file("conf/ignored.txt", "not yaml");
     let dir = std::path::Path::new(&dir).parent().unwrap().display().to_string();
     assert_eq!(
@@ -128,17 +138,34 @@ fn yaml_output_applies_back_unchanged_from_stdin_and_directories() {
     );
     let yaml = cli.ok(&["get", "pools", "-o", "yaml"]);
     let out = cli.run(&["apply", "-f", "-"], Some(&yaml));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "ippool/external-pool unchanged\nippool/internal-pool unchanged\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ippool/external-pool unchanged\nippool/internal-pool unchanged\n"
+    );
     let json = cli.ok(&["get", "pools", "-o", "json"]);
     let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(parsed["items"][0]["spec"]["blockSize"], 29);
     assert!(cli.ok(&["get", "ipamconfig"]).contains("true"));
 
-    let more = cli.file("more.yaml", "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: third}\nspec: {cidr: 10.0.0.0/16}\n");
-    let bad = cli.file("bad.yaml", "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: fourth}\nspec: {cidr: 10.0.0.0/8}\n");
+    let more = cli.file(
+        "more.yaml",
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: third}\nspec: {cidr: 10.0.0.0/16}\n",
+    );
+    let bad = cli.file(
+        "bad.yaml",
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: fourth}\nspec: {cidr: 10.0.0.0/8}\n",
+    );
     let err = cli.fails(&["apply", "-f", &more, "-f", &bad]);
-    assert!(err.contains("bad.yaml: document 1 (line 1): IPPool \"fourth\": field spec.cidr: 10.0.0.0/8 overlaps pool \"third\""), "{err}");
-    assert!(cli.fails(&["get", "pools", "third"]).contains("IPPool \"third\" does not exist"), "all or nothing: nothing applied");
+    assert!(
+        err.contains(
+            "bad.yaml: document 1 (line 1): IPPool \"fourth\": field spec.cidr: 10.0.0.0/8 overlaps pool \"third\""
+        ),
+        "{err}"
+    );
+    assert!(
+        cli.fails(&["get", "pools", "third"]).contains("IPPool \"third\" does not exist"),
+        "all or nothing: nothing applied"
+    );
     assert!(cli.ok(&["apply", "-f", &more, "-f", &pools_in(&cli)]).contains("ippool/third created"));
 }
 
@@ -150,7 +177,10 @@ fn pools_in(cli: &Cli) -> String {
 fn refusals_name_what_the_user_typed() {
     let cli = Cli::new();
     let err = cli.fails(&["annotate", "namespace", "team", "poolwarden.io/ipv4pools=external-pool"]);
-    assert!(err.contains("annotation poolwarden.io/ipv4pools on namespace \"team\": \"external-pool\" is not a JSON list"), "{err}");
+    assert!(
+        err.contains("annotation poolwarden.io/ipv4pools on namespace \"team\": \"external-pool\" is not a JSON list"),
+        "{err}"
+    );
     let err = cli.fails(&["--datastore", "zookeeper:x", "get", "pools"]);
     assert!(err.contains("invalid datastore \"zookeeper:x\""), "{err}");
     let err = cli.fails(&["ipam", "assign", "--namespace", "x", "--node", "n"]);

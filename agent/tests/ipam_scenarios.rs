@@ -174,3 +174,27 @@ async fn concurrent_assigns_on_three_nodes_never_collide() {
     assert_eq!(ips.len(), 120);
     assert_clean(&env).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_repeats_of_one_add_get_one_address() {
+    let env = Arc::new(Env::new());
+    env.apply(&pool_yaml("p", "10.6.0.0/24", 28, "")).await;
+    // Warm the node with a block so the repeats race on the batched path too.
+    env.allocator.assign(&request("warm", "node-0", "default", &[])).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let env = Arc::clone(&env);
+        tasks.push(tokio::spawn(async move {
+            env.allocator.assign(&request("same.eth0", "node-0", "default", &[])).await.unwrap()
+        }));
+    }
+    let mut answers = BTreeSet::new();
+    for t in tasks {
+        answers.insert(t.await.unwrap()[0].ip);
+    }
+    assert_eq!(answers.len(), 1, "every repeat of one ADD gets the same address: {answers:?}");
+    let snapshot = env.allocator.snapshot().await.unwrap();
+    let held: usize = snapshot.blocks.iter().map(|b| b.ips_of("same.eth0").len()).sum();
+    assert_eq!(held, 1);
+    assert_clean(&env).await;
+}

@@ -80,8 +80,7 @@ fn succeeds(program: &str, args: &[&str]) -> bool {
 }
 
 fn have_command(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
         || ["/usr/sbin", "/sbin"].iter().any(|d| Path::new(d).join(name).is_file())
 }
 
@@ -89,7 +88,10 @@ fn setup() -> Result<()> {
     let missing: Vec<&str> =
         DEBIAN_PACKAGES.iter().filter(|(command, _)| !have_command(command)).map(|&(_, package)| package).collect();
     if missing.is_empty() {
-        eprintln!("setup: Debian packages present: {}", DEBIAN_PACKAGES.iter().map(|p| p.1).collect::<Vec<_>>().join(" "));
+        eprintln!(
+            "setup: Debian packages present: {}",
+            DEBIAN_PACKAGES.iter().map(|p| p.1).collect::<Vec<_>>().join(" ")
+        );
     } else {
         eprintln!("setup: installing Debian packages: {}", missing.join(" "));
         run("apt-get", &["update", "-q"])?;
@@ -217,10 +219,25 @@ fn demo(root: &Path, keep: bool) -> Result<()> {
         "poolwarden apply -f bound.yaml; poolwarden ipam assign --namespace default --pod-annotation ...",
     );
     let bound = dir.join("bound.yaml");
-    let bound_yaml = SEED_POOLS.split("---").next().unwrap_or_default().replace("natOutgoing: true", "natOutgoing: true\n  allowedNamespaces: [external-ns]");
+    let bound_yaml = SEED_POOLS
+        .split("---")
+        .next()
+        .unwrap_or_default()
+        .replace("natOutgoing: true", "natOutgoing: true\n  allowedNamespaces: [external-ns]");
     std::fs::write(&bound, bound_yaml)?;
     print!("{}", pw(&["apply", "-f", &bound.display().to_string()])?);
-    match pw(&["ipam", "assign", "--namespace", "default", "--pod", "intruder", "--node", "node-0", "--pod-annotation", "poolwarden.io/ipv4pools=[\"external-pool\"]"]) {
+    match pw(&[
+        "ipam",
+        "assign",
+        "--namespace",
+        "default",
+        "--pod",
+        "intruder",
+        "--node",
+        "node-0",
+        "--pod-annotation",
+        "poolwarden.io/ipv4pools=[\"external-pool\"]",
+    ]) {
         Ok(out) => bail!("a pod in namespace default was given an address from the bound pool: {out}"),
         Err(refused) => println!("refused, as it must be:\n  {refused}"),
     }
@@ -232,7 +249,11 @@ fn demo(root: &Path, keep: bool) -> Result<()> {
     print!("{}", pw(&["ipam", "check"])?);
 
     if keep {
-        println!("\nThe datastore is kept at {}: POOLWARDEN_DATASTORE={datastore} {} ipam show", store.display(), binary.display());
+        println!(
+            "\nThe datastore is kept at {}: POOLWARDEN_DATASTORE={datastore} {} ipam show",
+            store.display(),
+            binary.display()
+        );
     } else {
         std::fs::remove_dir_all(&dir)?;
         println!("\nRemoved {} (run with --keep to explore it).", dir.display());

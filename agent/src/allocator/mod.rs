@@ -6,13 +6,14 @@
 //! [`MAX_ATTEMPTS`] times. Any other failure is returned as it is.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use ipnet::IpNet;
+use tokio::sync::oneshot;
 
 use crate::{
     catalog::{Catalog, decode, encode},
@@ -114,6 +115,7 @@ pub struct Allocator {
     store: Arc<dyn Store>,
     clock: Clock,
     locks: Arc<Locks>,
+    queues: Arc<Named<NodeQueue>>,
 }
 
 enum Attempt {
@@ -122,15 +124,38 @@ enum Attempt {
     NoRoom,
 }
 
-/// Named async locks, created on first use (one per block and one per node's claims).
-#[derive(Default)]
-struct Locks(std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+/// Values created on first use under a name, shared by everyone who asks for the same name.
+struct Named<T>(std::sync::Mutex<HashMap<String, Arc<T>>>);
 
-impl Locks {
-    fn get(&self, name: String) -> Arc<tokio::sync::Mutex<()>> {
+impl<T: Default> Named<T> {
+    fn get(&self, name: impl Into<String>) -> Arc<T> {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(map.entry(name).or_default())
+        Arc::clone(map.entry(name.into()).or_default())
     }
+}
+
+impl<T> Default for Named<T> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(HashMap::new()))
+    }
+}
+
+/// Async locks by name: one per block and one per node's claims.
+type Locks = Named<tokio::sync::Mutex<()>>;
+
+/// Requests waiting to be assigned from one node's blocks, and the turn to serve them.
+#[derive(Default)]
+struct NodeQueue {
+    waiting: std::sync::Mutex<Vec<Waiter>>,
+    turn: tokio::sync::Mutex<()>,
+}
+
+struct Waiter {
+    owner: Owner,
+    /// The pools the request may use, as CIDRs, in preference order.
+    pools: Vec<IpNet>,
+    cooldown: u64,
+    reply: oneshot::Sender<Result<Attempt, StoreError>>,
 }
 
 struct Loaded {
@@ -146,7 +171,7 @@ impl Allocator {
 
     /// An allocator with an injected clock.
     pub fn with_clock(store: Arc<dyn Store>, clock: Clock) -> Self {
-        Self { store, clock, locks: Arc::default() }
+        Self { store, clock, locks: Arc::default(), queues: Arc::default() }
     }
 
     /// The datastore.
@@ -268,6 +293,9 @@ impl Allocator {
         extra: Txn,
     ) -> Result<bool, StoreError> {
         let (mut record, handle_rev) = self.handle_record(&owner.handle).await?;
+        if holds_family(&record, block.cidr.network().is_ipv6()) {
+            return Ok(false);
+        }
         *record.blocks.entry(block.cidr).or_default() += 1;
         let mut txn = write_block(extra, block, block_rev);
         txn = txn.write(keys::handle(&owner.handle), handle_rev, encode(&record));
@@ -284,6 +312,12 @@ impl Allocator {
         let in_pools = |cidr: &IpNet| pools.iter().find(|p| p.cidr().contains(cidr));
         let cooldown = config.reuse_cooldown_seconds;
         for _ in 0..MAX_ATTEMPTS {
+            // A repeated request for the same handle that lost a race to its twin gets the twin's address.
+            if let Some(existing) = self.addresses_of(&owner.handle).await?
+                && let Some(same_family) = existing.into_iter().find(|a| (family == "IPv6") == a.ip.is_ipv6())
+            {
+                return Ok(same_family);
+            }
             // 1. A block this node already owns that has room.
             match self.assign_from_owned(owner, pools, cooldown).await? {
                 Attempt::Done(assigned) => return Ok(assigned),
@@ -377,32 +411,121 @@ impl Allocator {
         Err(AllocError::Contention { operation: format!("assigning an {family} address for {}", owner.handle) })
     }
 
+    /// Assign from a block the node already owns. Concurrent requests on one node are served in batches:
+    /// whoever holds the node's turn takes every request waiting, assigns each an address from the node's
+    /// blocks, and commits them all in one transaction, so a burst of pods on one node shares one commit
+    /// instead of each racing for the same block's revision.
     async fn assign_from_owned(&self, owner: &Owner, pools: &[&IpPool], cooldown: u64) -> Result<Attempt, StoreError> {
-        let (room_keys, _) = self.store.list_keys(&keys::node_room(&owner.node)).await?;
-        let mut candidates: Vec<(usize, IpNet)> = room_keys
-            .iter()
-            .filter_map(|k| keys::parse_cidr_segment(k.rsplit('/').next()?))
-            .filter_map(|c| Some((pools.iter().position(|p| p.cidr().contains(&c))?, c)))
-            .collect();
-        candidates.sort();
-        for (_, cidr) in candidates {
-            // Writers in this process take turns on a block instead of racing for its revision; the store's
-            // compare-and-swap still decides against writers elsewhere.
-            let lock = self.locks.get(format!("block/{cidr}"));
-            let _turn = lock.lock().await;
-            let now = (self.clock)();
-            let Some((mut block, rev)) = self.block(cidr).await? else { continue };
-            if block.affinity.as_deref() != Some(owner.node.as_str()) {
-                continue;
+        let queue = self.queues.get(&owner.node);
+        let (reply, mut answer) = oneshot::channel();
+        let pools = pools.iter().map(|p| p.cidr()).collect();
+        queue.waiting.lock().unwrap_or_else(|p| p.into_inner()).push(Waiter {
+            owner: owner.clone(),
+            pools,
+            cooldown,
+            reply,
+        });
+        {
+            let _turn = queue.turn.lock().await;
+            match answer.try_recv() {
+                Ok(result) => return result,
+                // The batch that took this request was abandoned: try again.
+                Err(oneshot::error::TryRecvError::Closed) => return Ok(Attempt::Conflict),
+                Err(oneshot::error::TryRecvError::Empty) => {}
             }
-            if let Some(ip) = block.assign_next(owner, now, cooldown) {
-                if self.commit_assignment(owner, &block, Some(rev), Txn::new()).await? {
-                    return Ok(Attempt::Done(Assigned { ip, pool: block.pool, block: cidr }));
+            let batch = std::mem::take(&mut *queue.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+            self.serve_batch(&owner.node, batch).await;
+        }
+        answer.await.unwrap_or(Ok(Attempt::Conflict))
+    }
+
+    async fn serve_batch(&self, node: &str, batch: Vec<Waiter>) {
+        let outcome = self.assign_batch(node, &batch).await;
+        match outcome {
+            Ok(results) => {
+                for (waiter, result) in batch.into_iter().zip(results) {
+                    let _ = waiter.reply.send(Ok(result));
                 }
-                return Ok(Attempt::Conflict);
+            }
+            Err(err) => {
+                let message = err.to_string();
+                for waiter in batch {
+                    let _ = waiter.reply.send(Err(StoreError::backend("assign", &message)));
+                }
             }
         }
-        Ok(Attempt::NoRoom)
+    }
+
+    async fn assign_batch(&self, node: &str, batch: &[Waiter]) -> Result<Vec<Attempt>, StoreError> {
+        let (room_keys, _) = self.store.list_keys(&keys::node_room(node)).await?;
+        let mut with_room: Vec<IpNet> = room_keys
+            .iter()
+            .filter_map(|k| keys::parse_cidr_segment(k.rsplit('/').next()?))
+            .filter(|c| batch.iter().any(|w| w.pools.iter().any(|p| p.contains(c))))
+            .collect();
+        with_room.sort();
+        // Releases in this process take the same block locks, in the same (sorted) order.
+        let locks: Vec<_> = with_room.iter().map(|cidr| self.locks.get(format!("block/{cidr}"))).collect();
+        let mut turns = Vec::with_capacity(locks.len());
+        for lock in &locks {
+            turns.push(lock.lock().await);
+        }
+        let now = (self.clock)();
+        let mut blocks: BTreeMap<IpNet, (Block, Revision, bool)> = BTreeMap::new();
+        for cidr in &with_room {
+            if let Some((block, rev)) = self.block(*cidr).await?
+                && block.affinity.as_deref() == Some(node)
+            {
+                blocks.insert(*cidr, (block, rev, false));
+            }
+        }
+
+        let mut txn = Txn::new();
+        let mut results = Vec::with_capacity(batch.len());
+        let mut handles = BTreeSet::new();
+        for waiter in batch {
+            if !handles.insert(waiter.owner.handle.as_str()) {
+                // The same handle twice in one batch (a repeated ADD): the retry finds the first one's address.
+                results.push(Attempt::Conflict);
+                continue;
+            }
+            let (mut record, handle_rev) = self.handle_record(&waiter.owner.handle).await?;
+            let ipv6 = waiter.pools.first().is_some_and(|p| p.network().is_ipv6());
+            if holds_family(&record, ipv6) {
+                // A twin of this request committed since it looked; its retry returns the twin's address.
+                results.push(Attempt::Conflict);
+                continue;
+            }
+            let mut candidates: Vec<(usize, IpNet)> =
+                blocks.keys().filter_map(|c| Some((waiter.pools.iter().position(|p| p.contains(c))?, *c))).collect();
+            candidates.sort();
+            let assigned = candidates.into_iter().find_map(|(_, cidr)| {
+                let (block, _, dirty) = blocks.get_mut(&cidr)?;
+                let ip = block.assign_next(&waiter.owner, now, waiter.cooldown)?;
+                *dirty = true;
+                Some(Assigned { ip, pool: block.pool.clone(), block: cidr })
+            });
+            let Some(assigned) = assigned else {
+                results.push(Attempt::NoRoom);
+                continue;
+            };
+            *record.blocks.entry(assigned.block).or_default() += 1;
+            txn = txn.write(keys::handle(&waiter.owner.handle), handle_rev, encode(&record));
+            results.push(Attempt::Done(assigned));
+        }
+        if !results.iter().any(|r| matches!(r, Attempt::Done(_))) {
+            return Ok(results);
+        }
+        for (block, rev, dirty) in blocks.values() {
+            if *dirty {
+                txn = write_block(txn, block, Some(*rev));
+            }
+        }
+        if self.store.txn(txn).await?.is_committed() {
+            Ok(results)
+        } else {
+            Ok(batch.iter().map(|_| Attempt::Conflict).collect())
+        }
     }
 
     async fn assign_fixed(
@@ -553,6 +676,11 @@ impl Allocator {
             handles: all(&self.store.list(keys::HANDLES).await?.0)?,
         })
     }
+}
+
+/// Whether a handle already holds an address of the family (a pod gets one per family).
+fn holds_family(record: &HandleRecord, ipv6: bool) -> bool {
+    record.blocks.keys().any(|cidr| cidr.network().is_ipv6() == ipv6)
 }
 
 /// Write a block and keep its node's room index in step with it.
