@@ -149,7 +149,10 @@ fn summary(runtime: &Runtime) {
 
 fn criterion_benches(c: &mut Criterion) {
     let runtime = Runtime::new().expect("runtime");
-    summary(&runtime);
+    // `cargo test --all-targets` runs this binary without --bench just to smoke-test it: skip the long table.
+    if std::env::args().any(|a| a == "--bench") {
+        summary(&runtime);
+    }
     let mut group = c.benchmark_group("allocator");
     group.sample_size(20).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
     for prefill in [100usize, 10_000, 100_000] {

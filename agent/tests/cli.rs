@@ -5,27 +5,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-const SEED: &str = "\
-apiVersion: projectcalico.org/v3
-kind: IPPool
-metadata:
-  name: external-pool
-spec:
-  cidr: 172.16.0.0/26
-  blockSize: 29
-  ipipMode: Always
-  natOutgoing: true
----
-apiVersion: projectcalico.org/v3
-kind: IPPool
-metadata:
-  name: internal-pool
-spec:
-  cidr: 192.168.0.0/16
-  blockSize: 29
-  ipipMode: Always
-  natOutgoing: true
-";
+const SEED: &str = include_str!("../../examples/seed-pools.yaml");
 
 struct Cli {
     dir: tempfile::TempDir,

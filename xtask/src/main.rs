@@ -147,27 +147,7 @@ fn fuzz(seconds: u64) -> Result<()> {
     Ok(())
 }
 
-const SEED_POOLS: &str = "\
-apiVersion: projectcalico.org/v3
-kind: IPPool
-metadata:
-  name: external-pool
-spec:
-  cidr: 172.16.0.0/26
-  blockSize: 29
-  ipipMode: Always
-  natOutgoing: true
----
-apiVersion: projectcalico.org/v3
-kind: IPPool
-metadata:
-  name: internal-pool
-spec:
-  cidr: 192.168.0.0/16
-  blockSize: 29
-  ipipMode: Always
-  natOutgoing: true
-";
+const SEED_POOLS: &str = include_str!("../../examples/seed-pools.yaml");
 
 fn demo(root: &Path, keep: bool) -> Result<()> {
     run("cargo", &["build", "--release", "-p", "poolwarden", "--bin", "poolwarden"])?;

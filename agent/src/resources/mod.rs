@@ -765,27 +765,7 @@ pub fn to_yaml_documents<T: Serialize>(kind: &str, items: &[T]) -> String {
 mod tests {
     use super::*;
 
-    const SEED_POOLS: &str = "\
-apiVersion: projectcalico.org/v3
-kind: IPPool
-metadata:
-  name: external-pool
-spec:
-  cidr: 172.16.0.0/26
-  blockSize: 29
-  ipipMode: Always
-  natOutgoing: true
----
-apiVersion: projectcalico.org/v3
-kind: IPPool
-metadata:
-  name: internal-pool
-spec:
-  cidr: 192.168.0.0/16
-  blockSize: 29
-  ipipMode: Always
-  natOutgoing: true
-";
+    const SEED_POOLS: &str = include_str!("../../../examples/seed-pools.yaml");
 
     #[test]
     fn seed_pools_parse_unchanged() {
@@ -796,7 +776,7 @@ spec:
         assert_eq!(pool.block_size(), 29);
         assert_eq!(pool.spec.ipip_mode, EncapMode::Always);
         assert!(pool.spec.nat_outgoing);
-        assert_eq!(docs[1].at, Location { file: "pools.yaml".into(), document: 2, line: 11, item: None });
+        assert_eq!(docs[1].at, Location { file: "pools.yaml".into(), document: 2, line: 12, item: None });
     }
 
     #[test]
