@@ -142,7 +142,11 @@ fn fuzz(seconds: u64) -> Result<()> {
     }
     let max_time = format!("-max_total_time={seconds}");
     for target in FUZZ_TARGETS {
-        run("cargo", &["+nightly", "fuzz", "run", "--fuzz-dir", "agent/fuzz", target, "--", &max_time])?;
+        // New inputs go to corpus/ (ignored by git); the committed seeds/ start each run.
+        let corpus = format!("agent/fuzz/corpus/{target}");
+        let seeds = format!("agent/fuzz/seeds/{target}");
+        std::fs::create_dir_all(&corpus)?;
+        run("cargo", &["+nightly", "fuzz", "run", "--fuzz-dir", "agent/fuzz", target, &corpus, &seeds, "--", &max_time])?;
     }
     Ok(())
 }
