@@ -146,7 +146,10 @@ fn fuzz(seconds: u64) -> Result<()> {
         let corpus = format!("agent/fuzz/corpus/{target}");
         let seeds = format!("agent/fuzz/seeds/{target}");
         std::fs::create_dir_all(&corpus)?;
-        run("cargo", &["+nightly", "fuzz", "run", "--fuzz-dir", "agent/fuzz", target, &corpus, &seeds, "--", &max_time])?;
+        run(
+            "cargo",
+            &["+nightly", "fuzz", "run", "--fuzz-dir", "agent/fuzz", target, &corpus, &seeds, "--", &max_time],
+        )?;
     }
     Ok(())
 }

@@ -11,8 +11,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     match Selector::parse(text) {
         Ok(selector) => {
-            let labels: BTreeMap<String, String> =
-                [("a", "1"), ("zone", "x"), ("kubernetes.io/os", "linux")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let labels: BTreeMap<String, String> = [("a", "1"), ("zone", "x"), ("kubernetes.io/os", "linux")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
             let verdict = selector.matches(&labels);
             let again = Selector::parse(selector.as_str()).expect("a selector's own text parses");
             assert_eq!(again.matches(&labels), verdict);
