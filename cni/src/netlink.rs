@@ -1,0 +1,282 @@
+//! The kernel work of the plugin, over rtnetlink: the veth pair, and the pod side of it (name, address,
+//! link-local gateway and routes) configured from inside the pod's network namespace.
+
+use std::{
+    fs::File,
+    future::Future,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    path::Path,
+};
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::{LinkAttribute, LinkMessage},
+    neighbour::NeighbourState,
+    route::{RouteAddress, RouteAttribute, RouteScope},
+};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+/// The pod's IPv4 gateway: link-local, answered by a static neighbour entry for the host side's MAC.
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The pod's IPv6 gateway.
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// A failed kernel operation.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation}: {message}")]
+pub struct NetlinkError {
+    /// What was being done, naming the interface or namespace.
+    pub operation: String,
+    /// The kernel's answer.
+    pub message: String,
+}
+
+fn fail(operation: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let operation = operation.into();
+    move |e| NetlinkError { operation, message: e.to_string() }
+}
+
+/// Whether an rtnetlink error is "no such device" (ENODEV) or "not found" (ENOENT, ESRCH).
+fn is_not_found(err: &rtnetlink::Error) -> bool {
+    matches!(err, rtnetlink::Error::NetlinkError(msg) if matches!(msg.raw_code(), -19 | -2 | -3))
+}
+
+/// A netlink connection in the calling thread's network namespace, driven by the current runtime.
+pub fn connect() -> Result<Handle, NetlinkError> {
+    let (connection, handle, _) = rtnetlink::new_connection()
+        .map_err(|e| NetlinkError { operation: "open netlink".into(), message: e.to_string() })?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+/// Run `work` with a netlink connection inside the network namespace at `netns`, on a thread of its own
+/// (a thread's namespace is its own; the caller's is untouched).
+pub fn in_netns<T, F, Fut>(netns: &Path, work: F) -> Result<T, NetlinkError>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, NetlinkError>>,
+{
+    let shown = netns.display().to_string();
+    let file = File::open(netns)
+        .map_err(|e| NetlinkError { operation: format!("open netns {shown}"), message: e.to_string() })?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| NetlinkError { operation: format!("enter netns {shown}"), message: e.to_string() })?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| NetlinkError { operation: "start runtime".into(), message: e.to_string() })?;
+        runtime.block_on(async move { work(connect()?).await })
+    })
+    .join()
+    .map_err(|_| NetlinkError { operation: "netns worker".into(), message: "panicked".into() })?
+}
+
+/// A link's index and MAC address, by name.
+pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>)>, NetlinkError> {
+    match handle.link().get().match_name(name.to_string()).execute().try_next().await {
+        Ok(Some(link)) => Ok(Some((link.header.index, mac_of(&link)))),
+        Ok(None) => Ok(None),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(fail(format!("look up link {name}"))(e)),
+    }
+}
+
+fn mac_of(link: &LinkMessage) -> Vec<u8> {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(mac) => Some(mac.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Format a MAC address as the CNI result shows it.
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Create the veth pair with `host` in this namespace and `peer` moved into `netns`, host side up.
+/// Returns the host side's MAC.
+pub async fn create_veth(
+    handle: &Handle,
+    host: &str,
+    peer: &str,
+    netns: &File,
+    mtu: Option<u32>,
+) -> Result<Vec<u8>, NetlinkError> {
+    let mut veth = LinkVeth::new(host, peer);
+    if let Some(mtu) = mtu {
+        veth = veth.mtu(mtu);
+    }
+    handle.link().add(veth.build()).execute().await.map_err(fail(format!("create veth {host}")))?;
+    let moved = handle
+        .link()
+        .set(LinkUnspec::new_with_name(peer).setns_by_fd(netns.as_raw_fd()).build())
+        .execute()
+        .await
+        .map_err(fail(format!("move {peer} into the pod's netns")));
+    if let Err(err) = moved {
+        let _ = delete_link(handle, host).await;
+        return Err(err);
+    }
+    let up = handle.link().set(LinkUnspec::new_with_name(host).up().build()).execute().await;
+    if let Err(err) = up {
+        let _ = delete_link(handle, host).await;
+        return Err(fail(format!("set {host} up"))(err));
+    }
+    // Pods are reached through the host side only by routes; answering ARP for anything else is not its job.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{host}/accept_ra"), "0");
+    Ok(link_by_name(handle, host).await?.map(|(_, mac)| mac).unwrap_or_default())
+}
+
+/// Delete a link by name; `Ok(false)` when it did not exist.
+pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, NetlinkError> {
+    let Some((index, _)) = link_by_name(handle, name).await? else { return Ok(false) };
+    match handle.link().del(index).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(fail(format!("delete link {name}"))(e)),
+    }
+}
+
+/// Inside the pod's namespace: rename the peer to `ifname`, bring it up, give it the addresses as /32 and
+/// /128, and route everything via the link-local gateways whose MAC is the host side's. Returns the pod
+/// side's MAC.
+pub async fn configure_pod(
+    handle: Handle,
+    peer: String,
+    ifname: String,
+    addresses: Vec<IpNet>,
+    host_mac: Vec<u8>,
+) -> Result<Vec<u8>, NetlinkError> {
+    let (index, _) = link_by_name(&handle, &peer).await?.ok_or_else(|| NetlinkError {
+        operation: format!("find {peer} in the pod's netns"),
+        message: "not there".into(),
+    })?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).name(ifname.clone()).build())
+        .execute()
+        .await
+        .map_err(fail(format!("rename {peer} to {ifname}")))?;
+    if addresses.iter().any(|a| a.addr().is_ipv6()) {
+        // Duplicate address detection would hold the address back for a second; the address is ours alone.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad"), "0");
+    }
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(fail(format!("set {ifname} up")))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_name("lo").up().build())
+        .execute()
+        .await
+        .map_err(fail("set lo up in the pod's netns"))?;
+    for address in &addresses {
+        handle
+            .address()
+            .add(index, address.addr(), address.prefix_len())
+            .execute()
+            .await
+            .map_err(fail(format!("add {address} to {ifname}")))?;
+        let gateway: IpAddr = if address.addr().is_ipv4() { GATEWAY_V4.into() } else { GATEWAY_V6.into() };
+        handle
+            .neighbours()
+            .add(index, gateway)
+            .link_layer_address(&host_mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(fail(format!("add neighbour {gateway} on {ifname}")))?;
+        if gateway.is_ipv4() {
+            let to_gateway = RouteMessageBuilder::<IpAddr>::new()
+                .destination_prefix(gateway, 32)
+                .map_err(|e| NetlinkError { operation: "build route".into(), message: e.to_string() })?
+                .output_interface(index)
+                .scope(RouteScope::Link)
+                .build();
+            handle
+                .route()
+                .add(to_gateway)
+                .replace()
+                .execute()
+                .await
+                .map_err(fail(format!("route {gateway} dev {ifname}")))?;
+        }
+        let default = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(
+                if gateway.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() },
+                0,
+            )
+            .map_err(|e| NetlinkError { operation: "build route".into(), message: e.to_string() })?
+            .gateway(gateway)
+            .map_err(|e| NetlinkError { operation: "build route".into(), message: e.to_string() })?
+            .output_interface(index)
+            .build();
+        handle
+            .route()
+            .add(default)
+            .replace()
+            .execute()
+            .await
+            .map_err(fail(format!("default route via {gateway} on {ifname}")))?;
+    }
+    Ok(link_by_name(&handle, &ifname).await?.map(|(_, mac)| mac).unwrap_or_default())
+}
+
+/// What CHECK finds wrong with the pod's interface, if anything.
+pub async fn check_pod(handle: Handle, ifname: String, addresses: Vec<IpNet>) -> Result<Vec<String>, NetlinkError> {
+    let mut problems = Vec::new();
+    let Some((index, _)) = link_by_name(&handle, &ifname).await? else {
+        return Ok(vec![format!("interface {ifname} does not exist in the pod's netns")]);
+    };
+    let mut present = Vec::new();
+    let mut stream = handle.address().get().set_link_index_filter(index).execute();
+    while let Some(message) = stream.try_next().await.map_err(fail(format!("list addresses of {ifname}")))? {
+        for attribute in &message.attributes {
+            if let AddressAttribute::Address(ip) = attribute {
+                present.push(*ip);
+            }
+        }
+    }
+    for address in &addresses {
+        if !present.contains(&address.addr()) {
+            problems.push(format!("{ifname} lacks address {address}"));
+        }
+    }
+    for family_v4 in [true, false] {
+        if !addresses.iter().any(|a| a.addr().is_ipv4() == family_v4) {
+            continue;
+        }
+        let query = if family_v4 {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        };
+        let mut routes = handle.route().get(query).execute();
+        let mut has_default = false;
+        while let Some(route) = routes.try_next().await.map_err(fail("list routes"))? {
+            let dst = route
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Destination(RouteAddress::Inet(_) | RouteAddress::Inet6(_))));
+            if route.header.destination_prefix_length == 0 && !dst {
+                has_default = true;
+            }
+        }
+        if !has_default {
+            problems.push(format!("no {} default route in the pod's netns", if family_v4 { "IPv4" } else { "IPv6" }));
+        }
+    }
+    Ok(problems)
+}

@@ -1,0 +1,510 @@
+//! The one dispatcher for ADD, DEL, CHECK, VERSION, STATUS and GC, with the environment, stdin and stdout
+//! passed in so that it runs in-process in tests exactly as the binary runs it.
+
+use std::{collections::HashMap, fs::File, io::Write, net::IpAddr, path::Path};
+
+use ipnet::IpNet;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{
+    netlink::{self, GATEWAY_V4, GATEWAY_V6},
+    protocol::{self, AddRequest, DelRequest, GcRequest, Request, Response},
+    spec::{CniError, CniResult, Interface, IpConfig, NetConf, Options, PLUGIN_TYPE, Route, SUPPORTED_VERSIONS, code},
+};
+
+/// What the runtime passed: the `CNI_*` environment and the network configuration on stdin.
+pub struct Invocation<'a> {
+    /// The process environment (only `CNI_*` variables are read).
+    pub env: &'a HashMap<String, String>,
+    /// The network configuration.
+    pub stdin: &'a [u8],
+}
+
+/// Run one plugin invocation; writes the result or the error JSON to `stdout` and returns the exit code.
+pub fn run(invocation: &Invocation<'_>, stdout: &mut dyn Write) -> i32 {
+    match dispatch(invocation) {
+        Ok(Some(output)) => {
+            let _ = writeln!(stdout, "{output}");
+            0
+        }
+        Ok(None) => 0,
+        Err(mut err) => {
+            if let Ok(conf) = serde_json::from_slice::<NetConf>(invocation.stdin)
+                && SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str())
+            {
+                err.cni_version = conf.cni_version;
+            }
+            let _ = writeln!(stdout, "{}", serde_json::to_string(&err).unwrap_or_default());
+            1
+        }
+    }
+}
+
+struct Env<'a> {
+    vars: &'a HashMap<String, String>,
+}
+
+impl Env<'_> {
+    fn require(&self, name: &str) -> Result<String, CniError> {
+        match self.vars.get(name).filter(|v| !v.is_empty()) {
+            Some(value) => Ok(value.clone()),
+            None => Err(CniError::new(
+                code::INVALID_ENVIRONMENT,
+                format!("{name} is not set"),
+                format!("the runtime must set {name}"),
+            )),
+        }
+    }
+
+    fn optional(&self, name: &str) -> Option<String> {
+        self.vars.get(name).filter(|v| !v.is_empty()).cloned()
+    }
+
+    /// `CNI_ARGS`: `K=V;K=V`. Unknown keys are an error unless `IgnoreUnknown` is set, as the spec says.
+    fn args(&self) -> Result<HashMap<String, String>, CniError> {
+        let mut args = HashMap::new();
+        let raw = self.optional("CNI_ARGS").unwrap_or_default();
+        for pair in raw.split(';').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').ok_or_else(|| {
+                CniError::new(
+                    code::INVALID_ENVIRONMENT,
+                    "CNI_ARGS is malformed",
+                    format!("{pair:?} is not KEY=VALUE in {raw:?}"),
+                )
+            })?;
+            args.insert(k.to_string(), v.to_string());
+        }
+        let ignore_unknown = args.get("IgnoreUnknown").is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        const KNOWN: &[&str] =
+            &["IgnoreUnknown", "K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID"];
+        if !ignore_unknown && let Some(unknown) = args.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(CniError::new(
+                code::INVALID_ENVIRONMENT,
+                format!("CNI_ARGS has unknown key {unknown}"),
+                "set IgnoreUnknown=1 to pass keys this plugin does not know",
+            ));
+        }
+        Ok(args)
+    }
+}
+
+fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
+    let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
+        CniError::new(code::DECODE_FAILURE, "the network configuration on stdin is not valid JSON", e.to_string())
+    })?;
+    if conf.cni_version.is_empty() {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "cniVersion is missing from the network configuration",
+            "set \"cniVersion\": \"1.0.0\"",
+        ));
+    }
+    if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!("cniVersion {} is not supported", conf.cni_version),
+            format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
+        ));
+    }
+    Ok(conf)
+}
+
+/// Whether we run as the `ipam` of another plugin, and the options that apply.
+fn mode(conf: &NetConf) -> Result<(bool, Options), CniError> {
+    match &conf.ipam {
+        Some(ipam) if ipam.plugin_type == PLUGIN_TYPE && conf.plugin_type != PLUGIN_TYPE => {
+            Ok((true, ipam.options.clone()))
+        }
+        _ if conf.plugin_type == PLUGIN_TYPE => Ok((false, conf.options.clone())),
+        _ => Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("type is {:?}", conf.plugin_type),
+            format!(
+                "poolwarden-cni runs as \"type\": \"{PLUGIN_TYPE}\" or as \"ipam\": {{\"type\": \"{PLUGIN_TYPE}\"}}"
+            ),
+        )),
+    }
+}
+
+fn dispatch(invocation: &Invocation<'_>) -> Result<Option<String>, CniError> {
+    let env = Env { vars: invocation.env };
+    let command = env.require("CNI_COMMAND")?;
+    if command == "VERSION" {
+        return Ok(Some(json!({ "cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS }).to_string()));
+    }
+    let conf = parse_conf(invocation.stdin)?;
+    let (ipam_only, options) = mode(&conf)?;
+    let socket = options.socket.clone().unwrap_or_else(|| protocol::DEFAULT_SOCKET.to_string());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CniError::new(code::IO_FAILURE, "cannot start the plugin's runtime", e.to_string()))?;
+    match command.as_str() {
+        "ADD" => runtime.block_on(add(&env, &conf, ipam_only, &options, &socket)).map(Some),
+        "DEL" => runtime.block_on(del(&env, ipam_only, &socket)).map(|()| None),
+        "CHECK" => runtime.block_on(check(&env, &conf, ipam_only)).map(|()| None),
+        "STATUS" => runtime.block_on(status(&socket)).map(|()| None),
+        "GC" => runtime.block_on(gc(&conf, &socket)).map(|()| None),
+        other => Err(CniError::new(
+            code::INVALID_ENVIRONMENT,
+            format!("CNI_COMMAND {other:?} is not a CNI command"),
+            "expected ADD, DEL, CHECK, VERSION, STATUS or GC",
+        )),
+    }
+}
+
+/// Ask the agent, mapping transport failures to "try again later".
+pub async fn call_agent(socket: &str, request: &Request) -> Result<Response, CniError> {
+    let unreachable = |e: std::io::Error| {
+        CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!("the poolwarden agent is not reachable at {socket}"),
+            format!("{e}; is `poolwarden agent` running on this node?"),
+        )
+    };
+    let mut stream = tokio::net::UnixStream::connect(socket).await.map_err(unreachable)?;
+    let body =
+        serde_json::to_vec(request).map_err(|e| CniError::new(code::IO_FAILURE, "encode request", e.to_string()))?;
+    stream.write_all(&body).await.map_err(unreachable)?;
+    stream.shutdown().await.map_err(unreachable)?;
+    let mut reply = Vec::new();
+    stream.take(protocol::MAX_MESSAGE as u64).read_to_end(&mut reply).await.map_err(unreachable)?;
+    serde_json::from_slice(&reply).map_err(|e| {
+        CniError::new(
+            code::IO_FAILURE,
+            "the agent's answer could not be read",
+            format!("{e}: {}", String::from_utf8_lossy(&reply)),
+        )
+    })
+}
+
+/// The host side's name: a hash of container ID and interface, so DEL finds it without state.
+pub fn host_ifname(container_id: &str, ifname: &str) -> String {
+    format!("pw{}", &fnv_hex(container_id, ifname)[..13])
+}
+
+fn temp_peer_name(container_id: &str, ifname: &str) -> String {
+    format!("pwp{}", &fnv_hex(container_id, ifname)[3..15])
+}
+
+fn fnv_hex(container_id: &str, ifname: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in container_id.bytes().chain([0]).chain(ifname.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+fn netlink_error(e: netlink::NetlinkError) -> CniError {
+    CniError::new(code::INTERFACE_SETUP, format!("setting up the pod's interface failed: {}", e.operation), e.message)
+}
+
+fn agent_refusal(reply: protocol::ErrorReply) -> CniError {
+    CniError::new(reply.code, reply.msg, reply.details)
+}
+
+async fn add(
+    env: &Env<'_>,
+    conf: &NetConf,
+    ipam_only: bool,
+    options: &Options,
+    socket: &str,
+) -> Result<String, CniError> {
+    let container_id = env.require("CNI_CONTAINERID")?;
+    let ifname = env.require("CNI_IFNAME")?;
+    let netns_path = env.require("CNI_NETNS")?;
+    let args = env.args()?;
+    let netns = File::open(&netns_path).map_err(|e| {
+        CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS {netns_path} cannot be opened"), e.to_string())
+    })?;
+    let mut ips = Vec::new();
+    for requested in conf.runtime_config.iter().flat_map(|r| &r.ips) {
+        let ip = requested.split('/').next().and_then(|a| a.parse::<IpAddr>().ok()).ok_or_else(|| {
+            CniError::new(code::INVALID_CONFIG, format!("runtimeConfig.ips: {requested:?} is not an address"), "")
+        })?;
+        ips.push(ip);
+    }
+    let mut request = AddRequest {
+        container_id: container_id.clone(),
+        ifname: ifname.clone(),
+        netns: netns_path.clone(),
+        namespace: args.get("K8S_POD_NAMESPACE").cloned().unwrap_or_else(|| "default".into()),
+        pod: args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
+        host_ifname: String::new(),
+        pools: options.pools.clone(),
+        ips,
+    };
+
+    if ipam_only {
+        let assigned = agent_add(socket, &request).await?;
+        let result = CniResult {
+            cni_version: conf.cni_version.clone(),
+            interfaces: vec![],
+            ips: assigned.iter().map(|a| IpConfig { address: *a, gateway: None, interface: None }).collect(),
+            routes: vec![],
+            dns: Value::Object(Default::default()),
+        };
+        return serde_json::to_string(&result)
+            .map_err(|e| CniError::new(code::IO_FAILURE, "encode result", e.to_string()));
+    }
+
+    let host = host_ifname(&container_id, &ifname);
+    let peer = temp_peer_name(&container_id, &ifname);
+    let handle = netlink::connect().map_err(netlink_error)?;
+    // A retried ADD for the same attachment starts from a clean slate.
+    netlink::delete_link(&handle, &host).await.map_err(netlink_error)?;
+    let host_mac = netlink::create_veth(&handle, &host, &peer, &netns, options.mtu).await.map_err(netlink_error)?;
+    request.host_ifname = host.clone();
+
+    let assigned = match agent_add(socket, &request).await {
+        Ok(assigned) => assigned,
+        Err(err) => {
+            let _ = netlink::delete_link(&handle, &host).await;
+            return Err(err);
+        }
+    };
+    let pod_mac = {
+        let (peer, pod_ifname, addresses, host_mac) =
+            (peer.clone(), ifname.clone(), assigned.clone(), host_mac.clone());
+        let configured = tokio::task::spawn_blocking(move || {
+            netlink::in_netns(Path::new(&netns_path), move |h| {
+                netlink::configure_pod(h, peer, pod_ifname, addresses, host_mac)
+            })
+        })
+        .await
+        .map_err(|e| CniError::new(code::INTERFACE_SETUP, "pod setup worker failed", e.to_string()))?;
+        match configured {
+            Ok(mac) => mac,
+            Err(err) => {
+                let _ = call_agent(socket, &Request::Del(DelRequest { container_id, ifname })).await;
+                let _ = netlink::delete_link(&handle, &host).await;
+                return Err(netlink_error(err));
+            }
+        }
+    };
+
+    let result = build_result(conf, &host, &host_mac, &ifname, &pod_mac, &request.netns, &assigned);
+    serde_json::to_string(&result).map_err(|e| CniError::new(code::IO_FAILURE, "encode result", e.to_string()))
+}
+
+fn build_result(
+    conf: &NetConf,
+    host: &str,
+    host_mac: &[u8],
+    ifname: &str,
+    pod_mac: &[u8],
+    netns: &str,
+    assigned: &[IpNet],
+) -> CniResult {
+    // A chain's earlier plugins keep their interfaces; ours are appended and indexed after them.
+    let mut result: CniResult = conf
+        .prev_result
+        .clone()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_else(|| CniResult { dns: Value::Object(Default::default()), ..Default::default() });
+    result.cni_version = conf.cni_version.clone();
+    let base = result.interfaces.len();
+    result.interfaces.push(Interface {
+        name: host.to_string(),
+        mac: netlink::format_mac(host_mac),
+        sandbox: String::new(),
+    });
+    result.interfaces.push(Interface {
+        name: ifname.to_string(),
+        mac: netlink::format_mac(pod_mac),
+        sandbox: netns.to_string(),
+    });
+    for address in assigned {
+        let gateway: IpAddr = if address.addr().is_ipv4() { GATEWAY_V4.into() } else { GATEWAY_V6.into() };
+        result.ips.push(IpConfig { address: *address, gateway: Some(gateway), interface: Some(base + 1) });
+        let default: IpNet = if address.addr().is_ipv4() {
+            "0.0.0.0/0".parse().unwrap_or(*address)
+        } else {
+            "::/0".parse().unwrap_or(*address)
+        };
+        result.routes.push(Route { dst: default, gw: Some(gateway) });
+    }
+    result
+}
+
+async fn agent_add(socket: &str, request: &AddRequest) -> Result<Vec<IpNet>, CniError> {
+    match call_agent(socket, &Request::Add(request.clone())).await? {
+        Response::Added { ips } => Ok(ips.into_iter().map(|a| a.address).collect()),
+        Response::Error(reply) => Err(agent_refusal(reply)),
+        other => Err(CniError::new(code::IO_FAILURE, "unexpected answer from the agent", format!("{other:?}"))),
+    }
+}
+
+async fn del(env: &Env<'_>, ipam_only: bool, socket: &str) -> Result<(), CniError> {
+    let container_id = env.require("CNI_CONTAINERID")?;
+    let ifname = env.require("CNI_IFNAME")?;
+    env.args()?;
+    match call_agent(socket, &Request::Del(DelRequest { container_id: container_id.clone(), ifname: ifname.clone() }))
+        .await?
+    {
+        Response::Deleted { .. } => {}
+        Response::Error(reply) => return Err(agent_refusal(reply)),
+        other => return Err(CniError::new(code::IO_FAILURE, "unexpected answer from the agent", format!("{other:?}"))),
+    }
+    if !ipam_only {
+        // Deleting the host side takes the pod side with it; both may already be gone with the netns.
+        let handle = netlink::connect().map_err(netlink_error)?;
+        netlink::delete_link(&handle, &host_ifname(&container_id, &ifname)).await.map_err(netlink_error)?;
+    }
+    Ok(())
+}
+
+async fn check(env: &Env<'_>, conf: &NetConf, ipam_only: bool) -> Result<(), CniError> {
+    let ifname = env.require("CNI_IFNAME")?;
+    let netns = env.require("CNI_NETNS")?;
+    env.require("CNI_CONTAINERID")?;
+    let prev: CniResult = conf.prev_result.clone().and_then(|v| serde_json::from_value(v).ok()).ok_or_else(|| {
+        CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult", "the runtime must pass the ADD result")
+    })?;
+    if ipam_only {
+        return Ok(());
+    }
+    let sandbox = prev.interfaces.iter().position(|i| i.name == ifname && !i.sandbox.is_empty());
+    let addresses: Vec<IpNet> = prev.ips.iter().filter(|ip| ip.interface == sandbox).map(|ip| ip.address).collect();
+    let problems = tokio::task::spawn_blocking(move || {
+        netlink::in_netns(Path::new(&netns), move |h| netlink::check_pod(h, ifname, addresses))
+    })
+    .await
+    .map_err(|e| CniError::new(code::IO_FAILURE, "check worker failed", e.to_string()))?
+    .map_err(netlink_error)?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::INTERFACE_SETUP,
+            "the pod's network does not match the ADD result",
+            problems.join("; "),
+        ))
+    }
+}
+
+async fn status(socket: &str) -> Result<(), CniError> {
+    match call_agent(socket, &Request::Status).await {
+        Ok(Response::Ready) => Ok(()),
+        Ok(Response::Error(reply)) => Err(agent_refusal(reply)),
+        Ok(other) => {
+            Err(CniError::new(code::PLUGIN_NOT_AVAILABLE, "unexpected answer from the agent", format!("{other:?}")))
+        }
+        Err(err) => Err(CniError { code: code::PLUGIN_NOT_AVAILABLE, ..err }),
+    }
+}
+
+async fn gc(conf: &NetConf, socket: &str) -> Result<(), CniError> {
+    let valid_attachments = conf.valid_attachments.clone().unwrap_or_default();
+    match call_agent(socket, &Request::Gc(GcRequest { valid_attachments })).await? {
+        Response::Collected { .. } => Ok(()),
+        Response::Error(reply) => Err(agent_refusal(reply)),
+        other => Err(CniError::new(code::IO_FAILURE, "unexpected answer from the agent", format!("{other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invoke(vars: &[(&str, &str)], stdin: &str) -> (i32, Value) {
+        let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut out = Vec::new();
+        let code = run(&Invocation { env: &env, stdin: stdin.as_bytes() }, &mut out);
+        let value = if out.is_empty() { Value::Null } else { serde_json::from_slice(&out).expect("stdout is JSON") };
+        (code, value)
+    }
+
+    const CONF: &str =
+        r#"{"cniVersion":"1.0.0","name":"pw","type":"poolwarden-cni","socket":"/nonexistent/agent.sock"}"#;
+
+    #[test]
+    fn version_lists_what_we_speak() {
+        let (code, out) = invoke(&[("CNI_COMMAND", "VERSION")], "");
+        assert_eq!(code, 0);
+        assert_eq!(out["supportedVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+    }
+
+    #[test]
+    fn input_errors_carry_spec_codes_and_name_the_problem() {
+        let add = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/nonexistent/netns"),
+        ];
+        for (what, vars, stdin, want_code, fragment) in [
+            ("malformed JSON", &add[..], "{not json", code::DECODE_FAILURE, "not valid JSON"),
+            (
+                "missing cniVersion",
+                &add[..],
+                r#"{"name":"pw","type":"poolwarden-cni"}"#,
+                code::INVALID_CONFIG,
+                "cniVersion is missing",
+            ),
+            (
+                "unsupported version",
+                &add[..],
+                r#"{"cniVersion":"9.9.9","type":"poolwarden-cni"}"#,
+                code::INCOMPATIBLE_VERSION,
+                "9.9.9 is not supported",
+            ),
+            (
+                "wrong type",
+                &add[..],
+                r#"{"cniVersion":"1.0.0","type":"bridge"}"#,
+                code::INVALID_CONFIG,
+                "type is \"bridge\"",
+            ),
+            ("missing CNI_NETNS", &add[..3], CONF, code::INVALID_ENVIRONMENT, "CNI_NETNS is not set"),
+            (
+                "netns that does not exist",
+                &add[..],
+                CONF,
+                code::INVALID_ENVIRONMENT,
+                "CNI_NETNS /nonexistent/netns cannot be opened",
+            ),
+            ("missing command", &[][..], CONF, code::INVALID_ENVIRONMENT, "CNI_COMMAND is not set"),
+            (
+                "agent down at STATUS",
+                &[("CNI_COMMAND", "STATUS")][..],
+                CONF,
+                code::PLUGIN_NOT_AVAILABLE,
+                "not reachable",
+            ),
+            (
+                "agent down at DEL",
+                &[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0")][..],
+                CONF,
+                code::TRY_AGAIN_LATER,
+                "not reachable",
+            ),
+        ] {
+            let (exit, out) = invoke(vars, stdin);
+            assert_eq!(exit, 1, "{what}");
+            assert_eq!(out["code"], want_code, "{what}: {out}");
+            assert!(out["msg"].as_str().unwrap().contains(fragment), "{what}: {out}");
+            assert!(out.get("details").is_some(), "{what}: details present");
+        }
+    }
+
+    #[test]
+    fn cni_args_need_ignore_unknown_for_foreign_keys() {
+        let env: HashMap<String, String> = [("CNI_ARGS".to_string(), "K8S_POD_NAME=x;FOO=1".to_string())].into();
+        assert!(Env { vars: &env }.args().unwrap_err().msg.contains("unknown key FOO"));
+        let env: HashMap<String, String> =
+            [("CNI_ARGS".to_string(), "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;FOO=1".to_string())].into();
+        let args = Env { vars: &env }.args().unwrap();
+        assert_eq!((args["K8S_POD_NAMESPACE"].as_str(), args["K8S_POD_NAME"].as_str()), ("ns", "p"));
+    }
+
+    #[test]
+    fn host_names_fit_and_differ() {
+        let a = host_ifname("0123456789abcdef", "eth0");
+        assert!(a.len() <= 15 && a.starts_with("pw"), "{a}");
+        assert_ne!(a, host_ifname("0123456789abcdef", "net1"));
+        assert!(temp_peer_name("x", "eth0").len() <= 15);
+    }
+}

@@ -1,0 +1,133 @@
+//! The plugin<->agent protocol: one JSON request per connection on the agent's Unix socket, one JSON
+//! response, then the connection closes. Requests and responses are versioned by their shape; unknown fields
+//! are refused so a mismatched plugin and agent fail loudly instead of half-working.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The agent's default socket.
+pub const DEFAULT_SOCKET: &str = "/run/poolwarden/agent.sock";
+
+/// The largest request or response accepted, in bytes.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// What the plugin (or the CLI) asks the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    /// Allocate addresses for an attachment and program the host side.
+    Add(AddRequest),
+    /// Release an attachment's addresses and remove what the agent programmed for it.
+    Del(DelRequest),
+    /// Whether the agent is ready to serve ADDs on this node.
+    Status,
+    /// Release every attachment on this node that is not in the list.
+    Gc(GcRequest),
+}
+
+/// An ADD.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddRequest {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// `CNI_NETNS`.
+    #[serde(default)]
+    pub netns: String,
+    /// `K8S_POD_NAMESPACE` (empty: `default`).
+    #[serde(default)]
+    pub namespace: String,
+    /// `K8S_POD_NAME`.
+    #[serde(default)]
+    pub pod: String,
+    /// The host side of the pod's veth; empty in IPAM-only mode (nothing to route to).
+    #[serde(default)]
+    pub host_ifname: String,
+    /// Pools from the network configuration (names or CIDRs, either family).
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// Specific addresses (`runtimeConfig.ips`).
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+}
+
+/// A DEL.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelRequest {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+}
+
+/// One attachment that GC must keep.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attachment {
+    /// The container.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// The interface.
+    pub ifname: String,
+}
+
+/// A GC.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcRequest {
+    /// Everything still in use on this node.
+    pub valid_attachments: Vec<Attachment>,
+}
+
+/// One assigned address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignedIp {
+    /// The address with its prefix as configured in the pod (/32 or /128).
+    pub address: IpNet,
+    /// The pool it came from.
+    pub pool: String,
+}
+
+/// The agent's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Response {
+    /// ADD succeeded.
+    Added {
+        /// The addresses, IPv4 first.
+        ips: Vec<AssignedIp>,
+    },
+    /// DEL succeeded (also when there was nothing to delete).
+    Deleted {
+        /// The addresses released.
+        released: Vec<IpAddr>,
+    },
+    /// STATUS: ready.
+    Ready,
+    /// GC done.
+    Collected {
+        /// The addresses released.
+        released: Vec<IpAddr>,
+    },
+    /// Something failed.
+    Error(ErrorReply),
+}
+
+/// A failure, with the CNI error code the plugin must report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    /// A CNI error code (see [`crate::spec::code`]).
+    pub code: u32,
+    /// What went wrong, naming what the user configured.
+    pub msg: String,
+    /// More detail.
+    #[serde(default)]
+    pub details: String,
+}
