@@ -7,6 +7,8 @@
 pub mod allocator;
 pub mod catalog;
 pub mod cli;
+pub mod daemon;
+pub mod dataplane;
 pub mod ipam;
 pub mod resources;
 pub mod store;

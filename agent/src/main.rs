@@ -25,6 +25,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node agent: serve the CNI plugin, allocate, and program this node's routes.
+    Agent {
+        /// This node's name.
+        #[arg(long, env = "NODENAME")]
+        node: Option<String>,
+        /// The socket the plugin talks to.
+        #[arg(long, default_value = poolwarden_cni::protocol::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// Node labels, k=v,... (for pools' nodeSelector).
+        #[arg(long, value_delimiter = ',')]
+        node_labels: Vec<String>,
+        /// Where Prometheus scrapes /metrics.
+        #[arg(long, default_value = "127.0.0.1:9641")]
+        metrics_addr: std::net::SocketAddr,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
     /// Create or update IPPool, IPAMConfig and Namespace documents (all or nothing).
     Apply {
         /// A file, a directory of .yaml/.yml/.json files, or - for standard input; may be repeated.
@@ -76,6 +94,12 @@ enum Command {
         #[command(subcommand)]
         command: IpamCommand,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -194,6 +218,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let catalog = Catalog::new(Arc::clone(&store));
     let allocator = Allocator::new(Arc::clone(&store));
     match cli.command {
+        Command::Agent { node, socket, node_labels, metrics_addr, log_format } => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+            let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+            match log_format {
+                LogFormat::Json => builder.json().init(),
+                LogFormat::Text => builder.init(),
+            }
+            let node = NodeInfo { name: node_name(node), labels: parse_pairs(&node_labels, "node label")? };
+            if node.name.is_empty() {
+                bail!("no node name: give --node or set NODENAME");
+            }
+            let agent = Arc::new(poolwarden::daemon::Agent::new(node, Arc::clone(&store))?);
+            poolwarden::daemon::server::run(agent, socket, metrics_addr).await?;
+        }
         Command::Apply { files } => {
             let docs = resources::read_paths(&files)?;
             if docs.is_empty() {

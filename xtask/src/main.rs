@@ -42,6 +42,7 @@ enum Task {
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // (command that proves it is installed, package)
     ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
 ];
 
 fn main() -> Result<()> {

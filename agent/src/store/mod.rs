@@ -308,6 +308,8 @@ pub mod keys {
     pub const ROOM: &str = "room/";
     /// `handles/<handle>`: which blocks hold a handle's addresses.
     pub const HANDLES: &str = "handles/";
+    /// `endpoints/<node>/<handle>`: what a node's agent wired for one attachment.
+    pub const ENDPOINTS: &str = "endpoints/";
     /// `namespaces/<name>`: standalone namespaces.
     pub const NAMESPACES: &str = "namespaces/";
 
@@ -355,6 +357,16 @@ pub mod keys {
     /// The key of a handle.
     pub fn handle(handle: &str) -> String {
         format!("{HANDLES}{handle}")
+    }
+
+    /// The prefix of a node's endpoints.
+    pub fn node_endpoints(node: &str) -> String {
+        format!("{ENDPOINTS}{node}/")
+    }
+
+    /// The key of one endpoint.
+    pub fn endpoint(node: &str, handle: &str) -> String {
+        format!("{ENDPOINTS}{node}/{handle}")
     }
 
     /// The key of a standalone namespace.

@@ -1,0 +1,322 @@
+//! The node agent: serves the CNI plugin on a Unix socket, allocates through the datastore, programs the
+//! node's routes, and keeps them reconciled with the store across restarts.
+
+pub mod metrics;
+pub mod server;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use poolwarden_cni::{
+    protocol::{AddRequest, AssignedIp, DelRequest, ErrorReply, GcRequest, Request, Response},
+    spec::code,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::{
+    allocator::{AllocError, AssignRequest, Allocator},
+    catalog::{Catalog, decode, encode},
+    dataplane::routes::{OwnedRoute, RouteError, Routes},
+    ipam::{self, NamespaceInfo, NodeInfo, PodInfo, Requested, SelectionError, selection::ChoiceSource},
+    store::{Store, StoreError, Txn, keys},
+};
+
+/// What the agent remembers of each attachment it wired: enough to put its route back after a restart,
+/// undo it on DEL, and collect it when its container is gone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// The host side of the veth (empty in IPAM-only mode).
+    pub host_ifname: String,
+    /// `CNI_NETNS`.
+    pub netns: String,
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub pod: String,
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
+}
+
+/// The agent's state, shared by every request.
+pub struct Agent {
+    node: NodeInfo,
+    store: Arc<dyn Store>,
+    allocator: Allocator,
+    routes: Routes,
+    /// Counters and histograms served on the metrics port.
+    pub metrics: metrics::Metrics,
+}
+
+fn reply(code: u32, msg: impl Into<String>, details: impl Into<String>) -> ErrorReply {
+    ErrorReply { code, msg: msg.into(), details: details.into() }
+}
+
+fn store_reply(err: StoreError) -> ErrorReply {
+    reply(code::IO_FAILURE, "the datastore failed", err.to_string())
+}
+
+fn route_reply(err: RouteError) -> ErrorReply {
+    reply(code::IO_FAILURE, "programming the node's routes failed", err.to_string())
+}
+
+fn alloc_reply(err: AllocError) -> ErrorReply {
+    let message = err.to_string();
+    match err {
+        AllocError::Selection(
+            SelectionError::UnknownPool { named_by: ChoiceSource::Request, .. }
+            | SelectionError::WrongFamily { named_by: ChoiceSource::Request, .. },
+        ) => reply(code::INVALID_CONFIG, message, "fix `pools` in the network configuration"),
+        AllocError::Selection(_) => reply(code::IPAM_REFUSED, message, "pool selection refused the request"),
+        AllocError::Exhausted { .. } | AllocError::AddressUnavailable { .. } | AllocError::Reassigned { .. } => {
+            reply(code::IPAM_REFUSED, message, "no address could be allocated")
+        }
+        AllocError::Contention { .. } => reply(code::TRY_AGAIN_LATER, message, "retry the request"),
+        AllocError::Store(e) => store_reply(e),
+    }
+}
+
+impl Agent {
+    /// An agent for `node` on `store`, programming routes in this process's network namespace.
+    pub fn new(node: NodeInfo, store: Arc<dyn Store>) -> Result<Self, RouteError> {
+        Ok(Self {
+            allocator: Allocator::new(Arc::clone(&store)),
+            routes: Routes::connect()?,
+            metrics: metrics::Metrics::default(),
+            node,
+            store,
+        })
+    }
+
+    /// The node this agent serves.
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// The datastore.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Answer one request.
+    pub async fn handle(&self, request: Request) -> Response {
+        let started = Instant::now();
+        let (command, response) = match request {
+            Request::Add(add) => {
+                let span = info_span!("add", container = %add.container_id, ifname = %add.ifname, namespace = %add.namespace, pod = %add.pod);
+                ("add", self.add(add).instrument(span).await.map(|ips| Response::Added { ips }))
+            }
+            Request::Del(del) => {
+                let span = info_span!("del", container = %del.container_id, ifname = %del.ifname);
+                ("del", self.del(del).instrument(span).await.map(|released| Response::Deleted { released }))
+            }
+            Request::Status => ("status", self.status().await.map(|()| Response::Ready)),
+            Request::Gc(gc) => ("gc", self.gc(gc).instrument(info_span!("gc")).await.map(|released| Response::Collected { released })),
+        };
+        let outcome = if response.is_ok() { "ok" } else { "error" };
+        self.metrics.observe(command, outcome, started.elapsed());
+        response.unwrap_or_else(Response::Error)
+    }
+
+    async fn namespace_info(&self, name: &str) -> Result<NamespaceInfo, ErrorReply> {
+        let catalog = Catalog::new(Arc::clone(&self.store));
+        Ok(match catalog.namespace(name).await.map_err(store_reply)? {
+            Some((ns, _)) => NamespaceInfo { name: name.to_string(), labels: ns.metadata.labels, annotations: ns.metadata.annotations },
+            None => NamespaceInfo {
+                name: name.to_string(),
+                labels: [("kubernetes.io/metadata.name".to_string(), name.to_string())].into(),
+                annotations: BTreeMap::new(),
+            },
+        })
+    }
+
+    async fn add(&self, request: AddRequest) -> Result<Vec<AssignedIp>, ErrorReply> {
+        let namespace = if request.namespace.is_empty() { "default".to_string() } else { request.namespace.clone() };
+        let handle = ipam::handle_for(&request.container_id, &request.ifname);
+        let pools = Catalog::new(Arc::clone(&self.store)).pools().await.map_err(store_reply)?;
+        let (ipv6_pools, ipv4_pools) = request.pools.iter().cloned().partition(|wanted| {
+            pools.iter().any(|(p, _)| (p.name() == wanted || p.cidr().to_string() == *wanted) && p.is_ipv6())
+        });
+        let assign = AssignRequest {
+            handle: handle.clone(),
+            node: self.node.clone(),
+            namespace: self.namespace_info(&namespace).await?,
+            pod: (!request.pod.is_empty()).then(|| PodInfo { name: request.pod.clone(), annotations: BTreeMap::new() }),
+            requested: Requested { ipv4_pools, ipv6_pools, ips: request.ips.clone() },
+        };
+        let assigned = self.allocator.assign(&assign).await.map_err(alloc_reply)?;
+        let endpoint = Endpoint {
+            container_id: request.container_id.clone(),
+            ifname: request.ifname.clone(),
+            host_ifname: request.host_ifname.clone(),
+            netns: request.netns.clone(),
+            namespace,
+            pod: request.pod.clone(),
+            ips: assigned.iter().map(|a| a.ip).collect(),
+        };
+        if let Err(err) = self.wire(&endpoint, &assigned.iter().map(|a| a.block).collect::<Vec<_>>()).await {
+            let _ = self.allocator.release_handle(&handle).await;
+            return Err(err);
+        }
+        for a in &assigned {
+            info!(address = %a.ip, pool = %a.pool, block = %a.block, "assigned");
+        }
+        Ok(assigned
+            .into_iter()
+            .map(|a| AssignedIp { address: IpNet::from(a.ip), pool: a.pool })
+            .collect())
+    }
+
+    /// Record the endpoint and route its addresses to its host veth; make sure its blocks' blackholes exist.
+    async fn wire(&self, endpoint: &Endpoint, blocks: &[IpNet]) -> Result<(), ErrorReply> {
+        let key = keys::endpoint(&self.node.name, &ipam::handle_for(&endpoint.container_id, &endpoint.ifname));
+        let existing = self.store.get(&key).await.map_err(store_reply)?.map(|kv| kv.mod_revision);
+        let written = self.store.txn(Txn::new().write(&key, existing, encode(endpoint))).await.map_err(store_reply)?;
+        if !written.is_committed() {
+            return Err(reply(code::TRY_AGAIN_LATER, "a concurrent request for the same attachment is in progress", key));
+        }
+        if endpoint.host_ifname.is_empty() {
+            return Ok(());
+        }
+        let ifindex = self
+            .routes
+            .ifindex(&endpoint.host_ifname)
+            .await
+            .map_err(route_reply)?
+            .ok_or_else(|| reply(code::INTERFACE_SETUP, format!("host interface {} does not exist", endpoint.host_ifname), "the plugin creates it before asking"))?;
+        for block in blocks {
+            // Only blocks this node owns get a blackhole; a borrowed address's block belongs to another node.
+            if self.store.get(&keys::affinity(&self.node.name, *block)).await.map_err(store_reply)?.is_some() {
+                self.routes.install(&OwnedRoute::Blackhole(*block)).await.map_err(route_reply)?;
+            }
+        }
+        for ip in &endpoint.ips {
+            self.routes.install(&OwnedRoute::Endpoint(*ip, ifindex)).await.map_err(route_reply)?;
+        }
+        Ok(())
+    }
+
+    async fn del(&self, request: DelRequest) -> Result<Vec<IpAddr>, ErrorReply> {
+        let handle = ipam::handle_for(&request.container_id, &request.ifname);
+        let released = self.allocator.release_handle(&handle).await.map_err(alloc_reply)?;
+        let key = keys::endpoint(&self.node.name, &handle);
+        if let Some(kv) = self.store.get(&key).await.map_err(store_reply)? {
+            let endpoint: Endpoint = decode(&key, &kv.value).map_err(store_reply)?;
+            if let Some(ifindex) = self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)? {
+                for ip in &endpoint.ips {
+                    self.routes.remove(&OwnedRoute::Endpoint(*ip, ifindex)).await.map_err(route_reply)?;
+                }
+            }
+            let _ = self.store.txn(Txn::new().delete(&key, kv.mod_revision)).await.map_err(store_reply)?;
+        }
+        for ip in &released {
+            info!(address = %ip, "released");
+        }
+        // A block emptied by this DEL goes back now if the grace period allows it (it is 0 in some setups);
+        // otherwise the periodic maintenance gives it back later.
+        for block in self.allocator.release_empty_blocks(&self.node.name).await.map_err(alloc_reply)? {
+            self.routes.remove(&OwnedRoute::Blackhole(block)).await.map_err(route_reply)?;
+            info!(%block, "released empty block");
+        }
+        Ok(released)
+    }
+
+    async fn status(&self) -> Result<(), ErrorReply> {
+        let snapshot = self.allocator.snapshot().await.map_err(alloc_reply)?;
+        let usable: Vec<_> = snapshot
+            .pools
+            .iter()
+            .filter(|p| !p.spec.disabled && p.spec.node_selector.matches(&self.node.labels))
+            .collect();
+        if usable.is_empty() {
+            return Err(reply(code::LIMITED_CONNECTIVITY_NO_ADDRESSES, format!("no pool may be used on node {}", self.node.name), "apply an IPPool whose nodeSelector matches this node"));
+        }
+        let free: u128 = usable
+            .iter()
+            .map(|p| {
+                let used: u128 = snapshot.blocks.iter().filter(|b| p.cidr().contains(&b.cidr)).map(|b| u128::from(b.used())).sum();
+                p.size().saturating_sub(used)
+            })
+            .sum();
+        if free == 0 {
+            let names: Vec<&str> = usable.iter().map(|p| p.name()).collect();
+            return Err(reply(code::LIMITED_CONNECTIVITY_NO_ADDRESSES, format!("the pools node {} may use are exhausted: {}", self.node.name, names.join(", ")), "free addresses or add a pool"));
+        }
+        Ok(())
+    }
+
+    /// Every endpoint recorded for this node.
+    pub async fn endpoints(&self) -> Result<Vec<Endpoint>, StoreError> {
+        let (kvs, _) = self.store.list(&keys::node_endpoints(&self.node.name)).await?;
+        kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+    }
+
+    async fn gc(&self, request: GcRequest) -> Result<Vec<IpAddr>, ErrorReply> {
+        let valid: BTreeSet<(String, String)> =
+            request.valid_attachments.into_iter().map(|a| (a.container_id, a.ifname)).collect();
+        let mut released = Vec::new();
+        for endpoint in self.endpoints().await.map_err(store_reply)? {
+            if valid.contains(&(endpoint.container_id.clone(), endpoint.ifname.clone())) {
+                continue;
+            }
+            warn!(container = %endpoint.container_id, ifname = %endpoint.ifname, "releasing an attachment the runtime no longer has");
+            released.extend(self.del(DelRequest { container_id: endpoint.container_id, ifname: endpoint.ifname }).await?);
+        }
+        Ok(released)
+    }
+
+    /// Make the node's routes match the store: a blackhole per block affine to this node, a route per local
+    /// endpoint, nothing else with our protocol. Endpoints whose host interface is gone are reported.
+    pub async fn reconcile(&self) -> Result<(usize, usize), ErrorReply> {
+        let mut desired = BTreeSet::new();
+        let (affinities, _) = self.store.list(&keys::node_affinities(&self.node.name)).await.map_err(store_reply)?;
+        for kv in &affinities {
+            let affinity: ipam::Affinity = decode(&kv.key, &kv.value).map_err(store_reply)?;
+            desired.insert(OwnedRoute::Blackhole(affinity.cidr));
+        }
+        for endpoint in self.endpoints().await.map_err(store_reply)? {
+            if endpoint.host_ifname.is_empty() {
+                continue;
+            }
+            match self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)? {
+                Some(ifindex) => desired.extend(endpoint.ips.iter().map(|ip| OwnedRoute::Endpoint(*ip, ifindex))),
+                None => warn!(
+                    container = %endpoint.container_id, ifname = %endpoint.ifname, host_ifname = %endpoint.host_ifname,
+                    addresses = ?endpoint.ips,
+                    "endpoint's interface is gone: its container no longer exists; a CNI GC or DEL releases it"
+                ),
+            }
+        }
+        let (added, removed) = self.routes.reconcile(&desired).await.map_err(route_reply)?;
+        self.metrics.set_blocks_owned(affinities.len());
+        Ok((added, removed))
+    }
+
+    /// Give back empty blocks past their grace period, then reconcile (their blackholes go with them).
+    pub async fn maintain(&self) -> Result<(), ErrorReply> {
+        let released = self.allocator.release_empty_blocks(&self.node.name).await.map_err(alloc_reply)?;
+        for block in &released {
+            info!(%block, "released empty block");
+        }
+        self.reconcile().await.map(|_| ())
+    }
+
+    /// Refresh the per-pool gauges from the store.
+    pub async fn refresh_pool_metrics(&self) {
+        if let Ok(snapshot) = self.allocator.snapshot().await {
+            self.metrics.set_pools(&snapshot);
+        }
+    }
+}
+
+/// How often the agent gives back empty blocks and re-checks its routes even without a change in the store.
+pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(30);

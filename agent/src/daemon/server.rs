@@ -1,0 +1,160 @@
+//! The agent's process: the Unix socket the plugin talks to, the metrics port, the datastore watch that
+//! keeps routes following claims and releases, and a clean stop on SIGTERM.
+
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use poolwarden_cni::protocol::{self, ErrorReply, Request, Response};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{error, info, warn};
+
+use super::{Agent, MAINTENANCE_INTERVAL};
+use crate::store::keys;
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket or metrics port could not be set up.
+    #[error("{what} {path}: {source}")]
+    Listen {
+        /// `socket` or `metrics address`.
+        what: &'static str,
+        /// Where.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another agent answers on the socket.
+    #[error("another agent is already serving {0}; stop it first")]
+    AlreadyRunning(String),
+}
+
+/// Bind the socket, removing a stale one left by an agent that died; refuse if a live agent answers.
+async fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
+    let shown = path.display().to_string();
+    let listen_err = |source| ServeError::Listen { what: "socket", path: shown.clone(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(listen_err)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(ServeError::AlreadyRunning(shown));
+        }
+        std::fs::remove_file(path).map_err(listen_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    Ok(listener)
+}
+
+async fn serve_connection(agent: Arc<Agent>, mut stream: UnixStream) {
+    let mut body = Vec::new();
+    let read = (&mut stream).take(protocol::MAX_MESSAGE as u64 + 1).read_to_end(&mut body).await;
+    let response = match read {
+        Err(e) => Response::Error(ErrorReply { code: 5, msg: "reading the request failed".into(), details: e.to_string() }),
+        Ok(_) if body.len() > protocol::MAX_MESSAGE => {
+            Response::Error(ErrorReply { code: 6, msg: "request too large".into(), details: format!("more than {} bytes", protocol::MAX_MESSAGE) })
+        }
+        Ok(_) => match serde_json::from_slice::<Request>(&body) {
+            Ok(request) => agent.handle(request).await,
+            Err(e) => Response::Error(ErrorReply { code: 6, msg: "the request could not be decoded".into(), details: e.to_string() }),
+        },
+    };
+    let encoded = serde_json::to_vec(&response).unwrap_or_default();
+    if let Err(e) = stream.write_all(&encoded).await {
+        warn!(error = %e, "could not answer the plugin (it gave up?)");
+    }
+}
+
+async fn serve_metrics(agent: Arc<Agent>, listener: TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let agent = Arc::clone(&agent);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body, content_type) = match path {
+                "/metrics" => {
+                    agent.refresh_pool_metrics().await;
+                    ("200 OK", agent.metrics.render(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                }
+                "/healthz" => ("200 OK", "ok\n".to_string(), "text/plain"),
+                _ => ("404 Not Found", "try /metrics or /healthz\n".to_string(), "text/plain"),
+            };
+            let head = format!("HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+/// Run the agent until SIGTERM or SIGINT: reconcile, then serve.
+pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Result<(), ServeError> {
+    match agent.reconcile().await {
+        Ok((added, removed)) => info!(added, removed, "routes reconciled with the datastore"),
+        Err(e) => error!(error = %e.msg, details = %e.details, "initial route reconcile failed; retrying in the background"),
+    }
+    let listener = bind_socket(&socket).await?;
+    let metrics_listener = TcpListener::bind(metrics)
+        .await
+        .map_err(|source| ServeError::Listen { what: "metrics address", path: metrics.to_string(), source })?;
+    info!(node = %agent.node().name, socket = %socket.display(), metrics = %metrics, "agent ready");
+
+    tokio::spawn(serve_metrics(Arc::clone(&agent), metrics_listener));
+    // Blocks claimed or given back (by this agent or by an operator's `ipam release`) move the blackholes.
+    let watcher = Arc::clone(&agent);
+    tokio::spawn(async move {
+        let prefix = keys::node_affinities(&watcher.node().name);
+        loop {
+            let from = watcher.store().revision().await.unwrap_or(0) + 1;
+            let Ok(mut watch) = watcher.store().watch(&prefix, from).await else {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            };
+            while let Some(event) = watch.next().await {
+                if event.is_err() {
+                    break;
+                }
+                if let Err(e) = watcher.reconcile().await {
+                    warn!(error = %e.msg, "route reconcile after a block change failed");
+                }
+            }
+        }
+    });
+    let maintainer = Arc::clone(&agent);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+        loop {
+            tick.tick().await;
+            if let Err(e) = maintainer.maintain().await {
+                warn!(error = %e.msg, details = %e.details, "maintenance failed");
+            }
+        }
+    });
+
+    let mut terminate = signal(SignalKind::terminate()).map_err(|source| ServeError::Listen { what: "signal handler", path: "SIGTERM".into(), source })?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|source| ServeError::Listen { what: "signal handler", path: "SIGINT".into(), source })?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => { tokio::spawn(serve_connection(Arc::clone(&agent), stream)); }
+                Err(e) => warn!(error = %e, "accept failed"),
+            },
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    info!("stopping: routes and endpoints stay in place for the next start");
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

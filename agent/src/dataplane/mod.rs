@@ -1,0 +1,3 @@
+//! What touches the kernel: routes now; eBPF enforcement and NAT join here.
+
+pub mod routes;

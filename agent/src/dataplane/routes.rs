@@ -1,0 +1,174 @@
+//! The node's routes, over rtnetlink: a blackhole route for every block affine to this node and a /32 (or
+//! /128) route per local pod to its host veth. Every route carries [`ROUTE_PROTOCOL`], which is how the agent
+//! finds exactly its own routes after a restart and never touches anyone else's.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use ipnet::IpNet;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+/// The route protocol number on every route poolwarden writes (`ip route show proto 97`).
+pub const ROUTE_PROTOCOL: u8 = 97;
+
+/// How many route requests are in flight on the netlink socket at once when programming many.
+const IN_FLIGHT: usize = 64;
+
+/// A route the agent owns.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum OwnedRoute {
+    /// Traffic to unused addresses of a block owned here dies here instead of looping.
+    Blackhole(IpNet),
+    /// A local pod's address, to its host veth (by interface index).
+    Endpoint(IpAddr, u32),
+}
+
+impl OwnedRoute {
+    fn destination(&self) -> IpNet {
+        match self {
+            OwnedRoute::Blackhole(net) => *net,
+            OwnedRoute::Endpoint(ip, _) => IpNet::from(*ip),
+        }
+    }
+}
+
+/// Errors from route programming.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// A netlink request failed.
+    #[error("{operation}: {message}")]
+    Netlink {
+        /// What was being done, naming the route or interface.
+        operation: String,
+        /// The kernel's answer.
+        message: String,
+    },
+}
+
+fn netlink(operation: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RouteError {
+    let operation = operation.into();
+    move |e| RouteError::Netlink { operation, message: e.to_string() }
+}
+
+fn is_missing(err: &rtnetlink::Error) -> bool {
+    matches!(err, rtnetlink::Error::NetlinkError(msg) if matches!(msg.raw_code(), -2 | -3 | -19))
+}
+
+/// What the agent needs of the kernel's routing: its own routes, by protocol.
+#[derive(Clone)]
+pub struct Routes {
+    handle: Handle,
+}
+
+impl Routes {
+    /// Open a netlink connection in this process's network namespace.
+    pub fn connect() -> Result<Self, RouteError> {
+        let (connection, handle, _) = rtnetlink::new_connection()
+            .map_err(|e| RouteError::Netlink { operation: "open netlink".into(), message: e.to_string() })?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// The interface index of a link, by name.
+    pub async fn ifindex(&self, name: &str) -> Result<Option<u32>, RouteError> {
+        match self.handle.link().get().match_name(name.to_string()).execute().try_next().await {
+            Ok(link) => Ok(link.map(|l| l.header.index)),
+            Err(e) if is_missing(&e) => Ok(None),
+            Err(e) => Err(netlink(format!("look up link {name}"))(e)),
+        }
+    }
+
+    fn message(route: &OwnedRoute) -> Result<RouteMessage, RouteError> {
+        let destination = route.destination();
+        let builder = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(destination.network(), destination.prefix_len())
+            .map_err(|e| RouteError::Netlink { operation: format!("build route {route:?}"), message: e.to_string() })?
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+        Ok(match route {
+            OwnedRoute::Blackhole(_) => builder.kind(RouteType::BlackHole),
+            OwnedRoute::Endpoint(_, ifindex) => builder.output_interface(*ifindex),
+        }
+        .build())
+    }
+
+    /// Add or replace one route.
+    pub async fn install(&self, route: &OwnedRoute) -> Result<(), RouteError> {
+        self.handle
+            .route()
+            .add(Self::message(route)?)
+            .replace()
+            .execute()
+            .await
+            .map_err(netlink(format!("add route {route:?}")))
+    }
+
+    /// Remove one route; a route already gone is not an error.
+    pub async fn remove(&self, route: &OwnedRoute) -> Result<(), RouteError> {
+        match self.handle.route().del(Self::message(route)?).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(netlink(format!("delete route {route:?}"))(e)),
+        }
+    }
+
+    /// Every route in the main table carrying our protocol.
+    pub async fn owned(&self) -> Result<BTreeSet<OwnedRoute>, RouteError> {
+        let mut found = BTreeSet::new();
+        for query in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()] {
+            let mut routes = self.handle.route().get(query).execute();
+            while let Some(route) = routes.try_next().await.map_err(netlink("list routes"))? {
+                if route.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
+                    continue;
+                }
+                let mut destination = None;
+                let mut oif = None;
+                for attribute in &route.attributes {
+                    match attribute {
+                        RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = Some(IpAddr::V4(*a)),
+                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => destination = Some(IpAddr::V6(*a)),
+                        RouteAttribute::Oif(index) => oif = Some(*index),
+                        _ => {}
+                    }
+                }
+                let Some(destination) = destination else { continue };
+                let Ok(net) = IpNet::new(destination, route.header.destination_prefix_length) else { continue };
+                if route.header.kind == RouteType::BlackHole {
+                    found.insert(OwnedRoute::Blackhole(net));
+                } else if let Some(oif) = oif {
+                    found.insert(OwnedRoute::Endpoint(destination, oif));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Make the kernel's routes with our protocol exactly `desired`: add what is missing, remove what is
+    /// extra, with many requests in flight on one netlink socket. Returns (added, removed).
+    pub async fn reconcile(&self, desired: &BTreeSet<OwnedRoute>) -> Result<(usize, usize), RouteError> {
+        let current = self.owned().await?;
+        // An endpoint whose interface changed is replaced, not added next to its old route.
+        let current_by_destination: BTreeMap<IpNet, &OwnedRoute> = current.iter().map(|r| (r.destination(), r)).collect();
+        let desired_destinations: BTreeSet<IpNet> = desired.iter().map(OwnedRoute::destination).collect();
+        let to_add: Vec<&OwnedRoute> = desired.iter().filter(|r| current_by_destination.get(&r.destination()) != Some(r)).collect();
+        let to_remove: Vec<&OwnedRoute> = current.iter().filter(|r| !desired_destinations.contains(&r.destination())).collect();
+        let added = to_add.len();
+        let removed = to_remove.len();
+        let removals = to_remove.into_iter().cloned().map(|route| {
+            let routes = self.clone();
+            async move { routes.remove(&route).await }
+        });
+        let results: Vec<Result<(), RouteError>> = stream::iter(removals).buffer_unordered(IN_FLIGHT).collect().await;
+        results.into_iter().collect::<Result<(), _>>()?;
+        let additions = to_add.into_iter().cloned().map(|route| {
+            let routes = self.clone();
+            async move { routes.install(&route).await }
+        });
+        let results: Vec<Result<(), RouteError>> = stream::iter(additions).buffer_unordered(IN_FLIGHT).collect().await;
+        results.into_iter().collect::<Result<(), _>>()?;
+        Ok((added, removed))
+    }
+}
