@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
-    allocator::{AllocError, AssignRequest, Allocator},
+    allocator::{AllocError, Allocator, AssignRequest},
     catalog::{Catalog, decode, encode},
     dataplane::routes::{OwnedRoute, RouteError, Routes},
     ipam::{self, NamespaceInfo, NodeInfo, PodInfo, Requested, SelectionError, selection::ChoiceSource},
@@ -53,6 +53,9 @@ pub struct Agent {
     store: Arc<dyn Store>,
     allocator: Allocator,
     routes: Routes,
+    /// Requests wiring or unwiring endpoints share this; a reconcile takes it alone, so it never sees an
+    /// endpoint's route without the endpoint record it is computed from (and removes it as a stray).
+    wiring: tokio::sync::RwLock<()>,
     /// Counters and histograms served on the metrics port.
     pub metrics: metrics::Metrics,
 }
@@ -91,6 +94,7 @@ impl Agent {
         Ok(Self {
             allocator: Allocator::new(Arc::clone(&store)),
             routes: Routes::connect()?,
+            wiring: tokio::sync::RwLock::new(()),
             metrics: metrics::Metrics::default(),
             node,
             store,
@@ -120,7 +124,9 @@ impl Agent {
                 ("del", self.del(del).instrument(span).await.map(|released| Response::Deleted { released }))
             }
             Request::Status => ("status", self.status().await.map(|()| Response::Ready)),
-            Request::Gc(gc) => ("gc", self.gc(gc).instrument(info_span!("gc")).await.map(|released| Response::Collected { released })),
+            Request::Gc(gc) => {
+                ("gc", self.gc(gc).instrument(info_span!("gc")).await.map(|released| Response::Collected { released }))
+            }
         };
         let outcome = if response.is_ok() { "ok" } else { "error" };
         self.metrics.observe(command, outcome, started.elapsed());
@@ -130,7 +136,11 @@ impl Agent {
     async fn namespace_info(&self, name: &str) -> Result<NamespaceInfo, ErrorReply> {
         let catalog = Catalog::new(Arc::clone(&self.store));
         Ok(match catalog.namespace(name).await.map_err(store_reply)? {
-            Some((ns, _)) => NamespaceInfo { name: name.to_string(), labels: ns.metadata.labels, annotations: ns.metadata.annotations },
+            Some((ns, _)) => NamespaceInfo {
+                name: name.to_string(),
+                labels: ns.metadata.labels,
+                annotations: ns.metadata.annotations,
+            },
             None => NamespaceInfo {
                 name: name.to_string(),
                 labels: [("kubernetes.io/metadata.name".to_string(), name.to_string())].into(),
@@ -170,29 +180,32 @@ impl Agent {
         for a in &assigned {
             info!(address = %a.ip, pool = %a.pool, block = %a.block, "assigned");
         }
-        Ok(assigned
-            .into_iter()
-            .map(|a| AssignedIp { address: IpNet::from(a.ip), pool: a.pool })
-            .collect())
+        Ok(assigned.into_iter().map(|a| AssignedIp { address: IpNet::from(a.ip), pool: a.pool }).collect())
     }
 
     /// Record the endpoint and route its addresses to its host veth; make sure its blocks' blackholes exist.
     async fn wire(&self, endpoint: &Endpoint, blocks: &[IpNet]) -> Result<(), ErrorReply> {
+        let _wiring = self.wiring.read().await;
         let key = keys::endpoint(&self.node.name, &ipam::handle_for(&endpoint.container_id, &endpoint.ifname));
         let existing = self.store.get(&key).await.map_err(store_reply)?.map(|kv| kv.mod_revision);
         let written = self.store.txn(Txn::new().write(&key, existing, encode(endpoint))).await.map_err(store_reply)?;
         if !written.is_committed() {
-            return Err(reply(code::TRY_AGAIN_LATER, "a concurrent request for the same attachment is in progress", key));
+            return Err(reply(
+                code::TRY_AGAIN_LATER,
+                "a concurrent request for the same attachment is in progress",
+                key,
+            ));
         }
         if endpoint.host_ifname.is_empty() {
             return Ok(());
         }
-        let ifindex = self
-            .routes
-            .ifindex(&endpoint.host_ifname)
-            .await
-            .map_err(route_reply)?
-            .ok_or_else(|| reply(code::INTERFACE_SETUP, format!("host interface {} does not exist", endpoint.host_ifname), "the plugin creates it before asking"))?;
+        let ifindex = self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)?.ok_or_else(|| {
+            reply(
+                code::INTERFACE_SETUP,
+                format!("host interface {} does not exist", endpoint.host_ifname),
+                "the plugin creates it before asking",
+            )
+        })?;
         for block in blocks {
             // Only blocks this node owns get a blackhole; a borrowed address's block belongs to another node.
             if self.store.get(&keys::affinity(&self.node.name, *block)).await.map_err(store_reply)?.is_some() {
@@ -207,6 +220,7 @@ impl Agent {
 
     async fn del(&self, request: DelRequest) -> Result<Vec<IpAddr>, ErrorReply> {
         let handle = ipam::handle_for(&request.container_id, &request.ifname);
+        let _wiring = self.wiring.read().await;
         let released = self.allocator.release_handle(&handle).await.map_err(alloc_reply)?;
         let key = keys::endpoint(&self.node.name, &handle);
         if let Some(kv) = self.store.get(&key).await.map_err(store_reply)? {
@@ -238,18 +252,27 @@ impl Agent {
             .filter(|p| !p.spec.disabled && p.spec.node_selector.matches(&self.node.labels))
             .collect();
         if usable.is_empty() {
-            return Err(reply(code::LIMITED_CONNECTIVITY_NO_ADDRESSES, format!("no pool may be used on node {}", self.node.name), "apply an IPPool whose nodeSelector matches this node"));
+            return Err(reply(
+                code::LIMITED_CONNECTIVITY_NO_ADDRESSES,
+                format!("no pool may be used on node {}", self.node.name),
+                "apply an IPPool whose nodeSelector matches this node",
+            ));
         }
         let free: u128 = usable
             .iter()
             .map(|p| {
-                let used: u128 = snapshot.blocks.iter().filter(|b| p.cidr().contains(&b.cidr)).map(|b| u128::from(b.used())).sum();
+                let used: u128 =
+                    snapshot.blocks.iter().filter(|b| p.cidr().contains(&b.cidr)).map(|b| u128::from(b.used())).sum();
                 p.size().saturating_sub(used)
             })
             .sum();
         if free == 0 {
             let names: Vec<&str> = usable.iter().map(|p| p.name()).collect();
-            return Err(reply(code::LIMITED_CONNECTIVITY_NO_ADDRESSES, format!("the pools node {} may use are exhausted: {}", self.node.name, names.join(", ")), "free addresses or add a pool"));
+            return Err(reply(
+                code::LIMITED_CONNECTIVITY_NO_ADDRESSES,
+                format!("the pools node {} may use are exhausted: {}", self.node.name, names.join(", ")),
+                "free addresses or add a pool",
+            ));
         }
         Ok(())
     }
@@ -269,7 +292,8 @@ impl Agent {
                 continue;
             }
             warn!(container = %endpoint.container_id, ifname = %endpoint.ifname, "releasing an attachment the runtime no longer has");
-            released.extend(self.del(DelRequest { container_id: endpoint.container_id, ifname: endpoint.ifname }).await?);
+            released
+                .extend(self.del(DelRequest { container_id: endpoint.container_id, ifname: endpoint.ifname }).await?);
         }
         Ok(released)
     }
@@ -277,6 +301,7 @@ impl Agent {
     /// Make the node's routes match the store: a blackhole per block affine to this node, a route per local
     /// endpoint, nothing else with our protocol. Endpoints whose host interface is gone are reported.
     pub async fn reconcile(&self) -> Result<(usize, usize), ErrorReply> {
+        let _alone = self.wiring.write().await;
         let mut desired = BTreeSet::new();
         let (affinities, _) = self.store.list(&keys::node_affinities(&self.node.name)).await.map_err(store_reply)?;
         for kv in &affinities {

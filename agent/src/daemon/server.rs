@@ -59,13 +59,21 @@ async fn serve_connection(agent: Arc<Agent>, mut stream: UnixStream) {
     let mut body = Vec::new();
     let read = (&mut stream).take(protocol::MAX_MESSAGE as u64 + 1).read_to_end(&mut body).await;
     let response = match read {
-        Err(e) => Response::Error(ErrorReply { code: 5, msg: "reading the request failed".into(), details: e.to_string() }),
-        Ok(_) if body.len() > protocol::MAX_MESSAGE => {
-            Response::Error(ErrorReply { code: 6, msg: "request too large".into(), details: format!("more than {} bytes", protocol::MAX_MESSAGE) })
+        Err(e) => {
+            Response::Error(ErrorReply { code: 5, msg: "reading the request failed".into(), details: e.to_string() })
         }
+        Ok(_) if body.len() > protocol::MAX_MESSAGE => Response::Error(ErrorReply {
+            code: 6,
+            msg: "request too large".into(),
+            details: format!("more than {} bytes", protocol::MAX_MESSAGE),
+        }),
         Ok(_) => match serde_json::from_slice::<Request>(&body) {
             Ok(request) => agent.handle(request).await,
-            Err(e) => Response::Error(ErrorReply { code: 6, msg: "the request could not be decoded".into(), details: e.to_string() }),
+            Err(e) => Response::Error(ErrorReply {
+                code: 6,
+                msg: "the request could not be decoded".into(),
+                details: e.to_string(),
+            }),
         },
     };
     let encoded = serde_json::to_vec(&response).unwrap_or_default();
@@ -91,7 +99,10 @@ async fn serve_metrics(agent: Arc<Agent>, listener: TcpListener) {
                 "/healthz" => ("200 OK", "ok\n".to_string(), "text/plain"),
                 _ => ("404 Not Found", "try /metrics or /healthz\n".to_string(), "text/plain"),
             };
-            let head = format!("HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
             let _ = stream.write_all(head.as_bytes()).await;
             let _ = stream.write_all(body.as_bytes()).await;
         });
@@ -102,12 +113,16 @@ async fn serve_metrics(agent: Arc<Agent>, listener: TcpListener) {
 pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Result<(), ServeError> {
     match agent.reconcile().await {
         Ok((added, removed)) => info!(added, removed, "routes reconciled with the datastore"),
-        Err(e) => error!(error = %e.msg, details = %e.details, "initial route reconcile failed; retrying in the background"),
+        Err(e) => {
+            error!(error = %e.msg, details = %e.details, "initial route reconcile failed; retrying in the background")
+        }
     }
     let listener = bind_socket(&socket).await?;
-    let metrics_listener = TcpListener::bind(metrics)
-        .await
-        .map_err(|source| ServeError::Listen { what: "metrics address", path: metrics.to_string(), source })?;
+    let metrics_listener = TcpListener::bind(metrics).await.map_err(|source| ServeError::Listen {
+        what: "metrics address",
+        path: metrics.to_string(),
+        source,
+    })?;
     info!(node = %agent.node().name, socket = %socket.display(), metrics = %metrics, "agent ready");
 
     tokio::spawn(serve_metrics(Arc::clone(&agent), metrics_listener));
@@ -142,8 +157,16 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
         }
     });
 
-    let mut terminate = signal(SignalKind::terminate()).map_err(|source| ServeError::Listen { what: "signal handler", path: "SIGTERM".into(), source })?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|source| ServeError::Listen { what: "signal handler", path: "SIGINT".into(), source })?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|source| ServeError::Listen {
+        what: "signal handler",
+        path: "SIGTERM".into(),
+        source,
+    })?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|source| ServeError::Listen {
+        what: "signal handler",
+        path: "SIGINT".into(),
+        source,
+    })?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -151,10 +151,13 @@ impl Routes {
     pub async fn reconcile(&self, desired: &BTreeSet<OwnedRoute>) -> Result<(usize, usize), RouteError> {
         let current = self.owned().await?;
         // An endpoint whose interface changed is replaced, not added next to its old route.
-        let current_by_destination: BTreeMap<IpNet, &OwnedRoute> = current.iter().map(|r| (r.destination(), r)).collect();
+        let current_by_destination: BTreeMap<IpNet, &OwnedRoute> =
+            current.iter().map(|r| (r.destination(), r)).collect();
         let desired_destinations: BTreeSet<IpNet> = desired.iter().map(OwnedRoute::destination).collect();
-        let to_add: Vec<&OwnedRoute> = desired.iter().filter(|r| current_by_destination.get(&r.destination()) != Some(r)).collect();
-        let to_remove: Vec<&OwnedRoute> = current.iter().filter(|r| !desired_destinations.contains(&r.destination())).collect();
+        let to_add: Vec<&OwnedRoute> =
+            desired.iter().filter(|r| current_by_destination.get(&r.destination()) != Some(r)).collect();
+        let to_remove: Vec<&OwnedRoute> =
+            current.iter().filter(|r| !desired_destinations.contains(&r.destination())).collect();
         let added = to_add.len();
         let removed = to_remove.len();
         let removals = to_remove.into_iter().cloned().map(|route| {

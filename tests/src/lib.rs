@@ -1,0 +1,274 @@
+//! Harness for the privileged tests: network namespaces and agent processes that remove themselves when
+//! dropped (also when a test panics), and the plugin invoked exactly as kubelet invokes it.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+/// Whether privileged tests can run here. When they cannot, the caller prints why and returns, unless
+/// `POOLWARDEN_REQUIRE_PRIVILEGED` is set (CI sets it), in which case this panics.
+pub fn privileged() -> bool {
+    let root = nix_is_root();
+    let has_ip = Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success());
+    if root && has_ip {
+        return true;
+    }
+    let why = if root { "the ip command (iproute2) is missing" } else { "not running as root" };
+    assert!(std::env::var_os("POOLWARDEN_REQUIRE_PRIVILEGED").is_none(), "privileged tests required but {why}");
+    eprintln!("SKIPPED: {why}; privileged tests need root and iproute2 (cargo xtask test runs them)");
+    false
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// A workspace binary built next to this test (`cargo xtask test` builds them first).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --workspace --bins` first (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A name unique to this process and call, short enough for an interface or namespace.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::SeqCst))
+}
+
+/// Run a command, panicking with its output if it fails.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace created for the test and deleted on drop.
+pub struct NetNs {
+    /// Its name under /var/run/netns.
+    pub name: String,
+}
+
+impl NetNs {
+    /// Create a namespace with loopback up.
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        sh("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The path runtimes pass as `CNI_NETNS`.
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// Run a command inside, panicking on failure; returns stdout.
+    pub fn exec(&self, command: &[&str]) -> String {
+        let mut args = vec!["netns", "exec", self.name.as_str()];
+        args.extend_from_slice(command);
+        sh("ip", &args)
+    }
+
+    /// Run a command inside; returns whether it succeeded.
+    pub fn try_exec(&self, command: &[&str]) -> bool {
+        let mut args = vec!["netns", "exec", self.name.as_str()];
+        args.extend_from_slice(command);
+        Command::new("ip").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    }
+
+    /// Whether one ping to `address` is answered.
+    pub fn pings(&self, address: &str) -> bool {
+        self.try_exec(&["ping", "-c", "1", "-W", "2", address])
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
+    }
+}
+
+/// A node: a namespace with an address on loopback, forwarding on, a datastore and (when started) an agent.
+pub struct Node {
+    /// The node's namespace.
+    pub ns: NetNs,
+    /// The node's address (on its loopback).
+    pub address: String,
+    /// Holds the datastore and socket.
+    pub dir: tempfile::TempDir,
+    /// The node's name.
+    pub name: String,
+    agent: Option<Child>,
+}
+
+impl Node {
+    /// A new node namespace; `address` goes on its loopback.
+    pub fn new(address: &str) -> Self {
+        let ns = NetNs::new("pwn");
+        ns.exec(&["ip", "addr", "add", &format!("{address}/32"), "dev", "lo"]);
+        ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self { ns, address: address.to_string(), dir, name: "node-0".to_string(), agent: None }
+    }
+
+    /// `--datastore` for this node.
+    pub fn datastore(&self) -> String {
+        format!("embedded:{}", self.dir.path().join("store.redb").display())
+    }
+
+    /// The agent's socket.
+    pub fn socket(&self) -> String {
+        self.dir.path().join("agent.sock").display().to_string()
+    }
+
+    /// Run the CLI against this node's datastore (only while the agent is stopped: the file is exclusive).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary("poolwarden"))
+            .args(args)
+            .env("POOLWARDEN_DATASTORE", self.datastore())
+            .output()
+            .expect("run poolwarden")
+    }
+
+    /// Run the CLI, panicking if it fails.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "poolwarden {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Apply YAML text.
+    pub fn apply(&self, yaml: &str) {
+        let file = self.dir.path().join(unique("apply-") + ".yaml");
+        std::fs::write(&file, yaml).expect("write yaml");
+        self.cli_ok(&["apply", "-f", &file.display().to_string()]);
+    }
+
+    /// Start the agent inside the node's namespace and wait until it answers.
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = std::fs::File::create(self.dir.path().join("agent.log")).expect("agent log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(binary("poolwarden"))
+            .args(["agent", "--node", &self.name, "--socket", &self.socket(), "--metrics-addr", "127.0.0.1:9641"])
+            .env("POOLWARDEN_DATASTORE", self.datastore())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start agent");
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(Instant::now() < deadline, "agent did not come up:\n{}", self.agent_log());
+            if let Some(child) = self.agent.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("agent exited with {status}:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL the agent (by its PID) and wait for it.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM the agent and wait for it to exit.
+    pub fn stop_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+
+    /// The node's routes.
+    pub fn routes(&self) -> String {
+        self.ns.exec(&["ip", "route", "show"]) + &self.ns.exec(&["ip", "-6", "route", "show"])
+    }
+
+    /// Invoke the plugin in the node's namespace exactly as kubelet does: environment and stdin.
+    pub fn cni(&self, command: &str, container: &str, pod_netns: &str, args: &str, conf: &Value) -> (bool, Value) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(binary("poolwarden-cni"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", pod_netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .env("CNI_ARGS", args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes())?;
+                child.wait_with_output()
+            })
+            .expect("run poolwarden-cni");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("plugin printed non-JSON ({e}): {text}"))
+        };
+        (out.status.success(), value)
+    }
+
+    /// A network configuration for this node's agent.
+    pub fn conf(&self, extra: Value) -> Value {
+        let mut conf =
+            json!({ "cniVersion": "1.0.0", "name": "poolwarden", "type": "poolwarden-cni", "socket": self.socket() });
+        if let (Some(map), Some(extra)) = (conf.as_object_mut(), extra.as_object()) {
+            map.extend(extra.clone());
+        }
+        conf
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill_agent();
+    }
+}
+
+/// The CNI_ARGS kubelet passes for a pod.
+pub fn k8s_args(namespace: &str, pod: &str) -> String {
+    format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={pod}")
+}

@@ -1,0 +1,265 @@
+//! One node, for real: the agent in a node namespace on the embedded store, pods as namespaces wired by
+//! `poolwarden-cni` invoked as kubelet invokes it.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use poolwarden_tests::{NetNs, Node, k8s_args, privileged};
+use serde_json::{Value, json};
+
+const SEED_POOLS: &str = include_str!("../../examples/seed-pools.yaml");
+const NO_GRACE: &str =
+    "apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {emptyBlockGraceSeconds: 0}\n";
+
+fn address_of(result: &Value) -> String {
+    let cidr = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {result}"));
+    cidr.split('/').next().unwrap_or_default().to_string()
+}
+
+fn our_routes(node: &Node) -> String {
+    node.ns.exec(&["ip", "route", "show", "proto", "97"])
+}
+
+fn host_links(node: &Node) -> Vec<String> {
+    node.ns
+        .exec(&["ip", "-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .filter(|n| n.starts_with("pw"))
+        .map(String::from)
+        .collect()
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn seed_example_three_pods_per_namespace() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.0.1");
+    node.apply(SEED_POOLS);
+    node.apply(NO_GRACE);
+    node.cli_ok(&["annotate", "namespace", "external-ns", "poolwarden.io/ipv4pools=[\"external-pool\"]"]);
+    node.cli_ok(&["annotate", "namespace", "internal-ns", "cni.projectcalico.org/ipv4pools=[\"internal-pool\"]"]);
+    node.start_agent();
+
+    let mut pods = Vec::new();
+    for namespace in ["external-ns", "internal-ns"] {
+        for i in 1..=3 {
+            let pod_ns = NetNs::new("pwp");
+            let container = format!("{namespace}-nginx-{i}");
+            let (ok, result) = node.cni(
+                "ADD",
+                &container,
+                &pod_ns.path(),
+                &k8s_args(namespace, &format!("nginx-{i}")),
+                &node.conf(json!({})),
+            );
+            assert!(ok, "ADD {container}: {result}\n{}", node.agent_log());
+            let ip = address_of(&result);
+            let prefix = if namespace == "external-ns" { "172.16.0." } else { "192.168.0." };
+            assert!(ip.starts_with(prefix), "{container} got {ip}, not from its namespace's pool");
+            assert_eq!(result["interfaces"][1]["sandbox"], pod_ns.path());
+            assert_eq!(result["ips"][0]["interface"], 1);
+            assert!(pod_ns.exec(&["ip", "-4", "addr", "show", "eth0"]).contains(&format!("{ip}/32")));
+            assert!(pod_ns.pings(&node.address), "{container} ({ip}) cannot reach the node");
+            pods.push((container, pod_ns, ip));
+        }
+    }
+    let routes = our_routes(&node);
+    assert!(routes.contains("blackhole 172.16.0.0/29"), "{routes}");
+    assert!(routes.contains("blackhole 192.168.0.0/29"), "{routes}");
+    for (container, _, ip) in &pods {
+        assert!(routes.contains(&format!("{ip} dev pw")), "no route for {container} ({ip}):\n{routes}");
+    }
+    assert!(pods[0].1.pings(&pods[5].2), "pods on one node reach each other through the node");
+
+    for (container, pod_ns, _) in &pods {
+        let (ok, out) = node.cni("DEL", container, &pod_ns.path(), &k8s_args("x", "y"), &node.conf(json!({})));
+        assert!(ok, "DEL {container}: {out}");
+    }
+    // DEL is idempotent, also once the netns is gone.
+    let (first, pod_ns, _) = pods.remove(0);
+    let (ok, out) = node.cni("DEL", &first, &pod_ns.path(), "", &node.conf(json!({})));
+    assert!(ok, "repeated DEL: {out}");
+    drop(pod_ns);
+    let (ok, out) = node.cni("DEL", &first, "/var/run/netns/does-not-exist", "", &node.conf(json!({})));
+    assert!(ok, "DEL after the netns is gone: {out}");
+
+    assert_eq!(our_routes(&node), "", "DEL of every pod leaves none of our routes");
+    assert!(host_links(&node).is_empty(), "veths left: {:?}", host_links(&node));
+    node.stop_agent();
+    let handles = node.cli_ok(&["get", "handles", "-o", "json"]);
+    assert_eq!(serde_json::from_str::<Value>(&handles).unwrap(), json!([]), "allocations left");
+    assert!(node.cli_ok(&["ipam", "check"]).starts_with("ipam check: clean"));
+}
+
+#[test]
+fn restart_after_kill_reconciles_routes_and_keeps_addresses() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.0.2");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.60.0.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let mut pods = Vec::new();
+    for i in 0..3 {
+        let pod_ns = NetNs::new("pwp");
+        let container = format!("restart-{i}");
+        let (ok, result) =
+            node.cni("ADD", &container, &pod_ns.path(), &k8s_args("default", &container), &node.conf(json!({})));
+        assert!(ok, "{result}");
+        pods.push((container, pod_ns, address_of(&result)));
+    }
+    // Damage: one pod's route gone, a stray route of ours, and someone else's route that must survive.
+    node.ns.exec(&["ip", "route", "del", &pods[1].2]);
+    node.ns.exec(&["ip", "route", "add", "blackhole", "10.77.0.0/24", "proto", "97"]);
+    node.ns.exec(&["ip", "route", "add", "blackhole", "10.78.0.0/24", "proto", "static"]);
+
+    node.kill_agent();
+    for (container, pod_ns, ip) in &pods[..1] {
+        assert!(pod_ns.pings(&node.address), "{container} ({ip}) keeps working while the agent is down");
+    }
+    node.start_agent();
+    wait_for("routes reconciled", || our_routes(&node).contains(&format!("{} dev pw", pods[1].2)));
+    let routes = our_routes(&node);
+    assert!(!routes.contains("10.77.0.0/24"), "a stray route of ours is removed:\n{routes}");
+    assert!(node.routes().contains("blackhole 10.78.0.0/24 proto static"), "someone else's route is never touched");
+    for (container, pod_ns, ip) in &pods {
+        assert!(pod_ns.pings(&node.address), "{container} ({ip}) works after the restart");
+        let (ok, again) =
+            node.cni("ADD", container, &pod_ns.path(), &k8s_args("default", container), &node.conf(json!({})));
+        assert!(ok, "{again}");
+        assert_eq!(&address_of(&again), ip, "a repeated ADD after the restart keeps the address");
+    }
+    for (container, pod_ns, _) in &pods {
+        assert!(node.cni("DEL", container, &pod_ns.path(), "", &node.conf(json!({}))).0);
+    }
+    node.stop_agent();
+    assert!(node.cli_ok(&["ipam", "check"]).starts_with("ipam check: clean"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&node.cli_ok(&["get", "handles", "-o", "json"])).unwrap(),
+        json!([]),
+        "nothing leaked"
+    );
+}
+
+#[test]
+fn fifty_concurrent_adds_are_distinct_and_wired() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.0.3");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.61.0.0/24, blockSize: 27}\n",
+    );
+    node.start_agent();
+    let pods: Vec<NetNs> = (0..50).map(|_| NetNs::new("pwp")).collect();
+    let results: Vec<(bool, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, pod_ns)| {
+                let node = &node;
+                scope.spawn(move || {
+                    node.cni(
+                        "ADD",
+                        &format!("burst-{i}"),
+                        &pod_ns.path(),
+                        &k8s_args("default", &format!("p{i}")),
+                        &node.conf(json!({})),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("ADD thread")).collect()
+    });
+    let mut addresses = BTreeSet::new();
+    for (i, (ok, result)) in results.iter().enumerate() {
+        assert!(ok, "ADD {i}: {result}\n{}", node.agent_log());
+        assert!(addresses.insert(address_of(result)), "{} given twice", address_of(result));
+    }
+    assert_eq!(addresses.len(), 50);
+    for (i, pod_ns) in pods.iter().enumerate() {
+        assert!(pod_ns.pings(&node.address), "pod {i} is not wired");
+    }
+    let blocks = our_routes(&node).lines().filter(|l| l.starts_with("blackhole")).count();
+    assert_eq!(blocks, 2, "50 pods fill two /27 blocks, not one block each:\n{}", our_routes(&node));
+    std::thread::scope(|scope| {
+        for (i, pod_ns) in pods.iter().enumerate() {
+            let node = &node;
+            scope.spawn(move || {
+                assert!(node.cni("DEL", &format!("burst-{i}"), &pod_ns.path(), "", &node.conf(json!({}))).0)
+            });
+        }
+    });
+    assert!(host_links(&node).is_empty());
+    node.stop_agent();
+    assert_eq!(serde_json::from_str::<Value>(&node.cli_ok(&["get", "handles", "-o", "json"])).unwrap(), json!([]));
+}
+
+#[test]
+fn plugin_errors_carry_codes_and_leave_nothing_behind() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.0.4");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: bound}\nspec: {cidr: 10.62.0.0/24, blockSize: 28, allowedNamespaces: [team-a]}\n",
+    );
+    node.start_agent();
+    let pod_ns = NetNs::new("pwp");
+    let cases = [
+        (
+            "unknown pool",
+            node.conf(json!({"pools": ["nope"]})),
+            k8s_args("team-a", "p"),
+            7,
+            "pool \"nope\" named by the network configuration does not exist",
+        ),
+        (
+            "refused pool",
+            node.conf(json!({"pools": ["bound"]})),
+            k8s_args("team-b", "p"),
+            100,
+            "refuses namespace \"team-b\"",
+        ),
+        (
+            "no pool admits the namespace",
+            node.conf(json!({})),
+            k8s_args("team-b", "p"),
+            100,
+            "no pool admits namespace \"team-b\"",
+        ),
+        (
+            "agent down",
+            node.conf(json!({"socket": "/nonexistent/agent.sock"})),
+            k8s_args("team-a", "p"),
+            11,
+            "not reachable",
+        ),
+        ("netns does not exist", node.conf(json!({})), k8s_args("team-a", "p"), 4, "cannot be opened"),
+    ];
+    for (what, conf, args, code, fragment) in cases {
+        let netns = if what == "netns does not exist" { "/var/run/netns/nope".to_string() } else { pod_ns.path() };
+        let (ok, out) = node.cni("ADD", "errors", &netns, &args, &conf);
+        assert!(!ok, "{what}: should fail");
+        assert_eq!(out["code"], code, "{what}: {out}");
+        assert!(out["msg"].as_str().unwrap_or_default().contains(fragment), "{what}: {out}");
+        assert!(host_links(&node).is_empty(), "{what}: veth left behind");
+        assert_eq!(pod_ns.exec(&["ip", "-o", "link", "show"]).lines().count(), 1, "{what}: interface left in the pod");
+    }
+    node.stop_agent();
+    assert_eq!(serde_json::from_str::<Value>(&node.cli_ok(&["get", "handles", "-o", "json"])).unwrap(), json!([]));
+    assert!(node.cli_ok(&["get", "blocks", "-o", "json"]).trim() == "[]", "a refused ADD claims no block");
+}
