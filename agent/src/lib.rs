@@ -7,6 +7,7 @@
 pub mod allocator;
 pub mod catalog;
 pub mod cli;
+pub mod commands;
 pub mod daemon;
 pub mod dataplane;
 pub mod ipam;

@@ -1,211 +1,22 @@
-//! The `poolwarden` command: define pools, inspect and repair IPAM, manage standalone namespaces.
+//! The `poolwarden` command: define pools, inspect and repair IPAM, manage standalone namespaces, and run
+//! the node agent. While an agent holds the embedded datastore, commands are forwarded to it over its socket.
 
-use std::{collections::BTreeMap, net::IpAddr, process::ExitCode, sync::Arc};
+use std::{process::ExitCode, sync::Arc};
 
-use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::{Result, bail};
+use clap::Parser;
 use poolwarden::{
-    allocator::{Allocator, AssignRequest},
-    catalog::Catalog,
-    cli::{self, Format},
-    ipam::{self, NamespaceInfo, NodeInfo, PodInfo, Requested, check},
-    resources,
-    store::{self, Store},
+    commands::{self, Cli, Command, LogFormat},
+    ipam::NodeInfo,
+    store::{self, StoreError},
 };
-
-#[derive(Parser)]
-#[command(name = "poolwarden", version, about = "Per-namespace IP address management with kernel enforcement")]
-struct Cli {
-    /// Where IPAM state lives: embedded:PATH (a single local file).
-    #[arg(long, global = true, env = "POOLWARDEN_DATASTORE", default_value = store::DEFAULT_DATASTORE)]
-    datastore: String,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the node agent: serve the CNI plugin, allocate, and program this node's routes.
-    Agent {
-        /// This node's name.
-        #[arg(long, env = "NODENAME")]
-        node: Option<String>,
-        /// The socket the plugin talks to.
-        #[arg(long, default_value = poolwarden_cni::protocol::DEFAULT_SOCKET)]
-        socket: std::path::PathBuf,
-        /// Node labels, k=v,... (for pools' nodeSelector).
-        #[arg(long, value_delimiter = ',')]
-        node_labels: Vec<String>,
-        /// Where Prometheus scrapes /metrics.
-        #[arg(long, default_value = "127.0.0.1:9641")]
-        metrics_addr: std::net::SocketAddr,
-        /// Log format.
-        #[arg(long, value_enum, default_value = "text")]
-        log_format: LogFormat,
-    },
-    /// Create or update IPPool, IPAMConfig and Namespace documents (all or nothing).
-    Apply {
-        /// A file, a directory of .yaml/.yml/.json files, or - for standard input; may be repeated.
-        #[arg(short = 'f', long = "filename", required = true)]
-        files: Vec<String>,
-    },
-    /// List pools, blocks, affinities, handles, namespaces or the IPAM config.
-    Get {
-        /// What to list.
-        what: Kind,
-        /// Only this one (pools and namespaces).
-        name: Option<String>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: Format,
-    },
-    /// Delete a pool.
-    Delete {
-        /// Only `pool` can be deleted.
-        what: DeleteKind,
-        /// The pool's name.
-        name: String,
-        /// Delete even though addresses are allocated from it; they stay allocated until released.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Set (key=value) or remove (key-) annotations of a standalone namespace.
-    Annotate {
-        /// Only `namespace`.
-        what: NamespaceKind,
-        /// The namespace.
-        name: String,
-        /// key=value or key-.
-        #[arg(required = true)]
-        changes: Vec<String>,
-    },
-    /// Set (key=value) or remove (key-) labels of a standalone namespace.
-    Label {
-        /// Only `namespace`.
-        what: NamespaceKind,
-        /// The namespace.
-        name: String,
-        /// key=value or key-.
-        #[arg(required = true)]
-        changes: Vec<String>,
-    },
-    /// Inspect and repair address management.
-    Ipam {
-        #[command(subcommand)]
-        command: IpamCommand,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Kind {
-    #[value(alias = "pool", alias = "ippools", alias = "ippool")]
-    Pools,
-    #[value(alias = "block")]
-    Blocks,
-    #[value(alias = "affinity")]
-    Affinities,
-    #[value(alias = "handle")]
-    Handles,
-    #[value(alias = "namespace", alias = "ns")]
-    Namespaces,
-    #[value(alias = "ipamconfiguration", alias = "config")]
-    Ipamconfig,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DeleteKind {
-    #[value(alias = "ippool")]
-    Pool,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum NamespaceKind {
-    #[value(alias = "ns")]
-    Namespace,
-}
-
-#[derive(Subcommand)]
-enum IpamCommand {
-    /// Per pool: blocks claimed, addresses used and free.
-    Show {
-        /// Per block instead: node and use.
-        #[arg(long)]
-        blocks: bool,
-    },
-    /// Check consistency across all pools, blocks, affinities and handles; exits 1 on any problem.
-    Check,
-    /// Release one address or every address of a handle.
-    Release {
-        /// The address.
-        #[arg(long, conflicts_with = "handle", required_unless_present = "handle")]
-        ip: Option<IpAddr>,
-        /// The handle (`<container-id>.<ifname>`).
-        #[arg(long)]
-        handle: Option<String>,
-    },
-    /// Assign addresses as a pod ADD would, without wiring anything (standalone mode, scripts, dry runs).
-    Assign {
-        /// The pod's namespace (its standalone annotations and labels apply).
-        #[arg(long)]
-        namespace: String,
-        /// The pod's name.
-        #[arg(long)]
-        pod: Option<String>,
-        /// Pod annotations, key=value (for example poolwarden.io/ipv4pools='["p"]').
-        #[arg(long = "pod-annotation")]
-        pod_annotations: Vec<String>,
-        /// The handle; defaults to <namespace>.<pod>.
-        #[arg(long)]
-        handle: Option<String>,
-        /// The node; defaults to NODENAME or the host name.
-        #[arg(long, env = "NODENAME")]
-        node: Option<String>,
-        /// Node labels, k=v,... (for nodeSelector).
-        #[arg(long, value_delimiter = ',')]
-        node_labels: Vec<String>,
-        /// Request these pools (as the network configuration would).
-        #[arg(long)]
-        pool: Vec<String>,
-        /// Request this address.
-        #[arg(long)]
-        ip: Vec<IpAddr>,
-    },
-    /// Give back this node's blocks that have been empty for the grace period.
-    ReleaseEmptyBlocks {
-        /// The node.
-        #[arg(long, env = "NODENAME")]
-        node: Option<String>,
-    },
-}
-
-fn parse_pairs(pairs: &[String], what: &str) -> Result<BTreeMap<String, String>> {
-    pairs
-        .iter()
-        .map(|p| {
-            p.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .with_context(|| format!("{what} {p:?}: expected key=value"))
-        })
-        .collect()
-}
-
-fn node_name(node: Option<String>) -> String {
-    node.filter(|n| !n.is_empty()).unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
-    })
-}
+use poolwarden_cni::protocol::{CliRequest, Request, Response};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
-        Ok(code) => code,
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
@@ -213,173 +24,73 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
-    let store: Arc<dyn Store> = store::open(&cli.datastore)?;
-    let catalog = Catalog::new(Arc::clone(&store));
-    let allocator = Allocator::new(Arc::clone(&store));
-    match cli.command {
-        Command::Agent { node, socket, node_labels, metrics_addr, log_format } => {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-            let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-            match log_format {
-                LogFormat::Json => builder.json().init(),
-                LogFormat::Text => builder.init(),
-            }
-            let node = NodeInfo { name: node_name(node), labels: parse_pairs(&node_labels, "node label")? };
-            if node.name.is_empty() {
-                bail!("no node name: give --node or set NODENAME");
-            }
-            let agent = Arc::new(poolwarden::daemon::Agent::new(node, Arc::clone(&store))?);
-            poolwarden::daemon::server::run(agent, socket, metrics_addr).await?;
+/// The arguments as given, with `-f` paths made absolute so the agent reads the same files.
+fn forwarded_args() -> Vec<String> {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let absolute = |p: &str| if p == "-" { p.to_string() } else { cwd.join(p).display().to_string() };
+    let mut out = Vec::new();
+    let mut next_is_file = false;
+    for arg in std::env::args().skip(1) {
+        if next_is_file {
+            out.push(absolute(&arg));
+            next_is_file = false;
+        } else if arg == "-f" || arg == "--filename" {
+            out.push(arg);
+            next_is_file = true;
+        } else if let Some(path) = arg.strip_prefix("--filename=") {
+            out.push(format!("--filename={}", absolute(path)));
+        } else {
+            out.push(arg);
         }
-        Command::Apply { files } => {
-            let docs = resources::read_paths(&files)?;
-            if docs.is_empty() {
-                bail!("no documents found in {}", files.join(", "));
-            }
-            for applied in catalog.apply(&docs).await? {
-                println!("{} {}", applied.object, applied.action);
-            }
-        }
-        Command::Get { what, name, output } => {
-            let text = match what {
-                Kind::Pools => {
-                    let mut pools: Vec<_> = catalog.pools().await?.into_iter().map(|(p, _)| p).collect();
-                    if let Some(name) = &name {
-                        pools.retain(|p| p.name() == name);
-                        if pools.is_empty() {
-                            bail!("IPPool {name:?} does not exist");
-                        }
-                    }
-                    cli::pools(&pools, output)
-                }
-                Kind::Blocks => cli::blocks(&allocator.snapshot().await?.blocks, output),
-                Kind::Affinities => cli::affinities(&allocator.snapshot().await?, output),
-                Kind::Handles => cli::handles(&allocator.snapshot().await?, output),
-                Kind::Namespaces => {
-                    let mut namespaces = catalog.namespaces().await?;
-                    if let Some(name) = &name {
-                        namespaces.retain(|n| n.name() == name);
-                        if namespaces.is_empty() {
-                            bail!("Namespace {name:?} does not exist");
-                        }
-                    }
-                    cli::namespaces(&namespaces, output)
-                }
-                Kind::Ipamconfig => cli::config(&catalog.config().await?.0, output),
-            };
-            print!("{text}");
-        }
-        Command::Delete { what: DeleteKind::Pool, name, force } => {
-            let left = catalog.delete_pool(&name, force).await?;
-            println!("ippool/{name} deleted");
-            if !left.is_empty() {
-                let addresses: u32 = left.iter().map(ipam::Block::used).sum();
-                println!(
-                    "left behind: {addresses} allocated address(es) in {} block(s) ({}); they stay allocated until \
-                     their pods are deleted or `poolwarden ipam release` frees them",
-                    left.len(),
-                    left.iter().map(|b| b.cidr.to_string()).collect::<Vec<_>>().join(", ")
-                );
-            }
-        }
-        Command::Annotate { what: NamespaceKind::Namespace, name, changes } => {
-            catalog.edit_namespace(&name, &changes, true).await?;
-            println!("namespace/{name} annotated");
-        }
-        Command::Label { what: NamespaceKind::Namespace, name, changes } => {
-            catalog.edit_namespace(&name, &changes, false).await?;
-            println!("namespace/{name} labeled");
-        }
-        Command::Ipam { command } => return ipam_command(command, &catalog, &allocator).await,
     }
-    Ok(ExitCode::SUCCESS)
+    out
 }
 
-async fn ipam_command(command: IpamCommand, catalog: &Catalog, allocator: &Allocator) -> Result<ExitCode> {
-    match command {
-        IpamCommand::Show { blocks } => {
-            let snapshot = allocator.snapshot().await?;
-            print!("{}", if blocks { cli::ipam_show_blocks(&snapshot) } else { cli::ipam_show(&snapshot) });
+fn reads_stdin(cli: &Cli) -> bool {
+    matches!(&cli.command, Command::Apply { files } if files.iter().any(|f| f == "-"))
+}
+
+async fn run(cli: Cli) -> Result<u8> {
+    if let Command::Agent { node, socket, node_labels, metrics_addr, log_format } = &cli.command {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        match log_format {
+            LogFormat::Json => builder.json().init(),
+            LogFormat::Text => builder.init(),
         }
-        IpamCommand::Check => {
-            let snapshot = allocator.snapshot().await?;
-            let problems = check::check(&snapshot);
-            for problem in &problems {
-                println!("{problem}");
-            }
-            let counts = format!(
-                "{} pool(s), {} block(s), {} affinit(ies), {} handle(s)",
-                snapshot.pools.len(),
-                snapshot.blocks.len(),
-                snapshot.affinities.len(),
-                snapshot.handles.len()
-            );
-            if !problems.is_empty() {
-                println!("ipam check: {} problem(s) in {counts}", problems.len());
-                return Ok(ExitCode::FAILURE);
-            }
-            println!("ipam check: clean ({counts})");
+        let labels = commands::parse_pairs(node_labels, "node label").map_err(|e| anyhow::anyhow!(e))?;
+        let node = NodeInfo { name: commands::node_name(node.clone()), labels };
+        if node.name.is_empty() {
+            bail!("no node name: give --node or set NODENAME");
         }
-        IpamCommand::Release { ip: Some(ip), .. } => match allocator.release_ip(ip, None).await? {
-            Some(a) => println!("released {ip} (handle {})", a.handle),
-            None => println!("{ip} was not allocated"),
-        },
-        IpamCommand::Release { handle: Some(handle), .. } => {
-            let ips = allocator.release_handle(&handle).await?;
-            if ips.is_empty() {
-                println!("handle {handle} held no address");
-            }
-            for ip in ips {
-                println!("released {ip} (handle {handle})");
-            }
-        }
-        IpamCommand::Release { .. } => bail!("give --ip or --handle"),
-        IpamCommand::Assign { namespace, pod, pod_annotations, handle, node, node_labels, pool, ip } => {
-            let ns = match catalog.namespace(&namespace).await? {
-                Some((ns, _)) => NamespaceInfo {
-                    name: namespace.clone(),
-                    labels: ns.metadata.labels,
-                    annotations: ns.metadata.annotations,
-                },
-                None => NamespaceInfo {
-                    name: namespace.clone(),
-                    labels: [("kubernetes.io/metadata.name".to_string(), namespace.clone())].into(),
-                    annotations: BTreeMap::new(),
-                },
-            };
-            let pools = catalog.pools().await?;
-            let (ipv6_pools, ipv4_pools): (Vec<String>, Vec<String>) = pool.into_iter().partition(|name| {
-                pools.iter().any(|(p, _)| (p.name() == name || p.cidr().to_string() == *name) && p.is_ipv6())
-            });
-            let handle =
-                handle.unwrap_or_else(|| format!("{namespace}.{}", pod.clone().unwrap_or_else(|| "standalone".into())));
-            let request = AssignRequest {
-                handle: handle.clone(),
-                node: NodeInfo { name: node_name(node), labels: parse_pairs(&node_labels, "node label")? },
-                namespace: ns,
-                pod: pod.map(|name| PodInfo { name, annotations: BTreeMap::new() }),
-                requested: Requested { ipv4_pools, ipv6_pools, ips: ip },
-            };
-            let mut request = request;
-            if !pod_annotations.is_empty() {
-                let annotations = parse_pairs(&pod_annotations, "pod annotation")?;
-                let pod =
-                    request.pod.get_or_insert_with(|| PodInfo { name: "standalone".into(), ..Default::default() });
-                pod.annotations = annotations;
-            }
-            for a in allocator.assign(&request).await? {
-                println!("{}\t{}\t{}\t{}", a.ip, a.pool, a.block, handle);
-            }
-        }
-        IpamCommand::ReleaseEmptyBlocks { node } => {
-            let node = node_name(node);
-            let released = allocator.release_empty_blocks(&node).await?;
-            println!("released {} empty block(s) of node {node}", released.len());
-            for cidr in released {
-                println!("  {cidr}");
-            }
-        }
+        let store = store::open(&cli.datastore)?;
+        let agent = Arc::new(poolwarden::daemon::Agent::new(node, store)?);
+        poolwarden::daemon::server::run(agent, socket.clone(), *metrics_addr).await?;
+        return Ok(0);
     }
-    Ok(ExitCode::SUCCESS)
+    let stdin = if reads_stdin(&cli) { Some(std::io::read_to_string(std::io::stdin().lock())?) } else { None };
+    match store::open(&cli.datastore) {
+        Ok(store) => {
+            let mut out = String::new();
+            let result = commands::execute(cli, store, stdin, &mut out).await;
+            print!("{out}");
+            result.map_err(|e| anyhow::anyhow!(e))
+        }
+        Err(locked @ StoreError::Locked { .. }) => {
+            let request = Request::Cli(CliRequest { args: forwarded_args(), stdin });
+            let reply = poolwarden_cni::plugin::call_agent(&cli.agent_socket, &request).await.map_err(|e| {
+                anyhow::anyhow!("{locked}; and the agent's socket {} did not answer: {}", cli.agent_socket, e.details)
+            })?;
+            match reply {
+                Response::CliOutput { stdout, stderr, exit } => {
+                    print!("{stdout}");
+                    eprint!("{stderr}");
+                    Ok(exit)
+                }
+                Response::Error(e) => bail!("{}: {}", e.msg, e.details),
+                other => bail!("unexpected answer from the agent: {other:?}"),
+            }
+        }
+        Err(other) => Err(other.into()),
+    }
 }

@@ -25,6 +25,19 @@ pub enum Request {
     Status,
     /// Release every attachment on this node that is not in the list.
     Gc(GcRequest),
+    /// A `poolwarden` command, run by the agent because it holds the datastore.
+    Cli(CliRequest),
+}
+
+/// A command line forwarded by `poolwarden` to the agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CliRequest {
+    /// The arguments after the program name, with file paths made absolute.
+    pub args: Vec<String>,
+    /// Standard input, for `apply -f -`.
+    #[serde(default)]
+    pub stdin: Option<String>,
 }
 
 /// An ADD.
@@ -114,6 +127,15 @@ pub enum Response {
     Collected {
         /// The addresses released.
         released: Vec<IpAddr>,
+    },
+    /// What a forwarded command printed, and its exit code.
+    CliOutput {
+        /// Standard output.
+        stdout: String,
+        /// Standard error.
+        stderr: String,
+        /// Exit code.
+        exit: u8,
     },
     /// Something failed.
     Error(ErrorReply),

@@ -144,11 +144,12 @@ impl Node {
         self.dir.path().join("agent.sock").display().to_string()
     }
 
-    /// Run the CLI against this node's datastore (only while the agent is stopped: the file is exclusive).
+    /// Run the CLI against this node's datastore (through the agent's socket while the agent holds it).
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(binary("poolwarden"))
             .args(args)
             .env("POOLWARDEN_DATASTORE", self.datastore())
+            .env("POOLWARDEN_SOCKET", self.socket())
             .output()
             .expect("run poolwarden")
     }

@@ -74,6 +74,14 @@ fn seed_example_three_pods_per_namespace() {
             pods.push((container, pod_ns, ip));
         }
     }
+    // The CLI works while the agent holds the datastore: it forwards to the agent's socket.
+    let show = node.cli_ok(&["ipam", "show"]);
+    assert!(show.contains("external-pool   172.16.0.0/26    /29          1/8      3"), "{show}");
+    let refused = node.cli(&["apply", "-f", "/nonexistent.yaml"]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("/nonexistent.yaml"),
+        "errors come back through the agent"
+    );
     let routes = our_routes(&node);
     assert!(routes.contains("blackhole 172.16.0.0/29"), "{routes}");
     assert!(routes.contains("blackhole 192.168.0.0/29"), "{routes}");

@@ -127,10 +127,26 @@ impl Agent {
             Request::Gc(gc) => {
                 ("gc", self.gc(gc).instrument(info_span!("gc")).await.map(|released| Response::Collected { released }))
             }
+            Request::Cli(cli) => ("cli", Ok(self.command(cli).await)),
         };
         let outcome = if response.is_ok() { "ok" } else { "error" };
         self.metrics.observe(command, outcome, started.elapsed());
         response.unwrap_or_else(Response::Error)
+    }
+
+    /// Run a `poolwarden` command for a client that could not open the datastore because we hold it.
+    async fn command(&self, request: poolwarden_cni::protocol::CliRequest) -> Response {
+        use clap::Parser;
+        let args = std::iter::once("poolwarden".to_string()).chain(request.args);
+        let cli = match crate::commands::Cli::try_parse_from(args) {
+            Ok(cli) => cli,
+            Err(e) => return Response::CliOutput { stdout: String::new(), stderr: e.render().to_string(), exit: 2 },
+        };
+        let mut stdout = String::new();
+        match crate::commands::execute(cli, Arc::clone(&self.store), request.stdin, &mut stdout).await {
+            Ok(exit) => Response::CliOutput { stdout, stderr: String::new(), exit },
+            Err(e) => Response::CliOutput { stdout, stderr: format!("error: {e}\n"), exit: 1 },
+        }
     }
 
     async fn namespace_info(&self, name: &str) -> Result<NamespaceInfo, ErrorReply> {

@@ -378,13 +378,13 @@ pub struct Located {
 
 /// Read every document from the files and directories given (`-` is standard input), in order.
 /// A directory contributes its `.yaml`, `.yml` and `.json` files in name order.
-pub fn read_paths(paths: &[String]) -> Result<Vec<Located>, ResourceError> {
+/// `stdin` is the text `-` stands for (read by the caller).
+pub fn read_paths(paths: &[String], stdin: Option<&str>) -> Result<Vec<Located>, ResourceError> {
     let mut out = Vec::new();
     for path in paths {
         let read_err = |source| ResourceError::Read { path: path.clone(), source };
         if path == "-" {
-            let text = std::io::read_to_string(std::io::stdin()).map_err(read_err)?;
-            out.extend(parse_documents(path, &text)?);
+            out.extend(parse_documents("<stdin>", stdin.unwrap_or_default())?);
             continue;
         }
         let meta = std::fs::metadata(path).map_err(read_err)?;

@@ -1,0 +1,394 @@
+//! The `poolwarden` commands: their arguments (clap) and what they do, writing their output to a string so
+//! the same code serves the command line and, while an agent holds the datastore, the agent's socket.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, sync::Arc};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    allocator::{Allocator, AssignRequest},
+    catalog::Catalog,
+    cli::{self, Format},
+    ipam::{self, NamespaceInfo, NodeInfo, PodInfo, Requested, check},
+    resources,
+    store::{self, Store},
+};
+
+/// Any failure of a command, shown to the user as `error: ...`.
+pub type CommandError = Box<dyn std::error::Error + Send + Sync>;
+
+macro_rules! w {
+    ($out:expr, $($arg:tt)*) => {{
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+macro_rules! fail {
+    ($($arg:tt)*) => {
+        return Err(format!($($arg)*).into())
+    };
+}
+
+/// The command line.
+#[derive(Parser)]
+#[command(name = "poolwarden", version, about = "Per-namespace IP address management with kernel enforcement")]
+pub struct Cli {
+    /// Where IPAM state lives: embedded:PATH (a single local file).
+    #[arg(long, global = true, env = "POOLWARDEN_DATASTORE", default_value = store::DEFAULT_DATASTORE)]
+    pub datastore: String,
+    #[command(subcommand)]
+    pub command: Command,
+    /// The agent's socket, used when the datastore is held by a running agent.
+    #[arg(long = "agent-socket", global = true, env = "POOLWARDEN_SOCKET", default_value = poolwarden_cni::protocol::DEFAULT_SOCKET)]
+    pub agent_socket: String,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the node agent: serve the CNI plugin, allocate, and program this node's routes.
+    Agent {
+        /// This node's name.
+        #[arg(long, env = "NODENAME")]
+        node: Option<String>,
+        /// The socket the plugin talks to.
+        #[arg(long, default_value = poolwarden_cni::protocol::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// Node labels, k=v,... (for pools' nodeSelector).
+        #[arg(long, value_delimiter = ',')]
+        node_labels: Vec<String>,
+        /// Where Prometheus scrapes /metrics.
+        #[arg(long, default_value = "127.0.0.1:9641")]
+        metrics_addr: std::net::SocketAddr,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Create or update IPPool, IPAMConfig and Namespace documents (all or nothing).
+    Apply {
+        /// A file, a directory of .yaml/.yml/.json files, or - for standard input; may be repeated.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+    },
+    /// List pools, blocks, affinities, handles, namespaces or the IPAM config.
+    Get {
+        /// What to list.
+        what: Kind,
+        /// Only this one (pools and namespaces).
+        name: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Delete a pool.
+    Delete {
+        /// Only `pool` can be deleted.
+        what: DeleteKind,
+        /// The pool's name.
+        name: String,
+        /// Delete even though addresses are allocated from it; they stay allocated until released.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Set (key=value) or remove (key-) annotations of a standalone namespace.
+    Annotate {
+        /// Only `namespace`.
+        what: NamespaceKind,
+        /// The namespace.
+        name: String,
+        /// key=value or key-.
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// Set (key=value) or remove (key-) labels of a standalone namespace.
+    Label {
+        /// Only `namespace`.
+        what: NamespaceKind,
+        /// The namespace.
+        name: String,
+        /// key=value or key-.
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// Inspect and repair address management.
+    Ipam {
+        #[command(subcommand)]
+        command: IpamCommand,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Kind {
+    #[value(alias = "pool", alias = "ippools", alias = "ippool")]
+    Pools,
+    #[value(alias = "block")]
+    Blocks,
+    #[value(alias = "affinity")]
+    Affinities,
+    #[value(alias = "handle")]
+    Handles,
+    #[value(alias = "namespace", alias = "ns")]
+    Namespaces,
+    #[value(alias = "ipamconfiguration", alias = "config")]
+    Ipamconfig,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DeleteKind {
+    #[value(alias = "ippool")]
+    Pool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum NamespaceKind {
+    #[value(alias = "ns")]
+    Namespace,
+}
+
+#[derive(Subcommand)]
+pub enum IpamCommand {
+    /// Per pool: blocks claimed, addresses used and free.
+    Show {
+        /// Per block instead: node and use.
+        #[arg(long)]
+        blocks: bool,
+    },
+    /// Check consistency across all pools, blocks, affinities and handles; exits 1 on any problem.
+    Check,
+    /// Release one address or every address of a handle.
+    Release {
+        /// The address.
+        #[arg(long, conflicts_with = "handle", required_unless_present = "handle")]
+        ip: Option<IpAddr>,
+        /// The handle (`<container-id>.<ifname>`).
+        #[arg(long)]
+        handle: Option<String>,
+    },
+    /// Assign addresses as a pod ADD would, without wiring anything (standalone mode, scripts, dry runs).
+    Assign {
+        /// The pod's namespace (its standalone annotations and labels apply).
+        #[arg(long)]
+        namespace: String,
+        /// The pod's name.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Pod annotations, key=value (for example poolwarden.io/ipv4pools='["p"]').
+        #[arg(long = "pod-annotation")]
+        pod_annotations: Vec<String>,
+        /// The handle; defaults to <namespace>.<pod>.
+        #[arg(long)]
+        handle: Option<String>,
+        /// The node; defaults to NODENAME or the host name.
+        #[arg(long, env = "NODENAME")]
+        node: Option<String>,
+        /// Node labels, k=v,... (for nodeSelector).
+        #[arg(long, value_delimiter = ',')]
+        node_labels: Vec<String>,
+        /// Request these pools (as the network configuration would).
+        #[arg(long)]
+        pool: Vec<String>,
+        /// Request this address.
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+    },
+    /// Give back this node's blocks that have been empty for the grace period.
+    ReleaseEmptyBlocks {
+        /// The node.
+        #[arg(long, env = "NODENAME")]
+        node: Option<String>,
+    },
+}
+
+/// Parse `key=value` arguments.
+pub fn parse_pairs(pairs: &[String], what: &str) -> Result<BTreeMap<String, String>, CommandError> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("{what} {p:?}: expected key=value").into())
+        })
+        .collect()
+}
+
+/// The node name given, or the host name.
+pub fn node_name(node: Option<String>) -> String {
+    node.filter(|n| !n.is_empty()).unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+    })
+}
+
+/// Run one command on `store`, writing what it prints to `out`; returns the exit code.
+/// `stdin` is what `-f -` reads (the caller read it; the agent gets it over the socket).
+pub async fn execute(
+    cli: Cli,
+    store: Arc<dyn Store>,
+    stdin: Option<String>,
+    out: &mut String,
+) -> Result<u8, CommandError> {
+    let catalog = Catalog::new(Arc::clone(&store));
+    let allocator = Allocator::new(Arc::clone(&store));
+    match cli.command {
+        Command::Agent { .. } => fail!("`poolwarden agent` runs as its own process, not through the agent's socket"),
+        Command::Apply { files } => {
+            let docs = resources::read_paths(&files, stdin.as_deref())?;
+            if docs.is_empty() {
+                fail!("no documents found in {}", files.join(", "));
+            }
+            for applied in catalog.apply(&docs).await? {
+                w!(out, "{} {}", applied.object, applied.action);
+            }
+        }
+        Command::Get { what, name, output } => {
+            let text = match what {
+                Kind::Pools => {
+                    let mut pools: Vec<_> = catalog.pools().await?.into_iter().map(|(p, _)| p).collect();
+                    if let Some(name) = &name {
+                        pools.retain(|p| p.name() == name);
+                        if pools.is_empty() {
+                            fail!("IPPool {name:?} does not exist");
+                        }
+                    }
+                    cli::pools(&pools, output)
+                }
+                Kind::Blocks => cli::blocks(&allocator.snapshot().await?.blocks, output),
+                Kind::Affinities => cli::affinities(&allocator.snapshot().await?, output),
+                Kind::Handles => cli::handles(&allocator.snapshot().await?, output),
+                Kind::Namespaces => {
+                    let mut namespaces = catalog.namespaces().await?;
+                    if let Some(name) = &name {
+                        namespaces.retain(|n| n.name() == name);
+                        if namespaces.is_empty() {
+                            fail!("Namespace {name:?} does not exist");
+                        }
+                    }
+                    cli::namespaces(&namespaces, output)
+                }
+                Kind::Ipamconfig => cli::config(&catalog.config().await?.0, output),
+            };
+            out.push_str(&text);
+        }
+        Command::Delete { what: DeleteKind::Pool, name, force } => {
+            let left = catalog.delete_pool(&name, force).await?;
+            w!(out, "ippool/{name} deleted");
+            if !left.is_empty() {
+                let addresses: u32 = left.iter().map(ipam::Block::used).sum();
+                w!(
+                    out,
+                    "left behind: {addresses} allocated address(es) in {} block(s) ({}); they stay allocated until \
+                     their pods are deleted or `poolwarden ipam release` frees them",
+                    left.len(),
+                    left.iter().map(|b| b.cidr.to_string()).collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+        Command::Annotate { what: NamespaceKind::Namespace, name, changes } => {
+            catalog.edit_namespace(&name, &changes, true).await?;
+            w!(out, "namespace/{name} annotated");
+        }
+        Command::Label { what: NamespaceKind::Namespace, name, changes } => {
+            catalog.edit_namespace(&name, &changes, false).await?;
+            w!(out, "namespace/{name} labeled");
+        }
+        Command::Ipam { command } => return ipam_command(command, &catalog, &allocator, out).await,
+    }
+    Ok(0)
+}
+
+async fn ipam_command(
+    command: IpamCommand,
+    catalog: &Catalog,
+    allocator: &Allocator,
+    out: &mut String,
+) -> Result<u8, CommandError> {
+    match command {
+        IpamCommand::Show { blocks } => {
+            let snapshot = allocator.snapshot().await?;
+            out.push_str(&if blocks { cli::ipam_show_blocks(&snapshot) } else { cli::ipam_show(&snapshot) });
+        }
+        IpamCommand::Check => {
+            let snapshot = allocator.snapshot().await?;
+            let problems = check::check(&snapshot);
+            for problem in &problems {
+                w!(out, "{problem}");
+            }
+            let counts = format!(
+                "{} pool(s), {} block(s), {} affinit(ies), {} handle(s)",
+                snapshot.pools.len(),
+                snapshot.blocks.len(),
+                snapshot.affinities.len(),
+                snapshot.handles.len()
+            );
+            if !problems.is_empty() {
+                w!(out, "ipam check: {} problem(s) in {counts}", problems.len());
+                return Ok(1);
+            }
+            w!(out, "ipam check: clean ({counts})");
+        }
+        IpamCommand::Release { ip: Some(ip), .. } => match allocator.release_ip(ip, None).await? {
+            Some(a) => w!(out, "released {ip} (handle {})", a.handle),
+            None => w!(out, "{ip} was not allocated"),
+        },
+        IpamCommand::Release { handle: Some(handle), .. } => {
+            let ips = allocator.release_handle(&handle).await?;
+            if ips.is_empty() {
+                w!(out, "handle {handle} held no address");
+            }
+            for ip in ips {
+                w!(out, "released {ip} (handle {handle})");
+            }
+        }
+        IpamCommand::Release { .. } => fail!("give --ip or --handle"),
+        IpamCommand::Assign { namespace, pod, pod_annotations, handle, node, node_labels, pool, ip } => {
+            let ns = match catalog.namespace(&namespace).await? {
+                Some((ns, _)) => NamespaceInfo {
+                    name: namespace.clone(),
+                    labels: ns.metadata.labels,
+                    annotations: ns.metadata.annotations,
+                },
+                None => NamespaceInfo {
+                    name: namespace.clone(),
+                    labels: [("kubernetes.io/metadata.name".to_string(), namespace.clone())].into(),
+                    annotations: BTreeMap::new(),
+                },
+            };
+            let pools = catalog.pools().await?;
+            let (ipv6_pools, ipv4_pools): (Vec<String>, Vec<String>) = pool.into_iter().partition(|name| {
+                pools.iter().any(|(p, _)| (p.name() == name || p.cidr().to_string() == *name) && p.is_ipv6())
+            });
+            let handle =
+                handle.unwrap_or_else(|| format!("{namespace}.{}", pod.clone().unwrap_or_else(|| "standalone".into())));
+            let request = AssignRequest {
+                handle: handle.clone(),
+                node: NodeInfo { name: node_name(node), labels: parse_pairs(&node_labels, "node label")? },
+                namespace: ns,
+                pod: pod.map(|name| PodInfo { name, annotations: BTreeMap::new() }),
+                requested: Requested { ipv4_pools, ipv6_pools, ips: ip },
+            };
+            let mut request = request;
+            if !pod_annotations.is_empty() {
+                let annotations = parse_pairs(&pod_annotations, "pod annotation")?;
+                let pod =
+                    request.pod.get_or_insert_with(|| PodInfo { name: "standalone".into(), ..Default::default() });
+                pod.annotations = annotations;
+            }
+            for a in allocator.assign(&request).await? {
+                w!(out, "{}\t{}\t{}\t{}", a.ip, a.pool, a.block, handle);
+            }
+        }
+        IpamCommand::ReleaseEmptyBlocks { node } => {
+            let node = node_name(node);
+            let released = allocator.release_empty_blocks(&node).await?;
+            w!(out, "released {} empty block(s) of node {node}", released.len());
+            for cidr in released {
+                w!(out, "  {cidr}");
+            }
+        }
+    }
+    Ok(0)
+}
