@@ -7,6 +7,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+mod demo;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -43,6 +45,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // (command that proves it is installed, package)
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
+    ("curl", "curl"),
 ];
 
 fn main() -> Result<()> {
@@ -52,7 +55,7 @@ fn main() -> Result<()> {
     match cli.command {
         Task::Setup => setup(),
         Task::Test => test(),
-        Task::Demo { keep } => demo(&root, keep),
+        Task::Demo { keep } => demo::run(&root, keep),
         Task::Bench => bench(),
         Task::Fuzz { seconds } => fuzz(seconds),
     }
@@ -163,104 +166,4 @@ fn fuzz(seconds: u64) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-const SEED_POOLS: &str = include_str!("../../examples/seed-pools.yaml");
-
-fn demo(root: &Path, keep: bool) -> Result<()> {
-    run("cargo", &["build", "--release", "-p", "poolwarden", "--bin", "poolwarden"])?;
-    let binary = root.join("target/release/poolwarden");
-    let dir = tempdir_named("poolwarden-demo")?;
-    let store = dir.join("store.redb");
-    let pools = dir.join("pools.yaml");
-    std::fs::write(&pools, SEED_POOLS)?;
-    let datastore = format!("embedded:{}", store.display());
-    let pw = |args: &[&str]| -> Result<String> {
-        let output = Command::new(&binary).args(args).env("POOLWARDEN_DATASTORE", &datastore).output()?;
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        if !output.status.success() {
-            bail!("{}", String::from_utf8_lossy(&output.stderr).trim());
-        }
-        Ok(text)
-    };
-    let step = |title: &str, command: &str| println!("\n== {title}\n$ {command}");
-
-    step("Step 1: create the pools (the seed's Calico YAML, unchanged)", "poolwarden apply -f pools.yaml");
-    print!("{}", pw(&["apply", "-f", &pools.display().to_string()])?);
-    print!("{}", pw(&["get", "pools", "-o", "wide"])?);
-
-    step(
-        "Step 2: assign each pool to a namespace",
-        "poolwarden annotate namespace external-ns 'poolwarden.io/ipv4pools=[\"external-pool\"]' (and internal-ns)",
-    );
-    print!("{}", pw(&["annotate", "namespace", "external-ns", "poolwarden.io/ipv4pools=[\"external-pool\"]"])?);
-    print!("{}", pw(&["annotate", "namespace", "internal-ns", "cni.projectcalico.org/ipv4pools=[\"internal-pool\"]"])?);
-    print!("{}", pw(&["get", "namespaces"])?);
-
-    step("Step 3: three pods in each namespace", "poolwarden ipam assign --namespace NS --pod nginx-N --node node-0");
-    let mut rows = Vec::new();
-    for ns in ["external-ns", "internal-ns"] {
-        for i in 1..=3 {
-            let pod = format!("nginx-{i}");
-            let out = pw(&["ipam", "assign", "--namespace", ns, "--pod", &pod, "--node", "node-0"])?;
-            let fields: Vec<&str> = out.split_whitespace().collect();
-            rows.push(format!("{ns:<13}{pod:<10}{:<15}{:<15}node-0", fields[0], fields[1]));
-        }
-    }
-    println!("{:<13}{:<10}{:<15}{:<15}NODE", "NAMESPACE", "NAME", "IP", "POOL");
-    for row in rows {
-        println!("{row}");
-    }
-
-    step(
-        "Step 4: bind external-pool to external-ns (allowedNamespaces), then try to take it from elsewhere",
-        "poolwarden apply -f bound.yaml; poolwarden ipam assign --namespace default --pod-annotation ...",
-    );
-    let bound = dir.join("bound.yaml");
-    let bound_yaml = SEED_POOLS
-        .split("---")
-        .next()
-        .unwrap_or_default()
-        .replace("natOutgoing: true", "natOutgoing: true\n  allowedNamespaces: [external-ns]");
-    std::fs::write(&bound, bound_yaml)?;
-    print!("{}", pw(&["apply", "-f", &bound.display().to_string()])?);
-    match pw(&[
-        "ipam",
-        "assign",
-        "--namespace",
-        "default",
-        "--pod",
-        "intruder",
-        "--node",
-        "node-0",
-        "--pod-annotation",
-        "poolwarden.io/ipv4pools=[\"external-pool\"]",
-    ]) {
-        Ok(out) => bail!("a pod in namespace default was given an address from the bound pool: {out}"),
-        Err(refused) => println!("refused, as it must be:\n  {refused}"),
-    }
-
-    step("Pools and blocks", "poolwarden ipam show; poolwarden ipam show --blocks");
-    print!("{}", pw(&["ipam", "show"])?);
-    print!("{}", pw(&["ipam", "show", "--blocks"])?);
-    step("Consistency", "poolwarden ipam check");
-    print!("{}", pw(&["ipam", "check"])?);
-
-    if keep {
-        println!(
-            "\nThe datastore is kept at {}: POOLWARDEN_DATASTORE={datastore} {} ipam show",
-            store.display(),
-            binary.display()
-        );
-    } else {
-        std::fs::remove_dir_all(&dir)?;
-        println!("\nRemoved {} (run with --keep to explore it).", dir.display());
-    }
-    Ok(())
-}
-
-fn tempdir_named(prefix: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    Ok(dir)
 }
