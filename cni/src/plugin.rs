@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     netlink::{self, GATEWAY_V4, GATEWAY_V6},
-    protocol::{self, AddRequest, DelRequest, GcRequest, Request, Response},
+    protocol::{self, AddRequest, AssignedIp, DelRequest, GcRequest, Request, Response},
     spec::{CniError, CniResult, Interface, IpConfig, NetConf, Options, PLUGIN_TYPE, Route, SUPPORTED_VERSIONS, code},
 };
 
@@ -239,10 +239,20 @@ async fn add(
 
     if ipam_only {
         let assigned = agent_add(socket, &request).await?;
+        // The main plugin (a bridge, say) puts the address on a shared segment: report the segment's prefix.
+        let ip_config = |a: &AssignedIp| {
+            let same_family = |ip: &IpAddr| ip.is_ipv4() == a.address.addr().is_ipv4();
+            let prefix = options.subnet.filter(|s| same_family(&s.addr())).unwrap_or(a.pool_cidr).prefix_len();
+            IpConfig {
+                address: IpNet::new(a.address.addr(), prefix).unwrap_or(a.address),
+                gateway: options.gateway.filter(same_family),
+                interface: None,
+            }
+        };
         let result = CniResult {
             cni_version: conf.cni_version.clone(),
             interfaces: vec![],
-            ips: assigned.iter().map(|a| IpConfig { address: *a, gateway: None, interface: None }).collect(),
+            ips: assigned.iter().map(ip_config).collect(),
             routes: vec![],
             dns: Value::Object(Default::default()),
         };
@@ -259,7 +269,7 @@ async fn add(
     request.host_ifname = host.clone();
 
     let assigned = match agent_add(socket, &request).await {
-        Ok(assigned) => assigned,
+        Ok(assigned) => assigned.into_iter().map(|a| a.address).collect::<Vec<_>>(),
         Err(err) => {
             let _ = netlink::delete_link(&handle, &host).await;
             return Err(err);
@@ -329,9 +339,9 @@ fn build_result(
     result
 }
 
-async fn agent_add(socket: &str, request: &AddRequest) -> Result<Vec<IpNet>, CniError> {
+async fn agent_add(socket: &str, request: &AddRequest) -> Result<Vec<AssignedIp>, CniError> {
     match call_agent(socket, &Request::Add(request.clone())).await? {
-        Response::Added { ips } => Ok(ips.into_iter().map(|a| a.address).collect()),
+        Response::Added { ips } => Ok(ips),
         Response::Error(reply) => Err(agent_refusal(reply)),
         other => Err(CniError::new(code::IO_FAILURE, "unexpected answer from the agent", format!("{other:?}"))),
     }

@@ -105,6 +105,8 @@ pub struct AssignedIp {
     pub address: IpNet,
     /// The pool it came from.
     pub pool: String,
+    /// The pool's range (what an IPAM-only result reports as the subnet unless told otherwise).
+    pub pool_cidr: IpNet,
 }
 
 /// The agent's answer.

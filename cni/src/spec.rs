@@ -74,6 +74,12 @@ pub struct Options {
     /// MTU of the pod's interface.
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// IPAM-only: the subnet whose prefix length the result reports (default: the pool's).
+    #[serde(default)]
+    pub subnet: Option<IpNet>,
+    /// IPAM-only: the gateway the result reports (keep it outside the pool).
+    #[serde(default)]
+    pub gateway: Option<IpAddr>,
 }
 
 /// The network configuration given on stdin.

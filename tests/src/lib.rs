@@ -222,16 +222,43 @@ impl Node {
 
     /// Invoke the plugin in the node's namespace exactly as kubelet does: environment and stdin.
     pub fn cni(&self, command: &str, container: &str, pod_netns: &str, args: &str, conf: &Value) -> (bool, Value) {
+        self.plugin("poolwarden-cni", command, container, pod_netns, args, conf)
+    }
+
+    /// A CNI_PATH holding poolwarden-cni and Debian's reference plugins.
+    pub fn cni_path(&self) -> PathBuf {
+        let dir = self.dir.path().join("cni-bin");
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir).expect("cni-bin");
+            std::os::unix::fs::symlink(binary("poolwarden-cni"), dir.join("poolwarden-cni")).expect("link plugin");
+            for entry in std::fs::read_dir(DEBIAN_PLUGINS).into_iter().flatten().flatten() {
+                let _ = std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name()));
+            }
+        }
+        dir
+    }
+
+    /// Invoke any plugin from [`Node::cni_path`] by its type, in the node's namespace.
+    pub fn plugin(
+        &self,
+        plugin_type: &str,
+        command: &str,
+        container: &str,
+        pod_netns: &str,
+        args: &str,
+        conf: &Value,
+    ) -> (bool, Value) {
+        let cni_path = self.cni_path();
         let out = Command::new("ip")
             .args(["netns", "exec", &self.ns.name])
-            .arg(binary("poolwarden-cni"))
+            .arg(cni_path.join(plugin_type))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container)
             .env("CNI_NETNS", pod_netns)
             .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/opt/cni/bin")
+            .env("CNI_PATH", &cni_path)
             .env("CNI_ARGS", args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -267,6 +294,58 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill_agent();
     }
+}
+
+/// Where Debian's containernetworking-plugins live.
+pub const DEBIAN_PLUGINS: &str = "/usr/lib/cni";
+
+/// Whether Debian's reference plugins are installed (cargo xtask setup installs them); prints why not.
+pub fn debian_plugins() -> bool {
+    if Path::new(DEBIAN_PLUGINS).join("bridge").is_file() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("POOLWARDEN_REQUIRE_PRIVILEGED").is_none(),
+        "Debian's containernetworking-plugins are required; run cargo xtask setup"
+    );
+    eprintln!("SKIPPED: {DEBIAN_PLUGINS}/bridge is missing; cargo xtask setup installs containernetworking-plugins");
+    false
+}
+
+/// Run a network configuration list the way libcni does: ADD through the plugins in order, each given the
+/// previous result as `prevResult`; DEL in reverse order, each given the ADD's final result.
+pub fn run_chain(
+    node: &Node,
+    list: &Value,
+    command: &str,
+    container: &str,
+    netns: &str,
+    args: &str,
+    prev: Option<&Value>,
+) -> (bool, Value) {
+    let plugins = list["plugins"].as_array().expect("plugins");
+    let order: Vec<&Value> = if command == "DEL" { plugins.iter().rev().collect() } else { plugins.iter().collect() };
+    let mut result = prev.cloned();
+    for plugin in order {
+        let mut conf = plugin.clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        if let Some(runtime) = list.get("runtimeConfig") {
+            conf["runtimeConfig"] = runtime.clone();
+        }
+        if let Some(prev) = &result {
+            conf["prevResult"] = prev.clone();
+        }
+        let plugin_type = plugin["type"].as_str().expect("type");
+        let (ok, out) = node.plugin(plugin_type, command, container, netns, args, &conf);
+        if !ok {
+            return (false, json!({ "plugin": plugin_type, "error": out }));
+        }
+        if command == "ADD" {
+            result = Some(out);
+        }
+    }
+    (true, result.unwrap_or(Value::Null))
 }
 
 /// The CNI_ARGS kubelet passes for a pod.

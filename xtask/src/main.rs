@@ -42,10 +42,12 @@ enum Task {
 
 /// Debian packages the build and the tests use.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
-    // (command that proves it is installed, package)
+    // (command or file that proves it is installed, package)
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
     ("curl", "curl"),
+    ("iptables", "iptables"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
 ];
 
 fn main() -> Result<()> {
@@ -92,6 +94,9 @@ fn succeeds(program: &str, args: &[&str]) -> bool {
 }
 
 fn have_command(name: &str) -> bool {
+    if name.starts_with('/') {
+        return Path::new(name).exists();
+    }
     std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
         || ["/usr/sbin", "/sbin"].iter().any(|d| Path::new(d).join(name).is_file())
 }

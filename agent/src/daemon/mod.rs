@@ -196,7 +196,13 @@ impl Agent {
         for a in &assigned {
             info!(address = %a.ip, pool = %a.pool, block = %a.block, "assigned");
         }
-        Ok(assigned.into_iter().map(|a| AssignedIp { address: IpNet::from(a.ip), pool: a.pool }).collect())
+        Ok(assigned
+            .into_iter()
+            .map(|a| {
+                let pool_cidr = pools.iter().find(|(p, _)| p.name() == a.pool).map_or(a.block, |(p, _)| p.cidr());
+                AssignedIp { address: IpNet::from(a.ip), pool: a.pool, pool_cidr }
+            })
+            .collect())
     }
 
     /// Record the endpoint and route its addresses to its host veth; make sure its blocks' blackholes exist.
@@ -213,6 +219,11 @@ impl Agent {
             ));
         }
         if endpoint.host_ifname.is_empty() {
+            // IPAM-only: the main plugin (a bridge, say) routes the pod; a blackhole for its block would eat
+            // the node's own traffic to it.
+            for block in blocks {
+                self.routes.remove(&OwnedRoute::Blackhole(*block)).await.map_err(route_reply)?;
+            }
             return Ok(());
         }
         let ifindex = self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)?.ok_or_else(|| {
@@ -319,12 +330,18 @@ impl Agent {
     pub async fn reconcile(&self) -> Result<(usize, usize), ErrorReply> {
         let _alone = self.wiring.write().await;
         let mut desired = BTreeSet::new();
+        let endpoints = self.endpoints().await.map_err(store_reply)?;
+        let ipam_only: Vec<IpAddr> =
+            endpoints.iter().filter(|e| e.host_ifname.is_empty()).flat_map(|e| e.ips.clone()).collect();
         let (affinities, _) = self.store.list(&keys::node_affinities(&self.node.name)).await.map_err(store_reply)?;
         for kv in &affinities {
             let affinity: ipam::Affinity = decode(&kv.key, &kv.value).map_err(store_reply)?;
-            desired.insert(OwnedRoute::Blackhole(affinity.cidr));
+            // Blocks serving IPAM-only endpoints get no blackhole: see `wire`.
+            if !ipam_only.iter().any(|ip| affinity.cidr.contains(ip)) {
+                desired.insert(OwnedRoute::Blackhole(affinity.cidr));
+            }
         }
-        for endpoint in self.endpoints().await.map_err(store_reply)? {
+        for endpoint in endpoints {
             if endpoint.host_ifname.is_empty() {
                 continue;
             }

@@ -1,0 +1,112 @@
+//! poolwarden next to real third-party CNI pieces from Debian: the `bridge` plugin with poolwarden as its
+//! IPAM, and a conflist chain of poolwarden, `portmap` and `tuning`.
+
+use poolwarden_tests::{NetNs, Node, debian_plugins, k8s_args, privileged, run_chain, unique};
+use serde_json::{Value, json};
+
+fn handles(node: &Node) -> Value {
+    serde_json::from_str(&node.cli_ok(&["get", "handles", "-o", "json"])).expect("handles JSON")
+}
+
+#[test]
+fn debian_bridge_with_poolwarden_as_ipam() {
+    if !privileged() || !debian_plugins() {
+        return;
+    }
+    let mut node = Node::new("10.255.1.1");
+    node.apply("apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: bridge-pool}\nspec: {cidr: 10.63.0.128/25, blockSize: 29}\n");
+    node.start_agent();
+    let bridge = unique("pwbr");
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "brnet", "type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
+        "ipam": { "type": "poolwarden-cni", "socket": node.socket(), "pools": ["bridge-pool"], "subnet": "10.63.0.0/24", "gateway": "10.63.0.1" }
+    });
+    let pods: Vec<NetNs> = (0..2).map(|_| NetNs::new("pwp")).collect();
+    let mut addresses = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let (ok, result) = node.plugin(
+            "bridge",
+            "ADD",
+            &format!("br-{i}"),
+            &pod.path(),
+            &k8s_args("default", &format!("b{i}")),
+            &conf,
+        );
+        assert!(ok, "bridge ADD {i}: {result}\n{}", node.agent_log());
+        let address = result["ips"][0]["address"].as_str().expect("address").to_string();
+        assert!(
+            address.starts_with("10.63.0.1") && address.ends_with("/24"),
+            "from the pool, with the bridge's prefix: {address}"
+        );
+        assert_eq!(result["ips"][0]["gateway"], "10.63.0.1");
+        addresses.push(address.split('/').next().unwrap_or_default().to_string());
+    }
+    assert!(pods[0].pings(&addresses[1]), "pods on the bridge reach each other");
+    assert!(pods[1].pings("10.63.0.1"), "and the bridge's gateway on the node");
+    assert!(
+        !node.ns.exec(&["ip", "route", "show", "proto", "97"]).contains("blackhole"),
+        "no blackhole eats the bridge's pods"
+    );
+    assert_eq!(handles(&node).as_array().map(Vec::len), Some(2), "the agent holds both allocations");
+    for (i, pod) in pods.iter().enumerate() {
+        let (ok, out) = node.plugin("bridge", "DEL", &format!("br-{i}"), &pod.path(), "", &conf);
+        assert!(ok, "bridge DEL {i}: {out}");
+    }
+    assert_eq!(handles(&node), json!([]), "bridge's DEL released through poolwarden");
+    node.stop_agent();
+}
+
+#[test]
+fn conflist_chain_with_portmap_and_tuning() {
+    if !privileged() || !debian_plugins() {
+        return;
+    }
+    let mut node = Node::new("10.255.1.2");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.64.0.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let list = json!({
+        "cniVersion": "1.0.0",
+        "name": "chained",
+        "plugins": [
+            { "type": "poolwarden-cni", "socket": node.socket() },
+            { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true },
+            { "type": "tuning", "sysctl": { "net.core.somaxconn": "512" } }
+        ],
+        "runtimeConfig": { "portMappings": [ { "hostPort": 18080, "containerPort": 8080, "protocol": "tcp" } ] }
+    });
+    let pod = NetNs::new("pwp");
+    let (ok, result) = run_chain(&node, &list, "ADD", "chain-1", &pod.path(), &k8s_args("default", "web"), None);
+    assert!(ok, "chain ADD: {result}\n{}", node.agent_log());
+    let address =
+        result["ips"][0]["address"].as_str().expect("the chain's result keeps poolwarden's address").to_string();
+    assert!(address.starts_with("10.64.0."), "{address}");
+    assert_eq!(
+        pod.exec(&["sysctl", "-n", "net.core.somaxconn"]).trim(),
+        "512",
+        "tuning ran inside the pod after poolwarden"
+    );
+
+    // portmap's DNAT reaches the pod's server through poolwarden's route.
+    let ip = address.split('/').next().unwrap_or_default().to_string();
+    let mut server = std::process::Command::new("ip")
+        .args(["netns", "exec", &pod.name, "python3", "-m", "http.server", "8080", "--bind", &ip])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start server");
+    let url = format!("http://{}:18080/", node.address);
+    let reached = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        node.ns.try_exec(&["curl", "-s", "--max-time", "2", "-o", "/dev/null", &url])
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(reached, "hostPort 18080 on the node reaches the pod through portmap");
+
+    let (ok, out) = run_chain(&node, &list, "DEL", "chain-1", &pod.path(), &k8s_args("default", "web"), Some(&result));
+    assert!(ok, "chain DEL: {out}");
+    assert_eq!(handles(&node), json!([]));
+    node.stop_agent();
+}
