@@ -110,3 +110,77 @@ fn conflist_chain_with_portmap_and_tuning() {
     assert_eq!(handles(&node), json!([]));
     node.stop_agent();
 }
+
+#[test]
+fn podman_runs_a_container_on_a_poolwarden_network() {
+    if !privileged() || !debian_plugins() {
+        return;
+    }
+    if !std::path::Path::new("/usr/bin/podman").is_file() || !std::path::Path::new("/bin/busybox").is_file() {
+        assert!(
+            std::env::var_os("POOLWARDEN_REQUIRE_PRIVILEGED").is_none(),
+            "podman and busybox-static are required; run cargo xtask setup"
+        );
+        eprintln!("SKIPPED: podman or busybox-static missing; cargo xtask setup installs them");
+        return;
+    }
+    let mut node = Node::new("10.255.1.3");
+    node.apply(include_str!("../../examples/seed-pools.yaml"));
+    node.cli_ok(&["annotate", "namespace", "external-ns", "poolwarden.io/ipv4pools=[\"external-pool\"]"]);
+    node.start_agent();
+
+    let dir = node.dir.path();
+    let rootfs = dir.join("rootfs");
+    for sub in ["bin", "etc", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(rootfs.join(sub)).expect("rootfs");
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox");
+    let net_d = dir.join("net.d");
+    std::fs::create_dir_all(&net_d).expect("net.d");
+    let conflist = json!({ "cniVersion": "1.0.0", "name": "poolwarden", "plugins": [ { "type": "poolwarden-cni", "socket": node.socket() } ] });
+    std::fs::write(net_d.join("poolwarden.conflist"), conflist.to_string()).expect("conflist");
+    let containers_conf = dir.join("containers.conf");
+    std::fs::write(
+        &containers_conf,
+        format!(
+            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\"]\nnetwork_config_dir = \"{}\"\n",
+            node.cni_path().display(),
+            net_d.display()
+        ),
+    )
+    .expect("containers.conf");
+
+    // nsenter (not `ip netns exec`) so that podman keeps the host's cgroup mounts while it runs in the node's
+    // network namespace: the plugin it execs wires the container into the node, nowhere else.
+    let script = format!("/bin/busybox ip -4 addr show eth0 && /bin/busybox ping -c 1 -W 2 {}", node.address);
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.ns.path()))
+        .arg("podman")
+        .args([
+            "--root",
+            &dir.join("storage").display().to_string(),
+            "--runroot",
+            &dir.join("run").display().to_string(),
+        ])
+        .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--runtime", "runc"])
+        .args(["run", "--rm", "--network", "poolwarden", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"])
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .args(["/bin/busybox", "sh", "-c", &script])
+        .env("CONTAINERS_CONF", &containers_conf)
+        .env("CNI_ARGS", "K8S_POD_NAMESPACE=external-ns")
+        .output()
+        .expect("run podman");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "podman failed: {stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.agent_log()
+    );
+    assert!(stdout.contains("inet 172.16.0."), "the container's address comes from external-pool: {stdout}");
+    assert!(stdout.contains("1 packets received"), "the container reaches the node: {stdout}");
+    assert_eq!(handles(&node), json!([]), "podman's DEL (--rm) released the address");
+    assert!(!node.ns.exec(&["ip", "route", "show", "proto", "97"]).contains(" dev pw"), "and its route");
+    node.stop_agent();
+}

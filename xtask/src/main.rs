@@ -48,6 +48,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("iptables", "iptables"),
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("/bin/busybox", "busybox-static"),
 ];
 
 fn main() -> Result<()> {
