@@ -125,13 +125,17 @@ pub async fn create_veth(
         let _ = delete_link(handle, host).await;
         return Err(err);
     }
+    // The host side's link-local address must be usable at once: it is the source of the neighbour
+    // solicitations that reach the pod's IPv6 address, and duplicate address detection would hold it back
+    // (and drop the pod's first packets) for a second. Router advertisements are not its business.
+    for (knob, value) in [("accept_dad", "0"), ("accept_ra", "0")] {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{host}/{knob}"), value);
+    }
     let up = handle.link().set(LinkUnspec::new_with_name(host).up().build()).execute().await;
     if let Err(err) = up {
         let _ = delete_link(handle, host).await;
         return Err(fail(format!("set {host} up"))(err));
     }
-    // Pods are reached through the host side only by routes; answering ARP for anything else is not its job.
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{host}/accept_ra"), "0");
     Ok(link_by_name(handle, host).await?.map(|(_, mac)| mac).unwrap_or_default())
 }
 
