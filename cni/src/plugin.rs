@@ -184,10 +184,6 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
     format!("pw{}", &fnv_hex(container_id, ifname)[..13])
 }
 
-fn temp_peer_name(container_id: &str, ifname: &str) -> String {
-    format!("pwp{}", &fnv_hex(container_id, ifname)[3..15])
-}
-
 fn fnv_hex(container_id: &str, ifname: &str) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in container_id.bytes().chain([0]).chain(ifname.bytes()) {
@@ -261,7 +257,8 @@ async fn add(
     }
 
     let host = host_ifname(&container_id, &ifname);
-    let peer = temp_peer_name(&container_id, &ifname);
+    // The pod side is created in the pod's namespace under its final name.
+    let peer = ifname.clone();
     let handle = netlink::connect().map_err(netlink_error)?;
     // A retried ADD for the same attachment starts from a clean slate.
     netlink::delete_link(&handle, &host).await.map_err(netlink_error)?;
@@ -288,7 +285,9 @@ async fn add(
         match configured {
             Ok(mac) => mac,
             Err(err) => {
-                let _ = call_agent(socket, &Request::Del(DelRequest { container_id, ifname })).await;
+                let _ =
+                    call_agent(socket, &Request::Del(DelRequest { container_id, ifname, host_ifname: String::new() }))
+                        .await;
                 let _ = netlink::delete_link(&handle, &host).await;
                 return Err(netlink_error(err));
             }
@@ -351,19 +350,14 @@ async fn del(env: &Env<'_>, ipam_only: bool, socket: &str) -> Result<(), CniErro
     let container_id = env.require("CNI_CONTAINERID")?;
     let ifname = env.require("CNI_IFNAME")?;
     env.args()?;
-    match call_agent(socket, &Request::Del(DelRequest { container_id: container_id.clone(), ifname: ifname.clone() }))
-        .await?
-    {
-        Response::Deleted { .. } => {}
-        Response::Error(reply) => return Err(agent_refusal(reply)),
-        other => return Err(CniError::new(code::IO_FAILURE, "unexpected answer from the agent", format!("{other:?}"))),
+    // The agent removes the host side (and the pod side with it) after answering: the kernel takes ~20 ms
+    // to unregister a device, which the runtime need not wait for.
+    let host_ifname = if ipam_only { String::new() } else { host_ifname(&container_id, &ifname) };
+    match call_agent(socket, &Request::Del(DelRequest { container_id, ifname, host_ifname })).await? {
+        Response::Deleted { .. } => Ok(()),
+        Response::Error(reply) => Err(agent_refusal(reply)),
+        other => Err(CniError::new(code::IO_FAILURE, "unexpected answer from the agent", format!("{other:?}"))),
     }
-    if !ipam_only {
-        // Deleting the host side takes the pod side with it; both may already be gone with the netns.
-        let handle = netlink::connect().map_err(netlink_error)?;
-        netlink::delete_link(&handle, &host_ifname(&container_id, &ifname)).await.map_err(netlink_error)?;
-    }
-    Ok(())
 }
 
 async fn check(env: &Env<'_>, conf: &NetConf, ipam_only: bool) -> Result<(), CniError> {
@@ -515,6 +509,5 @@ mod tests {
         let a = host_ifname("0123456789abcdef", "eth0");
         assert!(a.len() <= 15 && a.starts_with("pw"), "{a}");
         assert_ne!(a, host_ifname("0123456789abcdef", "net1"));
-        assert!(temp_peer_name("x", "eth0").len() <= 15);
     }
 }

@@ -76,6 +76,9 @@ pub struct DelRequest {
     pub container_id: String,
     /// `CNI_IFNAME`.
     pub ifname: String,
+    /// The host side of the pod's veth, which the agent removes after answering (empty in IPAM-only mode).
+    #[serde(default)]
+    pub host_ifname: String,
 }
 
 /// One attachment that GC must keep.

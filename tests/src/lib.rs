@@ -131,7 +131,14 @@ impl Node {
         ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         let dir = tempfile::tempdir().expect("temp dir");
-        Self { ns, address: address.to_string(), dir, name: "node-0".to_string(), agent: None }
+        let node = Self { ns, address: address.to_string(), dir, name: "node-0".to_string(), agent: None };
+        let cni_path = node.cni_path();
+        std::fs::create_dir_all(&cni_path).expect("cni-bin");
+        std::os::unix::fs::symlink(binary("poolwarden-cni"), cni_path.join("poolwarden-cni")).expect("link plugin");
+        for entry in std::fs::read_dir(DEBIAN_PLUGINS).into_iter().flatten().flatten() {
+            let _ = std::os::unix::fs::symlink(entry.path(), cni_path.join(entry.file_name()));
+        }
+        node
     }
 
     /// `--datastore` for this node.
@@ -225,17 +232,9 @@ impl Node {
         self.plugin("poolwarden-cni", command, container, pod_netns, args, conf)
     }
 
-    /// A CNI_PATH holding poolwarden-cni and Debian's reference plugins.
+    /// A CNI_PATH holding poolwarden-cni and Debian's reference plugins (made with the node).
     pub fn cni_path(&self) -> PathBuf {
-        let dir = self.dir.path().join("cni-bin");
-        if !dir.is_dir() {
-            std::fs::create_dir_all(&dir).expect("cni-bin");
-            std::os::unix::fs::symlink(binary("poolwarden-cni"), dir.join("poolwarden-cni")).expect("link plugin");
-            for entry in std::fs::read_dir(DEBIAN_PLUGINS).into_iter().flatten().flatten() {
-                let _ = std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name()));
-            }
-        }
-        dir
+        self.dir.path().join("cni-bin")
     }
 
     /// Invoke any plugin from [`Node::cni_path`] by its type, in the node's namespace.

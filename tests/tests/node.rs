@@ -103,7 +103,7 @@ fn seed_example_three_pods_per_namespace() {
     assert!(ok, "DEL after the netns is gone: {out}");
 
     assert_eq!(our_routes(&node), "", "DEL of every pod leaves none of our routes");
-    assert!(host_links(&node).is_empty(), "veths left: {:?}", host_links(&node));
+    wait_for("the veths to go", || host_links(&node).is_empty());
     node.stop_agent();
     let handles = node.cli_ok(&["get", "handles", "-o", "json"]);
     assert_eq!(serde_json::from_str::<Value>(&handles).unwrap(), json!([]), "allocations left");
@@ -211,7 +211,7 @@ fn fifty_concurrent_adds_are_distinct_and_wired() {
             });
         }
     });
-    assert!(host_links(&node).is_empty());
+    wait_for("the veths to go", || host_links(&node).is_empty());
     node.stop_agent();
     assert_eq!(serde_json::from_str::<Value>(&node.cli_ok(&["get", "handles", "-o", "json"])).unwrap(), json!([]));
 }

@@ -8,6 +8,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+mod bench;
 mod demo;
 use clap::{Parser, Subcommand};
 
@@ -31,7 +32,11 @@ enum Task {
         keep: bool,
     },
     /// Run the benchmarks and print figures with their peer measured in the same run.
-    Bench,
+    Bench {
+        /// Only this part: `cni` (plugin ADD/DEL against bridge + host-local, agent memory) or `allocator`.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Fuzz the YAML documents and the selector parser with cargo-fuzz (nightly).
     Fuzz {
         /// Seconds per target.
@@ -61,7 +66,7 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::Test => test(),
         Task::Demo { keep } => demo::run(&root, keep),
-        Task::Bench => bench(),
+        Task::Bench { only } => bench(&root, only.as_deref()),
         Task::Fuzz { seconds } => fuzz(seconds),
     }
 }
@@ -146,9 +151,15 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-fn bench() -> Result<()> {
+fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     setup()?;
-    run("cargo", &["bench", "-p", "poolwarden", "--bench", "allocator"])
+    if only.is_none_or(|o| o == "cni") {
+        bench::run(root)?;
+    }
+    if only.is_none_or(|o| o == "allocator") {
+        run("cargo", &["bench", "-p", "poolwarden", "--bench", "allocator"])?;
+    }
+    Ok(())
 }
 
 const FUZZ_TARGETS: &[&str] = &["documents", "selector"];

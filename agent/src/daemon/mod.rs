@@ -250,6 +250,7 @@ impl Agent {
         let _wiring = self.wiring.read().await;
         let released = self.allocator.release_handle(&handle).await.map_err(alloc_reply)?;
         let key = keys::endpoint(&self.node.name, &handle);
+        let mut host_ifname = request.host_ifname.clone();
         if let Some(kv) = self.store.get(&key).await.map_err(store_reply)? {
             let endpoint: Endpoint = decode(&key, &kv.value).map_err(store_reply)?;
             if let Some(ifindex) = self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)? {
@@ -257,7 +258,21 @@ impl Agent {
                     self.routes.remove(&OwnedRoute::Endpoint(*ip, ifindex)).await.map_err(route_reply)?;
                 }
             }
+            if host_ifname.is_empty() {
+                host_ifname = endpoint.host_ifname;
+            }
             let _ = self.store.txn(Txn::new().delete(&key, kv.mod_revision)).await.map_err(store_reply)?;
+        }
+        if !host_ifname.is_empty()
+            && let Some(index) = self.routes.ifindex(&host_ifname).await.map_err(route_reply)?
+        {
+            // Unregistering a device waits for an RCU grace period; nobody needs to wait for it with us.
+            let routes = self.routes.clone();
+            tokio::spawn(async move {
+                if let Err(e) = routes.delete_link(index).await {
+                    warn!(error = %e, link = %host_ifname, "removing the pod's host interface failed");
+                }
+            });
         }
         for ip in &released {
             info!(address = %ip, "released");
@@ -319,8 +334,14 @@ impl Agent {
                 continue;
             }
             warn!(container = %endpoint.container_id, ifname = %endpoint.ifname, "releasing an attachment the runtime no longer has");
-            released
-                .extend(self.del(DelRequest { container_id: endpoint.container_id, ifname: endpoint.ifname }).await?);
+            released.extend(
+                self.del(DelRequest {
+                    container_id: endpoint.container_id,
+                    ifname: endpoint.ifname,
+                    host_ifname: String::new(),
+                })
+                .await?,
+            );
         }
         Ok(released)
     }

@@ -82,6 +82,15 @@ impl Routes {
         }
     }
 
+    /// Delete a link by index (not by name: a new link may take the name meanwhile); gone already is fine.
+    pub async fn delete_link(&self, index: u32) -> Result<(), RouteError> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(netlink(format!("delete link {index}"))(e)),
+        }
+    }
+
     fn message(route: &OwnedRoute) -> Result<RouteMessage, RouteError> {
         let destination = route.destination();
         let builder = RouteMessageBuilder::<IpAddr>::new()
