@@ -61,35 +61,39 @@ impl Env<'_> {
         self.vars.get(name).filter(|v| !v.is_empty()).cloned()
     }
 
-    /// `CNI_ARGS`: `K=V;K=V`. Unknown keys are an error unless `IgnoreUnknown` is set, as the spec says.
     fn args(&self) -> Result<HashMap<String, String>, CniError> {
-        let mut args = HashMap::new();
-        let raw = self.optional("CNI_ARGS").unwrap_or_default();
-        for pair in raw.split(';').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').ok_or_else(|| {
-                CniError::new(
-                    code::INVALID_ENVIRONMENT,
-                    "CNI_ARGS is malformed",
-                    format!("{pair:?} is not KEY=VALUE in {raw:?}"),
-                )
-            })?;
-            args.insert(k.to_string(), v.to_string());
-        }
-        let ignore_unknown = args.get("IgnoreUnknown").is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-        const KNOWN: &[&str] =
-            &["IgnoreUnknown", "K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID"];
-        if !ignore_unknown && let Some(unknown) = args.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-            return Err(CniError::new(
-                code::INVALID_ENVIRONMENT,
-                format!("CNI_ARGS has unknown key {unknown}"),
-                "set IgnoreUnknown=1 to pass keys this plugin does not know",
-            ));
-        }
-        Ok(args)
+        parse_cni_args(&self.optional("CNI_ARGS").unwrap_or_default())
     }
 }
 
-fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
+/// `CNI_ARGS`: `K=V;K=V`. Unknown keys are an error unless `IgnoreUnknown` is set, as the spec says.
+pub fn parse_cni_args(raw: &str) -> Result<HashMap<String, String>, CniError> {
+    let mut args = HashMap::new();
+    for pair in raw.split(';').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            CniError::new(
+                code::INVALID_ENVIRONMENT,
+                "CNI_ARGS is malformed",
+                format!("{pair:?} is not KEY=VALUE in {raw:?}"),
+            )
+        })?;
+        args.insert(k.to_string(), v.to_string());
+    }
+    let ignore_unknown = args.get("IgnoreUnknown").is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    const KNOWN: &[&str] =
+        &["IgnoreUnknown", "K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID"];
+    if !ignore_unknown && let Some(unknown) = args.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(CniError::new(
+            code::INVALID_ENVIRONMENT,
+            format!("CNI_ARGS has unknown key {unknown}"),
+            "set IgnoreUnknown=1 to pass keys this plugin does not know",
+        ));
+    }
+    Ok(args)
+}
+
+/// Parse and check the network configuration: valid JSON, a supported `cniVersion`.
+pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
     let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
         CniError::new(code::DECODE_FAILURE, "the network configuration on stdin is not valid JSON", e.to_string())
     })?;
@@ -111,7 +115,7 @@ fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
 }
 
 /// Whether we run as the `ipam` of another plugin, and the options that apply.
-fn mode(conf: &NetConf) -> Result<(bool, Options), CniError> {
+pub fn mode(conf: &NetConf) -> Result<(bool, Options), CniError> {
     match &conf.ipam {
         Some(ipam) if ipam.plugin_type == PLUGIN_TYPE && conf.plugin_type != PLUGIN_TYPE => {
             Ok((true, ipam.options.clone()))
@@ -428,7 +432,7 @@ mod tests {
     fn version_lists_what_we_speak() {
         let (code, out) = invoke(&[("CNI_COMMAND", "VERSION")], "");
         assert_eq!(code, 0);
-        assert_eq!(out["supportedVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+        assert_eq!(out["supportedVersions"], json!(["1.0.0", "1.1.0"]));
     }
 
     #[test]

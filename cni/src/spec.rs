@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The versions this plugin speaks.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
+pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0", "1.1.0"];
 
 /// The name this plugin answers to in `type` (and `ipam.type`).
 pub const PLUGIN_TYPE: &str = "poolwarden-cni";

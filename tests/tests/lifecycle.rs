@@ -149,3 +149,28 @@ fn gc_releases_every_attachment_not_listed() {
         1
     );
 }
+
+#[test]
+fn runtime_config_ips_and_mtu_are_honoured() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.2.6");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.70.0.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let pod = NetNs::new("pwp");
+    let conf = node.conf(json!({ "mtu": 1400, "runtimeConfig": { "ips": ["10.70.0.77/24"] } }));
+    let (ok, result) = node.cni("ADD", "fixed", &pod.path(), &k8s_args("default", "fixed"), &conf);
+    assert!(ok, "{result}");
+    assert_eq!(addresses(&result), ["10.70.0.77/32"]);
+    assert!(pod.exec(&["ip", "link", "show", "eth0"]).contains("mtu 1400"));
+    assert!(pod.pings(&node.address));
+    let other = NetNs::new("pwp");
+    let (ok, out) = node.cni("ADD", "clash", &other.path(), &k8s_args("default", "clash"), &conf);
+    assert!(
+        !ok && out["msg"].as_str().unwrap_or_default().contains("10.70.0.77 is already in use by fixed.eth0"),
+        "{out}"
+    );
+}

@@ -162,7 +162,9 @@ fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-const FUZZ_TARGETS: &[&str] = &["documents", "selector"];
+/// (fuzz directory, target)
+const FUZZ_TARGETS: &[(&str, &str)] =
+    &[("agent/fuzz", "documents"), ("agent/fuzz", "selector"), ("cni/fuzz", "netconf")];
 
 fn fuzz(seconds: u64) -> Result<()> {
     setup()?;

@@ -56,6 +56,8 @@ pub struct Agent {
     /// Requests wiring or unwiring endpoints share this; a reconcile takes it alone, so it never sees an
     /// endpoint's route without the endpoint record it is computed from (and removes it as a stray).
     wiring: tokio::sync::RwLock<()>,
+    /// Wakes the reaper of retired host interfaces.
+    retired: tokio::sync::Notify,
     /// Counters and histograms served on the metrics port.
     pub metrics: metrics::Metrics,
 }
@@ -95,6 +97,7 @@ impl Agent {
             allocator: Allocator::new(Arc::clone(&store)),
             routes: Routes::connect()?,
             wiring: tokio::sync::RwLock::new(()),
+            retired: tokio::sync::Notify::new(),
             metrics: metrics::Metrics::default(),
             node,
             store,
@@ -266,13 +269,10 @@ impl Agent {
         if !host_ifname.is_empty()
             && let Some(index) = self.routes.ifindex(&host_ifname).await.map_err(route_reply)?
         {
-            // Unregistering a device waits for an RCU grace period; nobody needs to wait for it with us.
-            let routes = self.routes.clone();
-            tokio::spawn(async move {
-                if let Err(e) = routes.delete_link(index).await {
-                    warn!(error = %e, link = %host_ifname, "removing the pod's host interface failed");
-                }
-            });
+            // Deleting a device makes the kernel wait for an RCU grace period; retired links are deleted
+            // together, shortly after, by the reaper, so neither this DEL nor the next waits for it.
+            self.routes.retire_link(index).await.map_err(route_reply)?;
+            self.retired.notify_one();
         }
         for ip in &released {
             info!(address = %ip, "released");
@@ -378,6 +378,18 @@ impl Agent {
         let (added, removed) = self.routes.reconcile(&desired).await.map_err(route_reply)?;
         self.metrics.set_blocks_owned(affinities.len());
         Ok((added, removed))
+    }
+
+    /// Delete retired host interfaces in batches, forever: each wake-up waits a moment so that the DELs of a
+    /// burst share one deletion.
+    pub async fn reap_retired_links(&self) {
+        loop {
+            if let Err(e) = self.routes.reap().await {
+                warn!(error = %e, "deleting retired host interfaces failed");
+            }
+            self.retired.notified().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Give back empty blocks past their grace period, then reconcile (their blackholes go with them).

@@ -126,6 +126,9 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
     info!(node = %agent.node().name, socket = %socket.display(), metrics = %metrics, "agent ready");
 
     tokio::spawn(serve_metrics(Arc::clone(&agent), metrics_listener));
+    // Also deletes what a previous run retired and did not get to.
+    let reaper = Arc::clone(&agent);
+    tokio::spawn(async move { reaper.reap_retired_links().await });
     // Blocks claimed or given back (by this agent or by an operator's `ipam release`) move the blackholes.
     let watcher = Arc::clone(&agent);
     tokio::spawn(async move {

@@ -10,10 +10,15 @@ use std::{
 use futures::{StreamExt, TryStreamExt, stream};
 use ipnet::IpNet;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType};
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 /// The route protocol number on every route poolwarden writes (`ip route show proto 97`).
 pub const ROUTE_PROTOCOL: u8 = 97;
+
+/// The link group a pod's host interface joins on DEL; the reaper deletes the whole group in one request.
+/// Unregistering devices waits for an RCU grace period (about 20 ms here) once per request, not per device,
+/// so one request for many devices is nearly as cheap as one for a single device.
+pub const RETIRED_LINK_GROUP: u32 = 0x7077;
 
 /// How many route requests are in flight on the netlink socket at once when programming many.
 const IN_FLIGHT: usize = 64;
@@ -82,12 +87,24 @@ impl Routes {
         }
     }
 
-    /// Delete a link by index (not by name: a new link may take the name meanwhile); gone already is fine.
-    pub async fn delete_link(&self, index: u32) -> Result<(), RouteError> {
-        match self.handle.link().del(index).execute().await {
+    /// Mark a link (by index: a new link may take its name meanwhile) for the next [`Routes::reap`], and take
+    /// it down so nothing more goes through it.
+    pub async fn retire_link(&self, index: u32) -> Result<(), RouteError> {
+        let message = LinkUnspec::new_with_index(index).link_group(RETIRED_LINK_GROUP).down().build();
+        match self.handle.link().set(message).execute().await {
             Ok(()) => Ok(()),
             Err(e) if is_missing(&e) => Ok(()),
-            Err(e) => Err(netlink(format!("delete link {index}"))(e)),
+            Err(e) => Err(netlink(format!("retire link {index}"))(e)),
+        }
+    }
+
+    /// Delete every retired link in one request.
+    pub async fn reap(&self) -> Result<(), RouteError> {
+        let message = LinkMessageBuilder::<LinkUnspec>::new().link_group(RETIRED_LINK_GROUP).build();
+        match self.handle.link().del_with_message(message).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(netlink("delete the retired links")(e)),
         }
     }
 
