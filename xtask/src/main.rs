@@ -176,15 +176,12 @@ fn fuzz(seconds: u64) -> Result<()> {
         run("cargo", &["install", "cargo-fuzz", "--locked"])?;
     }
     let max_time = format!("-max_total_time={seconds}");
-    for target in FUZZ_TARGETS {
+    for (fuzz_dir, target) in FUZZ_TARGETS {
         // New inputs go to corpus/ (ignored by git); the committed seeds/ start each run.
-        let corpus = format!("agent/fuzz/corpus/{target}");
-        let seeds = format!("agent/fuzz/seeds/{target}");
+        let corpus = format!("{fuzz_dir}/corpus/{target}");
+        let seeds = format!("{fuzz_dir}/seeds/{target}");
         std::fs::create_dir_all(&corpus)?;
-        run(
-            "cargo",
-            &["+nightly", "fuzz", "run", "--fuzz-dir", "agent/fuzz", target, &corpus, &seeds, "--", &max_time],
-        )?;
+        run("cargo", &["+nightly", "fuzz", "run", "--fuzz-dir", fuzz_dir, target, &corpus, &seeds, "--", &max_time])?;
     }
     Ok(())
 }
