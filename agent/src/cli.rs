@@ -303,7 +303,7 @@ pub fn ipam_show(snapshot: &Snapshot) -> String {
         .iter()
         .map(|pool| {
             let blocks: Vec<&Block> = snapshot.blocks.iter().filter(|b| pool.cidr().contains(&b.cidr)).collect();
-            let used: u128 = blocks.iter().map(|b| u128::from(b.used())).sum();
+            let used = snapshot.used_in(pool);
             let size = pool.size();
             let total_blocks = prefix_size(pool.cidr()) / prefix_size(ipnet_of(pool));
             vec![

@@ -357,10 +357,7 @@ async fn ipam_command(
                     annotations: BTreeMap::new(),
                 },
             };
-            let pools = catalog.pools().await?;
-            let (ipv6_pools, ipv4_pools): (Vec<String>, Vec<String>) = pool.into_iter().partition(|name| {
-                pools.iter().any(|(p, _)| (p.name() == name || p.cidr().to_string() == *name) && p.is_ipv6())
-            });
+            let pools: Vec<_> = catalog.pools().await?.into_iter().map(|(p, _)| p).collect();
             let handle =
                 handle.unwrap_or_else(|| format!("{namespace}.{}", pod.clone().unwrap_or_else(|| "standalone".into())));
             let request = AssignRequest {
@@ -368,7 +365,7 @@ async fn ipam_command(
                 node: NodeInfo { name: node_name(node), labels: parse_pairs(&node_labels, "node label")? },
                 namespace: ns,
                 pod: pod.map(|name| PodInfo { name, annotations: BTreeMap::new() }),
-                requested: Requested { ipv4_pools, ipv6_pools, ips: ip },
+                requested: Requested::from_pool_names(&pools, &pool, ip),
             };
             let mut request = request;
             if !pod_annotations.is_empty() {

@@ -79,8 +79,7 @@ impl Metrics {
     /// Set the per-pool address gauges.
     pub fn set_pools(&self, snapshot: &Snapshot) {
         for pool in &snapshot.pools {
-            let used: u128 =
-                snapshot.blocks.iter().filter(|b| pool.cidr().contains(&b.cidr)).map(|b| u128::from(b.used())).sum();
+            let used = snapshot.used_in(pool);
             let free = pool.size().saturating_sub(used);
             for (state, value) in [("used", used), ("free", free)] {
                 self.addresses

@@ -172,15 +172,13 @@ impl Agent {
         let namespace = if request.namespace.is_empty() { "default".to_string() } else { request.namespace.clone() };
         let handle = ipam::handle_for(&request.container_id, &request.ifname);
         let pools = Catalog::new(Arc::clone(&self.store)).pools().await.map_err(store_reply)?;
-        let (ipv6_pools, ipv4_pools) = request.pools.iter().cloned().partition(|wanted| {
-            pools.iter().any(|(p, _)| (p.name() == wanted || p.cidr().to_string() == *wanted) && p.is_ipv6())
-        });
+        let pool_list: Vec<_> = pools.iter().map(|(p, _)| p.clone()).collect();
         let assign = AssignRequest {
             handle: handle.clone(),
             node: self.node.clone(),
             namespace: self.namespace_info(&namespace).await?,
             pod: (!request.pod.is_empty()).then(|| PodInfo { name: request.pod.clone(), annotations: BTreeMap::new() }),
-            requested: Requested { ipv4_pools, ipv6_pools, ips: request.ips.clone() },
+            requested: Requested::from_pool_names(&pool_list, &request.pools, request.ips.clone()),
         };
         let assigned = self.allocator.assign(&assign).await.map_err(alloc_reply)?;
         let endpoint = Endpoint {
@@ -300,14 +298,7 @@ impl Agent {
                 "apply an IPPool whose nodeSelector matches this node",
             ));
         }
-        let free: u128 = usable
-            .iter()
-            .map(|p| {
-                let used: u128 =
-                    snapshot.blocks.iter().filter(|b| p.cidr().contains(&b.cidr)).map(|b| u128::from(b.used())).sum();
-                p.size().saturating_sub(used)
-            })
-            .sum();
+        let free: u128 = usable.iter().map(|p| p.size().saturating_sub(snapshot.used_in(p))).sum();
         if free == 0 {
             let names: Vec<&str> = usable.iter().map(|p| p.name()).collect();
             return Err(reply(

@@ -35,6 +35,13 @@ pub struct Snapshot {
     pub handles: Vec<HandleRecord>,
 }
 
+impl Snapshot {
+    /// How many addresses of `pool` are allocated.
+    pub fn used_in(&self, pool: &IpPool) -> u128 {
+        self.blocks.iter().filter(|b| pool.cidr().contains(&b.cidr)).map(|b| u128::from(b.used())).sum()
+    }
+}
+
 /// Every inconsistency in the snapshot; empty means clean.
 pub fn check(snapshot: &Snapshot) -> Vec<Problem> {
     let mut problems = Vec::new();

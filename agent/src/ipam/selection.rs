@@ -51,6 +51,17 @@ pub struct Requested {
     pub ips: Vec<IpAddr>,
 }
 
+impl Requested {
+    /// A request naming pools of either family (as a network configuration does), sorted by family; names
+    /// that match no pool count as IPv4, so that selection reports them as unknown.
+    pub fn from_pool_names(pools: &[IpPool], names: &[String], ips: Vec<IpAddr>) -> Self {
+        let (ipv6_pools, ipv4_pools) = names.iter().cloned().partition(|wanted| {
+            pools.iter().any(|p| (p.name() == wanted || p.cidr().to_string() == *wanted) && p.is_ipv6())
+        });
+        Self { ipv4_pools, ipv6_pools, ips }
+    }
+}
+
 /// Where a pool choice came from, for messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChoiceSource {
