@@ -65,7 +65,10 @@ fn main() -> Result<()> {
     match cli.command {
         Task::Setup => setup(),
         Task::Test => test(),
-        Task::Demo { keep } => demo::run(&root, keep),
+        Task::Demo { keep } => {
+            setup()?;
+            demo::run(&root, keep)
+        }
         Task::Bench { only } => bench(&root, only.as_deref()),
         Task::Fuzz { seconds } => fuzz(seconds),
     }
@@ -137,17 +140,77 @@ fn setup() -> Result<()> {
             run("rustup", &["component", "add", component])?;
         }
     }
+    setup_ebpf_toolchain()?;
     Ok(())
+}
+
+/// What building the eBPF program needs: nightly with rust-src, and bpf-linker linked against nightly's own
+/// LLVM (through a prefix directory of symlinks that must outlive the install: bpf-linker keeps an rpath to it).
+fn setup_ebpf_toolchain() -> Result<()> {
+    if !succeeds("rustup", &["run", "nightly", "rustc", "--version"]) {
+        eprintln!("setup: installing the nightly toolchain");
+        run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+    }
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .unwrap_or(false);
+    if installed {
+        eprintln!("setup: nightly rust-src present");
+    } else {
+        eprintln!("setup: installing nightly rust-src");
+        run("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+    }
+    if succeeds("bpf-linker", &["--version"]) {
+        eprintln!("setup: bpf-linker present");
+        return Ok(());
+    }
+    let sysroot = Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]).output()?;
+    let lib = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .find(|name| name.starts_with("libLLVM.so.") && name.contains("-rust-"))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let major = llvm.trim_start_matches("libLLVM.so.").split('.').next().unwrap_or_default().to_string();
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let prefix = PathBuf::from(home).join(".local/share/poolwarden/llvm");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    for name in ["libLLVM.so", llvm.as_str()] {
+        let link = prefix.join("lib").join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&llvm), &link)?;
+    }
+    eprintln!("setup: installing bpf-linker 0.13.0 against nightly's LLVM {major} ({})", prefix.display());
+    run_with_env(
+        "cargo",
+        &[
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--locked",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ],
+        &[("LLVM_PREFIX", &prefix.display().to_string())],
+    )
 }
 
 fn test() -> Result<()> {
     setup()?;
     run("cargo", &["fmt", "--all", "--", "--check"])?;
-    run("cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    // The eBPF crate builds only for the BPF target (agent/build.rs does that); everything else for the host.
+    run("cargo", &["clippy", "--workspace", "--exclude", "poolwarden-ebpf", "--all-targets", "--", "-D", "warnings"])?;
     // The privileged tests exec the workspace's binaries, and must not skip themselves in CI.
-    run("cargo", &["build", "--workspace", "--bins"])?;
-    run_with_env("cargo", &["test", "--workspace", "--all-targets"], &[("POOLWARDEN_REQUIRE_PRIVILEGED", "1")])?;
-    run("cargo", &["test", "--workspace", "--doc"])?;
+    run("cargo", &["build", "--workspace", "--exclude", "poolwarden-ebpf", "--bins"])?;
+    run_with_env(
+        "cargo",
+        &["test", "--workspace", "--exclude", "poolwarden-ebpf", "--all-targets"],
+        &[("POOLWARDEN_REQUIRE_PRIVILEGED", "1")],
+    )?;
+    run("cargo", &["test", "--workspace", "--exclude", "poolwarden-ebpf", "--doc"])?;
     Ok(())
 }
 

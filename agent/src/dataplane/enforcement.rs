@@ -1,0 +1,214 @@
+//! Source-address enforcement in the kernel: the eBPF program from `ebpf/` (embedded in this binary), its
+//! endpoint map, its counters, and running it on crafted packets (`BPF_PROG_TEST_RUN`) for tests and
+//! benchmarks.
+
+use std::{net::IpAddr, time::Duration};
+
+use aya::{
+    Ebpf, include_bytes_aligned,
+    maps::{HashMap, MapData, PerCpuHashMap},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use ipnet::IpNet;
+pub use poolwarden_ebpf_common::{CounterKey, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, reason};
+
+/// The enforcement object, built for `bpfel-unknown-none` by `build.rs`.
+static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/poolwarden-ebpf"));
+
+/// The program that decides.
+pub const ENFORCE: &str = "enforce";
+/// The program that passes everything (the benchmark's baseline).
+pub const PASS: &str = "pass";
+/// What the program returns for a packet it lets through (`TC_ACT_UNSPEC`, as the kernel reports it).
+pub const VERDICT_PASS: u32 = u32::MAX;
+/// What the program returns for a packet it drops (`TC_ACT_SHOT`).
+pub const VERDICT_DROP: u32 = 2;
+
+/// Errors from loading or driving the program.
+#[derive(Debug, thiserror::Error)]
+pub enum EnforcementError {
+    /// Loading the object or a program failed (the verifier's log is in the message).
+    #[error("loading the enforcement program: {0}")]
+    Load(String),
+    /// A map operation failed.
+    #[error("{operation}: {message}")]
+    Map {
+        /// What was being done.
+        operation: String,
+        /// The kernel's answer.
+        message: String,
+    },
+}
+
+fn map_error(operation: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> EnforcementError {
+    let operation = operation.into();
+    move |e| EnforcementError::Map { operation, message: e.to_string() }
+}
+
+/// What the agent writes for one pod: its addresses, its pools, and the mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// The pod's addresses (at most one per family is enforced).
+    pub addresses: Vec<IpAddr>,
+    /// The pod's pools (used in pool mode).
+    pub pools: Vec<IpNet>,
+    /// Pool mode: any source inside the pod's pools passes.
+    pub pool_mode: bool,
+    /// The pool's id for the counters.
+    pub pool_id: u32,
+}
+
+impl EndpointSpec {
+    /// The map value.
+    pub fn entry(&self) -> Endpoint {
+        let mut entry = Endpoint { pool_id: self.pool_id, ..Endpoint::default() };
+        if self.pool_mode {
+            entry.flags |= POOL_MODE;
+        }
+        for address in &self.addresses {
+            match address {
+                IpAddr::V4(v4) => {
+                    entry.ipv4 = v4.octets();
+                    entry.flags |= HAS_IPV4;
+                }
+                IpAddr::V6(v6) => {
+                    entry.ipv6 = v6.octets();
+                    entry.flags |= HAS_IPV6;
+                }
+            }
+        }
+        for pool in &self.pools {
+            match pool {
+                IpNet::V4(net) => {
+                    entry.pool_ipv4 = net.network().octets();
+                    entry.pool_ipv4_mask = net.netmask().octets();
+                }
+                IpNet::V6(net) => {
+                    entry.pool_ipv6 = net.network().octets();
+                    entry.pool_ipv6_mask = net.netmask().octets();
+                }
+            }
+        }
+        entry
+    }
+}
+
+/// The loaded program and its maps.
+pub struct Enforcement {
+    ebpf: Ebpf,
+}
+
+impl Enforcement {
+    /// Load the object and both programs (this is where the verifier runs).
+    pub fn load() -> Result<Self, EnforcementError> {
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| EnforcementError::Load(e.to_string()))?;
+        for name in [ENFORCE, PASS] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| EnforcementError::Load(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
+            program.load().map_err(|e| EnforcementError::Load(format!("{name}: {e:?}")))?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    fn endpoints(&mut self) -> Result<HashMap<&mut MapData, u32, Endpoint>, EnforcementError> {
+        let map =
+            self.ebpf.map_mut("ENDPOINTS").ok_or_else(|| EnforcementError::Load("map ENDPOINTS missing".into()))?;
+        HashMap::try_from(map).map_err(map_error("open ENDPOINTS"))
+    }
+
+    /// Enforce `spec` on the interface with index `ifindex`.
+    pub fn set_endpoint(&mut self, ifindex: u32, spec: &EndpointSpec) -> Result<(), EnforcementError> {
+        self.endpoints()?.insert(ifindex, spec.entry(), 0).map_err(map_error(format!("set endpoint {ifindex}")))
+    }
+
+    /// Stop enforcing on an interface (its packets are then dropped: fail closed).
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), EnforcementError> {
+        match self.endpoints()?.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error(format!("remove endpoint {ifindex}"))(e)),
+        }
+    }
+
+    /// Every counter, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(CounterKey, u64)>, EnforcementError> {
+        let map = self.ebpf.map("COUNTERS").ok_or_else(|| EnforcementError::Load("map COUNTERS missing".into()))?;
+        let counters: PerCpuHashMap<&MapData, CounterKey, u64> =
+            PerCpuHashMap::try_from(map).map_err(map_error("open COUNTERS"))?;
+        let mut out = Vec::new();
+        for entry in counters.iter() {
+            let (key, values) = entry.map_err(map_error("read COUNTERS"))?;
+            out.push((key, values.iter().sum()));
+        }
+        out.sort_by_key(|(k, _)| (k.pool_id, k.reason));
+        Ok(out)
+    }
+
+    /// Run `program` on `packet` (an Ethernet frame) `repeat` times in the kernel, as if it arrived on the
+    /// loopback interface (ifindex 1); returns the verdict and the kernel's average time per run.
+    pub fn run(&self, program: &str, packet: &[u8], repeat: u32) -> Result<(u32, Duration), EnforcementError> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .ok_or_else(|| EnforcementError::Load(format!("program {program} missing")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
+        let options = TestRunOptions { data_in: Some(packet), repeat, ..TestRunOptions::default() };
+        let result = program
+            .test_run(options)
+            .map_err(|e| EnforcementError::Map { operation: "BPF_PROG_TEST_RUN".into(), message: e.to_string() })?;
+        Ok((result.return_value, result.duration))
+    }
+}
+
+/// Frames for tests and benchmarks.
+pub mod frames {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn ethernet(ethertype: u16) -> Vec<u8> {
+        let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        frame.extend_from_slice(&ethertype.to_be_bytes());
+        frame
+    }
+
+    /// An IPv4 UDP packet from `source`.
+    pub fn ipv4(source: Ipv4Addr, destination: Ipv4Addr) -> Vec<u8> {
+        let mut frame = ethernet(0x0800);
+        frame.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        frame.extend_from_slice(&source.octets());
+        frame.extend_from_slice(&destination.octets());
+        frame.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 8, 0, 0]);
+        frame
+    }
+
+    /// An IPv6 packet from `source` with `next_header` and, for ICMPv6, `icmp_type` as its first byte.
+    pub fn ipv6(source: Ipv6Addr, destination: Ipv6Addr, next_header: u8, icmp_type: u8) -> Vec<u8> {
+        let mut frame = ethernet(0x86dd);
+        frame.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, next_header, 64]);
+        frame.extend_from_slice(&source.octets());
+        frame.extend_from_slice(&destination.octets());
+        frame.extend_from_slice(&[icmp_type, 0, 0, 0, 0, 0, 0, 0]);
+        frame
+    }
+
+    /// An ARP request whose sender protocol address is `sender`.
+    pub fn arp(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+        let mut frame = ethernet(0x0806);
+        frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1, 0x02, 0, 0, 0, 0, 2]);
+        frame.extend_from_slice(&sender.octets());
+        frame.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        frame.extend_from_slice(&target.octets());
+        frame
+    }
+
+    /// An 802.1Q-tagged IPv4 packet.
+    pub fn vlan(source: Ipv4Addr, destination: Ipv4Addr) -> Vec<u8> {
+        let inner = ipv4(source, destination);
+        let mut frame = ethernet(0x8100);
+        frame.extend_from_slice(&[0, 42]);
+        frame.extend_from_slice(&inner[12..]);
+        frame
+    }
+}

@@ -1,0 +1,77 @@
+//! What the enforcement program and the agent agree on: the endpoint entry per host interface, and the
+//! counter keys. Every type is `#[repr(C)]` without padding, so both sides read the same bytes.
+#![no_std]
+
+/// The endpoint has an IPv4 address.
+pub const HAS_IPV4: u32 = 1;
+/// The endpoint has an IPv6 address.
+pub const HAS_IPV6: u32 = 1 << 1;
+/// Pool mode: any source inside the endpoint's pool passes, not only its own address.
+pub const POOL_MODE: u32 = 1 << 2;
+
+/// The entry for one pod's host-side interface, keyed by its ifindex.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The pod's IPv4 address, in network byte order as it appears in the packet.
+    pub ipv4: [u8; 4],
+    /// The IPv4 pool's network, network byte order.
+    pub pool_ipv4: [u8; 4],
+    /// The IPv4 pool's netmask, network byte order.
+    pub pool_ipv4_mask: [u8; 4],
+    /// `HAS_IPV4 | HAS_IPV6 | POOL_MODE`.
+    pub flags: u32,
+    /// The pod's IPv6 address.
+    pub ipv6: [u8; 16],
+    /// The IPv6 pool's network.
+    pub pool_ipv6: [u8; 16],
+    /// The IPv6 pool's netmask.
+    pub pool_ipv6_mask: [u8; 16],
+    /// Which pool, for the counters (the agent's numbering).
+    pub pool_id: u32,
+    /// Explicit padding to a multiple of 8, so the struct has none the compiler adds.
+    pub reserved: u32,
+}
+
+/// Why a packet was dropped or passed: the counter's second key part.
+pub mod reason {
+    /// Passed: the source is the pod's own address (or, in pool mode, in its pool).
+    pub const PASSED: u32 = 0;
+    /// Dropped: IPv4 source not the pod's.
+    pub const SPOOFED_IPV4: u32 = 1;
+    /// Dropped: IPv6 source not the pod's.
+    pub const SPOOFED_IPV6: u32 = 2;
+    /// Dropped: IPv6 from a pod that has no IPv6 address.
+    pub const NO_IPV6: u32 = 3;
+    /// Dropped: IPv4 from a pod that has no IPv4 address.
+    pub const NO_IPV4: u32 = 4;
+    /// Dropped: ARP whose sender address is not the pod's.
+    pub const SPOOFED_ARP: u32 = 5;
+    /// Dropped: a VLAN-tagged frame.
+    pub const VLAN: u32 = 6;
+    /// Dropped: the interface has no endpoint entry (fail closed).
+    pub const NO_ENDPOINT: u32 = 7;
+    /// Dropped: another ethertype, or a packet too short to read.
+    pub const OTHER: u32 = 8;
+    /// How many reasons there are.
+    pub const COUNT: u32 = 9;
+}
+
+/// A counter's key: (pool id, reason).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    /// The pool's id (0 when unknown).
+    pub pool_id: u32,
+    /// One of [`reason`].
+    pub reason: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    #![expect(unsafe_code, reason = "aya::Pod is an unsafe marker: these types are repr(C) without padding")]
+    // SAFETY: repr(C), only integer arrays and integers, sizes multiple of their alignment, no padding.
+    unsafe impl aya::Pod for super::Endpoint {}
+    // SAFETY: repr(C), two u32.
+    unsafe impl aya::Pod for super::CounterKey {}
+}

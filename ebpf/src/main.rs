@@ -1,0 +1,144 @@
+//! The enforcement program: attached with TCX at ingress of every pod's host-side veth (that is, the pod's
+//! egress), it passes a packet only if its source is the pod's own address (or, in pool mode, inside the
+//! pod's pool), and drops everything else, counting why.
+#![no_std]
+#![no_main]
+#![expect(unsafe_code, reason = "eBPF: reading the skb and map values is unsafe by construction")]
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::{classifier, map},
+    maps::{HashMap, PerCpuHashMap},
+    programs::TcContext,
+};
+use poolwarden_ebpf_common::{CounterKey, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, reason};
+
+/// ifindex of the host-side veth -> the pod it belongs to.
+#[map]
+static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::with_max_entries(65_536, 0);
+
+/// (pool, reason) -> packets, per CPU.
+#[map]
+static COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::with_max_entries(16_384, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// The verdict for a pod's packet.
+#[classifier]
+pub fn enforce(ctx: TcContext) -> i32 {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(endpoint) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
+        return drop(0, reason::NO_ENDPOINT);
+    };
+    let verdict = check(&ctx, endpoint).unwrap_or(reason::OTHER);
+    if verdict == reason::PASSED {
+        count(endpoint.pool_id, reason::PASSED);
+        // UNSPEC, not OK: other TC programs on the interface still run.
+        TC_ACT_UNSPEC
+    } else {
+        drop(endpoint.pool_id, verdict)
+    }
+}
+
+/// A program that passes everything: the baseline the benchmark measures against.
+#[classifier]
+pub fn pass(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn drop(pool_id: u32, why: u32) -> i32 {
+    count(pool_id, why);
+    TC_ACT_SHOT as i32
+}
+
+#[inline(always)]
+fn count(pool_id: u32, why: u32) {
+    let key = CounterKey { pool_id, reason: why };
+    match COUNTERS.get_ptr_mut(&key) {
+        // Per-CPU: no other CPU writes this slot, so a plain increment is exact.
+        Some(counter) => unsafe { *counter += 1 },
+        None => {
+            let _ = COUNTERS.insert(&key, &1, 0);
+        }
+    }
+}
+
+#[inline(always)]
+fn in_prefix<const N: usize>(address: &[u8; N], network: &[u8; N], mask: &[u8; N]) -> bool {
+    let mut i = 0;
+    while i < N {
+        if address[i] & mask[i] != network[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn check(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12)?);
+    match ethertype {
+        ETH_P_IP => {
+            if endpoint.flags & HAS_IPV4 == 0 {
+                return Ok(reason::NO_IPV4);
+            }
+            let source: [u8; 4] = ctx.load(ETH_HLEN + 12)?;
+            let own = source == endpoint.ipv4;
+            let pooled =
+                endpoint.flags & POOL_MODE != 0 && in_prefix(&source, &endpoint.pool_ipv4, &endpoint.pool_ipv4_mask);
+            Ok(if own || pooled { reason::PASSED } else { reason::SPOOFED_IPV4 })
+        }
+        ETH_P_IPV6 => {
+            let source: [u8; 16] = ctx.load(ETH_HLEN + 8)?;
+            // Neighbour and router discovery come from the link-local address before and besides any other.
+            let link_local = source[0] == 0xfe && source[1] & 0xc0 == 0x80;
+            if link_local {
+                let next_header: u8 = ctx.load(ETH_HLEN + 6)?;
+                let icmp_type: u8 = ctx.load(ETH_HLEN + 40)?;
+                if next_header == IPPROTO_ICMPV6 && (133..=137).contains(&icmp_type) {
+                    return Ok(reason::PASSED);
+                }
+            }
+            if source == [0u8; 16] {
+                // Duplicate address detection sends from the unspecified address.
+                let next_header: u8 = ctx.load(ETH_HLEN + 6)?;
+                let icmp_type: u8 = ctx.load(ETH_HLEN + 40)?;
+                if next_header == IPPROTO_ICMPV6 && icmp_type == 135 {
+                    return Ok(reason::PASSED);
+                }
+            }
+            if endpoint.flags & HAS_IPV6 == 0 {
+                return Ok(reason::NO_IPV6);
+            }
+            let own = source == endpoint.ipv6;
+            let pooled =
+                endpoint.flags & POOL_MODE != 0 && in_prefix(&source, &endpoint.pool_ipv6, &endpoint.pool_ipv6_mask);
+            Ok(if own || pooled { reason::PASSED } else { reason::SPOOFED_IPV6 })
+        }
+        ETH_P_ARP => {
+            // Ethernet/IPv4 ARP: the sender protocol address is 14 bytes into the ARP header.
+            let sender: [u8; 4] = ctx.load(ETH_HLEN + 14)?;
+            Ok(if endpoint.flags & HAS_IPV4 != 0 && sender == endpoint.ipv4 {
+                reason::PASSED
+            } else {
+                reason::SPOOFED_ARP
+            })
+        }
+        ETH_P_8021Q | ETH_P_8021AD => Ok(reason::VLAN),
+        _ => Ok(reason::OTHER),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
