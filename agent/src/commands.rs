@@ -62,6 +62,9 @@ pub enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// Source-address enforcement on every pod's host interface.
+        #[arg(long, value_enum, default_value = "strict")]
+        enforcement: crate::daemon::EnforcementMode,
     },
     /// Create or update IPPool, IPAMConfig and Namespace documents (all or nothing).
     Apply {

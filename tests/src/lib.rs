@@ -177,12 +177,18 @@ impl Node {
 
     /// Start the agent inside the node's namespace and wait until it answers.
     pub fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    /// Start the agent with extra arguments.
+    pub fn start_agent_with(&mut self, extra: &[&str]) {
         assert!(self.agent.is_none(), "agent already running");
         let log = std::fs::File::create(self.dir.path().join("agent.log")).expect("agent log");
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns.name])
             .arg(binary("poolwarden"))
             .args(["agent", "--node", &self.name, "--socket", &self.socket(), "--metrics-addr", "127.0.0.1:9641"])
+            .args(extra)
             .env("POOLWARDEN_DATASTORE", self.datastore())
             .stdout(Stdio::null())
             .stderr(log)

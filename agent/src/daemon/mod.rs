@@ -22,10 +22,35 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::{
     allocator::{AllocError, Allocator, AssignRequest},
     catalog::{Catalog, decode, encode},
-    dataplane::routes::{OwnedRoute, RouteError, Routes},
+    dataplane::{
+        enforcement::{EndpointSpec, Enforcement, EnforcementError},
+        routes::{OwnedRoute, RouteError, Routes},
+    },
     ipam::{self, NamespaceInfo, NodeInfo, PodInfo, Requested, SelectionError, selection::ChoiceSource},
     store::{Store, StoreError, Txn, keys},
 };
+
+/// How the agent enforces pods' source addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EnforcementMode {
+    /// A pod may send only from its own addresses.
+    Strict,
+    /// A pod may send from any address of its pools.
+    Pool,
+    /// No enforcement.
+    Off,
+}
+
+/// Errors that keep the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Route programming could not be set up.
+    #[error(transparent)]
+    Routes(#[from] RouteError),
+    /// The enforcement program could not be loaded.
+    #[error(transparent)]
+    Enforcement(#[from] EnforcementError),
+}
 
 /// What the agent remembers of each attachment it wired: enough to put its route back after a restart,
 /// undo it on DEL, and collect it when its container is gone.
@@ -56,6 +81,10 @@ pub struct Agent {
     /// Requests wiring or unwiring endpoints share this; a reconcile takes it alone, so it never sees an
     /// endpoint's route without the endpoint record it is computed from (and removes it as a stray).
     wiring: tokio::sync::RwLock<()>,
+    /// Source-address enforcement (`None` with `--enforcement off`).
+    enforcement: Option<std::sync::Mutex<Enforcement>>,
+    /// Pool mode lets a pod send from anywhere in its pool, not only its own address.
+    pool_mode: bool,
     /// Wakes the reaper of retired host interfaces.
     retired: tokio::sync::Notify,
     /// Counters and histograms served on the metrics port.
@@ -92,8 +121,14 @@ fn alloc_reply(err: AllocError) -> ErrorReply {
 
 impl Agent {
     /// An agent for `node` on `store`, programming routes in this process's network namespace.
-    pub fn new(node: NodeInfo, store: Arc<dyn Store>) -> Result<Self, RouteError> {
+    pub fn new(node: NodeInfo, store: Arc<dyn Store>, mode: EnforcementMode) -> Result<Self, AgentError> {
+        let enforcement = match mode {
+            EnforcementMode::Off => None,
+            EnforcementMode::Strict | EnforcementMode::Pool => Some(std::sync::Mutex::new(Enforcement::load()?)),
+        };
         Ok(Self {
+            enforcement,
+            pool_mode: mode == EnforcementMode::Pool,
             allocator: Allocator::new(Arc::clone(&store)),
             routes: Routes::connect()?,
             wiring: tokio::sync::RwLock::new(()),
@@ -190,7 +225,10 @@ impl Agent {
             pod: request.pod.clone(),
             ips: assigned.iter().map(|a| a.ip).collect(),
         };
-        if let Err(err) = self.wire(&endpoint, &assigned.iter().map(|a| a.block).collect::<Vec<_>>()).await {
+        let pool_cidrs: Vec<IpNet> =
+            assigned.iter().filter_map(|a| pool_list.iter().find(|p| p.name() == a.pool).map(|p| p.cidr())).collect();
+        if let Err(err) = self.wire(&endpoint, &assigned.iter().map(|a| a.block).collect::<Vec<_>>(), &pool_cidrs).await
+        {
             let _ = self.allocator.release_handle(&handle).await;
             return Err(err);
         }
@@ -207,7 +245,7 @@ impl Agent {
     }
 
     /// Record the endpoint and route its addresses to its host veth; make sure its blocks' blackholes exist.
-    async fn wire(&self, endpoint: &Endpoint, blocks: &[IpNet]) -> Result<(), ErrorReply> {
+    async fn wire(&self, endpoint: &Endpoint, blocks: &[IpNet], pools: &[IpNet]) -> Result<(), ErrorReply> {
         let _wiring = self.wiring.read().await;
         let key = keys::endpoint(&self.node.name, &ipam::handle_for(&endpoint.container_id, &endpoint.ifname));
         let existing = self.store.get(&key).await.map_err(store_reply)?.map(|kv| kv.mod_revision);
@@ -243,7 +281,20 @@ impl Agent {
         for ip in &endpoint.ips {
             self.routes.install(&OwnedRoute::Endpoint(*ip, ifindex)).await.map_err(route_reply)?;
         }
-        Ok(())
+        // Before the plugin hears of the address, the pod is enforced: it never sends unchecked.
+        self.enforce_endpoint(endpoint, ifindex, pools)
+    }
+
+    /// Write the endpoint's entry and attach the program to its host interface (idempotent).
+    fn enforce_endpoint(&self, endpoint: &Endpoint, ifindex: u32, pools: &[IpNet]) -> Result<(), ErrorReply> {
+        let Some(enforcement) = &self.enforcement else { return Ok(()) };
+        let pools: Vec<IpNet> =
+            pools.iter().filter(|p| endpoint.ips.iter().any(|ip| p.contains(ip))).copied().collect();
+        let spec = EndpointSpec { addresses: endpoint.ips.clone(), pools, pool_mode: self.pool_mode, pool_id: 0 };
+        let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
+        enforcement.enforce(&endpoint.host_ifname, ifindex, &spec).map_err(|e| {
+            reply(code::INTERFACE_SETUP, format!("enforcement on {} failed", endpoint.host_ifname), e.to_string())
+        })
     }
 
     async fn del(&self, request: DelRequest) -> Result<Vec<IpAddr>, ErrorReply> {
@@ -269,6 +320,12 @@ impl Agent {
         {
             // Deleting a device makes the kernel wait for an RCU grace period; retired links are deleted
             // together, shortly after, by the reaper, so neither this DEL nor the next waits for it.
+            if let Some(enforcement) = &self.enforcement {
+                let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
+                enforcement
+                    .release(index)
+                    .map_err(|e| reply(code::IO_FAILURE, "releasing enforcement failed", e.to_string()))?;
+            }
             self.routes.retire_link(index).await.map_err(route_reply)?;
             self.retired.notify_one();
         }
@@ -343,6 +400,13 @@ impl Agent {
         let _alone = self.wiring.write().await;
         let mut desired = BTreeSet::new();
         let endpoints = self.endpoints().await.map_err(store_reply)?;
+        let pools: Vec<IpNet> = Catalog::new(Arc::clone(&self.store))
+            .pools()
+            .await
+            .map_err(store_reply)?
+            .iter()
+            .map(|(p, _)| p.cidr())
+            .collect();
         let ipam_only: Vec<IpAddr> =
             endpoints.iter().filter(|e| e.host_ifname.is_empty()).flat_map(|e| e.ips.clone()).collect();
         let (affinities, _) = self.store.list(&keys::node_affinities(&self.node.name)).await.map_err(store_reply)?;
@@ -358,7 +422,10 @@ impl Agent {
                 continue;
             }
             match self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)? {
-                Some(ifindex) => desired.extend(endpoint.ips.iter().map(|ip| OwnedRoute::Endpoint(*ip, ifindex))),
+                Some(ifindex) => {
+                    desired.extend(endpoint.ips.iter().map(|ip| OwnedRoute::Endpoint(*ip, ifindex)));
+                    self.enforce_endpoint(&endpoint, ifindex, &pools)?;
+                }
                 None => warn!(
                     container = %endpoint.container_id, ifname = %endpoint.ifname, host_ifname = %endpoint.host_ifname,
                     addresses = ?endpoint.ips,

@@ -7,7 +7,10 @@ use std::{net::IpAddr, time::Duration};
 use aya::{
     Ebpf, include_bytes_aligned,
     maps::{HashMap, MapData, PerCpuHashMap},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        tc::{SchedClassifierLinkId, TcAttachOptions},
+    },
 };
 use ipnet::IpNet;
 pub use poolwarden_ebpf_common::{CounterKey, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, reason};
@@ -93,9 +96,10 @@ impl EndpointSpec {
     }
 }
 
-/// The loaded program and its maps.
+/// The loaded program and its maps, and the interfaces it is attached to.
 pub struct Enforcement {
     ebpf: Ebpf,
+    links: std::collections::HashMap<u32, SchedClassifierLinkId>,
 }
 
 impl Enforcement {
@@ -110,7 +114,48 @@ impl Enforcement {
                 .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
             program.load().map_err(|e| EnforcementError::Load(format!("{name}: {e:?}")))?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, links: std::collections::HashMap::new() })
+    }
+
+    /// Enforce `spec` on the host-side interface `ifname` (index `ifindex`): the entry first, then the
+    /// program at TCX ingress (the pod's egress), so there is no moment the program runs without an entry
+    /// other than dropping.
+    pub fn enforce(&mut self, ifname: &str, ifindex: u32, spec: &EndpointSpec) -> Result<(), EnforcementError> {
+        self.set_endpoint(ifindex, spec)?;
+        if self.links.contains_key(&ifindex) {
+            return Ok(());
+        }
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(ENFORCE)
+            .ok_or_else(|| EnforcementError::Load(format!("program {ENFORCE} missing")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
+        let link = program
+            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(|e| EnforcementError::Map {
+                operation: format!("attach to {ifname} (TCX ingress)"),
+                message: e.to_string(),
+            })?;
+        self.links.insert(ifindex, link);
+        Ok(())
+    }
+
+    /// Stop enforcing on an interface being removed: forget its entry and its link.
+    pub fn release(&mut self, ifindex: u32) -> Result<(), EnforcementError> {
+        if let Some(link) = self.links.remove(&ifindex)
+            && let Some(program) = self.ebpf.program_mut(ENFORCE)
+            && let Ok(program) = <&mut SchedClassifier>::try_from(program)
+        {
+            // The interface may be gone already, and its link with it.
+            let _ = program.detach(link);
+        }
+        self.remove_endpoint(ifindex)
+    }
+
+    /// How many interfaces the program is attached to.
+    pub fn attached(&self) -> usize {
+        self.links.len()
     }
 
     fn endpoints(&mut self) -> Result<HashMap<&mut MapData, u32, Endpoint>, EnforcementError> {
