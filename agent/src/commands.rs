@@ -65,6 +65,9 @@ pub enum Command {
         /// Source-address enforcement on every pod's host interface.
         #[arg(long, value_enum, default_value = "strict")]
         enforcement: crate::daemon::EnforcementMode,
+        /// Where (on bpffs) the enforcement maps and links are pinned; mounted at /sys/fs/bpf if needed.
+        #[arg(long, default_value = crate::dataplane::enforcement::DEFAULT_PIN_DIR)]
+        bpf_dir: std::path::PathBuf,
     },
     /// Create or update IPPool, IPAMConfig and Namespace documents (all or nothing).
     Apply {

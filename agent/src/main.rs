@@ -51,7 +51,7 @@ fn reads_stdin(cli: &Cli) -> bool {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
-    if let Command::Agent { node, socket, node_labels, metrics_addr, log_format, enforcement } = &cli.command {
+    if let Command::Agent { node, socket, node_labels, metrics_addr, log_format, enforcement, bpf_dir } = &cli.command {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
         let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
         match log_format {
@@ -64,7 +64,7 @@ async fn run(cli: Cli) -> Result<u8> {
             bail!("no node name: give --node or set NODENAME");
         }
         let store = store::open(&cli.datastore)?;
-        let agent = Arc::new(poolwarden::daemon::Agent::new(node, store, *enforcement)?);
+        let agent = Arc::new(poolwarden::daemon::Agent::new(node, store, *enforcement, bpf_dir)?);
         poolwarden::daemon::server::run(agent, socket.clone(), *metrics_addr).await?;
         return Ok(0);
     }

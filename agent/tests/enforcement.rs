@@ -17,6 +17,29 @@ fn root() -> bool {
     root
 }
 
+/// A bpffs of the test's own for the pinned maps, unmounted when dropped.
+struct Bpffs(tempfile::TempDir);
+
+impl Bpffs {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ok =
+            std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).status().unwrap().success();
+        assert!(ok, "mount bpffs");
+        Self(dir)
+    }
+
+    fn load(&self) -> Enforcement {
+        Enforcement::load(&self.0.path().join("poolwarden")).expect("the verifier accepts the program")
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
 const LOOPBACK: u32 = 1;
 const POD: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
 const NODE: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 1);
@@ -26,7 +49,8 @@ fn strict_mode_passes_only_the_pods_own_source() {
     if !root() {
         return;
     }
-    let mut enforcement = Enforcement::load().expect("the verifier accepts the program");
+    let bpffs = Bpffs::new();
+    let mut enforcement = bpffs.load();
     let verdict = |e: &Enforcement, frame: &[u8]| e.run(ENFORCE, frame, 1).expect("test run").0;
     assert_eq!(verdict(&enforcement, &frames::ipv4(POD, NODE)), VERDICT_DROP, "no endpoint entry: fail closed");
 
@@ -86,7 +110,8 @@ fn ipv6_pod_passes_its_own_address_only() {
     if !root() {
         return;
     }
-    let mut enforcement = Enforcement::load().unwrap();
+    let bpffs = Bpffs::new();
+    let mut enforcement = bpffs.load();
     let own: Ipv6Addr = "fd00:65::5".parse().unwrap();
     let spec =
         EndpointSpec { addresses: vec![IpAddr::V4(POD), IpAddr::V6(own)], pools: vec![], pool_mode: false, pool_id: 1 };

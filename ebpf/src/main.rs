@@ -13,13 +13,14 @@ use aya_ebpf::{
 };
 use poolwarden_ebpf_common::{CounterKey, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, reason};
 
-/// ifindex of the host-side veth -> the pod it belongs to.
+/// ifindex of the host-side veth -> the pod it belongs to. Pinned by name, so a restarted agent (and the
+/// program instances still attached from before) share it.
 #[map]
-static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::with_max_entries(65_536, 0);
+static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(131_072, 0);
 
 /// (pool, reason) -> packets, per CPU.
 #[map]
-static COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::with_max_entries(16_384, 0);
+static COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::pinned(16_384, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

@@ -131,6 +131,11 @@ impl Node {
         ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         let dir = tempfile::tempdir().expect("temp dir");
+        // A bpffs of the node's own, mounted in this (the host's) mount namespace so that it outlives the
+        // agent process, whose `ip netns exec` mount namespace dies with it: enforcement must survive a kill.
+        let bpffs = dir.path().join("bpf");
+        std::fs::create_dir_all(&bpffs).expect("bpf dir");
+        sh("mount", &["-t", "bpf", "bpf", &bpffs.display().to_string()]);
         let node = Self { ns, address: address.to_string(), dir, name: "node-0".to_string(), agent: None };
         let cni_path = node.cni_path();
         std::fs::create_dir_all(&cni_path).expect("cni-bin");
@@ -144,6 +149,11 @@ impl Node {
     /// `--datastore` for this node.
     pub fn datastore(&self) -> String {
         format!("embedded:{}", self.dir.path().join("store.redb").display())
+    }
+
+    /// Where the agent pins its enforcement maps and links.
+    pub fn bpf_dir(&self) -> String {
+        self.dir.path().join("bpf/poolwarden").display().to_string()
     }
 
     /// The agent's socket.
@@ -188,6 +198,7 @@ impl Node {
             .args(["netns", "exec", &self.ns.name])
             .arg(binary("poolwarden"))
             .args(["agent", "--node", &self.name, "--socket", &self.socket(), "--metrics-addr", "127.0.0.1:9641"])
+            .args(["--bpf-dir", &self.bpf_dir()])
             .args(extra)
             .env("POOLWARDEN_DATASTORE", self.datastore())
             .stdout(Stdio::null())
@@ -298,6 +309,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill_agent();
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path().join("bpf")).status();
     }
 }
 

@@ -66,3 +66,35 @@ fn spoofed_sources_never_arrive_and_own_traffic_flows() {
     assert_eq!(arrived(&node, "10.81.0.8"), 0);
     assert!(second.pings(&node.address));
 }
+
+#[test]
+fn enforcement_outlives_a_killed_agent() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.3.2");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.82.0.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let pod = NetNs::new("pwp");
+    let (ok, result) = node.cni("ADD", "survivor", &pod.path(), &k8s_args("default", "p"), &node.conf(json!({})));
+    assert!(ok, "{result}");
+    node.kill_agent();
+    // The agent is gone (kill -9); its pinned link and maps are not.
+    assert!(pod.pings(&node.address), "allowed traffic still flows while the agent is down");
+    watch_source(&node, "10.82.0.99");
+    send_from(&pod, "10.82.0.99", &node.address);
+    assert_eq!(arrived(&node, "10.82.0.99"), 0, "spoofed packets are still dropped while the agent is down");
+    let pins = std::fs::read_dir(std::path::Path::new(&node.bpf_dir()).join("links")).unwrap().count();
+    assert_eq!(pins, 1, "the pod's link stays pinned");
+    node.start_agent();
+    assert!(pod.pings(&node.address), "and after the restart, nothing was detached");
+    watch_source(&node, "10.82.0.98");
+    send_from(&pod, "10.82.0.98", &node.address);
+    assert_eq!(arrived(&node, "10.82.0.98"), 0);
+    let (ok, out) = node.cni("DEL", "survivor", &pod.path(), "", &node.conf(json!({})));
+    assert!(ok, "{out}");
+    let pins = std::fs::read_dir(std::path::Path::new(&node.bpf_dir()).join("links")).unwrap().count();
+    assert_eq!(pins, 0, "DEL unpins the link");
+}

@@ -121,10 +121,15 @@ fn alloc_reply(err: AllocError) -> ErrorReply {
 
 impl Agent {
     /// An agent for `node` on `store`, programming routes in this process's network namespace.
-    pub fn new(node: NodeInfo, store: Arc<dyn Store>, mode: EnforcementMode) -> Result<Self, AgentError> {
+    pub fn new(
+        node: NodeInfo,
+        store: Arc<dyn Store>,
+        mode: EnforcementMode,
+        bpf_dir: &std::path::Path,
+    ) -> Result<Self, AgentError> {
         let enforcement = match mode {
             EnforcementMode::Off => None,
-            EnforcementMode::Strict | EnforcementMode::Pool => Some(std::sync::Mutex::new(Enforcement::load()?)),
+            EnforcementMode::Strict | EnforcementMode::Pool => Some(std::sync::Mutex::new(Enforcement::load(bpf_dir)?)),
         };
         Ok(Self {
             enforcement,

@@ -2,15 +2,16 @@
 //! endpoint map, its counters, and running it on crafted packets (`BPF_PROG_TEST_RUN`) for tests and
 //! benchmarks.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
-    Ebpf, include_bytes_aligned,
+    Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{HashMap, MapData, PerCpuHashMap},
-    programs::{
-        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
-        tc::{SchedClassifierLinkId, TcAttachOptions},
-    },
+    programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, links::FdLink, tc::TcAttachOptions},
 };
 use ipnet::IpNet;
 pub use poolwarden_ebpf_common::{CounterKey, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, reason};
@@ -96,16 +97,47 @@ impl EndpointSpec {
     }
 }
 
-/// The loaded program and its maps, and the interfaces it is attached to.
+/// The default directory (on bpffs) for the pinned maps and links.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/poolwarden";
+
+/// The bpffs magic number (`statfs`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Make sure `dir` is on a bpffs, mounting one at /sys/fs/bpf if that is where it should be and nothing is.
+pub fn ensure_bpffs(dir: &Path) -> Result<(), EnforcementError> {
+    let on_bpffs = |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    let mount_point = dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+    if !on_bpffs(mount_point) {
+        let sys = Path::new("/sys/fs/bpf");
+        if !dir.starts_with(sys) {
+            return Err(EnforcementError::Load(format!(
+                "{} is not on a bpf filesystem (mount -t bpf bpf <dir>)",
+                dir.display()
+            )));
+        }
+        nix::mount::mount(Some("bpf"), sys, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|e| EnforcementError::Load(format!("mount bpffs at /sys/fs/bpf: {e}")))?;
+    }
+    std::fs::create_dir_all(dir.join("links"))
+        .map_err(|e| EnforcementError::Load(format!("create {}: {e}", dir.display())))
+}
+
+/// The loaded program and its maps. Maps are pinned by name in the pin directory (so they outlive the agent
+/// and a restarted agent adopts them), and every attachment is a TCX link pinned as `links/<ifindex>`
+/// (so pods stay enforced while the agent is down).
 pub struct Enforcement {
     ebpf: Ebpf,
-    links: std::collections::HashMap<u32, SchedClassifierLinkId>,
+    pin_dir: Option<PathBuf>,
 }
 
 impl Enforcement {
-    /// Load the object and both programs (this is where the verifier runs).
-    pub fn load() -> Result<Self, EnforcementError> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| EnforcementError::Load(e.to_string()))?;
+    /// Load the object and both programs (this is where the verifier runs), with maps pinned in (and adopted
+    /// from) `pin_dir`, which must be on a bpffs (mounted at /sys/fs/bpf if it belongs there and is missing).
+    pub fn load(pin_dir: &Path) -> Result<Self, EnforcementError> {
+        ensure_bpffs(pin_dir)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        let mut ebpf = loader.load(OBJECT).map_err(|e| EnforcementError::Load(e.to_string()))?;
         for name in [ENFORCE, PASS] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -114,15 +146,20 @@ impl Enforcement {
                 .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
             program.load().map_err(|e| EnforcementError::Load(format!("{name}: {e:?}")))?;
         }
-        Ok(Self { ebpf, links: std::collections::HashMap::new() })
+        Ok(Self { ebpf, pin_dir: Some(pin_dir.to_path_buf()) })
+    }
+
+    fn link_pin(&self, ifindex: u32) -> Option<PathBuf> {
+        self.pin_dir.as_ref().map(|d| d.join("links").join(ifindex.to_string()))
     }
 
     /// Enforce `spec` on the host-side interface `ifname` (index `ifindex`): the entry first, then the
-    /// program at TCX ingress (the pod's egress), so there is no moment the program runs without an entry
-    /// other than dropping.
+    /// program at TCX ingress (the pod's egress), so the program never runs on it without its entry. An
+    /// interface whose link is already pinned (from this run or an earlier one) only gets its entry updated.
     pub fn enforce(&mut self, ifname: &str, ifindex: u32, spec: &EndpointSpec) -> Result<(), EnforcementError> {
         self.set_endpoint(ifindex, spec)?;
-        if self.links.contains_key(&ifindex) {
+        let pin = self.link_pin(ifindex);
+        if pin.as_ref().is_some_and(|p| p.exists()) {
             return Ok(());
         }
         let program: &mut SchedClassifier = self
@@ -131,31 +168,39 @@ impl Enforcement {
             .ok_or_else(|| EnforcementError::Load(format!("program {ENFORCE} missing")))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
-        let link = program
+        let attach_err =
+            |e: String| EnforcementError::Map { operation: format!("attach to {ifname} (TCX ingress)"), message: e };
+        let id = program
             .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-            .map_err(|e| EnforcementError::Map {
-                operation: format!("attach to {ifname} (TCX ingress)"),
-                message: e.to_string(),
-            })?;
-        self.links.insert(ifindex, link);
+            .map_err(|e| attach_err(e.to_string()))?;
+        if let Some(pin) = pin {
+            let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+            let link: FdLink =
+                link.try_into().map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
+            // Pinned, the link stays attached when this process exits or dies.
+            link.pin(&pin).map_err(|e| attach_err(e.to_string()))?;
+        }
         Ok(())
     }
 
-    /// Stop enforcing on an interface being removed: forget its entry and its link.
+    /// Stop enforcing on an interface being removed: its pinned link and its entry.
     pub fn release(&mut self, ifindex: u32) -> Result<(), EnforcementError> {
-        if let Some(link) = self.links.remove(&ifindex)
-            && let Some(program) = self.ebpf.program_mut(ENFORCE)
-            && let Ok(program) = <&mut SchedClassifier>::try_from(program)
-        {
-            // The interface may be gone already, and its link with it.
-            let _ = program.detach(link);
+        if let Some(pin) = self.link_pin(ifindex) {
+            let _ = std::fs::remove_file(pin);
         }
         self.remove_endpoint(ifindex)
     }
 
-    /// How many interfaces the program is attached to.
-    pub fn attached(&self) -> usize {
-        self.links.len()
+    /// The interfaces with a pinned link.
+    pub fn attached(&self) -> Vec<u32> {
+        let Some(dir) = &self.pin_dir else { return Vec::new() };
+        let mut out: Vec<u32> = std::fs::read_dir(dir.join("links"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     fn endpoints(&mut self) -> Result<HashMap<&mut MapData, u32, Endpoint>, EnforcementError> {
