@@ -105,7 +105,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Make sure `dir` is on a bpffs, mounting one at /sys/fs/bpf if that is where it should be and nothing is.
 pub fn ensure_bpffs(dir: &Path) -> Result<(), EnforcementError> {
-    let on_bpffs = |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    let on_bpffs = |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     let mount_point = dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
     if !on_bpffs(mount_point) {
         let sys = Path::new("/sys/fs/bpf");
