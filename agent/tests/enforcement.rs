@@ -87,7 +87,7 @@ fn strict_mode_passes_only_the_pods_own_source() {
     ] {
         assert_eq!(verdict(&enforcement, &frame), want, "{what}");
     }
-    let counters = enforcement.counters().unwrap();
+    let counters = enforcement.counts(&[7]).unwrap();
     let count = |r: u32| counters.iter().find(|(k, _)| k.pool_id == 7 && k.reason == r).map_or(0, |(_, v)| *v);
     assert_eq!(count(reason::PASSED), 3);
     assert_eq!(count(reason::SPOOFED_IPV4), 2);

@@ -8,19 +8,27 @@
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::{classifier, map},
-    maps::{HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
-use poolwarden_ebpf_common::{CounterKey, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, reason};
+use poolwarden_ebpf_common::{
+    ARRAY_ENDPOINTS, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, POOL_SLOTS, PRESENT, counter_index, reason,
+};
 
-/// ifindex of the host-side veth -> the pod it belongs to. Pinned by name, so a restarted agent (and the
-/// program instances still attached from before) share it.
+/// ifindex of the host-side veth -> the pod it belongs to, for indexes below [`ARRAY_ENDPOINTS`]. Pinned by
+/// name, so a restarted agent (and the program instances still attached from before) share it.
 #[map]
-static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(131_072, 0);
+static ENDPOINTS: Array<Endpoint> = Array::pinned(ARRAY_ENDPOINTS, 0);
 
-/// (pool, reason) -> packets, per CPU.
+/// The same for the (rare) higher indexes; allocated as used (BPF_F_NO_PREALLOC).
 #[map]
-static COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::pinned(16_384, 0);
+static ENDPOINTS_HIGH: HashMap<u32, Endpoint> = HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Packets per (pool slot, reason), per CPU: an array, so counting is a bounds check and an add.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(POOL_SLOTS * reason::COUNT, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -34,7 +42,9 @@ const IPPROTO_ICMPV6: u8 = 58;
 #[classifier]
 pub fn enforce(ctx: TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(endpoint) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
+    let endpoint =
+        if ifindex < ARRAY_ENDPOINTS { ENDPOINTS.get(ifindex) } else { unsafe { ENDPOINTS_HIGH.get(&ifindex) } };
+    let Some(endpoint) = endpoint.filter(|e| e.flags & PRESENT != 0) else {
         return drop(0, reason::NO_ENDPOINT);
     };
     let verdict = check(&ctx, endpoint).unwrap_or(reason::OTHER);
@@ -61,14 +71,30 @@ fn drop(pool_id: u32, why: u32) -> i32 {
 
 #[inline(always)]
 fn count(pool_id: u32, why: u32) {
-    let key = CounterKey { pool_id, reason: why };
-    match COUNTERS.get_ptr_mut(&key) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(counter_index(pool_id, why)) {
         // Per-CPU: no other CPU writes this slot, so a plain increment is exact.
-        Some(counter) => unsafe { *counter += 1 },
-        None => {
-            let _ = COUNTERS.insert(&key, &1, 0);
+        unsafe { *counter += 1 };
+    }
+}
+
+/// A pointer to a `T` at `offset` in the packet, if the packet is that long (direct packet access: no
+/// helper call per read).
+#[inline(always)]
+fn at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, i64> {
+    let needed = offset + core::mem::size_of::<T>();
+    if ctx.data() + needed > ctx.data_end() {
+        // Headers not in the linear part of the skb (rare): pull them in once, then look again.
+        ctx.pull_data(needed as u32)?;
+        if ctx.data() + needed > ctx.data_end() {
+            return Err(-1);
         }
     }
+    Ok((ctx.data() + offset) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, i64> {
+    at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
 #[inline(always)]
@@ -85,33 +111,33 @@ fn in_prefix<const N: usize>(address: &[u8; N], network: &[u8; N], mask: &[u8; N
 
 #[inline(always)]
 fn check(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12)?);
+    let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
     match ethertype {
         ETH_P_IP => {
             if endpoint.flags & HAS_IPV4 == 0 {
                 return Ok(reason::NO_IPV4);
             }
-            let source: [u8; 4] = ctx.load(ETH_HLEN + 12)?;
+            let source: [u8; 4] = read(ctx, ETH_HLEN + 12)?;
             let own = source == endpoint.ipv4;
             let pooled =
                 endpoint.flags & POOL_MODE != 0 && in_prefix(&source, &endpoint.pool_ipv4, &endpoint.pool_ipv4_mask);
             Ok(if own || pooled { reason::PASSED } else { reason::SPOOFED_IPV4 })
         }
         ETH_P_IPV6 => {
-            let source: [u8; 16] = ctx.load(ETH_HLEN + 8)?;
+            let source: [u8; 16] = read(ctx, ETH_HLEN + 8)?;
             // Neighbour and router discovery come from the link-local address before and besides any other.
             let link_local = source[0] == 0xfe && source[1] & 0xc0 == 0x80;
             if link_local {
-                let next_header: u8 = ctx.load(ETH_HLEN + 6)?;
-                let icmp_type: u8 = ctx.load(ETH_HLEN + 40)?;
+                let next_header: u8 = read(ctx, ETH_HLEN + 6)?;
+                let icmp_type: u8 = read(ctx, ETH_HLEN + 40)?;
                 if next_header == IPPROTO_ICMPV6 && (133..=137).contains(&icmp_type) {
                     return Ok(reason::PASSED);
                 }
             }
             if source == [0u8; 16] {
                 // Duplicate address detection sends from the unspecified address.
-                let next_header: u8 = ctx.load(ETH_HLEN + 6)?;
-                let icmp_type: u8 = ctx.load(ETH_HLEN + 40)?;
+                let next_header: u8 = read(ctx, ETH_HLEN + 6)?;
+                let icmp_type: u8 = read(ctx, ETH_HLEN + 40)?;
                 if next_header == IPPROTO_ICMPV6 && icmp_type == 135 {
                     return Ok(reason::PASSED);
                 }
@@ -126,7 +152,7 @@ fn check(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
         }
         ETH_P_ARP => {
             // Ethernet/IPv4 ARP: the sender protocol address is 14 bytes into the ARP header.
-            let sender: [u8; 4] = ctx.load(ETH_HLEN + 14)?;
+            let sender: [u8; 4] = read(ctx, ETH_HLEN + 14)?;
             Ok(if endpoint.flags & HAS_IPV4 != 0 && sender == endpoint.ipv4 {
                 reason::PASSED
             } else {

@@ -33,7 +33,8 @@ enum Task {
     },
     /// Run the benchmarks and print figures with their peer measured in the same run.
     Bench {
-        /// Only this part: `cni` (plugin ADD/DEL against bridge + host-local, agent memory) or `allocator`.
+        /// Only this part: `cni` (plugin ADD/DEL against bridge + host-local, agent memory), `enforcement`
+        /// (per-packet cost against an empty program) or `allocator`.
         #[arg(long)]
         only: Option<String>,
     },
@@ -218,6 +219,9 @@ fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     setup()?;
     if only.is_none_or(|o| o == "cni") {
         bench::run(root)?;
+    }
+    if only.is_none_or(|o| o == "enforcement") {
+        run("cargo", &["bench", "-p", "poolwarden", "--bench", "enforcement"])?;
     }
     if only.is_none_or(|o| o == "allocator") {
         run("cargo", &["bench", "-p", "poolwarden", "--bench", "allocator"])?;

@@ -10,11 +10,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{HashMap, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, links::FdLink, tc::TcAttachOptions},
 };
 use ipnet::IpNet;
-pub use poolwarden_ebpf_common::{CounterKey, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, reason};
+pub use poolwarden_ebpf_common::{
+    ARRAY_ENDPOINTS, CounterKey, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, POOL_SLOTS, PRESENT, counter_index, pool_id,
+    reason,
+};
 
 /// The enforcement object, built for `bpfel-unknown-none` by `build.rs`.
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/poolwarden-ebpf"));
@@ -65,7 +68,7 @@ pub struct EndpointSpec {
 impl EndpointSpec {
     /// The map value.
     pub fn entry(&self) -> Endpoint {
-        let mut entry = Endpoint { pool_id: self.pool_id, ..Endpoint::default() };
+        let mut entry = Endpoint { pool_id: self.pool_id, flags: PRESENT, ..Endpoint::default() };
         if self.pool_mode {
             entry.flags |= POOL_MODE;
         }
@@ -203,36 +206,57 @@ impl Enforcement {
         out
     }
 
-    fn endpoints(&mut self) -> Result<HashMap<&mut MapData, u32, Endpoint>, EnforcementError> {
-        let map =
-            self.ebpf.map_mut("ENDPOINTS").ok_or_else(|| EnforcementError::Load("map ENDPOINTS missing".into()))?;
-        HashMap::try_from(map).map_err(map_error("open ENDPOINTS"))
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map, EnforcementError> {
+        self.ebpf.map_mut(name).ok_or_else(|| EnforcementError::Load(format!("map {name} missing")))
     }
 
     /// Enforce `spec` on the interface with index `ifindex`.
     pub fn set_endpoint(&mut self, ifindex: u32, spec: &EndpointSpec) -> Result<(), EnforcementError> {
-        self.endpoints()?.insert(ifindex, spec.entry(), 0).map_err(map_error(format!("set endpoint {ifindex}")))
+        self.write_endpoint(ifindex, Some(spec.entry()))
     }
 
     /// Stop enforcing on an interface (its packets are then dropped: fail closed).
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), EnforcementError> {
-        match self.endpoints()?.remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_error(format!("remove endpoint {ifindex}"))(e)),
+        self.write_endpoint(ifindex, None)
+    }
+
+    fn write_endpoint(&mut self, ifindex: u32, entry: Option<Endpoint>) -> Result<(), EnforcementError> {
+        let operation = format!("write endpoint {ifindex}");
+        if ifindex < ARRAY_ENDPOINTS {
+            let mut array: Array<&mut MapData, Endpoint> =
+                Array::try_from(self.map_mut("ENDPOINTS")?).map_err(map_error("open ENDPOINTS"))?;
+            return array.set(ifindex, entry.unwrap_or_default(), 0).map_err(map_error(operation));
+        }
+        let mut high: HashMap<&mut MapData, u32, Endpoint> =
+            HashMap::try_from(self.map_mut("ENDPOINTS_HIGH")?).map_err(map_error("open ENDPOINTS_HIGH"))?;
+        match entry {
+            Some(entry) => high.insert(ifindex, entry, 0).map_err(map_error(operation)),
+            None => match high.remove(&ifindex) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_error(operation)(e)),
+            },
         }
     }
 
-    /// Every counter, summed over CPUs.
-    pub fn counters(&self) -> Result<Vec<(CounterKey, u64)>, EnforcementError> {
+    /// The counters of the given pools, summed over CPUs: (pool id, reason, packets), non-zero only.
+    pub fn counters(&self, pool_ids: &[u32]) -> Result<Vec<CounterKey>, EnforcementError> {
+        Ok(self.counts(pool_ids)?.into_iter().map(|(key, _)| key).collect())
+    }
+
+    /// Like [`Enforcement::counters`], with the counts.
+    pub fn counts(&self, pool_ids: &[u32]) -> Result<Vec<(CounterKey, u64)>, EnforcementError> {
         let map = self.ebpf.map("COUNTERS").ok_or_else(|| EnforcementError::Load("map COUNTERS missing".into()))?;
-        let counters: PerCpuHashMap<&MapData, CounterKey, u64> =
-            PerCpuHashMap::try_from(map).map_err(map_error("open COUNTERS"))?;
+        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_error("open COUNTERS"))?;
         let mut out = Vec::new();
-        for entry in counters.iter() {
-            let (key, values) = entry.map_err(map_error("read COUNTERS"))?;
-            out.push((key, values.iter().sum()));
+        for &pool in pool_ids {
+            for why in 0..reason::COUNT {
+                let values = counters.get(&counter_index(pool, why), 0).map_err(map_error("read COUNTERS"))?;
+                let total: u64 = values.iter().sum();
+                if total > 0 {
+                    out.push((CounterKey { pool_id: pool, reason: why }, total));
+                }
+            }
         }
-        out.sort_by_key(|(k, _)| (k.pool_id, k.reason));
         Ok(out)
     }
 

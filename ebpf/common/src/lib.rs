@@ -8,6 +8,12 @@ pub const HAS_IPV4: u32 = 1;
 pub const HAS_IPV6: u32 = 1 << 1;
 /// Pool mode: any source inside the endpoint's pool passes, not only its own address.
 pub const POOL_MODE: u32 = 1 << 2;
+/// The entry is in use (array slots exist for every index; this marks the ones that hold a pod).
+pub const PRESENT: u32 = 1 << 3;
+
+/// Interfaces with an index below this have their entry in an array (a lookup the verifier turns into a
+/// bounds check and a load); higher indexes, rare, in a hash map.
+pub const ARRAY_ENDPOINTS: u32 = 65_536;
 
 /// The entry for one pod's host-side interface, keyed by its ifindex.
 #[repr(C)]
@@ -55,6 +61,26 @@ pub mod reason {
     pub const OTHER: u32 = 8;
     /// How many reasons there are.
     pub const COUNT: u32 = 9;
+}
+
+/// How many pool slots the counters have; a pool's slot is `pool_id % POOL_SLOTS`.
+pub const POOL_SLOTS: u32 = 1024;
+
+/// The counters array index of (pool, reason).
+pub const fn counter_index(pool_id: u32, why: u32) -> u32 {
+    (pool_id % POOL_SLOTS) * reason::COUNT + why
+}
+
+/// A pool's id: a stable hash of its name (FNV-1a), so the agent and every restart agree without state.
+pub const fn pool_id(name: &[u8]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < name.len() {
+        hash ^= name[i] as u32;
+        hash = hash.wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    hash
 }
 
 /// A counter's key: (pool id, reason).
