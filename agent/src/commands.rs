@@ -115,10 +115,26 @@ pub enum Command {
         #[arg(required = true)]
         changes: Vec<String>,
     },
+    /// Source-address enforcement as pinned in the kernel (works while the agent is down).
+    Enforcement {
+        #[command(subcommand)]
+        command: EnforcementCommand,
+    },
     /// Inspect and repair address management.
     Ipam {
         #[command(subcommand)]
         command: IpamCommand,
+    },
+}
+
+/// `poolwarden enforcement ...`.
+#[derive(Subcommand)]
+pub enum EnforcementCommand {
+    /// Enforced interfaces, their entries, and packets passed and dropped per pool and reason.
+    Status {
+        /// Where the agent pins its maps and links.
+        #[arg(long, default_value = crate::dataplane::enforcement::DEFAULT_PIN_DIR)]
+        bpf_dir: std::path::PathBuf,
     },
 }
 
@@ -302,6 +318,45 @@ pub async fn execute(
             w!(out, "namespace/{name} labeled");
         }
         Command::Ipam { command } => return ipam_command(command, &catalog, &allocator, out).await,
+        Command::Enforcement { command: EnforcementCommand::Status { bpf_dir } } => {
+            use crate::dataplane::enforcement::{self, HAS_IPV4, HAS_IPV6, POOL_MODE, reason};
+            let pools: Vec<String> = catalog.pools().await?.into_iter().map(|(p, _)| p.name().to_string()).collect();
+            let ids: Vec<(u32, &str)> =
+                pools.iter().map(|n| (enforcement::pool_id(n.as_bytes()), n.as_str())).collect();
+            let name_of = |id: u32| ids.iter().find(|(i, _)| *i == id).map_or("<none>", |(_, n)| n);
+            let all: Vec<u32> = ids.iter().map(|(i, _)| *i).chain([0]).collect();
+            let state = enforcement::read_pinned(&bpf_dir, &all)?;
+            w!(out, "{} interface(s) enforced (links pinned in {})", state.attached.len(), bpf_dir.display());
+            let rows: Vec<Vec<String>> = state
+                .endpoints
+                .iter()
+                .map(|(ifindex, e)| {
+                    let mut addresses = Vec::new();
+                    if e.flags & HAS_IPV4 != 0 {
+                        addresses.push(std::net::Ipv4Addr::from(e.ipv4).to_string());
+                    }
+                    if e.flags & HAS_IPV6 != 0 {
+                        addresses.push(std::net::Ipv6Addr::from(e.ipv6).to_string());
+                    }
+                    let mode = if e.flags & POOL_MODE != 0 { "pool" } else { "strict" };
+                    let attached = if state.attached.contains(ifindex) { "yes" } else { "no" };
+                    vec![
+                        ifindex.to_string(),
+                        addresses.join(","),
+                        name_of(e.pool_id).to_string(),
+                        mode.to_string(),
+                        attached.to_string(),
+                    ]
+                })
+                .collect();
+            out.push_str(&cli::table(&["IFINDEX", "ADDRESSES", "POOL", "MODE", "ATTACHED"], &rows));
+            let rows: Vec<Vec<String>> = state
+                .counters
+                .iter()
+                .map(|(pool, why, n)| vec![name_of(*pool).to_string(), reason::name(*why).to_string(), n.to_string()])
+                .collect();
+            out.push_str(&cli::table(&["POOL", "REASON", "PACKETS"], &rows));
+        }
     }
     Ok(0)
 }

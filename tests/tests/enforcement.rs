@@ -57,6 +57,13 @@ fn spoofed_sources_never_arrive_and_own_traffic_flows() {
         send_from(&pod, spoofed, &node.address);
         assert_eq!(arrived(&node, spoofed), 0, "{what}: spoofed {spoofed} must never arrive");
     }
+    // The counters say why, in the CLI (read from the pinned maps) and in the metrics.
+    let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
+    assert!(status.contains(&own) && status.contains("strict"), "{status}");
+    assert!(status.lines().any(|l| l.starts_with("a ") && l.contains("spoofed_ipv4")), "{status}");
+    let metrics = node.ns.exec(&["curl", "-s", "http://127.0.0.1:9641/metrics"]);
+    assert!(metrics.contains("poolwarden_dropped_packets_total{pool=\"a\",reason=\"spoofed_ipv4\"}"), "{metrics}");
+    assert!(metrics.contains("poolwarden_passed_packets_total{pool=\"a\"}"), "{metrics}");
     // A pod added while enforcing is enforced from its first packet.
     let second = NetNs::new("pwp");
     let (ok, result) = node.cni("ADD", "enf-2", &second.path(), &k8s_args("default", "q"), &node.conf(json!({})));

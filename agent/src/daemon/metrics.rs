@@ -33,6 +33,17 @@ struct PoolLabels {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    pool: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PassLabels {
+    pool: String,
+}
+
 type HistogramFamily = Family<CommandLabels, Histogram, fn() -> Histogram>;
 
 /// The agent's metrics.
@@ -42,6 +53,10 @@ pub struct Metrics {
     latency: HistogramFamily,
     addresses: Family<PoolLabels, Gauge>,
     blocks_owned: Gauge,
+    dropped: Family<DropLabels, Counter>,
+    passed: Family<PassLabels, Counter>,
+    /// The kernel's totals last seen, so the counters advance by the difference.
+    seen: std::sync::Mutex<std::collections::HashMap<(String, u32), u64>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -60,7 +75,15 @@ impl Default for Metrics {
         registry.register("request_duration_seconds", "Time to serve a request, by command", latency.clone());
         registry.register("pool_addresses", "Addresses per pool, by state (used or free)", addresses.clone());
         registry.register("blocks_owned", "Blocks affine to this node", blocks_owned.clone());
-        Self { registry, requests, latency, addresses, blocks_owned }
+        let dropped = Family::<DropLabels, Counter>::default();
+        let passed = Family::<PassLabels, Counter>::default();
+        registry.register(
+            "dropped_packets",
+            "Packets from pods dropped by enforcement, by pool and reason",
+            dropped.clone(),
+        );
+        registry.register("passed_packets", "Packets from pods passed by enforcement, by pool", passed.clone());
+        Self { registry, requests, latency, addresses, blocks_owned, dropped, passed, seen: Default::default() }
     }
 }
 
@@ -85,6 +108,21 @@ impl Metrics {
                 self.addresses
                     .get_or_create(&PoolLabels { pool: pool.name().to_string(), state: state.into() })
                     .set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    /// Advance the enforcement counters to the kernel's totals: (pool, reason, packets).
+    pub fn set_enforcement(&self, totals: impl IntoIterator<Item = (String, u32, u64)>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (pool, why, total) in totals {
+            let last = seen.insert((pool.clone(), why), total).unwrap_or(0);
+            let delta = total.saturating_sub(last);
+            if why == poolwarden_ebpf_common::reason::PASSED {
+                self.passed.get_or_create(&PassLabels { pool }).inc_by(delta);
+            } else {
+                let reason = poolwarden_ebpf_common::reason::name(why).to_string();
+                self.dropped.get_or_create(&DropLabels { pool, reason }).inc_by(delta);
             }
         }
     }

@@ -230,8 +230,10 @@ impl Agent {
             pod: request.pod.clone(),
             ips: assigned.iter().map(|a| a.ip).collect(),
         };
-        let pool_cidrs: Vec<IpNet> =
-            assigned.iter().filter_map(|a| pool_list.iter().find(|p| p.name() == a.pool).map(|p| p.cidr())).collect();
+        let pool_cidrs: Vec<(String, IpNet)> = assigned
+            .iter()
+            .filter_map(|a| pool_list.iter().find(|p| p.name() == a.pool).map(|p| (p.name().to_string(), p.cidr())))
+            .collect();
         if let Err(err) = self.wire(&endpoint, &assigned.iter().map(|a| a.block).collect::<Vec<_>>(), &pool_cidrs).await
         {
             let _ = self.allocator.release_handle(&handle).await;
@@ -250,7 +252,7 @@ impl Agent {
     }
 
     /// Record the endpoint and route its addresses to its host veth; make sure its blocks' blackholes exist.
-    async fn wire(&self, endpoint: &Endpoint, blocks: &[IpNet], pools: &[IpNet]) -> Result<(), ErrorReply> {
+    async fn wire(&self, endpoint: &Endpoint, blocks: &[IpNet], pools: &[(String, IpNet)]) -> Result<(), ErrorReply> {
         let _wiring = self.wiring.read().await;
         let key = keys::endpoint(&self.node.name, &ipam::handle_for(&endpoint.container_id, &endpoint.ifname));
         let existing = self.store.get(&key).await.map_err(store_reply)?.map(|kv| kv.mod_revision);
@@ -291,11 +293,14 @@ impl Agent {
     }
 
     /// Write the endpoint's entry and attach the program to its host interface (idempotent).
-    fn enforce_endpoint(&self, endpoint: &Endpoint, ifindex: u32, pools: &[IpNet]) -> Result<(), ErrorReply> {
+    fn enforce_endpoint(&self, endpoint: &Endpoint, ifindex: u32, pools: &[(String, IpNet)]) -> Result<(), ErrorReply> {
         let Some(enforcement) = &self.enforcement else { return Ok(()) };
-        let pools: Vec<IpNet> =
-            pools.iter().filter(|p| endpoint.ips.iter().any(|ip| p.contains(ip))).copied().collect();
-        let spec = EndpointSpec { addresses: endpoint.ips.clone(), pools, pool_mode: self.pool_mode, pool_id: 0 };
+        let own: Vec<&(String, IpNet)> =
+            pools.iter().filter(|(_, p)| endpoint.ips.iter().any(|ip| p.contains(ip))).collect();
+        // Counted under the pool of its first address (a dual-stack pod's two pools share its counters).
+        let pool = own.first().map_or(0, |(name, _)| crate::dataplane::enforcement::pool_id(name.as_bytes()));
+        let pools = own.iter().map(|(_, cidr)| *cidr).collect();
+        let spec = EndpointSpec { addresses: endpoint.ips.clone(), pools, pool_mode: self.pool_mode, pool_id: pool };
         let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
         enforcement.enforce(&endpoint.host_ifname, ifindex, &spec).map_err(|e| {
             reply(code::INTERFACE_SETUP, format!("enforcement on {} failed", endpoint.host_ifname), e.to_string())
@@ -405,12 +410,12 @@ impl Agent {
         let _alone = self.wiring.write().await;
         let mut desired = BTreeSet::new();
         let endpoints = self.endpoints().await.map_err(store_reply)?;
-        let pools: Vec<IpNet> = Catalog::new(Arc::clone(&self.store))
+        let pools: Vec<(String, IpNet)> = Catalog::new(Arc::clone(&self.store))
             .pools()
             .await
             .map_err(store_reply)?
             .iter()
-            .map(|(p, _)| p.cidr())
+            .map(|(p, _)| (p.name().to_string(), p.cidr()))
             .collect();
         let ipam_only: Vec<IpAddr> =
             endpoints.iter().filter(|e| e.host_ifname.is_empty()).flat_map(|e| e.ips.clone()).collect();
@@ -464,10 +469,26 @@ impl Agent {
         self.reconcile().await.map(|_| ())
     }
 
-    /// Refresh the per-pool gauges from the store.
+    /// Refresh the per-pool gauges from the store and the enforcement counters from the kernel.
     pub async fn refresh_pool_metrics(&self) {
-        if let Ok(snapshot) = self.allocator.snapshot().await {
-            self.metrics.set_pools(&snapshot);
+        let Ok(snapshot) = self.allocator.snapshot().await else { return };
+        self.metrics.set_pools(&snapshot);
+        if let Some(enforcement) = &self.enforcement {
+            let names: Vec<(u32, String)> = snapshot
+                .pools
+                .iter()
+                .map(|p| (crate::dataplane::enforcement::pool_id(p.name().as_bytes()), p.name().to_string()))
+                .collect();
+            let ids: Vec<u32> = names.iter().map(|(id, _)| *id).chain([0]).collect();
+            let counts = enforcement.lock().unwrap_or_else(|p| p.into_inner()).counts(&ids);
+            if let Ok(counts) = counts {
+                let named = counts.into_iter().map(|(key, n)| {
+                    let pool =
+                        names.iter().find(|(id, _)| *id == key.pool_id).map_or("<none>", |(_, name)| name.as_str());
+                    (pool.to_string(), key.reason, n)
+                });
+                self.metrics.set_enforcement(named);
+            }
         }
     }
 }

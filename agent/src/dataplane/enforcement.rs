@@ -196,14 +196,7 @@ impl Enforcement {
 
     /// The interfaces with a pinned link.
     pub fn attached(&self) -> Vec<u32> {
-        let Some(dir) = &self.pin_dir else { return Vec::new() };
-        let mut out: Vec<u32> = std::fs::read_dir(dir.join("links"))
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        out.sort_unstable();
-        out
+        self.pin_dir.as_deref().map(pinned_links).unwrap_or_default()
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map, EnforcementError> {
@@ -275,6 +268,63 @@ impl Enforcement {
             .map_err(|e| EnforcementError::Map { operation: "BPF_PROG_TEST_RUN".into(), message: e.to_string() })?;
         Ok((result.return_value, result.duration))
     }
+}
+
+/// What the pinned maps say, read without loading anything (works while the agent is down).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PinnedState {
+    /// Interfaces with a pinned link (enforced).
+    pub attached: Vec<u32>,
+    /// Endpoint entries: (ifindex, entry).
+    pub endpoints: Vec<(u32, Endpoint)>,
+    /// Non-zero counters of the given pools: (pool id, reason, packets).
+    pub counters: Vec<(u32, u32, u64)>,
+}
+
+/// The interfaces with a link pinned in `pin_dir`, by index.
+fn pinned_links(pin_dir: &Path) -> Vec<u32> {
+    let mut out: Vec<u32> = std::fs::read_dir(pin_dir.join("links"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Read the state pinned in `pin_dir`.
+pub fn read_pinned(pin_dir: &Path, pool_ids: &[u32]) -> Result<PinnedState, EnforcementError> {
+    let open = |name: &str| {
+        aya::maps::MapData::from_pin(pin_dir.join(name))
+            .and_then(aya::maps::Map::from_map_data)
+            .map_err(map_error(format!("open pinned map {}", pin_dir.join(name).display())))
+    };
+    let mut state = PinnedState { attached: pinned_links(pin_dir), ..PinnedState::default() };
+    let endpoints: Array<MapData, Endpoint> = Array::try_from(open("ENDPOINTS")?).map_err(map_error("ENDPOINTS"))?;
+    for (index, entry) in endpoints.iter().enumerate() {
+        let entry = entry.map_err(map_error("read ENDPOINTS"))?;
+        if entry.flags & PRESENT != 0 {
+            state.endpoints.push((u32::try_from(index).unwrap_or(u32::MAX), entry));
+        }
+    }
+    let high: HashMap<MapData, u32, Endpoint> =
+        HashMap::try_from(open("ENDPOINTS_HIGH")?).map_err(map_error("ENDPOINTS_HIGH"))?;
+    for item in high.iter() {
+        let (index, entry) = item.map_err(map_error("read ENDPOINTS_HIGH"))?;
+        state.endpoints.push((index, entry));
+    }
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(open("COUNTERS")?).map_err(map_error("COUNTERS"))?;
+    for &pool in pool_ids {
+        for why in 0..reason::COUNT {
+            let total: u64 =
+                counters.get(&counter_index(pool, why), 0).map_err(map_error("read COUNTERS"))?.iter().sum();
+            if total > 0 {
+                state.counters.push((pool, why, total));
+            }
+        }
+    }
+    Ok(state)
 }
 
 /// Frames for tests and benchmarks.

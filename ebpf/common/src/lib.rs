@@ -61,6 +61,21 @@ pub mod reason {
     pub const OTHER: u32 = 8;
     /// How many reasons there are.
     pub const COUNT: u32 = 9;
+
+    /// The reason's name, as metrics and `poolwarden enforcement status` show it.
+    pub const fn name(reason: u32) -> &'static str {
+        match reason {
+            PASSED => "passed",
+            SPOOFED_IPV4 => "spoofed_ipv4",
+            SPOOFED_IPV6 => "spoofed_ipv6",
+            NO_IPV6 => "no_ipv6",
+            NO_IPV4 => "no_ipv4",
+            SPOOFED_ARP => "spoofed_arp",
+            VLAN => "vlan",
+            NO_ENDPOINT => "no_endpoint",
+            _ => "other",
+        }
+    }
 }
 
 /// How many pool slots the counters have; a pool's slot is `pool_id % POOL_SLOTS`.
