@@ -105,3 +105,32 @@ fn enforcement_outlives_a_killed_agent() {
     let pins = std::fs::read_dir(std::path::Path::new(&node.bpf_dir()).join("links")).unwrap().count();
     assert_eq!(pins, 0, "DEL unpins the link");
 }
+
+#[test]
+fn a_pool_can_override_the_agents_mode() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.3.3");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: open}\nspec: {cidr: 10.83.0.0/24, blockSize: 28, enforcement: Off}\n---\n\
+         apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: pooled}\nspec: {cidr: 10.84.0.0/24, blockSize: 28, enforcement: Pool}\n",
+    );
+    node.start_agent();
+    let free = NetNs::new("pwp");
+    assert!(node.cni("ADD", "free", &free.path(), &k8s_args("default", "f"), &node.conf(json!({"pools": ["open"]}))).0);
+    watch_source(&node, "192.0.2.7");
+    send_from(&free, "192.0.2.7", &node.address);
+    assert!(arrived(&node, "192.0.2.7") > 0, "enforcement: Off on the pool leaves its pods unchecked");
+    let pooled = NetNs::new("pwp");
+    assert!(
+        node.cni("ADD", "pooled", &pooled.path(), &k8s_args("default", "p"), &node.conf(json!({"pools": ["pooled"]})))
+            .0
+    );
+    watch_source(&node, "10.84.0.77");
+    send_from(&pooled, "10.84.0.77", &node.address);
+    assert!(arrived(&node, "10.84.0.77") > 0, "pool mode: another source of the pod's pool passes");
+    watch_source(&node, "10.83.0.77");
+    send_from(&pooled, "10.83.0.77", &node.address);
+    assert_eq!(arrived(&node, "10.83.0.77"), 0, "but not one of another pool");
+}

@@ -41,6 +41,23 @@ pub enum EnforcementMode {
     Off,
 }
 
+/// What enforcement needs to know of a pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolRef {
+    /// The pool's name.
+    pub name: String,
+    /// Its range.
+    pub cidr: IpNet,
+    /// Its override of the agent's mode.
+    pub enforcement: Option<crate::resources::EnforcementMode>,
+}
+
+impl PoolRef {
+    fn of(pool: &crate::resources::IpPool) -> Self {
+        Self { name: pool.name().to_string(), cidr: pool.cidr(), enforcement: pool.spec.enforcement }
+    }
+}
+
 /// Errors that keep the agent from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -230,10 +247,8 @@ impl Agent {
             pod: request.pod.clone(),
             ips: assigned.iter().map(|a| a.ip).collect(),
         };
-        let pool_cidrs: Vec<(String, IpNet)> = assigned
-            .iter()
-            .filter_map(|a| pool_list.iter().find(|p| p.name() == a.pool).map(|p| (p.name().to_string(), p.cidr())))
-            .collect();
+        let pool_cidrs: Vec<PoolRef> =
+            assigned.iter().filter_map(|a| pool_list.iter().find(|p| p.name() == a.pool).map(PoolRef::of)).collect();
         if let Err(err) = self.wire(&endpoint, &assigned.iter().map(|a| a.block).collect::<Vec<_>>(), &pool_cidrs).await
         {
             let _ = self.allocator.release_handle(&handle).await;
@@ -252,7 +267,7 @@ impl Agent {
     }
 
     /// Record the endpoint and route its addresses to its host veth; make sure its blocks' blackholes exist.
-    async fn wire(&self, endpoint: &Endpoint, blocks: &[IpNet], pools: &[(String, IpNet)]) -> Result<(), ErrorReply> {
+    async fn wire(&self, endpoint: &Endpoint, blocks: &[IpNet], pools: &[PoolRef]) -> Result<(), ErrorReply> {
         let _wiring = self.wiring.read().await;
         let key = keys::endpoint(&self.node.name, &ipam::handle_for(&endpoint.container_id, &endpoint.ifname));
         let existing = self.store.get(&key).await.map_err(store_reply)?.map(|kv| kv.mod_revision);
@@ -293,18 +308,29 @@ impl Agent {
     }
 
     /// Write the endpoint's entry and attach the program to its host interface (idempotent).
-    fn enforce_endpoint(&self, endpoint: &Endpoint, ifindex: u32, pools: &[(String, IpNet)]) -> Result<(), ErrorReply> {
+    fn enforce_endpoint(&self, endpoint: &Endpoint, ifindex: u32, pools: &[PoolRef]) -> Result<(), ErrorReply> {
         let Some(enforcement) = &self.enforcement else { return Ok(()) };
-        let own: Vec<&(String, IpNet)> =
-            pools.iter().filter(|(_, p)| endpoint.ips.iter().any(|ip| p.contains(ip))).collect();
-        // Counted under the pool of its first address (a dual-stack pod's two pools share its counters).
-        let pool = own.first().map_or(0, |(name, _)| crate::dataplane::enforcement::pool_id(name.as_bytes()));
-        let pools = own.iter().map(|(_, cidr)| *cidr).collect();
-        let spec = EndpointSpec { addresses: endpoint.ips.clone(), pools, pool_mode: self.pool_mode, pool_id: pool };
+        let own: Vec<&PoolRef> = pools.iter().filter(|p| endpoint.ips.iter().any(|ip| p.cidr.contains(ip))).collect();
         let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
-        enforcement.enforce(&endpoint.host_ifname, ifindex, &spec).map_err(|e| {
+        let failed = |e: EnforcementError| {
             reply(code::INTERFACE_SETUP, format!("enforcement on {} failed", endpoint.host_ifname), e.to_string())
-        })
+        };
+        // The pod's pool may override the agent's mode (the first address's pool decides).
+        let pool_mode = match own.first().and_then(|p| p.enforcement) {
+            Some(crate::resources::EnforcementMode::Off) => return enforcement.release(ifindex).map_err(failed),
+            Some(crate::resources::EnforcementMode::Pool) => true,
+            Some(crate::resources::EnforcementMode::Strict) => false,
+            None => self.pool_mode,
+        };
+        // Counted under the pool of its first address (a dual-stack pod's two pools share its counters).
+        let pool_id = own.first().map_or(0, |p| crate::dataplane::enforcement::pool_id(p.name.as_bytes()));
+        let spec = EndpointSpec {
+            addresses: endpoint.ips.clone(),
+            pools: own.iter().map(|p| p.cidr).collect(),
+            pool_mode,
+            pool_id,
+        };
+        enforcement.enforce(&endpoint.host_ifname, ifindex, &spec).map_err(failed)
     }
 
     async fn del(&self, request: DelRequest) -> Result<Vec<IpAddr>, ErrorReply> {
@@ -410,12 +436,12 @@ impl Agent {
         let _alone = self.wiring.write().await;
         let mut desired = BTreeSet::new();
         let endpoints = self.endpoints().await.map_err(store_reply)?;
-        let pools: Vec<(String, IpNet)> = Catalog::new(Arc::clone(&self.store))
+        let pools: Vec<PoolRef> = Catalog::new(Arc::clone(&self.store))
             .pools()
             .await
             .map_err(store_reply)?
             .iter()
-            .map(|(p, _)| (p.name().to_string(), p.cidr()))
+            .map(|(p, _)| PoolRef::of(p))
             .collect();
         let ipam_only: Vec<IpAddr> =
             endpoints.iter().filter(|e| e.host_ifname.is_empty()).flat_map(|e| e.ips.clone()).collect();

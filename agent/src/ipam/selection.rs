@@ -398,6 +398,7 @@ mod tests {
                 allowed_uses: vec![AllowedUse::Workload, AllowedUse::Tunnel],
                 disable_bgp_export: false,
                 assignment_mode: AssignmentMode::Automatic,
+                enforcement: None,
             },
         }
     }

@@ -157,6 +157,17 @@ pub enum AllowedUse {
     LoadBalancer,
 }
 
+/// Source-address enforcement for a pool's pods, overriding the agent's `--enforcement`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnforcementMode {
+    /// A pod may send only from its own addresses.
+    Strict,
+    /// A pod may send from any address of its pool.
+    Pool,
+    /// No enforcement for this pool's pods.
+    Off,
+}
+
 /// Whether a pool is used for pods that did not ask for it by name.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AssignmentMode {
@@ -223,6 +234,9 @@ pub struct IpPoolSpec {
     /// Automatic pools serve pods that name no pool; manual ones only those that do.
     #[serde(default, skip_serializing_if = "is_default")]
     pub assignment_mode: AssignmentMode,
+    /// Ours: enforcement for this pool's pods, overriding the agent's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<EnforcementMode>,
 }
 
 fn cidr_field<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpNet, D::Error> {
