@@ -96,7 +96,7 @@ fn cases() -> Vec<(&'static str, String, &'static str)> {
         (
             "unknown spec field",
             pool("  cidr: 10.9.0.0/24\n  blockSzie: 29\n"),
-            "pools.yaml: document 1 (line 1): IPPool \"p\": field spec.blockSzie: unknown field `blockSzie`, expected one of `cidr`, `blockSize`, `disabled`, `nodeSelector`, `namespaceSelector`, `allowedNamespaces`, `natOutgoing`, `ipipMode`, `vxlanMode`, `allowedUses`, `disableBGPExport`, `assignmentMode`",
+            "pools.yaml: document 1 (line 1): IPPool \"p\": field spec.blockSzie: unknown field `blockSzie`, expected one of `cidr`, `blockSize`, `disabled`, `nodeSelector`, `namespaceSelector`, `allowedNamespaces`, `natOutgoing`, `ipipMode`, `vxlanMode`, `allowedUses`, `disableBGPExport`, `assignmentMode`, `enforcement`",
         ),
         (
             "unknown metadata field",
