@@ -37,6 +37,7 @@ const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_HOPOPTS: u8 = 0;
 
 /// The verdict for a pod's packet.
 #[classifier]
@@ -125,20 +126,23 @@ fn check(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
         }
         ETH_P_IPV6 => {
             let source: [u8; 16] = read(ctx, ETH_HLEN + 8)?;
-            // Neighbour and router discovery come from the link-local address before and besides any other.
+            // Neighbour and router discovery, and multicast listener reports, come from the link-local (or,
+            // for duplicate address detection, the unspecified) address before and besides any other.
             let link_local = source[0] == 0xfe && source[1] & 0xc0 == 0x80;
-            if link_local {
-                let next_header: u8 = read(ctx, ETH_HLEN + 6)?;
-                let icmp_type: u8 = read(ctx, ETH_HLEN + 40)?;
-                if next_header == IPPROTO_ICMPV6 && (133..=137).contains(&icmp_type) {
-                    return Ok(reason::PASSED);
+            if link_local || source == [0u8; 16] {
+                let mut next_header: u8 = read(ctx, ETH_HLEN + 6)?;
+                let mut icmp_offset = ETH_HLEN + 40;
+                if next_header == IPPROTO_HOPOPTS {
+                    // Listener reports carry a router-alert hop-by-hop header (8 bytes) before the ICMPv6 one.
+                    next_header = read(ctx, ETH_HLEN + 40)?;
+                    let length: u8 = read(ctx, ETH_HLEN + 41)?;
+                    if length != 0 {
+                        return Ok(reason::NO_IPV6);
+                    }
+                    icmp_offset += 8;
                 }
-            }
-            if source == [0u8; 16] {
-                // Duplicate address detection sends from the unspecified address.
-                let next_header: u8 = read(ctx, ETH_HLEN + 6)?;
-                let icmp_type: u8 = read(ctx, ETH_HLEN + 40)?;
-                if next_header == IPPROTO_ICMPV6 && icmp_type == 135 {
+                let icmp_type: u8 = read(ctx, icmp_offset)?;
+                if next_header == IPPROTO_ICMPV6 && matches!(icmp_type, 130..=137 | 143) {
                     return Ok(reason::PASSED);
                 }
             }

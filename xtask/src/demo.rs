@@ -272,6 +272,31 @@ pub fn run(root: &Path, keep: bool) -> Result<()> {
     }
     println!("refused, as it must be: {}", reply.message());
 
+    step(
+        "Step 5: a pod sends from another pod's address (eBPF enforcement on its host veth)",
+        "ip netns exec <pod> ping -I <other pod's ip> <node>; counted on arrival at the node",
+    );
+    let (_, _, liar_ip, _, _, liar_ns) = &pods[0];
+    let (_, _, victim_ip, _, _, _) = &pods[1];
+    ip_netns(&node_ns, &["iptables", "-t", "raw", "-I", "PREROUTING", "-s", victim_ip, "-j", "ACCEPT"])?;
+    ip_netns(&node_ns, &["iptables", "-t", "raw", "-I", "PREROUTING", "-s", liar_ip, "-j", "ACCEPT"])?;
+    let _ = ip_netns(liar_ns, &["ip", "addr", "add", &format!("{victim_ip}/32"), "dev", "eth0"]);
+    let _ = ip_netns(liar_ns, &["ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", victim_ip, node_address]);
+    let _ = ip_netns(liar_ns, &["ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", liar_ip, node_address]);
+    let counters = ip_netns(&node_ns, &["iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-n", "-x"])?;
+    let arrived = |source: &str| {
+        counters
+            .lines()
+            .find(|l| l.split_whitespace().nth(7) == Some(source))
+            .and_then(|l| l.split_whitespace().next().map(String::from))
+    };
+    println!(
+        "packets that reached the node from {liar_ip} (its own address): {}; from {victim_ip} (spoofed): {}",
+        arrived(liar_ip).unwrap_or_default(),
+        arrived(victim_ip).unwrap_or_default()
+    );
+    print!("{}", pw(&["enforcement", "status"])?);
+
     step("Consistency", "poolwarden ipam check");
     print!("{}", pw(&["ipam", "check"])?);
 
