@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use poolwarden::dataplane::enforcement::{
-    ENFORCE, EndpointSpec, Enforcement, PASS, VERDICT_DROP, VERDICT_PASS, frames, reason,
+    ENFORCE, EndpointSpec, Enforcement, PASS, VERDICT_DROP, VERDICT_PASS, decode_drop, drop_source, frames, reason,
 };
 
 fn root() -> bool {
@@ -51,6 +51,7 @@ fn strict_mode_passes_only_the_pods_own_source() {
     }
     let bpffs = Bpffs::new();
     let mut enforcement = bpffs.load();
+    let mut reports = enforcement.take_drop_reports().expect("drop report ring buffer");
     let verdict = |e: &Enforcement, frame: &[u8]| e.run(ENFORCE, frame, 1).expect("test run").0;
     assert_eq!(verdict(&enforcement, &frames::ipv4(POD, NODE)), VERDICT_DROP, "no endpoint entry: fail closed");
 
@@ -94,6 +95,16 @@ fn strict_mode_passes_only_the_pods_own_source() {
     assert_eq!(count(reason::NO_IPV6), 2, "both non-discovery IPv6 frames");
     assert_eq!(count(reason::SPOOFED_ARP), 1);
     assert_eq!(count(reason::VLAN), 1);
+
+    // Every drop was reported (well under the per-second budget), with its reason and source.
+    let mut reported = Vec::new();
+    while let Some(item) = reports.next() {
+        let event = decode_drop(&item).expect("a whole event");
+        reported.push((event.reason, drop_source(&event)));
+    }
+    assert_eq!(reported.len(), 7, "{reported:?}");
+    assert_eq!(reported[0], (reason::NO_ENDPOINT, Some(IpAddr::V4(POD))));
+    assert_eq!(reported[1], (reason::SPOOFED_IPV4, Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 6)))));
 
     // Pool mode: the pool's sources pass, others still do not.
     let pooled = EndpointSpec { pool_mode: true, ..spec };

@@ -7,12 +7,14 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use poolwarden_ebpf_common::{
-    ARRAY_ENDPOINTS, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, POOL_SLOTS, PRESENT, counter_index, reason,
+    ARRAY_ENDPOINTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, POOL_SLOTS, PRESENT,
+    counter_index, reason,
 };
 
 /// ifindex of the host-side veth -> the pod it belongs to, for indexes below [`ARRAY_ENDPOINTS`]. Pinned by
@@ -30,6 +32,14 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(POOL_SLOTS * reason::COUNT, 0);
 
+/// Drop reports for the agent's log, shared (pinned) by every program instance.
+#[map]
+static DROPS: RingBuf = RingBuf::pinned(64 * 1024, 0);
+
+/// Per CPU: the start of the current one-second window and the reports sent in it.
+#[map]
+static REPORT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -46,6 +56,7 @@ pub fn enforce(ctx: TcContext) -> i32 {
     let endpoint =
         if ifindex < ARRAY_ENDPOINTS { ENDPOINTS.get(ifindex) } else { unsafe { ENDPOINTS_HIGH.get(&ifindex) } };
     let Some(endpoint) = endpoint.filter(|e| e.flags & PRESENT != 0) else {
+        report(&ctx, ifindex, 0, reason::NO_ENDPOINT);
         return drop(0, reason::NO_ENDPOINT);
     };
     let verdict = check(&ctx, endpoint).unwrap_or(reason::OTHER);
@@ -54,8 +65,49 @@ pub fn enforce(ctx: TcContext) -> i32 {
         // UNSPEC, not OK: other TC programs on the interface still run.
         TC_ACT_UNSPEC
     } else {
+        report(&ctx, ifindex, endpoint.pool_id, verdict);
         drop(endpoint.pool_id, verdict)
     }
+}
+
+/// Tell the agent about a drop, at most [`DROP_REPORTS_PER_SECOND`] per CPU, so a flood of spoofed
+/// packets cannot flood the agent or its log (the counters still count every packet).
+#[inline(always)]
+fn report(ctx: &TcContext, ifindex: u32, pool_id: u32, why: u32) {
+    let Some(budget) = REPORT_BUDGET.get_ptr_mut(0) else { return };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let budget = unsafe { &mut *budget };
+    if now.wrapping_sub(budget[0]) > 1_000_000_000 {
+        budget[0] = now;
+        budget[1] = 0;
+    }
+    if budget[1] >= DROP_REPORTS_PER_SECOND {
+        return;
+    }
+    budget[1] += 1;
+    let mut event = DropEvent { ifindex, reason: why, pool_id, family: 0, source: [0; 16] };
+    match read::<u16>(ctx, 12).map(u16::from_be) {
+        Ok(ETH_P_IP) => {
+            if let Ok(source) = read::<[u8; 4]>(ctx, ETH_HLEN + 12) {
+                event.family = 4;
+                event.source[..4].copy_from_slice(&source);
+            }
+        }
+        Ok(ETH_P_IPV6) => {
+            if let Ok(source) = read::<[u8; 16]>(ctx, ETH_HLEN + 8) {
+                event.family = 6;
+                event.source = source;
+            }
+        }
+        Ok(ETH_P_ARP) => {
+            if let Ok(source) = read::<[u8; 4]>(ctx, ETH_HLEN + 14) {
+                event.family = 4;
+                event.source[..4].copy_from_slice(&source);
+            }
+        }
+        _ => {}
+    }
+    let _ = DROPS.output::<DropEvent>(&event, 0);
 }
 
 /// A program that passes everything: the baseline the benchmark measures against.

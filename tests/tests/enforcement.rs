@@ -64,6 +64,11 @@ fn spoofed_sources_never_arrive_and_own_traffic_flows() {
     let metrics = node.ns.exec(&["curl", "-s", "http://127.0.0.1:9641/metrics"]);
     assert!(metrics.contains("poolwarden_dropped_packets_total{pool=\"a\",reason=\"spoofed_ipv4\"}"), "{metrics}");
     assert!(metrics.contains("poolwarden_passed_packets_total{pool=\"a\"}"), "{metrics}");
+    let log = node.agent_log();
+    assert!(
+        log.contains("enforcement dropped a packet") && log.contains("10.81.0.7"),
+        "drops are reported to the agent's log:\n{log}"
+    );
     // A pod added while enforcing is enforced from its first packet.
     let second = NetNs::new("pwp");
     let (ok, result) = node.cni("ADD", "enf-2", &second.path(), &k8s_args("default", "q"), &node.conf(json!({})));

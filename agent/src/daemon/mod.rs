@@ -100,6 +100,8 @@ pub struct Agent {
     wiring: tokio::sync::RwLock<()>,
     /// Source-address enforcement (`None` with `--enforcement off`).
     enforcement: Option<std::sync::Mutex<Enforcement>>,
+    /// The kernel's drop reports, until the task that logs them takes them.
+    drop_reports: std::sync::Mutex<Option<aya::maps::RingBuf<aya::maps::MapData>>>,
     /// Pool mode lets a pod send from anywhere in its pool, not only its own address.
     pool_mode: bool,
     /// Wakes the reaper of retired host interfaces.
@@ -144,11 +146,14 @@ impl Agent {
         mode: EnforcementMode,
         bpf_dir: &std::path::Path,
     ) -> Result<Self, AgentError> {
-        let enforcement = match mode {
+        let mut enforcement = match mode {
             EnforcementMode::Off => None,
-            EnforcementMode::Strict | EnforcementMode::Pool => Some(std::sync::Mutex::new(Enforcement::load(bpf_dir)?)),
+            EnforcementMode::Strict | EnforcementMode::Pool => Some(Enforcement::load(bpf_dir)?),
         };
+        let drop_reports = enforcement.as_mut().and_then(Enforcement::take_drop_reports);
+        let enforcement = enforcement.map(std::sync::Mutex::new);
         Ok(Self {
+            drop_reports: std::sync::Mutex::new(drop_reports),
             enforcement,
             pool_mode: mode == EnforcementMode::Pool,
             allocator: Allocator::new(Arc::clone(&store)),
@@ -472,6 +477,49 @@ impl Agent {
         let (added, removed) = self.routes.reconcile(&desired).await.map_err(route_reply)?;
         self.metrics.set_blocks_owned(affinities.len());
         Ok((added, removed))
+    }
+
+    /// Log the packets enforcement drops, as the kernel reports them (at most a hundred a second per CPU;
+    /// the counters count them all).
+    pub async fn log_drops(&self) {
+        let Some(ring) = self.drop_reports.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+        #[expect(unsafe_code, reason = "tokio's AsyncFd::register requires the fd to stay open while registered")]
+        // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd, which deregisters it before the
+        // ring buffer (and the fd) is dropped.
+        let registered = unsafe { tokio::io::unix::AsyncFd::register(ring) };
+        let Ok(mut ring) = registered else { return };
+        let pools = Catalog::new(Arc::clone(&self.store));
+        loop {
+            let Ok(mut ready) = ring.readable_mut().await else { return };
+            let mut events = Vec::new();
+            while let Some(item) = ready.get_inner_mut().next() {
+                events.extend(crate::dataplane::enforcement::decode_drop(&item));
+            }
+            ready.clear_ready();
+            let names: Vec<(u32, String)> = pools
+                .pools()
+                .await
+                .map(|ps| {
+                    ps.iter()
+                        .map(|(p, _)| {
+                            (crate::dataplane::enforcement::pool_id(p.name().as_bytes()), p.name().to_string())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for event in events {
+                let pool = names.iter().find(|(id, _)| *id == event.pool_id).map_or("<none>", |(_, n)| n.as_str());
+                let source =
+                    crate::dataplane::enforcement::drop_source(&event).map(|s| s.to_string()).unwrap_or_default();
+                warn!(
+                    ifindex = event.ifindex,
+                    reason = poolwarden_ebpf_common::reason::name(event.reason),
+                    %source,
+                    pool,
+                    "enforcement dropped a packet"
+                );
+            }
+        }
     }
 
     /// Delete retired host interfaces in batches, forever: each wake-up waits a moment so that the DELs of a

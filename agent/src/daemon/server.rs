@@ -126,6 +126,8 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
     info!(node = %agent.node().name, socket = %socket.display(), metrics = %metrics, "agent ready");
 
     tokio::spawn(serve_metrics(Arc::clone(&agent), metrics_listener));
+    let logger = Arc::clone(&agent);
+    tokio::spawn(async move { logger.log_drops().await });
     // Also deletes what a previous run retired and did not get to.
     let reaper = Arc::clone(&agent);
     tokio::spawn(async move { reaper.reap_retired_links().await });

@@ -10,13 +10,13 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, links::FdLink, tc::TcAttachOptions},
 };
 use ipnet::IpNet;
 pub use poolwarden_ebpf_common::{
-    ARRAY_ENDPOINTS, CounterKey, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, POOL_SLOTS, PRESENT, counter_index, pool_id,
-    reason,
+    ARRAY_ENDPOINTS, CounterKey, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE,
+    POOL_SLOTS, PRESENT, counter_index, pool_id, reason,
 };
 
 /// The enforcement object, built for `bpfel-unknown-none` by `build.rs`.
@@ -194,6 +194,11 @@ impl Enforcement {
         self.remove_endpoint(ifindex)
     }
 
+    /// The ring buffer of drop reports (once: whoever takes it reads it).
+    pub fn take_drop_reports(&mut self) -> Option<RingBuf<MapData>> {
+        self.ebpf.take_map("DROPS").and_then(|map| RingBuf::try_from(map).ok())
+    }
+
     /// The interfaces with a pinned link.
     pub fn attached(&self) -> Vec<u32> {
         self.pin_dir.as_deref().map(pinned_links).unwrap_or_default()
@@ -325,6 +330,26 @@ pub fn read_pinned(pin_dir: &Path, pool_ids: &[u32]) -> Result<PinnedState, Enfo
         }
     }
     Ok(state)
+}
+
+/// Decode one drop report.
+pub fn decode_drop(bytes: &[u8]) -> Option<DropEvent> {
+    if bytes.len() < std::mem::size_of::<DropEvent>() {
+        return None;
+    }
+    let word = |i: usize| u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let mut source = [0u8; 16];
+    source.copy_from_slice(&bytes[16..32]);
+    Some(DropEvent { ifindex: word(0), reason: word(4), pool_id: word(8), family: word(12), source })
+}
+
+/// A drop report's source address, if it has one.
+pub fn drop_source(event: &DropEvent) -> Option<IpAddr> {
+    match event.family {
+        4 => Some(IpAddr::from([event.source[0], event.source[1], event.source[2], event.source[3]])),
+        6 => Some(IpAddr::from(event.source)),
+        _ => None,
+    }
 }
 
 /// Frames for tests and benchmarks.

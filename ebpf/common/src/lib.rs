@@ -78,6 +78,25 @@ pub mod reason {
     }
 }
 
+/// A dropped packet reported to the agent (rate-limited in the kernel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    /// The host-side interface it arrived on.
+    pub ifindex: u32,
+    /// One of [`reason`].
+    pub reason: u32,
+    /// The endpoint's pool id (0 when there is no endpoint).
+    pub pool_id: u32,
+    /// 4 or 6 when `source` holds an address (IPv4 in its first four bytes), 0 otherwise.
+    pub family: u32,
+    /// The packet's source address.
+    pub source: [u8; 16],
+}
+
+/// How many drop reports each CPU may send per second; the counters count everything regardless.
+pub const DROP_REPORTS_PER_SECOND: u64 = 100;
+
 /// How many pool slots the counters have; a pool's slot is `pool_id % POOL_SLOTS`.
 pub const POOL_SLOTS: u32 = 1024;
 
@@ -115,4 +134,6 @@ mod user {
     unsafe impl aya::Pod for super::Endpoint {}
     // SAFETY: repr(C), two u32.
     unsafe impl aya::Pod for super::CounterKey {}
+    // SAFETY: repr(C), four u32 and a byte array: 32 bytes, no padding.
+    unsafe impl aya::Pod for super::DropEvent {}
 }
