@@ -458,6 +458,7 @@ impl Agent {
                 desired.insert(OwnedRoute::Blackhole(affinity.cidr));
             }
         }
+        let mut enforced = BTreeSet::new();
         for endpoint in endpoints {
             if endpoint.host_ifname.is_empty() {
                 continue;
@@ -466,12 +467,23 @@ impl Agent {
                 Some(ifindex) => {
                     desired.extend(endpoint.ips.iter().map(|ip| OwnedRoute::Endpoint(*ip, ifindex)));
                     self.enforce_endpoint(&endpoint, ifindex, &pools)?;
+                    enforced.insert(ifindex);
                 }
                 None => warn!(
                     container = %endpoint.container_id, ifname = %endpoint.ifname, host_ifname = %endpoint.host_ifname,
                     addresses = ?endpoint.ips,
                     "endpoint's interface is gone: its container no longer exists; a CNI GC or DEL releases it"
                 ),
+            }
+        }
+        // Pinned links and entries of interfaces the datastore no longer knows go (a DEL lost with the agent).
+        if let Some(enforcement) = &self.enforcement {
+            let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
+            for stale in enforcement.attached().into_iter().filter(|i| !enforced.contains(i)) {
+                warn!(ifindex = stale, "removing enforcement of an interface no endpoint owns");
+                enforcement
+                    .release(stale)
+                    .map_err(|e| reply(code::IO_FAILURE, "removing stale enforcement failed", e.to_string()))?;
             }
         }
         let (added, removed) = self.routes.reconcile(&desired).await.map_err(route_reply)?;
