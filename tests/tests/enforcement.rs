@@ -139,3 +139,77 @@ fn a_pool_can_override_the_agents_mode() {
     send_from(&pooled, "10.83.0.77", &node.address);
     assert_eq!(arrived(&node, "10.83.0.77"), 0, "but not one of another pool");
 }
+
+fn host_side(node: &Node, pod_ip: &str) -> String {
+    let routes = node.ns.exec(&["ip", "route", "show", pod_ip]);
+    routes
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .expect("the pod's route names its host veth")
+        .to_string()
+}
+
+fn counted(node: &Node, tool: &str, source: &str) -> u64 {
+    let table = node.ns.exec(&[tool, "-t", "raw", "-L", "PREROUTING", "-v", "-n", "-x"]);
+    table.lines().filter(|l| l.contains(source)).filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok()).sum()
+}
+
+/// IPv6 from a pod without IPv6, and a gratuitous ARP for another pod's address: each arrives with
+/// enforcement off (the node is set up to receive it) and never with it on. (VLAN-tagged frames are covered
+/// by the BPF_PROG_TEST_RUN tests: this machine's kernel has no 802.1Q support to send them for real.)
+#[test]
+fn ipv6_and_arp_spoofs_never_arrive() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.3.4");
+    node.apply("apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: four}\nspec: {cidr: 10.85.0.0/24, blockSize: 28}\n");
+    node.ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.arp_accept=1"]);
+    node.ns.exec(&["ip", "-6", "addr", "add", "fd00:85::1/128", "dev", "lo"]);
+    node.start_agent_with(&["--enforcement", "off"]);
+    let liar = NetNs::new("pwp");
+    let victim = NetNs::new("pwp");
+    let (ok, a) = node.cni("ADD", "liar", &liar.path(), &k8s_args("default", "liar"), &node.conf(json!({})));
+    assert!(ok, "{a}");
+    let (ok, b) = node.cni("ADD", "victim", &victim.path(), &k8s_args("default", "victim"), &node.conf(json!({})));
+    assert!(ok, "{b}");
+    let liar_ip = a["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+    let victim_ip = b["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+    let host = host_side(&node, &liar_ip);
+    let host_mac = node.ns.exec(&["cat", &format!("/sys/class/net/{host}/address")]).trim().to_string();
+
+    // The node can receive each kind: a route back for an IPv6 address the liar gives itself, and
+    // arp_accept for gratuitous ARP.
+    node.ns.exec(&["ip", "-6", "route", "add", "fd00:85::2/128", "dev", &host]);
+    liar.exec(&["ip", "-6", "addr", "add", "fd00:85::2/128", "dev", "eth0", "nodad"]);
+    // arping sends only from an address the interface has: the liar takes the victim's.
+    liar.exec(&["ip", "addr", "add", &format!("{victim_ip}/32"), "dev", "eth0"]);
+    liar.exec(&["ip", "-6", "neigh", "replace", "fe80::1", "lladdr", &host_mac, "dev", "eth0"]);
+    liar.exec(&["ip", "-6", "route", "add", "fd00:85::1/128", "via", "fe80::1", "dev", "eth0"]);
+    node.ns.exec(&["ip6tables", "-t", "raw", "-I", "PREROUTING", "-s", "fd00:85::2", "-j", "ACCEPT"]);
+
+    let attempt = |node: &Node, round: &str| {
+        let _ = liar.try_exec(&["ping", "-6", "-c", "2", "-i", "0.2", "-W", "1", "fd00:85::1"]);
+        let _ = liar.try_exec(&["arping", "-U", "-c", "2", "-I", "eth0", "-s", &victim_ip, &victim_ip]);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let arp = node.ns.exec(&["ip", "neigh", "show", "dev", &host]).contains(victim_ip.as_str());
+        let counts = (counted(node, "ip6tables", "fd00:85::2"), arp);
+        eprintln!("{round}: {counts:?}");
+        counts
+    };
+    let (ipv6, arp) = attempt(&node, "enforcement off");
+    assert!(ipv6 > 0 && arp, "without enforcement both arrive: ipv6 {ipv6}, arp {arp}");
+
+    node.stop_agent();
+    node.ns.exec(&["ip", "neigh", "flush", "dev", &host]);
+    node.start_agent();
+    let (ipv6_after, arp_after) = attempt(&node, "strict");
+    assert_eq!(ipv6_after, ipv6, "IPv6 from a pod without IPv6 never arrives");
+    assert!(!arp_after, "a gratuitous ARP for another pod's address never arrives");
+    assert!(liar.pings(&node.address), "the pod's own traffic still flows");
+    let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
+    for why in ["no_ipv6", "spoofed_arp"] {
+        assert!(status.contains(why), "the counters say why ({why}):\n{status}");
+    }
+}

@@ -51,6 +51,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // (command or file that proves it is installed, package)
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
+    ("arping", "iputils-arping"),
     ("curl", "curl"),
     ("iptables", "iptables"),
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
