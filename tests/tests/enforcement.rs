@@ -14,6 +14,15 @@ fn arrived(node: &Node, source: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The spoofed-IPv4 drops of pool `a` in `poolwarden enforcement status` output.
+fn spoofed_count(status: &str) -> u64 {
+    status
+        .lines()
+        .find(|l| l.starts_with("a ") && l.contains("spoofed_ipv4"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn watch_source(node: &Node, source: &str) {
     node.ns.exec(&["iptables", "-t", "raw", "-I", "PREROUTING", "-s", source, "-j", "ACCEPT"]);
 }
@@ -100,11 +109,22 @@ fn enforcement_outlives_a_killed_agent() {
     assert_eq!(arrived(&node, "10.82.0.99"), 0, "spoofed packets are still dropped while the agent is down");
     let pins = std::fs::read_dir(std::path::Path::new(&node.bpf_dir()).join("links")).unwrap().count();
     assert_eq!(pins, 1, "the pod's link stays pinned");
+    // A pod created while the agent is down is refused (try again later), never wired unenforced.
+    let late = NetNs::new("pwp");
+    let (ok, out) = node.cni("ADD", "late", &late.path(), &k8s_args("default", "late"), &node.conf(json!({})));
+    assert!(!ok && out["code"] == 11, "ADD with the agent down: {out}");
+    assert_eq!(late.exec(&["ip", "-o", "link", "show"]).lines().count(), 1, "nothing wired for the refused pod");
+    let before = node.cli(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
+    let before = String::from_utf8_lossy(&before.stdout).into_owned();
+    let dropped_before = spoofed_count(&before);
+    assert!(dropped_before > 0, "{before}");
     node.start_agent();
     assert!(pod.pings(&node.address), "and after the restart, nothing was detached");
     watch_source(&node, "10.82.0.98");
     send_from(&pod, "10.82.0.98", &node.address);
     assert_eq!(arrived(&node, "10.82.0.98"), 0);
+    let after = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
+    assert!(spoofed_count(&after) > dropped_before, "the counters continue across the restart:\n{before}\n{after}");
     let (ok, out) = node.cni("DEL", "survivor", &pod.path(), "", &node.conf(json!({})));
     assert!(ok, "{out}");
     let pins = std::fs::read_dir(std::path::Path::new(&node.bpf_dir()).join("links")).unwrap().count();
