@@ -107,7 +107,7 @@ fn enforcement_outlives_a_killed_agent() {
     watch_source(&node, "10.82.0.99");
     send_from(&pod, "10.82.0.99", &node.address);
     assert_eq!(arrived(&node, "10.82.0.99"), 0, "spoofed packets are still dropped while the agent is down");
-    let pins = std::fs::read_dir(std::path::Path::new(&node.bpf_dir()).join("links")).unwrap().count();
+    let pins = std::fs::read_dir(std::path::Path::new(&node.bpf_dir()).join("v2/links")).unwrap().count();
     assert_eq!(pins, 1, "the pod's link stays pinned");
     // A pod created while the agent is down is refused (try again later), never wired unenforced.
     let late = NetNs::new("pwp");
@@ -127,7 +127,7 @@ fn enforcement_outlives_a_killed_agent() {
     assert!(spoofed_count(&after) > dropped_before, "the counters continue across the restart:\n{before}\n{after}");
     let (ok, out) = node.cni("DEL", "survivor", &pod.path(), "", &node.conf(json!({})));
     assert!(ok, "{out}");
-    let pins = std::fs::read_dir(std::path::Path::new(&node.bpf_dir()).join("links")).unwrap().count();
+    let pins = std::fs::read_dir(std::path::Path::new(&node.bpf_dir()).join("v2/links")).unwrap().count();
     assert_eq!(pins, 0, "DEL unpins the link");
 }
 
@@ -232,4 +232,45 @@ fn ipv6_and_arp_spoofs_never_arrive() {
     for why in ["no_ipv6", "spoofed_arp"] {
         assert!(status.contains(why), "the counters say why ({why}):\n{status}");
     }
+}
+
+#[test]
+fn a_new_build_takes_over_pinned_links_without_a_gap() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.3.5");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.86.0.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let pod = NetNs::new("pwp");
+    let (ok, result) = node.cni("ADD", "upgraded", &pod.path(), &k8s_args("default", "p"), &node.conf(json!({})));
+    assert!(ok, "{result}");
+    node.stop_agent();
+    // Make what is pinned look like an older build's layout: the old program keeps running on the old maps.
+    let root = std::path::Path::new(&node.bpf_dir()).to_path_buf();
+    std::fs::rename(root.join("v2"), root.join("v1")).expect("rename the pin directory on bpffs");
+    watch_source(&node, "10.86.0.99");
+    send_from(&pod, "10.86.0.99", &node.address);
+    assert_eq!(arrived(&node, "10.86.0.99"), 0, "the old build's program still enforces");
+
+    node.start_agent();
+    let listing: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(
+        !root.join("v1").exists(),
+        "the old build's pins are gone once the links moved over: {listing:?}\n{}",
+        node.agent_log()
+    );
+    assert_eq!(
+        std::fs::read_dir(root.join("v2/links")).unwrap().count(),
+        1,
+        "the pod's link is pinned by the new build"
+    );
+    watch_source(&node, "10.86.0.98");
+    send_from(&pod, "10.86.0.98", &node.address);
+    assert_eq!(arrived(&node, "10.86.0.98"), 0, "and the new program enforces on the same link");
+    assert!(pod.pings(&node.address));
+    let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
+    assert!(status.contains("1 interface(s) enforced"), "{status}");
 }

@@ -485,6 +485,10 @@ impl Agent {
                     .release(stale)
                     .map_err(|e| reply(code::IO_FAILURE, "removing stale enforcement failed", e.to_string()))?;
             }
+            // Every endpoint's link has moved over to this build by now; what older builds pinned can go.
+            if let Err(e) = enforcement.remove_older_versions() {
+                warn!(error = %e, "removing an older build's pinned objects failed");
+            }
         }
         let (added, removed) = self.routes.reconcile(&desired).await.map_err(route_reply)?;
         self.metrics.set_blocks_owned(affinities.len());

@@ -11,7 +11,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, links::FdLink, tc::TcAttachOptions},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
 };
 use ipnet::IpNet;
 pub use poolwarden_ebpf_common::{
@@ -103,6 +107,16 @@ impl EndpointSpec {
 /// The default directory (on bpffs) for the pinned maps and links.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/poolwarden";
 
+/// The layout version of the pinned maps: they live in `v<PIN_ABI>/` under the pin directory. Bump it when a
+/// map's type, key or value changes; a new agent then loads fresh maps beside the old ones and moves every
+/// pinned link over to the new program atomically (see [`Enforcement::enforce`]), so no pod goes unenforced.
+pub const PIN_ABI: u32 = 2;
+
+/// The directory of this build's pins under `root`.
+pub fn versioned(root: &Path) -> PathBuf {
+    root.join(format!("v{PIN_ABI}"))
+}
+
 /// The bpffs magic number (`statfs`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -131,15 +145,17 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), EnforcementError> {
 pub struct Enforcement {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
+    root: PathBuf,
 }
 
 impl Enforcement {
     /// Load the object and both programs (this is where the verifier runs), with maps pinned in (and adopted
-    /// from) `pin_dir`, which must be on a bpffs (mounted at /sys/fs/bpf if it belongs there and is missing).
-    pub fn load(pin_dir: &Path) -> Result<Self, EnforcementError> {
-        ensure_bpffs(pin_dir)?;
+    /// from) `root/v<PIN_ABI>`; `root` must be on a bpffs (mounted at /sys/fs/bpf if it belongs there).
+    pub fn load(root: &Path) -> Result<Self, EnforcementError> {
+        let pin_dir = versioned(root);
+        ensure_bpffs(&pin_dir)?;
         let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(pin_dir);
+        loader.default_map_pin_directory(&pin_dir);
         let mut ebpf = loader.load(OBJECT).map_err(|e| EnforcementError::Load(e.to_string()))?;
         for name in [ENFORCE, PASS] {
             let program: &mut SchedClassifier = ebpf
@@ -149,7 +165,7 @@ impl Enforcement {
                 .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
             program.load().map_err(|e| EnforcementError::Load(format!("{name}: {e:?}")))?;
         }
-        Ok(Self { ebpf, pin_dir: Some(pin_dir.to_path_buf()) })
+        Ok(Self { ebpf, pin_dir: Some(pin_dir), root: root.to_path_buf() })
     }
 
     fn link_pin(&self, ifindex: u32) -> Option<PathBuf> {
@@ -165,6 +181,10 @@ impl Enforcement {
         if pin.as_ref().is_some_and(|p| p.exists()) {
             return Ok(());
         }
+        // A link pinned by an older build runs the old program on the old maps: swap the program on that
+        // very link (the new entry is already written), so the interface is never without enforcement.
+        let older =
+            self.older_versions().into_iter().map(|d| d.join("links").join(ifindex.to_string())).find(|p| p.exists());
         let program: &mut SchedClassifier = self
             .ebpf
             .program_mut(ENFORCE)
@@ -173,15 +193,52 @@ impl Enforcement {
             .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
         let attach_err =
             |e: String| EnforcementError::Map { operation: format!("attach to {ifname} (TCX ingress)"), message: e };
-        let id = program
-            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-            .map_err(|e| attach_err(e.to_string()))?;
+        let id = match &older {
+            Some(old) => {
+                let pinned = PinnedLink::from_pin(old).map_err(|e| attach_err(e.to_string()))?;
+                let link =
+                    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| attach_err(e.to_string()))?;
+                program.attach_to_link(link).map_err(|e| attach_err(e.to_string()))?
+            }
+            None => program
+                .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| attach_err(e.to_string()))?,
+        };
         if let Some(pin) = pin {
             let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
             let link: FdLink =
                 link.try_into().map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
             // Pinned, the link stays attached when this process exits or dies.
             link.pin(&pin).map_err(|e| attach_err(e.to_string()))?;
+        }
+        if let Some(old) = older {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(())
+    }
+
+    /// Pin directories of other layout versions (older builds) under the root.
+    fn older_versions(&self) -> Vec<PathBuf> {
+        let current = self.pin_dir.clone();
+        std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('v'))
+                    && Some(p) != current.as_ref()
+            })
+            .collect()
+    }
+
+    /// Once every endpoint has been moved over: remove what older builds pinned (links of interfaces no
+    /// endpoint owns detach; their maps go when no program uses them).
+    pub fn remove_older_versions(&self) -> Result<(), EnforcementError> {
+        for dir in self.older_versions() {
+            std::fs::remove_dir_all(&dir).map_err(|e| EnforcementError::Map {
+                operation: format!("remove {}", dir.display()),
+                message: e.to_string(),
+            })?;
         }
         Ok(())
     }
@@ -297,8 +354,9 @@ fn pinned_links(pin_dir: &Path) -> Vec<u32> {
     out
 }
 
-/// Read the state pinned in `pin_dir`.
-pub fn read_pinned(pin_dir: &Path, pool_ids: &[u32]) -> Result<PinnedState, EnforcementError> {
+/// Read the state this build pinned under `root`.
+pub fn read_pinned(root: &Path, pool_ids: &[u32]) -> Result<PinnedState, EnforcementError> {
+    let pin_dir = &versioned(root);
     let open = |name: &str| {
         aya::maps::MapData::from_pin(pin_dir.join(name))
             .and_then(aya::maps::Map::from_map_data)
