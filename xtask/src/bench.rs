@@ -145,13 +145,13 @@ fn wait_for_socket(socket: &Path, log: &Path) -> Result<()> {
     Ok(())
 }
 
-fn start_agent(poolwarden: &Path, node_ns: &str, dir: &Path) -> Result<(Agent, PathBuf)> {
+fn start_agent(poolwarden: &Path, node_ns: &str, dir: &Path, enforcement: &str) -> Result<(Agent, PathBuf)> {
     let socket = dir.join("agent.sock");
     let log = dir.join("agent.log");
     let child = Command::new("ip")
         .args(["netns", "exec", node_ns])
         .arg(poolwarden)
-        .args(["agent", "--node", "bench-node", "--socket"])
+        .args(["agent", "--node", "bench-node", "--enforcement", enforcement, "--socket"])
         .arg(&socket)
         .env("POOLWARDEN_DATASTORE", format!("embedded:{}", dir.join("store.redb").display()))
         .env("RUST_LOG", "warn")
@@ -202,49 +202,63 @@ pub fn run(root: &Path) -> Result<()> {
     if !applied.success() {
         bail!("apply failed");
     }
-    let (agent, socket) = start_agent(&poolwarden, &node_ns, &dir)?;
-    let ours =
-        format!(r#"{{"cniVersion":"1.0.0","name":"pw","type":"poolwarden-cni","socket":"{}"}}"#, socket.display());
     let peer = format!(
         r#"{{"cniVersion":"1.0.0","name":"br","type":"bridge","bridge":"pwbench{tag}","isGateway":true,"ipMasq":false,"ipam":{{"type":"host-local","subnet":"10.70.0.0/16","dataDir":"{}"}}}}"#,
         dir.join("host-local").display()
     );
+    let ours_for = |socket: &Path| {
+        format!(r#"{{"cniVersion":"1.0.0","name":"pw","type":"poolwarden-cni","socket":"{}"}}"#, socket.display())
+    };
 
     println!(
         "\nCNI ADD/DEL, {PODS} pods with a netns each, same node namespace, measured in one run (milliseconds per exec)"
     );
     println!(
-        "{:<34} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "{:<44} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
         "plugin, mode", "ADD p50", "ADD p99", "DEL p50", "DEL p99", "ADD wall", "DEL wall"
     );
     let mut medians = Vec::new();
-    for (parallel, mode) in [(1, "sequential"), (BATCH, "10 at a time")] {
-        for (label, plugin, conf) in
-            [("poolwarden-cni", "poolwarden-cni", &ours), ("bridge + host-local", "bridge", &peer)]
-        {
-            let mut f = run_pods(&node_ns, &cni_path, plugin, conf, &pods, &format!("{plugin}-{parallel}"), parallel)?;
-            let (a50, a99, d50, d99) = (
-                percentile(&mut f.add, 0.5),
-                percentile(&mut f.add, 0.99),
-                percentile(&mut f.del, 0.5),
-                percentile(&mut f.del, 0.99),
-            );
-            println!(
-                "{:<34} {a50:>9.2} {a99:>9.2} {d50:>9.2} {d99:>9.2} {:>9.0}ms {:>9.0}ms",
-                format!("{label}, {mode}"),
-                f.wall_add.as_secs_f64() * 1000.0,
-                f.wall_del.as_secs_f64() * 1000.0
-            );
-            medians.push((mode, label, a50, d50));
+    let peer_label = "bridge + host-local";
+    for (label, enforcement) in [("poolwarden-cni, enforcing", "strict"), ("poolwarden-cni, --enforcement off", "off")]
+    {
+        let (agent, socket) = start_agent(&poolwarden, &node_ns, &dir, enforcement)?;
+        let ours = ours_for(&socket);
+        for (parallel, mode) in [(1, "sequential"), (BATCH, "10 at a time")] {
+            let mut runs = vec![(label, "poolwarden-cni", ours.as_str())];
+            if enforcement == "strict" {
+                runs.push((peer_label, "bridge", peer.as_str()));
+            }
+            for (label, plugin, conf) in runs {
+                let tag = format!("{plugin}-{enforcement}-{parallel}");
+                let mut f = run_pods(&node_ns, &cni_path, plugin, conf, &pods, &tag, parallel)?;
+                let (a50, a99, d50, d99) = (
+                    percentile(&mut f.add, 0.5),
+                    percentile(&mut f.add, 0.99),
+                    percentile(&mut f.del, 0.5),
+                    percentile(&mut f.del, 0.99),
+                );
+                println!(
+                    "{:<44} {a50:>9.2} {a99:>9.2} {d50:>9.2} {d99:>9.2} {:>9.0}ms {:>9.0}ms",
+                    format!("{label}, {mode}"),
+                    f.wall_add.as_secs_f64() * 1000.0,
+                    f.wall_del.as_secs_f64() * 1000.0
+                );
+                medians.push((mode, label, a50, d50));
+            }
         }
+        drop(agent);
     }
     for mode in ["sequential", "10 at a time"] {
         let of = |label: &str| medians.iter().find(|m| m.0 == mode && m.1 == label).map(|m| (m.2, m.3));
-        if let (Some((pa, pd)), Some((ba, bd))) = (of("poolwarden-cni"), of("bridge + host-local")) {
-            println!("ratio poolwarden / bridge+host-local, {mode}: ADD {:.2}x, DEL {:.2}x (median)", pa / ba, pd / bd);
+        for ours in ["poolwarden-cni, enforcing", "poolwarden-cni, --enforcement off"] {
+            if let (Some((pa, pd)), Some((ba, bd))) = (of(ours), of(peer_label)) {
+                println!("ratio {ours} / {peer_label}, {mode}: ADD {:.2}x, DEL {:.2}x (median)", pa / ba, pd / bd);
+            }
         }
     }
 
+    let (agent, socket) = start_agent(&poolwarden, &node_ns, &dir, "strict")?;
+    let ours = ours_for(&socket);
     // Memory: the agent with 1,000 wired endpoints.
     println!(
         "\nagent resident memory with {MEMORY_ENDPOINTS} endpoints (each a netns with a veth, a /32 route, an endpoint record):"
