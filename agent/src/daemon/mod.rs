@@ -104,8 +104,6 @@ pub struct Agent {
     drop_reports: std::sync::Mutex<Option<aya::maps::RingBuf<aya::maps::MapData>>>,
     /// Pool mode lets a pod send from anywhere in its pool, not only its own address.
     pool_mode: bool,
-    /// Interfaces retired by DEL whose pinned enforcement link the reaper removes after deleting them.
-    retired_enforcement: std::sync::Mutex<Vec<u32>>,
     /// Wakes the reaper of retired host interfaces.
     retired: tokio::sync::Notify,
     /// Counters and histograms served on the metrics port.
@@ -162,7 +160,6 @@ impl Agent {
             routes: Routes::connect()?,
             wiring: tokio::sync::RwLock::new(()),
             retired: tokio::sync::Notify::new(),
-            retired_enforcement: std::sync::Mutex::new(Vec::new()),
             metrics: metrics::Metrics::default(),
             node,
             store,
@@ -365,13 +362,11 @@ impl Agent {
             // Deleting a device makes the kernel wait for an RCU grace period; retired links are deleted
             // together, shortly after, by the reaper, so neither this DEL nor the next waits for it.
             if let Some(enforcement) = &self.enforcement {
-                // The entry goes now (the interface is going down: fail closed); its pinned link goes after the
-                // reaper deleted the interface, when dropping it no longer makes the kernel wait for RCU.
+                // The entry goes now (the interface is going down: fail closed); the filter goes with it.
                 let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
                 enforcement
-                    .remove_endpoint(index)
+                    .release(index)
                     .map_err(|e| reply(code::IO_FAILURE, "releasing enforcement failed", e.to_string()))?;
-                self.retired_enforcement.lock().unwrap_or_else(|p| p.into_inner()).push(index);
             }
             self.routes.retire_link(index).await.map_err(route_reply)?;
             self.retired.notify_one();
@@ -485,7 +480,10 @@ impl Agent {
         // Pinned links and entries of interfaces the datastore no longer knows go (a DEL lost with the agent).
         if let Some(enforcement) = &self.enforcement {
             let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
-            for stale in enforcement.attached().into_iter().filter(|i| !enforced.contains(i)) {
+            let entered = enforcement
+                .entered()
+                .map_err(|e| reply(code::IO_FAILURE, "reading enforcement entries failed", e.to_string()))?;
+            for stale in entered.into_iter().filter(|i| !enforced.contains(i)) {
                 warn!(ifindex = stale, "removing enforcement of an interface no endpoint owns");
                 enforcement
                     .release(stale)
@@ -548,17 +546,8 @@ impl Agent {
     /// burst share one deletion.
     pub async fn reap_retired_links(&self) {
         loop {
-            let retired = std::mem::take(&mut *self.retired_enforcement.lock().unwrap_or_else(|p| p.into_inner()));
             if let Err(e) = self.routes.reap().await {
                 warn!(error = %e, "deleting retired host interfaces failed");
-            }
-            if let Some(enforcement) = &self.enforcement {
-                let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
-                for index in retired {
-                    if let Err(e) = enforcement.release(index) {
-                        warn!(error = %e, ifindex = index, "unpinning a retired interface's enforcement failed");
-                    }
-                }
             }
             self.retired.notified().await;
             tokio::time::sleep(Duration::from_millis(100)).await;

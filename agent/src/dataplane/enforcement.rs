@@ -12,9 +12,8 @@ use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
-        links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
 use ipnet::IpNet;
@@ -108,9 +107,9 @@ impl EndpointSpec {
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/poolwarden";
 
 /// The layout version of the pinned maps: they live in `v<PIN_ABI>/` under the pin directory. Bump it when a
-/// map's type, key or value changes; a new agent then loads fresh maps beside the old ones and moves every
-/// pinned link over to the new program atomically (see [`Enforcement::enforce`]), so no pod goes unenforced.
-pub const PIN_ABI: u32 = 2;
+/// map's type, key or value changes; a new agent then loads fresh maps beside the old ones and swaps its
+/// program into every pod's filter atomically (see [`Enforcement::enforce`]), so no pod goes unenforced.
+pub const PIN_ABI: u32 = 3;
 
 /// The directory of this build's pins under `root`.
 pub fn versioned(root: &Path) -> PathBuf {
@@ -146,7 +145,14 @@ pub struct Enforcement {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
     root: PathBuf,
+    /// Interfaces this process attached (or re-attached) the program to.
+    attached_here: std::collections::HashSet<u32>,
 }
+
+/// The priority of our filter at clsact ingress.
+const FILTER_PRIORITY: u16 = 1;
+/// The handle of our filter (fixed, so a restart or an upgrade finds and replaces it).
+const FILTER_HANDLE: TcHandle = TcHandle::new(0, 0x7077);
 
 impl Enforcement {
     /// Load the object and both programs (this is where the verifier runs), with maps pinned in (and adopted
@@ -165,26 +171,23 @@ impl Enforcement {
                 .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
             program.load().map_err(|e| EnforcementError::Load(format!("{name}: {e:?}")))?;
         }
-        Ok(Self { ebpf, pin_dir: Some(pin_dir), root: root.to_path_buf() })
-    }
-
-    fn link_pin(&self, ifindex: u32) -> Option<PathBuf> {
-        self.pin_dir.as_ref().map(|d| d.join("links").join(ifindex.to_string()))
+        Ok(Self { ebpf, pin_dir: Some(pin_dir), root: root.to_path_buf(), attached_here: Default::default() })
     }
 
     /// Enforce `spec` on the host-side interface `ifname` (index `ifindex`): the entry first, then the
-    /// program at TCX ingress (the pod's egress), so the program never runs on it without its entry. An
-    /// interface whose link is already pinned (from this run or an earlier one) only gets its entry updated.
+    /// program as a direct-action `cls_bpf` filter at clsact ingress (the pod's egress), so the program never
+    /// runs on it without its entry. The filter sits at a fixed priority and handle: if one is there already
+    /// (an earlier run's or an older build's program), it is replaced atomically, never removed and re-added.
+    ///
+    /// Why not TCX: attaching a TCX link waits for an RCU grace period under RTNL (about 10-15 ms here, and
+    /// serialising every netlink user on the node), which would triple the time of a pod's ADD; a netlink
+    /// filter's mini-qdisc swap uses an expedited grace period. Netlink filters also stay in the kernel
+    /// when this process exits or dies, with no pin needed.
     pub fn enforce(&mut self, ifname: &str, ifindex: u32, spec: &EndpointSpec) -> Result<(), EnforcementError> {
         self.set_endpoint(ifindex, spec)?;
-        let pin = self.link_pin(ifindex);
-        if pin.as_ref().is_some_and(|p| p.exists()) {
+        if self.attached_here.contains(&ifindex) {
             return Ok(());
         }
-        // A link pinned by an older build runs the old program on the old maps: swap the program on that
-        // very link (the new entry is already written), so the interface is never without enforcement.
-        let older =
-            self.older_versions().into_iter().map(|d| d.join("links").join(ifindex.to_string())).find(|p| p.exists());
         let program: &mut SchedClassifier = self
             .ebpf
             .program_mut(ENFORCE)
@@ -192,28 +195,24 @@ impl Enforcement {
             .try_into()
             .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
         let attach_err =
-            |e: String| EnforcementError::Map { operation: format!("attach to {ifname} (TCX ingress)"), message: e };
-        let id = match &older {
-            Some(old) => {
-                let pinned = PinnedLink::from_pin(old).map_err(|e| attach_err(e.to_string()))?;
-                let link =
-                    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| attach_err(e.to_string()))?;
-                program.attach_to_link(link).map_err(|e| attach_err(e.to_string()))?
+            |e: String| EnforcementError::Map { operation: format!("attach to {ifname} (clsact ingress)"), message: e };
+        // Creating the clsact qdisc fails harmlessly when it exists.
+        let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+        let options = NlOptions { priority: FILTER_PRIORITY, handle: FILTER_HANDLE, classid: None };
+        let id = match program.attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::Netlink(options)) {
+            Ok(id) => id,
+            Err(_) => {
+                // A filter is there already: swap our program into it in one netlink request.
+                let existing =
+                    SchedClassifierLink::attached(ifname, TcAttachType::Ingress, FILTER_PRIORITY, FILTER_HANDLE, None)
+                        .map_err(|e| attach_err(e.to_string()))?;
+                program.attach_to_link(existing).map_err(|e| attach_err(e.to_string()))?
             }
-            None => program
-                .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                .map_err(|e| attach_err(e.to_string()))?,
         };
-        if let Some(pin) = pin {
-            let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
-            let link: FdLink =
-                link.try_into().map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
-            // Pinned, the link stays attached when this process exits or dies.
-            link.pin(&pin).map_err(|e| attach_err(e.to_string()))?;
-        }
-        if let Some(old) = older {
-            let _ = std::fs::remove_file(old);
-        }
+        // The filter must outlive this process: forget the link instead of letting aya detach it on drop.
+        let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+        std::mem::forget(link);
+        self.attached_here.insert(ifindex);
         Ok(())
     }
 
@@ -231,8 +230,8 @@ impl Enforcement {
             .collect()
     }
 
-    /// Once every endpoint has been moved over: remove what older builds pinned (links of interfaces no
-    /// endpoint owns detach; their maps go when no program uses them).
+    /// Once every endpoint's filter runs this build's program: remove what older builds pinned (their maps go
+    /// when no program uses them).
     pub fn remove_older_versions(&self) -> Result<(), EnforcementError> {
         for dir in self.older_versions() {
             std::fs::remove_dir_all(&dir).map_err(|e| EnforcementError::Map {
@@ -243,11 +242,10 @@ impl Enforcement {
         Ok(())
     }
 
-    /// Stop enforcing on an interface being removed: its pinned link and its entry.
+    /// Stop enforcing on an interface being removed: its entry goes (its filter goes with the interface;
+    /// until then the program drops everything there: fail closed).
     pub fn release(&mut self, ifindex: u32) -> Result<(), EnforcementError> {
-        if let Some(pin) = self.link_pin(ifindex) {
-            let _ = std::fs::remove_file(pin);
-        }
+        self.attached_here.remove(&ifindex);
         self.remove_endpoint(ifindex)
     }
 
@@ -256,9 +254,10 @@ impl Enforcement {
         self.ebpf.take_map("DROPS").and_then(|map| RingBuf::try_from(map).ok())
     }
 
-    /// The interfaces with a pinned link.
-    pub fn attached(&self) -> Vec<u32> {
-        self.pin_dir.as_deref().map(pinned_links).unwrap_or_default()
+    /// The interfaces with an entry in the maps (also those entered by an earlier run).
+    pub fn entered(&self) -> Result<Vec<u32>, EnforcementError> {
+        let dir = self.pin_dir.clone().unwrap_or_default();
+        Ok(read_entries(&dir)?.into_iter().map(|(index, _)| index).collect())
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map, EnforcementError> {
@@ -335,7 +334,7 @@ impl Enforcement {
 /// What the pinned maps say, read without loading anything (works while the agent is down).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PinnedState {
-    /// Interfaces with a pinned link (enforced).
+    /// Interfaces with an entry (enforced).
     pub attached: Vec<u32>,
     /// Endpoint entries: (ifindex, entry).
     pub endpoints: Vec<(u32, Endpoint)>,
@@ -343,41 +342,39 @@ pub struct PinnedState {
     pub counters: Vec<(u32, u32, u64)>,
 }
 
-/// The interfaces with a link pinned in `pin_dir`, by index.
-fn pinned_links(pin_dir: &Path) -> Vec<u32> {
-    let mut out: Vec<u32> = std::fs::read_dir(pin_dir.join("links"))
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    out.sort_unstable();
-    out
+fn open_pinned(pin_dir: &Path, name: &str) -> Result<aya::maps::Map, EnforcementError> {
+    aya::maps::MapData::from_pin(pin_dir.join(name))
+        .and_then(aya::maps::Map::from_map_data)
+        .map_err(map_error(format!("open pinned map {}", pin_dir.join(name).display())))
+}
+
+/// Every endpoint entry pinned in `pin_dir`: (ifindex, entry).
+fn read_entries(pin_dir: &Path) -> Result<Vec<(u32, Endpoint)>, EnforcementError> {
+    let mut out = Vec::new();
+    let endpoints: Array<MapData, Endpoint> =
+        Array::try_from(open_pinned(pin_dir, "ENDPOINTS")?).map_err(map_error("ENDPOINTS"))?;
+    for (index, entry) in endpoints.iter().enumerate() {
+        let entry = entry.map_err(map_error("read ENDPOINTS"))?;
+        if entry.flags & PRESENT != 0 {
+            out.push((u32::try_from(index).unwrap_or(u32::MAX), entry));
+        }
+    }
+    let high: HashMap<MapData, u32, Endpoint> =
+        HashMap::try_from(open_pinned(pin_dir, "ENDPOINTS_HIGH")?).map_err(map_error("ENDPOINTS_HIGH"))?;
+    for item in high.iter() {
+        out.push(item.map_err(map_error("read ENDPOINTS_HIGH"))?);
+    }
+    Ok(out)
 }
 
 /// Read the state this build pinned under `root`.
 pub fn read_pinned(root: &Path, pool_ids: &[u32]) -> Result<PinnedState, EnforcementError> {
     let pin_dir = &versioned(root);
-    let open = |name: &str| {
-        aya::maps::MapData::from_pin(pin_dir.join(name))
-            .and_then(aya::maps::Map::from_map_data)
-            .map_err(map_error(format!("open pinned map {}", pin_dir.join(name).display())))
-    };
-    let mut state = PinnedState { attached: pinned_links(pin_dir), ..PinnedState::default() };
-    let endpoints: Array<MapData, Endpoint> = Array::try_from(open("ENDPOINTS")?).map_err(map_error("ENDPOINTS"))?;
-    for (index, entry) in endpoints.iter().enumerate() {
-        let entry = entry.map_err(map_error("read ENDPOINTS"))?;
-        if entry.flags & PRESENT != 0 {
-            state.endpoints.push((u32::try_from(index).unwrap_or(u32::MAX), entry));
-        }
-    }
-    let high: HashMap<MapData, u32, Endpoint> =
-        HashMap::try_from(open("ENDPOINTS_HIGH")?).map_err(map_error("ENDPOINTS_HIGH"))?;
-    for item in high.iter() {
-        let (index, entry) = item.map_err(map_error("read ENDPOINTS_HIGH"))?;
-        state.endpoints.push((index, entry));
-    }
+    let endpoints = read_entries(pin_dir)?;
+    let mut state =
+        PinnedState { attached: endpoints.iter().map(|(i, _)| *i).collect(), endpoints, counters: Vec::new() };
     let counters: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(open("COUNTERS")?).map_err(map_error("COUNTERS"))?;
+        PerCpuArray::try_from(open_pinned(pin_dir, "COUNTERS")?).map_err(map_error("COUNTERS"))?;
     for &pool in pool_ids {
         for why in 0..reason::COUNT {
             let total: u64 =
