@@ -1,4 +1,4 @@
-//! The enforcement program: attached with TCX at ingress of every pod's host-side veth (that is, the pod's
+//! The enforcement program: attached as a direct-action filter at clsact ingress of every pod's host-side veth
 //! egress), it passes a packet only if its source is the pod's own address (or, in pool mode, inside the
 //! pod's pool), and drops everything else, counting why.
 #![no_std]
