@@ -1,6 +1,6 @@
-//! The enforcement program: attached as a direct-action filter at clsact ingress of every pod's host-side veth
-//! egress), it passes a packet only if its source is the pod's own address (or, in pool mode, inside the
-//! pod's pool), and drops everything else, counting why.
+//! The enforcement program: a direct-action filter at clsact ingress of every pod's host-side veth (that is,
+//! the pod's egress). It passes a packet only if its source is the pod's own address (or, in pool mode, inside
+//! the pod's pool), and drops everything else, counting why.
 #![no_std]
 #![no_main]
 #![expect(unsafe_code, reason = "eBPF: reading the skb and map values is unsafe by construction")]

@@ -139,8 +139,8 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), EnforcementError> {
 }
 
 /// The loaded program and its maps. Maps are pinned by name in the pin directory (so they outlive the agent
-/// and a restarted agent adopts them), and every attachment is a TCX link pinned as `links/<ifindex>`
-/// (so pods stay enforced while the agent is down).
+/// and a restarted agent adopts them); filters stay in the kernel by themselves, so pods stay enforced while
+/// the agent is down.
 pub struct Enforcement {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
