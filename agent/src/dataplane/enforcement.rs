@@ -134,8 +134,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), EnforcementError> {
         nix::mount::mount(Some("bpf"), sys, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
             .map_err(|e| EnforcementError::Load(format!("mount bpffs at /sys/fs/bpf: {e}")))?;
     }
-    std::fs::create_dir_all(dir.join("links"))
-        .map_err(|e| EnforcementError::Load(format!("create {}: {e}", dir.display())))
+    std::fs::create_dir_all(dir).map_err(|e| EnforcementError::Load(format!("create {}: {e}", dir.display())))
 }
 
 /// The loaded program and its maps. Maps are pinned by name in the pin directory (so they outlive the agent
