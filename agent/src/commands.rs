@@ -326,7 +326,7 @@ pub async fn execute(
             let name_of = |id: u32| ids.iter().find(|(i, _)| *i == id).map_or("<none>", |(_, n)| n);
             let all: Vec<u32> = ids.iter().map(|(i, _)| *i).chain([0]).collect();
             let state = enforcement::read_pinned(&bpf_dir, &all)?;
-            w!(out, "{} interface(s) enforced (links pinned in {})", state.attached.len(), bpf_dir.display());
+            w!(out, "{} interface(s) enforced (maps pinned in {})", state.attached.len(), bpf_dir.display());
             let rows: Vec<Vec<String>> = state
                 .endpoints
                 .iter()
