@@ -35,6 +35,14 @@ fn main() {
         Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).status().is_ok_and(|s| s.success()),
         "mount bpffs (root needed)"
     );
+    // Unmounted however this ends, a panic included.
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path());
     let mut enforcement = Enforcement::load(&dir.path().join("poolwarden")).expect("load");
     let pod = Ipv4Addr::new(10, 0, 0, 5);
     let allowed = frames::ipv4(pod, Ipv4Addr::new(10, 255, 0, 1));
@@ -71,5 +79,4 @@ fn main() {
         );
     }
     drop(enforcement);
-    let _ = Command::new("umount").arg("-l").arg(dir.path()).status();
 }
