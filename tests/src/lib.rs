@@ -295,6 +295,14 @@ impl Node {
         (out.status.success(), value)
     }
 
+    /// A new pod namespace wired by ADD (default network configuration), asserting it succeeded.
+    pub fn add_pod(&self, container: &str, namespace: &str, pod: &str) -> (NetNs, Value) {
+        let pod_ns = NetNs::new("pwp");
+        let (ok, result) = self.cni("ADD", container, &pod_ns.path(), &k8s_args(namespace, pod), &self.conf(json!({})));
+        assert!(ok, "ADD {container}: {result}\n{}", self.agent_log());
+        (pod_ns, result)
+    }
+
     /// A network configuration for this node's agent.
     pub fn conf(&self, extra: Value) -> Value {
         let mut conf =

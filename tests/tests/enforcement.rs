@@ -45,9 +45,7 @@ fn spoofed_sources_never_arrive_and_own_traffic_flows() {
     );
     // Control: without enforcement, a spoofed source does arrive (so the counter below can fail).
     node.start_agent_with(&["--enforcement", "off"]);
-    let pod = NetNs::new("pwp");
-    let (ok, result) = node.cni("ADD", "enf-1", &pod.path(), &k8s_args("default", "p"), &node.conf(json!({})));
-    assert!(ok, "{result}");
+    let (pod, result) = node.add_pod("enf-1", "default", "p");
     let own = result["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
     watch_source(&node, "10.80.0.200");
     send_from(&pod, "10.80.0.200", &node.address);
@@ -79,9 +77,7 @@ fn spoofed_sources_never_arrive_and_own_traffic_flows() {
         "drops are reported to the agent's log:\n{log}"
     );
     // A pod added while enforcing is enforced from its first packet.
-    let second = NetNs::new("pwp");
-    let (ok, result) = node.cni("ADD", "enf-2", &second.path(), &k8s_args("default", "q"), &node.conf(json!({})));
-    assert!(ok, "{result}");
+    let (second, _) = node.add_pod("enf-2", "default", "q");
     watch_source(&node, "10.81.0.8");
     send_from(&second, "10.81.0.8", &node.address);
     assert_eq!(arrived(&node, "10.81.0.8"), 0);
@@ -98,9 +94,7 @@ fn enforcement_outlives_a_killed_agent() {
         "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.82.0.0/24, blockSize: 28}\n",
     );
     node.start_agent();
-    let pod = NetNs::new("pwp");
-    let (ok, result) = node.cni("ADD", "survivor", &pod.path(), &k8s_args("default", "p"), &node.conf(json!({})));
-    assert!(ok, "{result}");
+    let (pod, _) = node.add_pod("survivor", "default", "p");
     node.kill_agent();
     // The agent is gone (kill -9); its pinned link and maps are not.
     assert!(pod.pings(&node.address), "allowed traffic still flows while the agent is down");
@@ -244,9 +238,7 @@ fn a_new_build_takes_over_the_filters_without_a_gap() {
         "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.86.0.0/24, blockSize: 28}\n",
     );
     node.start_agent();
-    let pod = NetNs::new("pwp");
-    let (ok, result) = node.cni("ADD", "upgraded", &pod.path(), &k8s_args("default", "p"), &node.conf(json!({})));
-    assert!(ok, "{result}");
+    let (pod, _) = node.add_pod("upgraded", "default", "p");
     node.stop_agent();
     // Make what is pinned look like an older build's layout: the old program keeps running on the old maps.
     let root = std::path::Path::new(&node.bpf_dir()).to_path_buf();

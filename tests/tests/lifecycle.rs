@@ -81,9 +81,7 @@ fn check_verifies_the_pod_against_the_add_result() {
         "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.67.0.0/24, blockSize: 28}\n",
     );
     node.start_agent();
-    let pod = NetNs::new("pwp");
-    let (ok, result) = node.cni("ADD", "checked", &pod.path(), &k8s_args("default", "c"), &node.conf(json!({})));
-    assert!(ok, "{result}");
+    let (pod, result) = node.add_pod("checked", "default", "c");
     let with_prev = node.conf(json!({ "prevResult": result }));
     let (ok, out) = node.cni("CHECK", "checked", &pod.path(), "", &with_prev);
     assert!(ok, "CHECK of a healthy pod: {out}");

@@ -311,10 +311,12 @@ impl Allocator {
     ) -> Result<Assigned, AllocError> {
         let in_pools = |cidr: &IpNet| pools.iter().find(|p| p.cidr().contains(cidr));
         let cooldown = config.reuse_cooldown_seconds;
+        // Selection gives one family's pools at a time.
+        let ipv6 = pools.first().is_some_and(|p| p.is_ipv6());
         for _ in 0..MAX_ATTEMPTS {
             // A repeated request for the same handle that lost a race to its twin gets the twin's address.
             if let Some(existing) = self.addresses_of(&owner.handle).await?
-                && let Some(same_family) = existing.into_iter().find(|a| (family == "IPv6") == a.ip.is_ipv6())
+                && let Some(same_family) = existing.into_iter().find(|a| a.ip.is_ipv6() == ipv6)
             {
                 return Ok(same_family);
             }

@@ -343,22 +343,27 @@ impl Agent {
         let _wiring = self.wiring.read().await;
         let released = self.allocator.release_handle(&handle).await.map_err(alloc_reply)?;
         let key = keys::endpoint(&self.node.name, &handle);
-        let mut host_ifname = request.host_ifname.clone();
-        if let Some(kv) = self.store.get(&key).await.map_err(store_reply)? {
-            let endpoint: Endpoint = decode(&key, &kv.value).map_err(store_reply)?;
-            if let Some(ifindex) = self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)? {
+        let endpoint = match self.store.get(&key).await.map_err(store_reply)? {
+            Some(kv) => Some((decode::<Endpoint>(&key, &kv.value).map_err(store_reply)?, kv.mod_revision)),
+            None => None,
+        };
+        // The recorded interface, else the one the plugin names (the record may be gone with a lost store).
+        let host_ifname = endpoint
+            .as_ref()
+            .map(|(e, _)| e.host_ifname.clone())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| request.host_ifname.clone());
+        let ifindex =
+            if host_ifname.is_empty() { None } else { self.routes.ifindex(&host_ifname).await.map_err(route_reply)? };
+        if let Some((endpoint, revision)) = endpoint {
+            if let Some(ifindex) = ifindex {
                 for ip in &endpoint.ips {
                     self.routes.remove(&OwnedRoute::Endpoint(*ip, ifindex)).await.map_err(route_reply)?;
                 }
             }
-            if host_ifname.is_empty() {
-                host_ifname = endpoint.host_ifname;
-            }
-            let _ = self.store.txn(Txn::new().delete(&key, kv.mod_revision)).await.map_err(store_reply)?;
+            let _ = self.store.txn(Txn::new().delete(&key, revision)).await.map_err(store_reply)?;
         }
-        if !host_ifname.is_empty()
-            && let Some(index) = self.routes.ifindex(&host_ifname).await.map_err(route_reply)?
-        {
+        if let Some(index) = ifindex {
             // Deleting a device makes the kernel wait for an RCU grace period; retired links are deleted
             // together, shortly after, by the reaper, so neither this DEL nor the next waits for it.
             if let Some(enforcement) = &self.enforcement {

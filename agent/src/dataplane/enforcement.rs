@@ -142,7 +142,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), EnforcementError> {
 /// the agent is down.
 pub struct Enforcement {
     ebpf: Ebpf,
-    pin_dir: Option<PathBuf>,
+    pin_dir: PathBuf,
     root: PathBuf,
     /// Interfaces this process attached (or re-attached) the program to.
     attached_here: std::collections::HashSet<u32>,
@@ -170,7 +170,7 @@ impl Enforcement {
                 .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
             program.load().map_err(|e| EnforcementError::Load(format!("{name}: {e:?}")))?;
         }
-        Ok(Self { ebpf, pin_dir: Some(pin_dir), root: root.to_path_buf(), attached_here: Default::default() })
+        Ok(Self { ebpf, pin_dir, root: root.to_path_buf(), attached_here: Default::default() })
     }
 
     /// Enforce `spec` on the host-side interface `ifname` (index `ifindex`): the entry first, then the
@@ -217,14 +217,12 @@ impl Enforcement {
 
     /// Pin directories of other layout versions (older builds) under the root.
     fn older_versions(&self) -> Vec<PathBuf> {
-        let current = self.pin_dir.clone();
         std::fs::read_dir(&self.root)
             .into_iter()
             .flatten()
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('v'))
-                    && Some(p) != current.as_ref()
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('v')) && *p != self.pin_dir
             })
             .collect()
     }
@@ -255,8 +253,7 @@ impl Enforcement {
 
     /// The interfaces with an entry in the maps (also those entered by an earlier run).
     pub fn entered(&self) -> Result<Vec<u32>, EnforcementError> {
-        let dir = self.pin_dir.clone().unwrap_or_default();
-        Ok(read_entries(&dir)?.into_iter().map(|(index, _)| index).collect())
+        Ok(read_entries(&self.pin_dir)?.into_iter().map(|(index, _)| index).collect())
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map, EnforcementError> {
@@ -291,26 +288,11 @@ impl Enforcement {
         }
     }
 
-    /// The counters of the given pools, summed over CPUs: (pool id, reason, packets), non-zero only.
-    pub fn counters(&self, pool_ids: &[u32]) -> Result<Vec<CounterKey>, EnforcementError> {
-        Ok(self.counts(pool_ids)?.into_iter().map(|(key, _)| key).collect())
-    }
-
-    /// Like [`Enforcement::counters`], with the counts.
+    /// The non-zero counters of the given pools, summed over CPUs.
     pub fn counts(&self, pool_ids: &[u32]) -> Result<Vec<(CounterKey, u64)>, EnforcementError> {
         let map = self.ebpf.map("COUNTERS").ok_or_else(|| EnforcementError::Load("map COUNTERS missing".into()))?;
         let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_error("open COUNTERS"))?;
-        let mut out = Vec::new();
-        for &pool in pool_ids {
-            for why in 0..reason::COUNT {
-                let values = counters.get(&counter_index(pool, why), 0).map_err(map_error("read COUNTERS"))?;
-                let total: u64 = values.iter().sum();
-                if total > 0 {
-                    out.push((CounterKey { pool_id: pool, reason: why }, total));
-                }
-            }
-        }
-        Ok(out)
+        read_counters(&counters, pool_ids)
     }
 
     /// Run `program` on `packet` (an Ethernet frame) `repeat` times in the kernel, as if it arrived on the
@@ -347,6 +329,24 @@ fn open_pinned(pin_dir: &Path, name: &str) -> Result<aya::maps::Map, Enforcement
         .map_err(map_error(format!("open pinned map {}", pin_dir.join(name).display())))
 }
 
+/// The non-zero counters of `pool_ids` in a COUNTERS map, summed over CPUs.
+fn read_counters<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, u64>,
+    pool_ids: &[u32],
+) -> Result<Vec<(CounterKey, u64)>, EnforcementError> {
+    let mut out = Vec::new();
+    for &pool in pool_ids {
+        for why in 0..reason::COUNT {
+            let total: u64 =
+                counters.get(&counter_index(pool, why), 0).map_err(map_error("read COUNTERS"))?.iter().sum();
+            if total > 0 {
+                out.push((CounterKey { pool_id: pool, reason: why }, total));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Every endpoint entry pinned in `pin_dir`: (ifindex, entry).
 fn read_entries(pin_dir: &Path) -> Result<Vec<(u32, Endpoint)>, EnforcementError> {
     let mut out = Vec::new();
@@ -374,15 +374,7 @@ pub fn read_pinned(root: &Path, pool_ids: &[u32]) -> Result<PinnedState, Enforce
         PinnedState { attached: endpoints.iter().map(|(i, _)| *i).collect(), endpoints, counters: Vec::new() };
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(open_pinned(pin_dir, "COUNTERS")?).map_err(map_error("COUNTERS"))?;
-    for &pool in pool_ids {
-        for why in 0..reason::COUNT {
-            let total: u64 =
-                counters.get(&counter_index(pool, why), 0).map_err(map_error("read COUNTERS"))?.iter().sum();
-            if total > 0 {
-                state.counters.push((pool, why, total));
-            }
-        }
-    }
+    state.counters = read_counters(&counters, pool_ids)?.into_iter().map(|(k, n)| (k.pool_id, k.reason, n)).collect();
     Ok(state)
 }
 
