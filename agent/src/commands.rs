@@ -33,9 +33,21 @@ macro_rules! fail {
 #[derive(Parser)]
 #[command(name = "poolwarden", version, about = "Per-namespace IP address management with kernel enforcement")]
 pub struct Cli {
-    /// Where IPAM state lives: embedded:PATH (a single local file).
+    /// Where IPAM state lives: embedded:PATH (a single local file) or etcd:URL[,URL...] (a cluster).
     #[arg(long, global = true, env = "POOLWARDEN_DATASTORE", default_value = store::DEFAULT_DATASTORE)]
     pub datastore: String,
+    /// The CA certificate that signed the etcd members' certificates (PEM).
+    #[arg(long, global = true, env = "POOLWARDEN_ETCD_CA")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+    /// This client's certificate for etcd (PEM), with --etcd-key.
+    #[arg(long, global = true, env = "POOLWARDEN_ETCD_CERT")]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// This client's private key for etcd (PEM), with --etcd-cert.
+    #[arg(long, global = true, env = "POOLWARDEN_ETCD_KEY")]
+    pub etcd_key: Option<std::path::PathBuf>,
+    /// Where under etcd's key space poolwarden keeps its keys.
+    #[arg(long, global = true, env = "POOLWARDEN_ETCD_PREFIX", default_value = store::etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
     #[command(subcommand)]
     pub command: Command,
     /// The agent's socket, used when the datastore is held by a running agent.
@@ -56,6 +68,10 @@ pub enum Command {
         /// Node labels, k=v,... (for pools' nodeSelector).
         #[arg(long, value_delimiter = ',')]
         node_labels: Vec<String>,
+        /// Where other nodes reach this one (IPv4 and/or IPv6, comma-separated); default: the first global
+        /// address of each family.
+        #[arg(long, env = "NODE_IP", value_delimiter = ',')]
+        node_address: Vec<std::net::IpAddr>,
         /// Where Prometheus scrapes /metrics.
         #[arg(long, default_value = "127.0.0.1:9641")]
         metrics_addr: std::net::SocketAddr,
@@ -125,6 +141,18 @@ pub enum Command {
         #[command(subcommand)]
         command: IpamCommand,
     },
+}
+
+impl Cli {
+    /// What opening the datastore needs besides `--datastore`.
+    pub fn open_options(&self) -> store::OpenOptions {
+        store::OpenOptions {
+            etcd_ca: self.etcd_ca.clone(),
+            etcd_cert: self.etcd_cert.clone(),
+            etcd_key: self.etcd_key.clone(),
+            etcd_prefix: Some(self.etcd_prefix.clone()),
+        }
+    }
 }
 
 /// `poolwarden enforcement ...`.

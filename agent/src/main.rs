@@ -51,7 +51,9 @@ fn reads_stdin(cli: &Cli) -> bool {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
-    if let Command::Agent { node, socket, node_labels, metrics_addr, log_format, enforcement, bpf_dir } = &cli.command {
+    if let Command::Agent { node, socket, node_labels, node_address, metrics_addr, log_format, enforcement, bpf_dir } =
+        &cli.command
+    {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
         let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
         match log_format {
@@ -63,13 +65,13 @@ async fn run(cli: Cli) -> Result<u8> {
         if node.name.is_empty() {
             bail!("no node name: give --node or set NODENAME");
         }
-        let store = store::open(&cli.datastore)?;
-        let agent = Arc::new(poolwarden::daemon::Agent::new(node, store, *enforcement, bpf_dir)?);
+        let store = store::open(&cli.datastore, &cli.open_options()).await?;
+        let agent = Arc::new(poolwarden::daemon::Agent::new(node, store, *enforcement, bpf_dir, node_address.clone())?);
         poolwarden::daemon::server::run(agent, socket.clone(), *metrics_addr).await?;
         return Ok(0);
     }
     let stdin = if reads_stdin(&cli) { Some(std::io::read_to_string(std::io::stdin().lock())?) } else { None };
-    match store::open(&cli.datastore) {
+    match store::open(&cli.datastore, &cli.open_options()).await {
         Ok(store) => {
             let mut out = String::new();
             let result = commands::execute(cli, store, stdin, &mut out).await;

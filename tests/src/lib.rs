@@ -10,6 +10,8 @@ use std::{
 
 use serde_json::{Value, json};
 
+pub mod etcd;
+
 /// Whether privileged tests can run here. When they cannot, the caller prints why and returns, unless
 /// `POOLWARDEN_REQUIRE_PRIVILEGED` is set (CI sets it), in which case this panics.
 pub fn privileged() -> bool {

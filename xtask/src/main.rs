@@ -58,6 +58,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("podman", "podman"),
     ("runc", "runc"),
     ("/bin/busybox", "busybox-static"),
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
+    // etcd-client's build compiles etcd's protobuf definitions.
+    ("protoc", "protobuf-compiler"),
+    ("/usr/include/google/protobuf/descriptor.proto", "libprotobuf-dev"),
 ];
 
 fn main() -> Result<()> {

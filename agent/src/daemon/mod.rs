@@ -1,6 +1,7 @@
 //! The node agent: serves the CNI plugin on a Unix socket, allocates through the datastore, programs the
 //! node's routes, and keeps them reconciled with the store across restarts.
 
+pub mod cluster;
 pub mod metrics;
 pub mod server;
 
@@ -92,6 +93,8 @@ pub struct Endpoint {
 /// The agent's state, shared by every request.
 pub struct Agent {
     node: NodeInfo,
+    /// Where other nodes reach this one (`--node-address`; detected when not given).
+    node_addresses: Vec<IpAddr>,
     store: Arc<dyn Store>,
     allocator: Allocator,
     routes: Routes,
@@ -145,6 +148,7 @@ impl Agent {
         store: Arc<dyn Store>,
         mode: EnforcementMode,
         bpf_dir: &std::path::Path,
+        node_addresses: Vec<IpAddr>,
     ) -> Result<Self, AgentError> {
         let mut enforcement = match mode {
             EnforcementMode::Off => None,
@@ -162,8 +166,27 @@ impl Agent {
             retired: tokio::sync::Notify::new(),
             metrics: metrics::Metrics::default(),
             node,
+            node_addresses,
             store,
         })
+    }
+
+    /// Register this node (`nodes/<name>`: its addresses and labels) for as long as the agent runs, so other
+    /// nodes route this node's blocks to it. Addresses not given are detected: the first global IPv4 and
+    /// IPv6 address of the node's namespace.
+    pub async fn register(&self) -> Result<cluster::NodeRecord, ErrorReply> {
+        let mut addresses = self.node_addresses.clone();
+        if addresses.is_empty() {
+            let found = self.routes.global_addresses().await.map_err(route_reply)?;
+            addresses.extend(found.iter().find(|a| a.is_ipv4()));
+            addresses.extend(found.iter().find(|a| a.is_ipv6()));
+        }
+        let record = cluster::NodeRecord { name: self.node.name.clone(), addresses, labels: self.node.labels.clone() };
+        self.store
+            .put_leased(&keys::node(&self.node.name), encode(&record), cluster::REGISTRATION_TTL)
+            .await
+            .map_err(store_reply)?;
+        Ok(record)
     }
 
     /// The node this agent serves.
@@ -276,7 +299,18 @@ impl Agent {
         let _wiring = self.wiring.read().await;
         let key = keys::endpoint(&self.node.name, &ipam::handle_for(&endpoint.container_id, &endpoint.ifname));
         let existing = self.store.get(&key).await.map_err(store_reply)?.map(|kv| kv.mod_revision);
-        let written = self.store.txn(Txn::new().write(&key, existing, encode(endpoint))).await.map_err(store_reply)?;
+        let mut owned = Vec::with_capacity(blocks.len());
+        for block in blocks {
+            // A block with no affinity to this node lent the address: other nodes must route it here.
+            if self.store.get(&keys::affinity(&self.node.name, *block)).await.map_err(store_reply)?.is_some() {
+                owned.push(*block);
+            }
+        }
+        let mut txn = Txn::new().write(&key, existing, encode(endpoint));
+        for ip in endpoint.ips.iter().filter(|ip| !owned.iter().any(|b| b.contains(*ip))) {
+            txn = txn.put(keys::borrowed(*ip), encode(&cluster::Borrowed { ip: *ip, node: self.node.name.clone() }));
+        }
+        let written = self.store.txn(txn).await.map_err(store_reply)?;
         if !written.is_committed() {
             return Err(reply(
                 code::TRY_AGAIN_LATER,
@@ -299,11 +333,9 @@ impl Agent {
                 "the plugin creates it before asking",
             )
         })?;
-        for block in blocks {
-            // Only blocks this node owns get a blackhole; a borrowed address's block belongs to another node.
-            if self.store.get(&keys::affinity(&self.node.name, *block)).await.map_err(store_reply)?.is_some() {
-                self.routes.install(&OwnedRoute::Blackhole(*block)).await.map_err(route_reply)?;
-            }
+        // Only blocks this node owns get a blackhole; a borrowed address's block belongs to another node.
+        for block in owned {
+            self.routes.install(&OwnedRoute::Blackhole(block)).await.map_err(route_reply)?;
         }
         for ip in &endpoint.ips {
             self.routes.install(&OwnedRoute::Endpoint(*ip, ifindex)).await.map_err(route_reply)?;
@@ -361,7 +393,11 @@ impl Agent {
                     self.routes.remove(&OwnedRoute::Endpoint(*ip, ifindex)).await.map_err(route_reply)?;
                 }
             }
-            let _ = self.store.txn(Txn::new().delete(&key, revision)).await.map_err(store_reply)?;
+            let mut txn = Txn::new().delete(&key, revision);
+            for ip in &endpoint.ips {
+                txn = txn.remove(keys::borrowed(*ip));
+            }
+            let _ = self.store.txn(txn).await.map_err(store_reply)?;
         }
         if let Some(index) = ifindex {
             // Deleting a device makes the kernel wait for an RCU grace period; retired links are deleted
@@ -499,9 +535,29 @@ impl Agent {
                 warn!(error = %e, "removing an older build's pinned objects failed");
             }
         }
+        desired.extend(self.remote_routes().await.map_err(store_reply)?);
         let (added, removed) = self.routes.reconcile(&desired).await.map_err(route_reply)?;
         self.metrics.set_blocks_owned(affinities.len());
         Ok((added, removed))
+    }
+
+    /// The routes to the blocks and borrowed addresses other registered nodes hold.
+    async fn remote_routes(&self) -> Result<BTreeSet<OwnedRoute>, StoreError> {
+        let (nodes, _) = self.store.list(keys::NODES).await?;
+        let nodes: BTreeMap<String, cluster::NodeRecord> = nodes
+            .iter()
+            .map(|kv| decode::<cluster::NodeRecord>(&kv.key, &kv.value).map(|n| (n.name.clone(), n)))
+            .collect::<Result<_, _>>()?;
+        if nodes.keys().all(|name| *name == self.node.name) {
+            return Ok(BTreeSet::new());
+        }
+        let (affinities, _) = self.store.list(keys::AFFINITIES).await?;
+        let affinities: Vec<ipam::Affinity> =
+            affinities.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
+        let (borrowed, _) = self.store.list(keys::BORROWED).await?;
+        let borrowed: Vec<cluster::Borrowed> =
+            borrowed.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
+        Ok(cluster::remote_routes(&self.node.name, &nodes, &affinities, &borrowed))
     }
 
     /// Log the packets enforcement drops, as the kernel reports them (at most a hundred a second per CPU;

@@ -32,6 +32,9 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The node could not register itself in the datastore.
+    #[error("registering the node failed: {0}")]
+    Register(String),
     /// Another agent answers on the socket.
     #[error("another agent is already serving {0}; stop it first")]
     AlreadyRunning(String),
@@ -109,8 +112,15 @@ async fn serve_metrics(agent: Arc<Agent>, listener: TcpListener) {
     }
 }
 
-/// Run the agent until SIGTERM or SIGINT: reconcile, then serve.
+/// How long a reconcile waits after a datastore change for the changes that come with it.
+const RECONCILE_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Run the agent until SIGTERM or SIGINT: register, reconcile, then serve.
 pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Result<(), ServeError> {
+    match agent.register().await {
+        Ok(record) => info!(addresses = ?record.addresses, "node registered"),
+        Err(e) => return Err(ServeError::Register(format!("{}: {}", e.msg, e.details))),
+    }
     match agent.reconcile().await {
         Ok((added, removed)) => info!(added, removed, "routes reconciled with the datastore"),
         Err(e) => {
@@ -131,23 +141,37 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
     // Also deletes what a previous run retired and did not get to.
     let reaper = Arc::clone(&agent);
     tokio::spawn(async move { reaper.reap_retired_links().await });
-    // Blocks claimed or given back (by this agent or by an operator's `ipam release`) move the blackholes.
-    let watcher = Arc::clone(&agent);
+    // Blocks claimed or given back anywhere (by an agent or an operator's `ipam release`), nodes coming and
+    // going, and addresses borrowed move the routes: every change wakes one reconcile, and changes arriving
+    // together share it.
+    let (changed, mut changes) = tokio::sync::mpsc::channel::<()>(1);
+    for prefix in [keys::AFFINITIES, keys::NODES, keys::BORROWED] {
+        let (watcher, changed) = (Arc::clone(&agent), changed.clone());
+        tokio::spawn(async move {
+            loop {
+                let from = watcher.store().revision().await.unwrap_or(0) + 1;
+                let Ok(mut watch) = watcher.store().watch(prefix, from).await else {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                };
+                // Whatever changed before this watch started is caught by one reconcile now.
+                let _ = changed.try_send(());
+                while let Some(event) = watch.next().await {
+                    if event.is_err() {
+                        break;
+                    }
+                    let _ = changed.try_send(());
+                }
+            }
+        });
+    }
+    let reconciler = Arc::clone(&agent);
     tokio::spawn(async move {
-        let prefix = keys::node_affinities(&watcher.node().name);
-        loop {
-            let from = watcher.store().revision().await.unwrap_or(0) + 1;
-            let Ok(mut watch) = watcher.store().watch(&prefix, from).await else {
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                continue;
-            };
-            while let Some(event) = watch.next().await {
-                if event.is_err() {
-                    break;
-                }
-                if let Err(e) = watcher.reconcile().await {
-                    warn!(error = %e.msg, "route reconcile after a block change failed");
-                }
+        while changes.recv().await.is_some() {
+            tokio::time::sleep(RECONCILE_DEBOUNCE).await;
+            while changes.try_recv().is_ok() {}
+            if let Err(e) = reconciler.reconcile().await {
+                warn!(error = %e.msg, details = %e.details, "route reconcile after a datastore change failed");
             }
         }
     });

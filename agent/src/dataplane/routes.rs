@@ -1,5 +1,6 @@
-//! The node's routes, over rtnetlink: a blackhole route for every block affine to this node and a /32 (or
-//! /128) route per local pod to its host veth. Every route carries [`ROUTE_PROTOCOL`], which is how the agent
+//! The node's routes, over rtnetlink: a blackhole route for every block affine to this node, a /32 (or
+//! /128) route per local pod to its host veth, and routes via other nodes' addresses to the blocks (and
+//! borrowed addresses) they hold. Every route carries [`ROUTE_PROTOCOL`], which is how the agent
 //! finds exactly its own routes after a restart and never touches anyone else's.
 
 use std::{
@@ -30,12 +31,14 @@ pub enum OwnedRoute {
     Blackhole(IpNet),
     /// A local pod's address, to its host veth (by interface index).
     Endpoint(IpAddr, u32),
+    /// A block (or one borrowed address) another node holds, via that node's address.
+    Remote(IpNet, IpAddr),
 }
 
 impl OwnedRoute {
     fn destination(&self) -> IpNet {
         match self {
-            OwnedRoute::Blackhole(net) => *net,
+            OwnedRoute::Blackhole(net) | OwnedRoute::Remote(net, _) => *net,
             OwnedRoute::Endpoint(ip, _) => IpNet::from(*ip),
         }
     }
@@ -87,6 +90,28 @@ impl Routes {
         }
     }
 
+    /// The addresses other nodes can reach this one at: every global address of this namespace, loopback
+    /// ranges excepted, in interface order.
+    pub async fn global_addresses(&self) -> Result<Vec<IpAddr>, RouteError> {
+        use netlink_packet_route::address::{AddressAttribute, AddressScope};
+        let mut found = Vec::new();
+        let mut addresses = self.handle.address().get().execute();
+        while let Some(message) = addresses.try_next().await.map_err(netlink("list addresses"))? {
+            if message.header.scope != AddressScope::Universe {
+                continue;
+            }
+            for attribute in &message.attributes {
+                if let AddressAttribute::Address(ip) = attribute
+                    && !ip.is_loopback()
+                {
+                    found.push((message.header.index, *ip));
+                }
+            }
+        }
+        found.sort();
+        Ok(found.into_iter().map(|(_, ip)| ip).collect())
+    }
+
     /// Mark a link (by index: a new link may take its name meanwhile) for the next [`Routes::reap`], and take
     /// it down so nothing more goes through it.
     pub async fn retire_link(&self, index: u32) -> Result<(), RouteError> {
@@ -117,6 +142,10 @@ impl Routes {
         Ok(match route {
             OwnedRoute::Blackhole(_) => builder.kind(RouteType::BlackHole),
             OwnedRoute::Endpoint(_, ifindex) => builder.output_interface(*ifindex),
+            OwnedRoute::Remote(_, gateway) => builder.gateway(*gateway).map_err(|e| RouteError::Netlink {
+                operation: format!("build route {route:?}"),
+                message: e.to_string(),
+            })?,
         }
         .build())
     }
@@ -152,8 +181,11 @@ impl Routes {
                 }
                 let mut destination = None;
                 let mut oif = None;
+                let mut gateway = None;
                 for attribute in &route.attributes {
                     match attribute {
+                        RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(IpAddr::V4(*a)),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(IpAddr::V6(*a)),
                         RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = Some(IpAddr::V4(*a)),
                         RouteAttribute::Destination(RouteAddress::Inet6(a)) => destination = Some(IpAddr::V6(*a)),
                         RouteAttribute::Oif(index) => oif = Some(*index),
@@ -164,6 +196,8 @@ impl Routes {
                 let Ok(net) = IpNet::new(destination, route.header.destination_prefix_length) else { continue };
                 if route.header.kind == RouteType::BlackHole {
                     found.insert(OwnedRoute::Blackhole(net));
+                } else if let Some(gateway) = gateway {
+                    found.insert(OwnedRoute::Remote(net, gateway));
                 } else if let Some(oif) = oif {
                     found.insert(OwnedRoute::Endpoint(destination, oif));
                 }

@@ -8,6 +8,7 @@
 
 pub mod conformance;
 pub mod embedded;
+pub mod etcd;
 
 use std::{fmt, sync::Arc};
 
@@ -269,24 +270,53 @@ pub trait Store: Send + Sync {
 
     /// The revision of the last committed transaction.
     async fn revision(&self) -> Result<Revision, StoreError>;
+
+    /// Keep `key` holding `value` while this process lives. A shared store forgets it about `ttl` after the
+    /// process stops renewing it (so a node that vanished is visible to the others); the embedded store,
+    /// which serves one node, keeps it.
+    async fn put_leased(&self, key: &str, value: Vec<u8>, ttl: std::time::Duration) -> Result<(), StoreError> {
+        let _ = ttl;
+        self.txn(Txn::new().put(key, value)).await.map(|_| ())
+    }
 }
 
-/// How the user names a backend on the command line: `embedded:PATH` (the default).
+/// How the user names a backend on the command line: `embedded:PATH` (the default) or `etcd:URL[,URL...]`.
 pub const DEFAULT_DATASTORE: &str = "embedded:/var/lib/poolwarden/store.redb";
 
+/// What `--datastore` does not say: TLS material and the key prefix for etcd.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// `--etcd-ca`.
+    pub etcd_ca: Option<std::path::PathBuf>,
+    /// `--etcd-cert`.
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// `--etcd-key`.
+    pub etcd_key: Option<std::path::PathBuf>,
+    /// `--etcd-prefix`; [`etcd::DEFAULT_PREFIX`] when `None`.
+    pub etcd_prefix: Option<String>,
+}
+
 /// Open the backend named by `spec`, as given to `--datastore`.
-pub fn open(spec: &str) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn open(spec: &str, options: &OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
     match spec.split_once(':') {
         Some(("embedded", path)) if !path.is_empty() => {
             Ok(Arc::new(embedded::EmbeddedStore::open(std::path::Path::new(path))?))
         }
-        Some(("etcd", _)) => Err(StoreError::InvalidSpec {
-            spec: spec.to_string(),
-            reason: "the etcd backend is not built into this version yet; use embedded:PATH".into(),
-        }),
+        Some(("etcd", _)) => {
+            let mut config = etcd::EtcdConfig::from_spec(spec)?;
+            config.ca.clone_from(&options.etcd_ca);
+            config.cert.clone_from(&options.etcd_cert);
+            config.key.clone_from(&options.etcd_key);
+            if let Some(prefix) = &options.etcd_prefix {
+                config.prefix.clone_from(prefix);
+            }
+            Ok(Arc::new(etcd::EtcdStore::connect(&config).await?))
+        }
         _ => Err(StoreError::InvalidSpec {
             spec: spec.to_string(),
-            reason: "expected embedded:PATH, for example embedded:/var/lib/poolwarden/store.redb".into(),
+            reason: "expected embedded:PATH (for example embedded:/var/lib/poolwarden/store.redb) or \
+                     etcd:URL[,URL...] (for example etcd:http://10.0.0.1:2379,http://10.0.0.2:2379)"
+                .into(),
         }),
     }
 }
@@ -312,6 +342,10 @@ pub mod keys {
     pub const ENDPOINTS: &str = "endpoints/";
     /// `namespaces/<name>`: standalone namespaces.
     pub const NAMESPACES: &str = "namespaces/";
+    /// `borrowed/<ip>`: an address a node's pod holds in a block affine to another node.
+    pub const BORROWED: &str = "borrowed/";
+    /// `nodes/<name>`: a node's registration (addresses, labels), alive while its agent is.
+    pub const NODES: &str = "nodes/";
 
     /// A CIDR as one key segment (`10.0.0.0-29`).
     pub fn cidr_segment(cidr: IpNet) -> String {
@@ -367,6 +401,16 @@ pub mod keys {
     /// The key of one endpoint.
     pub fn endpoint(node: &str, handle: &str) -> String {
         format!("{ENDPOINTS}{node}/{handle}")
+    }
+
+    /// The key of a borrowed address.
+    pub fn borrowed(ip: std::net::IpAddr) -> String {
+        format!("{BORROWED}{ip}")
+    }
+
+    /// The key of a node's registration.
+    pub fn node(name: &str) -> String {
+        format!("{NODES}{name}")
     }
 
     /// The key of a standalone namespace.

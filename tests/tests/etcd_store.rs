@@ -1,0 +1,145 @@
+//! The etcd backend against the store conformance suite on a real three-member etcd cluster, and what only a
+//! cluster can do to it: a member killed and restarted under a stream of compare-and-swap writes and a watch,
+//! and history compacted under a watch.
+
+use std::{sync::Arc, time::Duration};
+
+use poolwarden::store::{
+    EventKind, Store, StoreError, Txn, TxnOutcome, conformance,
+    etcd::{EtcdConfig, EtcdStore},
+};
+use poolwarden_tests::{etcd::EtcdCluster, unique};
+
+async fn connect(cluster: &EtcdCluster) -> Arc<dyn Store> {
+    let mut config = EtcdConfig::from_spec(&cluster.datastore()).expect("datastore spec");
+    config.prefix = format!("/{}/", unique("t"));
+    Arc::new(EtcdStore::connect(&config).await.expect("connect to etcd"))
+}
+
+macro_rules! conformance_tests {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $name() {
+            if !poolwarden_tests::etcd::available() {
+                return;
+            }
+            let cluster = EtcdCluster::on_loopback(3);
+            conformance::$name(connect(&cluster).await).await;
+        }
+    )*};
+}
+
+conformance_tests!(
+    compare_and_swap,
+    atomic_transactions,
+    list_by_prefix,
+    watch_sees_every_change_in_order,
+    concurrent_writers,
+);
+
+/// More keys than one page of a listing (500), all returned in order at one revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_spans_pages() {
+    if !poolwarden_tests::etcd::available() {
+        return;
+    }
+    let cluster = EtcdCluster::on_loopback(1);
+    let store = connect(&cluster).await;
+    let mut want = Vec::new();
+    for chunk in 0..13 {
+        let mut txn = Txn::new();
+        for i in 0..100 {
+            let key = format!("many/{:05}", chunk * 100 + i);
+            txn = txn.create(&key, key.as_bytes().to_vec());
+            want.push(key);
+        }
+        assert!(store.txn(txn).await.unwrap().is_committed());
+    }
+    let (listed, revision) = store.list("many/").await.unwrap();
+    assert_eq!(listed.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>(), want);
+    assert!(listed.iter().all(|kv| kv.value == kv.key.as_bytes()));
+    assert_eq!(revision, store.revision().await.unwrap());
+    let (keys, _) = store.list_keys("many/").await.unwrap();
+    assert_eq!(keys, want);
+}
+
+/// Kill each member in turn (SIGKILL) while writers increment a counter with compare-and-swap and a watch
+/// follows it: no write fails, every increment counts once, and the watch sees every revision in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn member_killed_and_restarted_under_writes_and_a_watch() {
+    if !poolwarden_tests::etcd::available() {
+        return;
+    }
+    let mut cluster = EtcdCluster::on_loopback(3);
+    let store = connect(&cluster).await;
+    let start = match store.txn(Txn::new().create("counter", b"0".to_vec())).await.unwrap() {
+        TxnOutcome::Committed(rev) => rev,
+        other => panic!("create counter: {other:?}"),
+    };
+    let mut watch = store.watch("counter", start).await.unwrap();
+
+    const WRITERS: usize = 4;
+    const INCREMENTS: usize = 60;
+    let mut tasks = Vec::new();
+    for _ in 0..WRITERS {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..INCREMENTS {
+                loop {
+                    let kv = store.get("counter").await.expect("get through a member failure").unwrap();
+                    let n: usize = String::from_utf8(kv.value).unwrap().parse().unwrap();
+                    let txn = Txn::new().update("counter", kv.mod_revision, (n + 1).to_string().into_bytes());
+                    if store.txn(txn).await.expect("commit through a member failure").is_committed() {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    for member in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.stop_member(member);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        cluster.start_member(member);
+    }
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    let total: usize = String::from_utf8(store.get("counter").await.unwrap().unwrap().value).unwrap().parse().unwrap();
+    assert_eq!(total, WRITERS * INCREMENTS, "every increment counted exactly once");
+
+    let mut seen = Vec::new();
+    while seen.len() <= WRITERS * INCREMENTS {
+        let event = tokio::time::timeout(Duration::from_secs(30), watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("watch stalled after {} events", seen.len()))
+            .expect("watch open")
+            .expect("watch event");
+        assert_eq!(event.kind, EventKind::Put);
+        seen.push(String::from_utf8(event.kv.value).unwrap().parse::<usize>().unwrap());
+    }
+    assert_eq!(seen, (0..=WRITERS * INCREMENTS).collect::<Vec<_>>(), "the watch saw every value once, in order");
+}
+
+/// A watch from a revision etcd has compacted away is refused with the compaction named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_from_compacted_history_is_refused() {
+    if !poolwarden_tests::etcd::available() {
+        return;
+    }
+    let cluster = EtcdCluster::on_loopback(1);
+    let store = connect(&cluster).await;
+    let mut rev = 0;
+    for i in 0..5 {
+        if let TxnOutcome::Committed(r) = store.txn(Txn::new().put("k", vec![i])).await.unwrap() {
+            rev = r;
+        }
+    }
+    poolwarden_tests::sh("etcdctl", &["--endpoints", &cluster.members[0].client_url(), "compact", &rev.to_string()]);
+    match store.watch("k", rev - 2).await {
+        Err(StoreError::Compacted { compacted, .. }) => assert_eq!(compacted, rev),
+        Err(other) => panic!("expected a compaction error, got {other}"),
+        Ok(_) => panic!("a watch from compacted history must be refused"),
+    }
+}
