@@ -122,6 +122,8 @@ pub struct Node {
     pub dir: tempfile::TempDir,
     /// The node's name.
     pub name: String,
+    /// `--datastore` for this node's agent and CLI.
+    store: String,
     agent: Option<Child>,
 }
 
@@ -138,7 +140,8 @@ impl Node {
         let bpffs = dir.path().join("bpf");
         std::fs::create_dir_all(&bpffs).expect("bpf dir");
         sh("mount", &["-t", "bpf", "bpf", &bpffs.display().to_string()]);
-        let node = Self { ns, address: address.to_string(), dir, name: "node-0".to_string(), agent: None };
+        let store = format!("embedded:{}", dir.path().join("store.redb").display());
+        let node = Self { ns, address: address.to_string(), dir, name: "node-0".to_string(), store, agent: None };
         let cni_path = node.cni_path();
         std::fs::create_dir_all(&cni_path).expect("cni-bin");
         std::os::unix::fs::symlink(binary("poolwarden-cni"), cni_path.join("poolwarden-cni")).expect("link plugin");
@@ -148,9 +151,18 @@ impl Node {
         node
     }
 
+    /// A node of a cluster: named `name`, on the shared `datastore` (etcd:...), its CLI run inside its
+    /// namespace (where the datastore is reachable).
+    pub fn in_cluster(address: &str, name: &str, datastore: &str) -> Self {
+        let mut node = Self::new(address);
+        node.name = name.to_string();
+        node.store = datastore.to_string();
+        node
+    }
+
     /// `--datastore` for this node.
     pub fn datastore(&self) -> String {
-        format!("embedded:{}", self.dir.path().join("store.redb").display())
+        self.store.clone()
     }
 
     /// Where the agent pins its enforcement maps and links.
@@ -165,7 +177,9 @@ impl Node {
 
     /// Run the CLI against this node's datastore (through the agent's socket while the agent holds it).
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(binary("poolwarden"))
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(binary("poolwarden"))
             .args(args)
             .env("POOLWARDEN_DATASTORE", self.datastore())
             .env("POOLWARDEN_SOCKET", self.socket())
@@ -320,6 +334,53 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill_agent();
         let _ = Command::new("umount").arg("-l").arg(self.dir.path().join("bpf")).status();
+    }
+}
+
+/// A layer-2 segment: a namespace holding a bridge, and a veth from it into each namespace attached.
+pub struct Fabric {
+    /// The namespace holding the bridge.
+    pub ns: NetNs,
+}
+
+impl Fabric {
+    /// A new segment.
+    pub fn new() -> Self {
+        let ns = NetNs::new("pwf");
+        ns.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+        ns.exec(&["ip", "link", "set", "br0", "up"]);
+        Self { ns }
+    }
+
+    /// Plug `ns` into the segment with `address` (CIDR) on its interface `fabric0`.
+    pub fn attach(&self, ns: &NetNs, address: &str) {
+        let port = unique("pwfp");
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &port,
+                "netns",
+                &self.ns.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "fabric0",
+                "netns",
+                &ns.name,
+            ],
+        );
+        self.ns.exec(&["ip", "link", "set", &port, "master", "br0", "up"]);
+        ns.exec(&["ip", "addr", "add", address, "dev", "fabric0"]);
+        ns.exec(&["ip", "link", "set", "fabric0", "up"]);
+    }
+}
+
+impl Default for Fabric {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -1,0 +1,181 @@
+//! A simulated cluster: a fabric namespace with a bridge, node namespaces each running an agent on a shared
+//! etcd cluster whose members run in namespaces of their own. Every address is inside those namespaces.
+
+use std::time::{Duration, Instant};
+
+use poolwarden_tests::{
+    Fabric, NetNs, Node,
+    etcd::{self, EtcdCluster, Placement},
+    k8s_args, privileged,
+};
+use serde_json::{Value, json};
+
+const SEED_POOLS: &str = include_str!("../../examples/seed-pools.yaml");
+
+/// An etcd cluster of `n` members, each in its own namespace on the fabric at 10.99.0.101, .102, ...
+fn etcd_on(fabric: &Fabric, n: usize) -> (Vec<NetNs>, EtcdCluster) {
+    let namespaces: Vec<NetNs> = (0..n).map(|_| NetNs::new("pwe")).collect();
+    let mut placements = Vec::new();
+    for (i, ns) in namespaces.iter().enumerate() {
+        let address = format!("10.99.0.{}", 101 + i);
+        fabric.attach(ns, &format!("{address}/24"));
+        placements.push(Placement { netns: Some(ns.name.clone()), address, client_port: 2379, peer_port: 2380 });
+    }
+    (namespaces, EtcdCluster::start(placements))
+}
+
+/// `n` nodes on the fabric at 10.99.0.1, .2, ..., on `cluster`, agents not started.
+fn nodes_on(fabric: &Fabric, cluster: &EtcdCluster, n: usize) -> Vec<Node> {
+    (0..n)
+        .map(|i| {
+            let address = format!("10.99.0.{}", i + 1);
+            let node = Node::in_cluster(&address, &format!("node-{i}"), &cluster.datastore());
+            fabric.attach(&node.ns, &format!("{address}/24"));
+            node
+        })
+        .collect()
+}
+
+fn address_of(result: &Value) -> String {
+    let cidr = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {result}"));
+    cidr.split('/').next().expect("address").to_string()
+}
+
+fn our_routes(node: &Node) -> String {
+    node.ns.exec(&["ip", "route", "show", "proto", "97"])
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The block (a /29 of the seed's pools) an address is in.
+fn block_of(address: &str) -> String {
+    let ip: std::net::Ipv4Addr = address.parse().expect("IPv4 address");
+    let base = u32::from(ip) & !7;
+    format!("{}/29", std::net::Ipv4Addr::from(base))
+}
+
+#[test]
+fn three_nodes_route_every_pod_to_every_other() {
+    if !privileged() || !etcd::available() {
+        return;
+    }
+    let fabric = Fabric::new();
+    let (_etcd_namespaces, cluster) = etcd_on(&fabric, 3);
+    let mut nodes = nodes_on(&fabric, &cluster, 3);
+    nodes[0].apply(SEED_POOLS);
+    nodes[0].cli_ok(&["annotate", "namespace", "external-ns", "poolwarden.io/ipv4pools=[\"external-pool\"]"]);
+    nodes[0].cli_ok(&["annotate", "namespace", "internal-ns", "cni.projectcalico.org/ipv4pools=[\"internal-pool\"]"]);
+    for node in &mut nodes {
+        node.start_agent();
+    }
+
+    // Two pods per namespace per node.
+    let mut pods = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for namespace in ["external-ns", "internal-ns"] {
+            for i in 0..2 {
+                let name = format!("{namespace}-{n}-{i}");
+                let (ns, result) = node.add_pod(&format!("c-{name}"), namespace, &name);
+                let address = address_of(&result);
+                let expected = if namespace == "external-ns" { "172.16.0." } else { "192.168." };
+                assert!(address.starts_with(expected), "{name} got {address}, outside its namespace's pool");
+                pods.push((n, name, ns, address));
+            }
+        }
+    }
+
+    // Every node: a blackhole for each of its own blocks, an aggregate route to every other node's blocks.
+    for (n, node) in nodes.iter().enumerate() {
+        wait_for(&format!("node-{n}'s routes to the other nodes' blocks"), Duration::from_secs(5), || {
+            let routes = our_routes(node);
+            pods.iter().all(|(owner, _, _, address)| {
+                let block = block_of(address);
+                if *owner == n {
+                    routes.contains(&format!("blackhole {block}"))
+                } else {
+                    routes.contains(&format!("{block} via 10.99.0.{} dev fabric0", owner + 1))
+                }
+            })
+        });
+    }
+
+    for (_, from, from_ns, _) in &pods {
+        for (_, to, _, address) in &pods {
+            if from != to {
+                assert!(from_ns.pings(address), "{from} cannot reach {to} at {address}");
+            }
+        }
+    }
+
+    // DEL everything: no endpoint route is left on any node, the aggregates stay with the blocks.
+    for (n, name, ns, _) in &pods {
+        let (ok, out) =
+            nodes[*n].cni("DEL", &format!("c-{name}"), &ns.path(), &k8s_args("x", name), &nodes[*n].conf(json!({})));
+        assert!(ok, "DEL {name}: {out}");
+    }
+    for node in &nodes {
+        let routes = our_routes(node);
+        assert!(!routes.contains("dev pw"), "endpoint routes left on {}:\n{routes}", node.name);
+    }
+    let check = nodes[0].cli(&["ipam", "check"]);
+    assert!(check.status.success(), "ipam check: {}", String::from_utf8_lossy(&check.stdout));
+}
+
+#[test]
+fn a_node_borrows_from_a_full_pool_and_its_pod_is_reachable() {
+    if !privileged() || !etcd::available() {
+        return;
+    }
+    let fabric = Fabric::new();
+    let (_etcd_namespaces, cluster) = etcd_on(&fabric, 1);
+    let mut nodes = nodes_on(&fabric, &cluster, 3);
+    // One block in the whole pool: the first node to ask claims it; the others can only borrow.
+    nodes[0].apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: tiny}\nspec: {cidr: 10.77.0.0/29, blockSize: 29}\n",
+    );
+    for node in &mut nodes {
+        node.start_agent();
+    }
+    let (owner_ns, owner_pod) = nodes[0].add_pod("c-owner", "default", "owner");
+    let (borrower_ns, borrower_pod) = nodes[1].add_pod("c-borrower", "default", "borrower");
+    let (third_ns, third_pod) = nodes[2].add_pod("c-third", "default", "third");
+    let (owner_ip, borrower_ip, third_ip) = (address_of(&owner_pod), address_of(&borrower_pod), address_of(&third_pod));
+    assert!(our_routes(&nodes[0]).contains("blackhole 10.77.0.0/29"), "{}", our_routes(&nodes[0]));
+    assert!(!our_routes(&nodes[1]).contains("blackhole"), "a borrower gets no blackhole for another's block");
+
+    // The owner routes the borrowed addresses to their nodes over its own blackhole (Calico's issue #3246).
+    for (borrowed, via) in [(&borrower_ip, "10.99.0.2"), (&third_ip, "10.99.0.3")] {
+        wait_for(&format!("a /32 for {borrowed} via {via} on the owner"), Duration::from_secs(5), || {
+            our_routes(&nodes[0]).contains(&format!("{borrowed} via {via} dev fabric0"))
+        });
+    }
+    for (from, from_ns, to) in [
+        ("owner", &owner_ns, &borrower_ip),
+        ("borrower", &borrower_ns, &owner_ip),
+        ("third", &third_ns, &borrower_ip),
+        ("borrower", &borrower_ns, &third_ip),
+        ("owner", &owner_ns, &third_ip),
+    ] {
+        assert!(from_ns.pings(to), "{from} cannot reach {to}");
+    }
+
+    // The borrowed address's routes go with its pod.
+    let (ok, out) = nodes[1].cni(
+        "DEL",
+        "c-borrower",
+        &borrower_ns.path(),
+        &k8s_args("default", "borrower"),
+        &nodes[1].conf(json!({})),
+    );
+    assert!(ok, "DEL: {out}");
+    wait_for("the borrowed address's /32 to go", Duration::from_secs(5), || {
+        !our_routes(&nodes[0]).contains(&format!("{borrower_ip} via"))
+            && !our_routes(&nodes[2]).contains(&format!("{borrower_ip} via"))
+    });
+}
