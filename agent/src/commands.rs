@@ -293,6 +293,13 @@ pub async fn execute(
             for applied in catalog.apply(&docs).await? {
                 w!(out, "{} {}", applied.object, applied.action);
             }
+            for doc in &docs {
+                if let resources::Resource::IpPool(pool) = &doc.resource
+                    && let Some(notice) = crate::dataplane::encapsulation_not_applied(pool)
+                {
+                    w!(out, "note: {notice}");
+                }
+            }
         }
         Command::Get { what, name, output } => {
             let text = match what {

@@ -34,7 +34,8 @@ enum Task {
     /// Run the benchmarks and print figures with their peer measured in the same run.
     Bench {
         /// Only this part: `cni` (plugin ADD/DEL against bridge + host-local, agent memory), `enforcement`
-        /// (per-packet cost against an empty program) or `allocator`.
+        /// (per-packet cost against an empty program), `allocator` or `routes` (10,000 remote blocks against
+        /// `ip -batch`).
         #[arg(long)]
         only: Option<String>,
     },
@@ -231,6 +232,9 @@ fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     }
     if only.is_none_or(|o| o == "allocator") {
         run("cargo", &["bench", "-p", "poolwarden", "--bench", "allocator"])?;
+    }
+    if only.is_none_or(|o| o == "routes") {
+        run("cargo", &["bench", "-p", "poolwarden", "--bench", "routes"])?;
     }
     Ok(())
 }

@@ -121,6 +121,11 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
         Ok(record) => info!(addresses = ?record.addresses, "node registered"),
         Err(e) => return Err(ServeError::Register(format!("{}: {}", e.msg, e.details))),
     }
+    if let Ok(pools) = crate::catalog::Catalog::new(Arc::clone(agent.store())).pools().await {
+        for notice in pools.iter().filter_map(|(pool, _)| crate::dataplane::encapsulation_not_applied(pool)) {
+            warn!("{notice}");
+        }
+    }
     match agent.reconcile().await {
         Ok((added, removed)) => info!(added, removed, "routes reconciled with the datastore"),
         Err(e) => {
