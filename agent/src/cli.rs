@@ -284,6 +284,25 @@ pub fn namespaces(namespaces: &[Namespace], format: Format) -> String {
     }
 }
 
+/// `get nodes`: the nodes registered in the datastore (alive while their agents are).
+pub fn nodes(nodes: &[crate::daemon::cluster::NodeRecord], format: Format) -> String {
+    match format {
+        Format::Yaml => serde_yaml::to_string(nodes).unwrap_or_default(),
+        Format::Json => serde_json::to_string_pretty(nodes).map(|s| s + "\n").unwrap_or_default(),
+        Format::Table | Format::Wide => {
+            let rows: Vec<Vec<String>> = nodes
+                .iter()
+                .map(|n| {
+                    let addresses: Vec<String> = n.addresses.iter().map(ToString::to_string).collect();
+                    let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    vec![n.name.clone(), addresses.join(","), labels.join(",")]
+                })
+                .collect();
+            table(&["NAME", "ADDRESSES", "LABELS"], &rows)
+        }
+    }
+}
+
 /// A utilisation bar: `[#####...............]  25.0%`.
 pub fn bar(used: u128, total: u128) -> String {
     const WIDTH: u128 = 20;

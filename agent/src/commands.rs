@@ -186,6 +186,9 @@ pub enum Kind {
     Namespaces,
     #[value(alias = "ipamconfiguration", alias = "config")]
     Ipamconfig,
+    /// Nodes registered by their agents.
+    #[value(alias = "node")]
+    Nodes,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -327,6 +330,13 @@ pub async fn execute(
                     cli::namespaces(&namespaces, output)
                 }
                 Kind::Ipamconfig => cli::config(&catalog.config().await?.0, output),
+                Kind::Nodes => {
+                    let (kvs, _) = store.list(store::keys::NODES).await?;
+                    let mut nodes: Vec<crate::daemon::cluster::NodeRecord> =
+                        kvs.iter().map(|kv| crate::catalog::decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
+                    nodes.retain(|n| name.as_ref().is_none_or(|want| &n.name == want));
+                    cli::nodes(&nodes, output)
+                }
             };
             out.push_str(&text);
         }

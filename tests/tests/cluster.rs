@@ -75,6 +75,15 @@ fn three_nodes_route_every_pod_to_every_other() {
         node.start_agent();
     }
 
+    // Every agent registered its node with the address other nodes route its blocks to.
+    let registered = nodes[0].cli_ok(&["get", "nodes"]);
+    for n in 0..3 {
+        assert!(
+            registered.contains(&format!("node-{n}")) && registered.contains(&format!("10.99.0.{}", n + 1)),
+            "{registered}"
+        );
+    }
+
     // Two pods per namespace per node.
     let mut pods = Vec::new();
     for (n, node) in nodes.iter().enumerate() {
@@ -125,6 +134,14 @@ fn three_nodes_route_every_pod_to_every_other() {
     }
     let check = nodes[0].cli(&["ipam", "check"]);
     assert!(check.status.success(), "ipam check: {}", String::from_utf8_lossy(&check.stdout));
+
+    // A node whose agent stops for good: its registration expires with its lease, and the other nodes'
+    // routes through it go (there is nowhere to send them).
+    nodes[2].kill_agent();
+    wait_for("node-2's registration to expire", Duration::from_secs(45), || {
+        !nodes[0].cli_ok(&["get", "nodes"]).contains("node-2")
+    });
+    wait_for("routes via node-2 to go", Duration::from_secs(5), || !our_routes(&nodes[0]).contains("via 10.99.0.3"));
 }
 
 #[test]
