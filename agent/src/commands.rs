@@ -72,6 +72,14 @@ pub enum Command {
         /// address of each family.
         #[arg(long, env = "NODE_IP", value_delimiter = ',')]
         node_address: Vec<std::net::IpAddr>,
+        /// How long an address (its container or node gone) or a gone node's block must look leaked before
+        /// it is released: 15m, 90s, 1h, or seconds.
+        #[arg(long, default_value = "15m")]
+        leak_grace_period: GracePeriod,
+        /// How long this node's registration outlives the agent (its lease in etcd): after that the other
+        /// nodes stop routing to it and, after the leak grace period, take back its addresses and blocks.
+        #[arg(long, default_value = "30s")]
+        registration_ttl: GracePeriod,
         /// Where Prometheus scrapes /metrics.
         #[arg(long, default_value = "127.0.0.1:9641")]
         metrics_addr: std::net::SocketAddr,
@@ -141,6 +149,28 @@ pub enum Command {
         #[command(subcommand)]
         command: IpamCommand,
     },
+}
+
+/// A duration as typed: `15m`, `90s`, `1h`, `500ms`, or plain seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GracePeriod(pub std::time::Duration);
+
+impl std::str::FromStr for GracePeriod {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 15m, 90s or 1h"))?;
+        let seconds = |s: u64| std::time::Duration::from_secs(s);
+        Ok(Self(match unit {
+            "" | "s" => seconds(n),
+            "ms" => std::time::Duration::from_millis(n),
+            "m" => seconds(n * 60),
+            "h" => seconds(n * 3600),
+            _ => return Err(format!("{text:?}: unknown unit {unit:?}; use ms, s, m or h")),
+        }))
+    }
 }
 
 impl Cli {

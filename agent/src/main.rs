@@ -51,8 +51,18 @@ fn reads_stdin(cli: &Cli) -> bool {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
-    if let Command::Agent { node, socket, node_labels, node_address, metrics_addr, log_format, enforcement, bpf_dir } =
-        &cli.command
+    if let Command::Agent {
+        node,
+        socket,
+        node_labels,
+        node_address,
+        leak_grace_period,
+        registration_ttl,
+        metrics_addr,
+        log_format,
+        enforcement,
+        bpf_dir,
+    } = &cli.command
     {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
         let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -66,7 +76,14 @@ async fn run(cli: Cli) -> Result<u8> {
             bail!("no node name: give --node or set NODENAME");
         }
         let store = store::open(&cli.datastore, &cli.open_options()).await?;
-        let agent = Arc::new(poolwarden::daemon::Agent::new(node, store, *enforcement, bpf_dir, node_address.clone())?);
+        let agent = Arc::new(poolwarden::daemon::Agent::new(
+            node,
+            store,
+            *enforcement,
+            bpf_dir,
+            node_address.clone(),
+            poolwarden::daemon::Lifetimes { leak_grace: leak_grace_period.0, registration_ttl: registration_ttl.0 },
+        )?);
         poolwarden::daemon::server::run(agent, socket.clone(), *metrics_addr).await?;
         return Ok(0);
     }

@@ -72,7 +72,7 @@ fn three_nodes_route_every_pod_to_every_other() {
     nodes[0].cli_ok(&["annotate", "namespace", "external-ns", "poolwarden.io/ipv4pools=[\"external-pool\"]"]);
     nodes[0].cli_ok(&["annotate", "namespace", "internal-ns", "cni.projectcalico.org/ipv4pools=[\"internal-pool\"]"]);
     for node in &mut nodes {
-        node.start_agent();
+        node.start_agent_with(&["--registration-ttl", "3s"]);
     }
 
     // Every agent registered its node with the address other nodes route its blocks to.
@@ -138,7 +138,7 @@ fn three_nodes_route_every_pod_to_every_other() {
     // A node whose agent stops for good: its registration expires with its lease, and the other nodes'
     // routes through it go (there is nowhere to send them).
     nodes[2].kill_agent();
-    wait_for("node-2's registration to expire", Duration::from_secs(45), || {
+    wait_for("node-2's registration to expire", Duration::from_secs(15), || {
         !nodes[0].cli_ok(&["get", "nodes"]).contains("node-2")
     });
     wait_for("routes via node-2 to go", Duration::from_secs(5), || !our_routes(&nodes[0]).contains("via 10.99.0.3"));
@@ -195,4 +195,45 @@ fn a_node_borrows_from_a_full_pool_and_its_pod_is_reachable() {
         !our_routes(&nodes[0]).contains(&format!("{borrower_ip} via"))
             && !our_routes(&nodes[2]).contains(&format!("{borrower_ip} via"))
     });
+}
+
+#[test]
+fn a_node_removed_for_good_gives_its_addresses_and_blocks_back_to_the_others() {
+    if !privileged() || !etcd::available() {
+        return;
+    }
+    let fabric = Fabric::new();
+    let (_etcd_namespaces, cluster) = etcd_on(&fabric, 1);
+    let mut nodes = nodes_on(&fabric, &cluster, 2);
+    // Two blocks in the whole pool, one per node.
+    nodes[0].apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: two}\nspec: {cidr: 10.78.0.0/28, blockSize: 29}\n",
+    );
+    for node in &mut nodes {
+        node.start_agent_with(&["--registration-ttl", "2s", "--leak-grace-period", "1s"]);
+    }
+    let (first_ns, first) = nodes[0].add_pod("c-first", "default", "first");
+    let (_lost_ns, lost) = nodes[1].add_pod("c-lost", "default", "lost");
+    let lost_block = block_of(&address_of(&lost));
+    assert_ne!(block_of(&address_of(&first)), lost_block, "each node claimed a block of its own");
+
+    // node-1 goes for good with its pod still there: nobody will DEL it.
+    nodes[1].kill_agent();
+    wait_for("node-1's blocks and addresses to be taken back", Duration::from_secs(20), || {
+        let affinities = nodes[0].cli_ok(&["get", "affinities"]);
+        let blocks = nodes[0].cli_ok(&["get", "blocks"]);
+        !affinities.contains("node-1") && !blocks.contains(&lost_block)
+    });
+    let check = nodes[0].cli(&["ipam", "check"]);
+    assert!(check.status.success(), "ipam check after the collection: {}", String::from_utf8_lossy(&check.stdout));
+
+    // node-0 fills its own block (7 more), then claims node-1's former block for the next pod.
+    let mut pods = Vec::new();
+    for i in 0..8 {
+        let (ns, result) = nodes[0].add_pod(&format!("c-more-{i}"), "default", &format!("more-{i}"));
+        pods.push((ns, address_of(&result)));
+    }
+    let (last_ns, last) = pods.last().expect("pods");
+    assert_eq!(block_of(last), lost_block, "the 8th pod's address comes from the block node-1 gave back");
+    assert!(first_ns.pings(last) && last_ns.pings(&address_of(&first)), "the reused block's pod is reachable");
 }

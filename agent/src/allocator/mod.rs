@@ -665,6 +665,47 @@ impl Allocator {
         Ok(released)
     }
 
+    /// Release a node's claim on a block (its node is gone): an empty block goes back to its pool with the
+    /// affinity; a block other nodes still hold addresses in stays, owned by nobody, until it is empty.
+    /// Returns whether anything was released.
+    pub async fn release_affinity(&self, affinity: &Affinity) -> Result<bool, AllocError> {
+        let akey = keys::affinity(&affinity.node, affinity.cidr);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(akv) = self.store.get(&akey).await? else { return Ok(false) };
+            let lock = self.locks.get(format!("block/{}", affinity.cidr));
+            let _turn = lock.lock().await;
+            let txn = Txn::new().delete(&akey, akv.mod_revision);
+            let txn = match self.block(affinity.cidr).await? {
+                None => txn,
+                Some((block, rev)) if block.is_empty() => delete_block(txn, &block, rev),
+                Some((mut block, rev)) => {
+                    let previous = block.affinity.take();
+                    let txn = txn.update(keys::block(block.cidr), rev, encode(&block));
+                    match previous {
+                        Some(node) => txn.remove(keys::room(&node, block.cidr)),
+                        None => txn,
+                    }
+                }
+            };
+            if self.store.txn(txn).await?.is_committed() {
+                return Ok(true);
+            }
+        }
+        Err(AllocError::Contention { operation: format!("releasing node {}'s block {}", affinity.node, affinity.cidr) })
+    }
+
+    /// Give back a block nobody owns once it is empty. Returns whether it was given back.
+    pub async fn release_unowned_block(&self, cidr: IpNet) -> Result<bool, AllocError> {
+        let lock = self.locks.get(format!("block/{cidr}"));
+        let _turn = lock.lock().await;
+        match self.block(cidr).await? {
+            Some((block, rev)) if block.affinity.is_none() && block.is_empty() => {
+                Ok(self.store.txn(delete_block(Txn::new(), &block, rev)).await?.is_committed())
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Everything `ipam check` and `ipam show` look at.
     pub async fn snapshot(&self) -> Result<Snapshot, AllocError> {
         fn all<T: serde::de::DeserializeOwned>(kvs: &[KeyValue]) -> Result<Vec<T>, StoreError> {
@@ -676,6 +717,15 @@ impl Allocator {
             blocks: all(&self.store.list(keys::BLOCKS).await?.0)?,
             affinities: all(&self.store.list(keys::AFFINITIES).await?.0)?,
             handles: all(&self.store.list(keys::HANDLES).await?.0)?,
+            nodes: self
+                .store
+                .list_keys(keys::NODES)
+                .await?
+                .0
+                .iter()
+                .filter_map(|k| k.strip_prefix(keys::NODES))
+                .map(str::to_string)
+                .collect(),
         })
     }
 }

@@ -7,17 +7,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    time::Duration,
 };
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{dataplane::routes::OwnedRoute, ipam::Affinity};
-
-/// How long a node's registration outlives its agent: a node whose agent has not renewed it for this long
-/// is gone from `nodes/`.
-pub const REGISTRATION_TTL: Duration = Duration::from_secs(30);
 
 /// A node as registered in the datastore.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

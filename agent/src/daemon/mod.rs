@@ -90,6 +90,15 @@ pub struct Endpoint {
     pub ips: Vec<IpAddr>,
 }
 
+/// How long things last that outlive a moment.
+#[derive(Clone, Copy, Debug)]
+pub struct Lifetimes {
+    /// How long an address or affinity must look leaked before the collector releases it.
+    pub leak_grace: Duration,
+    /// How long this node's registration outlives the agent.
+    pub registration_ttl: Duration,
+}
+
 /// The agent's state, shared by every request.
 pub struct Agent {
     node: NodeInfo,
@@ -111,6 +120,10 @@ pub struct Agent {
     retired: tokio::sync::Notify,
     /// Counters and histograms served on the metrics port.
     pub metrics: metrics::Metrics,
+    /// How long registrations and leaks last.
+    lifetimes: Lifetimes,
+    /// What looked leaked at the last collection, and since when.
+    suspects: std::sync::Mutex<BTreeMap<String, Instant>>,
 }
 
 fn reply(code: u32, msg: impl Into<String>, details: impl Into<String>) -> ErrorReply {
@@ -149,6 +162,7 @@ impl Agent {
         mode: EnforcementMode,
         bpf_dir: &std::path::Path,
         node_addresses: Vec<IpAddr>,
+        lifetimes: Lifetimes,
     ) -> Result<Self, AgentError> {
         let mut enforcement = match mode {
             EnforcementMode::Off => None,
@@ -168,7 +182,85 @@ impl Agent {
             node,
             node_addresses,
             store,
+            lifetimes,
+            suspects: std::sync::Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// How often the collector looks for leaks: often enough to release them soon after their grace period.
+    pub fn gc_interval(&self) -> Duration {
+        (self.lifetimes.leak_grace / 3).clamp(Duration::from_millis(500), MAINTENANCE_INTERVAL)
+    }
+
+    /// Release what has looked leaked for the whole grace period: addresses of gone nodes and of this
+    /// node's attachments whose container is gone (or that were never wired), then the affinities of gone
+    /// nodes and the blocks nobody owns any more. Returns how many addresses and blocks were released.
+    pub async fn collect_garbage(&self) -> Result<(usize, usize), ErrorReply> {
+        let snapshot = self.allocator.snapshot().await.map_err(alloc_reply)?;
+        let (nodes, _) = self.store.list_keys(keys::NODES).await.map_err(store_reply)?;
+        let registered: BTreeSet<String> =
+            nodes.iter().filter_map(|k| k.strip_prefix(keys::NODES)).map(str::to_string).collect();
+        let mut local = ipam::gc::LocalEndpoints::new();
+        for endpoint in self.endpoints().await.map_err(store_reply)? {
+            let alive = if endpoint.host_ifname.is_empty() {
+                endpoint.netns.is_empty() || std::path::Path::new(&endpoint.netns).exists()
+            } else {
+                self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)?.is_some()
+            };
+            local.insert(ipam::handle_for(&endpoint.container_id, &endpoint.ifname), alive);
+        }
+        let leaks = ipam::gc::leaked_addresses(&snapshot.blocks, &self.node.name, &registered, &local);
+        let orphans = ipam::gc::orphaned_affinities(&snapshot.affinities, &registered);
+
+        // Only what looked leaked last time too, for the whole grace period, is released now.
+        let now = Instant::now();
+        let due: BTreeSet<String> = {
+            let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            let current: BTreeSet<String> = leaks
+                .iter()
+                .map(|l| format!("{}#{}", l.ip, l.sequence))
+                .chain(orphans.iter().map(|a| format!("{}@{}", a.cidr, a.node)))
+                .collect();
+            suspects.retain(|k, _| current.contains(k));
+            for key in &current {
+                suspects.entry(key.clone()).or_insert(now);
+            }
+            suspects
+                .iter()
+                .filter(|(_, since)| now.duration_since(**since) >= self.lifetimes.leak_grace)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        let mut released = 0;
+        for leak in leaks.iter().filter(|l| due.contains(&format!("{}#{}", l.ip, l.sequence))) {
+            match self.allocator.release_ip(leak.ip, Some(leak.sequence)).await {
+                Ok(Some(_)) => {
+                    released += 1;
+                    warn!(address = %leak.ip, handle = %leak.handle, node = %leak.node, reason = %leak.reason, "released a leaked address");
+                    let endpoint = keys::endpoint(&leak.node, &leak.handle);
+                    let txn = Txn::new().remove(endpoint).remove(keys::borrowed(leak.ip));
+                    self.store.txn(txn).await.map_err(store_reply)?;
+                }
+                // Released or reassigned since it was seen: nothing of ours to take.
+                Ok(None) | Err(AllocError::Reassigned { .. }) => {}
+                Err(e) => return Err(alloc_reply(e)),
+            }
+        }
+        let mut blocks = 0;
+        for affinity in orphans.iter().filter(|a| due.contains(&format!("{}@{}", a.cidr, a.node))) {
+            if self.allocator.release_affinity(affinity).await.map_err(alloc_reply)? {
+                blocks += 1;
+                warn!(block = %affinity.cidr, node = %affinity.node, "released the block of a node that is gone");
+            }
+        }
+        for cidr in ipam::gc::unowned_empty_blocks(&self.allocator.snapshot().await.map_err(alloc_reply)?.blocks) {
+            if self.allocator.release_unowned_block(cidr).await.map_err(alloc_reply)? {
+                blocks += 1;
+                info!(block = %cidr, "gave a block nobody owns back to its pool");
+            }
+        }
+        self.suspects.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| !due.contains(k));
+        Ok((released, blocks))
     }
 
     /// Register this node (`nodes/<name>`: its addresses and labels) for as long as the agent runs, so other
@@ -183,7 +275,7 @@ impl Agent {
         }
         let record = cluster::NodeRecord { name: self.node.name.clone(), addresses, labels: self.node.labels.clone() };
         self.store
-            .put_leased(&keys::node(&self.node.name), encode(&record), cluster::REGISTRATION_TTL)
+            .put_leased(&keys::node(&self.node.name), encode(&record), self.lifetimes.registration_ttl)
             .await
             .map_err(store_reply)?;
         Ok(record)

@@ -180,6 +180,16 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
             }
         }
     });
+    let collector = Arc::clone(&agent);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(collector.gc_interval());
+        loop {
+            tick.tick().await;
+            if let Err(e) = collector.collect_garbage().await {
+                warn!(error = %e.msg, details = %e.details, "garbage collection failed");
+            }
+        }
+    });
     let maintainer = Arc::clone(&agent);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);

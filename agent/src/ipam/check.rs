@@ -33,6 +33,9 @@ pub struct Snapshot {
     pub affinities: Vec<Affinity>,
     /// Every handle record.
     pub handles: Vec<HandleRecord>,
+    /// The nodes registered by their agents (empty when no agent ever registered: then nobody's liveness
+    /// is known, and nothing is called leaked).
+    pub nodes: std::collections::BTreeSet<String>,
 }
 
 impl Snapshot {
@@ -114,6 +117,25 @@ pub fn check(snapshot: &Snapshot) -> Vec<Problem> {
             report(
                 "handle-mismatch",
                 format!("handle {} records {:?} but the blocks hold {:?}", handle.handle, handle.blocks, actual),
+            );
+        }
+    }
+
+    if !snapshot.nodes.is_empty() {
+        let nobody = super::gc::LocalEndpoints::new();
+        for leak in super::gc::leaked_addresses(&snapshot.blocks, "", &snapshot.nodes, &nobody) {
+            report(
+                "leaked-address",
+                format!("{} (handle {}) was assigned on node {}: {}", leak.ip, leak.handle, leak.node, leak.reason),
+            );
+        }
+        for affinity in super::gc::orphaned_affinities(&snapshot.affinities, &snapshot.nodes) {
+            report(
+                "orphaned-affinity",
+                format!(
+                    "block {} is affine to node {}, which is not registered any more",
+                    affinity.cidr, affinity.node
+                ),
             );
         }
     }

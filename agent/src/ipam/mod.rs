@@ -5,6 +5,7 @@
 
 pub mod block;
 pub mod check;
+pub mod gc;
 pub mod selection;
 
 use std::collections::BTreeMap;
