@@ -280,35 +280,12 @@ impl Node {
         args: &str,
         conf: &Value,
     ) -> (bool, Value) {
-        let cni_path = self.cni_path();
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns.name])
-            .arg(cni_path.join(plugin_type))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container)
-            .env("CNI_NETNS", pod_netns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", &cni_path)
-            .env("CNI_ARGS", args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write;
-                child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes())?;
-                child.wait_with_output()
-            })
-            .expect("run poolwarden-cni");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let value = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or_else(|e| panic!("plugin printed non-JSON ({e}): {text}"))
-        };
-        (out.status.success(), value)
+        self.runtime().plugin(plugin_type, command, container, pod_netns, args, conf)
+    }
+
+    /// What a container runtime on this node needs to run the plugin, owned, for other threads.
+    pub fn runtime(&self) -> Runtime {
+        Runtime { node_ns: self.ns.name.clone(), cni_path: self.cni_path(), conf: self.conf(json!({})) }
     }
 
     /// A new pod namespace wired by ADD (default network configuration), asserting it succeeded.
@@ -381,6 +358,62 @@ impl Fabric {
 impl Default for Fabric {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A node's container runtime: runs the plugin in the node's namespace as kubelet does.
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    node_ns: String,
+    cni_path: PathBuf,
+    /// The node's default network configuration.
+    pub conf: Value,
+}
+
+impl Runtime {
+    /// Invoke a plugin by its type with the environment and stdin kubelet gives it.
+    pub fn plugin(
+        &self,
+        plugin_type: &str,
+        command: &str,
+        container: &str,
+        pod_netns: &str,
+        args: &str,
+        conf: &Value,
+    ) -> (bool, Value) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.node_ns])
+            .arg(self.cni_path.join(plugin_type))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", pod_netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &self.cni_path)
+            .env("CNI_ARGS", args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes())?;
+                child.wait_with_output()
+            })
+            .expect("run poolwarden-cni");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("plugin printed non-JSON ({e}): {text}"))
+        };
+        (out.status.success(), value)
+    }
+
+    /// `poolwarden-cni` with the node's default configuration.
+    pub fn cni(&self, command: &str, container: &str, pod_netns: &str, args: &str) -> (bool, Value) {
+        self.plugin("poolwarden-cni", command, container, pod_netns, args, &self.conf)
     }
 }
 
