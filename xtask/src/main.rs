@@ -34,8 +34,8 @@ enum Task {
     /// Run the benchmarks and print figures with their peer measured in the same run.
     Bench {
         /// Only this part: `cni` (plugin ADD/DEL against bridge + host-local, agent memory), `enforcement`
-        /// (per-packet cost against an empty program), `allocator` or `routes` (10,000 remote blocks against
-        /// `ip -batch`).
+        /// (per-packet cost against an empty program), `allocator`, `routes` (10,000 remote blocks against
+        /// `ip -batch`) or `cluster` (1,000 pods on 10 nodes on etcd against bridge + host-local).
         #[arg(long)]
         only: Option<String>,
     },
@@ -235,6 +235,11 @@ fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     }
     if only.is_none_or(|o| o == "routes") {
         run("cargo", &["bench", "-p", "poolwarden", "--bench", "routes"])?;
+    }
+    if only.is_none_or(|o| o == "cluster") {
+        // The cluster bench runs the release binaries next to it.
+        run("cargo", &["build", "--release", "-p", "poolwarden", "-p", "poolwarden-cni", "--bins"])?;
+        run("cargo", &["bench", "-p", "poolwarden-tests", "--bench", "cluster"])?;
     }
     Ok(())
 }
