@@ -331,27 +331,17 @@ impl Fabric {
 
     /// Plug `ns` into the segment with `address` (CIDR) on its interface `fabric0`.
     pub fn attach(&self, ns: &NetNs, address: &str) {
+        self.attach_as(ns, address, "fabric0");
+    }
+
+    /// Plug `ns` into the segment with `address` (CIDR) on its interface `ifname`.
+    pub fn attach_as(&self, ns: &NetNs, address: &str, ifname: &str) {
         let port = unique("pwfp");
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                &port,
-                "netns",
-                &self.ns.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "fabric0",
-                "netns",
-                &ns.name,
-            ],
-        );
+        let (fabric, peer) = (self.ns.name.as_str(), ns.name.as_str());
+        sh("ip", &["link", "add", &port, "netns", fabric, "type", "veth", "peer", "name", ifname, "netns", peer]);
         self.ns.exec(&["ip", "link", "set", &port, "master", "br0", "up"]);
-        ns.exec(&["ip", "addr", "add", address, "dev", "fabric0"]);
-        ns.exec(&["ip", "link", "set", "fabric0", "up"]);
+        ns.exec(&["ip", "addr", "add", address, "dev", ifname]);
+        ns.exec(&["ip", "link", "set", ifname, "up"]);
     }
 }
 

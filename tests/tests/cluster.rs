@@ -237,3 +237,91 @@ fn a_node_removed_for_good_gives_its_addresses_and_blocks_back_to_the_others() {
     assert_eq!(block_of(last), lost_block, "the 8th pod's address comes from the block node-1 gave back");
     assert!(first_ns.pings(last) && last_ns.pings(&address_of(&first)), "the reused block's pod is reachable");
 }
+
+#[test]
+fn vxlan_carries_pods_between_nodes_on_different_segments() {
+    if !privileged() || !etcd::available() {
+        return;
+    }
+    // Two segments joined by a router that knows the nodes' subnets and nothing of the pools.
+    let (segment_a, segment_b) = (Fabric::new(), Fabric::new());
+    let router = NetNs::new("pwr");
+    segment_a.attach(&router, "10.99.1.254/24");
+    segment_b.attach_as(&router, "10.99.2.254/24", "fabric1");
+    router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let etcd_ns = NetNs::new("pwe");
+    segment_a.attach(&etcd_ns, "10.99.1.101/24");
+    etcd_ns.exec(&["ip", "route", "add", "10.99.2.0/24", "via", "10.99.1.254"]);
+    let cluster = EtcdCluster::start(vec![Placement {
+        netns: Some(etcd_ns.name.clone()),
+        address: "10.99.1.101".into(),
+        client_port: 2379,
+        peer_port: 2380,
+    }]);
+    // node-0 and node-2 on segment A, node-1 on segment B.
+    let mut nodes = Vec::new();
+    for (i, (segment, address, other, router_address)) in [
+        (&segment_a, "10.99.1.1", "10.99.2.0/24", "10.99.1.254"),
+        (&segment_b, "10.99.2.1", "10.99.1.0/24", "10.99.2.254"),
+        (&segment_a, "10.99.1.2", "10.99.2.0/24", "10.99.1.254"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let node = Node::in_cluster(address, &format!("node-{i}"), &cluster.datastore());
+        segment.attach(&node.ns, &format!("{address}/24"));
+        node.ns.exec(&["ip", "route", "add", other, "via", router_address]);
+        nodes.push(node);
+    }
+    nodes[0].apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: over}\nspec: {cidr: 10.81.0.0/16, vxlanMode: CrossSubnet}\n---\n\
+         apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: plain}\nspec: {cidr: 10.82.0.0/16}\n",
+    );
+    nodes[0].cli_ok(&["annotate", "namespace", "over-ns", "poolwarden.io/ipv4pools=[\"over\"]"]);
+    nodes[0].cli_ok(&["annotate", "namespace", "plain-ns", "poolwarden.io/ipv4pools=[\"plain\"]"]);
+    for node in &mut nodes {
+        node.start_agent();
+    }
+    let mut over = Vec::new();
+    let mut plain = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let (ns, result) = node.add_pod(&format!("c-over-{i}"), "over-ns", &format!("over-{i}"));
+        over.push((ns, address_of(&result)));
+        let (ns, result) = node.add_pod(&format!("c-plain-{i}"), "plain-ns", &format!("plain-{i}"));
+        plain.push((ns, address_of(&result)));
+    }
+
+    // CrossSubnet: through the overlay to node-1 on the other segment, directly to node-2 on the same one.
+    let (to_far, to_near) = (block_of_26(&over[1].1), block_of_26(&over[2].1));
+    wait_for("node-0's overlay and direct routes", Duration::from_secs(5), || {
+        let routes = our_routes(&nodes[0]);
+        routes.contains(&format!("{to_far} via 10.99.2.1 dev pw.vxlan"))
+            && routes.contains(&format!("{to_near} via 10.99.1.2 dev fabric0"))
+    });
+    for (i, (from, _)) in over.iter().enumerate() {
+        for (j, (_, to)) in over.iter().enumerate() {
+            if i != j {
+                assert!(from.pings(to), "over-{i} cannot reach over-{j} at {to}");
+            }
+        }
+    }
+    // Without encapsulation the router drops what it has no route for: only the same segment is reachable.
+    let near_plain = block_of_26(&plain[2].1);
+    wait_for("node-0's direct route to node-2's plain block", Duration::from_secs(5), || {
+        our_routes(&nodes[0]).contains(&format!("{near_plain} via 10.99.1.2 dev fabric0"))
+    });
+    assert!(
+        plain[0].0.pings(&plain[2].1),
+        "plain pods on one segment reach each other:\n{}\n{}\n{}",
+        our_routes(&nodes[0]),
+        our_routes(&nodes[2]),
+        nodes[0].agent_log()
+    );
+    assert!(!plain[0].0.pings(&plain[1].1), "a plain pod across the router must not be reachable");
+}
+
+/// The /26 block (the default block size) an address is in.
+fn block_of_26(address: &str) -> String {
+    let ip: std::net::Ipv4Addr = address.parse().expect("IPv4 address");
+    format!("{}/26", std::net::Ipv4Addr::from(u32::from(ip) & !63))
+}

@@ -601,12 +601,14 @@ impl Allocator {
         Err(AllocError::Contention { operation: format!("releasing handle {handle}") })
     }
 
-    /// Release one address. With `expected_sequence`, only if it is still the allocation the caller saw.
-    /// Returns who held it, or `None` if it was not allocated.
+    /// Release one address. With `expected`, only if it is still the allocation the caller saw: the same
+    /// block sequence number and the same handle (a block given back and claimed again starts its sequence
+    /// over, so the sequence alone could match a newer allocation). Returns who held it, or `None` if it
+    /// was not allocated.
     pub async fn release_ip(
         &self,
         ip: IpAddr,
-        expected_sequence: Option<u64>,
+        expected: Option<(u64, &str)>,
     ) -> Result<Option<Allocation>, AllocError> {
         for _ in 0..MAX_ATTEMPTS {
             let now = (self.clock)();
@@ -615,10 +617,10 @@ impl Allocator {
             let _turn = lock.lock().await;
             let Some((mut block, rev)) = self.block(cidr).await? else { continue };
             let Some(current) = block.allocation(ip) else { return Ok(None) };
-            if let Some(expected) = expected_sequence
-                && current.sequence != expected
+            if let Some((sequence, handle)) = expected
+                && (current.sequence != sequence || current.handle != handle)
             {
-                return Err(AllocError::Reassigned { ip, expected, actual: current.sequence });
+                return Err(AllocError::Reassigned { ip, expected: sequence, actual: current.sequence });
             }
             let Some(allocation) = block.release_ip(ip, now) else { return Ok(None) };
             let mut txn = write_block(Txn::new(), &block, Some(rev));

@@ -12,7 +12,10 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::{dataplane::routes::OwnedRoute, ipam::Affinity};
+use crate::{
+    ipam::Affinity,
+    resources::{EncapMode, IpPool},
+};
 
 /// A node as registered in the datastore.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,28 +46,46 @@ pub struct Borrowed {
     pub node: String,
 }
 
+/// A route to something another node holds.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteRoute {
+    /// The block, or the borrowed address.
+    pub destination: IpNet,
+    /// The node that holds it.
+    pub node: String,
+    /// That node's address.
+    pub via: IpAddr,
+    /// Through the VXLAN overlay (the pool's `vxlanMode` asks for it toward this node).
+    pub overlay: bool,
+}
+
 /// The routes node `me` needs to reach what other nodes hold. Blocks and addresses of nodes that are not
-/// registered (or have no address of the block's family) get no route: there is nowhere to send them.
+/// registered (or have no address of the destination's family) get no route: there is nowhere to send them.
+/// A destination goes through the overlay when its pool's `vxlanMode` is `Always`, or `CrossSubnet` and the
+/// other node's address is in none of `local_subnets` (this node's own subnets).
 pub fn remote_routes(
     me: &str,
     nodes: &BTreeMap<String, NodeRecord>,
     affinities: &[Affinity],
     borrowed: &[Borrowed],
-) -> BTreeSet<OwnedRoute> {
-    let via = |node: &str, net: IpNet| nodes.get(node).and_then(|n| n.address_for(net));
-    let mut routes = BTreeSet::new();
-    for affinity in affinities.iter().filter(|a| a.node != me) {
-        if let Some(gateway) = via(&affinity.node, affinity.cidr) {
-            routes.insert(OwnedRoute::Remote(affinity.cidr, gateway));
-        }
-    }
-    for borrowed in borrowed.iter().filter(|b| b.node != me) {
-        let host = IpNet::from(borrowed.ip);
-        if let Some(gateway) = via(&borrowed.node, host) {
-            routes.insert(OwnedRoute::Remote(host, gateway));
-        }
-    }
-    routes
+    pools: &[IpPool],
+    local_subnets: &[IpNet],
+) -> BTreeSet<RemoteRoute> {
+    let route = |node: &str, destination: IpNet| {
+        let via = nodes.get(node).and_then(|n| n.address_for(destination))?;
+        let mode = pools.iter().find(|p| p.cidr().contains(&destination.addr())).map(|p| p.spec.vxlan_mode);
+        // The overlay's tunnels run over IPv4 between the nodes.
+        let overlay = via.is_ipv4()
+            && match mode {
+                Some(EncapMode::Always) => true,
+                Some(EncapMode::CrossSubnet) => !local_subnets.iter().any(|s| s.contains(&via)),
+                Some(EncapMode::Never) | None => false,
+            };
+        Some(RemoteRoute { destination, node: node.to_string(), via, overlay })
+    };
+    let blocks = affinities.iter().filter(|a| a.node != me).filter_map(|a| route(&a.node, a.cidr));
+    let hosts = borrowed.iter().filter(|b| b.node != me).filter_map(|b| route(&b.node, IpNet::from(b.ip)));
+    blocks.chain(hosts).collect()
 }
 
 #[cfg(test)]
@@ -92,26 +113,64 @@ mod tests {
         let borrowed: IpAddr = "172.16.0.1".parse().unwrap();
         let blocks = vec![Borrowed { ip: borrowed, node: "c".into() }];
 
-        let on_b = remote_routes("b", &nodes, &affinities, &blocks);
+        let routes = |me: &str| -> BTreeSet<(IpNet, IpAddr)> {
+            remote_routes(me, &nodes, &affinities, &blocks, &[], &[])
+                .into_iter()
+                .map(|r| (r.destination, r.via))
+                .collect()
+        };
+        let on_b = routes("b");
         assert_eq!(
             on_b,
+            [(block_a, "10.99.0.1".parse().unwrap()), (IpNet::from(borrowed), "10.99.0.3".parse().unwrap())].into()
+        );
+        // The owner routes the borrowed address to the borrower too (over its own blackhole).
+        let on_a = routes("a");
+        assert!(on_a.contains(&(IpNet::from(borrowed), "10.99.0.3".parse().unwrap())));
+        assert!(!on_a.iter().any(|(net, _)| *net == block_a));
+        // The borrower has its own /32 to the pod: no remote route for it.
+        let on_c = routes("c");
+        assert!(!on_c.iter().any(|(net, _)| net.contains(&borrowed) && net.prefix_len() == 32));
+        assert!(on_c.contains(&(block_a, "10.99.0.1".parse().unwrap())));
+    }
+
+    #[test]
+    fn vxlan_mode_decides_the_overlay_per_pool_and_peer_subnet() {
+        let pool = |name: &str, cidr: &str, mode: &str| {
+            let yaml = format!(
+                "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {{cidr: {cidr}, vxlanMode: {mode}}}\n"
+            );
+            match &crate::resources::parse_documents("p.yaml", &yaml).unwrap()[0].resource {
+                crate::resources::Resource::IpPool(p) => p.clone(),
+                other => panic!("not a pool: {other:?}"),
+            }
+        };
+        let pools = vec![
+            pool("always", "10.1.0.0/16", "Always"),
+            pool("cross", "10.2.0.0/16", "CrossSubnet"),
+            pool("never", "10.3.0.0/16", "Never"),
+        ];
+        let nodes: BTreeMap<_, _> =
+            [node("a", "10.99.1.1"), node("near", "10.99.1.2"), node("far", "10.99.2.1")].into();
+        let affinities: Vec<Affinity> =
+            [("near", "10.1.0.0/26"), ("near", "10.2.0.0/26"), ("far", "10.2.0.64/26"), ("far", "10.3.0.0/26")]
+                .iter()
+                .map(|(n, c)| Affinity { node: n.to_string(), cidr: c.parse().unwrap() })
+                .collect();
+        let local: Vec<IpNet> = vec!["10.99.1.1/24".parse().unwrap()];
+        let overlay: BTreeMap<String, bool> = remote_routes("a", &nodes, &affinities, &[], &pools, &local)
+            .into_iter()
+            .map(|r| (r.destination.to_string(), r.overlay))
+            .collect();
+        assert_eq!(
+            overlay,
             [
-                OwnedRoute::Remote(block_a, "10.99.0.1".parse().unwrap()),
-                OwnedRoute::Remote(IpNet::from(borrowed), "10.99.0.3".parse().unwrap()),
+                ("10.1.0.0/26".to_string(), true),  // Always, even on the same subnet
+                ("10.2.0.0/26".to_string(), false), // CrossSubnet, same subnet
+                ("10.2.0.64/26".to_string(), true), // CrossSubnet, another subnet
+                ("10.3.0.0/26".to_string(), false), // Never
             ]
             .into()
         );
-        // The owner routes the borrowed address to the borrower too (over its own blackhole).
-        let on_a = remote_routes("a", &nodes, &affinities, &blocks);
-        assert!(on_a.contains(&OwnedRoute::Remote(IpNet::from(borrowed), "10.99.0.3".parse().unwrap())));
-        assert!(!on_a.iter().any(|r| matches!(r, OwnedRoute::Remote(net, _) if *net == block_a)));
-        // The borrower has its own /32 to the pod: no remote route for it.
-        let on_c = remote_routes("c", &nodes, &affinities, &blocks);
-        assert!(
-            !on_c
-                .iter()
-                .any(|r| matches!(r, OwnedRoute::Remote(net, _) if net.contains(&borrowed) && net.prefix_len() == 32))
-        );
-        assert!(on_c.contains(&OwnedRoute::Remote(block_a, "10.99.0.1".parse().unwrap())));
     }
 }

@@ -90,6 +90,12 @@ pub struct Endpoint {
     pub ips: Vec<IpAddr>,
 }
 
+/// What identifies one allocation the collector suspects: the address, the block sequence number and the
+/// handle (a block given back and claimed again starts its sequence over).
+fn leak_key(leak: &ipam::gc::Leak) -> String {
+    format!("{}#{}#{}", leak.ip, leak.sequence, leak.handle)
+}
+
 /// How long things last that outlive a moment.
 #[derive(Clone, Copy, Debug)]
 pub struct Lifetimes {
@@ -124,6 +130,10 @@ pub struct Agent {
     lifetimes: Lifetimes,
     /// What looked leaked at the last collection, and since when.
     suspects: std::sync::Mutex<BTreeMap<String, Instant>>,
+    /// Every ADD holds this shared for its whole course; the collector takes it alone to release this node's
+    /// leaked addresses, so an address allocated (or returned again to a repeated ADD) and not wired yet is
+    /// never released under it.
+    adds: tokio::sync::RwLock<()>,
 }
 
 fn reply(code: u32, msg: impl Into<String>, details: impl Into<String>) -> ErrorReply {
@@ -184,12 +194,30 @@ impl Agent {
             store,
             lifetimes,
             suspects: std::sync::Mutex::new(BTreeMap::new()),
+            adds: tokio::sync::RwLock::new(()),
         })
     }
 
     /// How often the collector looks for leaks: often enough to release them soon after their grace period.
     pub fn gc_interval(&self) -> Duration {
         (self.lifetimes.leak_grace / 3).clamp(Duration::from_millis(500), MAINTENANCE_INTERVAL)
+    }
+
+    /// Whether this node has a live endpoint for `handle` (recorded, and its interface or netns still there).
+    async fn endpoint_alive(&self, handle: &str) -> Result<bool, ErrorReply> {
+        let key = keys::endpoint(&self.node.name, handle);
+        let Some(kv) = self.store.get(&key).await.map_err(store_reply)? else { return Ok(false) };
+        let endpoint: Endpoint = decode(&key, &kv.value).map_err(store_reply)?;
+        self.endpoint_exists(&endpoint).await
+    }
+
+    /// Whether an endpoint's container is still there: its host interface, or (IPAM-only) its netns.
+    async fn endpoint_exists(&self, endpoint: &Endpoint) -> Result<bool, ErrorReply> {
+        if endpoint.host_ifname.is_empty() {
+            Ok(endpoint.netns.is_empty() || std::path::Path::new(&endpoint.netns).exists())
+        } else {
+            Ok(self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)?.is_some())
+        }
     }
 
     /// Release what has looked leaked for the whole grace period: addresses of gone nodes and of this
@@ -202,11 +230,7 @@ impl Agent {
             nodes.iter().filter_map(|k| k.strip_prefix(keys::NODES)).map(str::to_string).collect();
         let mut local = ipam::gc::LocalEndpoints::new();
         for endpoint in self.endpoints().await.map_err(store_reply)? {
-            let alive = if endpoint.host_ifname.is_empty() {
-                endpoint.netns.is_empty() || std::path::Path::new(&endpoint.netns).exists()
-            } else {
-                self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)?.is_some()
-            };
+            let alive = self.endpoint_exists(&endpoint).await?;
             local.insert(ipam::handle_for(&endpoint.container_id, &endpoint.ifname), alive);
         }
         let leaks = ipam::gc::leaked_addresses(&snapshot.blocks, &self.node.name, &registered, &local);
@@ -216,11 +240,8 @@ impl Agent {
         let now = Instant::now();
         let due: BTreeSet<String> = {
             let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
-            let current: BTreeSet<String> = leaks
-                .iter()
-                .map(|l| format!("{}#{}", l.ip, l.sequence))
-                .chain(orphans.iter().map(|a| format!("{}@{}", a.cidr, a.node)))
-                .collect();
+            let current: BTreeSet<String> =
+                leaks.iter().map(leak_key).chain(orphans.iter().map(|a| format!("{}@{}", a.cidr, a.node))).collect();
             suspects.retain(|k, _| current.contains(k));
             for key in &current {
                 suspects.entry(key.clone()).or_insert(now);
@@ -232,8 +253,14 @@ impl Agent {
                 .collect()
         };
         let mut released = 0;
-        for leak in leaks.iter().filter(|l| due.contains(&format!("{}#{}", l.ip, l.sequence))) {
-            match self.allocator.release_ip(leak.ip, Some(leak.sequence)).await {
+        for leak in leaks.iter().filter(|l| due.contains(&leak_key(l))) {
+            // No ADD runs on this node while one of its addresses is released: one that allocated it, or
+            // was handed it again by a repeated ADD, has wired it by now, and then it is no leak.
+            let _alone = if leak.node == self.node.name { Some(self.adds.write().await) } else { None };
+            if leak.node == self.node.name && self.endpoint_alive(&leak.handle).await? {
+                continue;
+            }
+            match self.allocator.release_ip(leak.ip, Some((leak.sequence, &leak.handle))).await {
                 Ok(Some(_)) => {
                     released += 1;
                     warn!(address = %leak.ip, handle = %leak.handle, node = %leak.node, reason = %leak.reason, "released a leaked address");
@@ -269,7 +296,8 @@ impl Agent {
     pub async fn register(&self) -> Result<cluster::NodeRecord, ErrorReply> {
         let mut addresses = self.node_addresses.clone();
         if addresses.is_empty() {
-            let found = self.routes.global_addresses().await.map_err(route_reply)?;
+            let found: Vec<IpAddr> =
+                self.routes.global_addresses().await.map_err(route_reply)?.iter().map(IpNet::addr).collect();
             addresses.extend(found.iter().find(|a| a.is_ipv4()));
             addresses.extend(found.iter().find(|a| a.is_ipv6()));
         }
@@ -348,6 +376,8 @@ impl Agent {
     async fn add(&self, request: AddRequest) -> Result<Vec<AssignedIp>, ErrorReply> {
         let namespace = if request.namespace.is_empty() { "default".to_string() } else { request.namespace.clone() };
         let handle = ipam::handle_for(&request.container_id, &request.ifname);
+        // Until this ADD is over, its allocation without an endpoint is not a leak.
+        let _adding = self.adds.read().await;
         let pools = Catalog::new(Arc::clone(&self.store)).pools().await.map_err(store_reply)?;
         let pool_list: Vec<_> = pools.iter().map(|(p, _)| p.clone()).collect();
         let assign = AssignRequest {
@@ -627,29 +657,73 @@ impl Agent {
                 warn!(error = %e, "removing an older build's pinned objects failed");
             }
         }
-        desired.extend(self.remote_routes().await.map_err(store_reply)?);
+        desired.extend(self.remote_routes().await?);
         let (added, removed) = self.routes.reconcile(&desired).await.map_err(route_reply)?;
         self.metrics.set_blocks_owned(affinities.len());
         Ok((added, removed))
     }
 
-    /// The routes to the blocks and borrowed addresses other registered nodes hold.
-    async fn remote_routes(&self) -> Result<BTreeSet<OwnedRoute>, StoreError> {
-        let (nodes, _) = self.store.list(keys::NODES).await?;
+    /// The routes to the blocks and borrowed addresses other registered nodes hold, with the overlay device
+    /// made (and its peers entered) when a pool's `vxlanMode` needs it, and removed when none does.
+    async fn remote_routes(&self) -> Result<BTreeSet<OwnedRoute>, ErrorReply> {
+        let (nodes, _) = self.store.list(keys::NODES).await.map_err(store_reply)?;
         let nodes: BTreeMap<String, cluster::NodeRecord> = nodes
             .iter()
             .map(|kv| decode::<cluster::NodeRecord>(&kv.key, &kv.value).map(|n| (n.name.clone(), n)))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(store_reply)?;
+        let overlay = self.routes.overlay();
         if nodes.keys().all(|name| *name == self.node.name) {
+            overlay.remove().await.map_err(route_reply)?;
             return Ok(BTreeSet::new());
         }
-        let (affinities, _) = self.store.list(keys::AFFINITIES).await?;
+        let (affinities, _) = self.store.list(keys::AFFINITIES).await.map_err(store_reply)?;
         let affinities: Vec<ipam::Affinity> =
-            affinities.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
-        let (borrowed, _) = self.store.list(keys::BORROWED).await?;
+            affinities.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>().map_err(store_reply)?;
+        let (borrowed, _) = self.store.list(keys::BORROWED).await.map_err(store_reply)?;
         let borrowed: Vec<cluster::Borrowed> =
-            borrowed.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
-        Ok(cluster::remote_routes(&self.node.name, &nodes, &affinities, &borrowed))
+            borrowed.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>().map_err(store_reply)?;
+        let pools: Vec<_> = Catalog::new(Arc::clone(&self.store))
+            .pools()
+            .await
+            .map_err(store_reply)?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        let subnets = self.routes.global_addresses().await.map_err(route_reply)?;
+        let wanted = cluster::remote_routes(&self.node.name, &nodes, &affinities, &borrowed, &pools, &subnets);
+
+        let overlay_index = if wanted.iter().any(|r| r.overlay) {
+            let local = nodes
+                .get(&self.node.name)
+                .and_then(|n| n.addresses.iter().find_map(|a| if let IpAddr::V4(v4) = a { Some(*v4) } else { None }))
+                .ok_or_else(|| {
+                    reply(
+                        code::IO_FAILURE,
+                        "a pool's vxlanMode needs the overlay, but this node has no IPv4 address to tunnel from",
+                        "give --node-address",
+                    )
+                })?;
+            let index = overlay.ensure(&self.node.name, local).await.map_err(route_reply)?;
+            let peers: BTreeSet<(&str, IpAddr)> =
+                wanted.iter().filter(|r| r.overlay).map(|r| (r.node.as_str(), r.via)).collect();
+            for (node, via) in peers {
+                if let IpAddr::V4(via) = via {
+                    overlay.add_peer(index, node, via).await.map_err(route_reply)?;
+                }
+            }
+            Some(index)
+        } else {
+            overlay.remove().await.map_err(route_reply)?;
+            None
+        };
+        Ok(wanted
+            .into_iter()
+            .map(|r| match overlay_index {
+                Some(index) if r.overlay => OwnedRoute::Overlay(r.destination, r.via, index),
+                _ => OwnedRoute::Remote(r.destination, r.via),
+            })
+            .collect())
     }
 
     /// Log the packets enforcement drops, as the kernel reports them (at most a hundred a second per CPU;

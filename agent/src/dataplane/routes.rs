@@ -10,7 +10,7 @@ use std::{
 
 use futures::{StreamExt, TryStreamExt, stream};
 use ipnet::IpNet;
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 /// The route protocol number on every route poolwarden writes (`ip route show proto 97`).
@@ -33,12 +33,14 @@ pub enum OwnedRoute {
     Endpoint(IpAddr, u32),
     /// A block (or one borrowed address) another node holds, via that node's address.
     Remote(IpNet, IpAddr),
+    /// The same through the VXLAN overlay: via the node's address, on-link on the overlay device (by index).
+    Overlay(IpNet, IpAddr, u32),
 }
 
 impl OwnedRoute {
     fn destination(&self) -> IpNet {
         match self {
-            OwnedRoute::Blackhole(net) | OwnedRoute::Remote(net, _) => *net,
+            OwnedRoute::Blackhole(net) | OwnedRoute::Remote(net, _) | OwnedRoute::Overlay(net, _, _) => *net,
             OwnedRoute::Endpoint(ip, _) => IpNet::from(*ip),
         }
     }
@@ -90,9 +92,9 @@ impl Routes {
         }
     }
 
-    /// The addresses other nodes can reach this one at: every global address of this namespace, loopback
-    /// ranges excepted, in interface order.
-    pub async fn global_addresses(&self) -> Result<Vec<IpAddr>, RouteError> {
+    /// The addresses other nodes can reach this one at, with their prefix (the subnet they are on): every
+    /// global address of this namespace, loopback ranges excepted, in interface order.
+    pub async fn global_addresses(&self) -> Result<Vec<IpNet>, RouteError> {
         use netlink_packet_route::address::{AddressAttribute, AddressScope};
         let mut found = Vec::new();
         let mut addresses = self.handle.address().get().execute();
@@ -103,13 +105,19 @@ impl Routes {
             for attribute in &message.attributes {
                 if let AddressAttribute::Address(ip) = attribute
                     && !ip.is_loopback()
+                    && let Ok(net) = IpNet::new(*ip, message.header.prefix_len)
                 {
-                    found.push((message.header.index, *ip));
+                    found.push((message.header.index, net));
                 }
             }
         }
         found.sort();
-        Ok(found.into_iter().map(|(_, ip)| ip).collect())
+        Ok(found.into_iter().map(|(_, net)| net).collect())
+    }
+
+    /// The VXLAN overlay on this connection.
+    pub fn overlay(&self) -> super::overlay::Overlay {
+        super::overlay::Overlay::new(self.handle.clone())
     }
 
     /// Mark a link (by index: a new link may take its name meanwhile) for the next [`Routes::reap`], and take
@@ -146,6 +154,14 @@ impl Routes {
                 operation: format!("build route {route:?}"),
                 message: e.to_string(),
             })?,
+            OwnedRoute::Overlay(_, gateway, ifindex) => builder
+                .gateway(*gateway)
+                .map_err(|e| RouteError::Netlink {
+                    operation: format!("build route {route:?}"),
+                    message: e.to_string(),
+                })?
+                .output_interface(*ifindex)
+                .onlink(),
         }
         .build())
     }
@@ -196,6 +212,10 @@ impl Routes {
                 let Ok(net) = IpNet::new(destination, route.header.destination_prefix_length) else { continue };
                 if route.header.kind == RouteType::BlackHole {
                     found.insert(OwnedRoute::Blackhole(net));
+                } else if let (Some(gateway), Some(oif), true) =
+                    (gateway, oif, route.header.flags.contains(RouteFlags::Onlink))
+                {
+                    found.insert(OwnedRoute::Overlay(net, gateway, oif));
                 } else if let Some(gateway) = gateway {
                     found.insert(OwnedRoute::Remote(net, gateway));
                 } else if let Some(oif) = oif {
@@ -224,13 +244,15 @@ impl Routes {
             let routes = self.clone();
             async move { routes.remove(&route).await }
         });
-        let results: Vec<Result<(), RouteError>> = stream::iter(removals).buffer_unordered(IN_FLIGHT).collect().await;
-        results.into_iter().collect::<Result<(), _>>()?;
+        let mut results: Vec<Result<(), RouteError>> =
+            stream::iter(removals).buffer_unordered(IN_FLIGHT).collect().await;
         let additions = to_add.into_iter().cloned().map(|route| {
             let routes = self.clone();
             async move { routes.install(&route).await }
         });
-        let results: Vec<Result<(), RouteError>> = stream::iter(additions).buffer_unordered(IN_FLIGHT).collect().await;
+        // One route the kernel refuses (a gateway not on-link, say) does not keep the others from being
+        // programmed; the first refusal is reported once everything else is in place.
+        results.extend(stream::iter(additions).buffer_unordered(IN_FLIGHT).collect::<Vec<_>>().await);
         results.into_iter().collect::<Result<(), _>>()?;
         Ok((added, removed))
     }

@@ -1,0 +1,121 @@
+//! The VXLAN overlay for pools with `vxlanMode`, for nodes that do not share a layer-2 segment: one device
+//! per node ([`DEVICE`], VNI [`VNI`], UDP port [`PORT`], no learning). A remote block's route goes via the
+//! remote node's address *on the device* (`onlink`); a permanent neighbour entry maps that address to the
+//! remote node's VTEP MAC, and a forwarding entry sends that MAC to the remote node's underlay address.
+//! Every node derives every other node's VTEP MAC from its name ([`vtep_mac`]), so no extra record is needed.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use netlink_packet_route::neighbour::NeighbourFlags;
+use rtnetlink::{Handle, LinkVxlan};
+
+use super::routes::RouteError;
+
+/// The overlay device's name.
+pub const DEVICE: &str = "pw.vxlan";
+/// The VXLAN network identifier poolwarden uses.
+pub const VNI: u32 = 4097;
+/// The UDP port (IANA's VXLAN port).
+pub const PORT: u16 = 4789;
+/// What the VXLAN header costs on a 1500-byte underlay (outer IPv4 20 + UDP 8 + VXLAN 8 + Ethernet 14).
+pub const OVERHEAD: u32 = 50;
+
+/// A node's VTEP MAC: locally administered, unicast, from a stable hash (FNV-1a) of its name.
+pub fn vtep_mac(node: &str) -> [u8; 6] {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in node.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = hash.to_be_bytes();
+    [0x0e, b[3], b[4], b[5], b[6], b[7]]
+}
+
+fn netlink(operation: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RouteError {
+    let operation = operation.into();
+    move |e| RouteError::Netlink { operation, message: e.to_string() }
+}
+
+/// The node's overlay device.
+#[derive(Clone)]
+pub struct Overlay {
+    handle: Handle,
+}
+
+impl Overlay {
+    /// Program the overlay over this process's netlink connection.
+    pub fn new(handle: Handle) -> Self {
+        Self { handle }
+    }
+
+    /// The device's index, creating it (for `node`, sending from `local`) if it does not exist yet.
+    pub async fn ensure(&self, node: &str, local: Ipv4Addr) -> Result<u32, RouteError> {
+        if let Some(index) = self.index().await? {
+            return Ok(index);
+        }
+        let message = LinkVxlan::new(DEVICE, VNI)
+            .local(local)
+            .port(PORT)
+            .learning(false)
+            .address(vtep_mac(node).to_vec())
+            .mtu(1500 - OVERHEAD)
+            .up()
+            .build();
+        self.handle.link().add(message).execute().await.map_err(netlink(format!("create {DEVICE}")))?;
+        self.index().await?.ok_or_else(|| RouteError::Netlink {
+            operation: format!("create {DEVICE}"),
+            message: "the device is not there after creating it".into(),
+        })
+    }
+
+    async fn index(&self) -> Result<Option<u32>, RouteError> {
+        match self.handle.link().get().match_name(DEVICE.to_string()).execute().try_next().await {
+            Ok(link) => Ok(link.map(|l| l.header.index)),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
+            Err(e) => Err(netlink(format!("look up {DEVICE}"))(e)),
+        }
+    }
+
+    /// Make `peer` (a remote node's underlay address and name) reachable over the device at `index`.
+    pub async fn add_peer(&self, index: u32, peer_node: &str, peer: Ipv4Addr) -> Result<(), RouteError> {
+        let mac = vtep_mac(peer_node);
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(peer))
+            .link_layer_address(&mac)
+            .replace()
+            .execute()
+            .await
+            .map_err(netlink(format!("add overlay neighbour {peer} for node {peer_node}")))?;
+        self.handle
+            .neighbours()
+            .add_bridge(index, &mac)
+            .destination(IpAddr::V4(peer))
+            .flags(NeighbourFlags::Own)
+            .replace()
+            .execute()
+            .await
+            .map_err(netlink(format!("add overlay forwarding entry to {peer} for node {peer_node}")))
+    }
+
+    /// Remove the device (and with it every neighbour and forwarding entry on it).
+    pub async fn remove(&self) -> Result<(), RouteError> {
+        let Some(index) = self.index().await? else { return Ok(()) };
+        self.handle.link().del(index).execute().await.map_err(netlink(format!("delete {DEVICE}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vtep_macs_are_stable_unicast_locally_administered_and_distinct() {
+        let a = vtep_mac("node-0");
+        assert_eq!(a, vtep_mac("node-0"));
+        assert_ne!(a, vtep_mac("node-1"));
+        assert_eq!(a[0] & 0x01, 0, "unicast");
+        assert_eq!(a[0] & 0x02, 0x02, "locally administered");
+    }
+}
