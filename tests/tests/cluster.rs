@@ -280,7 +280,7 @@ fn vxlan_carries_pods_between_nodes_on_different_segments() {
     nodes[0].cli_ok(&["annotate", "namespace", "over-ns", "poolwarden.io/ipv4pools=[\"over\"]"]);
     nodes[0].cli_ok(&["annotate", "namespace", "plain-ns", "poolwarden.io/ipv4pools=[\"plain\"]"]);
     for node in &mut nodes {
-        node.start_agent();
+        node.start_agent_with(&["--registration-ttl", "2s"]);
     }
     let mut over = Vec::new();
     let mut plain = Vec::new();
@@ -318,6 +318,14 @@ fn vxlan_carries_pods_between_nodes_on_different_segments() {
         nodes[0].agent_log()
     );
     assert!(!plain[0].0.pings(&plain[1].1), "a plain pod across the router must not be reachable");
+
+    // node-1 leaves for good: node-0 no longer needs the overlay, and its device (with its entries) goes.
+    assert!(nodes[0].ns.try_exec(&["ip", "link", "show", "pw.vxlan"]));
+    nodes[1].kill_agent();
+    wait_for("node-0's overlay device to go with its only remote peer", Duration::from_secs(15), || {
+        !nodes[0].ns.try_exec(&["ip", "link", "show", "pw.vxlan"])
+    });
+    assert!(!our_routes(&nodes[0]).contains("pw.vxlan"), "{}", our_routes(&nodes[0]));
 }
 
 /// The /26 block (the default block size) an address is in.

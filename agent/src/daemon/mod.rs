@@ -705,13 +705,15 @@ impl Agent {
                     )
                 })?;
             let index = overlay.ensure(&self.node.name, local).await.map_err(route_reply)?;
-            let peers: BTreeSet<(&str, IpAddr)> =
-                wanted.iter().filter(|r| r.overlay).map(|r| (r.node.as_str(), r.via)).collect();
-            for (node, via) in peers {
-                if let IpAddr::V4(via) = via {
-                    overlay.add_peer(index, node, via).await.map_err(route_reply)?;
-                }
-            }
+            let peers: BTreeSet<(String, std::net::Ipv4Addr)> = wanted
+                .iter()
+                .filter(|r| r.overlay)
+                .filter_map(|r| match r.via {
+                    IpAddr::V4(via) => Some((r.node.clone(), via)),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            overlay.set_peers(index, &peers).await.map_err(route_reply)?;
             Some(index)
         } else {
             overlay.remove().await.map_err(route_reply)?;

@@ -4,10 +4,16 @@
 //! remote node's VTEP MAC, and a forwarding entry sends that MAC to the remote node's underlay address.
 //! Every node derives every other node's VTEP MAC from its name ([`vtep_mac`]), so no extra record is needed.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use futures::TryStreamExt;
-use netlink_packet_route::neighbour::NeighbourFlags;
+use netlink_packet_route::{
+    AddressFamily,
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags},
+};
 use rtnetlink::{Handle, LinkVxlan};
 
 use super::routes::RouteError;
@@ -77,8 +83,41 @@ impl Overlay {
         }
     }
 
+    /// Make exactly `peers` (remote nodes' names and underlay addresses) reachable over the device at
+    /// `index`: add their neighbour and forwarding entries, remove those of nodes no longer among them.
+    pub async fn set_peers(&self, index: u32, peers: &BTreeSet<(String, Ipv4Addr)>) -> Result<(), RouteError> {
+        let macs: BTreeSet<Vec<u8>> = peers.iter().map(|(node, _)| vtep_mac(node).to_vec()).collect();
+        let addresses: BTreeSet<Ipv4Addr> = peers.iter().map(|(_, ip)| *ip).collect();
+        for family in [AddressFamily::Inet, AddressFamily::Bridge] {
+            let mut entries = self.handle.neighbours().get().set_address_family(family).execute();
+            let mut stale = Vec::new();
+            while let Some(entry) = entries.try_next().await.map_err(netlink("list overlay entries"))? {
+                if entry.header.ifindex != index {
+                    continue;
+                }
+                let known = entry.attributes.iter().any(|a| match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) if family == AddressFamily::Inet => {
+                        addresses.contains(ip)
+                    }
+                    NeighbourAttribute::LinkLayerAddress(mac) if family == AddressFamily::Bridge => macs.contains(mac),
+                    _ => false,
+                });
+                if !known {
+                    stale.push(entry);
+                }
+            }
+            for entry in stale {
+                self.handle.neighbours().del(entry).execute().await.map_err(netlink("remove a stale overlay entry"))?;
+            }
+        }
+        for (node, ip) in peers {
+            self.add_peer(index, node, *ip).await?;
+        }
+        Ok(())
+    }
+
     /// Make `peer` (a remote node's underlay address and name) reachable over the device at `index`.
-    pub async fn add_peer(&self, index: u32, peer_node: &str, peer: Ipv4Addr) -> Result<(), RouteError> {
+    async fn add_peer(&self, index: u32, peer_node: &str, peer: Ipv4Addr) -> Result<(), RouteError> {
         let mac = vtep_mac(peer_node);
         self.handle
             .neighbours()
