@@ -146,6 +146,9 @@ pub struct Enforcement {
     root: PathBuf,
     /// Interfaces this process attached (or re-attached) the program to.
     attached_here: std::collections::HashSet<u32>,
+    /// The interfaces with an entry, kept in step with every write (read from the maps once, at load):
+    /// scanning the 65,536-slot array instead would cost a reconcile tens of milliseconds.
+    entered: std::collections::BTreeSet<u32>,
 }
 
 /// The priority of our filter at clsact ingress.
@@ -170,7 +173,8 @@ impl Enforcement {
                 .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
             program.load().map_err(|e| EnforcementError::Load(format!("{name}: {e:?}")))?;
         }
-        Ok(Self { ebpf, pin_dir, root: root.to_path_buf(), attached_here: Default::default() })
+        let entered = read_entries(&pin_dir)?.into_iter().map(|(index, _)| index).collect();
+        Ok(Self { ebpf, pin_dir, root: root.to_path_buf(), attached_here: Default::default(), entered })
     }
 
     /// Enforce `spec` on the host-side interface `ifname` (index `ifindex`): the entry first, then the
@@ -253,7 +257,7 @@ impl Enforcement {
 
     /// The interfaces with an entry in the maps (also those entered by an earlier run).
     pub fn entered(&self) -> Result<Vec<u32>, EnforcementError> {
-        Ok(read_entries(&self.pin_dir)?.into_iter().map(|(index, _)| index).collect())
+        Ok(self.entered.iter().copied().collect())
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map, EnforcementError> {
@@ -271,6 +275,16 @@ impl Enforcement {
     }
 
     fn write_endpoint(&mut self, ifindex: u32, entry: Option<Endpoint>) -> Result<(), EnforcementError> {
+        self.write_entry(ifindex, entry)?;
+        if entry.is_some() {
+            self.entered.insert(ifindex);
+        } else {
+            self.entered.remove(&ifindex);
+        }
+        Ok(())
+    }
+
+    fn write_entry(&mut self, ifindex: u32, entry: Option<Endpoint>) -> Result<(), EnforcementError> {
         let operation = format!("write endpoint {ifindex}");
         if ifindex < ARRAY_ENDPOINTS {
             let mut array: Array<&mut MapData, Endpoint> =
