@@ -8,11 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use poolwarden_tests::{
-    Fabric, NetNs, Node, Runtime,
-    etcd::{EtcdCluster, Placement},
-    k8s_args,
-};
+use poolwarden_tests::{Fabric, NetNs, Runtime, etcd_on, k8s_args, nodes_on};
 use serde_json::{Value, json};
 
 const NODES: usize = 10;
@@ -76,22 +72,8 @@ fn main() {
         return; // `cargo test --all-targets` only checks that this builds.
     }
     let fabric = Fabric::new();
-    let etcd_namespaces: Vec<NetNs> = (0..3).map(|_| NetNs::new("pwe")).collect();
-    let mut placements = Vec::new();
-    for (i, ns) in etcd_namespaces.iter().enumerate() {
-        let address = format!("10.99.0.{}", 101 + i);
-        fabric.attach(ns, &format!("{address}/24"));
-        placements.push(Placement { netns: Some(ns.name.clone()), address, client_port: 2379, peer_port: 2380 });
-    }
-    let cluster = EtcdCluster::start(placements);
-    let mut nodes: Vec<Node> = (0..NODES)
-        .map(|i| {
-            let address = format!("10.99.0.{}", i + 1);
-            let node = Node::in_cluster(&address, &format!("node-{i}"), &cluster.datastore());
-            fabric.attach(&node.ns, &format!("{address}/24"));
-            node
-        })
-        .collect();
+    let (_etcd_namespaces, cluster) = etcd_on(&fabric, 3);
+    let mut nodes = nodes_on(&fabric, &cluster, NODES);
     nodes[0].apply(
         "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: bench}\nspec: {cidr: 10.64.0.0/16, blockSize: 26}\n",
     );

@@ -351,6 +351,31 @@ impl Default for Fabric {
     }
 }
 
+/// A cluster's datastore on `fabric`: an etcd cluster of `n` members, each in a namespace of its own at
+/// 10.99.0.101, .102, ... (the namespaces are returned so they outlive the members).
+pub fn etcd_on(fabric: &Fabric, n: usize) -> (Vec<NetNs>, etcd::EtcdCluster) {
+    let namespaces: Vec<NetNs> = (0..n).map(|_| NetNs::new("pwe")).collect();
+    let mut placements = Vec::new();
+    for (i, ns) in namespaces.iter().enumerate() {
+        let address = format!("10.99.0.{}", 101 + i);
+        fabric.attach(ns, &format!("{address}/24"));
+        placements.push(etcd::Placement { netns: Some(ns.name.clone()), address, client_port: 2379, peer_port: 2380 });
+    }
+    (namespaces, etcd::EtcdCluster::start(placements))
+}
+
+/// `n` nodes `node-0`, `node-1`, ... on `fabric` at 10.99.0.1, .2, ..., on `cluster`, agents not started.
+pub fn nodes_on(fabric: &Fabric, cluster: &etcd::EtcdCluster, n: usize) -> Vec<Node> {
+    (0..n)
+        .map(|i| {
+            let address = format!("10.99.0.{}", i + 1);
+            let node = Node::in_cluster(&address, &format!("node-{i}"), &cluster.datastore());
+            fabric.attach(&node.ns, &format!("{address}/24"));
+            node
+        })
+        .collect()
+}
+
 /// A node's container runtime: runs the plugin in the node's namespace as kubelet does.
 #[derive(Clone, Debug)]
 pub struct Runtime {

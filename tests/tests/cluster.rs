@@ -6,35 +6,11 @@ use std::time::{Duration, Instant};
 use poolwarden_tests::{
     Fabric, NetNs, Node,
     etcd::{self, EtcdCluster, Placement},
-    k8s_args, privileged,
+    etcd_on, k8s_args, nodes_on, privileged,
 };
 use serde_json::{Value, json};
 
 const SEED_POOLS: &str = include_str!("../../examples/seed-pools.yaml");
-
-/// An etcd cluster of `n` members, each in its own namespace on the fabric at 10.99.0.101, .102, ...
-fn etcd_on(fabric: &Fabric, n: usize) -> (Vec<NetNs>, EtcdCluster) {
-    let namespaces: Vec<NetNs> = (0..n).map(|_| NetNs::new("pwe")).collect();
-    let mut placements = Vec::new();
-    for (i, ns) in namespaces.iter().enumerate() {
-        let address = format!("10.99.0.{}", 101 + i);
-        fabric.attach(ns, &format!("{address}/24"));
-        placements.push(Placement { netns: Some(ns.name.clone()), address, client_port: 2379, peer_port: 2380 });
-    }
-    (namespaces, EtcdCluster::start(placements))
-}
-
-/// `n` nodes on the fabric at 10.99.0.1, .2, ..., on `cluster`, agents not started.
-fn nodes_on(fabric: &Fabric, cluster: &EtcdCluster, n: usize) -> Vec<Node> {
-    (0..n)
-        .map(|i| {
-            let address = format!("10.99.0.{}", i + 1);
-            let node = Node::in_cluster(&address, &format!("node-{i}"), &cluster.datastore());
-            fabric.attach(&node.ns, &format!("{address}/24"));
-            node
-        })
-        .collect()
-}
 
 fn address_of(result: &Value) -> String {
     let cidr = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {result}"));

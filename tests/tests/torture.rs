@@ -12,11 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use poolwarden_tests::{
-    Fabric, NetNs, Node, Runtime,
-    etcd::{self, EtcdCluster, Placement},
-    k8s_args, privileged,
-};
+use poolwarden_tests::{Fabric, NetNs, Node, Runtime, etcd, etcd_on, k8s_args, nodes_on, privileged};
 use serde_json::Value;
 
 const PODS: usize = 500;
@@ -46,22 +42,8 @@ fn a_thousand_operations_through_an_agent_kill_and_an_etcd_member_restart() {
         return;
     }
     let fabric = Fabric::new();
-    let etcd_namespaces: Vec<NetNs> = (0..3).map(|_| NetNs::new("pwe")).collect();
-    let mut placements = Vec::new();
-    for (i, ns) in etcd_namespaces.iter().enumerate() {
-        let address = format!("10.99.0.{}", 101 + i);
-        fabric.attach(ns, &format!("{address}/24"));
-        placements.push(Placement { netns: Some(ns.name.clone()), address, client_port: 2379, peer_port: 2380 });
-    }
-    let mut cluster = EtcdCluster::start(placements);
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            let address = format!("10.99.0.{}", i + 1);
-            let node = Node::in_cluster(&address, &format!("node-{i}"), &cluster.datastore());
-            fabric.attach(&node.ns, &format!("{address}/24"));
-            node
-        })
-        .collect();
+    let (_etcd_namespaces, mut cluster) = etcd_on(&fabric, 3);
+    let mut nodes = nodes_on(&fabric, &cluster, 3);
     // Small blocks, so blocks are claimed and given back all through the run.
     nodes[0].apply(
         "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: churn}\nspec: {cidr: 10.80.0.0/22, blockSize: 29}\n---\n\
