@@ -52,6 +52,77 @@ fn free_ports() -> (u16, u16) {
     (a.local_addr().expect("addr").port(), b.local_addr().expect("addr").port())
 }
 
+/// Certificates for a cluster that requires TLS and client certificates: a CA, the members' certificate
+/// (for 127.0.0.1) and a client's, made with openssl.
+pub struct Tls {
+    dir: tempfile::TempDir,
+}
+
+impl Tls {
+    /// Make a CA and sign a server and a client certificate with it (P-256 keys, valid a day).
+    pub fn generate() -> Self {
+        let dir = tempfile::tempdir().expect("tls dir");
+        let at = |name: &str| dir.path().join(name).display().to_string();
+        let new_key = |name: &str| {
+            vec![
+                "-newkey".to_string(),
+                "ec".into(),
+                "-pkeyopt".into(),
+                "ec_paramgen_curve:prime256v1".into(),
+                "-nodes".into(),
+                "-keyout".into(),
+                at(&format!("{name}.key")),
+                "-subj".into(),
+                format!("/CN=poolwarden-test-{name}"),
+            ]
+        };
+        let openssl = |args: Vec<String>| {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::sh("openssl", &args)
+        };
+        let mut ca = vec!["req".to_string(), "-x509".into(), "-days".into(), "1".into(), "-out".into(), at("ca.crt")];
+        ca.extend(new_key("ca"));
+        openssl(ca);
+        for (name, extensions) in [
+            ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(at(&format!("{name}.ext")), extensions).expect("extensions");
+            let mut request = vec!["req".to_string(), "-out".into(), at(&format!("{name}.csr"))];
+            request.extend(new_key(name));
+            openssl(request);
+            openssl(
+                [
+                    "x509",
+                    "-req",
+                    "-days",
+                    "1",
+                    "-CAcreateserial",
+                    "-in",
+                    &at(&format!("{name}.csr")),
+                    "-CA",
+                    &at("ca.crt"),
+                    "-CAkey",
+                    &at("ca.key"),
+                    "-out",
+                    &at(&format!("{name}.crt")),
+                    "-extfile",
+                    &at(&format!("{name}.ext")),
+                ]
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+            );
+        }
+        Self { dir }
+    }
+
+    /// A file of the material: `ca.crt`, `server.crt`, `server.key`, `client.crt`, `client.key`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
 /// A running etcd cluster.
 pub struct EtcdCluster {
     /// Where each member listens.
@@ -59,6 +130,7 @@ pub struct EtcdCluster {
     processes: Vec<Option<Child>>,
     dir: tempfile::TempDir,
     token: String,
+    tls: Option<PathBuf>,
 }
 
 impl EtcdCluster {
@@ -73,8 +145,20 @@ impl EtcdCluster {
         Self::start(members)
     }
 
+    /// A one-member cluster on loopback that serves clients only over TLS with a client certificate
+    /// signed by `tls`'s CA.
+    pub fn with_tls(tls: &Tls) -> Self {
+        let (client_port, peer_port) = free_ports();
+        let member = Placement { netns: None, address: "127.0.0.1".into(), client_port, peer_port };
+        Self::launch(vec![member], Some(tls.dir.path().to_path_buf()))
+    }
+
     /// A cluster with the members where `members` says, started and answering.
     pub fn start(members: Vec<Placement>) -> Self {
+        Self::launch(members, None)
+    }
+
+    fn launch(members: Vec<Placement>, tls: Option<PathBuf>) -> Self {
         // /dev/shm when there is one: the tests measure poolwarden, not this disk's fsync.
         let dir = if std::path::Path::new("/dev/shm").is_dir() {
             tempfile::tempdir_in("/dev/shm").expect("etcd temp dir")
@@ -82,7 +166,7 @@ impl EtcdCluster {
             tempfile::tempdir().expect("etcd temp dir")
         };
         let token = crate::unique("pwetcd");
-        let mut cluster = Self { processes: members.iter().map(|_| None).collect(), members, dir, token };
+        let mut cluster = Self { processes: members.iter().map(|_| None).collect(), members, dir, token, tls };
         for i in 0..cluster.members.len() {
             cluster.start_member(i);
         }
@@ -92,7 +176,24 @@ impl EtcdCluster {
 
     /// `etcd:URL,URL,...` for `--datastore`.
     pub fn datastore(&self) -> String {
-        format!("etcd:{}", self.members.iter().map(Placement::client_url).collect::<Vec<_>>().join(","))
+        format!("etcd:{}", self.members.iter().map(|m| self.client_url(m)).collect::<Vec<_>>().join(","))
+    }
+
+    /// A member's client URL (`https://` when the cluster requires TLS).
+    pub fn client_url(&self, member: &Placement) -> String {
+        let url = member.client_url();
+        if self.tls.is_some() { url.replacen("http://", "https://", 1) } else { url }
+    }
+
+    /// etcdctl's TLS arguments for this cluster (none without TLS).
+    fn etcdctl_tls(&self) -> Vec<String> {
+        let Some(dir) = &self.tls else { return Vec::new() };
+        let at = |name: &str| dir.join(name).display().to_string();
+        vec![
+            format!("--cacert={}", at("ca.crt")),
+            format!("--cert={}", at("client.crt")),
+            format!("--key={}", at("client.key")),
+        ]
     }
 
     fn data_dir(&self, i: usize) -> PathBuf {
@@ -119,11 +220,20 @@ impl EtcdCluster {
             None => Command::new("etcd"),
         };
         let log = std::fs::File::create(self.dir.path().join(format!("m{i}.log"))).expect("etcd log");
+        if let Some(dir) = &self.tls {
+            let at = |name: &str| dir.join(name).display().to_string();
+            command.args(["--cert-file", &at("server.crt"), "--key-file", &at("server.key")]).args([
+                "--client-cert-auth",
+                "--trusted-ca-file",
+                &at("ca.crt"),
+            ]);
+        }
+        let client_url = self.client_url(member);
         let child = command
             .args(["--name", &format!("m{i}")])
             .arg("--data-dir")
             .arg(self.data_dir(i))
-            .args(["--listen-client-urls", &member.client_url(), "--advertise-client-urls", &member.client_url()])
+            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &member.peer_url(), "--initial-advertise-peer-urls", &member.peer_url()])
             .args(["--initial-cluster", &initial, "--initial-cluster-token", &self.token])
             .args(["--initial-cluster-state", "new", "--max-txn-ops", "4096"])
@@ -152,15 +262,18 @@ impl EtcdCluster {
             if self.processes[i].is_none() {
                 continue;
             }
-            let health = || match &member.netns {
-                Some(ns) => Command::new("ip")
-                    .args(["netns", "exec", ns, "etcdctl", "--endpoints", &member.client_url(), "endpoint", "health"])
-                    .env("ETCDCTL_API", "3")
-                    .output(),
-                None => Command::new("etcdctl")
-                    .args(["--endpoints", &member.client_url(), "endpoint", "health"])
-                    .env("ETCDCTL_API", "3")
-                    .output(),
+            let url = self.client_url(member);
+            let tls = self.etcdctl_tls();
+            let health = || {
+                let mut command = match &member.netns {
+                    Some(ns) => {
+                        let mut c = Command::new("ip");
+                        c.args(["netns", "exec", ns, "etcdctl"]);
+                        c
+                    }
+                    None => Command::new("etcdctl"),
+                };
+                command.args(["--endpoints", &url, "endpoint", "health"]).args(&tls).env("ETCDCTL_API", "3").output()
             };
             loop {
                 let reachable = member.netns.is_some()

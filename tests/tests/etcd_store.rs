@@ -8,7 +8,10 @@ use poolwarden::store::{
     EventKind, Store, StoreError, Txn, TxnOutcome, conformance,
     etcd::{EtcdConfig, EtcdStore},
 };
-use poolwarden_tests::{etcd::EtcdCluster, unique};
+use poolwarden_tests::{
+    etcd::{EtcdCluster, Tls},
+    unique,
+};
 
 async fn connect(cluster: &EtcdCluster) -> Arc<dyn Store> {
     let mut config = EtcdConfig::from_spec(&cluster.datastore()).expect("datastore spec");
@@ -142,4 +145,33 @@ async fn watch_from_compacted_history_is_refused() {
         Err(other) => panic!("expected a compaction error, got {other}"),
         Ok(_) => panic!("a watch from compacted history must be refused"),
     }
+}
+
+/// A cluster that serves only TLS with client certificates: the store connects with --etcd-ca,
+/// --etcd-cert and --etcd-key and behaves as ever; without a client certificate, or over http://, it is
+/// refused with a message naming what to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls() {
+    if !poolwarden_tests::etcd::available() {
+        return;
+    }
+    let tls = Tls::generate();
+    let cluster = EtcdCluster::with_tls(&tls);
+    let mut config = EtcdConfig::from_spec(&cluster.datastore()).expect("datastore spec");
+    assert!(config.endpoints[0].starts_with("https://"), "{:?}", config.endpoints);
+    config.ca = Some(tls.path("ca.crt"));
+    config.cert = Some(tls.path("client.crt"));
+    config.key = Some(tls.path("client.key"));
+    config.prefix = format!("/{}/", unique("tls"));
+    let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(&config).await.expect("connect over mutual TLS"));
+    conformance::compare_and_swap(store).await;
+
+    let half = EtcdConfig { cert: None, key: Some(tls.path("client.key")), ..config.clone() };
+    let err = EtcdStore::connect(&half).await.err().expect("a key without a certificate is refused").to_string();
+    assert!(err.contains("--etcd-cert and --etcd-key must be given together"), "{err}");
+
+    let plain =
+        EtcdConfig { endpoints: vec![config.endpoints[0].replacen("https://", "http://", 1)], ..config.clone() };
+    let err = EtcdStore::connect(&plain).await.err().expect("TLS options with http:// are refused").to_string();
+    assert!(err.contains("use https://"), "{err}");
 }

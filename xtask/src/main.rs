@@ -64,6 +64,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // etcd-client's build compiles etcd's protobuf definitions.
     ("protoc", "protobuf-compiler"),
     ("/usr/include/google/protobuf/descriptor.proto", "libprotobuf-dev"),
+    // The etcd TLS test makes its certificates with it.
+    ("openssl", "openssl"),
 ];
 
 fn main() -> Result<()> {
