@@ -76,6 +76,7 @@ fn three_nodes_route_every_pod_to_every_other() {
     }
 
     // Every node: a blackhole for each of its own blocks, an aggregate route to every other node's blocks.
+    let last_add = Instant::now();
     for (n, node) in nodes.iter().enumerate() {
         wait_for(&format!("node-{n}'s routes to the other nodes' blocks"), Duration::from_secs(5), || {
             let routes = our_routes(node);
@@ -90,6 +91,7 @@ fn three_nodes_route_every_pod_to_every_other() {
         });
     }
 
+    eprintln!("routes on every node {:?} after the last ADD returned", last_add.elapsed());
     for (_, from, from_ns, _) in &pods {
         for (_, to, _, address) in &pods {
             if from != to {
@@ -167,10 +169,12 @@ fn a_node_borrows_from_a_full_pool_and_its_pod_is_reachable() {
         &nodes[1].conf(json!({})),
     );
     assert!(ok, "DEL: {out}");
+    let deleted = Instant::now();
     wait_for("the borrowed address's /32 to go", Duration::from_secs(5), || {
         !our_routes(&nodes[0]).contains(&format!("{borrower_ip} via"))
             && !our_routes(&nodes[2]).contains(&format!("{borrower_ip} via"))
     });
+    eprintln!("the borrowed address's /32 left the other nodes {:?} after its DEL returned", deleted.elapsed());
 }
 
 #[test]
