@@ -170,6 +170,11 @@ async fn mutual_tls() {
     let err = EtcdStore::connect(&half).await.err().expect("a key without a certificate is refused").to_string();
     assert!(err.contains("--etcd-cert and --etcd-key must be given together"), "{err}");
 
+    // The server requires a client certificate: the refusal says so (and is not retried as an outage).
+    let anonymous = EtcdConfig { cert: None, key: None, ..config.clone() };
+    let err = EtcdStore::connect(&anonymous).await.err().expect("no client certificate is refused").to_string();
+    assert!(err.contains("BadCertificate") && !err.contains("did not answer"), "{err}");
+
     let plain =
         EtcdConfig { endpoints: vec![config.endpoints[0].replacen("https://", "http://", 1)], ..config.clone() };
     let err = EtcdStore::connect(&plain).await.err().expect("TLS options with http:// are refused").to_string();

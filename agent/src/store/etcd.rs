@@ -397,8 +397,14 @@ enum Delivered {
 }
 
 /// Whether an etcd failure is the cluster being briefly unavailable (retry) rather than a refusal (report).
+/// A TLS refusal (a certificate the other side rejects) arrives as a transport error too, but no retry mends
+/// it: it is reported at once.
 fn transient(err: &etcd_client::Error) -> bool {
     use etcd_client::Error as E;
+    let detail = format!("{err:?}").to_ascii_lowercase();
+    if ["certificate", "fatal alert", "handshake"].iter().any(|word| detail.contains(word)) {
+        return false;
+    }
     match err {
         E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => true,
         E::GRpcStatus(status) => {
