@@ -75,11 +75,11 @@ pub enum Command {
         /// How long an address (its container or node gone) or a gone node's block must look leaked before
         /// it is released: 15m, 90s, 1h, or seconds.
         #[arg(long, default_value = "15m")]
-        leak_grace_period: GracePeriod,
+        leak_grace_period: DurationArg,
         /// How long this node's registration outlives the agent (its lease in etcd): after that the other
         /// nodes stop routing to it and, after the leak grace period, take back its addresses and blocks.
         #[arg(long, default_value = "30s")]
-        registration_ttl: GracePeriod,
+        registration_ttl: DurationArg,
         /// Where Prometheus scrapes /metrics.
         #[arg(long, default_value = "127.0.0.1:9641")]
         metrics_addr: std::net::SocketAddr,
@@ -153,9 +153,9 @@ pub enum Command {
 
 /// A duration as typed: `15m`, `90s`, `1h`, `500ms`, or plain seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GracePeriod(pub std::time::Duration);
+pub struct DurationArg(pub std::time::Duration);
 
-impl std::str::FromStr for GracePeriod {
+impl std::str::FromStr for DurationArg {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
@@ -174,13 +174,14 @@ impl std::str::FromStr for GracePeriod {
 }
 
 impl Cli {
-    /// What opening the datastore needs besides `--datastore`.
-    pub fn open_options(&self) -> store::OpenOptions {
-        store::OpenOptions {
-            etcd_ca: self.etcd_ca.clone(),
-            etcd_cert: self.etcd_cert.clone(),
-            etcd_key: self.etcd_key.clone(),
-            etcd_prefix: Some(self.etcd_prefix.clone()),
+    /// What an etcd datastore needs besides the endpoints `--datastore` names.
+    pub fn etcd_options(&self) -> store::etcd::EtcdConfig {
+        store::etcd::EtcdConfig {
+            endpoints: Vec::new(),
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            prefix: self.etcd_prefix.clone(),
         }
     }
 }
@@ -361,9 +362,8 @@ pub async fn execute(
                 }
                 Kind::Ipamconfig => cli::config(&catalog.config().await?.0, output),
                 Kind::Nodes => {
-                    let (kvs, _) = store.list(store::keys::NODES).await?;
-                    let mut nodes: Vec<crate::daemon::cluster::NodeRecord> =
-                        kvs.iter().map(|kv| crate::catalog::decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
+                    let mut nodes: Vec<_> =
+                        crate::daemon::cluster::registered(store.as_ref()).await?.into_values().collect();
                     nodes.retain(|n| name.as_ref().is_none_or(|want| &n.name == want));
                     cli::nodes(&nodes, output)
                 }

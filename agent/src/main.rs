@@ -75,7 +75,7 @@ async fn run(cli: Cli) -> Result<u8> {
         if node.name.is_empty() {
             bail!("no node name: give --node or set NODENAME");
         }
-        let store = store::open(&cli.datastore, &cli.open_options()).await?;
+        let store = store::open(&cli.datastore, &cli.etcd_options()).await?;
         let agent = Arc::new(poolwarden::daemon::Agent::new(
             node,
             store,
@@ -88,7 +88,7 @@ async fn run(cli: Cli) -> Result<u8> {
         return Ok(0);
     }
     let stdin = if reads_stdin(&cli) { Some(std::io::read_to_string(std::io::stdin().lock())?) } else { None };
-    match store::open(&cli.datastore, &cli.open_options()).await {
+    match store::open(&cli.datastore, &cli.etcd_options()).await {
         Ok(store) => {
             let mut out = String::new();
             let result = commands::execute(cli, store, stdin, &mut out).await;

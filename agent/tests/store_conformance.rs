@@ -7,7 +7,7 @@ use std::{
     sync::Arc,
 };
 
-use poolwarden::store::{Store, Txn, TxnOutcome, conformance, embedded::EmbeddedStore};
+use poolwarden::store::{Store, Txn, TxnOutcome, embedded::EmbeddedStore};
 
 fn fresh() -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -15,23 +15,11 @@ fn fresh() -> (tempfile::TempDir, Arc<dyn Store>) {
     (dir, Arc::new(store))
 }
 
-macro_rules! conformance_tests {
-    ($($name:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn $name() {
-            let (_dir, store) = fresh();
-            conformance::$name(store).await;
-        }
-    )*};
+async fn fresh_for_conformance() -> Option<(tempfile::TempDir, Arc<dyn Store>)> {
+    Some(fresh())
 }
 
-conformance_tests!(
-    compare_and_swap,
-    atomic_transactions,
-    list_by_prefix,
-    watch_sees_every_change_in_order,
-    concurrent_writers,
-);
+poolwarden::store_conformance_tests!(fresh_for_conformance);
 
 #[tokio::test]
 async fn reopen_keeps_data_and_revisions() {

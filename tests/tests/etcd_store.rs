@@ -19,26 +19,17 @@ async fn connect(cluster: &EtcdCluster) -> Arc<dyn Store> {
     Arc::new(EtcdStore::connect(&config).await.expect("connect to etcd"))
 }
 
-macro_rules! conformance_tests {
-    ($($name:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn $name() {
-            if !poolwarden_tests::etcd::available() {
-                return;
-            }
-            let cluster = EtcdCluster::on_loopback(3);
-            conformance::$name(connect(&cluster).await).await;
-        }
-    )*};
+/// A store on a fresh three-member cluster of its own (the cluster is the guard).
+async fn fresh_cluster() -> Option<(EtcdCluster, Arc<dyn Store>)> {
+    if !poolwarden_tests::etcd::available() {
+        return None;
+    }
+    let cluster = EtcdCluster::on_loopback(3);
+    let store = connect(&cluster).await;
+    Some((cluster, store))
 }
 
-conformance_tests!(
-    compare_and_swap,
-    atomic_transactions,
-    list_by_prefix,
-    watch_sees_every_change_in_order,
-    concurrent_writers,
-);
+poolwarden::store_conformance_tests!(fresh_cluster);
 
 /// More keys than one page of a listing (500), all returned in order at one revision.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

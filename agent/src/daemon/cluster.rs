@@ -13,8 +13,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    catalog::decode,
     ipam::Affinity,
     resources::{EncapMode, IpPool},
+    store::{Store, StoreError, keys},
 };
 
 /// A node as registered in the datastore.
@@ -27,6 +29,12 @@ pub struct NodeRecord {
     /// Its labels (for pools' nodeSelector).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// Every node registered in `store`, by name.
+pub async fn registered(store: &dyn Store) -> Result<BTreeMap<String, NodeRecord>, StoreError> {
+    let (kvs, _) = store.list(keys::NODES).await?;
+    kvs.iter().map(|kv| decode::<NodeRecord>(&kv.key, &kv.value).map(|n| (n.name.clone(), n))).collect()
 }
 
 impl NodeRecord {

@@ -96,6 +96,11 @@ fn leak_key(leak: &ipam::gc::Leak) -> String {
     format!("{}#{}#{}", leak.ip, leak.sequence, leak.handle)
 }
 
+/// What identifies a suspected affinity of a gone node.
+fn orphan_key(affinity: &ipam::Affinity) -> String {
+    format!("{}@{}", affinity.cidr, affinity.node)
+}
+
 /// How long things last that outlive a moment.
 #[derive(Clone, Copy, Debug)]
 pub struct Lifetimes {
@@ -225,23 +230,20 @@ impl Agent {
     /// nodes and the blocks nobody owns any more. Returns how many addresses and blocks were released.
     pub async fn collect_garbage(&self) -> Result<(usize, usize), ErrorReply> {
         let snapshot = self.allocator.snapshot().await.map_err(alloc_reply)?;
-        let (nodes, _) = self.store.list_keys(keys::NODES).await.map_err(store_reply)?;
-        let registered: BTreeSet<String> =
-            nodes.iter().filter_map(|k| k.strip_prefix(keys::NODES)).map(str::to_string).collect();
+        let registered = &snapshot.nodes;
         let mut local = ipam::gc::LocalEndpoints::new();
         for endpoint in self.endpoints().await.map_err(store_reply)? {
             let alive = self.endpoint_exists(&endpoint).await?;
             local.insert(ipam::handle_for(&endpoint.container_id, &endpoint.ifname), alive);
         }
-        let leaks = ipam::gc::leaked_addresses(&snapshot.blocks, &self.node.name, &registered, &local);
-        let orphans = ipam::gc::orphaned_affinities(&snapshot.affinities, &registered);
+        let leaks = ipam::gc::leaked_addresses(&snapshot.blocks, &self.node.name, registered, &local);
+        let orphans = ipam::gc::orphaned_affinities(&snapshot.affinities, registered);
 
         // Only what looked leaked last time too, for the whole grace period, is released now.
         let now = Instant::now();
         let due: BTreeSet<String> = {
             let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
-            let current: BTreeSet<String> =
-                leaks.iter().map(leak_key).chain(orphans.iter().map(|a| format!("{}@{}", a.cidr, a.node))).collect();
+            let current: BTreeSet<String> = leaks.iter().map(leak_key).chain(orphans.iter().map(orphan_key)).collect();
             suspects.retain(|k, _| current.contains(k));
             for key in &current {
                 suspects.entry(key.clone()).or_insert(now);
@@ -274,7 +276,7 @@ impl Agent {
             }
         }
         let mut blocks = 0;
-        for affinity in orphans.iter().filter(|a| due.contains(&format!("{}@{}", a.cidr, a.node))) {
+        for affinity in orphans.iter().filter(|a| due.contains(&orphan_key(a))) {
             if self.allocator.release_affinity(affinity).await.map_err(alloc_reply)? {
                 blocks += 1;
                 warn!(block = %affinity.cidr, node = %affinity.node, "released the block of a node that is gone");
@@ -666,12 +668,7 @@ impl Agent {
     /// The routes to the blocks and borrowed addresses other registered nodes hold, with the overlay device
     /// made (and its peers entered) when a pool's `vxlanMode` needs it, and removed when none does.
     async fn remote_routes(&self) -> Result<BTreeSet<OwnedRoute>, ErrorReply> {
-        let (nodes, _) = self.store.list(keys::NODES).await.map_err(store_reply)?;
-        let nodes: BTreeMap<String, cluster::NodeRecord> = nodes
-            .iter()
-            .map(|kv| decode::<cluster::NodeRecord>(&kv.key, &kv.value).map(|n| (n.name.clone(), n)))
-            .collect::<Result<_, _>>()
-            .map_err(store_reply)?;
+        let nodes = cluster::registered(self.store.as_ref()).await.map_err(store_reply)?;
         let overlay = self.routes.overlay();
         if nodes.keys().all(|name| *name == self.node.name) {
             overlay.remove().await.map_err(route_reply)?;

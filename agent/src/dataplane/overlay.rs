@@ -14,9 +14,9 @@ use netlink_packet_route::{
     AddressFamily,
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags},
 };
-use rtnetlink::{Handle, LinkVxlan};
+use rtnetlink::LinkVxlan;
 
-use super::routes::RouteError;
+use super::routes::{RouteError, Routes, netlink};
 
 /// The overlay device's name.
 pub const DEVICE: &str = "pw.vxlan";
@@ -38,26 +38,21 @@ pub fn vtep_mac(node: &str) -> [u8; 6] {
     [0x0e, b[3], b[4], b[5], b[6], b[7]]
 }
 
-fn netlink(operation: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RouteError {
-    let operation = operation.into();
-    move |e| RouteError::Netlink { operation, message: e.to_string() }
-}
-
 /// The node's overlay device.
 #[derive(Clone)]
 pub struct Overlay {
-    handle: Handle,
+    routes: Routes,
 }
 
 impl Overlay {
-    /// Program the overlay over this process's netlink connection.
-    pub fn new(handle: Handle) -> Self {
-        Self { handle }
+    /// Program the overlay over the routes' netlink connection.
+    pub fn new(routes: Routes) -> Self {
+        Self { routes }
     }
 
     /// The device's index, creating it (for `node`, sending from `local`) if it does not exist yet.
     pub async fn ensure(&self, node: &str, local: Ipv4Addr) -> Result<u32, RouteError> {
-        if let Some(index) = self.index().await? {
+        if let Some(index) = self.routes.ifindex(DEVICE).await? {
             return Ok(index);
         }
         let message = LinkVxlan::new(DEVICE, VNI)
@@ -68,19 +63,11 @@ impl Overlay {
             .mtu(1500 - OVERHEAD)
             .up()
             .build();
-        self.handle.link().add(message).execute().await.map_err(netlink(format!("create {DEVICE}")))?;
-        self.index().await?.ok_or_else(|| RouteError::Netlink {
+        self.routes.handle.link().add(message).execute().await.map_err(netlink(format!("create {DEVICE}")))?;
+        self.routes.ifindex(DEVICE).await?.ok_or_else(|| RouteError::Netlink {
             operation: format!("create {DEVICE}"),
             message: "the device is not there after creating it".into(),
         })
-    }
-
-    async fn index(&self) -> Result<Option<u32>, RouteError> {
-        match self.handle.link().get().match_name(DEVICE.to_string()).execute().try_next().await {
-            Ok(link) => Ok(link.map(|l| l.header.index)),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
-            Err(e) => Err(netlink(format!("look up {DEVICE}"))(e)),
-        }
     }
 
     /// Make exactly `peers` (remote nodes' names and underlay addresses) reachable over the device at
@@ -89,7 +76,7 @@ impl Overlay {
         let macs: BTreeSet<Vec<u8>> = peers.iter().map(|(node, _)| vtep_mac(node).to_vec()).collect();
         let addresses: BTreeSet<Ipv4Addr> = peers.iter().map(|(_, ip)| *ip).collect();
         for family in [AddressFamily::Inet, AddressFamily::Bridge] {
-            let mut entries = self.handle.neighbours().get().set_address_family(family).execute();
+            let mut entries = self.routes.handle.neighbours().get().set_address_family(family).execute();
             let mut stale = Vec::new();
             while let Some(entry) = entries.try_next().await.map_err(netlink("list overlay entries"))? {
                 if entry.header.ifindex != index {
@@ -107,7 +94,13 @@ impl Overlay {
                 }
             }
             for entry in stale {
-                self.handle.neighbours().del(entry).execute().await.map_err(netlink("remove a stale overlay entry"))?;
+                self.routes
+                    .handle
+                    .neighbours()
+                    .del(entry)
+                    .execute()
+                    .await
+                    .map_err(netlink("remove a stale overlay entry"))?;
             }
         }
         for (node, ip) in peers {
@@ -119,16 +112,15 @@ impl Overlay {
     /// Make `peer` (a remote node's underlay address and name) reachable over the device at `index`.
     async fn add_peer(&self, index: u32, peer_node: &str, peer: Ipv4Addr) -> Result<(), RouteError> {
         let mac = vtep_mac(peer_node);
-        self.handle
-            .neighbours()
+        let neighbours = self.routes.handle.neighbours();
+        neighbours
             .add(index, IpAddr::V4(peer))
             .link_layer_address(&mac)
             .replace()
             .execute()
             .await
             .map_err(netlink(format!("add overlay neighbour {peer} for node {peer_node}")))?;
-        self.handle
-            .neighbours()
+        neighbours
             .add_bridge(index, &mac)
             .destination(IpAddr::V4(peer))
             .flags(NeighbourFlags::Own)
@@ -140,8 +132,8 @@ impl Overlay {
 
     /// Remove the device (and with it every neighbour and forwarding entry on it).
     pub async fn remove(&self) -> Result<(), RouteError> {
-        let Some(index) = self.index().await? else { return Ok(()) };
-        self.handle.link().del(index).execute().await.map_err(netlink(format!("delete {DEVICE}")))
+        let Some(index) = self.routes.ifindex(DEVICE).await? else { return Ok(()) };
+        self.routes.handle.link().del(index).execute().await.map_err(netlink(format!("delete {DEVICE}")))
     }
 }
 

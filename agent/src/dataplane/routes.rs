@@ -59,7 +59,7 @@ pub enum RouteError {
     },
 }
 
-fn netlink(operation: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RouteError {
+pub(super) fn netlink(operation: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RouteError {
     let operation = operation.into();
     move |e| RouteError::Netlink { operation, message: e.to_string() }
 }
@@ -71,7 +71,7 @@ fn is_missing(err: &rtnetlink::Error) -> bool {
 /// What the agent needs of the kernel's routing: its own routes, by protocol.
 #[derive(Clone)]
 pub struct Routes {
-    handle: Handle,
+    pub(super) handle: Handle,
 }
 
 impl Routes {
@@ -117,7 +117,7 @@ impl Routes {
 
     /// The VXLAN overlay on this connection.
     pub fn overlay(&self) -> super::overlay::Overlay {
-        super::overlay::Overlay::new(self.handle.clone())
+        super::overlay::Overlay::new(self.clone())
     }
 
     /// Mark a link (by index: a new link may take its name meanwhile) for the next [`Routes::reap`], and take
@@ -150,18 +150,16 @@ impl Routes {
         Ok(match route {
             OwnedRoute::Blackhole(_) => builder.kind(RouteType::BlackHole),
             OwnedRoute::Endpoint(_, ifindex) => builder.output_interface(*ifindex),
-            OwnedRoute::Remote(_, gateway) => builder.gateway(*gateway).map_err(|e| RouteError::Netlink {
-                operation: format!("build route {route:?}"),
-                message: e.to_string(),
-            })?,
-            OwnedRoute::Overlay(_, gateway, ifindex) => builder
-                .gateway(*gateway)
-                .map_err(|e| RouteError::Netlink {
+            OwnedRoute::Remote(_, gateway) | OwnedRoute::Overlay(_, gateway, _) => {
+                let via = builder.gateway(*gateway).map_err(|e| RouteError::Netlink {
                     operation: format!("build route {route:?}"),
                     message: e.to_string(),
-                })?
-                .output_interface(*ifindex)
-                .onlink(),
+                })?;
+                match route {
+                    OwnedRoute::Overlay(_, _, ifindex) => via.output_interface(*ifindex).onlink(),
+                    _ => via,
+                }
+            }
         }
         .build())
     }

@@ -6,6 +6,30 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use super::{EventKind, Store, Txn, TxnOutcome};
 
+/// One `#[tokio::test]` per conformance check, each on a store made by `$fresh`: an async function returning
+/// `Option<(guard, Arc<dyn Store>)>` (the guard keeps the backend alive; `None` skips, having said why). A
+/// check added here runs against every backend.
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($fresh:path) => {
+        $crate::store_conformance_tests!(
+            $fresh;
+            compare_and_swap,
+            atomic_transactions,
+            list_by_prefix,
+            watch_sees_every_change_in_order,
+            concurrent_writers
+        );
+    };
+    ($fresh:path; $($name:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $name() {
+            let Some((_backend, store)) = $fresh().await else { return };
+            $crate::store::conformance::$name(store).await;
+        }
+    )*};
+}
+
 fn committed(outcome: TxnOutcome, what: &str) -> i64 {
     match outcome {
         TxnOutcome::Committed(rev) => rev,

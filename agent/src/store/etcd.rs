@@ -313,8 +313,9 @@ impl EtcdStore {
     }
 
     /// Forward `stream` to `events` until the receiver goes away; reconnect from the next revision on failure.
+    /// History compacted while disconnected ends the watch with [`StoreError::Compacted`]: the watcher must
+    /// list again.
     async fn pump(self, full: String, mut next: Revision, mut stream: WatchStream, events: WatchSender) {
-        // History compacted while disconnected: the watcher must list again (StoreError::Compacted).
         let mut backoff = Duration::from_millis(50);
         loop {
             let message = tokio::select! {
@@ -451,14 +452,7 @@ fn last_write_per_key(ops: &[Op]) -> Vec<&Op> {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let full = self.full(key);
-        let response = self
-            .retrying(&format!("get {key}"), |mut client| {
-                let full = full.clone();
-                async move { client.get(full, None).await }
-            })
-            .await?;
-        response.kvs().first().map(|kv| self.kv(kv)).transpose()
+        self.raw_get(&self.full(key)).await?.map(|kv| self.kv(&kv)).transpose()
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {

@@ -274,8 +274,7 @@ pub trait Store: Send + Sync {
     /// Keep `key` holding `value` while this process lives. A shared store forgets it about `ttl` after the
     /// process stops renewing it (so a node that vanished is visible to the others); the embedded store,
     /// which serves one node, keeps it.
-    async fn put_leased(&self, key: &str, value: Vec<u8>, ttl: std::time::Duration) -> Result<(), StoreError> {
-        let _ = ttl;
+    async fn put_leased(&self, key: &str, value: Vec<u8>, _ttl: std::time::Duration) -> Result<(), StoreError> {
         self.txn(Txn::new().put(key, value)).await.map(|_| ())
     }
 }
@@ -283,33 +282,15 @@ pub trait Store: Send + Sync {
 /// How the user names a backend on the command line: `embedded:PATH` (the default) or `etcd:URL[,URL...]`.
 pub const DEFAULT_DATASTORE: &str = "embedded:/var/lib/poolwarden/store.redb";
 
-/// What `--datastore` does not say: TLS material and the key prefix for etcd.
-#[derive(Clone, Debug, Default)]
-pub struct OpenOptions {
-    /// `--etcd-ca`.
-    pub etcd_ca: Option<std::path::PathBuf>,
-    /// `--etcd-cert`.
-    pub etcd_cert: Option<std::path::PathBuf>,
-    /// `--etcd-key`.
-    pub etcd_key: Option<std::path::PathBuf>,
-    /// `--etcd-prefix`; [`etcd::DEFAULT_PREFIX`] when `None`.
-    pub etcd_prefix: Option<String>,
-}
-
-/// Open the backend named by `spec`, as given to `--datastore`.
-pub async fn open(spec: &str, options: &OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
+/// Open the backend named by `spec`, as given to `--datastore`; an etcd backend takes what `spec` does not say
+/// (TLS material, key prefix) from `etcd`.
+pub async fn open(spec: &str, etcd: &etcd::EtcdConfig) -> Result<Arc<dyn Store>, StoreError> {
     match spec.split_once(':') {
         Some(("embedded", path)) if !path.is_empty() => {
             Ok(Arc::new(embedded::EmbeddedStore::open(std::path::Path::new(path))?))
         }
         Some(("etcd", _)) => {
-            let mut config = etcd::EtcdConfig::from_spec(spec)?;
-            config.ca.clone_from(&options.etcd_ca);
-            config.cert.clone_from(&options.etcd_cert);
-            config.key.clone_from(&options.etcd_key);
-            if let Some(prefix) = &options.etcd_prefix {
-                config.prefix.clone_from(prefix);
-            }
+            let config = etcd::EtcdConfig { endpoints: etcd::EtcdConfig::from_spec(spec)?.endpoints, ..etcd.clone() };
             Ok(Arc::new(etcd::EtcdStore::connect(&config).await?))
         }
         _ => Err(StoreError::InvalidSpec {
