@@ -360,3 +360,15 @@ pub fn ipam_show_blocks(snapshot: &Snapshot) -> String {
         .collect();
     table(&["BLOCK", "POOL", "NODE", "USED", "UTILISATION"], &rows)
 }
+
+/// `ipam show --mismatched`.
+pub fn mismatched(found: &[crate::ipam::mismatch::Mismatch]) -> String {
+    if found.is_empty() {
+        return "no pod holds an address outside the pools its namespace asks for\n".to_string();
+    }
+    let rows: Vec<Vec<String>> = found
+        .iter()
+        .map(|m| vec![m.namespace.clone(), m.pod.clone(), m.address.to_string(), m.pool.clone(), m.expected.clone()])
+        .collect();
+    table(&["NAMESPACE", "POD", "ADDRESS", "POOL", "WOULD GET NOW"], &rows)
+}

@@ -9,7 +9,9 @@ use crate::{
     allocator::{Allocator, AssignRequest},
     catalog::Catalog,
     cli::{self, Format},
-    ipam::{self, NamespaceInfo, NodeInfo, PodInfo, Requested, check},
+    directory::{self, Directory, Source},
+    firewall::{self, ExportFormat},
+    ipam::{self, NodeInfo, PodInfo, Requested, check},
     resources,
     store::{self, Store},
 };
@@ -48,6 +50,10 @@ pub struct Cli {
     /// Where under etcd's key space poolwarden keeps its keys.
     #[arg(long, global = true, env = "POOLWARDEN_ETCD_PREFIX", default_value = store::etcd::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
+    /// The kubeconfig for reaching the Kubernetes API server (default: in-cluster config, then $KUBECONFIG
+    /// or ~/.kube/config). Used in Kubernetes mode, where namespaces come from the API server.
+    #[arg(long, global = true, env = "POOLWARDEN_KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
     /// The agent's socket, used when the datastore is held by a running agent.
@@ -92,6 +98,13 @@ pub enum Command {
         /// Where (on bpffs) the enforcement maps and links are pinned; mounted at /sys/fs/bpf if needed.
         #[arg(long, default_value = crate::dataplane::enforcement::DEFAULT_PIN_DIR)]
         bpf_dir: std::path::PathBuf,
+        /// Take namespaces, this node's pods and this node's labels and addresses from the Kubernetes API
+        /// server (in-cluster config or --kubeconfig) instead of the datastore's standalone records.
+        #[arg(long, env = "POOLWARDEN_KUBERNETES")]
+        kubernetes: bool,
+        /// How long to wait at start for the Kubernetes caches before serving with direct lookups.
+        #[arg(long, default_value = "30s")]
+        kube_sync_timeout: DurationArg,
     },
     /// Create or update IPPool, IPAMConfig and Namespace documents (all or nothing).
     Apply {
@@ -148,6 +161,29 @@ pub enum Command {
     Ipam {
         #[command(subcommand)]
         command: IpamCommand,
+    },
+    /// Tell an external firewall which address ranges belong to whom.
+    Firewall {
+        #[command(subcommand)]
+        command: FirewallCommand,
+    },
+}
+
+/// `poolwarden firewall ...`.
+#[derive(Subcommand)]
+pub enum FirewallCommand {
+    /// Per pool: its CIDR(s), the namespaces allowed to use it and assigned to it, whether NAT outgoing
+    /// applies; for nftables and iptables (ipset) a ruleset of named sets `pool_<name>` ready to load.
+    Export {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "nftables")]
+        format: ExportFormat,
+        /// Only this pool.
+        #[arg(long)]
+        pool: Option<String>,
+        /// Keep running and print the export again whenever it changes.
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -239,8 +275,12 @@ pub enum IpamCommand {
     /// Per pool: blocks claimed, addresses used and free.
     Show {
         /// Per block instead: node and use.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "mismatched")]
         blocks: bool,
+        /// Pods whose address is no longer in a pool their namespace (or pod) asks for; they keep it until
+        /// recreated.
+        #[arg(long)]
+        mismatched: bool,
     },
     /// Check consistency across all pools, blocks, affinities and handles; exits 1 on any problem.
     Check,
@@ -307,22 +347,91 @@ pub fn node_name(node: Option<String>) -> String {
     })
 }
 
+/// Where namespaces come from for a command: the agent's own (cached) directory when the agent runs it,
+/// otherwise what the datastore records (standalone records, or the API server through --kubeconfig).
+pub struct Namespaces {
+    store: Arc<dyn Store>,
+    agent: Option<Arc<dyn Directory>>,
+    kubeconfig: Option<std::path::PathBuf>,
+}
+
+impl Namespaces {
+    /// Namespaces for a command on `store`; `agent` is the running agent's directory when it runs it.
+    pub fn new(
+        store: Arc<dyn Store>,
+        agent: Option<Arc<dyn Directory>>,
+        kubeconfig: Option<std::path::PathBuf>,
+    ) -> Self {
+        Self { store, agent, kubeconfig }
+    }
+
+    async fn source(&self) -> Result<Source, CommandError> {
+        match &self.agent {
+            Some(directory) => Ok(directory.source()),
+            None => Ok(directory::source_of(self.store.as_ref()).await?),
+        }
+    }
+
+    async fn directory(&self) -> Result<Arc<dyn Directory>, CommandError> {
+        if let Some(directory) = &self.agent {
+            return Ok(Arc::clone(directory));
+        }
+        let source = self.source().await?;
+        Ok(crate::k8s::directory_for(source, Arc::clone(&self.store), self.kubeconfig.as_deref()).await?)
+    }
+
+    /// Refuse a standalone namespace command when namespaces come from the API server.
+    async fn refuse_in_kubernetes(&self, what: &str) -> Result<(), CommandError> {
+        if self.source().await? == Source::Kubernetes {
+            fail!(
+                "{what}: this datastore serves a Kubernetes cluster, where namespaces come from the API server; \
+                 use `kubectl annotate namespace NAME poolwarden.io/ipv4pools='[\"POOL\"]'` (or `kubectl label`) \
+                 instead. Pools and the IPAM commands work as before"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The firewall export of the pools in `store`, as text.
+pub async fn firewall_export(
+    catalog: &Catalog,
+    namespaces: &Namespaces,
+    format: ExportFormat,
+    pool: Option<&str>,
+) -> Result<String, CommandError> {
+    let pools: Vec<_> = catalog.pools().await?.into_iter().map(|(p, _)| p).collect();
+    if let Some(name) = pool
+        && !pools.iter().any(|p| p.name() == name)
+    {
+        fail!("IPPool {name:?} does not exist");
+    }
+    let known = namespaces.directory().await?.namespaces().await?;
+    Ok(firewall::render(&firewall::export(&pools, &known, pool), format))
+}
+
 /// Run one command on `store`, writing what it prints to `out`; returns the exit code.
-/// `stdin` is what `-f -` reads (the caller read it; the agent gets it over the socket).
+/// `stdin` is what `-f -` reads (the caller read it; the agent gets it over the socket); `agent` is the
+/// agent's directory when the agent runs the command.
 pub async fn execute(
     cli: Cli,
     store: Arc<dyn Store>,
+    agent: Option<Arc<dyn Directory>>,
     stdin: Option<String>,
     out: &mut String,
 ) -> Result<u8, CommandError> {
     let catalog = Catalog::new(Arc::clone(&store));
     let allocator = Allocator::new(Arc::clone(&store));
+    let namespaces = Namespaces::new(Arc::clone(&store), agent, cli.kubeconfig.clone());
     match cli.command {
         Command::Agent { .. } => fail!("`poolwarden agent` runs as its own process, not through the agent's socket"),
         Command::Apply { files } => {
             let docs = resources::read_paths(&files, stdin.as_deref())?;
             if docs.is_empty() {
                 fail!("no documents found in {}", files.join(", "));
+            }
+            if let Some(doc) = docs.iter().find(|d| matches!(d.resource, resources::Resource::Namespace(_))) {
+                namespaces.refuse_in_kubernetes(&format!("{}: {}", doc.at, doc.resource.describe())).await?;
             }
             for applied in catalog.apply(&docs).await? {
                 w!(out, "{} {}", applied.object, applied.action);
@@ -351,14 +460,21 @@ pub async fn execute(
                 Kind::Affinities => cli::affinities(&allocator.snapshot().await?, output),
                 Kind::Handles => cli::handles(&allocator.snapshot().await?, output),
                 Kind::Namespaces => {
-                    let mut namespaces = catalog.namespaces().await?;
+                    let mut known: Vec<resources::Namespace> = namespaces
+                        .directory()
+                        .await?
+                        .namespaces()
+                        .await?
+                        .into_iter()
+                        .map(|ns| resources::Namespace::from_info(&ns))
+                        .collect();
                     if let Some(name) = &name {
-                        namespaces.retain(|n| n.name() == name);
-                        if namespaces.is_empty() {
+                        known.retain(|n| n.name() == name);
+                        if known.is_empty() {
                             fail!("Namespace {name:?} does not exist");
                         }
                     }
-                    cli::namespaces(&namespaces, output)
+                    cli::namespaces(&known, output)
                 }
                 Kind::Ipamconfig => cli::config(&catalog.config().await?.0, output),
                 Kind::Nodes => {
@@ -385,14 +501,20 @@ pub async fn execute(
             }
         }
         Command::Annotate { what: NamespaceKind::Namespace, name, changes } => {
+            namespaces.refuse_in_kubernetes(&format!("annotate namespace {name}")).await?;
             catalog.edit_namespace(&name, &changes, true).await?;
             w!(out, "namespace/{name} annotated");
         }
         Command::Label { what: NamespaceKind::Namespace, name, changes } => {
+            namespaces.refuse_in_kubernetes(&format!("label namespace {name}")).await?;
             catalog.edit_namespace(&name, &changes, false).await?;
             w!(out, "namespace/{name} labeled");
         }
-        Command::Ipam { command } => return ipam_command(command, &catalog, &allocator, out).await,
+        Command::Ipam { command } => return ipam_command(command, &catalog, &allocator, &namespaces, out).await,
+        Command::Firewall { command: FirewallCommand::Export { format, pool, watch: _ } } => {
+            // `--watch` is the caller's loop around this (see the `poolwarden` binary).
+            out.push_str(&firewall_export(&catalog, &namespaces, format, pool.as_deref()).await?);
+        }
         Command::Enforcement { command: EnforcementCommand::Status { bpf_dir } } => {
             use crate::dataplane::enforcement::{self, HAS_IPV4, HAS_IPV6, POOL_MODE, reason};
             let pools: Vec<String> = catalog.pools().await?.into_iter().map(|(p, _)| p.name().to_string()).collect();
@@ -440,10 +562,30 @@ async fn ipam_command(
     command: IpamCommand,
     catalog: &Catalog,
     allocator: &Allocator,
+    namespaces: &Namespaces,
     out: &mut String,
 ) -> Result<u8, CommandError> {
     match command {
-        IpamCommand::Show { blocks } => {
+        IpamCommand::Show { mismatched: true, .. } => {
+            let snapshot = allocator.snapshot().await?;
+            let directory = namespaces.directory().await?;
+            let known: BTreeMap<String, ipam::NamespaceInfo> =
+                directory.namespaces().await?.into_iter().map(|ns| (ns.name.clone(), ns)).collect();
+            let mut pods = BTreeMap::new();
+            for block in &snapshot.blocks {
+                for (_, a) in block.allocated() {
+                    if let (Some(ns), Some(pod)) = (&a.namespace, &a.pod)
+                        && !pods.contains_key(&(ns.clone(), pod.clone()))
+                        && let Ok(info) = directory.pod(ns, pod).await
+                    {
+                        pods.insert((ns.clone(), pod.clone()), info);
+                    }
+                }
+            }
+            let found = ipam::mismatch::mismatched(&snapshot.blocks, &snapshot.pools, &known, &pods);
+            out.push_str(&cli::mismatched(&found));
+        }
+        IpamCommand::Show { blocks, .. } => {
             let snapshot = allocator.snapshot().await?;
             out.push_str(&if blocks { cli::ipam_show_blocks(&snapshot) } else { cli::ipam_show(&snapshot) });
         }
@@ -481,18 +623,7 @@ async fn ipam_command(
         }
         IpamCommand::Release { .. } => fail!("give --ip or --handle"),
         IpamCommand::Assign { namespace, pod, pod_annotations, handle, node, node_labels, pool, ip } => {
-            let ns = match catalog.namespace(&namespace).await? {
-                Some((ns, _)) => NamespaceInfo {
-                    name: namespace.clone(),
-                    labels: ns.metadata.labels,
-                    annotations: ns.metadata.annotations,
-                },
-                None => NamespaceInfo {
-                    name: namespace.clone(),
-                    labels: [("kubernetes.io/metadata.name".to_string(), namespace.clone())].into(),
-                    annotations: BTreeMap::new(),
-                },
-            };
+            let ns = namespaces.directory().await?.namespace(&namespace).await?;
             let pools: Vec<_> = catalog.pools().await?.into_iter().map(|(p, _)| p).collect();
             let handle =
                 handle.unwrap_or_else(|| format!("{namespace}.{}", pod.clone().unwrap_or_else(|| "standalone".into())));

@@ -6,7 +6,7 @@ use std::{process::ExitCode, sync::Arc};
 use anyhow::{Result, bail};
 use clap::Parser;
 use poolwarden::{
-    commands::{self, Cli, Command, LogFormat},
+    commands::{self, Cli, Command, FirewallCommand, LogFormat},
     ipam::NodeInfo,
     store::{self, StoreError},
 };
@@ -62,6 +62,8 @@ async fn run(cli: Cli) -> Result<u8> {
         log_format,
         enforcement,
         bpf_dir,
+        kubernetes,
+        kube_sync_timeout,
     } = &cli.command
     {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -76,40 +78,126 @@ async fn run(cli: Cli) -> Result<u8> {
             bail!("no node name: give --node or set NODENAME");
         }
         let store = store::open(&cli.datastore, &cli.etcd_options()).await?;
-        let agent = Arc::new(poolwarden::daemon::Agent::new(
+        let mut addresses = node_address.clone();
+        let kube = if *kubernetes {
+            let client = poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?;
+            let directory = poolwarden::k8s::KubeDirectory::start(client, &node.name);
+            if !directory.wait_ready(kube_sync_timeout.0).await {
+                tracing::warn!(
+                    "the Kubernetes caches are not in sync after {:?}; serving anyway, with direct lookups until \
+                     they are",
+                    kube_sync_timeout.0
+                );
+            }
+            if addresses.is_empty() {
+                match directory.node_addresses().await {
+                    Ok(found) => addresses = found,
+                    Err(e) => tracing::warn!(error = %e, "no node addresses from the API server; detecting them"),
+                }
+            }
+            poolwarden::directory::record_source(store.as_ref(), poolwarden::directory::Source::Kubernetes).await?;
+            Some(Arc::new(directory))
+        } else {
+            None
+        };
+        let mut agent = poolwarden::daemon::Agent::new(
             node,
             store,
             *enforcement,
             bpf_dir,
-            node_address.clone(),
+            addresses,
             poolwarden::daemon::Lifetimes { leak_grace: leak_grace_period.0, registration_ttl: registration_ttl.0 },
-        )?);
+        )?;
+        if let Some(directory) = kube {
+            agent = agent.with_directory(directory);
+        }
+        let agent = Arc::new(agent);
         poolwarden::daemon::server::run(agent, socket.clone(), *metrics_addr).await?;
         return Ok(0);
+    }
+    if let Command::Firewall { command: FirewallCommand::Export { watch: true, .. } } = &cli.command {
+        return watch_export(cli).await;
     }
     let stdin = if reads_stdin(&cli) { Some(std::io::read_to_string(std::io::stdin().lock())?) } else { None };
     match store::open(&cli.datastore, &cli.etcd_options()).await {
         Ok(store) => {
             let mut out = String::new();
-            let result = commands::execute(cli, store, stdin, &mut out).await;
+            let result = commands::execute(cli, store, None, stdin, &mut out).await;
             print!("{out}");
             result.map_err(|e| anyhow::anyhow!(e))
         }
         Err(locked @ StoreError::Locked { .. }) => {
-            let request = Request::Cli(CliRequest { args: forwarded_args(), stdin });
-            let reply = poolwarden_cni::plugin::call_agent(&cli.agent_socket, &request).await.map_err(|e| {
-                anyhow::anyhow!("{locked}; and the agent's socket {} did not answer: {}", cli.agent_socket, e.details)
-            })?;
-            match reply {
-                Response::CliOutput { stdout, stderr, exit } => {
-                    print!("{stdout}");
-                    eprint!("{stderr}");
-                    Ok(exit)
+            let (stdout, stderr, exit) = forward(&cli, stdin, &locked).await?;
+            print!("{stdout}");
+            eprint!("{stderr}");
+            Ok(exit)
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// How often `firewall export --watch` looks again when it cannot watch the datastore itself (the agent
+/// holds it, or namespaces come from the API server).
+const EXPORT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Run the command as given through the agent that holds the datastore: (stdout, stderr, exit code).
+async fn forward(cli: &Cli, stdin: Option<String>, locked: &StoreError) -> Result<(String, String, u8)> {
+    let request = Request::Cli(CliRequest { args: forwarded_args(), stdin });
+    let reply = poolwarden_cni::plugin::call_agent(&cli.agent_socket, &request).await.map_err(|e| {
+        anyhow::anyhow!("{locked}; and the agent's socket {} did not answer: {}", cli.agent_socket, e.details)
+    })?;
+    match reply {
+        Response::CliOutput { stdout, stderr, exit } => Ok((stdout, stderr, exit)),
+        Response::Error(e) => bail!("{}: {}", e.msg, e.details),
+        other => bail!("unexpected answer from the agent: {other:?}"),
+    }
+}
+
+/// `firewall export --watch`: print the export, then again each time it changes, until interrupted. With
+/// the datastore at hand it wakes on every pool or namespace change; otherwise it asks the agent again
+/// every few seconds. Either way it prints only when the text changed.
+async fn watch_export(cli: Cli) -> Result<u8> {
+    let Command::Firewall { command: FirewallCommand::Export { format, pool, .. } } = &cli.command else {
+        return Ok(2);
+    };
+    let mut last = String::new();
+    match store::open(&cli.datastore, &cli.etcd_options()).await {
+        Ok(store) => {
+            let catalog = poolwarden::catalog::Catalog::new(Arc::clone(&store));
+            let namespaces = commands::Namespaces::new(Arc::clone(&store), None, cli.kubeconfig.clone());
+            let mut pools = store.watch(store::keys::POOLS, 0).await?;
+            let mut standalone = store.watch(store::keys::NAMESPACES, 0).await?;
+            loop {
+                let text = commands::firewall_export(&catalog, &namespaces, *format, pool.as_deref())
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                if text != last {
+                    print!("{text}");
+                    use std::io::Write as _;
+                    std::io::stdout().flush()?;
+                    last = text;
                 }
-                Response::Error(e) => bail!("{}: {}", e.msg, e.details),
-                other => bail!("unexpected answer from the agent: {other:?}"),
+                tokio::select! {
+                    event = pools.next() => if event.is_none() { return Ok(0) },
+                    event = standalone.next() => if event.is_none() { return Ok(0) },
+                    () = tokio::time::sleep(EXPORT_POLL) => {}
+                }
             }
         }
+        Err(locked @ StoreError::Locked { .. }) => loop {
+            let (stdout, stderr, exit) = forward(&cli, None, &locked).await?;
+            if exit != 0 {
+                eprint!("{stderr}");
+                return Ok(exit);
+            }
+            if stdout != last {
+                print!("{stdout}");
+                use std::io::Write as _;
+                std::io::stdout().flush()?;
+                last = stdout;
+            }
+            tokio::time::sleep(EXPORT_POLL).await;
+        },
         Err(other) => Err(other.into()),
     }
 }

@@ -66,6 +66,15 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("/usr/include/google/protobuf/descriptor.proto", "libprotobuf-dev"),
     // The etcd TLS test makes its certificates with it.
     ("openssl", "openssl"),
+    // natOutgoing's masquerade table, and loading the firewall export in the tests.
+    ("nft", "nftables"),
+    ("ipset", "ipset"),
+];
+
+/// PyPI packages the tests use: (module that proves it is installed, requirement).
+const PYPI_PACKAGES: &[(&str, &str)] = &[
+    // Validates deploy/ against the Kubernetes 1.30 and 1.37 schemas it carries (offline).
+    ("kubernetes_validate", "kubernetes-validate==1.37.0"),
 ];
 
 fn main() -> Result<()> {
@@ -148,6 +157,14 @@ fn setup() -> Result<()> {
         } else {
             eprintln!("setup: installing rust component {component}");
             run("rustup", &["component", "add", component])?;
+        }
+    }
+    for (module, requirement) in PYPI_PACKAGES {
+        if succeeds("python3", &["-c", &format!("import {module}")]) {
+            eprintln!("setup: {requirement} present");
+        } else {
+            eprintln!("setup: installing {requirement} from PyPI");
+            run("python3", &["-m", "pip", "install", "-q", "--root-user-action=ignore", requirement])?;
         }
     }
     setup_ebpf_toolchain()?;

@@ -27,7 +27,8 @@ use crate::{
         enforcement::{EndpointSpec, Enforcement, EnforcementError},
         routes::{OwnedRoute, RouteError, Routes},
     },
-    ipam::{self, NamespaceInfo, NodeInfo, PodInfo, Requested, SelectionError, selection::ChoiceSource},
+    directory::{Directory, DirectoryError, StandaloneDirectory},
+    ipam::{self, NodeInfo, Requested, SelectionError, selection::ChoiceSource},
     store::{Store, StoreError, Txn, keys},
 };
 
@@ -139,6 +140,10 @@ pub struct Agent {
     /// leaked addresses, so an address allocated (or returned again to a repeated ADD) and not wired yet is
     /// never released under it.
     adds: tokio::sync::RwLock<()>,
+    /// Where namespaces, pods and node labels come from.
+    directory: Arc<dyn Directory>,
+    /// The masquerade table for pools with `natOutgoing`.
+    nat: crate::dataplane::nat::Nat,
 }
 
 fn reply(code: u32, msg: impl Into<String>, details: impl Into<String>) -> ErrorReply {
@@ -147,6 +152,20 @@ fn reply(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Error
 
 fn store_reply(err: StoreError) -> ErrorReply {
     reply(code::IO_FAILURE, "the datastore failed", err.to_string())
+}
+
+/// A lookup of a namespace, pod or node failed: try again later when the API server could not answer.
+pub fn directory_reply(err: DirectoryError) -> ErrorReply {
+    let message = err.to_string();
+    match err {
+        DirectoryError::Unreachable { .. } => {
+            reply(code::TRY_AGAIN_LATER, message, "the API server did not answer; kubelet retries the ADD")
+        }
+        DirectoryError::NotFound { .. } | DirectoryError::Refused { .. } => {
+            reply(code::TRY_AGAIN_LATER, message, "the pod's objects are not visible to the agent yet")
+        }
+        DirectoryError::Store(e) => store_reply(e),
+    }
 }
 
 fn route_reply(err: RouteError) -> ErrorReply {
@@ -196,11 +215,24 @@ impl Agent {
             metrics: metrics::Metrics::default(),
             node,
             node_addresses,
-            store,
             lifetimes,
             suspects: std::sync::Mutex::new(BTreeMap::new()),
             adds: tokio::sync::RwLock::new(()),
+            directory: Arc::new(StandaloneDirectory::new(Arc::clone(&store))),
+            nat: crate::dataplane::nat::Nat::default(),
+            store,
         })
+    }
+
+    /// Take namespaces, pods and node labels from `directory` (the Kubernetes API) instead of the datastore.
+    pub fn with_directory(mut self, directory: Arc<dyn Directory>) -> Self {
+        self.directory = directory;
+        self
+    }
+
+    /// Where namespaces, pods and node labels come from.
+    pub fn directory(&self) -> &Arc<dyn Directory> {
+        &self.directory
     }
 
     /// How often the collector looks for leaks: often enough to release them soon after their grace period.
@@ -353,26 +385,18 @@ impl Agent {
             Err(e) => return Response::CliOutput { stdout: String::new(), stderr: e.render().to_string(), exit: 2 },
         };
         let mut stdout = String::new();
-        match crate::commands::execute(cli, Arc::clone(&self.store), request.stdin, &mut stdout).await {
+        match crate::commands::execute(
+            cli,
+            Arc::clone(&self.store),
+            Some(Arc::clone(&self.directory)),
+            request.stdin,
+            &mut stdout,
+        )
+        .await
+        {
             Ok(exit) => Response::CliOutput { stdout, stderr: String::new(), exit },
             Err(e) => Response::CliOutput { stdout, stderr: format!("error: {e}\n"), exit: 1 },
         }
-    }
-
-    async fn namespace_info(&self, name: &str) -> Result<NamespaceInfo, ErrorReply> {
-        let catalog = Catalog::new(Arc::clone(&self.store));
-        Ok(match catalog.namespace(name).await.map_err(store_reply)? {
-            Some((ns, _)) => NamespaceInfo {
-                name: name.to_string(),
-                labels: ns.metadata.labels,
-                annotations: ns.metadata.annotations,
-            },
-            None => NamespaceInfo {
-                name: name.to_string(),
-                labels: [("kubernetes.io/metadata.name".to_string(), name.to_string())].into(),
-                annotations: BTreeMap::new(),
-            },
-        })
     }
 
     async fn add(&self, request: AddRequest) -> Result<Vec<AssignedIp>, ErrorReply> {
@@ -382,11 +406,17 @@ impl Agent {
         let _adding = self.adds.read().await;
         let pools = Catalog::new(Arc::clone(&self.store)).pools().await.map_err(store_reply)?;
         let pool_list: Vec<_> = pools.iter().map(|(p, _)| p.clone()).collect();
+        let directory = &self.directory;
+        let pod = if request.pod.is_empty() {
+            None
+        } else {
+            Some(directory.pod(&namespace, &request.pod).await.map_err(directory_reply)?)
+        };
         let assign = AssignRequest {
             handle: handle.clone(),
-            node: self.node.clone(),
-            namespace: self.namespace_info(&namespace).await?,
-            pod: (!request.pod.is_empty()).then(|| PodInfo { name: request.pod.clone(), annotations: BTreeMap::new() }),
+            node: directory.node(&self.node).await.map_err(directory_reply)?,
+            namespace: directory.namespace(&namespace).await.map_err(directory_reply)?,
+            pod,
             requested: Requested::from_pool_names(&pool_list, &request.pools, request.ips.clone()),
         };
         let assigned = self.allocator.assign(&assign).await.map_err(alloc_reply)?;
@@ -607,13 +637,19 @@ impl Agent {
         let _alone = self.wiring.write().await;
         let mut desired = BTreeSet::new();
         let endpoints = self.endpoints().await.map_err(store_reply)?;
-        let pools: Vec<PoolRef> = Catalog::new(Arc::clone(&self.store))
+        let stored: Vec<crate::resources::IpPool> = Catalog::new(Arc::clone(&self.store))
             .pools()
             .await
             .map_err(store_reply)?
-            .iter()
-            .map(|(p, _)| PoolRef::of(p))
+            .into_iter()
+            .map(|(p, _)| p)
             .collect();
+        let pools: Vec<PoolRef> = stored.iter().map(PoolRef::of).collect();
+        match self.nat.apply(&stored) {
+            Ok(true) => info!(table = crate::dataplane::nat::TABLE, "NAT outgoing follows the pools"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "programming NAT outgoing failed"),
+        }
         let ipam_only: Vec<IpAddr> =
             endpoints.iter().filter(|e| e.host_ifname.is_empty()).flat_map(|e| e.ips.clone()).collect();
         let (affinities, _) = self.store.list(&keys::node_affinities(&self.node.name)).await.map_err(store_reply)?;

@@ -147,10 +147,10 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
     let reaper = Arc::clone(&agent);
     tokio::spawn(async move { reaper.reap_retired_links().await });
     // Blocks claimed or given back anywhere (by an agent or an operator's `ipam release`), nodes coming and
-    // going, and addresses borrowed move the routes: every change wakes one reconcile, and changes arriving
+    // going, and addresses borrowed move the routes (and pools the NAT table): every change wakes one reconcile, and changes arriving
     // together share it.
     let (changed, mut changes) = tokio::sync::mpsc::channel::<()>(1);
-    for prefix in [keys::AFFINITIES, keys::NODES, keys::BORROWED] {
+    for prefix in [keys::AFFINITIES, keys::NODES, keys::BORROWED, keys::POOLS] {
         let (watcher, changed) = (Arc::clone(&agent), changed.clone());
         tokio::spawn(async move {
             loop {

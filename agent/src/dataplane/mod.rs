@@ -1,6 +1,7 @@
 //! What touches the kernel: routes, eBPF enforcement, and what this kernel can and cannot do for a pool.
 
 pub mod enforcement;
+pub mod nat;
 pub mod overlay;
 pub mod routes;
 

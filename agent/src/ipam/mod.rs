@@ -6,6 +6,7 @@
 pub mod block;
 pub mod check;
 pub mod gc;
+pub mod mismatch;
 pub mod selection;
 
 use std::collections::BTreeMap;

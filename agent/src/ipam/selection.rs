@@ -195,8 +195,8 @@ impl Family {
     }
 }
 
-/// Why a pool refuses this namespace on this node, if it does.
-pub fn refusal(pool: &IpPool, namespace: &NamespaceInfo, node: &NodeInfo) -> Option<String> {
+/// Why a pool refuses this namespace (on any node), if it does.
+pub fn namespace_refusal(pool: &IpPool, namespace: &NamespaceInfo) -> Option<String> {
     let spec = &pool.spec;
     if !spec.allowed_namespaces.is_empty() && !spec.allowed_namespaces.contains(&namespace.name) {
         return Some(format!("the pool is bound to namespaces {:?} (allowedNamespaces)", spec.allowed_namespaces));
@@ -206,6 +206,41 @@ pub fn refusal(pool: &IpPool, namespace: &NamespaceInfo, node: &NodeInfo) -> Opt
             "namespaceSelector {:?} does not match the namespace's labels",
             spec.namespace_selector.as_str()
         ));
+    }
+    None
+}
+
+/// The pools a namespace's (or, when given, a pod's) annotation names for `ipv6`'s family, as written,
+/// with the annotation key; `None` when neither annotates that family.
+pub fn annotated_pools(
+    namespace: &NamespaceInfo,
+    pod: Option<&PodInfo>,
+    ipv6: bool,
+) -> Option<(&'static str, Result<Vec<String>, SelectionError>)> {
+    let keys = if ipv6 {
+        [ANNOTATION_IPV6_POOLS, CALICO_ANNOTATION_IPV6_POOLS]
+    } else {
+        [ANNOTATION_IPV4_POOLS, CALICO_ANNOTATION_IPV4_POOLS]
+    };
+    if let Some(pod) = pod
+        && let Some((key, value)) = annotation(&pod.annotations, keys)
+    {
+        return Some((key, parse_list(&format!("pod \"{}/{}\"", namespace.name, pod.name), key, value)));
+    }
+    let (key, value) = annotation(&namespace.annotations, keys)?;
+    Some((key, parse_list(&format!("namespace {:?}", namespace.name), key, value)))
+}
+
+/// Whether a pool name or CIDR as written in an annotation means `pool`.
+pub fn names_pool(written: &str, pool: &IpPool) -> bool {
+    written == pool.name() || written.parse::<ipnet::IpNet>().is_ok_and(|net| net == pool.cidr())
+}
+
+/// Why a pool refuses this namespace on this node, if it does.
+pub fn refusal(pool: &IpPool, namespace: &NamespaceInfo, node: &NodeInfo) -> Option<String> {
+    let spec = &pool.spec;
+    if let Some(rule) = namespace_refusal(pool, namespace) {
+        return Some(rule);
     }
     if !spec.node_selector.matches(&node.labels) {
         return Some(format!("nodeSelector {:?} does not match the node's labels", spec.node_selector.as_str()));

@@ -1,0 +1,280 @@
+//! What an external firewall needs to trust "source in pool X": per pool, its CIDR, the namespaces allowed
+//! to use it and those assigned to it, and whether the node masquerades it; rendered as JSON, CSV, an
+//! nftables ruleset of named sets, or an `ipset restore` file for iptables. Pure: values in, text out.
+
+use std::fmt::Write as _;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::{
+    ipam::{
+        NamespaceInfo,
+        selection::{annotated_pools, names_pool, namespace_refusal},
+    },
+    resources::IpPool,
+};
+
+/// The nftables table (and the prefix of the ipset sets) the export defines.
+pub const NFT_TABLE: &str = "poolwarden_pools";
+
+/// How `firewall export` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// An nftables ruleset (`nft -f`): one named interval set per pool, in table `inet poolwarden_pools`.
+    Nftables,
+    /// An `ipset restore` file: one `hash:net` set per pool, for iptables' `-m set --match-set`.
+    Iptables,
+    /// A JSON document.
+    Json,
+    /// Comma-separated values, one row per pool CIDR.
+    Csv,
+}
+
+/// Which namespaces may use a pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Allowed {
+    /// Every namespace (no `allowedNamespaces`, no `namespaceSelector`): written `*`.
+    Any(String),
+    /// Only these (of the namespaces that exist now).
+    Only(Vec<String>),
+}
+
+/// One pool, as the firewall team sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolExport {
+    /// The pool.
+    pub pool: String,
+    /// The named set carrying its CIDRs.
+    pub set: String,
+    /// Its ranges.
+    pub cidrs: Vec<IpNet>,
+    /// Namespaces the pool admits.
+    pub allowed_namespaces: Allowed,
+    /// Namespaces whose annotation names this pool (their pods take addresses from it).
+    pub assigned_namespaces: Vec<String>,
+    /// Whether the node masquerades the pool's traffic to destinations outside every pool (then the
+    /// firewall sees node addresses, not pod addresses).
+    pub nat_outgoing: bool,
+    /// Disabled pools hand out no new addresses; existing pods keep theirs.
+    pub disabled: bool,
+}
+
+/// The set name for a pool: `pool_` and the name with `-` and `.` as `_` (nftables and ipset both take it).
+pub fn set_name(pool: &str) -> String {
+    let body: String = pool.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+    format!("pool_{body}")
+}
+
+/// The export of `pools` (only `only` when given), with namespaces evaluated against `namespaces`.
+pub fn export(pools: &[IpPool], namespaces: &[NamespaceInfo], only: Option<&str>) -> Vec<PoolExport> {
+    pools
+        .iter()
+        .filter(|p| only.is_none_or(|name| p.name() == name))
+        .map(|pool| {
+            let unrestricted = pool.spec.allowed_namespaces.is_empty() && pool.spec.namespace_selector.is_all();
+            let allowed = if unrestricted {
+                Allowed::Any("*".to_string())
+            } else {
+                Allowed::Only(
+                    namespaces
+                        .iter()
+                        .filter(|ns| namespace_refusal(pool, ns).is_none())
+                        .map(|ns| ns.name.clone())
+                        .collect(),
+                )
+            };
+            let assigned = namespaces
+                .iter()
+                .filter(|ns| {
+                    matches!(annotated_pools(ns, None, pool.is_ipv6()), Some((_, Ok(names)))
+                        if names.iter().any(|n| names_pool(n, pool)))
+                })
+                .map(|ns| ns.name.clone())
+                .collect();
+            PoolExport {
+                pool: pool.name().to_string(),
+                set: set_name(pool.name()),
+                cidrs: vec![pool.cidr()],
+                allowed_namespaces: allowed,
+                assigned_namespaces: assigned,
+                nat_outgoing: pool.spec.nat_outgoing,
+                disabled: pool.spec.disabled,
+            }
+        })
+        .collect()
+}
+
+fn allowed_text(allowed: &Allowed, separator: &str) -> String {
+    match allowed {
+        Allowed::Any(all) => all.clone(),
+        Allowed::Only(names) if names.is_empty() => "<none>".to_string(),
+        Allowed::Only(names) => names.join(separator),
+    }
+}
+
+fn summary(p: &PoolExport) -> String {
+    let assigned = if p.assigned_namespaces.is_empty() { "<none>".into() } else { p.assigned_namespaces.join(",") };
+    let nat = if p.nat_outgoing {
+        "natOutgoing: masqueraded to the node's address outside the pools"
+    } else {
+        "natOutgoing: off, pod addresses reach the firewall"
+    };
+    format!(
+        "pool {}: allowed namespaces {}; assigned to {}; {nat}{}",
+        p.pool,
+        allowed_text(&p.allowed_namespaces, ","),
+        assigned,
+        if p.disabled { "; disabled" } else { "" }
+    )
+}
+
+/// Render the export.
+pub fn render(pools: &[PoolExport], format: ExportFormat) -> String {
+    let mut out = String::new();
+    match format {
+        ExportFormat::Json => {
+            out = serde_json::to_string_pretty(&serde_json::json!({ "pools": pools })).unwrap_or_default() + "\n";
+        }
+        ExportFormat::Csv => {
+            out.push_str("pool,cidr,family,allowed_namespaces,assigned_namespaces,nat_outgoing,disabled\n");
+            for p in pools {
+                for cidr in &p.cidrs {
+                    let family = if cidr.addr().is_ipv6() { "ipv6" } else { "ipv4" };
+                    let _ = writeln!(
+                        out,
+                        "{},{cidr},{family},{},{},{},{}",
+                        p.pool,
+                        allowed_text(&p.allowed_namespaces, ";"),
+                        p.assigned_namespaces.join(";"),
+                        p.nat_outgoing,
+                        p.disabled
+                    );
+                }
+            }
+        }
+        ExportFormat::Nftables => {
+            let _ = writeln!(out, "# poolwarden firewall export: one named set per pool. Load with `nft -f FILE`;");
+            let _ = writeln!(out, "# loading again replaces the table. Match with e.g. `ip saddr @pool_x accept`.");
+            let _ = writeln!(out, "add table inet {NFT_TABLE}");
+            let _ = writeln!(out, "delete table inet {NFT_TABLE}");
+            let _ = writeln!(out, "table inet {NFT_TABLE} {{");
+            for p in pools {
+                let _ = writeln!(out, "\t# {}", summary(p));
+                let kind = if p.cidrs.iter().all(|c| c.addr().is_ipv6()) { "ipv6_addr" } else { "ipv4_addr" };
+                let elements: Vec<String> = p.cidrs.iter().map(ToString::to_string).collect();
+                let _ = writeln!(out, "\tset {} {{", p.set);
+                let _ = writeln!(out, "\t\ttype {kind}");
+                let _ = writeln!(out, "\t\tflags interval");
+                let _ = writeln!(out, "\t\telements = {{ {} }}", elements.join(", "));
+                let _ = writeln!(out, "\t}}");
+            }
+            let _ = writeln!(out, "}}");
+        }
+        ExportFormat::Iptables => {
+            let _ = writeln!(out, "# poolwarden firewall export for iptables: one ipset per pool.");
+            let _ = writeln!(out, "# Load with `ipset restore -exist < FILE`, then match with");
+            let _ = writeln!(
+                out,
+                "# `iptables -A FORWARD -m set --match-set pool_x src -j ACCEPT` (ip6tables for IPv6 sets)."
+            );
+            for p in pools {
+                let _ = writeln!(out, "# {}", summary(p));
+                let family = if p.cidrs.iter().all(|c| c.addr().is_ipv6()) { "inet6" } else { "inet" };
+                let _ = writeln!(out, "create {} hash:net family {family}", p.set);
+                let _ = writeln!(out, "flush {}", p.set);
+                for cidr in &p.cidrs {
+                    let _ = writeln!(out, "add {} {cidr}", p.set);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::{Resource, parse_documents};
+
+    fn pools() -> Vec<IpPool> {
+        let yaml = r#"
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: external-pool}
+spec: {cidr: 10.10.0.0/24, blockSize: 29, natOutgoing: false, allowedNamespaces: [external-ns]}
+---
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: internal-pool}
+spec: {cidr: 10.20.0.0/24, blockSize: 29, natOutgoing: true}
+---
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: v6-pool}
+spec: {cidr: "fd00:10::/120", namespaceSelector: "team == 'blue'"}
+"#;
+        parse_documents("pools.yaml", yaml)
+            .unwrap()
+            .into_iter()
+            .map(|d| match d.resource {
+                Resource::IpPool(p) => p,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn ns(name: &str, labels: &[(&str, &str)], v4: Option<&str>) -> NamespaceInfo {
+        NamespaceInfo {
+            name: name.into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            annotations: v4.map(|v| ("poolwarden.io/ipv4pools".to_string(), v.to_string())).into_iter().collect(),
+        }
+    }
+
+    fn namespaces() -> Vec<NamespaceInfo> {
+        vec![
+            ns("external-ns", &[], Some("[\"external-pool\"]")),
+            ns("internal-ns", &[("team", "blue")], Some("[\"10.20.0.0/24\"]")),
+            ns("other", &[], None),
+        ]
+    }
+
+    #[test]
+    fn allowed_and_assigned_namespaces_per_pool() {
+        let export = export(&pools(), &namespaces(), None);
+        assert_eq!(export[0].allowed_namespaces, Allowed::Only(vec!["external-ns".into()]));
+        assert_eq!(export[0].assigned_namespaces, vec!["external-ns".to_string()]);
+        assert_eq!(export[1].allowed_namespaces, Allowed::Any("*".into()));
+        assert_eq!(export[1].assigned_namespaces, vec!["internal-ns".to_string()], "named by CIDR");
+        assert!(export[1].nat_outgoing);
+        assert_eq!(export[2].allowed_namespaces, Allowed::Only(vec!["internal-ns".into()]));
+        assert_eq!(export[2].set, "pool_v6_pool");
+        assert_eq!(super::export(&pools(), &namespaces(), Some("internal-pool")).len(), 1);
+    }
+
+    #[test]
+    fn renders_every_format() {
+        let export = export(&pools(), &namespaces(), None);
+        let nft = render(&export, ExportFormat::Nftables);
+        assert!(
+            nft.contains(
+                "set pool_external_pool {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.10.0.0/24 }"
+            ),
+            "{nft}"
+        );
+        assert!(nft.contains("set pool_v6_pool {\n\t\ttype ipv6_addr"), "{nft}");
+        let ipset = render(&export, ExportFormat::Iptables);
+        assert!(ipset.contains("create pool_internal_pool hash:net family inet\nflush pool_internal_pool\nadd pool_internal_pool 10.20.0.0/24\n"), "{ipset}");
+        assert!(ipset.contains("create pool_v6_pool hash:net family inet6"), "{ipset}");
+        let csv = render(&export, ExportFormat::Csv);
+        assert!(csv.contains("\nexternal-pool,10.10.0.0/24,ipv4,external-ns,external-ns,false,false\n"), "{csv}");
+        assert!(csv.contains("\ninternal-pool,10.20.0.0/24,ipv4,*,internal-ns,true,false\n"), "{csv}");
+        let json: serde_json::Value = serde_json::from_str(&render(&export, ExportFormat::Json)).unwrap();
+        assert_eq!(json["pools"][0]["allowedNamespaces"], serde_json::json!(["external-ns"]));
+        assert_eq!(json["pools"][1]["allowedNamespaces"], "*");
+        assert_eq!(json["pools"][1]["natOutgoing"], true);
+    }
+}

@@ -1,0 +1,310 @@
+//! Kubernetes as the source of namespaces, of this node's pods and of this node: reflector caches fed by
+//! list + watch (kube-rs), so an ADD is answered from memory, with a direct GET only for what the cache does
+//! not know yet (a pod created a moment ago). A lookup the API server cannot answer is reported as
+//! unreachable, which the agent turns into CNI code 11 (try again later): kubelet retries the sandbox.
+
+use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::{
+    Api, Client, Resource,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use tracing::{info, warn};
+
+use crate::{
+    directory::{Directory, DirectoryError, Source},
+    ipam::{NamespaceInfo, NodeInfo, PodInfo},
+};
+
+/// How long a direct GET on the ADD path may take before the ADD is answered "try again later".
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors connecting to the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// The kubeconfig could not be read or used.
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig {
+        /// The file given.
+        path: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// Neither in-cluster configuration nor a kubeconfig was found.
+    #[error(
+        "no Kubernetes configuration: not running in a pod (KUBERNETES_SERVICE_HOST unset) and no kubeconfig \
+         ($KUBECONFIG, ~/.kube/config); give --kubeconfig: {0}"
+    )]
+    NoConfig(String),
+    /// The client could not be built from the configuration.
+    #[error("Kubernetes client: {0}")]
+    Client(String),
+}
+
+/// A client for the API server: from `kubeconfig` when given, else in-cluster or `$KUBECONFIG`.
+pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let fail = |e: &dyn std::fmt::Display| KubeError::Kubeconfig {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            };
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| fail(&e))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| fail(&e))?
+        }
+        None => kube::Config::infer().await.map_err(|e| KubeError::NoConfig(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))
+}
+
+/// The caches, and the tasks that keep them current (stopped when this is dropped).
+pub struct KubeDirectory {
+    /// What a cache miss asks.
+    lookups: KubeLookups,
+    node: String,
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+    watches: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for KubeDirectory {
+    fn drop(&mut self) {
+        for watch in &self.watches {
+            watch.abort();
+        }
+    }
+}
+
+/// Keep a reflector store of `api` (filtered by `config`) current, restarting the watch with backoff
+/// whenever it fails; a `410 Gone` makes the watcher list again.
+fn reflect<K>(api: Api<K>, config: watcher::Config, what: &'static str) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut healthy = true;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::InitDone) => {
+                    info!(cache = what, "the Kubernetes cache is in sync");
+                    healthy = true;
+                }
+                Ok(_) => healthy = true,
+                Err(e) if healthy => {
+                    warn!(cache = what, error = %e, "watching the Kubernetes API failed; retrying with backoff");
+                    healthy = false;
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    (reader, task)
+}
+
+fn unreachable_or(what: String, err: kube::Error) -> DirectoryError {
+    match err {
+        kube::Error::Api(status) if status.code == 404 => DirectoryError::NotFound { what },
+        kube::Error::Api(status) => {
+            DirectoryError::Refused { what, message: format!("{} ({})", status.message, status.code) }
+        }
+        other => DirectoryError::Unreachable { what, message: other.to_string() },
+    }
+}
+
+/// GET one object, bounded by [`LOOKUP_TIMEOUT`].
+async fn get<K>(api: &Api<K>, name: &str, what: String) -> Result<K, DirectoryError>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match tokio::time::timeout(LOOKUP_TIMEOUT, api.get(name)).await {
+        Ok(Ok(object)) => Ok(object),
+        Ok(Err(e)) => Err(unreachable_or(what, e)),
+        Err(_) => Err(DirectoryError::Unreachable { what, message: format!("no answer within {LOOKUP_TIMEOUT:?}") }),
+    }
+}
+
+fn namespace_info(ns: &Namespace) -> NamespaceInfo {
+    let name = ns.metadata.name.clone().unwrap_or_default();
+    let mut labels: BTreeMap<String, String> = ns.metadata.labels.clone().unwrap_or_default();
+    labels.entry("kubernetes.io/metadata.name".to_string()).or_insert_with(|| name.clone());
+    NamespaceInfo { name, labels, annotations: ns.metadata.annotations.clone().unwrap_or_default() }
+}
+
+/// The node as selection sees it: `given` with the labels the API server has for it (those win).
+fn node_info(given: &NodeInfo, node: Node) -> NodeInfo {
+    let mut labels = given.labels.clone();
+    labels.extend(node.metadata.labels.unwrap_or_default());
+    NodeInfo { name: given.name.clone(), labels }
+}
+
+fn pod_info(pod: &Pod) -> PodInfo {
+    PodInfo {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        annotations: pod.metadata.annotations.clone().unwrap_or_default(),
+    }
+}
+
+impl KubeDirectory {
+    /// Start the caches for `node`: every namespace, the pods scheduled to `node`, and `node` itself.
+    pub fn start(client: Client, node: &str) -> Self {
+        let (namespaces, ns_task) =
+            reflect(Api::<Namespace>::all(client.clone()), watcher::Config::default(), "namespaces");
+        let pods_config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let (pods, pod_task) = reflect(Api::<Pod>::all(client.clone()), pods_config, "pods");
+        let node_config = watcher::Config::default().fields(&format!("metadata.name={node}"));
+        let (nodes, node_task) = reflect(Api::<Node>::all(client.clone()), node_config, "node");
+        let lookups = KubeLookups::new(client);
+        Self { lookups, node: node.to_string(), namespaces, pods, nodes, watches: vec![ns_task, pod_task, node_task] }
+    }
+
+    /// Wait until every cache has listed once, for at most `limit`; returns whether they all did.
+    pub async fn wait_ready(&self, limit: Duration) -> bool {
+        let all = async {
+            let _ = self.namespaces.wait_until_ready().await;
+            let _ = self.pods.wait_until_ready().await;
+            let _ = self.nodes.wait_until_ready().await;
+        };
+        tokio::time::timeout(limit, all).await.is_ok()
+    }
+
+    /// This node's `InternalIP` addresses (then `ExternalIP` when it has no internal one), as the kubelet
+    /// reported them: where other nodes reach this one.
+    pub async fn node_addresses(&self) -> Result<Vec<IpAddr>, DirectoryError> {
+        let node = self.node_object().await?;
+        let reported = node.status.and_then(|s| s.addresses).unwrap_or_default();
+        let of_type = |kind: &str| -> Vec<IpAddr> {
+            reported.iter().filter(|a| a.type_ == kind).filter_map(|a| a.address.parse().ok()).collect()
+        };
+        let internal = of_type("InternalIP");
+        Ok(if internal.is_empty() { of_type("ExternalIP") } else { internal })
+    }
+
+    /// A namespace as the cache has it (no request).
+    pub fn namespace_cached(&self, name: &str) -> Option<NamespaceInfo> {
+        self.namespaces.get(&ObjectRef::new(name)).map(|ns| namespace_info(&ns))
+    }
+
+    async fn node_object(&self) -> Result<Node, DirectoryError> {
+        match self.nodes.get(&ObjectRef::new(&self.node)) {
+            Some(node) => Ok((*node).clone()),
+            None => self.lookups.node_object(&self.node).await,
+        }
+    }
+}
+
+#[async_trait]
+impl Directory for KubeDirectory {
+    fn source(&self) -> Source {
+        Source::Kubernetes
+    }
+
+    async fn namespace(&self, name: &str) -> Result<NamespaceInfo, DirectoryError> {
+        match self.namespace_cached(name) {
+            Some(ns) => Ok(ns),
+            None => self.lookups.namespace(name).await,
+        }
+    }
+
+    async fn namespaces(&self) -> Result<Vec<NamespaceInfo>, DirectoryError> {
+        if futures::FutureExt::now_or_never(self.namespaces.wait_until_ready()).is_none() {
+            return self.lookups.namespaces().await;
+        }
+        let mut all: Vec<NamespaceInfo> = self.namespaces.state().iter().map(|ns| namespace_info(ns)).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    async fn pod(&self, namespace: &str, name: &str) -> Result<PodInfo, DirectoryError> {
+        match self.pods.get(&ObjectRef::new(name).within(namespace)) {
+            Some(pod) => Ok(pod_info(&pod)),
+            // Created a moment ago: the watch has not delivered it yet.
+            None => self.lookups.pod(namespace, name).await,
+        }
+    }
+
+    async fn node(&self, given: &NodeInfo) -> Result<NodeInfo, DirectoryError> {
+        Ok(node_info(given, self.node_object().await?))
+    }
+}
+
+/// A directory that only knows the API server through `client` (the commands, which run once and keep
+/// no cache): every lookup is a request.
+pub struct KubeLookups {
+    client: Client,
+}
+
+impl KubeLookups {
+    /// Look things up through `client`.
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    async fn node_object(&self, name: &str) -> Result<Node, DirectoryError> {
+        get(&Api::<Node>::all(self.client.clone()), name, format!("node {name}")).await
+    }
+}
+
+#[async_trait]
+impl Directory for KubeLookups {
+    fn source(&self) -> Source {
+        Source::Kubernetes
+    }
+
+    async fn namespace(&self, name: &str) -> Result<NamespaceInfo, DirectoryError> {
+        let ns = get(&Api::<Namespace>::all(self.client.clone()), name, format!("namespace {name}")).await?;
+        Ok(namespace_info(&ns))
+    }
+
+    async fn namespaces(&self) -> Result<Vec<NamespaceInfo>, DirectoryError> {
+        let api = Api::<Namespace>::all(self.client.clone());
+        let listed = tokio::time::timeout(LOOKUP_TIMEOUT, api.list(&Default::default()))
+            .await
+            .map_err(|_| DirectoryError::Unreachable {
+                what: "namespaces".into(),
+                message: format!("no answer within {LOOKUP_TIMEOUT:?}"),
+            })?
+            .map_err(|e| unreachable_or("namespaces".into(), e))?;
+        let mut all: Vec<NamespaceInfo> = listed.items.iter().map(namespace_info).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    async fn pod(&self, namespace: &str, name: &str) -> Result<PodInfo, DirectoryError> {
+        let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
+        Ok(pod_info(&get(&api, name, format!("pod {namespace}/{name}")).await?))
+    }
+
+    async fn node(&self, given: &NodeInfo) -> Result<NodeInfo, DirectoryError> {
+        Ok(node_info(given, self.node_object(&given.name).await?))
+    }
+}
+
+/// A directory for commands run against `source`: the datastore's records in standalone mode, the API
+/// server (through `kubeconfig`, in-cluster config or `$KUBECONFIG`) in Kubernetes mode.
+pub async fn directory_for(
+    source: Source,
+    store: Arc<dyn crate::store::Store>,
+    kubeconfig: Option<&Path>,
+) -> Result<Arc<dyn Directory>, KubeError> {
+    Ok(match source {
+        Source::Standalone => Arc::new(crate::directory::StandaloneDirectory::new(store)),
+        Source::Kubernetes => Arc::new(KubeLookups::new(connect(kubeconfig).await?)),
+    })
+}
+
+#[cfg(test)]
+mod tests;

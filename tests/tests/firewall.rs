@@ -1,0 +1,280 @@
+//! Firewall alignment and Kubernetes mode on a real node: `natOutgoing` masquerades (or not) what a
+//! destination outside the pools sees, the firewall export loads into nftables and ipset and follows pool
+//! changes with `--watch`, and an agent in Kubernetes mode whose API server is unreachable answers an ADD
+//! with CNI code 11 and leaves nothing behind.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use poolwarden_tests::{Fabric, NetNs, Node, binary, k8s_args, privileged};
+use serde_json::{Value, json};
+
+const POOLS: &str = "\
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: nat-pool}
+spec: {cidr: 10.31.0.0/24, blockSize: 29, natOutgoing: true}
+---
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: plain-pool}
+spec: {cidr: 10.32.0.0/24, blockSize: 29, natOutgoing: false, allowedNamespaces: [plain-ns]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: nat-ns, annotations: {poolwarden.io/ipv4pools: '[\"nat-pool\"]'}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain-ns, annotations: {poolwarden.io/ipv4pools: '[\"plain-pool\"]'}}
+";
+
+/// An HTTP server in `ns` answering every GET with the address the request came from; killed by PID.
+struct WhoAmI {
+    child: Child,
+    url: String,
+}
+
+impl WhoAmI {
+    fn start(ns: &NetNs, address: &str) -> Self {
+        let script = format!(
+            "import http.server\n\
+             class H(http.server.BaseHTTPRequestHandler):\n\
+             \x20   def do_GET(self):\n\
+             \x20       body = self.client_address[0].encode()\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Length', str(len(body)))\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(body)\n\
+             \x20   def log_message(self, *args):\n\
+             \x20       pass\n\
+             http.server.HTTPServer(('{address}', 7000), H).serve_forever()\n"
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "python3", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the whoami server");
+        let server = Self { child, url: format!("http://{address}:7000/") };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ns.try_exec(&["curl", "-sf", "-m", "1", &server.url]) {
+            assert!(Instant::now() < deadline, "the whoami server did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    /// The source address the server sees for a request from `ns`.
+    fn seen_from(&self, ns: &NetNs) -> String {
+        ns.exec(&["curl", "-sf", "-m", "3", &self.url]).trim().to_string()
+    }
+}
+
+impl Drop for WhoAmI {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn address_of(result: &Value) -> String {
+    let cidr = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {result}"));
+    cidr.split('/').next().unwrap_or_default().to_string()
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A node on a segment with an "outside" host (the external firewall's side) that routes the pools back
+/// to the node, as a network routing the pools' CIDRs would.
+fn node_with_outside() -> (Fabric, Node, NetNs) {
+    let fabric = Fabric::new();
+    let node = Node::new("10.97.0.1");
+    fabric.attach(&node.ns, "10.98.0.1/24");
+    let outside = NetNs::new("pwo");
+    fabric.attach(&outside, "10.98.0.50/24");
+    for pool in ["10.31.0.0/24", "10.32.0.0/24"] {
+        outside.exec(&["ip", "route", "add", pool, "via", "10.98.0.1"]);
+    }
+    (fabric, node, outside)
+}
+
+#[test]
+fn nat_outgoing_masquerades_only_nat_pools_and_follows_pool_changes() {
+    if !privileged() {
+        return;
+    }
+    let (_fabric, mut node, outside) = node_with_outside();
+    node.apply(POOLS);
+    node.start_agent();
+    let server = WhoAmI::start(&outside, "10.98.0.50");
+
+    let (nat_pod, nat_result) = node.add_pod("nat-1", "nat-ns", "nat-1");
+    let (plain_pod, plain_result) = node.add_pod("plain-1", "plain-ns", "plain-1");
+    let (nat_ip, plain_ip) = (address_of(&nat_result), address_of(&plain_result));
+    assert!(nat_ip.starts_with("10.31.0.") && plain_ip.starts_with("10.32.0."), "{nat_ip} {plain_ip}");
+
+    let table = node.ns.exec(&["nft", "list", "table", "inet", "poolwarden_nat"]);
+    assert!(table.contains("masquerade"), "{table}");
+    assert_eq!(server.seen_from(&nat_pod), "10.98.0.1", "a natOutgoing pool is seen as the node");
+    assert_eq!(server.seen_from(&plain_pod), plain_ip, "natOutgoing: false keeps the pod's address visible");
+    // Between pools nothing is masqueraded: the plain pod sees the NAT pod's own address.
+    let inner = WhoAmI::start(&plain_pod, &plain_ip);
+    assert_eq!(inner.seen_from(&nat_pod), nat_ip, "traffic to another pool is not masqueraded");
+
+    // Turning NAT off for the pool removes the table (the agent follows the pool), and the outside host
+    // then sees the pod's own address.
+    node.apply(&POOLS.replacen("natOutgoing: true", "natOutgoing: false", 1));
+    wait_for("the NAT table to go", || !node.ns.try_exec(&["nft", "list", "table", "inet", "poolwarden_nat"]));
+    assert_eq!(server.seen_from(&nat_pod), nat_ip);
+    // And back on.
+    node.apply(POOLS);
+    wait_for("the NAT table to return", || node.ns.try_exec(&["nft", "list", "table", "inet", "poolwarden_nat"]));
+    assert_eq!(server.seen_from(&nat_pod), "10.98.0.1");
+    drop(inner);
+    drop(server);
+    node.stop_agent();
+}
+
+#[test]
+fn firewall_export_loads_into_nftables_and_ipset_and_follows_changes() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.97.0.2");
+    node.apply(POOLS);
+    node.start_agent();
+
+    let nft = node.cli_ok(&["firewall", "export", "--format", "nftables"]);
+    assert!(nft.contains("set pool_nat_pool {"), "{nft}");
+    // A firewall host (here: a namespace of its own) loads it, twice (the second load replaces the first).
+    let firewall = NetNs::new("pwfw");
+    let file = node.dir.path().join("pools.nft");
+    std::fs::write(&file, &nft).expect("write the ruleset");
+    for _ in 0..2 {
+        firewall.exec(&["nft", "-f", &file.display().to_string()]);
+    }
+    let set = firewall.exec(&["nft", "list", "set", "inet", "poolwarden_pools", "pool_plain_pool"]);
+    assert!(set.contains("10.32.0.0/24"), "{set}");
+
+    let ipset = node.cli_ok(&["firewall", "export", "--format", "iptables", "--pool", "plain-pool"]);
+    assert!(ipset.contains("add pool_plain_pool 10.32.0.0/24"), "{ipset}");
+    assert!(!ipset.contains("nat_pool"), "--pool plain-pool exports only that pool: {ipset}");
+    let file = node.dir.path().join("pools.ipset");
+    std::fs::write(&file, &ipset).expect("write the ipset file");
+    if firewall.try_exec(&["ipset", "list", "-n"]) {
+        firewall.exec(&["sh", "-c", &format!("ipset restore -exist < {}", file.display())]);
+        let listed = firewall.exec(&["ipset", "list", "pool_plain_pool"]);
+        assert!(listed.contains("10.32.0.0/24"), "{listed}");
+        firewall.exec(&["ipset", "destroy", "pool_plain_pool"]);
+    } else {
+        eprintln!("ipset restore not checked: this kernel has no ip_set support");
+    }
+
+    let json: Value = serde_json::from_str(&node.cli_ok(&["firewall", "export", "--format", "json"])).expect("json");
+    let plain = json["pools"].as_array().unwrap().iter().find(|p| p["pool"] == "plain-pool").expect("plain-pool");
+    assert_eq!(plain["allowedNamespaces"], json!(["plain-ns"]));
+    assert_eq!(plain["assignedNamespaces"], json!(["plain-ns"]));
+    assert_eq!(plain["natOutgoing"], false);
+    let csv = node.cli_ok(&["firewall", "export", "--format", "csv"]);
+    assert!(csv.contains("\nnat-pool,10.31.0.0/24,ipv4,*,nat-ns,true,false\n"), "{csv}");
+    let unknown = node.cli(&["firewall", "export", "--pool", "nope"]);
+    assert!(!unknown.status.success() && String::from_utf8_lossy(&unknown.stderr).contains("\"nope\" does not exist"));
+
+    // --watch prints the export again when a pool is added (through the agent, which holds the store).
+    let mut watch = Command::new("ip")
+        .args(["netns", "exec", &node.ns.name])
+        .arg(binary("poolwarden"))
+        .args(["firewall", "export", "--watch", "--format", "csv"])
+        .env("POOLWARDEN_DATASTORE", node.datastore())
+        .env("POOLWARDEN_SOCKET", node.socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start firewall export --watch");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let wait_line = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(want) => return,
+                Ok(_) => {}
+                Err(_) => panic!("--watch never printed a line starting {want:?}"),
+            }
+        }
+    };
+    wait_line("plain-pool,");
+    node.apply(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: late-pool}\nspec: {cidr: 10.33.0.0/24}\n",
+    );
+    wait_line("late-pool,10.33.0.0/24,");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    node.stop_agent();
+}
+
+#[test]
+fn kubernetes_mode_with_the_api_server_unreachable() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.97.0.3");
+    node.apply(POOLS);
+    // An API server address nothing listens on, inside the node's namespace.
+    let kubeconfig = node.dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'http://127.0.0.1:9'}}]\n\
+         users: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n",
+    )
+    .expect("write kubeconfig");
+    let kubeconfig = kubeconfig.display().to_string();
+    node.start_agent_with(&["--kubernetes", "--kubeconfig", &kubeconfig, "--kube-sync-timeout", "1s"]);
+
+    let pod_ns = NetNs::new("pwp");
+    let (ok, error) = node.cni("ADD", "k8s-1", &pod_ns.path(), &k8s_args("nat-ns", "k8s-1"), &node.conf(json!({})));
+    assert!(!ok, "ADD succeeded without an API server: {error}");
+    assert_eq!(error["code"], 11, "{error}");
+    let msg = error["msg"].as_str().unwrap_or_default();
+    assert!(msg.contains("could not be reached") && msg.contains("k8s-1"), "{error}");
+    // Nothing left behind: no veth on the node, no address allocated.
+    let links = node.ns.exec(&["ip", "-o", "link", "show"]);
+    assert!(!links.lines().any(|l| l.contains(": pw") && !l.contains("pw.")), "{links}");
+    let blocks = node.cli_ok(&["get", "blocks"]);
+    assert!(blocks.lines().count() <= 1, "{blocks}");
+
+    // The datastore now says namespaces come from the API server: standalone namespace commands are refused.
+    for args in [
+        &["annotate", "namespace", "nat-ns", "poolwarden.io/ipv4pools=[\"plain-pool\"]"][..],
+        &["label", "namespace", "nat-ns", "team=x"][..],
+    ] {
+        let out = node.cli(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("namespaces come from the API server"), "{args:?}: {stderr}");
+    }
+    let file = node.dir.path().join("ns.yaml");
+    std::fs::write(&file, "apiVersion: v1\nkind: Namespace\nmetadata: {name: extra}\n").expect("write");
+    let out = node.cli(&["apply", "-f", &file.display().to_string()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("Namespace") && stderr.contains("kubectl annotate"), "{stderr}");
+    // Pools still apply.
+    node.apply(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: k8s-pool}\nspec: {cidr: 10.34.0.0/24}\n",
+    );
+    node.stop_agent();
+}
