@@ -93,7 +93,7 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
         /// Source-address enforcement on every pod's host interface.
-        #[arg(long, value_enum, default_value = "strict")]
+        #[arg(long, value_enum, env = "POOLWARDEN_ENFORCEMENT", default_value = "strict")]
         enforcement: crate::daemon::EnforcementMode,
         /// Where (on bpffs) the enforcement maps and links are pinned; mounted at /sys/fs/bpf if needed.
         #[arg(long, default_value = crate::dataplane::enforcement::DEFAULT_PIN_DIR)]
@@ -105,6 +105,35 @@ pub enum Command {
         /// How long to wait at start for the Kubernetes caches before serving with direct lookups.
         #[arg(long, default_value = "30s")]
         kube_sync_timeout: DurationArg,
+    },
+    /// Install the CNI plugin and its conflist on this node (the DaemonSet's init step), each file replaced
+    /// atomically.
+    InstallCni {
+        /// The plugin binary to install.
+        #[arg(long, default_value = "/usr/local/bin/poolwarden-cni")]
+        plugin: std::path::PathBuf,
+        /// Where kubelet looks for CNI plugins.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: std::path::PathBuf,
+        /// The network configuration list to install (its first plugin must be poolwarden-cni).
+        #[arg(long)]
+        conflist: std::path::PathBuf,
+        /// Where kubelet reads network configurations.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: std::path::PathBuf,
+    },
+    /// Remove what poolwarden put on this node: the conflist and the plugin, every route with its protocol,
+    /// the overlay device, the NAT table and the pinned enforcement. Run after the agent has stopped.
+    Uninstall {
+        /// Where the plugin was installed.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: std::path::PathBuf,
+        /// Where the conflist was installed.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: std::path::PathBuf,
+        /// Where the agent pinned its enforcement.
+        #[arg(long, default_value = crate::dataplane::enforcement::DEFAULT_PIN_DIR)]
+        bpf_dir: std::path::PathBuf,
     },
     /// Create or update IPPool, IPAMConfig and Namespace documents (all or nothing).
     Apply {
@@ -424,7 +453,9 @@ pub async fn execute(
     let allocator = Allocator::new(Arc::clone(&store));
     let namespaces = Namespaces::new(Arc::clone(&store), agent, cli.kubeconfig.clone());
     match cli.command {
-        Command::Agent { .. } => fail!("`poolwarden agent` runs as its own process, not through the agent's socket"),
+        Command::Agent { .. } | Command::InstallCni { .. } | Command::Uninstall { .. } => {
+            fail!("this command acts on the node it runs on, not through the agent's socket")
+        }
         Command::Apply { files } => {
             let docs = resources::read_paths(&files, stdin.as_deref())?;
             if docs.is_empty() {

@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 use clap::Parser;
 use poolwarden::{
     commands::{self, Cli, Command, FirewallCommand, LogFormat},
+    daemon::install,
     ipam::NodeInfo,
     store::{self, StoreError},
 };
@@ -114,6 +115,29 @@ async fn run(cli: Cli) -> Result<u8> {
         let agent = Arc::new(agent);
         poolwarden::daemon::server::run(agent, socket.clone(), *metrics_addr).await?;
         return Ok(0);
+    }
+    match &cli.command {
+        Command::InstallCni { plugin, cni_bin_dir, conflist, cni_conf_dir } => {
+            let (plugin, conf) = install::install_cni(plugin, cni_bin_dir, conflist, cni_conf_dir)?;
+            println!("installed {} and {}", plugin.display(), conf.display());
+            return Ok(0);
+        }
+        Command::Uninstall { cni_bin_dir, cni_conf_dir, bpf_dir } => {
+            let removed = install::uninstall(cni_bin_dir, cni_conf_dir, bpf_dir).await?;
+            for file in &removed.files {
+                println!("removed {}", file.display());
+            }
+            println!(
+                "removed {} route(s) with protocol {}",
+                removed.routes,
+                poolwarden::dataplane::routes::ROUTE_PROTOCOL
+            );
+            if removed.pins {
+                println!("removed the pinned enforcement in {}", bpf_dir.display());
+            }
+            return Ok(0);
+        }
+        _ => {}
     }
     if let Command::Firewall { command: FirewallCommand::Export { watch: true, .. } } = &cli.command {
         return watch_export(cli).await;

@@ -2,6 +2,7 @@
 //! node's routes, and keeps them reconciled with the store across restarts.
 
 pub mod cluster;
+pub mod install;
 pub mod metrics;
 pub mod server;
 

@@ -100,7 +100,14 @@ async fn serve_metrics(agent: Arc<Agent>, listener: TcpListener) {
                     ("200 OK", agent.metrics.render(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
                 }
                 "/healthz" => ("200 OK", "ok\n".to_string(), "text/plain"),
-                _ => ("404 Not Found", "try /metrics or /healthz\n".to_string(), "text/plain"),
+                // Ready to serve ADDs: the datastore answers.
+                "/readyz" => match agent.store().revision().await {
+                    Ok(_) => ("200 OK", "ready\n".to_string(), "text/plain"),
+                    Err(e) => {
+                        ("503 Service Unavailable", format!("the datastore does not answer: {e}\n"), "text/plain")
+                    }
+                },
+                _ => ("404 Not Found", "try /metrics, /healthz or /readyz\n".to_string(), "text/plain"),
             };
             let head = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
