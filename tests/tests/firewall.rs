@@ -278,3 +278,32 @@ fn kubernetes_mode_with_the_api_server_unreachable() {
     );
     node.stop_agent();
 }
+
+#[test]
+fn a_namespace_annotation_change_keeps_pods_and_lists_them_as_mismatched() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.97.0.4");
+    node.apply(POOLS);
+    node.start_agent();
+    let (_pod, result) = node.add_pod("mm-1", "nat-ns", "mm-1");
+    let before = address_of(&result);
+    assert!(before.starts_with("10.31.0."), "{before}");
+    let clean = node.cli_ok(&["ipam", "show", "--mismatched"]);
+    assert!(clean.starts_with("no pod holds"), "{clean}");
+
+    node.cli_ok(&["annotate", "namespace", "nat-ns", "poolwarden.io/ipv4pools=[\"10.35.0.0/24\"]"]);
+    node.apply(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: later-pool}\nspec: {cidr: 10.35.0.0/24}\n",
+    );
+    // The existing pod keeps its address; a new one gets the new pool.
+    let (_pod2, result2) = node.add_pod("mm-2", "nat-ns", "mm-2");
+    assert!(address_of(&result2).starts_with("10.35.0."), "{result2}");
+    assert!(node.cli_ok(&["get", "handles"]).contains(&before), "the old pod's address was kept");
+    let listed = node.cli_ok(&["ipam", "show", "--mismatched"]);
+    let rows: Vec<&str> = listed.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{listed}");
+    assert!(rows[0].contains("mm-1") && rows[0].contains(&before) && rows[0].contains("10.35.0.0/24"), "{listed}");
+    node.stop_agent();
+}

@@ -327,5 +327,12 @@ pub fn run(root: &Path, keep: bool) -> Result<()> {
         );
         print!("{left}");
     }
+
+    step(
+        "Finally: what the external firewall needs, per pool: its CIDR, the namespaces allowed and assigned, NAT",
+        "poolwarden firewall export --format nftables   (also: iptables, json, csv; --pool; --watch)",
+    );
+    print!("{}", pw(&["firewall", "export", "--format", "nftables"])?);
+    print!("{}", pw(&["firewall", "export", "--format", "csv"])?);
     Ok(())
 }
