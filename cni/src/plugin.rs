@@ -264,12 +264,24 @@ async fn add(
     // The pod side is created in the pod's namespace under its final name.
     let peer = ifname.clone();
     let handle = netlink::connect().map_err(netlink_error)?;
-    // A retried ADD for the same attachment starts from a clean slate.
+    // A retried ADD for the same attachment starts from a clean slate, before the agent hears the name.
     netlink::delete_link(&handle, &host).await.map_err(netlink_error)?;
-    let host_mac = netlink::create_veth(&handle, &host, &peer, &netns, options.mtu).await.map_err(netlink_error)?;
     request.host_ifname = host.clone();
-
-    let assigned = match agent_add(socket, &request).await {
+    // The agent allocates while the veth is being made; it waits for the host interface before wiring it.
+    let (created, answered) =
+        tokio::join!(netlink::create_veth(&handle, &host, &peer, &netns, options.mtu), agent_add(socket, &request));
+    let host_mac = match created {
+        Ok(mac) => mac,
+        Err(err) => {
+            if answered.is_ok() {
+                let del = DelRequest { container_id, ifname, host_ifname: String::new() };
+                let _ = call_agent(socket, &Request::Del(del)).await;
+            }
+            let _ = netlink::delete_link(&handle, &host).await;
+            return Err(netlink_error(err));
+        }
+    };
+    let assigned = match answered {
         Ok(assigned) => assigned.into_iter().map(|a| a.address).collect::<Vec<_>>(),
         Err(err) => {
             let _ = netlink::delete_link(&handle, &host).await;

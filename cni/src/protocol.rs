@@ -57,7 +57,8 @@ pub struct AddRequest {
     /// `K8S_POD_NAME`.
     #[serde(default)]
     pub pod: String,
-    /// The host side of the pod's veth; empty in IPAM-only mode (nothing to route to).
+    /// The host side of the pod's veth, which the plugin creates while the agent allocates (the agent waits
+    /// for it); empty in IPAM-only mode (nothing to route to).
     #[serde(default)]
     pub host_ifname: String,
     /// Pools from the network configuration (names or CIDRs, either family).

@@ -103,6 +103,9 @@ fn orphan_key(affinity: &ipam::Affinity) -> String {
     format!("{}@{}", affinity.cidr, affinity.node)
 }
 
+/// How long an ADD waits for the plugin to create the pod's host interface.
+pub const HOST_INTERFACE_WAIT: Duration = Duration::from_secs(5);
+
 /// How long things last that outlive a moment.
 #[derive(Clone, Copy, Debug)]
 pub struct Lifetimes {
@@ -325,6 +328,27 @@ impl Agent {
         Ok((released, blocks))
     }
 
+    /// The index of the host interface `name`, waiting for the plugin to create it (it does so while the
+    /// agent allocates) for at most [`HOST_INTERFACE_WAIT`].
+    async fn host_interface(&self, name: &str) -> Result<u32, ErrorReply> {
+        let deadline = Instant::now() + HOST_INTERFACE_WAIT;
+        let mut pause = Duration::from_micros(100);
+        loop {
+            if let Some(ifindex) = self.routes.ifindex(name).await.map_err(route_reply)? {
+                return Ok(ifindex);
+            }
+            if Instant::now() >= deadline {
+                return Err(reply(
+                    code::INTERFACE_SETUP,
+                    format!("host interface {name} did not appear within {HOST_INTERFACE_WAIT:?}"),
+                    "the plugin creates it while the agent allocates",
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
     /// Register this node (`nodes/<name>`: its addresses and labels) for as long as the agent runs, so other
     /// nodes route this node's blocks to it. Addresses not given are detected: the first global IPv4 and
     /// IPv6 address of the node's namespace.
@@ -451,6 +475,12 @@ impl Agent {
 
     /// Record the endpoint and route its addresses to its host veth; make sure its blocks' blackholes exist.
     async fn wire(&self, endpoint: &Endpoint, blocks: &[IpNet], pools: &[PoolRef]) -> Result<(), ErrorReply> {
+        // The plugin makes the veth while we allocate: wait for its host side (before recording anything).
+        let ifindex = if endpoint.host_ifname.is_empty() {
+            None
+        } else {
+            Some(self.host_interface(&endpoint.host_ifname).await?)
+        };
         let _wiring = self.wiring.read().await;
         let key = keys::endpoint(&self.node.name, &ipam::handle_for(&endpoint.container_id, &endpoint.ifname));
         let existing = self.store.get(&key).await.map_err(store_reply)?.map(|kv| kv.mod_revision);
@@ -481,13 +511,15 @@ impl Agent {
             }
             return Ok(());
         }
-        let ifindex = self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)?.ok_or_else(|| {
-            reply(
+        let Some(ifindex) = ifindex else { return Ok(()) };
+        // The interface could have gone while we waited for the lock (its ADD was abandoned).
+        if self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)? != Some(ifindex) {
+            return Err(reply(
                 code::INTERFACE_SETUP,
-                format!("host interface {} does not exist", endpoint.host_ifname),
-                "the plugin creates it before asking",
-            )
-        })?;
+                format!("host interface {} went away during the ADD", endpoint.host_ifname),
+                "the runtime gave up on the container",
+            ));
+        }
         // Only blocks this node owns get a blackhole; a borrowed address's block belongs to another node.
         for block in owned {
             self.routes.install(&OwnedRoute::Blackhole(block)).await.map_err(route_reply)?;
