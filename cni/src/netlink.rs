@@ -76,6 +76,34 @@ where
     .map_err(|_| NetlinkError { operation: "netns worker".into(), message: "panicked".into() })?
 }
 
+/// Run `work` on a thread of its own inside the network namespace `netns` (a netlink socket opened there),
+/// without waiting for it: the answer arrives on the returned channel. `in_netns` waits instead.
+pub fn spawn_in_netns<T, F, Fut>(
+    netns: File,
+    shown: String,
+    work: F,
+) -> tokio::sync::oneshot::Receiver<Result<T, NetlinkError>>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, NetlinkError>>,
+{
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let result = (|| {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| NetlinkError { operation: format!("enter netns {shown}"), message: e.to_string() })?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| NetlinkError { operation: "start runtime".into(), message: e.to_string() })?;
+            runtime.block_on(async move { work(connect()?).await })
+        })();
+        let _ = answer.send(result);
+    });
+    answered
+}
+
 /// A link's index and MAC address, by name.
 pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>)>, NetlinkError> {
     match handle.link().get().match_name(name.to_string()).execute().try_next().await {
@@ -149,31 +177,20 @@ pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, NetlinkErr
     }
 }
 
-/// Inside the pod's namespace: rename the peer to `ifname`, bring it up, give it the addresses as /32 and
-/// /128, and route everything via the link-local gateways whose MAC is the host side's. Returns the pod
-/// side's MAC.
-pub async fn configure_pod(
-    handle: Handle,
-    peer: String,
-    ifname: String,
-    addresses: Vec<IpNet>,
-    host_mac: Vec<u8>,
-) -> Result<Vec<u8>, NetlinkError> {
-    let (index, _) = link_by_name(&handle, &peer).await?.ok_or_else(|| NetlinkError {
+/// Inside the pod's namespace, before its addresses are known: rename the peer to `ifname` and bring it and
+/// loopback up. Returns the interface's index and MAC.
+pub async fn prepare_pod(handle: &Handle, peer: &str, ifname: &str) -> Result<(u32, Vec<u8>), NetlinkError> {
+    let (index, mac) = link_by_name(handle, peer).await?.ok_or_else(|| NetlinkError {
         operation: format!("find {peer} in the pod's netns"),
         message: "not there".into(),
     })?;
     if peer != ifname {
         handle
             .link()
-            .set(LinkUnspec::new_with_index(index).name(ifname.clone()).build())
+            .set(LinkUnspec::new_with_index(index).name(ifname.to_string()).build())
             .execute()
             .await
             .map_err(fail(format!("rename {peer} to {ifname}")))?;
-    }
-    if addresses.iter().any(|a| a.addr().is_ipv6()) {
-        // Duplicate address detection would hold the address back for a second; the address is ours alone.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad"), "0");
     }
     handle
         .link()
@@ -187,7 +204,23 @@ pub async fn configure_pod(
         .execute()
         .await
         .map_err(fail("set lo up in the pod's netns"))?;
-    for address in &addresses {
+    Ok((index, mac))
+}
+
+/// Give the pod's interface (`index`, prepared by [`prepare_pod`]) its addresses, each with a default route
+/// via the link-local gateway, answered by a permanent neighbour entry for the host side's MAC.
+pub async fn address_pod(
+    handle: &Handle,
+    index: u32,
+    ifname: &str,
+    addresses: &[IpNet],
+    host_mac: &[u8],
+) -> Result<(), NetlinkError> {
+    if addresses.iter().any(|a| a.addr().is_ipv6()) {
+        // Duplicate address detection would hold the address back for a second; the address is ours alone.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad"), "0");
+    }
+    for address in addresses {
         handle
             .address()
             .add(index, address.addr(), address.prefix_len())
@@ -198,7 +231,7 @@ pub async fn configure_pod(
         handle
             .neighbours()
             .add(index, gateway)
-            .link_layer_address(&host_mac)
+            .link_layer_address(host_mac)
             .state(NeighbourState::Permanent)
             .replace()
             .execute()
@@ -237,7 +270,7 @@ pub async fn configure_pod(
             .await
             .map_err(fail(format!("default route via {gateway} on {ifname}")))?;
     }
-    Ok(link_by_name(&handle, &ifname).await?.map(|(_, mac)| mac).unwrap_or_default())
+    Ok(())
 }
 
 /// What CHECK finds wrong with the pod's interface, if anything.

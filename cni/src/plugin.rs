@@ -160,27 +160,50 @@ fn dispatch(invocation: &Invocation<'_>) -> Result<Option<String>, CniError> {
 
 /// Ask the agent, mapping transport failures to "try again later".
 pub async fn call_agent(socket: &str, request: &Request) -> Result<Response, CniError> {
-    let unreachable = |e: std::io::Error| {
+    send_to_agent(socket, request).await?.answer().await
+}
+
+/// A request the agent has received, its answer still to come.
+pub struct Pending {
+    stream: tokio::net::UnixStream,
+    socket: String,
+}
+
+fn agent_unreachable(socket: &str) -> impl Fn(std::io::Error) -> CniError + '_ {
+    move |e| {
         CniError::new(
             code::TRY_AGAIN_LATER,
             format!("the poolwarden agent is not reachable at {socket}"),
             format!("{e}; is `poolwarden agent` running on this node?"),
         )
-    };
-    let mut stream = tokio::net::UnixStream::connect(socket).await.map_err(unreachable)?;
+    }
+}
+
+/// Send `request` to the agent at `socket` (one connection per request, closed for writing when sent).
+pub async fn send_to_agent(socket: &str, request: &Request) -> Result<Pending, CniError> {
+    let unreachable = agent_unreachable(socket);
+    let mut stream = tokio::net::UnixStream::connect(socket).await.map_err(&unreachable)?;
     let body =
         serde_json::to_vec(request).map_err(|e| CniError::new(code::IO_FAILURE, "encode request", e.to_string()))?;
-    stream.write_all(&body).await.map_err(unreachable)?;
-    stream.shutdown().await.map_err(unreachable)?;
-    let mut reply = Vec::new();
-    stream.take(protocol::MAX_MESSAGE as u64).read_to_end(&mut reply).await.map_err(unreachable)?;
-    serde_json::from_slice(&reply).map_err(|e| {
-        CniError::new(
-            code::IO_FAILURE,
-            "the agent's answer could not be read",
-            format!("{e}: {}", String::from_utf8_lossy(&reply)),
-        )
-    })
+    stream.write_all(&body).await.map_err(&unreachable)?;
+    stream.shutdown().await.map_err(&unreachable)?;
+    Ok(Pending { stream, socket: socket.to_string() })
+}
+
+impl Pending {
+    /// The agent's answer.
+    pub async fn answer(self) -> Result<Response, CniError> {
+        let unreachable = agent_unreachable(&self.socket);
+        let mut reply = Vec::new();
+        self.stream.take(protocol::MAX_MESSAGE as u64).read_to_end(&mut reply).await.map_err(&unreachable)?;
+        serde_json::from_slice(&reply).map_err(|e| {
+            CniError::new(
+                code::IO_FAILURE,
+                "the agent's answer could not be read",
+                format!("{e}: {}", String::from_utf8_lossy(&reply)),
+            )
+        })
+    }
 }
 
 /// The host side's name: a hash of container ID and interface, so DEL finds it without state.
@@ -267,46 +290,60 @@ async fn add(
     // A retried ADD for the same attachment starts from a clean slate, before the agent hears the name.
     netlink::delete_link(&handle, &host).await.map_err(netlink_error)?;
     request.host_ifname = host.clone();
-    // The agent allocates while the veth is being made; it waits for the host interface before wiring it.
-    let (created, answered) =
-        tokio::join!(netlink::create_veth(&handle, &host, &peer, &netns, options.mtu), agent_add(socket, &request));
-    let host_mac = match created {
-        Ok(mac) => mac,
-        Err(err) => {
+    // While the agent allocates (and waits for the host interface to wire it), the veth is made and the pod
+    // side prepared in the pod's namespace; only the addresses wait for the agent's answer.
+    let (addresses_tx, addresses_rx) = tokio::sync::oneshot::channel::<Vec<IpNet>>();
+    let pod_netns = netns.try_clone().map_err(|e| {
+        CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS {netns_path} cannot be opened"), e.to_string())
+    })?;
+    let make_pod_side = async {
+        let host_mac = netlink::create_veth(&handle, &host, &peer, &netns, options.mtu).await?;
+        let (peer, pod_ifname, mac) = (peer.clone(), ifname.clone(), host_mac.clone());
+        let pod = netlink::spawn_in_netns(pod_netns, netns_path.clone(), move |h| async move {
+            let (index, pod_mac) = netlink::prepare_pod(&h, &peer, &pod_ifname).await?;
+            // No addresses: the ADD failed elsewhere and is being rolled back.
+            let Ok(addresses) = addresses_rx.await else { return Ok(pod_mac) };
+            netlink::address_pod(&h, index, &pod_ifname, &addresses, &mac).await?;
+            Ok(pod_mac)
+        });
+        Ok::<_, netlink::NetlinkError>((host_mac, pod))
+    };
+    // The request goes out first: the veth's creation is one long syscall that would otherwise hold it back.
+    let pending = send_to_agent(socket, &Request::Add(request.clone())).await?;
+    let answer = async { added(pending.answer().await?) };
+    let (answered, made) = tokio::join!(answer, make_pod_side);
+    let release = || async {
+        let del = DelRequest { container_id: container_id.clone(), ifname: ifname.clone(), host_ifname: String::new() };
+        let _ = call_agent(socket, &Request::Del(del)).await;
+        let _ = netlink::delete_link(&handle, &host).await;
+    };
+    let (host_mac, pod) = match (made, &answered) {
+        (Ok(made), Ok(_)) => made,
+        (Err(err), _) => {
             if answered.is_ok() {
-                let del = DelRequest { container_id, ifname, host_ifname: String::new() };
-                let _ = call_agent(socket, &Request::Del(del)).await;
+                release().await;
+            } else {
+                let _ = netlink::delete_link(&handle, &host).await;
             }
-            let _ = netlink::delete_link(&handle, &host).await;
             return Err(netlink_error(err));
         }
-    };
-    let assigned = match answered {
-        Ok(assigned) => assigned.into_iter().map(|a| a.address).collect::<Vec<_>>(),
-        Err(err) => {
+        (Ok((_, pod)), Err(_)) => {
+            drop(addresses_tx);
+            let _ = pod.await;
             let _ = netlink::delete_link(&handle, &host).await;
-            return Err(err);
+            return Err(answered.err().unwrap_or_else(|| CniError::new(code::IO_FAILURE, "ADD failed", "")));
         }
     };
-    let pod_mac = {
-        let (peer, pod_ifname, addresses, host_mac) =
-            (peer.clone(), ifname.clone(), assigned.clone(), host_mac.clone());
-        let configured = tokio::task::spawn_blocking(move || {
-            netlink::in_netns(Path::new(&netns_path), move |h| {
-                netlink::configure_pod(h, peer, pod_ifname, addresses, host_mac)
-            })
-        })
-        .await
-        .map_err(|e| CniError::new(code::INTERFACE_SETUP, "pod setup worker failed", e.to_string()))?;
-        match configured {
-            Ok(mac) => mac,
-            Err(err) => {
-                let _ =
-                    call_agent(socket, &Request::Del(DelRequest { container_id, ifname, host_ifname: String::new() }))
-                        .await;
-                let _ = netlink::delete_link(&handle, &host).await;
-                return Err(netlink_error(err));
-            }
+    let assigned: Vec<IpNet> = answered.unwrap_or_default().into_iter().map(|a| a.address).collect();
+    let _ = addresses_tx.send(assigned.clone());
+    let configured = pod.await.unwrap_or_else(|_| {
+        Err(netlink::NetlinkError { operation: "pod setup worker".into(), message: "it stopped".into() })
+    });
+    let pod_mac = match configured {
+        Ok(mac) => mac,
+        Err(err) => {
+            release().await;
+            return Err(netlink_error(err));
         }
     };
 
@@ -355,7 +392,11 @@ fn build_result(
 }
 
 async fn agent_add(socket: &str, request: &AddRequest) -> Result<Vec<AssignedIp>, CniError> {
-    match call_agent(socket, &Request::Add(request.clone())).await? {
+    added(call_agent(socket, &Request::Add(request.clone())).await?)
+}
+
+fn added(response: Response) -> Result<Vec<AssignedIp>, CniError> {
+    match response {
         Response::Added { ips } => Ok(ips),
         Response::Error(reply) => Err(agent_refusal(reply)),
         other => Err(CniError::new(code::IO_FAILURE, "unexpected answer from the agent", format!("{other:?}"))),

@@ -271,3 +271,46 @@ fn plugin_errors_carry_codes_and_leave_nothing_behind() {
     assert_eq!(serde_json::from_str::<Value>(&node.cli_ok(&["get", "handles", "-o", "json"])).unwrap(), json!([]));
     assert!(node.cli_ok(&["get", "blocks", "-o", "json"]).trim() == "[]", "a refused ADD claims no block");
 }
+
+/// The plugin makes the veth while the agent allocates: the agent must wire the pod only once the host side
+/// exists and is up (a route through a link that is down is refused), however late that is.
+#[test]
+fn the_agent_waits_for_the_host_interface_to_be_up() {
+    use poolwarden_cni::protocol::{AddRequest, Request, Response};
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.0.7");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.62.0.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let pod_ns = NetNs::new("pwp");
+    let host = "pwlate0";
+    let request = Request::Add(AddRequest {
+        container_id: "late".into(),
+        ifname: "eth0".into(),
+        netns: pod_ns.path(),
+        namespace: "default".into(),
+        pod: "late".into(),
+        host_ifname: host.into(),
+        pools: vec![],
+        ips: vec![],
+    });
+    let socket = node.socket();
+    let asked = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(poolwarden_cni::plugin::call_agent(&socket, &request))
+    });
+    // The interface appears late, and down; only bringing it up lets the ADD finish.
+    std::thread::sleep(Duration::from_millis(300));
+    node.ns.exec(&["ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns.name]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!asked.is_finished(), "the agent answered before the host interface was up");
+    node.ns.exec(&["ip", "link", "set", host, "up"]);
+    let answer = asked.join().expect("join").expect("the agent answered");
+    let Response::Added { ips } = answer else { panic!("ADD failed: {answer:?}\n{}", node.agent_log()) };
+    let ip = ips[0].address.addr().to_string();
+    assert!(our_routes(&node).contains(&format!("{ip} dev {host}")), "{}", our_routes(&node));
+    node.stop_agent();
+}

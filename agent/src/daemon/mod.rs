@@ -328,24 +328,29 @@ impl Agent {
         Ok((released, blocks))
     }
 
-    /// The index of the host interface `name`, waiting for the plugin to create it (it does so while the
-    /// agent allocates) for at most [`HOST_INTERFACE_WAIT`].
+    /// The index of the host interface `name`, waiting for the plugin to create it and bring it up (it does
+    /// so while the agent allocates) for at most [`HOST_INTERFACE_WAIT`].
     async fn host_interface(&self, name: &str) -> Result<u32, ErrorReply> {
-        let deadline = Instant::now() + HOST_INTERFACE_WAIT;
-        let mut pause = Duration::from_micros(100);
+        let started = Instant::now();
         loop {
-            if let Some(ifindex) = self.routes.ifindex(name).await.map_err(route_reply)? {
+            if let Some(ifindex) = self.routes.ifindex_when_up(name).await.map_err(route_reply)? {
                 return Ok(ifindex);
             }
-            if Instant::now() >= deadline {
+            let waited = started.elapsed();
+            if waited >= HOST_INTERFACE_WAIT {
                 return Err(reply(
                     code::INTERFACE_SETUP,
-                    format!("host interface {name} did not appear within {HOST_INTERFACE_WAIT:?}"),
+                    format!("host interface {name} was not up within {HOST_INTERFACE_WAIT:?}"),
                     "the plugin creates it while the agent allocates",
                 ));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(5));
+            // The veth is usually a fraction of a millisecond away, finer than the timer's 1 ms ticks: ask
+            // again at once for the first few milliseconds, then back off.
+            if waited < Duration::from_millis(3) {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
     }
 
@@ -495,40 +500,56 @@ impl Agent {
         for ip in endpoint.ips.iter().filter(|ip| !owned.iter().any(|b| b.contains(*ip))) {
             txn = txn.put(keys::borrowed(*ip), encode(&cluster::Borrowed { ip: *ip, node: self.node.name.clone() }));
         }
-        let written = self.store.txn(txn).await.map_err(store_reply)?;
-        if !written.is_committed() {
-            return Err(reply(
-                code::TRY_AGAIN_LATER,
-                "a concurrent request for the same attachment is in progress",
-                key,
-            ));
-        }
-        if endpoint.host_ifname.is_empty() {
+        let conflict =
+            || reply(code::TRY_AGAIN_LATER, "a concurrent request for the same attachment is in progress", &key);
+        let commit = async { self.store.txn(txn).await.map(|w| w.is_committed()).map_err(store_reply) };
+        let Some(ifindex) = ifindex else {
+            if !commit.await? {
+                return Err(conflict());
+            }
             // IPAM-only: the main plugin (a bridge, say) routes the pod; a blackhole for its block would eat
             // the node's own traffic to it.
             for block in blocks {
                 self.routes.remove(&OwnedRoute::Blackhole(*block)).await.map_err(route_reply)?;
             }
             return Ok(());
+        };
+        // The record is made durable while the kernel is programmed: the plugin hears of the address only
+        // when both are done, and the pod is enforced before it can send.
+        let program = async {
+            // Only blocks this node owns get a blackhole; a borrowed address's block belongs to another node.
+            for block in &owned {
+                self.routes.install(&OwnedRoute::Blackhole(*block)).await.map_err(route_reply)?;
+            }
+            for ip in &endpoint.ips {
+                self.routes.install(&OwnedRoute::Endpoint(*ip, ifindex)).await.map_err(route_reply)?;
+            }
+            self.enforce_endpoint(endpoint, ifindex, pools)
+        };
+        let (committed, programmed) = tokio::join!(commit, program);
+        if committed.as_ref().is_ok_and(|c| !c) {
+            // Another request for this attachment recorded it first: what we programmed is the same as
+            // what it programs, and it is its to keep.
+            return Err(conflict());
         }
-        let Some(ifindex) = ifindex else { return Ok(()) };
-        // The interface could have gone while we waited for the lock (its ADD was abandoned).
-        if self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)? != Some(ifindex) {
-            return Err(reply(
-                code::INTERFACE_SETUP,
-                format!("host interface {} went away during the ADD", endpoint.host_ifname),
-                "the runtime gave up on the container",
-            ));
+        if let Err(err) = committed.as_ref().map(|_| ()).and(programmed.as_ref().map(|_| ())) {
+            let err = err.clone();
+            for ip in &endpoint.ips {
+                let _ = self.routes.remove(&OwnedRoute::Endpoint(*ip, ifindex)).await;
+            }
+            if let Some(enforcement) = &self.enforcement {
+                let _ = enforcement.lock().unwrap_or_else(|p| p.into_inner()).release(ifindex);
+            }
+            if committed.is_ok() {
+                let mut undo = Txn::new().remove(&key);
+                for ip in &endpoint.ips {
+                    undo = undo.remove(keys::borrowed(*ip));
+                }
+                let _ = self.store.txn(undo).await;
+            }
+            return Err(err);
         }
-        // Only blocks this node owns get a blackhole; a borrowed address's block belongs to another node.
-        for block in owned {
-            self.routes.install(&OwnedRoute::Blackhole(block)).await.map_err(route_reply)?;
-        }
-        for ip in &endpoint.ips {
-            self.routes.install(&OwnedRoute::Endpoint(*ip, ifindex)).await.map_err(route_reply)?;
-        }
-        // Before the plugin hears of the address, the pod is enforced: it never sends unchecked.
-        self.enforce_endpoint(endpoint, ifindex, pools)
+        Ok(())
     }
 
     /// Write the endpoint's entry and attach the program to its host interface (idempotent).

@@ -92,6 +92,17 @@ impl Routes {
         }
     }
 
+    /// The index of link `name` once it is administratively up (`None` while it is missing or down): routes
+    /// through a link that is down are refused.
+    pub async fn ifindex_when_up(&self, name: &str) -> Result<Option<u32>, RouteError> {
+        use netlink_packet_route::link::LinkFlags;
+        match self.handle.link().get().match_name(name.to_string()).execute().try_next().await {
+            Ok(link) => Ok(link.filter(|l| l.header.flags.contains(LinkFlags::Up)).map(|l| l.header.index)),
+            Err(e) if is_missing(&e) => Ok(None),
+            Err(e) => Err(netlink(format!("look up link {name}"))(e)),
+        }
+    }
+
     /// The addresses other nodes can reach this one at, with their prefix (the subnet they are on): every
     /// global address of this namespace, loopback ranges excepted, in interface order.
     pub async fn global_addresses(&self) -> Result<Vec<IpNet>, RouteError> {
