@@ -634,11 +634,10 @@ impl Agent {
 
     async fn status(&self) -> Result<(), ErrorReply> {
         let snapshot = self.allocator.snapshot().await.map_err(alloc_reply)?;
-        let usable: Vec<_> = snapshot
-            .pools
-            .iter()
-            .filter(|p| !p.spec.disabled && p.spec.node_selector.matches(&self.node.labels))
-            .collect();
+        // Without the API server's labels, the given ones: STATUS answers about addresses, not the API.
+        let node = self.directory.node(&self.node).await.unwrap_or_else(|_| self.node.clone());
+        let usable: Vec<_> =
+            snapshot.pools.iter().filter(|p| !p.spec.disabled && p.spec.node_selector.matches(&node.labels)).collect();
         if usable.is_empty() {
             return Err(reply(
                 code::LIMITED_CONNECTIVITY_NO_ADDRESSES,

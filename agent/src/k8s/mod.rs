@@ -237,7 +237,13 @@ impl Directory for KubeDirectory {
     }
 
     async fn node(&self, given: &NodeInfo) -> Result<NodeInfo, DirectoryError> {
-        Ok(node_info(given, self.node_object().await?))
+        // Only the labels, not the whole cached object (its status lists every image on the node).
+        if let Some(node) = self.nodes.get(&ObjectRef::new(&self.node)) {
+            let mut labels = given.labels.clone();
+            labels.extend(node.metadata.labels.iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
+            return Ok(NodeInfo { name: given.name.clone(), labels });
+        }
+        Ok(node_info(given, self.lookups.node_object(&self.node).await?))
     }
 }
 
