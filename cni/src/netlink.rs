@@ -63,17 +63,9 @@ where
     let shown = netns.display().to_string();
     let file = File::open(netns)
         .map_err(|e| NetlinkError { operation: format!("open netns {shown}"), message: e.to_string() })?;
-    std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| NetlinkError { operation: format!("enter netns {shown}"), message: e.to_string() })?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| NetlinkError { operation: "start runtime".into(), message: e.to_string() })?;
-        runtime.block_on(async move { work(connect()?).await })
-    })
-    .join()
-    .map_err(|_| NetlinkError { operation: "netns worker".into(), message: "panicked".into() })?
+    spawn_in_netns(file, shown, work)
+        .blocking_recv()
+        .map_err(|_| NetlinkError { operation: "netns worker".into(), message: "panicked".into() })?
 }
 
 /// Run `work` on a thread of its own inside the network namespace `netns` (a netlink socket opened there),

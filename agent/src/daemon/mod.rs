@@ -748,7 +748,7 @@ impl Agent {
                 warn!(error = %e, "removing an older build's pinned objects failed");
             }
         }
-        desired.extend(self.remote_routes().await?);
+        desired.extend(self.remote_routes(&stored).await?);
         let (added, removed) = self.routes.reconcile(&desired).await.map_err(route_reply)?;
         self.metrics.set_blocks_owned(affinities.len());
         Ok((added, removed))
@@ -756,7 +756,7 @@ impl Agent {
 
     /// The routes to the blocks and borrowed addresses other registered nodes hold, with the overlay device
     /// made (and its peers entered) when a pool's `vxlanMode` needs it, and removed when none does.
-    async fn remote_routes(&self) -> Result<BTreeSet<OwnedRoute>, ErrorReply> {
+    async fn remote_routes(&self, pools: &[crate::resources::IpPool]) -> Result<BTreeSet<OwnedRoute>, ErrorReply> {
         let nodes = cluster::registered(self.store.as_ref()).await.map_err(store_reply)?;
         let overlay = self.routes.overlay();
         if nodes.keys().all(|name| *name == self.node.name) {
@@ -769,15 +769,8 @@ impl Agent {
         let (borrowed, _) = self.store.list(keys::BORROWED).await.map_err(store_reply)?;
         let borrowed: Vec<cluster::Borrowed> =
             borrowed.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>().map_err(store_reply)?;
-        let pools: Vec<_> = Catalog::new(Arc::clone(&self.store))
-            .pools()
-            .await
-            .map_err(store_reply)?
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
         let subnets = self.routes.global_addresses().await.map_err(route_reply)?;
-        let wanted = cluster::remote_routes(&self.node.name, &nodes, &affinities, &borrowed, &pools, &subnets);
+        let wanted = cluster::remote_routes(&self.node.name, &nodes, &affinities, &borrowed, pools, &subnets);
 
         let overlay_index = if wanted.iter().any(|r| r.overlay) {
             let local = nodes
