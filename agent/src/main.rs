@@ -80,6 +80,14 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         let store = store::open(&cli.datastore, &cli.etcd_options()).await?;
         let mut addresses = node_address.clone();
+        if !*kubernetes
+            && poolwarden::directory::source_of(store.as_ref()).await? == poolwarden::directory::Source::Kubernetes
+        {
+            bail!(
+                "this datastore serves a Kubernetes cluster (an agent ran on it with --kubernetes): namespaces and \
+                 pods come from the API server, so start the agent with --kubernetes (and --kubeconfig outside a pod)"
+            );
+        }
         let kube = if *kubernetes {
             let client = poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?;
             let directory = poolwarden::k8s::KubeDirectory::start(client, &node.name);

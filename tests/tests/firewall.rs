@@ -277,6 +277,10 @@ fn kubernetes_mode_with_the_api_server_unreachable() {
         "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: k8s-pool}\nspec: {cidr: 10.34.0.0/24}\n",
     );
     node.stop_agent();
+    // An agent started without --kubernetes on this datastore would take namespaces from the wrong place.
+    let out = node.cli(&["agent", "--node", &node.name, "--socket", &node.socket(), "--enforcement", "off"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("start the agent with --kubernetes"), "{stderr}");
 }
 
 #[test]
