@@ -185,6 +185,17 @@ async fn forward(cli: &Cli, stdin: Option<String>, locked: &StoreError) -> Resul
     }
 }
 
+/// Print `text` (at once, not when the buffer fills) unless it is what was printed `last`.
+fn print_if_changed(last: &mut String, text: String) -> Result<()> {
+    use std::io::Write as _;
+    if *last != text {
+        print!("{text}");
+        std::io::stdout().flush()?;
+        *last = text;
+    }
+    Ok(())
+}
+
 /// `firewall export --watch`: print the export, then again each time it changes, until interrupted. With
 /// the datastore at hand it wakes on every pool or namespace change; otherwise it asks the agent again
 /// every few seconds. Either way it prints only when the text changed.
@@ -203,12 +214,7 @@ async fn watch_export(cli: Cli) -> Result<u8> {
                 let text = commands::firewall_export(&catalog, &namespaces, *format, pool.as_deref())
                     .await
                     .map_err(|e| anyhow::anyhow!(e))?;
-                if text != last {
-                    print!("{text}");
-                    use std::io::Write as _;
-                    std::io::stdout().flush()?;
-                    last = text;
-                }
+                print_if_changed(&mut last, text)?;
                 tokio::select! {
                     event = pools.next() => if event.is_none() { return Ok(0) },
                     event = standalone.next() => if event.is_none() { return Ok(0) },
@@ -222,12 +228,7 @@ async fn watch_export(cli: Cli) -> Result<u8> {
                 eprint!("{stderr}");
                 return Ok(exit);
             }
-            if stdout != last {
-                print!("{stdout}");
-                use std::io::Write as _;
-                std::io::stdout().flush()?;
-                last = stdout;
-            }
+            print_if_changed(&mut last, stdout)?;
             tokio::time::sleep(EXPORT_POLL).await;
         },
         Err(other) => Err(other.into()),

@@ -317,24 +317,25 @@ async fn add(
         let _ = call_agent(socket, &Request::Del(del)).await;
         let _ = netlink::delete_link(&handle, &host).await;
     };
-    let (host_mac, pod) = match (made, &answered) {
-        (Ok(made), Ok(_)) => made,
-        (Err(err), _) => {
-            if answered.is_ok() {
-                release().await;
-            } else {
-                let _ = netlink::delete_link(&handle, &host).await;
-            }
+    let ((host_mac, pod), assigned) = match (made, answered) {
+        (Ok(made), Ok(assigned)) => (made, assigned),
+        (Err(err), Ok(_)) => {
+            release().await;
             return Err(netlink_error(err));
         }
-        (Ok((_, pod)), Err(_)) => {
+        (Err(err), Err(_)) => {
+            let _ = netlink::delete_link(&handle, &host).await;
+            return Err(netlink_error(err));
+        }
+        (Ok((_, pod)), Err(err)) => {
+            // The pod-side worker sees no addresses coming and stops.
             drop(addresses_tx);
             let _ = pod.await;
             let _ = netlink::delete_link(&handle, &host).await;
-            return Err(answered.err().unwrap_or_else(|| CniError::new(code::IO_FAILURE, "ADD failed", "")));
+            return Err(err);
         }
     };
-    let assigned: Vec<IpNet> = answered.unwrap_or_default().into_iter().map(|a| a.address).collect();
+    let assigned: Vec<IpNet> = assigned.into_iter().map(|a| a.address).collect();
     let _ = addresses_tx.send(assigned.clone());
     let configured = pod.await.unwrap_or_else(|_| {
         Err(netlink::NetlinkError { operation: "pod setup worker".into(), message: "it stopped".into() })

@@ -484,6 +484,21 @@ pub fn run_chain(
     (true, result.unwrap_or(Value::Null))
 }
 
+/// The first address of a CNI result, without its prefix length.
+pub fn address_of(result: &Value) -> String {
+    let cidr = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {result}"));
+    cidr.split('/').next().unwrap_or_default().to_string()
+}
+
+/// Check `done` every 50 ms until it holds; panic naming `what` once `timeout` has passed.
+pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The CNI_ARGS kubelet passes for a pod.
 pub fn k8s_args(namespace: &str, pod: &str) -> String {
     format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={pod}")

@@ -4,29 +4,16 @@
 use std::time::{Duration, Instant};
 
 use poolwarden_tests::{
-    Fabric, NetNs, Node,
+    Fabric, NetNs, Node, address_of,
     etcd::{self, EtcdCluster, Placement},
-    etcd_on, k8s_args, nodes_on, privileged,
+    etcd_on, k8s_args, nodes_on, privileged, wait_for,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 const SEED_POOLS: &str = include_str!("../../examples/seed-pools.yaml");
 
-fn address_of(result: &Value) -> String {
-    let cidr = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {result}"));
-    cidr.split('/').next().expect("address").to_string()
-}
-
 fn our_routes(node: &Node) -> String {
     node.ns.exec(&["ip", "route", "show", "proto", "97"])
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The block (a /29 of the seed's pools) an address is in.

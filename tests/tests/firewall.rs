@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use poolwarden_tests::{Fabric, NetNs, Node, binary, k8s_args, privileged};
+use poolwarden_tests::{Fabric, NetNs, Node, address_of, binary, k8s_args, privileged, wait_for};
 use serde_json::{Value, json};
 
 const POOLS: &str = "\
@@ -60,11 +60,9 @@ impl WhoAmI {
             .spawn()
             .expect("start the whoami server");
         let server = Self { child, url: format!("http://{address}:7000/") };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ns.try_exec(&["curl", "-sf", "-m", "1", &server.url]) {
-            assert!(Instant::now() < deadline, "the whoami server did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for("the whoami server to come up", Duration::from_secs(10), || {
+            ns.try_exec(&["curl", "-sf", "-m", "1", &server.url])
+        });
         server
     }
 
@@ -78,19 +76,6 @@ impl Drop for WhoAmI {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn address_of(result: &Value) -> String {
-    let cidr = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {result}"));
-    cidr.split('/').next().unwrap_or_default().to_string()
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -134,11 +119,15 @@ fn nat_outgoing_masquerades_only_nat_pools_and_follows_pool_changes() {
     // Turning NAT off for the pool removes the table (the agent follows the pool), and the outside host
     // then sees the pod's own address.
     node.apply(&POOLS.replacen("natOutgoing: true", "natOutgoing: false", 1));
-    wait_for("the NAT table to go", || !node.ns.try_exec(&["nft", "list", "table", "inet", "poolwarden_nat"]));
+    wait_for("the NAT table to go", Duration::from_secs(10), || {
+        !node.ns.try_exec(&["nft", "list", "table", "inet", "poolwarden_nat"])
+    });
     assert_eq!(server.seen_from(&nat_pod), nat_ip);
     // And back on.
     node.apply(POOLS);
-    wait_for("the NAT table to return", || node.ns.try_exec(&["nft", "list", "table", "inet", "poolwarden_nat"]));
+    wait_for("the NAT table to return", Duration::from_secs(10), || {
+        node.ns.try_exec(&["nft", "list", "table", "inet", "poolwarden_nat"])
+    });
     assert_eq!(server.seen_from(&nat_pod), "10.98.0.1");
     drop(inner);
     drop(server);

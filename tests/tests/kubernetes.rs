@@ -5,10 +5,10 @@
 
 use std::{
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use poolwarden_tests::{NetNs, Node, k8s_args, privileged};
+use poolwarden_tests::{NetNs, Node, address_of, k8s_args, privileged, wait_for};
 use serde_json::{Value, json};
 
 /// Serves list, watch (answered when the state's revision moves past the one asked for, else empty after
@@ -117,11 +117,9 @@ impl FakeApi {
             .spawn()
             .expect("start the fake API server");
         let url = format!("http://127.0.0.1:{port}/api/v1/nodes");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !node.ns.try_exec(&["curl", "-sf", "-m", "1", &url]) {
-            assert!(Instant::now() < deadline, "the fake API server did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for("the fake API server to come up", Duration::from_secs(10), || {
+            node.ns.try_exec(&["curl", "-sf", "-m", "1", &url])
+        });
         Self { child, state, value }
     }
 
@@ -151,11 +149,6 @@ fn namespace(name: &str, pools: &str) -> Value {
 fn pod(namespace: &str, name: &str, annotations: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace,
         "annotations": annotations}, "spec": {"nodeName": "node-0", "containers": [{"name": "app"}]}})
-}
-
-fn address_of(result: &Value) -> String {
-    let cidr = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {result}"));
-    cidr.split('/').next().unwrap_or_default().to_string()
 }
 
 fn add(node: &Node, namespace: &str, pod: &str) -> (NetNs, String) {
@@ -217,12 +210,9 @@ fn pools_follow_the_api_servers_namespaces_pods_and_node() {
 
     // kubectl annotate namespace tenant-a ... : the watch brings it to the cache, new pods follow it.
     api.change(|state| state["namespaces"][0] = namespace("tenant-a", "[\"internal-pool\"]"));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !node.cli_ok(&["get", "namespaces"]).lines().any(|l| l.starts_with("tenant-a") && l.contains("internal-pool"))
-    {
-        assert!(Instant::now() < deadline, "the annotation change never reached the agent's cache");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("the annotation change to reach the agent's cache", Duration::from_secs(15), || {
+        node.cli_ok(&["get", "namespaces"]).lines().any(|l| l.starts_with("tenant-a") && l.contains("internal-pool"))
+    });
     api.change(|state| state["pods"].as_array_mut().unwrap().push(pod("tenant-a", "a-2", json!({}))));
     let (_a2, a2) = add(&node, "tenant-a", "a-2");
     assert!(a2.starts_with("10.42.0."), "a pod created after the change takes the new pool: {a2}");

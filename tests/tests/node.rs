@@ -3,17 +3,12 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use poolwarden_tests::{NetNs, Node, k8s_args, privileged};
+use poolwarden_tests::{NetNs, Node, address_of, k8s_args, privileged, wait_for};
 use serde_json::{Value, json};
 
 const SEED_POOLS: &str = include_str!("../../examples/seed-pools.yaml");
 const NO_GRACE: &str =
     "apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {emptyBlockGraceSeconds: 0}\n";
-
-fn address_of(result: &Value) -> String {
-    let cidr = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {result}"));
-    cidr.split('/').next().unwrap_or_default().to_string()
-}
 
 fn our_routes(node: &Node) -> String {
     node.ns.exec(&["ip", "route", "show", "proto", "97"])
@@ -27,16 +22,6 @@ fn host_links(node: &Node) -> Vec<String> {
         .filter(|n| n.starts_with("pw"))
         .map(String::from)
         .collect()
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..100 {
-        if done() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[test]
@@ -103,7 +88,7 @@ fn seed_example_three_pods_per_namespace() {
     assert!(ok, "DEL after the netns is gone: {out}");
 
     assert_eq!(our_routes(&node), "", "DEL of every pod leaves none of our routes");
-    wait_for("the veths to go", || host_links(&node).is_empty());
+    wait_for("the veths to go", Duration::from_secs(10), || host_links(&node).is_empty());
     node.stop_agent();
     let handles = node.cli_ok(&["get", "handles", "-o", "json"]);
     assert_eq!(serde_json::from_str::<Value>(&handles).unwrap(), json!([]), "allocations left");
@@ -139,7 +124,9 @@ fn restart_after_kill_reconciles_routes_and_keeps_addresses() {
         assert!(pod_ns.pings(&node.address), "{container} ({ip}) keeps working while the agent is down");
     }
     node.start_agent();
-    wait_for("routes reconciled", || our_routes(&node).contains(&format!("{} dev pw", pods[1].2)));
+    wait_for("routes reconciled", Duration::from_secs(10), || {
+        our_routes(&node).contains(&format!("{} dev pw", pods[1].2))
+    });
     let routes = our_routes(&node);
     assert!(!routes.contains("10.77.0.0/24"), "a stray route of ours is removed:\n{routes}");
     assert!(node.routes().contains("blackhole 10.78.0.0/24 proto static"), "someone else's route is never touched");
@@ -211,7 +198,7 @@ fn fifty_concurrent_adds_are_distinct_and_wired() {
             });
         }
     });
-    wait_for("the veths to go", || host_links(&node).is_empty());
+    wait_for("the veths to go", Duration::from_secs(10), || host_links(&node).is_empty());
     node.stop_agent();
     assert_eq!(serde_json::from_str::<Value>(&node.cli_ok(&["get", "handles", "-o", "json"])).unwrap(), json!([]));
 }

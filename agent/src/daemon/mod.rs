@@ -165,9 +165,14 @@ pub fn directory_reply(err: DirectoryError) -> ErrorReply {
         DirectoryError::Unreachable { .. } => {
             reply(code::TRY_AGAIN_LATER, message, "the API server did not answer; kubelet retries the ADD")
         }
-        DirectoryError::NotFound { .. } | DirectoryError::Refused { .. } => {
+        DirectoryError::NotFound { .. } => {
             reply(code::TRY_AGAIN_LATER, message, "the pod's objects are not visible to the agent yet")
         }
+        DirectoryError::Refused { .. } => reply(
+            code::TRY_AGAIN_LATER,
+            message,
+            "check the agent's ServiceAccount: it needs get/list/watch on namespaces, pods and nodes",
+        ),
         DirectoryError::Store(e) => store_reply(e),
     }
 }
@@ -232,11 +237,6 @@ impl Agent {
     pub fn with_directory(mut self, directory: Arc<dyn Directory>) -> Self {
         self.directory = directory;
         self
-    }
-
-    /// Where namespaces, pods and node labels come from.
-    pub fn directory(&self) -> &Arc<dyn Directory> {
-        &self.directory
     }
 
     /// How often the collector looks for leaks: often enough to release them soon after their grace period.
@@ -526,30 +526,28 @@ impl Agent {
             }
             self.enforce_endpoint(endpoint, ifindex, pools)
         };
-        let (committed, programmed) = tokio::join!(commit, program);
-        if committed.as_ref().is_ok_and(|c| !c) {
+        let err = match tokio::join!(commit, program) {
+            (Ok(true), Ok(())) => return Ok(()),
             // Another request for this attachment recorded it first: what we programmed is the same as
             // what it programs, and it is its to keep.
-            return Err(conflict());
-        }
-        if let Err(err) = committed.as_ref().map(|_| ()).and(programmed.as_ref().map(|_| ())) {
-            let err = err.clone();
-            for ip in &endpoint.ips {
-                let _ = self.routes.remove(&OwnedRoute::Endpoint(*ip, ifindex)).await;
-            }
-            if let Some(enforcement) = &self.enforcement {
-                let _ = enforcement.lock().unwrap_or_else(|p| p.into_inner()).release(ifindex);
-            }
-            if committed.is_ok() {
+            (Ok(false), _) => return Err(conflict()),
+            (Ok(true), Err(err)) => {
                 let mut undo = Txn::new().remove(&key);
                 for ip in &endpoint.ips {
                     undo = undo.remove(keys::borrowed(*ip));
                 }
                 let _ = self.store.txn(undo).await;
+                err
             }
-            return Err(err);
+            (Err(err), _) => err,
+        };
+        for ip in &endpoint.ips {
+            let _ = self.routes.remove(&OwnedRoute::Endpoint(*ip, ifindex)).await;
         }
-        Ok(())
+        if let Some(enforcement) = &self.enforcement {
+            let _ = enforcement.lock().unwrap_or_else(|p| p.into_inner()).release(ifindex);
+        }
+        Err(err)
     }
 
     /// Write the endpoint's entry and attach the program to its host interface (idempotent).

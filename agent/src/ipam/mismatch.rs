@@ -8,9 +8,12 @@ use serde::Serialize;
 
 use super::{
     Block, NamespaceInfo, PodInfo,
-    selection::{annotated_pools, names_pool, namespace_refusal},
+    selection::{annotated_pools, annotation, names_pool, namespace_refusal},
 };
-use crate::{directory::bare_namespace, resources::IpPool};
+use crate::{
+    directory::bare_namespace,
+    resources::{ANNOTATION_IP_ADDRS, CALICO_ANNOTATION_IP_ADDRS, IpPool},
+};
 
 /// One pod whose address is not where it would go now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -51,10 +54,8 @@ pub fn mismatched(
                 expected,
             };
             if let Some(pod) = pod
-                && let Some(fixed) = pod
-                    .annotations
-                    .get(crate::resources::ANNOTATION_IP_ADDRS)
-                    .or_else(|| pod.annotations.get(crate::resources::CALICO_ANNOTATION_IP_ADDRS))
+                && let Some((_, fixed)) =
+                    annotation(&pod.annotations, [ANNOTATION_IP_ADDRS, CALICO_ANNOTATION_IP_ADDRS])
                 && serde_json::from_str::<Vec<String>>(fixed)
                     .is_ok_and(|ips| ips.iter().any(|ip| ip.parse() == Ok(address)))
             {

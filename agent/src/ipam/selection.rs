@@ -251,7 +251,8 @@ pub fn refusal(pool: &IpPool, namespace: &NamespaceInfo, node: &NodeInfo) -> Opt
     None
 }
 
-fn annotation<'a>(
+/// The first of `keys` present in `annotations`, with its value.
+pub(crate) fn annotation<'a>(
     annotations: &'a BTreeMap<String, String>,
     keys: [&'static str; 2],
 ) -> Option<(&'static str, &'a str)> {

@@ -125,16 +125,24 @@ fn unreachable_or(what: String, err: kube::Error) -> DirectoryError {
     }
 }
 
+/// A request to the API server, bounded by [`LOOKUP_TIMEOUT`]; `what` names what it looks up.
+async fn bounded<T>(
+    what: String,
+    request: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, DirectoryError> {
+    match tokio::time::timeout(LOOKUP_TIMEOUT, request).await {
+        Ok(Ok(found)) => Ok(found),
+        Ok(Err(e)) => Err(unreachable_or(what, e)),
+        Err(_) => Err(DirectoryError::Unreachable { what, message: format!("no answer within {LOOKUP_TIMEOUT:?}") }),
+    }
+}
+
 /// GET one object, bounded by [`LOOKUP_TIMEOUT`].
 async fn get<K>(api: &Api<K>, name: &str, what: String) -> Result<K, DirectoryError>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    match tokio::time::timeout(LOOKUP_TIMEOUT, api.get(name)).await {
-        Ok(Ok(object)) => Ok(object),
-        Ok(Err(e)) => Err(unreachable_or(what, e)),
-        Err(_) => Err(DirectoryError::Unreachable { what, message: format!("no answer within {LOOKUP_TIMEOUT:?}") }),
-    }
+    bounded(what, api.get(name)).await
 }
 
 fn namespace_info(ns: &Namespace) -> NamespaceInfo {
@@ -145,9 +153,9 @@ fn namespace_info(ns: &Namespace) -> NamespaceInfo {
 }
 
 /// The node as selection sees it: `given` with the labels the API server has for it (those win).
-fn node_info(given: &NodeInfo, node: Node) -> NodeInfo {
+fn node_info(given: &NodeInfo, node: &Node) -> NodeInfo {
     let mut labels = given.labels.clone();
-    labels.extend(node.metadata.labels.unwrap_or_default());
+    labels.extend(node.metadata.labels.iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
     NodeInfo { name: given.name.clone(), labels }
 }
 
@@ -237,13 +245,11 @@ impl Directory for KubeDirectory {
     }
 
     async fn node(&self, given: &NodeInfo) -> Result<NodeInfo, DirectoryError> {
-        // Only the labels, not the whole cached object (its status lists every image on the node).
-        if let Some(node) = self.nodes.get(&ObjectRef::new(&self.node)) {
-            let mut labels = given.labels.clone();
-            labels.extend(node.metadata.labels.iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
-            return Ok(NodeInfo { name: given.name.clone(), labels });
+        // Only the labels are copied, not the cached object (its status lists every image on the node).
+        match self.nodes.get(&ObjectRef::new(&self.node)) {
+            Some(node) => Ok(node_info(given, &node)),
+            None => Ok(node_info(given, &self.lookups.node_object(&self.node).await?)),
         }
-        Ok(node_info(given, self.lookups.node_object(&self.node).await?))
     }
 }
 
@@ -277,13 +283,7 @@ impl Directory for KubeLookups {
 
     async fn namespaces(&self) -> Result<Vec<NamespaceInfo>, DirectoryError> {
         let api = Api::<Namespace>::all(self.client.clone());
-        let listed = tokio::time::timeout(LOOKUP_TIMEOUT, api.list(&Default::default()))
-            .await
-            .map_err(|_| DirectoryError::Unreachable {
-                what: "namespaces".into(),
-                message: format!("no answer within {LOOKUP_TIMEOUT:?}"),
-            })?
-            .map_err(|e| unreachable_or("namespaces".into(), e))?;
+        let listed = bounded("namespaces".into(), api.list(&Default::default())).await?;
         let mut all: Vec<NamespaceInfo> = listed.items.iter().map(namespace_info).collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(all)
@@ -295,7 +295,7 @@ impl Directory for KubeLookups {
     }
 
     async fn node(&self, given: &NodeInfo) -> Result<NodeInfo, DirectoryError> {
-        Ok(node_info(given, self.node_object(&given.name).await?))
+        Ok(node_info(given, &self.node_object(&given.name).await?))
     }
 }
 
