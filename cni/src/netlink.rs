@@ -15,7 +15,7 @@ use netlink_packet_route::{
     address::AddressAttribute,
     link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
     neighbour::NeighbourState,
-    route::{RouteAddress, RouteAttribute, RouteScope},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -123,14 +123,14 @@ pub fn format_mac(mac: &[u8]) -> String {
 
 /// Create the veth pair with `host` in this namespace and `peer` created directly inside `netns` (creating
 /// it there, rather than moving it, spares the kernel's network-namespace move, which waits for an RCU grace
-/// period: about 25 ms here), then bring the host side up. Returns the host side's MAC.
+/// period: about 25 ms here), then bring the host side up. Returns the host side's index and MAC.
 pub async fn create_veth(
     handle: &Handle,
     host: &str,
     peer: &str,
     netns: &File,
     mtu: Option<u32>,
-) -> Result<Vec<u8>, NetlinkError> {
+) -> Result<(u32, Vec<u8>), NetlinkError> {
     let mut peer_message =
         LinkMessageBuilder::<LinkUnspec>::new().name(peer.to_string()).setns_by_fd(netns.as_raw_fd());
     let mut veth = LinkVeth::new(host, peer);
@@ -156,7 +156,10 @@ pub async fn create_veth(
         let _ = delete_link(handle, host).await;
         return Err(fail(format!("set {host} up"))(err));
     }
-    Ok(link_by_name(handle, host).await?.map(|(_, mac)| mac).unwrap_or_default())
+    link_by_name(handle, host).await?.ok_or_else(|| NetlinkError {
+        operation: format!("find {host} after creating it"),
+        message: "not there".into(),
+    })
 }
 
 /// Delete a link by name; `Ok(false)` when it did not exist.
@@ -169,9 +172,16 @@ pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, NetlinkErr
     }
 }
 
-/// Inside the pod's namespace, before its addresses are known: rename the peer to `ifname` and bring it and
-/// loopback up. Returns the interface's index and MAC.
-pub async fn prepare_pod(handle: &Handle, peer: &str, ifname: &str) -> Result<(u32, Vec<u8>), NetlinkError> {
+/// Inside the pod's namespace, before its addresses are known: rename the peer to `ifname`, bring it and
+/// loopback up, and route IPv4 through the link-local gateway (answered by a permanent neighbour entry for
+/// the host side's MAC, `host_mac`): none of that needs the address, so only the address itself waits for
+/// the agent. Returns the interface's index and MAC.
+pub async fn prepare_pod(
+    handle: &Handle,
+    peer: &str,
+    ifname: &str,
+    host_mac: &[u8],
+) -> Result<(u32, Vec<u8>), NetlinkError> {
     let (index, mac) = link_by_name(handle, peer).await?.ok_or_else(|| NetlinkError {
         operation: format!("find {peer} in the pod's netns"),
         message: "not there".into(),
@@ -196,11 +206,75 @@ pub async fn prepare_pod(handle: &Handle, peer: &str, ifname: &str) -> Result<(u
         .execute()
         .await
         .map_err(fail("set lo up in the pod's netns"))?;
+    route_via_gateway(handle, index, ifname, GATEWAY_V4.into(), host_mac).await?;
     Ok((index, mac))
 }
 
-/// Give the pod's interface (`index`, prepared by [`prepare_pod`]) its addresses, each with a default route
-/// via the link-local gateway, answered by a permanent neighbour entry for the host side's MAC.
+/// The neighbour entry for `gateway` (the host side's MAC), a link-scope route to it (IPv4), and the
+/// default route through it, on the pod's interface `index`.
+async fn route_via_gateway(
+    handle: &Handle,
+    index: u32,
+    ifname: &str,
+    gateway: IpAddr,
+    host_mac: &[u8],
+) -> Result<(), NetlinkError> {
+    handle
+        .neighbours()
+        .add(index, gateway)
+        .link_layer_address(host_mac)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(fail(format!("add neighbour {gateway} on {ifname}")))?;
+    if gateway.is_ipv4() {
+        handle
+            .route()
+            .add(gateway_route(index, gateway)?)
+            .replace()
+            .execute()
+            .await
+            .map_err(fail(format!("route {gateway} dev {ifname}")))?;
+    }
+    handle
+        .route()
+        .add(default_route(index, gateway)?)
+        .replace()
+        .execute()
+        .await
+        .map_err(fail(format!("default route via {gateway} on {ifname}")))
+}
+
+fn build_failed(e: impl std::fmt::Display) -> NetlinkError {
+    NetlinkError { operation: "build route".into(), message: e.to_string() }
+}
+
+/// The link-scope route to an IPv4 `gateway` on the pod's interface `index`.
+fn gateway_route(index: u32, gateway: IpAddr) -> Result<RouteMessage, NetlinkError> {
+    Ok(RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(gateway, 32)
+        .map_err(build_failed)?
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .build())
+}
+
+/// The default route via `gateway` on the pod's interface `index`.
+fn default_route(index: u32, gateway: IpAddr) -> Result<RouteMessage, NetlinkError> {
+    let any: IpAddr = if gateway.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    Ok(RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(any, 0)
+        .map_err(build_failed)?
+        .gateway(gateway)
+        .map_err(build_failed)?
+        .output_interface(index)
+        .build())
+}
+
+/// Give the pod's interface (`index`, prepared by [`prepare_pod`]) its addresses; an IPv6 address also gets
+/// its default route via the IPv6 link-local gateway, and a pod without an IPv4 address loses the IPv4
+/// default route [`prepare_pod`] made for it.
 pub async fn address_pod(
     handle: &Handle,
     index: u32,
@@ -219,48 +293,19 @@ pub async fn address_pod(
             .execute()
             .await
             .map_err(fail(format!("add {address} to {ifname}")))?;
-        let gateway: IpAddr = if address.addr().is_ipv4() { GATEWAY_V4.into() } else { GATEWAY_V6.into() };
-        handle
-            .neighbours()
-            .add(index, gateway)
-            .link_layer_address(host_mac)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(fail(format!("add neighbour {gateway} on {ifname}")))?;
-        if gateway.is_ipv4() {
-            let to_gateway = RouteMessageBuilder::<IpAddr>::new()
-                .destination_prefix(gateway, 32)
-                .map_err(|e| NetlinkError { operation: "build route".into(), message: e.to_string() })?
-                .output_interface(index)
-                .scope(RouteScope::Link)
-                .build();
+        if address.addr().is_ipv6() {
+            route_via_gateway(handle, index, ifname, GATEWAY_V6.into(), host_mac).await?;
+        }
+    }
+    if !addresses.iter().any(|a| a.addr().is_ipv4()) {
+        for route in [default_route(index, GATEWAY_V4.into())?, gateway_route(index, GATEWAY_V4.into())?] {
             handle
                 .route()
-                .add(to_gateway)
-                .replace()
+                .del(route)
                 .execute()
                 .await
-                .map_err(fail(format!("route {gateway} dev {ifname}")))?;
+                .map_err(fail(format!("remove the IPv4 routes from {ifname}, which has no IPv4 address")))?;
         }
-        let default = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(
-                if gateway.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() },
-                0,
-            )
-            .map_err(|e| NetlinkError { operation: "build route".into(), message: e.to_string() })?
-            .gateway(gateway)
-            .map_err(|e| NetlinkError { operation: "build route".into(), message: e.to_string() })?
-            .output_interface(index)
-            .build();
-        handle
-            .route()
-            .add(default)
-            .replace()
-            .execute()
-            .await
-            .map_err(fail(format!("default route via {gateway} on {ifname}")))?;
     }
     Ok(())
 }

@@ -165,8 +165,22 @@ pub async fn call_agent(socket: &str, request: &Request) -> Result<Response, Cni
 
 /// A request the agent has received, its answer still to come.
 pub struct Pending {
-    stream: tokio::net::UnixStream,
+    answer: tokio::net::unix::OwnedReadHalf,
+    announcer: Option<HostAnnouncer>,
     socket: String,
+}
+
+/// The open side of an ADD whose host interface index follows the request
+/// ([`AddRequest::host_index_follows`]). Dropped without [`HostAnnouncer::up`], it closes the connection,
+/// which tells the agent the host interface will not come.
+pub struct HostAnnouncer(tokio::net::unix::OwnedWriteHalf);
+
+impl HostAnnouncer {
+    /// Tell the agent the host interface is up, with its index.
+    pub async fn up(mut self, ifindex: u32) -> std::io::Result<()> {
+        self.0.write_all(format!("{ifindex}\n").as_bytes()).await?;
+        self.0.shutdown().await
+    }
 }
 
 fn agent_unreachable(socket: &str) -> impl Fn(std::io::Error) -> CniError + '_ {
@@ -179,23 +193,38 @@ fn agent_unreachable(socket: &str) -> impl Fn(std::io::Error) -> CniError + '_ {
     }
 }
 
-/// Send `request` to the agent at `socket` (one connection per request, closed for writing when sent).
+/// Send `request` to the agent at `socket` (one connection per request, closed for writing when sent, unless
+/// an ADD's host interface index follows: see [`Pending::announcer`]).
 pub async fn send_to_agent(socket: &str, request: &Request) -> Result<Pending, CniError> {
     let unreachable = agent_unreachable(socket);
-    let mut stream = tokio::net::UnixStream::connect(socket).await.map_err(&unreachable)?;
-    let body =
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(&unreachable)?;
+    let mut body =
         serde_json::to_vec(request).map_err(|e| CniError::new(code::IO_FAILURE, "encode request", e.to_string()))?;
-    stream.write_all(&body).await.map_err(&unreachable)?;
-    stream.shutdown().await.map_err(&unreachable)?;
-    Ok(Pending { stream, socket: socket.to_string() })
+    body.push(b'\n');
+    let (answer, mut writer) = stream.into_split();
+    writer.write_all(&body).await.map_err(&unreachable)?;
+    let announcer = if matches!(request, Request::Add(add) if add.host_index_follows) {
+        Some(HostAnnouncer(writer))
+    } else {
+        writer.shutdown().await.map_err(&unreachable)?;
+        None
+    };
+    Ok(Pending { answer, announcer, socket: socket.to_string() })
 }
 
 impl Pending {
+    /// For an ADD whose host interface index follows the request: the side that tells the agent.
+    pub fn announcer(&mut self) -> Option<HostAnnouncer> {
+        self.announcer.take()
+    }
+
     /// The agent's answer.
     pub async fn answer(self) -> Result<Response, CniError> {
         let unreachable = agent_unreachable(&self.socket);
+        // An announcer not taken is closed now: the agent must not wait for an index that will not come.
+        drop(self.announcer);
         let mut reply = Vec::new();
-        self.stream.take(protocol::MAX_MESSAGE as u64).read_to_end(&mut reply).await.map_err(&unreachable)?;
+        self.answer.take(protocol::MAX_MESSAGE as u64).read_to_end(&mut reply).await.map_err(&unreachable)?;
         serde_json::from_slice(&reply).map_err(|e| {
             CniError::new(
                 code::IO_FAILURE,
@@ -258,6 +287,7 @@ async fn add(
         host_ifname: String::new(),
         pools: options.pools.clone(),
         ips,
+        host_index_follows: false,
     };
 
     if ipam_only {
@@ -287,20 +317,28 @@ async fn add(
     // The pod side is created in the pod's namespace under its final name.
     let peer = ifname.clone();
     let handle = netlink::connect().map_err(netlink_error)?;
-    // A retried ADD for the same attachment starts from a clean slate, before the agent hears the name.
-    netlink::delete_link(&handle, &host).await.map_err(netlink_error)?;
     request.host_ifname = host.clone();
-    // While the agent allocates (and waits for the host interface to wire it), the veth is made and the pod
-    // side prepared in the pod's namespace; only the addresses wait for the agent's answer.
+    request.host_index_follows = true;
+    // The request goes out first: the agent allocates (and attaches enforcement to the host side once it
+    // hears the host side's index) while the veth is made and the pod side prepared in the pod's namespace;
+    // only the addresses wait for the agent's answer.
+    let mut pending = send_to_agent(socket, &Request::Add(request.clone())).await?;
+    let announcer = pending.announcer();
     let (addresses_tx, addresses_rx) = tokio::sync::oneshot::channel::<Vec<IpNet>>();
     let pod_netns = netns.try_clone().map_err(|e| {
         CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS {netns_path} cannot be opened"), e.to_string())
     })?;
     let make_pod_side = async {
-        let host_mac = netlink::create_veth(&handle, &host, &peer, &netns, options.mtu).await?;
+        // A retried ADD for the same attachment starts from a clean slate.
+        netlink::delete_link(&handle, &host).await?;
+        let (host_index, host_mac) = netlink::create_veth(&handle, &host, &peer, &netns, options.mtu).await?;
+        if let Some(announcer) = announcer {
+            // If the agent is gone, its answer says so.
+            let _ = announcer.up(host_index).await;
+        }
         let (peer, pod_ifname, mac) = (peer.clone(), ifname.clone(), host_mac.clone());
         let pod = netlink::spawn_in_netns(pod_netns, netns_path.clone(), move |h| async move {
-            let (index, pod_mac) = netlink::prepare_pod(&h, &peer, &pod_ifname).await?;
+            let (index, pod_mac) = netlink::prepare_pod(&h, &peer, &pod_ifname, &mac).await?;
             // No addresses: the ADD failed elsewhere and is being rolled back.
             let Ok(addresses) = addresses_rx.await else { return Ok(pod_mac) };
             netlink::address_pod(&h, index, &pod_ifname, &addresses, &mac).await?;
@@ -308,8 +346,6 @@ async fn add(
         });
         Ok::<_, netlink::NetlinkError>((host_mac, pod))
     };
-    // The request goes out first: the veth's creation is one long syscall that would otherwise hold it back.
-    let pending = send_to_agent(socket, &Request::Add(request.clone())).await?;
     let answer = async { added(pending.answer().await?) };
     let (answered, made) = tokio::join!(answer, make_pod_side);
     let release = || async {

@@ -1,6 +1,12 @@
-//! The plugin<->agent protocol: one JSON request per connection on the agent's Unix socket, one JSON
-//! response, then the connection closes. Requests and responses are versioned by their shape; unknown fields
-//! are refused so a mismatched plugin and agent fail loudly instead of half-working.
+//! The plugin<->agent protocol: one JSON request per connection on the agent's Unix socket, ended by a
+//! newline or by the client closing its side, one JSON response, then the connection closes. Requests and
+//! responses are versioned by their shape; unknown fields are refused so a mismatched plugin and agent fail
+//! loudly instead of half-working.
+//!
+//! An ADD with [`AddRequest::host_index_follows`] keeps the client's side open after the request: the plugin
+//! creates the veth while the agent allocates, then writes the host side's interface index on a line of its
+//! own once that side is up (and closes). Closing without it tells the agent the veth could not be made,
+//! so the agent gives the addresses back at once instead of waiting for an interface that will not come.
 
 use std::net::IpAddr;
 
@@ -67,6 +73,10 @@ pub struct AddRequest {
     /// Specific addresses (`runtimeConfig.ips`).
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// The plugin writes the host interface's index on this connection once it is up (see the module's
+    /// documentation); otherwise the agent waits for an interface named `host_ifname` to come up.
+    #[serde(default)]
+    pub host_index_follows: bool,
 }
 
 /// A DEL.

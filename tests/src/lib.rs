@@ -46,6 +46,19 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The CNI plugin the tests run: the static build `cargo xtask test` makes (as it ships), named by
+/// `POOLWARDEN_CNI_PLUGIN`, else the workspace's own build.
+pub fn plugin_binary() -> PathBuf {
+    match std::env::var_os("POOLWARDEN_CNI_PLUGIN") {
+        Some(path) => {
+            let path = PathBuf::from(path);
+            assert!(path.is_file(), "POOLWARDEN_CNI_PLUGIN names {}, which is not a file", path.display());
+            path
+        }
+        None => binary("poolwarden-cni"),
+    }
+}
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A name unique to this process and call, short enough for an interface or namespace.
@@ -144,7 +157,7 @@ impl Node {
         let node = Self { ns, address: address.to_string(), dir, name: "node-0".to_string(), store, agent: None };
         let cni_path = node.cni_path();
         std::fs::create_dir_all(&cni_path).expect("cni-bin");
-        std::os::unix::fs::symlink(binary("poolwarden-cni"), cni_path.join("poolwarden-cni")).expect("link plugin");
+        std::os::unix::fs::symlink(plugin_binary(), cni_path.join("poolwarden-cni")).expect("link plugin");
         for entry in std::fs::read_dir(DEBIAN_PLUGINS).into_iter().flatten().flatten() {
             let _ = std::os::unix::fs::symlink(entry.path(), cni_path.join(entry.file_name()));
         }

@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, process::Command};
 
-use poolwarden_tests::{Node, binary, privileged};
+use poolwarden_tests::{Node, binary, plugin_binary, privileged};
 
 const VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
 
@@ -96,7 +96,7 @@ fn the_init_step_installs_the_configmap_conflist_and_the_plugin() {
     let source = dir.path().join("10-poolwarden.conflist");
     std::fs::write(&source, &conflist).expect("write");
     let (bin, conf) = (dir.path().join("opt-cni-bin"), dir.path().join("etc-cni-net.d"));
-    let plugin = binary("poolwarden-cni");
+    let plugin = plugin_binary();
     let out = Command::new(binary("poolwarden"))
         .args(["install-cni", "--plugin", &plugin.display().to_string()])
         .args(["--cni-bin-dir", &bin.display().to_string(), "--conflist", &source.display().to_string()])

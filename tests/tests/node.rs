@@ -283,6 +283,7 @@ fn the_agent_waits_for_the_host_interface_to_be_up() {
         host_ifname: host.into(),
         pools: vec![],
         ips: vec![],
+        host_index_follows: false,
     });
     let socket = node.socket();
     let asked = std::thread::spawn(move || {
@@ -299,5 +300,30 @@ fn the_agent_waits_for_the_host_interface_to_be_up() {
     let Response::Added { ips } = answer else { panic!("ADD failed: {answer:?}\n{}", node.agent_log()) };
     let ip = ips[0].address.addr().to_string();
     assert!(our_routes(&node).contains(&format!("{ip} dev {host}")), "{}", our_routes(&node));
+    node.stop_agent();
+}
+
+/// The plugin tells the agent when the veth cannot be made (it closes the connection instead of sending the
+/// host side's index): the agent gives the address back at once, and its answer reaches the plugin.
+#[test]
+fn a_veth_that_cannot_be_made_releases_the_address_at_once() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.0.8");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.62.1.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let pod_ns = NetNs::new("pwp");
+    // The pod's namespace already has an eth0: the pod side of the veth cannot be created there.
+    pod_ns.exec(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "other0"]);
+    let (ok, out) = node.cni("ADD", "taken", &pod_ns.path(), &k8s_args("default", "taken"), &node.conf(json!({})));
+    assert!(!ok, "ADD succeeded with eth0 taken: {out}");
+    assert!(out["msg"].as_str().unwrap_or_default().contains("create veth"), "{out}");
+    let log = node.agent_log();
+    assert!(log.contains("the plugin closed the connection without creating the host interface"), "{log}");
+    assert!(host_links(&node).is_empty(), "veth left behind");
+    assert_eq!(serde_json::from_str::<Value>(&node.cli_ok(&["get", "handles", "-o", "json"])).unwrap(), json!([]));
     node.stop_agent();
 }

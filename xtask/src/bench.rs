@@ -173,14 +173,16 @@ fn rss_kib(pid: u32) -> Result<u64> {
 }
 
 pub fn run(root: &Path) -> Result<()> {
+    // Both packages, as the tests build them (the same features, so no dependency is built twice).
     super::run("cargo", &["build", "--release", "-p", "poolwarden", "-p", "poolwarden-cni", "--bins"])?;
     let poolwarden = root.join("target/release/poolwarden");
+    let plugin = super::build_plugin(root, true)?;
     let tag = std::process::id() % 100_000;
     let dir = std::env::temp_dir().join(format!("poolwarden-bench-{tag}"));
     std::fs::create_dir_all(&dir)?;
     let cni_path = dir.join("cni-bin");
     std::fs::create_dir_all(&cni_path)?;
-    std::os::unix::fs::symlink(root.join("target/release/poolwarden-cni"), cni_path.join("poolwarden-cni"))?;
+    std::os::unix::fs::symlink(&plugin, cni_path.join("poolwarden-cni"))?;
     for plugin in ["bridge", "host-local"] {
         std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(plugin), cni_path.join(plugin))?;
     }

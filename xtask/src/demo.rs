@@ -114,9 +114,10 @@ mod serde_like {
 }
 
 pub fn run(root: &Path, keep: bool) -> Result<()> {
+    // Both packages, as the tests build them (the same features, so no dependency is built twice).
     super::run("cargo", &["build", "--release", "-p", "poolwarden", "-p", "poolwarden-cni", "--bins"])?;
     let poolwarden = root.join("target/release/poolwarden");
-    let plugin = root.join("target/release/poolwarden-cni");
+    let plugin = super::build_plugin(root, true)?;
     let tag = std::process::id() % 100_000;
     let dir = std::env::temp_dir().join(format!("poolwarden-demo-{tag}"));
     std::fs::create_dir_all(&dir)?;

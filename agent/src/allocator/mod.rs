@@ -109,6 +109,26 @@ pub struct AssignRequest {
     pub requested: Requested,
 }
 
+/// A record the caller wants committed in the same transaction as the addresses (the agent's endpoint
+/// record), so that the common ADD is made durable by one commit instead of two.
+#[derive(Clone)]
+pub struct Record {
+    /// Its key.
+    pub key: String,
+    /// Its value, given every address the request holds once the transaction commits.
+    pub value: RecordValue,
+}
+
+/// How a [`Record`]'s value is made from the request's addresses.
+pub type RecordValue = Arc<dyn Fn(&[IpAddr]) -> Vec<u8> + Send + Sync>;
+
+/// A [`Record`] on its way into a batch, with the addresses the request already holds.
+#[derive(Clone)]
+struct Recording {
+    record: Record,
+    earlier: Vec<IpAddr>,
+}
+
 /// Allocates and releases addresses in a datastore.
 #[derive(Clone)]
 pub struct Allocator {
@@ -155,6 +175,8 @@ struct Waiter {
     /// The pools the request may use, as CIDRs, in preference order.
     pools: Vec<IpNet>,
     cooldown: u64,
+    /// Written with the address when this waiter gets one.
+    recording: Option<Recording>,
     reply: oneshot::Sender<Result<Attempt, StoreError>>,
 }
 
@@ -190,8 +212,20 @@ impl Allocator {
     /// for. Idempotent per handle: a repeated request returns what the handle already holds. If any family
     /// fails, nothing stays allocated.
     pub async fn assign(&self, request: &AssignRequest) -> Result<Vec<Assigned>, AllocError> {
+        Ok(self.assign_recording(request, None).await?.0)
+    }
+
+    /// [`Allocator::assign`], committing `record` in the same transaction as the addresses where it can: when
+    /// the last address comes from a block this node owns (the common case). Returns whether it did; when
+    /// it did not (a block claimed or borrowed, fixed addresses, a repeated request), the caller writes the
+    /// record itself.
+    pub async fn assign_recording(
+        &self,
+        request: &AssignRequest,
+        record: Option<&Record>,
+    ) -> Result<(Vec<Assigned>, bool), AllocError> {
         if let Some(existing) = self.addresses_of(&request.handle).await? {
-            return Ok(existing);
+            return Ok((existing, false));
         }
         let loaded = self.load().await?;
         let selection = ipam::selection::select(
@@ -218,12 +252,25 @@ impl Allocator {
                 }
             }
         }
-        for (family, pools) in [("IPv4", &selection.ipv4), ("IPv6", &selection.ipv6)] {
-            if result.is_err() || pools.is_empty() {
+        let families: Vec<_> = [("IPv4", &selection.ipv4), ("IPv6", &selection.ipv6)]
+            .into_iter()
+            .filter(|(_, pools)| !pools.is_empty())
+            .collect();
+        let mut recorded = false;
+        for (n, (family, pools)) in families.iter().enumerate() {
+            if result.is_err() {
                 continue;
             }
-            match self.assign_auto(&owner, family, pools, &loaded.config).await {
-                Ok(a) => done.push(a),
+            // The record goes with the last address, once every address it names is known.
+            let recording = record.filter(|_| n + 1 == families.len()).map(|record| Recording {
+                record: record.clone(),
+                earlier: done.iter().map(|a: &Assigned| a.ip).collect(),
+            });
+            match self.assign_auto(&owner, family, pools, &loaded.config, recording).await {
+                Ok((a, with_record)) => {
+                    done.push(a);
+                    recorded = with_record;
+                }
                 Err(e) => result = Err(e),
             }
         }
@@ -234,7 +281,7 @@ impl Allocator {
             }
             return Err(err);
         }
-        Ok(done)
+        Ok((done, recorded))
     }
 
     /// The addresses a handle holds, or `None` if it holds none.
@@ -308,7 +355,8 @@ impl Allocator {
         family: &'static str,
         pools: &[&IpPool],
         config: &IpamConfigSpec,
-    ) -> Result<Assigned, AllocError> {
+        recording: Option<Recording>,
+    ) -> Result<(Assigned, bool), AllocError> {
         let in_pools = |cidr: &IpNet| pools.iter().find(|p| p.cidr().contains(cidr));
         let cooldown = config.reuse_cooldown_seconds;
         // Selection gives one family's pools at a time.
@@ -318,11 +366,11 @@ impl Allocator {
             if let Some(existing) = self.addresses_of(&owner.handle).await?
                 && let Some(same_family) = existing.into_iter().find(|a| a.ip.is_ipv6() == ipv6)
             {
-                return Ok(same_family);
+                return Ok((same_family, false));
             }
             // 1. A block this node already owns that has room.
-            match self.assign_from_owned(owner, pools, cooldown).await? {
-                Attempt::Done(assigned) => return Ok(assigned),
+            match self.assign_from_owned(owner, pools, cooldown, recording.clone()).await? {
+                Attempt::Done(assigned) => return Ok((assigned, recording.is_some())),
                 Attempt::Conflict => continue,
                 Attempt::NoRoom => {}
             }
@@ -330,8 +378,8 @@ impl Allocator {
             // block, not one each. Whoever waited here looks again first, since the claim before it made room.
             let claim_lock = self.locks.get(format!("claim/{}", owner.node));
             let _claiming = claim_lock.lock().await;
-            match self.assign_from_owned(owner, pools, cooldown).await? {
-                Attempt::Done(assigned) => return Ok(assigned),
+            match self.assign_from_owned(owner, pools, cooldown, recording.clone()).await? {
+                Attempt::Done(assigned) => return Ok((assigned, recording.is_some())),
                 Attempt::Conflict => continue,
                 Attempt::NoRoom => {}
             }
@@ -360,7 +408,7 @@ impl Allocator {
                     let affinity = Affinity { node: owner.node.clone(), cidr };
                     let claim = Txn::new().create(keys::affinity(&owner.node, cidr), encode(&affinity));
                     if self.commit_assignment(owner, &block, None, claim).await? {
-                        return Ok(Assigned { ip, pool: pool.name().to_string(), block: cidr });
+                        return Ok((Assigned { ip, pool: pool.name().to_string(), block: cidr }, false));
                     }
                     continue;
                 }
@@ -382,7 +430,7 @@ impl Allocator {
                 }
                 if let Some((block, rev, ip)) = borrowed {
                     if self.commit_assignment(owner, &block, Some(rev), Txn::new()).await? {
-                        return Ok(Assigned { ip, pool: block.pool, block: block.cidr });
+                        return Ok((Assigned { ip, pool: block.pool, block: block.cidr }, false));
                     }
                     continue;
                 }
@@ -417,7 +465,13 @@ impl Allocator {
     /// whoever holds the node's turn takes every request waiting, assigns each an address from the node's
     /// blocks, and commits them all in one transaction, so a burst of pods on one node shares one commit
     /// instead of each racing for the same block's revision.
-    async fn assign_from_owned(&self, owner: &Owner, pools: &[&IpPool], cooldown: u64) -> Result<Attempt, StoreError> {
+    async fn assign_from_owned(
+        &self,
+        owner: &Owner,
+        pools: &[&IpPool],
+        cooldown: u64,
+        recording: Option<Recording>,
+    ) -> Result<Attempt, StoreError> {
         let queue = self.queues.get(&owner.node);
         let (reply, mut answer) = oneshot::channel();
         let pools = pools.iter().map(|p| p.cidr()).collect();
@@ -425,6 +479,7 @@ impl Allocator {
             owner: owner.clone(),
             pools,
             cooldown,
+            recording,
             reply,
         });
         {
@@ -513,6 +568,10 @@ impl Allocator {
             };
             *record.blocks.entry(assigned.block).or_default() += 1;
             txn = txn.write(keys::handle(&waiter.owner.handle), handle_rev, encode(&record));
+            if let Some(recording) = &waiter.recording {
+                let ips: Vec<IpAddr> = recording.earlier.iter().copied().chain([assigned.ip]).collect();
+                txn = txn.put(recording.record.key.clone(), (recording.record.value)(&ips));
+            }
             results.push(Attempt::Done(assigned));
         }
         if !results.iter().any(|r| matches!(r, Attempt::Done(_))) {

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
-    allocator::{AllocError, Allocator, AssignRequest},
+    allocator::{AllocError, Allocator, AssignRequest, Record},
     catalog::{Catalog, decode, encode},
     dataplane::{
         enforcement::{EndpointSpec, Enforcement, EnforcementError},
@@ -102,6 +102,10 @@ fn leak_key(leak: &ipam::gc::Leak) -> String {
 fn orphan_key(affinity: &ipam::Affinity) -> String {
     format!("{}@{}", affinity.cidr, affinity.node)
 }
+
+/// Where the plugin announces the index of an ADD's host interface once it is up (see
+/// `poolwarden_cni::protocol`): an error when it gave up.
+pub type HostIndex = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u32, String>> + Send>>;
 
 /// How long an ADD waits for the plugin to create the pod's host interface.
 pub const HOST_INTERFACE_WAIT: Duration = Duration::from_secs(5);
@@ -385,22 +389,38 @@ impl Agent {
 
     /// Answer one request.
     pub async fn handle(&self, request: Request) -> Response {
+        self.handle_with(request, None).await
+    }
+
+    /// Answer one request; for an ADD, `host_index` is where the plugin announces its host interface's index
+    /// (otherwise the agent waits for the interface by name).
+    pub async fn handle_with(&self, request: Request, host_index: Option<HostIndex>) -> Response {
         let started = Instant::now();
-        let (command, response) = match request {
+        let (command, span, response) = match request {
             Request::Add(add) => {
                 let span = info_span!("add", container = %add.container_id, ifname = %add.ifname, namespace = %add.namespace, pod = %add.pod);
-                ("add", self.add(add).instrument(span).await.map(|ips| Response::Added { ips }))
+                let added = self.add(add, host_index).instrument(span.clone()).await;
+                ("add", span, added.map(|ips| Response::Added { ips }))
             }
             Request::Del(del) => {
                 let span = info_span!("del", container = %del.container_id, ifname = %del.ifname);
-                ("del", self.del(del).instrument(span).await.map(|released| Response::Deleted { released }))
+                let deleted = self.del(del).instrument(span.clone()).await;
+                ("del", span, deleted.map(|released| Response::Deleted { released }))
             }
-            Request::Status => ("status", self.status().await.map(|()| Response::Ready)),
+            Request::Status => ("status", info_span!("status"), self.status().await.map(|()| Response::Ready)),
             Request::Gc(gc) => {
-                ("gc", self.gc(gc).instrument(info_span!("gc")).await.map(|released| Response::Collected { released }))
+                let span = info_span!("gc");
+                let collected = self.gc(gc).instrument(span.clone()).await;
+                ("gc", span, collected.map(|released| Response::Collected { released }))
             }
-            Request::Cli(cli) => ("cli", Ok(self.command(cli).await)),
+            Request::Cli(cli) => ("cli", info_span!("cli"), Ok(self.command(cli).await)),
         };
+        // STATUS is asked every few seconds and its failure is its answer; the others are worth a line.
+        if let Err(err) = &response
+            && command != "status"
+        {
+            span.in_scope(|| warn!(code = err.code, error = %err.msg, details = %err.details, "request failed"));
+        }
         let outcome = if response.is_ok() { "ok" } else { "error" };
         self.metrics.observe(command, outcome, started.elapsed());
         response.unwrap_or_else(Response::Error)
@@ -429,7 +449,7 @@ impl Agent {
         }
     }
 
-    async fn add(&self, request: AddRequest) -> Result<Vec<AssignedIp>, ErrorReply> {
+    async fn add(&self, request: AddRequest, host_index: Option<HostIndex>) -> Result<Vec<AssignedIp>, ErrorReply> {
         let namespace = if request.namespace.is_empty() { "default".to_string() } else { request.namespace.clone() };
         let handle = ipam::handle_for(&request.container_id, &request.ifname);
         // Until this ADD is over, its allocation without an endpoint is not a leak.
@@ -449,20 +469,67 @@ impl Agent {
             pod,
             requested: Requested::from_pool_names(&pool_list, &request.pools, request.ips.clone()),
         };
-        let assigned = self.allocator.assign(&assign).await.map_err(alloc_reply)?;
-        let endpoint = Endpoint {
+        let mut endpoint = Endpoint {
             container_id: request.container_id.clone(),
             ifname: request.ifname.clone(),
             host_ifname: request.host_ifname.clone(),
             netns: request.netns.clone(),
             namespace,
             pod: request.pod.clone(),
-            ips: assigned.iter().map(|a| a.ip).collect(),
+            ips: Vec::new(),
         };
+        // The endpoint record is committed with the addresses when the allocator can (one fsync per ADD).
+        let template = endpoint.clone();
+        let record = Record {
+            key: keys::endpoint(&self.node.name, &handle),
+            value: Arc::new(move |ips: &[IpAddr]| encode(&Endpoint { ips: ips.to_vec(), ..template.clone() })),
+        };
+        // While the addresses are allocated, the plugin makes the veth: find its host side and attach the
+        // program to it (with no entry yet it drops everything there), so that once the addresses are known
+        // only the entry and the routes are left to write.
+        let host = async {
+            if endpoint.host_ifname.is_empty() {
+                return Ok(None);
+            }
+            let ifindex = match host_index {
+                Some(announced) => announced.await.map_err(|e| {
+                    reply(code::INTERFACE_SETUP, format!("host interface {} did not come", endpoint.host_ifname), e)
+                })?,
+                None => self.host_interface(&endpoint.host_ifname).await?,
+            };
+            if let Some(enforcement) = &self.enforcement {
+                enforcement.lock().unwrap_or_else(|p| p.into_inner()).attach(&endpoint.host_ifname, ifindex).map_err(
+                    |e| {
+                        reply(
+                            code::INTERFACE_SETUP,
+                            format!("enforcement on {} failed", endpoint.host_ifname),
+                            e.to_string(),
+                        )
+                    },
+                )?;
+            }
+            Ok(Some(ifindex))
+        };
+        let (allocated, host) = tokio::join!(self.allocator.assign_recording(&assign, Some(&record)), host);
+        let ((assigned, recorded), ifindex) = match (allocated, host) {
+            (Ok(allocated), Ok(ifindex)) => (allocated, ifindex),
+            (Err(err), host) => {
+                if let (Ok(Some(ifindex)), Some(enforcement)) = (host, &self.enforcement) {
+                    let _ = enforcement.lock().unwrap_or_else(|p| p.into_inner()).release(ifindex);
+                }
+                return Err(alloc_reply(err));
+            }
+            (Ok(_), Err(err)) => {
+                let _ = self.allocator.release_handle(&handle).await;
+                let _ = self.store.txn(Txn::new().remove(&record.key)).await;
+                return Err(err);
+            }
+        };
+        endpoint.ips = assigned.iter().map(|a| a.ip).collect();
         let pool_cidrs: Vec<PoolRef> =
             assigned.iter().filter_map(|a| pool_list.iter().find(|p| p.name() == a.pool).map(PoolRef::of)).collect();
-        if let Err(err) = self.wire(&endpoint, &assigned.iter().map(|a| a.block).collect::<Vec<_>>(), &pool_cidrs).await
-        {
+        let blocks: Vec<IpNet> = assigned.iter().map(|a| a.block).collect();
+        if let Err(err) = self.wire(&endpoint, &blocks, &pool_cidrs, ifindex, recorded).await {
             let _ = self.allocator.release_handle(&handle).await;
             return Err(err);
         }
@@ -478,17 +545,20 @@ impl Agent {
             .collect())
     }
 
-    /// Record the endpoint and route its addresses to its host veth; make sure its blocks' blackholes exist.
-    async fn wire(&self, endpoint: &Endpoint, blocks: &[IpNet], pools: &[PoolRef]) -> Result<(), ErrorReply> {
-        // The plugin makes the veth while we allocate: wait for its host side (before recording anything).
-        let ifindex = if endpoint.host_ifname.is_empty() {
-            None
-        } else {
-            Some(self.host_interface(&endpoint.host_ifname).await?)
-        };
+    /// Record the endpoint (unless the allocation's transaction already did: `recorded`) and route its
+    /// addresses to its host veth (`ifindex`, absent in IPAM-only mode); make sure its blocks' blackholes
+    /// exist and its entry is in the enforcement maps. On failure, what this did is undone and the record
+    /// removed; the caller releases the addresses.
+    async fn wire(
+        &self,
+        endpoint: &Endpoint,
+        blocks: &[IpNet],
+        pools: &[PoolRef],
+        ifindex: Option<u32>,
+        recorded: bool,
+    ) -> Result<(), ErrorReply> {
         let _wiring = self.wiring.read().await;
         let key = keys::endpoint(&self.node.name, &ipam::handle_for(&endpoint.container_id, &endpoint.ifname));
-        let existing = self.store.get(&key).await.map_err(store_reply)?.map(|kv| kv.mod_revision);
         let mut owned = Vec::with_capacity(blocks.len());
         for block in blocks {
             // A block with no affinity to this node lent the address: other nodes must route it here.
@@ -496,17 +566,26 @@ impl Agent {
                 owned.push(*block);
             }
         }
-        let mut txn = Txn::new().write(&key, existing, encode(endpoint));
-        for ip in endpoint.ips.iter().filter(|ip| !owned.iter().any(|b| b.contains(*ip))) {
-            txn = txn.put(keys::borrowed(*ip), encode(&cluster::Borrowed { ip: *ip, node: self.node.name.clone() }));
-        }
-        let conflict =
-            || reply(code::TRY_AGAIN_LATER, "a concurrent request for the same attachment is in progress", &key);
-        let commit = async { self.store.txn(txn).await.map(|w| w.is_committed()).map_err(store_reply) };
-        let Some(ifindex) = ifindex else {
-            if !commit.await? {
-                return Err(conflict());
+        let borrowed: Vec<IpAddr> =
+            endpoint.ips.iter().copied().filter(|ip| !owned.iter().any(|b| b.contains(ip))).collect();
+        // The allocator records the endpoint only with addresses from this node's own blocks; a borrowed
+        // address needs its `borrowed/` key beside the record, so that case (and every other) commits here.
+        if !recorded || !borrowed.is_empty() {
+            let existing = self.store.get(&key).await.map_err(store_reply)?.map(|kv| kv.mod_revision);
+            let mut txn = Txn::new().write(&key, existing, encode(endpoint));
+            for ip in &borrowed {
+                txn =
+                    txn.put(keys::borrowed(*ip), encode(&cluster::Borrowed { ip: *ip, node: self.node.name.clone() }));
             }
+            if !self.store.txn(txn).await.map_err(store_reply)?.is_committed() {
+                return Err(reply(
+                    code::TRY_AGAIN_LATER,
+                    "a concurrent request for the same attachment is in progress",
+                    &key,
+                ));
+            }
+        }
+        let Some(ifindex) = ifindex else {
             // IPAM-only: the main plugin (a bridge, say) routes the pod; a blackhole for its block would eat
             // the node's own traffic to it.
             for block in blocks {
@@ -514,8 +593,9 @@ impl Agent {
             }
             return Ok(());
         };
-        // The record is made durable while the kernel is programmed: the plugin hears of the address only
-        // when both are done, and the pod is enforced before it can send.
+        // The record is durable before the kernel is programmed (a reconcile in between finds the record
+        // and programs the same); the plugin hears of the address only when both are done, and the pod is
+        // enforced before it can send.
         let program = async {
             // Only blocks this node owns get a blackhole; a borrowed address's block belongs to another node.
             for block in &owned {
@@ -526,21 +606,12 @@ impl Agent {
             }
             self.enforce_endpoint(endpoint, ifindex, pools)
         };
-        let err = match tokio::join!(commit, program) {
-            (Ok(true), Ok(())) => return Ok(()),
-            // Another request for this attachment recorded it first: what we programmed is the same as
-            // what it programs, and it is its to keep.
-            (Ok(false), _) => return Err(conflict()),
-            (Ok(true), Err(err)) => {
-                let mut undo = Txn::new().remove(&key);
-                for ip in &endpoint.ips {
-                    undo = undo.remove(keys::borrowed(*ip));
-                }
-                let _ = self.store.txn(undo).await;
-                err
-            }
-            (Err(err), _) => err,
-        };
+        let Err(err) = program.await else { return Ok(()) };
+        let mut undo = Txn::new().remove(&key);
+        for ip in &endpoint.ips {
+            undo = undo.remove(keys::borrowed(*ip));
+        }
+        let _ = self.store.txn(undo).await;
         for ip in &endpoint.ips {
             let _ = self.routes.remove(&OwnedRoute::Endpoint(*ip, ifindex)).await;
         }
@@ -560,7 +631,11 @@ impl Agent {
         };
         // The pod's pool may override the agent's mode (the first address's pool decides).
         let pool_mode = match own.first().and_then(|p| p.enforcement) {
-            Some(crate::resources::EnforcementMode::Off) => return enforcement.release(ifindex).map_err(failed),
+            Some(crate::resources::EnforcementMode::Off) => {
+                // The program went on while the addresses were allocated; this pod is not enforced.
+                enforcement.detach(&endpoint.host_ifname, ifindex).map_err(failed)?;
+                return enforcement.release(ifindex).map_err(failed);
+            }
             Some(crate::resources::EnforcementMode::Pool) => true,
             Some(crate::resources::EnforcementMode::Strict) => false,
             None => self.pool_mode,

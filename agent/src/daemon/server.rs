@@ -10,13 +10,13 @@ use std::{
 
 use poolwarden_cni::protocol::{self, ErrorReply, Request, Response};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
 };
 use tracing::{error, info, warn};
 
-use super::{Agent, MAINTENANCE_INTERVAL};
+use super::{Agent, HostIndex, MAINTENANCE_INTERVAL};
 use crate::store::keys;
 
 /// Errors that stop the agent.
@@ -58,9 +58,13 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-async fn serve_connection(agent: Arc<Agent>, mut stream: UnixStream) {
+async fn serve_connection(agent: Arc<Agent>, stream: UnixStream) {
+    let (read, mut write) = stream.into_split();
+    // The request ends at a newline or when the client closes its side; an ADD's host interface index may
+    // follow it on a line of its own (see `poolwarden_cni::protocol`).
+    let mut reader = BufReader::new(read.take(protocol::MAX_MESSAGE as u64 + 64));
     let mut body = Vec::new();
-    let read = (&mut stream).take(protocol::MAX_MESSAGE as u64 + 1).read_to_end(&mut body).await;
+    let read = reader.read_until(b'\n', &mut body).await;
     let response = match read {
         Err(e) => {
             Response::Error(ErrorReply { code: 5, msg: "reading the request failed".into(), details: e.to_string() })
@@ -71,7 +75,11 @@ async fn serve_connection(agent: Arc<Agent>, mut stream: UnixStream) {
             details: format!("more than {} bytes", protocol::MAX_MESSAGE),
         }),
         Ok(_) => match serde_json::from_slice::<Request>(&body) {
-            Ok(request) => agent.handle(request).await,
+            Ok(request) => {
+                let follows = matches!(&request, Request::Add(add) if add.host_index_follows);
+                let host_index = follows.then(|| read_host_index(reader));
+                agent.handle_with(request, host_index).await
+            }
             Err(e) => Response::Error(ErrorReply {
                 code: 6,
                 msg: "the request could not be decoded".into(),
@@ -80,9 +88,38 @@ async fn serve_connection(agent: Arc<Agent>, mut stream: UnixStream) {
         },
     };
     let encoded = serde_json::to_vec(&response).unwrap_or_default();
-    if let Err(e) = stream.write_all(&encoded).await {
+    if let Err(e) = write.write_all(&encoded).await {
         warn!(error = %e, "could not answer the plugin (it gave up?)");
     }
+}
+
+/// The host interface's index, on the line after an ADD's request. The line is read (and the connection
+/// read to its end) by a task of its own, whether or not the ADD still wants it: a Unix socket closed with
+/// data it has not read resets the connection, and the plugin would lose the answer to a failed ADD that it
+/// sent its index after.
+fn read_host_index(mut reader: impl AsyncBufRead + Unpin + Send + 'static) -> HostIndex {
+    let (index, announced) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let drained = tokio::time::timeout(super::HOST_INTERFACE_WAIT, async move {
+            let mut line = String::new();
+            let read = match reader.read_line(&mut line).await {
+                Ok(0) => Err("the plugin closed the connection without creating the host interface".into()),
+                Ok(_) => line
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("the plugin sent {line:?} as the host interface index: {e}")),
+                Err(e) => Err(format!("reading the host interface index failed: {e}")),
+            };
+            let _ = index.send(read);
+            let _ = tokio::io::copy_buf(&mut reader, &mut tokio::io::sink()).await;
+        });
+        let _ = drained.await;
+    });
+    Box::pin(async move {
+        announced.await.unwrap_or_else(|_| {
+            Err(format!("the plugin sent no host interface index within {:?}", super::HOST_INTERFACE_WAIT))
+        })
+    })
 }
 
 async fn serve_metrics(agent: Arc<Agent>, listener: TcpListener) {
@@ -218,16 +255,24 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
         path: "SIGINT".into(),
         source,
     })?;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => { tokio::spawn(serve_connection(Arc::clone(&agent), stream)); }
+    // Connections are accepted on a worker of the runtime, not on the thread that waits for the signals:
+    // a connection then starts on the worker that saw it arrive, instead of waking a second thread (which
+    // costs a few hundred microseconds on a virtual machine whose other CPU is idle).
+    let acceptor = tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(Arc::clone(&agent), stream));
+                }
                 Err(e) => warn!(error = %e, "accept failed"),
-            },
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            }
         }
+    });
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
     }
+    acceptor.abort();
     info!("stopping: routes and endpoints stay in place for the next start");
     let _ = std::fs::remove_file(&socket);
     Ok(())

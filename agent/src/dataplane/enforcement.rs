@@ -13,6 +13,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        links::Link as _,
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
@@ -188,6 +189,13 @@ impl Enforcement {
     /// when this process exits or dies, with no pin needed.
     pub fn enforce(&mut self, ifname: &str, ifindex: u32, spec: &EndpointSpec) -> Result<(), EnforcementError> {
         self.set_endpoint(ifindex, spec)?;
+        self.attach(ifname, ifindex)
+    }
+
+    /// Attach the program to `ifname` (index `ifindex`) before its entry is written: until then it drops
+    /// everything there (fail closed), so an ADD attaches while it allocates and only writes the entry once
+    /// the addresses are known. Idempotent.
+    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), EnforcementError> {
         if self.attached_here.contains(&ifindex) {
             return Ok(());
         }
@@ -241,6 +249,23 @@ impl Enforcement {
             })?;
         }
         Ok(())
+    }
+
+    /// Take the program off `ifname` (index `ifindex`) if this agent attached it: for a pod whose pool says
+    /// `enforcement: Off`, found out only after the program was attached for it.
+    pub fn detach(&mut self, ifname: &str, ifindex: u32) -> Result<(), EnforcementError> {
+        if !self.attached_here.remove(&ifindex) {
+            return Ok(());
+        }
+        let link = SchedClassifierLink::attached(ifname, TcAttachType::Ingress, FILTER_PRIORITY, FILTER_HANDLE, None)
+            .map_err(|e| EnforcementError::Map {
+            operation: format!("find the filter on {ifname}"),
+            message: e.to_string(),
+        })?;
+        link.detach().map_err(|e| EnforcementError::Map {
+            operation: format!("detach from {ifname} (clsact ingress)"),
+            message: e.to_string(),
+        })
     }
 
     /// Stop enforcing on an interface being removed: its entry goes (its filter goes with the interface;
