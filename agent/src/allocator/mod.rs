@@ -361,9 +361,12 @@ impl Allocator {
         let cooldown = config.reuse_cooldown_seconds;
         // Selection gives one family's pools at a time.
         let ipv6 = pools.first().is_some_and(|p| p.is_ipv6());
-        for _ in 0..MAX_ATTEMPTS {
-            // A repeated request for the same handle that lost a race to its twin gets the twin's address.
-            if let Some(existing) = self.addresses_of(&owner.handle).await?
+        for attempt in 0..MAX_ATTEMPTS {
+            // A repeated request for the same handle that lost a race to its twin gets the twin's address
+            // (the first attempt follows `assign`'s own look, and a twin that commits meanwhile makes it
+            // conflict, so only retries look again).
+            if attempt > 0
+                && let Some(existing) = self.addresses_of(&owner.handle).await?
                 && let Some(same_family) = existing.into_iter().find(|a| a.ip.is_ipv6() == ipv6)
             {
                 return Ok((same_family, false));

@@ -181,6 +181,11 @@ pub fn directory_reply(err: DirectoryError) -> ErrorReply {
     }
 }
 
+/// Enforcement on the host interface `ifname` failed.
+fn enforcement_failed(ifname: &str) -> impl Fn(EnforcementError) -> ErrorReply + Copy + '_ {
+    move |e| reply(code::INTERFACE_SETUP, format!("enforcement on {ifname} failed"), e.to_string())
+}
+
 fn route_reply(err: RouteError) -> ErrorReply {
     reply(code::IO_FAILURE, "programming the node's routes failed", err.to_string())
 }
@@ -498,15 +503,10 @@ impl Agent {
                 None => self.host_interface(&endpoint.host_ifname).await?,
             };
             if let Some(enforcement) = &self.enforcement {
-                enforcement.lock().unwrap_or_else(|p| p.into_inner()).attach(&endpoint.host_ifname, ifindex).map_err(
-                    |e| {
-                        reply(
-                            code::INTERFACE_SETUP,
-                            format!("enforcement on {} failed", endpoint.host_ifname),
-                            e.to_string(),
-                        )
-                    },
-                )?;
+                let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
+                enforcement
+                    .attach(&endpoint.host_ifname, ifindex)
+                    .map_err(enforcement_failed(&endpoint.host_ifname))?;
             }
             Ok(Some(ifindex))
         };
@@ -514,8 +514,8 @@ impl Agent {
         let ((assigned, recorded), ifindex) = match (allocated, host) {
             (Ok(allocated), Ok(ifindex)) => (allocated, ifindex),
             (Err(err), host) => {
-                if let (Ok(Some(ifindex)), Some(enforcement)) = (host, &self.enforcement) {
-                    let _ = enforcement.lock().unwrap_or_else(|p| p.into_inner()).release(ifindex);
+                if let Ok(Some(ifindex)) = host {
+                    self.forget_enforcement(ifindex);
                 }
                 return Err(alloc_reply(err));
             }
@@ -615,10 +615,16 @@ impl Agent {
         for ip in &endpoint.ips {
             let _ = self.routes.remove(&OwnedRoute::Endpoint(*ip, ifindex)).await;
         }
+        self.forget_enforcement(ifindex);
+        Err(err)
+    }
+
+    /// On a failed ADD's way out: the interface's entry goes (its program, if attached, then drops
+    /// everything there until the plugin deletes the interface) and it no longer counts as attached here.
+    fn forget_enforcement(&self, ifindex: u32) {
         if let Some(enforcement) = &self.enforcement {
             let _ = enforcement.lock().unwrap_or_else(|p| p.into_inner()).release(ifindex);
         }
-        Err(err)
     }
 
     /// Write the endpoint's entry and attach the program to its host interface (idempotent).
@@ -626,9 +632,7 @@ impl Agent {
         let Some(enforcement) = &self.enforcement else { return Ok(()) };
         let own: Vec<&PoolRef> = pools.iter().filter(|p| endpoint.ips.iter().any(|ip| p.cidr.contains(ip))).collect();
         let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
-        let failed = |e: EnforcementError| {
-            reply(code::INTERFACE_SETUP, format!("enforcement on {} failed", endpoint.host_ifname), e.to_string())
-        };
+        let failed = enforcement_failed(&endpoint.host_ifname);
         // The pod's pool may override the agent's mode (the first address's pool decides).
         let pool_mode = match own.first().and_then(|p| p.enforcement) {
             Some(crate::resources::EnforcementMode::Off) => {
