@@ -121,45 +121,66 @@ pub fn format_mac(mac: &[u8]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-/// Create the veth pair with `host` in this namespace and `peer` created directly inside `netns` (creating
-/// it there, rather than moving it, spares the kernel's network-namespace move, which waits for an RCU grace
-/// period: about 25 ms here), then bring the host side up. Returns the host side's index and MAC.
+/// Whether an rtnetlink error is "exists" (EEXIST).
+fn is_exists(err: &rtnetlink::Error) -> bool {
+    matches!(err, rtnetlink::Error::NetlinkError(msg) if msg.raw_code() == -17)
+}
+
+/// Create the veth pair with `host` in this namespace, up and with the MAC `host_mac`, and `peer` created
+/// directly inside `netns` (creating it there, rather than moving it, spares the kernel's network-namespace
+/// move, which waits for an RCU grace period: about 25 ms here) and left down. A host side left behind by an
+/// earlier attempt of the same ADD is deleted and the pair made again. Returns the host side's index.
+///
+/// The host side comes up in the same request, but it has no carrier (and so no IPv6 link-local address,
+/// no duplicate address detection) until the caller brings the peer up, which it does only after this
+/// returns, when the host side's IPv6 settings are in place.
 pub async fn create_veth(
     handle: &Handle,
     host: &str,
     peer: &str,
     netns: &File,
     mtu: Option<u32>,
-) -> Result<(u32, Vec<u8>), NetlinkError> {
-    let mut peer_message =
-        LinkMessageBuilder::<LinkUnspec>::new().name(peer.to_string()).setns_by_fd(netns.as_raw_fd());
-    let mut veth = LinkVeth::new(host, peer);
-    if let Some(mtu) = mtu {
-        veth = veth.mtu(mtu);
-        peer_message = peer_message.mtu(mtu);
+    host_mac: &[u8],
+) -> Result<u32, NetlinkError> {
+    let add = || {
+        let mut peer_message =
+            LinkMessageBuilder::<LinkUnspec>::new().name(peer.to_string()).setns_by_fd(netns.as_raw_fd());
+        let mut veth = LinkVeth::new(host, peer).address(host_mac.to_vec()).up();
+        if let Some(mtu) = mtu {
+            veth = veth.mtu(mtu);
+            peer_message = peer_message.mtu(mtu);
+        }
+        let veth = veth.set_info_data(InfoData::Veth(InfoVeth::Peer(peer_message.build())));
+        handle.link().add(veth.build()).execute()
+    };
+    let failed = || fail(format!("create veth {host} with {peer} in the pod's netns"));
+    match add().await {
+        Ok(()) => {}
+        // A retried ADD for the same attachment starts from a clean slate.
+        Err(e) if is_exists(&e) => {
+            if !delete_link(handle, host).await? {
+                return Err(failed()(e));
+            }
+            add().await.map_err(failed())?;
+        }
+        Err(e) => return Err(failed()(e)),
     }
-    let veth = veth.set_info_data(InfoData::Veth(InfoVeth::Peer(peer_message.build())));
-    handle
-        .link()
-        .add(veth.build())
-        .execute()
-        .await
-        .map_err(fail(format!("create veth {host} with {peer} in the pod's netns")))?;
     // The host side's link-local address must be usable at once: it is the source of the neighbour
     // solicitations that reach the pod's IPv6 address, and duplicate address detection would hold it back
     // (and drop the pod's first packets) for a second. Router advertisements are not its business.
     for (knob, value) in [("accept_dad", "0"), ("accept_ra", "0")] {
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{host}/{knob}"), value);
     }
-    let up = handle.link().set(LinkUnspec::new_with_name(host).up().build()).execute().await;
-    if let Err(err) = up {
-        let _ = delete_link(handle, host).await;
-        return Err(fail(format!("set {host} up"))(err));
-    }
-    link_by_name(handle, host).await?.ok_or_else(|| NetlinkError {
-        operation: format!("find {host} after creating it"),
-        message: "not there".into(),
-    })
+    nix::net::if_::if_nametoindex(host)
+        .map_err(|e| NetlinkError { operation: format!("find {host} after creating it"), message: e.to_string() })
+}
+
+/// The host side's MAC address: locally administered and unicast, the rest from `seed` (the host side's
+/// name hash). Each veth is a link of its own, so it need not be unique; being set in the request that makes
+/// the veth, the pod side's neighbour entry for its gateway needs no lookup of the host side.
+pub fn host_mac(seed: u64) -> Vec<u8> {
+    let b = seed.to_be_bytes();
+    vec![0x02, b[3], b[4], b[5], b[6], b[7]]
 }
 
 /// Delete a link by name; `Ok(false)` when it did not exist.
@@ -172,40 +193,38 @@ pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, NetlinkErr
     }
 }
 
-/// Inside the pod's namespace, before its addresses are known: rename the peer to `ifname`, bring it and
-/// loopback up, and route IPv4 through the link-local gateway (answered by a permanent neighbour entry for
-/// the host side's MAC, `host_mac`): none of that needs the address, so only the address itself waits for
-/// the agent. Returns the interface's index and MAC.
-pub async fn prepare_pod(
-    handle: &Handle,
-    peer: &str,
-    ifname: &str,
-    host_mac: &[u8],
-) -> Result<(u32, Vec<u8>), NetlinkError> {
-    let (index, mac) = link_by_name(handle, peer).await?.ok_or_else(|| NetlinkError {
-        operation: format!("find {peer} in the pod's netns"),
-        message: "not there".into(),
-    })?;
-    if peer != ifname {
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).name(ifname.to_string()).build())
-            .execute()
-            .await
-            .map_err(fail(format!("rename {peer} to {ifname}")))?;
-    }
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(index).up().build())
-        .execute()
-        .await
-        .map_err(fail(format!("set {ifname} up")))?;
+/// Bring the pod's loopback up: the first thing done in the pod's namespace, needing nothing of the veth.
+pub async fn loopback_up(handle: &Handle) -> Result<(), NetlinkError> {
     handle
         .link()
         .set(LinkUnspec::new_with_name("lo").up().build())
         .execute()
         .await
-        .map_err(fail("set lo up in the pod's netns"))?;
+        .map_err(fail("set lo up in the pod's netns"))
+}
+
+/// Inside the pod's namespace, once the veth exists and before its addresses are known: bring the pod's
+/// interface `ifname` up and route IPv4 through the link-local gateway (answered by a permanent neighbour
+/// entry for the host side's MAC, `host_mac`): none of that needs the address, so only the address itself
+/// waits for the agent. Returns the interface's index and MAC.
+pub async fn prepare_pod(handle: &Handle, ifname: &str, host_mac: &[u8]) -> Result<(u32, Vec<u8>), NetlinkError> {
+    // The calling thread is in the pod's namespace, so the lookup (an ioctl) is made there.
+    let index = nix::net::if_::if_nametoindex(ifname)
+        .map_err(|e| NetlinkError { operation: format!("find {ifname} in the pod's netns"), message: e.to_string() })?;
+    let up = async {
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(fail(format!("set {ifname} up")))
+    };
+    let (up, found) = futures::join!(up, link_by_name(handle, ifname));
+    up?;
+    let (_, mac) = found?.ok_or_else(|| NetlinkError {
+        operation: format!("find {ifname} in the pod's netns"),
+        message: "not there".into(),
+    })?;
     route_via_gateway(handle, index, ifname, GATEWAY_V4.into(), host_mac).await?;
     Ok((index, mac))
 }
@@ -219,24 +238,33 @@ async fn route_via_gateway(
     gateway: IpAddr,
     host_mac: &[u8],
 ) -> Result<(), NetlinkError> {
-    handle
-        .neighbours()
-        .add(index, gateway)
-        .link_layer_address(host_mac)
-        .state(NeighbourState::Permanent)
-        .replace()
-        .execute()
-        .await
-        .map_err(fail(format!("add neighbour {gateway} on {ifname}")))?;
-    if gateway.is_ipv4() {
+    // The neighbour entry and the route to the gateway are independent: both requests go out at once.
+    let neighbour = async {
         handle
-            .route()
-            .add(gateway_route(index, gateway)?)
+            .neighbours()
+            .add(index, gateway)
+            .link_layer_address(host_mac)
+            .state(NeighbourState::Permanent)
             .replace()
             .execute()
             .await
-            .map_err(fail(format!("route {gateway} dev {ifname}")))?;
-    }
+            .map_err(fail(format!("add neighbour {gateway} on {ifname}")))
+    };
+    let to_gateway = async {
+        if gateway.is_ipv4() {
+            handle
+                .route()
+                .add(gateway_route(index, gateway)?)
+                .replace()
+                .execute()
+                .await
+                .map_err(fail(format!("route {gateway} dev {ifname}")))?;
+        }
+        Ok(())
+    };
+    let (neighbour, to_gateway) = futures::join!(neighbour, to_gateway);
+    neighbour?;
+    to_gateway?;
     handle
         .route()
         .add(default_route(index, gateway)?)

@@ -241,12 +241,16 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
 }
 
 fn fnv_hex(container_id: &str, ifname: &str) -> String {
+    format!("{:016x}", fnv(container_id, ifname))
+}
+
+fn fnv(container_id: &str, ifname: &str) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in container_id.bytes().chain([0]).chain(ifname.bytes()) {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    format!("{hash:016x}")
+    hash
 }
 
 fn netlink_error(e: netlink::NetlinkError) -> CniError {
@@ -314,8 +318,7 @@ async fn add(
     }
 
     let host = host_ifname(&container_id, &ifname);
-    // The pod side is created in the pod's namespace under its final name.
-    let peer = ifname.clone();
+    let host_mac = netlink::host_mac(fnv(&container_id, &ifname));
     let handle = netlink::connect().map_err(netlink_error)?;
     request.host_ifname = host.clone();
     request.host_index_follows = true;
@@ -324,46 +327,57 @@ async fn add(
     // only the addresses wait for the agent's answer.
     let mut pending = send_to_agent(socket, &Request::Add(request.clone())).await?;
     let announcer = pending.announcer();
+    let (made_tx, made_rx) = tokio::sync::oneshot::channel::<()>();
     let (addresses_tx, addresses_rx) = tokio::sync::oneshot::channel::<Vec<IpNet>>();
     let pod_netns = netns.try_clone().map_err(|e| {
         CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS {netns_path} cannot be opened"), e.to_string())
     })?;
-    let make_pod_side = async {
-        // A retried ADD for the same attachment starts from a clean slate.
-        netlink::delete_link(&handle, &host).await?;
-        let (host_index, host_mac) = netlink::create_veth(&handle, &host, &peer, &netns, options.mtu).await?;
+    // The pod side's worker starts at once: its thread, its netlink socket in the pod's namespace and the
+    // pod's loopback are ready while the veth is made. `Ok(None)`: the veth was not made.
+    let (pod_ifname, mac) = (ifname.clone(), host_mac.clone());
+    let pod = netlink::spawn_in_netns(pod_netns, netns_path.clone(), move |h| async move {
+        netlink::loopback_up(&h).await?;
+        if made_rx.await.is_err() {
+            return Ok(None);
+        }
+        let (index, pod_mac) = netlink::prepare_pod(&h, &pod_ifname, &mac).await?;
+        // No addresses: the ADD failed elsewhere and is being rolled back.
+        let Ok(addresses) = addresses_rx.await else { return Ok(Some(pod_mac)) };
+        netlink::address_pod(&h, index, &pod_ifname, &addresses, &mac).await?;
+        Ok(Some(pod_mac))
+    });
+    let make_host_side = async {
+        // The pod side is created in the pod's namespace under its final name.
+        let host_index = netlink::create_veth(&handle, &host, &ifname, &netns, options.mtu, &host_mac).await?;
+        // Only now may the pod side come up (see create_veth).
+        let _ = made_tx.send(());
         if let Some(announcer) = announcer {
             // If the agent is gone, its answer says so.
             let _ = announcer.up(host_index).await;
         }
-        let (peer, pod_ifname, mac) = (peer.clone(), ifname.clone(), host_mac.clone());
-        let pod = netlink::spawn_in_netns(pod_netns, netns_path.clone(), move |h| async move {
-            let (index, pod_mac) = netlink::prepare_pod(&h, &peer, &pod_ifname, &mac).await?;
-            // No addresses: the ADD failed elsewhere and is being rolled back.
-            let Ok(addresses) = addresses_rx.await else { return Ok(pod_mac) };
-            netlink::address_pod(&h, index, &pod_ifname, &addresses, &mac).await?;
-            Ok(pod_mac)
-        });
-        Ok::<_, netlink::NetlinkError>((host_mac, pod))
+        Ok::<_, netlink::NetlinkError>(())
     };
     let answer = async { added(pending.answer().await?) };
-    let (answered, made) = tokio::join!(answer, make_pod_side);
+    let (answered, made) = tokio::join!(answer, make_host_side);
     let release = || async {
         let del = DelRequest { container_id: container_id.clone(), ifname: ifname.clone(), host_ifname: String::new() };
         let _ = call_agent(socket, &Request::Del(del)).await;
         let _ = netlink::delete_link(&handle, &host).await;
     };
-    let ((host_mac, pod), assigned) = match (made, answered) {
-        (Ok(made), Ok(assigned)) => (made, assigned),
-        (Err(err), Ok(_)) => {
-            release().await;
+    let assigned = match (made, answered) {
+        (Ok(()), Ok(assigned)) => assigned,
+        (Err(err), answered) => {
+            // The worker stops at once whether or not it saw the veth made.
+            drop(addresses_tx);
+            let _ = pod.await;
+            if answered.is_ok() {
+                release().await;
+            } else {
+                let _ = netlink::delete_link(&handle, &host).await;
+            }
             return Err(netlink_error(err));
         }
-        (Err(err), Err(_)) => {
-            let _ = netlink::delete_link(&handle, &host).await;
-            return Err(netlink_error(err));
-        }
-        (Ok((_, pod)), Err(err)) => {
+        (Ok(()), Err(err)) => {
             // The pod-side worker sees no addresses coming and stops.
             drop(addresses_tx);
             let _ = pod.await;
@@ -373,9 +387,12 @@ async fn add(
     };
     let assigned: Vec<IpNet> = assigned.into_iter().map(|a| a.address).collect();
     let _ = addresses_tx.send(assigned.clone());
-    let configured = pod.await.unwrap_or_else(|_| {
-        Err(netlink::NetlinkError { operation: "pod setup worker".into(), message: "it stopped".into() })
-    });
+    let stopped =
+        |message: &str| netlink::NetlinkError { operation: "pod setup worker".into(), message: message.into() };
+    let configured = pod
+        .await
+        .unwrap_or_else(|_| Err(stopped("it stopped")))
+        .and_then(|mac| mac.ok_or_else(|| stopped("it did not see the veth made")));
     let pod_mac = match configured {
         Ok(mac) => mac,
         Err(err) => {
@@ -517,6 +534,16 @@ mod tests {
 
     const CONF: &str =
         r#"{"cniVersion":"1.0.0","name":"pw","type":"poolwarden-cni","socket":"/nonexistent/agent.sock"}"#;
+
+    #[test]
+    fn host_side_macs_are_unicast_locally_administered_and_per_attachment() {
+        let a = netlink::host_mac(fnv("c1", "eth0"));
+        let b = netlink::host_mac(fnv("c2", "eth0"));
+        assert_eq!(a.len(), 6);
+        assert_eq!(a[0] & 0b11, 0b10, "locally administered, not multicast: {a:02x?}");
+        assert_ne!(a, b);
+        assert_eq!(a, netlink::host_mac(fnv("c1", "eth0")), "the same attachment gets the same MAC");
+    }
 
     #[test]
     fn version_lists_what_we_speak() {

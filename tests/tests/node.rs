@@ -327,3 +327,35 @@ fn a_veth_that_cannot_be_made_releases_the_address_at_once() {
     assert_eq!(serde_json::from_str::<Value>(&node.cli_ok(&["get", "handles", "-o", "json"])).unwrap(), json!([]));
     node.stop_agent();
 }
+
+/// A host side left behind by an earlier attempt of the same ADD (its name is the attachment's) is deleted,
+/// with its peer, and the pair made again; the host side's MAC in the result is the one it has.
+#[test]
+fn a_host_side_left_behind_is_replaced() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.0.9");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.62.2.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let pod_ns = NetNs::new("pwp");
+    let host = poolwarden_cni::plugin::host_ifname("again", "eth0");
+    node.ns.exec(&["ip", "link", "add", &host, "type", "veth", "peer", "name", "leftover0"]);
+    let (ok, out) = node.cni("ADD", "again", &pod_ns.path(), &k8s_args("default", "again"), &node.conf(json!({})));
+    assert!(ok, "ADD failed with a host side left behind: {out}");
+    assert_eq!(host_links(&node), vec![format!("{host}@if2")], "the leftover pair is gone, the new one is there");
+    assert!(!node.ns.exec(&["ip", "-o", "link", "show"]).contains("leftover0"), "the old peer is gone");
+    let shown = node.ns.exec(&["ip", "-j", "link", "show", &host]);
+    let mac = serde_json::from_str::<Value>(&shown).unwrap()[0]["address"].as_str().unwrap().to_string();
+    assert_eq!(out["interfaces"][0]["name"], json!(host), "{out}");
+    assert_eq!(out["interfaces"][0]["mac"], json!(mac), "{out}");
+    assert!(mac.starts_with("02:"), "a locally administered unicast MAC: {mac}");
+    let address = out["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+    assert!(pod_ns.exec(&["ip", "-o", "addr", "show", "eth0"]).contains(&address), "the pod has {address}");
+    let (ok, out) = node.cni("DEL", "again", &pod_ns.path(), &k8s_args("default", "again"), &node.conf(json!({})));
+    assert!(ok, "DEL failed: {out}");
+    wait_for("the veth to go", Duration::from_secs(10), || host_links(&node).is_empty());
+    node.stop_agent();
+}

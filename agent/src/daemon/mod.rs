@@ -598,12 +598,15 @@ impl Agent {
         // enforced before it can send.
         let program = async {
             // Only blocks this node owns get a blackhole; a borrowed address's block belongs to another node.
-            for block in &owned {
-                self.routes.install(&OwnedRoute::Blackhole(*block)).await.map_err(route_reply)?;
-            }
-            for ip in &endpoint.ips {
-                self.routes.install(&OwnedRoute::Endpoint(*ip, ifindex)).await.map_err(route_reply)?;
-            }
+            // The routes are independent of each other: their requests all go out before the first answer.
+            let routes: Vec<OwnedRoute> = owned
+                .iter()
+                .map(|block| OwnedRoute::Blackhole(*block))
+                .chain(endpoint.ips.iter().map(|ip| OwnedRoute::Endpoint(*ip, ifindex)))
+                .collect();
+            futures::future::try_join_all(routes.iter().map(|route| self.routes.install(route)))
+                .await
+                .map_err(route_reply)?;
             self.enforce_endpoint(endpoint, ifindex, pools)
         };
         let Err(err) = program.await else { return Ok(()) };
