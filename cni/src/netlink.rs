@@ -175,8 +175,8 @@ pub async fn create_veth(
         .map_err(|e| NetlinkError { operation: format!("find {host} after creating it"), message: e.to_string() })
 }
 
-/// The host side's MAC address: locally administered and unicast, the rest from `seed` (the host side's
-/// name hash). Each veth is a link of its own, so it need not be unique; being set in the request that makes
+/// The host side's MAC address: locally administered and unicast, the rest the low 40 bits of `seed` (the
+/// hash the host side's name is made from). Each veth is a link of its own, so it need not be unique; being set in the request that makes
 /// the veth, the pod side's neighbour entry for its gateway needs no lookup of the host side.
 pub fn host_mac(seed: u64) -> Vec<u8> {
     let b = seed.to_be_bytes();
@@ -238,7 +238,8 @@ async fn route_via_gateway(
     gateway: IpAddr,
     host_mac: &[u8],
 ) -> Result<(), NetlinkError> {
-    // The neighbour entry and the route to the gateway are independent: both requests go out at once.
+    // The neighbour entry and the route to the gateway are independent: both are queued at once, and the
+    // connection sends the second as soon as the first is answered (not after a trip back through here).
     let neighbour = async {
         handle
             .neighbours()

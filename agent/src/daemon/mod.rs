@@ -598,7 +598,8 @@ impl Agent {
         // enforced before it can send.
         let program = async {
             // Only blocks this node owns get a blackhole; a borrowed address's block belongs to another node.
-            // The routes are independent of each other: their requests all go out before the first answer.
+            // The routes are independent of each other: all are queued at once, and the netlink connection
+            // sends each as soon as the one before is answered (not after a trip back through this task).
             let routes: Vec<OwnedRoute> = owned
                 .iter()
                 .map(|block| OwnedRoute::Blackhole(*block))
