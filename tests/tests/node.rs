@@ -352,7 +352,7 @@ fn a_host_side_left_behind_is_replaced() {
     assert_eq!(out["interfaces"][0]["name"], json!(host), "{out}");
     assert_eq!(out["interfaces"][0]["mac"], json!(mac), "{out}");
     assert!(mac.starts_with("02:"), "a locally administered unicast MAC: {mac}");
-    let address = out["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+    let address = address_of(&out);
     assert!(pod_ns.exec(&["ip", "-o", "addr", "show", "eth0"]).contains(&address), "the pod has {address}");
     let (ok, out) = node.cni("DEL", "again", &pod_ns.path(), &k8s_args("default", "again"), &node.conf(json!({})));
     assert!(ok, "DEL failed: {out}");

@@ -333,6 +333,17 @@ fn fuzz(seconds: u64) -> Result<()> {
 mod tests {
     use super::elf_interpreter;
 
+    /// A 64-bit little-endian ELF header with one program header of type `p_type` right after it.
+    fn elf_with_segment(p_type: u32) -> Vec<u8> {
+        let mut elf = vec![0u8; 0x40 + 0x38];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes()); // e_phoff
+        elf[0x36..0x38].copy_from_slice(&0x38u16.to_le_bytes()); // e_phentsize
+        elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        elf[0x40..0x44].copy_from_slice(&p_type.to_le_bytes());
+        elf
+    }
+
     #[test]
     fn a_dynamic_executable_asks_for_an_interpreter() {
         // /bin/sh on Debian is dynamically linked; a truncated or foreign file is not an ELF that asks.
@@ -340,5 +351,8 @@ mod tests {
         assert!(elf_interpreter(&sh));
         assert!(!elf_interpreter(&sh[..0x30]));
         assert!(!elf_interpreter(b"#!/bin/sh\necho not an ELF file at all, but long enough to be read as one\n"));
+        // What tells them apart is the PT_INTERP segment (3), not a PT_LOAD (1) alone.
+        assert!(elf_interpreter(&elf_with_segment(3)));
+        assert!(!elf_interpreter(&elf_with_segment(1)));
     }
 }

@@ -180,9 +180,12 @@ struct Waiter {
     reply: oneshot::Sender<Result<Attempt, StoreError>>,
 }
 
-struct Loaded {
-    pools: Vec<IpPool>,
-    config: IpamConfigSpec,
+/// What an assignment reads from the catalog: the pools and the IPAM configuration.
+pub struct Loaded {
+    /// Every pool.
+    pub pools: Vec<IpPool>,
+    /// The cluster's IPAM configuration.
+    pub config: IpamConfigSpec,
 }
 
 impl Allocator {
@@ -201,7 +204,9 @@ impl Allocator {
         &self.store
     }
 
-    async fn load(&self) -> Result<Loaded, StoreError> {
+    /// Read what an assignment needs from the catalog (a caller that needs the pools itself reads them once,
+    /// here, and hands them to [`Allocator::assign_recording`]).
+    pub async fn load(&self) -> Result<Loaded, StoreError> {
         let catalog = Catalog::new(Arc::clone(&self.store));
         let pools = catalog.pools().await?.into_iter().map(|(p, _)| p).collect();
         let config = catalog.config().await?.0.spec;
@@ -212,22 +217,23 @@ impl Allocator {
     /// for. Idempotent per handle: a repeated request returns what the handle already holds. If any family
     /// fails, nothing stays allocated.
     pub async fn assign(&self, request: &AssignRequest) -> Result<Vec<Assigned>, AllocError> {
-        Ok(self.assign_recording(request, None).await?.0)
+        let loaded = self.load().await?;
+        Ok(self.assign_recording(request, None, &loaded).await?.0)
     }
 
-    /// [`Allocator::assign`], committing `record` in the same transaction as the addresses where it can: when
-    /// the last address comes from a block this node owns (the common case). Returns whether it did; when
-    /// it did not (a block claimed or borrowed, fixed addresses, a repeated request), the caller writes the
-    /// record itself.
+    /// [`Allocator::assign`] with the catalog as `loaded` (see [`Allocator::load`]), committing `record` in
+    /// the same transaction as the addresses where it can: when the last address comes from a block this
+    /// node owns (the common case). Returns whether it did; when it did not (a block claimed or borrowed,
+    /// fixed addresses, a repeated request), the caller writes the record itself.
     pub async fn assign_recording(
         &self,
         request: &AssignRequest,
         record: Option<&Record>,
+        loaded: &Loaded,
     ) -> Result<(Vec<Assigned>, bool), AllocError> {
         if let Some(existing) = self.addresses_of(&request.handle).await? {
             return Ok((existing, false));
         }
-        let loaded = self.load().await?;
         let selection = ipam::selection::select(
             &loaded.pools,
             &request.node,

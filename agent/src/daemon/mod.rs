@@ -459,8 +459,9 @@ impl Agent {
         let handle = ipam::handle_for(&request.container_id, &request.ifname);
         // Until this ADD is over, its allocation without an endpoint is not a leak.
         let _adding = self.adds.read().await;
-        let pools = Catalog::new(Arc::clone(&self.store)).pools().await.map_err(store_reply)?;
-        let pool_list: Vec<_> = pools.iter().map(|(p, _)| p.clone()).collect();
+        // Read once: the allocator assigns from the same pools.
+        let loaded = self.allocator.load().await.map_err(store_reply)?;
+        let pool_list = &loaded.pools;
         let directory = &self.directory;
         let pod = if request.pod.is_empty() {
             None
@@ -472,7 +473,7 @@ impl Agent {
             node: directory.node(&self.node).await.map_err(directory_reply)?,
             namespace: directory.namespace(&namespace).await.map_err(directory_reply)?,
             pod,
-            requested: Requested::from_pool_names(&pool_list, &request.pools, request.ips.clone()),
+            requested: Requested::from_pool_names(pool_list, &request.pools, request.ips.clone()),
         };
         let mut endpoint = Endpoint {
             container_id: request.container_id.clone(),
@@ -510,7 +511,7 @@ impl Agent {
             }
             Ok(Some(ifindex))
         };
-        let (allocated, host) = tokio::join!(self.allocator.assign_recording(&assign, Some(&record)), host);
+        let (allocated, host) = tokio::join!(self.allocator.assign_recording(&assign, Some(&record), &loaded), host);
         let ((assigned, recorded), ifindex) = match (allocated, host) {
             (Ok(allocated), Ok(ifindex)) => (allocated, ifindex),
             (Err(err), host) => {
@@ -529,7 +530,7 @@ impl Agent {
         let pool_cidrs: Vec<PoolRef> =
             assigned.iter().filter_map(|a| pool_list.iter().find(|p| p.name() == a.pool).map(PoolRef::of)).collect();
         let blocks: Vec<IpNet> = assigned.iter().map(|a| a.block).collect();
-        if let Err(err) = self.wire(&endpoint, &blocks, &pool_cidrs, ifindex, recorded).await {
+        if let Err(err) = self.wire(&endpoint, &record.key, &blocks, &pool_cidrs, ifindex, recorded).await {
             let _ = self.allocator.release_handle(&handle).await;
             return Err(err);
         }
@@ -539,26 +540,26 @@ impl Agent {
         Ok(assigned
             .into_iter()
             .map(|a| {
-                let pool_cidr = pools.iter().find(|(p, _)| p.name() == a.pool).map_or(a.block, |(p, _)| p.cidr());
+                let pool_cidr = pool_list.iter().find(|p| p.name() == a.pool).map_or(a.block, |p| p.cidr());
                 AssignedIp { address: IpNet::from(a.ip), pool: a.pool, pool_cidr }
             })
             .collect())
     }
 
-    /// Record the endpoint (unless the allocation's transaction already did: `recorded`) and route its
+    /// Record the endpoint under `key` (unless the allocation's transaction already did: `recorded`) and route its
     /// addresses to its host veth (`ifindex`, absent in IPAM-only mode); make sure its blocks' blackholes
     /// exist and its entry is in the enforcement maps. On failure, what this did is undone and the record
     /// removed; the caller releases the addresses.
     async fn wire(
         &self,
         endpoint: &Endpoint,
+        key: &str,
         blocks: &[IpNet],
         pools: &[PoolRef],
         ifindex: Option<u32>,
         recorded: bool,
     ) -> Result<(), ErrorReply> {
         let _wiring = self.wiring.read().await;
-        let key = keys::endpoint(&self.node.name, &ipam::handle_for(&endpoint.container_id, &endpoint.ifname));
         let mut owned = Vec::with_capacity(blocks.len());
         for block in blocks {
             // A block with no affinity to this node lent the address: other nodes must route it here.
@@ -571,8 +572,8 @@ impl Agent {
         // The allocator records the endpoint only with addresses from this node's own blocks; a borrowed
         // address needs its `borrowed/` key beside the record, so that case (and every other) commits here.
         if !recorded || !borrowed.is_empty() {
-            let existing = self.store.get(&key).await.map_err(store_reply)?.map(|kv| kv.mod_revision);
-            let mut txn = Txn::new().write(&key, existing, encode(endpoint));
+            let existing = self.store.get(key).await.map_err(store_reply)?.map(|kv| kv.mod_revision);
+            let mut txn = Txn::new().write(key, existing, encode(endpoint));
             for ip in &borrowed {
                 txn =
                     txn.put(keys::borrowed(*ip), encode(&cluster::Borrowed { ip: *ip, node: self.node.name.clone() }));
@@ -581,7 +582,7 @@ impl Agent {
                 return Err(reply(
                     code::TRY_AGAIN_LATER,
                     "a concurrent request for the same attachment is in progress",
-                    &key,
+                    key,
                 ));
             }
         }
@@ -611,7 +612,7 @@ impl Agent {
             self.enforce_endpoint(endpoint, ifindex, pools)
         };
         let Err(err) = program.await else { return Ok(()) };
-        let mut undo = Txn::new().remove(&key);
+        let mut undo = Txn::new().remove(key);
         for ip in &endpoint.ips {
             undo = undo.remove(keys::borrowed(*ip));
         }
