@@ -211,29 +211,51 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-/// What building the eBPF program needs: nightly with rust-src, and bpf-linker linked against nightly's own
-/// LLVM (through a prefix directory of symlinks that must outlive the install: bpf-linker keeps an rpath to it).
-fn setup_ebpf_toolchain() -> Result<()> {
-    if !succeeds("rustup", &["run", "nightly", "rustc", "--version"]) {
-        eprintln!("setup: installing the nightly toolchain");
-        run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+/// The dated nightly the eBPF program builds with (`ebpf/rust-toolchain.toml`; agent/build.rs reads the same file).
+fn ebpf_toolchain() -> Result<String> {
+    toolchain_channel(include_str!("../../ebpf/rust-toolchain.toml"))
+        .context("ebpf/rust-toolchain.toml names no channel = \"nightly-YYYY-MM-DD\"")
+}
+
+/// The `channel = "..."` of a rust-toolchain.toml.
+fn toolchain_channel(toml: &str) -> Option<String> {
+    toml.lines().find_map(|line| {
+        let value = line.trim().strip_prefix("channel")?.trim_start().strip_prefix('=')?.trim();
+        Some(value.strip_prefix('"')?.strip_suffix('"')?.to_string())
+    })
+}
+
+/// Installs a toolchain (minimal profile) and the given components with rustup when they are missing.
+fn ensure_toolchain(toolchain: &str, components: &[&str]) -> Result<()> {
+    if succeeds("rustup", &["run", toolchain, "rustc", "--version"]) {
+        eprintln!("setup: toolchain {toolchain} present");
+    } else {
+        eprintln!("setup: installing toolchain {toolchain}");
+        run("rustup", &["toolchain", "install", toolchain, "--profile", "minimal"])?;
     }
     let installed = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
-        .unwrap_or(false);
-    if installed {
-        eprintln!("setup: nightly rust-src present");
-    } else {
-        eprintln!("setup: installing nightly rust-src");
-        run("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for component in components {
+        if installed.lines().any(|l| l.starts_with(component)) {
+            eprintln!("setup: {toolchain} {component} present");
+        } else {
+            eprintln!("setup: installing {toolchain} {component}");
+            run("rustup", &["component", "add", component, "--toolchain", toolchain])?;
+        }
     }
-    if succeeds("bpf-linker", &["--version"]) {
-        eprintln!("setup: bpf-linker present");
-        return Ok(());
-    }
-    let sysroot = Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]).output()?;
+    Ok(())
+}
+
+/// What building the eBPF program needs: the pinned nightly with rust-src, and bpf-linker linked against that
+/// nightly's own LLVM (through a prefix directory of symlinks that must outlive the install: bpf-linker keeps an
+/// rpath to it). A bpf-linker linked against another toolchain's LLVM is rebuilt.
+fn setup_ebpf_toolchain() -> Result<()> {
+    let nightly = ebpf_toolchain()?;
+    ensure_toolchain(&nightly, &["rust-src"])?;
+    let sysroot = Command::new("rustup").args(["run", &nightly, "rustc", "--print", "sysroot"]).output()?;
     let lib = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim()).join("lib");
     let llvm = std::fs::read_dir(&lib)?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -242,18 +264,26 @@ fn setup_ebpf_toolchain() -> Result<()> {
     let major = llvm.trim_start_matches("libLLVM.so.").split('.').next().unwrap_or_default().to_string();
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let prefix = PathBuf::from(home).join(".local/share/poolwarden/llvm");
+    // The prefix records which toolchain's LLVM bpf-linker was built against.
+    let built_for = prefix.join("toolchain");
+    let current = std::fs::read_to_string(&built_for).is_ok_and(|t| t.trim() == nightly);
+    if current && succeeds("bpf-linker", &["--version"]) {
+        eprintln!("setup: bpf-linker present (built against {nightly}'s LLVM)");
+        return Ok(());
+    }
     std::fs::create_dir_all(prefix.join("lib"))?;
     for name in ["libLLVM.so", llvm.as_str()] {
         let link = prefix.join("lib").join(name);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(lib.join(&llvm), &link)?;
     }
-    eprintln!("setup: installing bpf-linker 0.13.0 against nightly's LLVM {major} ({})", prefix.display());
+    eprintln!("setup: installing bpf-linker 0.13.0 against {nightly}'s LLVM {major} ({})", prefix.display());
     run_with_env(
         "cargo",
         &[
             "install",
             "bpf-linker",
+            "--force",
             "--version",
             "0.13.0",
             "--locked",
@@ -262,7 +292,12 @@ fn setup_ebpf_toolchain() -> Result<()> {
             &format!("llvm-{major}"),
         ],
         &[("LLVM_PREFIX", &prefix.display().to_string())],
-    )
+    )?;
+    if !succeeds("bpf-linker", &["--version"]) {
+        bail!("bpf-linker was installed but `bpf-linker --version` fails (is ~/.cargo/bin on PATH?)");
+    }
+    std::fs::write(&built_for, format!("{nightly}\n"))?;
+    Ok(())
 }
 
 fn test() -> Result<()> {
@@ -311,9 +346,7 @@ const FUZZ_TARGETS: &[(&str, &str)] =
 
 fn fuzz(seconds: u64) -> Result<()> {
     setup()?;
-    if !succeeds("rustup", &["run", "nightly", "rustc", "--version"]) {
-        run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
-    }
+    let nightly = ebpf_toolchain()?;
     if !succeeds("cargo", &["fuzz", "--version"]) {
         eprintln!("setup: installing cargo-fuzz");
         run("cargo", &["install", "cargo-fuzz", "--locked"])?;
@@ -324,14 +357,29 @@ fn fuzz(seconds: u64) -> Result<()> {
         let corpus = format!("{fuzz_dir}/corpus/{target}");
         let seeds = format!("{fuzz_dir}/seeds/{target}");
         std::fs::create_dir_all(&corpus)?;
-        run("cargo", &["+nightly", "fuzz", "run", "--fuzz-dir", fuzz_dir, target, &corpus, &seeds, "--", &max_time])?;
+        run(
+            "cargo",
+            &[&format!("+{nightly}"), "fuzz", "run", "--fuzz-dir", fuzz_dir, target, &corpus, &seeds, "--", &max_time],
+        )?;
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::elf_interpreter;
+    use super::{elf_interpreter, toolchain_channel};
+
+    #[test]
+    fn the_ebpf_toolchain_is_a_dated_nightly() {
+        let channel = super::ebpf_toolchain().expect("ebpf/rust-toolchain.toml names a channel");
+        let date = channel.strip_prefix("nightly-").expect("a nightly");
+        assert!(date.len() == 10 && date.chars().filter(|c| *c == '-').count() == 2, "{channel} is not dated");
+        assert_eq!(
+            toolchain_channel("[toolchain]\nchannel= \"nightly-2026-01-02\"\n").as_deref(),
+            Some("nightly-2026-01-02")
+        );
+        assert_eq!(toolchain_channel("channels = 1\n"), None);
+    }
 
     /// A 64-bit little-endian ELF header with one program header of type `p_type` right after it.
     fn elf_with_segment(p_type: u32) -> Vec<u8> {
