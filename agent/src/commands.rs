@@ -555,6 +555,8 @@ pub async fn execute(
             let all: Vec<u32> = ids.iter().map(|(i, _)| *i).chain([0]).collect();
             let state = enforcement::read_pinned(&bpf_dir, &all)?;
             w!(out, "{} interface(s) enforced (maps pinned in {})", state.attached.len(), bpf_dir.display());
+            let ports: Vec<String> = state.decap_ports.iter().map(u16::to_string).collect();
+            w!(out, "tunnels dropped: IP protocols {:?}, UDP ports {}", enforcement::TUNNEL_PROTOCOLS, ports.join(","));
             let rows: Vec<Vec<String>> = state
                 .endpoints
                 .iter()

@@ -1,6 +1,8 @@
 //! The enforcement program: a direct-action filter at clsact ingress of every pod's host-side veth (that is,
 //! the pod's egress). It passes a packet only if its source is the pod's own address (or, in pool mode, inside
-//! the pod's pool), and drops everything else, counting why.
+//! the pod's pool) and it carries no tunnel (whose inner source a decapsulating node would trust unchecked),
+//! lets through the neighbour discovery a host sends but not what only routers send, and drops everything
+//! else, VLAN-tagged frames included, counting why.
 #![no_std]
 #![no_main]
 #![expect(unsafe_code, reason = "eBPF: reading the skb and map values is unsafe by construction")]
@@ -14,7 +16,7 @@ use aya_ebpf::{
 };
 use poolwarden_ebpf_common::{
     ARRAY_ENDPOINTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, POOL_SLOTS, PRESENT,
-    counter_index, reason,
+    TUNNEL_PROTOCOLS, counter_index, reason,
 };
 
 /// ifindex of the host-side veth -> the pod it belongs to, for indexes below [`ARRAY_ENDPOINTS`]. Pinned by
@@ -32,6 +34,11 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(POOL_SLOTS * reason::COUNT, 0);
 
+/// UDP destination port -> non-zero when something on the node (or a peer) decapsulates what arrives there:
+/// the defaults and every VXLAN/GENEVE device's port, written by the agent.
+#[map]
+static DECAP_PORTS: Array<u8> = Array::pinned(65_536, 0);
+
 /// Drop reports for the agent's log, shared (pinned) by every program instance.
 #[map]
 static DROPS: RingBuf = RingBuf::pinned(64 * 1024, 0);
@@ -48,6 +55,17 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+const IPPROTO_UDP: u8 = 17;
+const ICMPV6_LISTENER_REPORT: u8 = 131;
+const ICMPV6_LISTENER_DONE: u8 = 132;
+const ICMPV6_ROUTER_SOLICITATION: u8 = 133;
+const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
+const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
+const ICMPV6_LISTENER_REPORT_V2: u8 = 143;
 
 /// The verdict for a pod's packet.
 #[classifier]
@@ -164,48 +182,15 @@ fn in_prefix<const N: usize>(address: &[u8; N], network: &[u8; N], mask: &[u8; N
 
 #[inline(always)]
 fn check(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
+    // The kernel takes one 802.1Q/802.1ad tag off before this hook and keeps it in the skb (VID 0 included):
+    // a frame the pod tagged is judged by that, not by the inner header that is left.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return Ok(reason::VLAN);
+    }
     let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
     match ethertype {
-        ETH_P_IP => {
-            if endpoint.flags & HAS_IPV4 == 0 {
-                return Ok(reason::NO_IPV4);
-            }
-            let source: [u8; 4] = read(ctx, ETH_HLEN + 12)?;
-            let own = source == endpoint.ipv4;
-            let pooled =
-                endpoint.flags & POOL_MODE != 0 && in_prefix(&source, &endpoint.pool_ipv4, &endpoint.pool_ipv4_mask);
-            Ok(if own || pooled { reason::PASSED } else { reason::SPOOFED_IPV4 })
-        }
-        ETH_P_IPV6 => {
-            let source: [u8; 16] = read(ctx, ETH_HLEN + 8)?;
-            // Neighbour and router discovery, and multicast listener reports, come from the link-local (or,
-            // for duplicate address detection, the unspecified) address before and besides any other.
-            let link_local = source[0] == 0xfe && source[1] & 0xc0 == 0x80;
-            if link_local || source == [0u8; 16] {
-                let mut next_header: u8 = read(ctx, ETH_HLEN + 6)?;
-                let mut icmp_offset = ETH_HLEN + 40;
-                if next_header == IPPROTO_HOPOPTS {
-                    // Listener reports carry a router-alert hop-by-hop header (8 bytes) before the ICMPv6 one.
-                    next_header = read(ctx, ETH_HLEN + 40)?;
-                    let length: u8 = read(ctx, ETH_HLEN + 41)?;
-                    if length != 0 {
-                        return Ok(reason::NO_IPV6);
-                    }
-                    icmp_offset += 8;
-                }
-                let icmp_type: u8 = read(ctx, icmp_offset)?;
-                if next_header == IPPROTO_ICMPV6 && matches!(icmp_type, 130..=137 | 143) {
-                    return Ok(reason::PASSED);
-                }
-            }
-            if endpoint.flags & HAS_IPV6 == 0 {
-                return Ok(reason::NO_IPV6);
-            }
-            let own = source == endpoint.ipv6;
-            let pooled =
-                endpoint.flags & POOL_MODE != 0 && in_prefix(&source, &endpoint.pool_ipv6, &endpoint.pool_ipv6_mask);
-            Ok(if own || pooled { reason::PASSED } else { reason::SPOOFED_IPV6 })
-        }
+        ETH_P_IP => check_ipv4(ctx, endpoint),
+        ETH_P_IPV6 => check_ipv6(ctx, endpoint),
         ETH_P_ARP => {
             // Ethernet/IPv4 ARP: the sender protocol address is 14 bytes into the ARP header.
             let sender: [u8; 4] = read(ctx, ETH_HLEN + 14)?;
@@ -218,6 +203,136 @@ fn check(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
         ETH_P_8021Q | ETH_P_8021AD => Ok(reason::VLAN),
         _ => Ok(reason::OTHER),
     }
+}
+
+#[inline(always)]
+fn check_ipv4(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
+    if endpoint.flags & HAS_IPV4 == 0 {
+        return Ok(reason::NO_IPV4);
+    }
+    let version_ihl: u8 = read(ctx, ETH_HLEN)?;
+    let header_length = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_length < 20 {
+        return Ok(reason::OTHER);
+    }
+    let source: [u8; 4] = read(ctx, ETH_HLEN + 12)?;
+    let own = source == endpoint.ipv4;
+    let pooled = endpoint.flags & POOL_MODE != 0 && in_prefix(&source, &endpoint.pool_ipv4, &endpoint.pool_ipv4_mask);
+    if !own && !pooled {
+        return Ok(reason::SPOOFED_IPV4);
+    }
+    // A fragment after the first carries no transport header: the first one's verdict decides (the kernel
+    // reassembles nothing without it, and drops overlapping fragments).
+    if u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?) & 0x1fff != 0 {
+        return Ok(reason::PASSED);
+    }
+    let protocol: u8 = read(ctx, ETH_HLEN + 9)?;
+    carried(ctx, protocol, ETH_HLEN + header_length)
+}
+
+/// What an IP packet from an allowed source carries: tunnels are dropped, anything else passes.
+#[inline(always)]
+fn carried(ctx: &TcContext, protocol: u8, transport: usize) -> Result<u32, i64> {
+    if TUNNEL_PROTOCOLS.contains(&protocol) {
+        return Ok(reason::ENCAPSULATED);
+    }
+    if protocol == IPPROTO_UDP {
+        let port = u16::from_be(ctx.load::<u16>(transport + 2)?);
+        if DECAP_PORTS.get(u32::from(port)).is_some_and(|listening| *listening != 0) {
+            return Ok(reason::ENCAPSULATED);
+        }
+    }
+    Ok(reason::PASSED)
+}
+
+/// How many IPv6 extension headers the program follows before giving up (and dropping: no pod needs more).
+const MAX_EXTENSION_HEADERS: usize = 6;
+
+#[inline(always)]
+fn check_ipv6(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
+    if endpoint.flags & HAS_IPV6 == 0 {
+        // Router and neighbour discovery included: a pod without IPv6 has no business on it.
+        return Ok(reason::NO_IPV6);
+    }
+    if read::<u8>(ctx, ETH_HLEN)? >> 4 != 6 {
+        return Ok(reason::OTHER);
+    }
+    let source: [u8; 16] = read(ctx, ETH_HLEN + 8)?;
+    // Walk the extension headers to the transport header (offsets are variable: loaded through the helper).
+    let mut next_header: u8 = read(ctx, ETH_HLEN + 6)?;
+    let mut offset = ETH_HLEN + 40;
+    let mut later_fragment = false;
+    let mut done = false;
+    for _ in 0..MAX_EXTENSION_HEADERS {
+        match next_header {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let header: [u8; 2] = ctx.load(offset)?;
+                next_header = header[0];
+                offset += (usize::from(header[1]) + 1) * 8;
+            }
+            IPPROTO_FRAGMENT => {
+                let header: [u8; 4] = ctx.load(offset)?;
+                next_header = header[0];
+                later_fragment = u16::from_be_bytes([header[2], header[3]]) & 0xfff8 != 0;
+                offset += 8;
+                if later_fragment {
+                    done = true;
+                    break;
+                }
+            }
+            IPPROTO_AH => {
+                let header: [u8; 2] = ctx.load(offset)?;
+                next_header = header[0];
+                offset += (usize::from(header[1]) + 2) * 4;
+            }
+            _ => {
+                done = true;
+                break;
+            }
+        }
+    }
+    if !done {
+        return Ok(reason::OTHER);
+    }
+    let link_local = source[0] == 0xfe && source[1] & 0xc0 == 0x80;
+    if next_header == IPPROTO_ICMPV6 && !later_fragment {
+        let icmp_type: u8 = ctx.load(offset)?;
+        match icmp_type {
+            // What a host sends: router and neighbour solicitation, neighbour advertisement, listener
+            // reports (v1, v2) and done, from link-local or (duplicate address detection) the unspecified
+            // address, as the RFCs require, or from its own address.
+            ICMPV6_ROUTER_SOLICITATION
+            | ICMPV6_NEIGHBOUR_SOLICITATION
+            | ICMPV6_NEIGHBOUR_ADVERTISEMENT
+            | ICMPV6_LISTENER_REPORT
+            | ICMPV6_LISTENER_DONE
+            | ICMPV6_LISTENER_REPORT_V2 => {
+                if icmp_type == ICMPV6_NEIGHBOUR_ADVERTISEMENT {
+                    let target: [u8; 16] = ctx.load(offset + 8)?;
+                    let target_link_local = target[0] == 0xfe && target[1] & 0xc0 == 0x80;
+                    if target != endpoint.ipv6 && !target_link_local {
+                        return Ok(reason::SPOOFED_NEIGHBOUR);
+                    }
+                }
+                if link_local || source == [0u8; 16] {
+                    return Ok(reason::PASSED);
+                }
+            }
+            // What only routers send: listener query, router advertisement, redirect, router renumbering,
+            // multicast router advertisement and termination.
+            130 | 134 | 137 | 138 | 151 | 153 => return Ok(reason::FORBIDDEN_ICMPV6),
+            _ => {}
+        }
+    }
+    let own = source == endpoint.ipv6;
+    let pooled = endpoint.flags & POOL_MODE != 0 && in_prefix(&source, &endpoint.pool_ipv6, &endpoint.pool_ipv6_mask);
+    if !own && !pooled {
+        return Ok(reason::SPOOFED_IPV6);
+    }
+    if later_fragment {
+        return Ok(reason::PASSED);
+    }
+    carried(ctx, next_header, offset)
 }
 
 #[cfg(not(test))]

@@ -242,7 +242,13 @@ fn a_new_build_takes_over_the_filters_without_a_gap() {
     node.stop_agent();
     // Make what is pinned look like an older build's layout: the old program keeps running on the old maps.
     let root = std::path::Path::new(&node.bpf_dir()).to_path_buf();
-    std::fs::rename(root.join("v3"), root.join("v1")).expect("rename the pin directory on bpffs");
+    let current = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('v')))
+        .expect("this build's pin directory");
+    assert_ne!(current, root.join("v1"), "this build is not layout v1");
+    std::fs::rename(&current, root.join("v1")).expect("rename the pin directory on bpffs");
     watch_source(&node, "10.86.0.99");
     send_from(&pod, "10.86.0.99", &node.address);
     assert_eq!(arrived(&node, "10.86.0.99"), 0, "the old build's program still enforces");

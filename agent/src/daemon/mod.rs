@@ -813,6 +813,8 @@ impl Agent {
                 ),
             }
         }
+        // Whatever decapsulates on this node now (ours, or another CNI's or the operator's devices).
+        let ports = self.routes.decap_ports().await.map_err(route_reply)?;
         // Pinned links and entries of interfaces the datastore no longer knows go (a DEL lost with the agent).
         if let Some(enforcement) = &self.enforcement {
             let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
@@ -825,6 +827,9 @@ impl Agent {
                     .release(stale)
                     .map_err(|e| reply(code::IO_FAILURE, "removing stale enforcement failed", e.to_string()))?;
             }
+            enforcement
+                .block_decap_ports(ports)
+                .map_err(|e| reply(code::IO_FAILURE, "blocking decapsulating ports failed", e.to_string()))?;
             // Every endpoint's link has moved over to this build by now; what older builds pinned can go.
             if let Err(e) = enforcement.remove_older_versions() {
                 warn!(error = %e, "removing an older build's pinned objects failed");

@@ -19,8 +19,8 @@ use aya::{
 };
 use ipnet::IpNet;
 pub use poolwarden_ebpf_common::{
-    ARRAY_ENDPOINTS, CounterKey, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE,
-    POOL_SLOTS, PRESENT, counter_index, pool_id, reason,
+    ARRAY_ENDPOINTS, CounterKey, DEFAULT_DECAP_PORTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6,
+    POOL_MODE, POOL_SLOTS, PRESENT, TUNNEL_PROTOCOLS, counter_index, pool_id, reason,
 };
 
 /// The enforcement object, built for `bpfel-unknown-none` by `build.rs`.
@@ -110,7 +110,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/poolwarden";
 /// The layout version of the pinned maps: they live in `v<PIN_ABI>/` under the pin directory. Bump it when a
 /// map's type, key or value changes; a new agent then loads fresh maps beside the old ones and swaps its
 /// program into every pod's filter atomically (see [`Enforcement::enforce`]), so no pod goes unenforced.
-pub const PIN_ABI: u32 = 3;
+pub const PIN_ABI: u32 = 4;
 
 /// The directory of this build's pins under `root`.
 pub fn versioned(root: &Path) -> PathBuf {
@@ -175,7 +175,22 @@ impl Enforcement {
             program.load().map_err(|e| EnforcementError::Load(format!("{name}: {e:?}")))?;
         }
         let entered = read_entries(&pin_dir)?.into_iter().map(|(index, _)| index).collect();
-        Ok(Self { ebpf, pin_dir, root: root.to_path_buf(), attached_here: Default::default(), entered })
+        let mut enforcement =
+            Self { ebpf, pin_dir, root: root.to_path_buf(), attached_here: Default::default(), entered };
+        enforcement.block_decap_ports(DEFAULT_DECAP_PORTS)?;
+        Ok(enforcement)
+    }
+
+    /// Drop what pods send to these UDP ports (whatever the destination): ports where a VXLAN, GENEVE or
+    /// FOU device decapsulates. Ports stay blocked once blocked (the map is pinned; a device that goes may
+    /// come back).
+    pub fn block_decap_ports(&mut self, ports: impl IntoIterator<Item = u16>) -> Result<(), EnforcementError> {
+        let mut map: Array<&mut MapData, u8> =
+            Array::try_from(self.map_mut("DECAP_PORTS")?).map_err(map_error("open DECAP_PORTS"))?;
+        for port in ports {
+            map.set(u32::from(port), 1, 0).map_err(map_error(format!("block UDP port {port}")))?;
+        }
+        Ok(())
     }
 
     /// Enforce `spec` on the host-side interface `ifname` (index `ifindex`): the entry first, then the
@@ -360,6 +375,8 @@ pub struct PinnedState {
     pub endpoints: Vec<(u32, Endpoint)>,
     /// Non-zero counters of the given pools: (pool id, reason, packets).
     pub counters: Vec<(u32, u32, u64)>,
+    /// UDP ports pods may not send to (decapsulating devices listen there).
+    pub decap_ports: Vec<u16>,
 }
 
 fn open_pinned(pin_dir: &Path, name: &str) -> Result<aya::maps::Map, EnforcementError> {
@@ -410,10 +427,17 @@ pub fn read_pinned(root: &Path, pool_ids: &[u32]) -> Result<PinnedState, Enforce
     let pin_dir = &versioned(root);
     let endpoints = read_entries(pin_dir)?;
     let mut state =
-        PinnedState { attached: endpoints.iter().map(|(i, _)| *i).collect(), endpoints, counters: Vec::new() };
+        PinnedState { attached: endpoints.iter().map(|(i, _)| *i).collect(), endpoints, ..PinnedState::default() };
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(open_pinned(pin_dir, "COUNTERS")?).map_err(map_error("COUNTERS"))?;
     state.counters = read_counters(&counters, pool_ids)?.into_iter().map(|(k, n)| (k.pool_id, k.reason, n)).collect();
+    let ports: Array<MapData, u8> =
+        Array::try_from(open_pinned(pin_dir, "DECAP_PORTS")?).map_err(map_error("DECAP_PORTS"))?;
+    for (port, blocked) in ports.iter().enumerate() {
+        if blocked.map_err(map_error("read DECAP_PORTS"))? != 0 {
+            state.decap_ports.push(u16::try_from(port).unwrap_or(u16::MAX));
+        }
+    }
     Ok(state)
 }
 
@@ -437,52 +461,149 @@ pub fn drop_source(event: &DropEvent) -> Option<IpAddr> {
     }
 }
 
-/// Frames for tests and benchmarks.
+/// Frames for tests and benchmarks: Ethernet frames with valid IPv4 header checksums (what a real receiver
+/// checks before anything else), so they can be sent on a real link as well as run with `BPF_PROG_TEST_RUN`.
 pub mod frames {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    fn ethernet(ethertype: u16) -> Vec<u8> {
-        let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    /// The MACs of the frames below (destination, source), unless a caller builds its own header.
+    pub const MACS: ([u8; 6], [u8; 6]) = ([0x02, 0, 0, 0, 0, 1], [0x02, 0, 0, 0, 0, 2]);
+
+    /// An Ethernet frame.
+    pub fn ethernet(destination: [u8; 6], source: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut frame = destination.to_vec();
+        frame.extend_from_slice(&source);
         frame.extend_from_slice(&ethertype.to_be_bytes());
+        frame.extend_from_slice(payload);
         frame
+    }
+
+    fn checksum(bytes: &[u8]) -> u16 {
+        let mut sum: u32 =
+            bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// An IPv4 packet (no Ethernet header): `options` (a multiple of 4 bytes), `fragment` the flags and
+    /// offset field (0x2000 = more fragments; the low 13 bits the offset in 8-byte units).
+    pub fn ipv4_packet(
+        source: Ipv4Addr,
+        destination: Ipv4Addr,
+        protocol: u8,
+        options: &[u8],
+        fragment: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let header_length = 20 + options.len();
+        let total = u16::try_from(header_length + payload.len()).unwrap_or(u16::MAX);
+        let mut packet = vec![0x40 | (header_length / 4) as u8, 0];
+        packet.extend_from_slice(&total.to_be_bytes());
+        packet.extend_from_slice(&[0x12, 0x34]);
+        packet.extend_from_slice(&fragment.to_be_bytes());
+        packet.extend_from_slice(&[64, protocol, 0, 0]);
+        packet.extend_from_slice(&source.octets());
+        packet.extend_from_slice(&destination.octets());
+        packet.extend_from_slice(options);
+        let sum = checksum(&packet);
+        packet[10..12].copy_from_slice(&sum.to_be_bytes());
+        packet.extend_from_slice(payload);
+        packet
+    }
+
+    /// An IPv6 packet (no Ethernet header) whose payload starts with `next_header`'s header.
+    pub fn ipv6_packet(source: Ipv6Addr, destination: Ipv6Addr, next_header: u8, payload: &[u8]) -> Vec<u8> {
+        let mut packet = vec![0x60, 0, 0, 0];
+        packet.extend_from_slice(&u16::try_from(payload.len()).unwrap_or(u16::MAX).to_be_bytes());
+        packet.extend_from_slice(&[next_header, 255]);
+        packet.extend_from_slice(&source.octets());
+        packet.extend_from_slice(&destination.octets());
+        packet.extend_from_slice(payload);
+        packet
+    }
+
+    /// A UDP datagram (checksum 0: none, which IPv4 allows).
+    pub fn udp(source_port: u16, destination_port: u16, payload: &[u8]) -> Vec<u8> {
+        let mut datagram = source_port.to_be_bytes().to_vec();
+        datagram.extend_from_slice(&destination_port.to_be_bytes());
+        datagram.extend_from_slice(&u16::try_from(8 + payload.len()).unwrap_or(u16::MAX).to_be_bytes());
+        datagram.extend_from_slice(&[0, 0]);
+        datagram.extend_from_slice(payload);
+        datagram
+    }
+
+    /// A VXLAN (or, with its port, VXLAN-GPE-less GENEVE-like) header with `vni`, then the inner frame.
+    pub fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
+        let mut payload = vec![0x08, 0, 0, 0];
+        payload.extend_from_slice(&(vni << 8).to_be_bytes());
+        payload.extend_from_slice(inner);
+        payload
+    }
+
+    /// A GENEVE header (no options) carrying an Ethernet frame with `vni`.
+    pub fn geneve(vni: u32, inner: &[u8]) -> Vec<u8> {
+        let mut payload = vec![0, 0, 0x65, 0x58];
+        payload.extend_from_slice(&(vni << 8).to_be_bytes());
+        payload.extend_from_slice(inner);
+        payload
+    }
+
+    /// A GRE header (no key, no checksum) carrying `protocol` (0x0800 IPv4, 0x6558 Ethernet for GRETAP).
+    pub fn gre(protocol: u16, inner: &[u8]) -> Vec<u8> {
+        let mut payload = vec![0, 0];
+        payload.extend_from_slice(&protocol.to_be_bytes());
+        payload.extend_from_slice(inner);
+        payload
+    }
+
+    /// An ICMPv6 message (checksum left 0; the program does not check it).
+    pub fn icmpv6(icmp_type: u8, body: &[u8]) -> Vec<u8> {
+        let mut message = vec![icmp_type, 0, 0, 0];
+        message.extend_from_slice(body);
+        message
+    }
+
+    /// A neighbour advertisement body for `target` (flags: solicited, override).
+    pub fn neighbour_advertisement(target: Ipv6Addr) -> Vec<u8> {
+        let mut message = vec![136, 0, 0, 0, 0x60, 0, 0, 0];
+        message.extend_from_slice(&target.octets());
+        message
     }
 
     /// An IPv4 UDP packet from `source`.
     pub fn ipv4(source: Ipv4Addr, destination: Ipv4Addr) -> Vec<u8> {
-        let mut frame = ethernet(0x0800);
-        frame.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0]);
-        frame.extend_from_slice(&source.octets());
-        frame.extend_from_slice(&destination.octets());
-        frame.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 8, 0, 0]);
-        frame
+        let packet = ipv4_packet(source, destination, 17, &[], 0, &udp(12345, 53, &[]));
+        ethernet(MACS.0, MACS.1, 0x0800, &packet)
     }
 
     /// An IPv6 packet from `source` with `next_header` and, for ICMPv6, `icmp_type` as its first byte.
     pub fn ipv6(source: Ipv6Addr, destination: Ipv6Addr, next_header: u8, icmp_type: u8) -> Vec<u8> {
-        let mut frame = ethernet(0x86dd);
-        frame.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, next_header, 64]);
-        frame.extend_from_slice(&source.octets());
-        frame.extend_from_slice(&destination.octets());
-        frame.extend_from_slice(&[icmp_type, 0, 0, 0, 0, 0, 0, 0]);
-        frame
+        let packet = ipv6_packet(source, destination, next_header, &[icmp_type, 0, 0, 0, 0, 0, 0, 0]);
+        ethernet(MACS.0, MACS.1, 0x86dd, &packet)
     }
 
     /// An ARP request whose sender protocol address is `sender`.
     pub fn arp(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
-        let mut frame = ethernet(0x0806);
-        frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1, 0x02, 0, 0, 0, 0, 2]);
-        frame.extend_from_slice(&sender.octets());
-        frame.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-        frame.extend_from_slice(&target.octets());
-        frame
+        let mut body = vec![0, 1, 0x08, 0, 6, 4, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        body.extend_from_slice(&sender.octets());
+        body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        body.extend_from_slice(&target.octets());
+        ethernet(MACS.0, MACS.1, 0x0806, &body)
+    }
+
+    /// A frame with an 802.1Q (`tpid` 0x8100) or 802.1ad (0x88a8) tag of `vid` inserted after the MACs.
+    pub fn tagged(frame: &[u8], tpid: u16, vid: u16) -> Vec<u8> {
+        let mut tagged = frame[..12].to_vec();
+        tagged.extend_from_slice(&tpid.to_be_bytes());
+        tagged.extend_from_slice(&vid.to_be_bytes());
+        tagged.extend_from_slice(&frame[12..]);
+        tagged
     }
 
     /// An 802.1Q-tagged IPv4 packet.
     pub fn vlan(source: Ipv4Addr, destination: Ipv4Addr) -> Vec<u8> {
-        let inner = ipv4(source, destination);
-        let mut frame = ethernet(0x8100);
-        frame.extend_from_slice(&[0, 42]);
-        frame.extend_from_slice(&inner[12..]);
-        frame
+        tagged(&ipv4(source, destination), 0x8100, 42)
     }
 }

@@ -126,6 +126,32 @@ impl Routes {
         Ok(found.into_iter().map(|(_, net)| net).collect())
     }
 
+    /// The UDP ports on which a VXLAN or GENEVE device of this namespace decapsulates what arrives (ours and
+    /// anyone else's): a pod must never send there, or the inner packet's source goes unchecked.
+    pub async fn decap_ports(&self) -> Result<BTreeSet<u16>, RouteError> {
+        use netlink_packet_route::link::{InfoData, InfoGeneve, InfoVxlan, LinkAttribute, LinkInfo};
+        let mut ports = BTreeSet::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(link) = links.try_next().await.map_err(netlink("list links"))? {
+            let infos =
+                link.attributes.iter().filter_map(|a| if let LinkAttribute::LinkInfo(i) = a { Some(i) } else { None });
+            for info in infos.flatten() {
+                match info {
+                    LinkInfo::Data(InfoData::Vxlan(vxlan)) => ports.extend(vxlan.iter().filter_map(|a| match a {
+                        InfoVxlan::Port(port) if *port != 0 => Some(*port),
+                        _ => None,
+                    })),
+                    LinkInfo::Data(InfoData::Geneve(geneve)) => ports.extend(geneve.iter().filter_map(|a| match a {
+                        InfoGeneve::Port(port) if *port != 0 => Some(*port),
+                        _ => None,
+                    })),
+                    _ => {}
+                }
+            }
+        }
+        Ok(ports)
+    }
+
     /// The VXLAN overlay on this connection.
     pub fn overlay(&self) -> super::overlay::Overlay {
         super::overlay::Overlay::new(self.clone())

@@ -53,14 +53,24 @@ pub mod reason {
     pub const NO_IPV4: u32 = 4;
     /// Dropped: ARP whose sender address is not the pod's.
     pub const SPOOFED_ARP: u32 = 5;
-    /// Dropped: a VLAN-tagged frame.
+    /// Dropped: a VLAN-tagged frame (a tag the kernel stripped before the hook, or one still in the frame).
     pub const VLAN: u32 = 6;
     /// Dropped: the interface has no endpoint entry (fail closed).
     pub const NO_ENDPOINT: u32 = 7;
-    /// Dropped: another ethertype, or a packet too short to read.
+    /// Dropped: another ethertype, a malformed or truncated header, or an IPv6 extension header chain
+    /// longer than the program follows.
     pub const OTHER: u32 = 8;
+    /// Dropped: a tunnel packet from the pod's own address (IP-in-IP, SIT, IPv6-in-IPv6, GRE, EtherIP, L2TP,
+    /// MPLS-in-IP, or UDP to a port a decapsulating device listens on: VXLAN, GENEVE, FOU/GUE). A node or a
+    /// peer that decapsulates it would deliver an inner packet whose source nobody checked.
+    pub const ENCAPSULATED: u32 = 9;
+    /// Dropped: ICMPv6 that only routers send (router advertisement, redirect, multicast listener query,
+    /// router renumbering, multicast router advertisement).
+    pub const FORBIDDEN_ICMPV6: u32 = 10;
+    /// Dropped: a neighbour advertisement for an address that is not the pod's (nor link-local).
+    pub const SPOOFED_NEIGHBOUR: u32 = 11;
     /// How many reasons there are.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 12;
 
     /// The reason's name, as metrics and `poolwarden enforcement status` show it.
     pub const fn name(reason: u32) -> &'static str {
@@ -73,6 +83,9 @@ pub mod reason {
             SPOOFED_ARP => "spoofed_arp",
             VLAN => "vlan",
             NO_ENDPOINT => "no_endpoint",
+            ENCAPSULATED => "encapsulated",
+            FORBIDDEN_ICMPV6 => "forbidden_icmpv6",
+            SPOOFED_NEIGHBOUR => "spoofed_neighbour",
             _ => "other",
         }
     }
@@ -93,6 +106,16 @@ pub struct DropEvent {
     /// The packet's source address.
     pub source: [u8; 16],
 }
+
+/// UDP ports a pod may never send to, whoever the destination: the decapsulating ports of VXLAN (IANA 4789,
+/// and Linux's historical 8472), VXLAN-GPE (4790) and GENEVE (6081). The agent adds the port of every
+/// VXLAN and GENEVE device it finds on the node to the `DECAP_PORTS` map besides these.
+pub const DEFAULT_DECAP_PORTS: [u16; 4] = [4789, 4790, 6081, 8472];
+
+/// IP protocol numbers that carry a packet whose own source a receiver that decapsulates would trust:
+/// IPv4 (4, IP-in-IP), IPv6 (41, SIT and IPv6-in-IP), GRE (47, also GRETAP and ERSPAN), EtherIP (97),
+/// L2TPv3 (115), MPLS-in-IP (137).
+pub const TUNNEL_PROTOCOLS: [u8; 6] = [4, 41, 47, 97, 115, 137];
 
 /// How many drop reports each CPU may send per second; the counters count everything regardless.
 pub const DROP_REPORTS_PER_SECOND: u64 = 100;
