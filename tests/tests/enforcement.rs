@@ -1,7 +1,7 @@
 //! A pod can send only from its own address: spoofed packets never arrive on the node, checked on the
 //! receiving side with a netfilter counter in the node's namespace.
 
-use poolwarden_tests::{NetNs, Node, k8s_args, privileged};
+use poolwarden_tests::{NetNs, Node, address_of, k8s_args, privileged};
 use serde_json::json;
 
 /// Packets from `source` that reached the node's netfilter (raw PREROUTING runs after TC ingress).
@@ -170,8 +170,8 @@ fn counted(node: &Node, tool: &str, source: &str) -> u64 {
 }
 
 /// IPv6 from a pod without IPv6, and a gratuitous ARP for another pod's address: each arrives with
-/// enforcement off (the node is set up to receive it) and never with it on. (VLAN-tagged frames are covered
-/// by the BPF_PROG_TEST_RUN tests: this machine's kernel has no 802.1Q support to send them for real.)
+/// enforcement off (the node is set up to receive it) and never with it on. (VLAN-tagged frames, sent raw, are
+/// in the spoof matrix below.)
 #[test]
 fn ipv6_and_arp_spoofs_never_arrive() {
     if !privileged() {
@@ -266,4 +266,176 @@ fn a_new_build_takes_over_the_filters_without_a_gap() {
     assert!(pod.pings(&node.address));
     let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
     assert!(status.contains("1 interface(s) enforced"), "{status}");
+}
+
+/// The frames' own source MAC: the netdev counter on the host side counts exactly the test's frames.
+const INJECTED_MAC: [u8; 6] = [0x02, 0xde, 0xad, 0, 0, 1];
+/// The inner frames' source MAC.
+const INNER_MAC: [u8; 6] = [0x02, 0xde, 0xad, 0, 0, 2];
+
+/// Send raw Ethernet frames from the pod's eth0 (an AF_PACKET socket: what a hostile pod with CAP_NET_RAW
+/// does), three times each.
+fn inject(pod: &NetNs, frames: &[Vec<u8>]) {
+    let hex: Vec<String> = frames.iter().map(|f| f.iter().map(|b| format!("{b:02x}")).collect()).collect();
+    let mut command = vec![
+        "python3",
+        "-c",
+        "import socket,sys\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\ns.bind(('eth0',0))\n\
+         for _ in range(3):\n  for f in sys.argv[1:]: s.send(bytes.fromhex(f))",
+    ];
+    command.extend(hex.iter().map(String::as_str));
+    pod.exec(&command);
+    std::thread::sleep(std::time::Duration::from_millis(150));
+}
+
+/// Packets the nftables netdev chain `chain` of table `netdev pwtest` counted (after TC ingress).
+fn netdev_count(node: &Node, chain: &str) -> u64 {
+    let listing = node.ns.exec(&["nft", "list", "chain", "netdev", "pwtest", chain]);
+    listing
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {chain}:\n{listing}"))
+}
+
+/// A spoof matrix sent from inside a pod as raw frames, counted on the receiving side after the TC hook (an
+/// nftables netdev ingress counter on the host side, matching the frames' own MAC) and, for tunnels, on the
+/// node's decapsulating VXLAN devices: what must pass does, everything else never gets past the hook,
+/// with the agent running and after it was killed with -9. With enforcement off the same frames arrive and
+/// their inner packets are decapsulated, so each assertion can fail.
+#[test]
+fn spoof_matrix_of_raw_frames_from_a_pod() {
+    use std::net::Ipv4Addr;
+
+    use poolwarden::dataplane::enforcement::frames;
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.3.6");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.87.0.0/24, blockSize: 28}\n---\n\
+         apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: b}\nspec: {cidr: 10.88.0.0/24, blockSize: 28}\n",
+    );
+    // Devices that decapsulate on the node: VXLAN on the standard port, and one on a port of its own that
+    // only the agent's scan of the node's devices can know about.
+    for (name, port) in [("pwt.vx", "4789"), ("pwt.vx2", "9999")] {
+        node.ns.exec(&["ip", "link", "add", name, "type", "vxlan", "id", "42", "dstport", port, "nolearning"]);
+        node.ns.exec(&["ip", "link", "set", name, "up"]);
+    }
+    node.start_agent_with(&["--enforcement", "off"]);
+    let (pod, result) = node.add_pod("matrix", "default", "p");
+    let own: Ipv4Addr = address_of(&result).parse().unwrap();
+    let host = host_side(&node, &own.to_string());
+    let host_mac: Vec<u8> = node
+        .ns
+        .exec(&["cat", &format!("/sys/class/net/{host}/address")])
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    let host_mac: [u8; 6] = host_mac.try_into().unwrap();
+    let node_ip: Ipv4Addr = node.address.parse().unwrap();
+    let fmt_mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let mut ruleset = format!(
+        "table netdev pwtest {{\n chain veth {{ type filter hook ingress device \"{host}\" priority 0; ether saddr {} counter; }}\n",
+        fmt_mac(INJECTED_MAC)
+    );
+    for (chain, device) in [("vx", "pwt.vx"), ("vx2", "pwt.vx2")] {
+        ruleset.push_str(&format!(
+            " chain {chain} {{ type filter hook ingress device \"{device}\" priority 0; ether saddr {} counter; }}\n",
+            fmt_mac(INNER_MAC)
+        ));
+    }
+    ruleset.push_str("}\n");
+    let rules = node.dir.path().join("pwtest.nft");
+    std::fs::write(&rules, ruleset).unwrap();
+    node.ns.exec(&["nft", "-f", &rules.display().to_string()]);
+
+    let eth = |ethertype: u16, payload: &[u8]| frames::ethernet(host_mac, INJECTED_MAC, ethertype, payload);
+    let ip = |source: Ipv4Addr, destination: Ipv4Addr, protocol: u8, options: &[u8], fragment: u16, payload: &[u8]| {
+        eth(0x0800, &frames::ipv4_packet(source, destination, protocol, options, fragment, payload))
+    };
+    let udp = |source: Ipv4Addr, destination: Ipv4Addr, port: u16| {
+        ip(source, destination, 17, &[], 0, &frames::udp(40000, port, b"poolwarden spoof matrix"))
+    };
+    let forged = Ipv4Addr::new(10, 88, 0, 7);
+    let inner = frames::ethernet(
+        [0xff; 6],
+        INNER_MAC,
+        0x0800,
+        &frames::ipv4_packet(forged, node_ip, 17, &[], 0, &frames::udp(1, 9, b"inner")),
+    );
+    let vxlan = |destination: Ipv4Addr, port: u16| {
+        ip(own, destination, 17, &[], 0, &frames::udp(40000, port, &frames::vxlan(42, &inner)))
+    };
+    let another_node = Ipv4Addr::new(10, 255, 3, 99);
+    let world = Ipv4Addr::new(203, 0, 113, 1);
+    let mut arp = frames::arp(Ipv4Addr::new(10, 87, 0, 9), Ipv4Addr::new(10, 87, 0, 9));
+    arp[..12].copy_from_slice(&[[0xff; 6], INJECTED_MAC].concat());
+    let ipv6 = eth(
+        0x86dd,
+        &frames::ipv6_packet("fe80::5".parse().unwrap(), "ff02::2".parse().unwrap(), 58, &frames::icmpv6(133, &[0; 4])),
+    );
+    let passes: Vec<(&str, Vec<u8>)> = vec![
+        ("own source", udp(own, node_ip, 9)),
+        ("own source with IP options", ip(own, node_ip, 17, &[1, 1, 1, 0], 0, &frames::udp(1, 9, b"x"))),
+        ("own source, first fragment", ip(own, node_ip, 17, &[], 0x2000, &frames::udp(1, 9, b"fragment"))),
+        ("own source, later fragment", ip(own, node_ip, 17, &[], 0x0002, b"rest of it")),
+        ("own source, broadcast", udp(own, Ipv4Addr::BROADCAST, 9)),
+    ];
+    let drops: Vec<(&str, Vec<u8>)> = vec![
+        ("same pool's other address", udp(Ipv4Addr::new(10, 87, 0, 9), node_ip, 9)),
+        ("another pool's address", udp(forged, node_ip, 9)),
+        ("an outside address", udp(world, node_ip, 9)),
+        ("0.0.0.0", udp(Ipv4Addr::UNSPECIFIED, node_ip, 9)),
+        ("ARP claiming another address", arp),
+        ("IPv6 router solicitation from a pod without IPv6", ipv6),
+        ("VLAN 0 (priority tag) with its own source", frames::tagged(&udp(own, node_ip, 9), 0x8100, 0)),
+        ("VLAN 42 with its own source", frames::tagged(&udp(own, node_ip, 9), 0x8100, 42)),
+        ("QinQ with its own source", frames::tagged(&frames::tagged(&udp(own, node_ip, 9), 0x8100, 42), 0x88a8, 7)),
+        ("VXLAN to the node", vxlan(node_ip, 4789)),
+        ("VXLAN to another node", vxlan(another_node, 4789)),
+        ("VXLAN to the world", vxlan(world, 4789)),
+        ("VXLAN to the node's own other device port", vxlan(node_ip, 9999)),
+        ("GENEVE", ip(own, node_ip, 17, &[], 0, &frames::udp(1, 6081, &frames::geneve(42, &inner)))),
+        ("IP-in-IP", ip(own, node_ip, 4, &[], 0, &inner[14..])),
+        ("GRE", ip(own, node_ip, 47, &[], 0, &frames::gre(0x0800, &inner[14..]))),
+        ("GRETAP", ip(own, another_node, 47, &[], 0, &frames::gre(0x6558, &inner))),
+    ];
+    let arrivals = |node: &Node, frame: &[u8]| {
+        let before = netdev_count(node, "veth");
+        inject(&pod, &[frame.to_vec()]);
+        netdev_count(node, "veth") - before
+    };
+    let decapsulated = |node: &Node| netdev_count(node, "vx") + netdev_count(node, "vx2");
+
+    // Control: without enforcement everything arrives, and the node decapsulates the VXLAN frames.
+    for (what, frame) in passes.iter().chain(&drops) {
+        assert!(arrivals(&node, frame) > 0, "enforcement off: {what} arrives");
+    }
+    assert!(netdev_count(&node, "vx") > 0 && netdev_count(&node, "vx2") > 0, "the node decapsulates VXLAN");
+
+    for round in ["agent running", "agent killed with -9"] {
+        node.stop_agent();
+        if round == "agent running" {
+            node.start_agent();
+        }
+        let inner_before = decapsulated(&node);
+        for (what, frame) in &passes {
+            assert!(arrivals(&node, frame) > 0, "{round}: {what} passes");
+        }
+        for (what, frame) in &drops {
+            assert_eq!(arrivals(&node, frame), 0, "{round}: {what} must never get past the hook");
+        }
+        assert_eq!(decapsulated(&node), inner_before, "{round}: no inner packet reached a VXLAN device");
+        if round == "agent running" {
+            let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
+            for why in ["encapsulated", "vlan", "spoofed_ipv4", "spoofed_arp", "no_ipv6"] {
+                assert!(status.contains(why), "counted as {why}:\n{status}");
+            }
+            assert!(status.contains("9999"), "the agent found the device on 9999:\n{status}");
+            node.kill_agent();
+        }
+    }
 }
