@@ -18,6 +18,56 @@ use crate::{
 /// The nftables table (and the prefix of the ipset sets) the export defines.
 pub const NFT_TABLE: &str = "poolwarden_pools";
 
+/// The first line of the nftables export.
+const NFT_HEADER: &str = "# poolwarden firewall export: one named set per pool, in table inet poolwarden_pools.";
+/// The first line of the ipset export.
+const IPSET_HEADER: &str = "# poolwarden firewall export for iptables: one ipset per pool.";
+/// The last line of the nftables and ipset exports: `--watch` prints one export after another, and a
+/// loader applies each when it reads this line.
+pub const EXPORT_END: &str = "# end of poolwarden firewall export";
+
+/// The temporary set a pool's ipset is filled in before the swap (ipset names are at most 31 bytes).
+fn swap_name(set: &str) -> String {
+    let mut base = set.to_string();
+    base.truncate(26);
+    format!("{base}_swap")
+}
+
+/// The sets an nftables or ipset export defines (read back from its text, for `--watch`).
+pub fn sets_in(export: &str) -> std::collections::BTreeSet<String> {
+    let prefix = format!("add set inet {NFT_TABLE} ");
+    export
+        .lines()
+        .filter_map(|line| match line.strip_prefix(&prefix) {
+            Some(rest) => rest.split_whitespace().next(),
+            None => {
+                line.strip_prefix("create ").and_then(|r| r.split_whitespace().next()).filter(|s| !s.ends_with("_swap"))
+            }
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Lines that empty the sets of pools that were exported before and are gone now, to go before the
+/// export's last line: a rule that trusts a deleted pool's set then matches nothing (fails closed).
+/// The sets stay, so rules referencing them stay valid. Empty for JSON and CSV.
+pub fn flush_gone(export: &str, gone: &std::collections::BTreeSet<String>) -> String {
+    let nftables = export.starts_with(NFT_HEADER);
+    if !nftables && !export.starts_with(IPSET_HEADER) {
+        return String::new();
+    }
+    let mut out = String::new();
+    for set in gone {
+        let _ = writeln!(out, "# pool gone: its set stays, empty");
+        if nftables {
+            let _ = writeln!(out, "flush set inet {NFT_TABLE} {set}");
+        } else {
+            let _ = writeln!(out, "flush {set}");
+        }
+    }
+    out
+}
+
 /// How `firewall export` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
@@ -156,26 +206,37 @@ pub fn render(pools: &[PoolExport], format: ExportFormat) -> String {
             }
         }
         ExportFormat::Nftables => {
-            let _ = writeln!(out, "# poolwarden firewall export: one named set per pool. Load with `nft -f FILE`;");
-            let _ = writeln!(out, "# loading again replaces the table. Match with e.g. `ip saddr @pool_x accept`.");
+            let _ = writeln!(out, "{NFT_HEADER}");
+            let _ = writeln!(
+                out,
+                "# `nft -f FILE` applies it as one transaction: it creates the table and the sets when missing"
+            );
+            let _ = writeln!(
+                out,
+                "# and replaces each set's elements, and touches nothing else: chains of your own in the table"
+            );
+            let _ =
+                writeln!(out, "# (e.g. `ip saddr @pool_x accept`; sets are only usable from their own table) survive.");
             let _ = writeln!(out, "add table inet {NFT_TABLE}");
-            let _ = writeln!(out, "delete table inet {NFT_TABLE}");
-            let _ = writeln!(out, "table inet {NFT_TABLE} {{");
             for p in pools {
-                let _ = writeln!(out, "\t# {}", summary(p));
+                let _ = writeln!(out, "# {}", summary(p));
                 let kind = if p.cidrs.iter().all(|c| c.addr().is_ipv6()) { "ipv6_addr" } else { "ipv4_addr" };
-                let elements: Vec<String> = p.cidrs.iter().map(ToString::to_string).collect();
-                let _ = writeln!(out, "\tset {} {{", p.set);
-                let _ = writeln!(out, "\t\ttype {kind}");
-                let _ = writeln!(out, "\t\tflags interval");
-                let _ = writeln!(out, "\t\telements = {{ {} }}", elements.join(", "));
-                let _ = writeln!(out, "\t}}");
+                let _ = writeln!(out, "add set inet {NFT_TABLE} {} {{ type {kind}; flags interval; }}", p.set);
+                let _ = writeln!(out, "flush set inet {NFT_TABLE} {}", p.set);
+                if !p.cidrs.is_empty() {
+                    let elements: Vec<String> = p.cidrs.iter().map(ToString::to_string).collect();
+                    let _ = writeln!(out, "add element inet {NFT_TABLE} {} {{ {} }}", p.set, elements.join(", "));
+                }
             }
-            let _ = writeln!(out, "}}");
+            let _ = writeln!(out, "{EXPORT_END}");
         }
         ExportFormat::Iptables => {
-            let _ = writeln!(out, "# poolwarden firewall export for iptables: one ipset per pool.");
-            let _ = writeln!(out, "# Load with `ipset restore -exist < FILE`, then match with");
+            let _ = writeln!(out, "{IPSET_HEADER}");
+            let _ = writeln!(
+                out,
+                "# Load with `ipset restore -exist < FILE`: each set is filled as a temporary set and swapped"
+            );
+            let _ = writeln!(out, "# in, so a packet never meets it half-filled; then match with");
             let _ = writeln!(
                 out,
                 "# `iptables -A FORWARD -m set --match-set pool_x src -j ACCEPT` (ip6tables for IPv6 sets)."
@@ -183,12 +244,17 @@ pub fn render(pools: &[PoolExport], format: ExportFormat) -> String {
             for p in pools {
                 let _ = writeln!(out, "# {}", summary(p));
                 let family = if p.cidrs.iter().all(|c| c.addr().is_ipv6()) { "inet6" } else { "inet" };
+                let swap = swap_name(&p.set);
                 let _ = writeln!(out, "create {} hash:net family {family}", p.set);
-                let _ = writeln!(out, "flush {}", p.set);
+                let _ = writeln!(out, "create {swap} hash:net family {family}");
+                let _ = writeln!(out, "flush {swap}");
                 for cidr in &p.cidrs {
-                    let _ = writeln!(out, "add {} {cidr}", p.set);
+                    let _ = writeln!(out, "add {swap} {cidr}");
                 }
+                let _ = writeln!(out, "swap {swap} {}", p.set);
+                let _ = writeln!(out, "destroy {swap}");
             }
+            let _ = writeln!(out, "{EXPORT_END}");
         }
     }
     out
@@ -261,14 +327,42 @@ spec: {cidr: "fd00:10::/120", namespaceSelector: "team == 'blue'"}
         let nft = render(&export, ExportFormat::Nftables);
         assert!(
             nft.contains(
-                "set pool_external_pool {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.10.0.0/24 }"
+                "add set inet poolwarden_pools pool_external_pool { type ipv4_addr; flags interval; }\n\
+                 flush set inet poolwarden_pools pool_external_pool\n\
+                 add element inet poolwarden_pools pool_external_pool { 10.10.0.0/24 }\n"
             ),
             "{nft}"
         );
-        assert!(nft.contains("set pool_v6_pool {\n\t\ttype ipv6_addr"), "{nft}");
+        assert!(nft.contains("add set inet poolwarden_pools pool_v6_pool { type ipv6_addr;"), "{nft}");
+        // Nothing that would take the admin's chains with it.
+        let commands: Vec<&str> = nft.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(
+            commands.iter().all(|l| !l.contains("delete") && !l.contains("flush table") && !l.contains("chain")),
+            "{nft}"
+        );
+        assert!(nft.ends_with(&format!("{EXPORT_END}\n")));
         let ipset = render(&export, ExportFormat::Iptables);
-        assert!(ipset.contains("create pool_internal_pool hash:net family inet\nflush pool_internal_pool\nadd pool_internal_pool 10.20.0.0/24\n"), "{ipset}");
+        assert!(
+            ipset.contains(
+                "create pool_internal_pool hash:net family inet\ncreate pool_internal_pool_swap hash:net family inet\n\
+                 flush pool_internal_pool_swap\nadd pool_internal_pool_swap 10.20.0.0/24\n\
+                 swap pool_internal_pool_swap pool_internal_pool\ndestroy pool_internal_pool_swap\n"
+            ),
+            "{ipset}"
+        );
+        assert!(!ipset.contains("flush pool_internal_pool\n"), "the live set is never flushed: {ipset}");
         assert!(ipset.contains("create pool_v6_pool hash:net family inet6"), "{ipset}");
+        let sets: Vec<String> = sets_in(&nft).into_iter().collect();
+        assert_eq!(sets, ["pool_external_pool", "pool_internal_pool", "pool_v6_pool"]);
+        assert_eq!(sets_in(&ipset), sets_in(&nft));
+        let gone = ["pool_old".to_string()].into_iter().collect();
+        assert_eq!(
+            flush_gone(&nft, &gone),
+            "# pool gone: its set stays, empty\nflush set inet poolwarden_pools pool_old\n"
+        );
+        assert_eq!(flush_gone(&ipset, &gone), "# pool gone: its set stays, empty\nflush pool_old\n");
+        assert_eq!(flush_gone("pool,cidr\n", &gone), "");
+        assert_eq!(swap_name(&"x".repeat(40)).len(), 31);
         let csv = render(&export, ExportFormat::Csv);
         assert!(csv.contains("\nexternal-pool,10.10.0.0/24,ipv4,external-ns,external-ns,false,false\n"), "{csv}");
         assert!(csv.contains("\ninternal-pool,10.20.0.0/24,ipv4,*,internal-ns,true,false\n"), "{csv}");

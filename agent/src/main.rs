@@ -185,11 +185,19 @@ async fn forward(cli: &Cli, stdin: Option<String>, locked: &StoreError) -> Resul
     }
 }
 
-/// Print `text` (at once, not when the buffer fills) unless it is what was printed `last`.
+/// Print `text` (at once, not when the buffer fills) unless it is what was printed `last`. A set that the
+/// last export defined and this one does not (its pool was deleted) is flushed by this one, before its end.
 fn print_if_changed(last: &mut String, text: String) -> Result<()> {
+    use poolwarden::firewall;
     use std::io::Write as _;
     if *last != text {
-        print!("{text}");
+        let now = firewall::sets_in(&text);
+        let gone = firewall::sets_in(last).difference(&now).cloned().collect();
+        let flush = firewall::flush_gone(&text, &gone);
+        match text.strip_suffix(&format!("{}\n", firewall::EXPORT_END)) {
+            Some(body) if !flush.is_empty() => println!("{body}{flush}{}", firewall::EXPORT_END),
+            _ => print!("{text}"),
+        }
         std::io::stdout().flush()?;
         *last = text;
     }

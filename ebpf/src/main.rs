@@ -60,6 +60,7 @@ const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_AH: u8 = 51;
 const IPPROTO_DSTOPTS: u8 = 60;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_TCP: u8 = 6;
 const ICMPV6_LISTENER_REPORT: u8 = 131;
 const ICMPV6_LISTENER_DONE: u8 = 132;
 const ICMPV6_ROUTER_SOLICITATION: u8 = 133;
@@ -168,6 +169,18 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, i64> {
     at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
+/// Read a `T` at an offset the verifier only knows a range of: the pointer is made once and checked against
+/// the packet's end itself (so the verifier ties the check to the access), with the load helper for headers
+/// outside the linear part.
+#[inline(always)]
+fn read_variable<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, i64> {
+    let start = ctx.data() + offset;
+    if start + core::mem::size_of::<T>() > ctx.data_end() {
+        return ctx.load(offset);
+    }
+    Ok(unsafe { core::ptr::read_unaligned(start as *const T) })
+}
+
 #[inline(always)]
 fn in_prefix<const N: usize>(address: &[u8; N], network: &[u8; N], mask: &[u8; N]) -> bool {
     let mut i = 0;
@@ -233,11 +246,14 @@ fn check_ipv4(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
 /// What an IP packet from an allowed source carries: tunnels are dropped, anything else passes.
 #[inline(always)]
 fn carried(ctx: &TcContext, protocol: u8, transport: usize) -> Result<u32, i64> {
+    if protocol == IPPROTO_TCP {
+        return Ok(reason::PASSED);
+    }
     if TUNNEL_PROTOCOLS.contains(&protocol) {
         return Ok(reason::ENCAPSULATED);
     }
     if protocol == IPPROTO_UDP {
-        let port = u16::from_be(ctx.load::<u16>(transport + 2)?);
+        let port = u16::from_be(read_variable::<u16>(ctx, transport + 2)?);
         if DECAP_PORTS.get(u32::from(port)).is_some_and(|listening| *listening != 0) {
             return Ok(reason::ENCAPSULATED);
         }

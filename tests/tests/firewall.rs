@@ -144,7 +144,7 @@ fn firewall_export_loads_into_nftables_and_ipset_and_follows_changes() {
     node.start_agent();
 
     let nft = node.cli_ok(&["firewall", "export", "--format", "nftables"]);
-    assert!(nft.contains("set pool_nat_pool {"), "{nft}");
+    assert!(nft.contains("add set inet poolwarden_pools pool_nat_pool {"), "{nft}");
     // A firewall host (here: a namespace of its own) loads it, twice (the second load replaces the first).
     let firewall = NetNs::new("pwfw");
     let file = node.dir.path().join("pools.nft");
@@ -156,14 +156,21 @@ fn firewall_export_loads_into_nftables_and_ipset_and_follows_changes() {
     assert!(set.contains("10.32.0.0/24"), "{set}");
 
     let ipset = node.cli_ok(&["firewall", "export", "--format", "iptables", "--pool", "plain-pool"]);
-    assert!(ipset.contains("add pool_plain_pool 10.32.0.0/24"), "{ipset}");
+    assert!(
+        ipset.contains("add pool_plain_pool_swap 10.32.0.0/24\nswap pool_plain_pool_swap pool_plain_pool\n"),
+        "{ipset}"
+    );
     assert!(!ipset.contains("nat_pool"), "--pool plain-pool exports only that pool: {ipset}");
     let file = node.dir.path().join("pools.ipset");
     std::fs::write(&file, &ipset).expect("write the ipset file");
     if firewall.try_exec(&["ipset", "list", "-n"]) {
-        firewall.exec(&["sh", "-c", &format!("ipset restore -exist < {}", file.display())]);
+        // Twice: the second load swaps into a set that exists (and that a rule could be using).
+        for _ in 0..2 {
+            firewall.exec(&["sh", "-c", &format!("ipset restore -exist < {}", file.display())]);
+        }
         let listed = firewall.exec(&["ipset", "list", "pool_plain_pool"]);
         assert!(listed.contains("10.32.0.0/24"), "{listed}");
+        assert_eq!(firewall.exec(&["ipset", "list", "-n"]).trim(), "pool_plain_pool", "the temporary set is gone");
         firewall.exec(&["ipset", "destroy", "pool_plain_pool"]);
     } else {
         eprintln!("ipset restore not checked: this kernel has no ip_set support");
@@ -298,5 +305,133 @@ fn a_namespace_annotation_change_keeps_pods_and_lists_them_as_mismatched() {
     let rows: Vec<&str> = listed.lines().skip(1).collect();
     assert_eq!(rows.len(), 1, "{listed}");
     assert!(rows[0].contains("mm-1") && rows[0].contains(&before) && rows[0].contains("10.35.0.0/24"), "{listed}");
+    node.stop_agent();
+}
+
+/// The firewall's side of the promise: the export is loaded on a router (the "outside" host) whose admin
+/// has a chain of their own in the export's table referencing the sets; `--watch` reloads it on every pool
+/// change, and after each reload the admin's chain is still there and the verdicts follow the pools: the
+/// trusted pool's pod passes, the other pool's pod does not, nor does that pod spoofing a trusted address.
+#[test]
+fn the_admins_chain_survives_every_reload_and_verdicts_follow_the_pools() {
+    if !privileged() {
+        return;
+    }
+    let (_fabric, mut node, outside) = node_with_outside();
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: trusted}\nspec: {cidr: 10.31.0.0/24, blockSize: 29}\n---\n\
+         apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: untrusted}\nspec: {cidr: 10.32.0.0/24, blockSize: 29}\n",
+    );
+    node.start_agent();
+    let pod_in = |pool: &str| {
+        let pod = NetNs::new("pwp");
+        let (ok, out) = node.cni(
+            "ADD",
+            &pod.name,
+            &pod.path(),
+            &k8s_args("default", &pod.name),
+            &node.conf(json!({ "pools": [pool] })),
+        );
+        assert!(ok, "{out}");
+        pod
+    };
+    let trusted = pod_in("trusted");
+    let untrusted = pod_in("untrusted");
+
+    let mut watch = Command::new("ip")
+        .args(["netns", "exec", &node.ns.name])
+        .arg(binary("poolwarden"))
+        .args(["firewall", "export", "--watch", "--format", "nftables"])
+        .env("POOLWARDEN_DATASTORE", node.datastore())
+        .env("POOLWARDEN_SOCKET", node.socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start firewall export --watch");
+    // The loader: each export that --watch prints is applied on the router with `nft -f` when its last line
+    // arrives, as an operator's `--watch | loader` would.
+    let (loaded_tx, loaded) = std::sync::mpsc::channel::<String>();
+    let stdout = watch.stdout.take().expect("stdout");
+    let file = node.dir.path().join("watched.nft");
+    let router = outside.name.clone();
+    std::thread::spawn(move || {
+        let mut export = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            export.push_str(&line);
+            export.push('\n');
+            if line == poolwarden::firewall::EXPORT_END {
+                std::fs::write(&file, &export).expect("write the export");
+                let ok = Command::new("ip")
+                    .args(["netns", "exec", &router, "nft", "-f"])
+                    .arg(&file)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                assert!(ok, "nft -f refused the export:\n{export}");
+                let _ = loaded_tx.send(std::mem::take(&mut export));
+            }
+        }
+    });
+    let next_load =
+        || loaded.recv_timeout(Duration::from_secs(20)).expect("--watch printed and the router loaded an export");
+    next_load();
+    // The admin's own chain, in the export's table (sets are usable only from their own table).
+    outside.exec(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "poolwarden_pools",
+        "admin",
+        "{ type filter hook input priority 0; policy accept; }",
+    ]);
+    outside.exec(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "poolwarden_pools",
+        "admin",
+        "icmp",
+        "type",
+        "echo-request",
+        "ip",
+        "saddr",
+        "@pool_trusted",
+        "accept",
+    ]);
+    outside.exec(&["nft", "add", "rule", "inet", "poolwarden_pools", "admin", "icmp", "type", "echo-request", "drop"]);
+    let spoofed = "10.31.0.250";
+    untrusted.exec(&["ip", "addr", "add", &format!("{spoofed}/32"), "dev", "eth0"]);
+    let verdicts = |round: &str| {
+        let chain = outside.exec(&["nft", "list", "chain", "inet", "poolwarden_pools", "admin"]);
+        assert!(
+            chain.contains("@pool_trusted accept") && chain.contains("drop"),
+            "{round}: the admin's chain survives:\n{chain}"
+        );
+        assert!(trusted.pings("10.98.0.50"), "{round}: the trusted pool's pod passes the firewall");
+        assert!(!untrusted.pings("10.98.0.50"), "{round}: the other pool's pod does not");
+        assert!(
+            !untrusted.try_exec(&["ping", "-c", "1", "-W", "1", "-I", spoofed, "10.98.0.50"]),
+            "{round}: nor does it with a trusted address it gave itself"
+        );
+    };
+    verdicts("first load");
+    node.apply("apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: late}\nspec: {cidr: 10.33.0.0/24}\n");
+    let export = next_load();
+    assert!(export.contains("pool_late"), "{export}");
+    verdicts("a pool added");
+    node.cli_ok(&["delete", "pool", "late"]);
+    let export = next_load();
+    assert!(
+        export.contains("flush set inet poolwarden_pools pool_late"),
+        "the deleted pool's set is emptied:\n{export}"
+    );
+    let late = outside.exec(&["nft", "list", "set", "inet", "poolwarden_pools", "pool_late"]);
+    assert!(!late.contains("10.33.0.0"), "{late}");
+    verdicts("a pool deleted");
+    node.apply("apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: later}\nspec: {cidr: 10.34.0.0/24, natOutgoing: true}\n");
+    next_load();
+    verdicts("another pool added");
+    let _ = watch.kill();
+    let _ = watch.wait();
     node.stop_agent();
 }
