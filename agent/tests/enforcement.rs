@@ -153,6 +153,16 @@ fn v4(payload: &[u8], protocol: u8) -> Vec<u8> {
     frames::ethernet(frames::MACS.0, frames::MACS.1, 0x0800, &frames::ipv4_packet(POD, NODE, protocol, &[], 0, payload))
 }
 
+/// An IPv4 UDP frame from the pod with IPv4 `options` and the `fragment` field.
+fn v4_udp(options: &[u8], fragment: u16, udp: &[u8]) -> Vec<u8> {
+    frames::ethernet(
+        frames::MACS.0,
+        frames::MACS.1,
+        0x0800,
+        &frames::ipv4_packet(POD, NODE, 17, options, fragment, udp),
+    )
+}
+
 fn v6(source: &str, next_header: u8, payload: &[u8]) -> Vec<u8> {
     let packet = frames::ipv6_packet(source.parse().unwrap(), "fd00::1".parse().unwrap(), next_header, payload);
     frames::ethernet(frames::MACS.0, frames::MACS.1, 0x86dd, &packet)
@@ -220,59 +230,17 @@ fn tunnels_from_the_pods_own_address_are_dropped() {
         // IPv4 options move the transport header: the port is read where it is.
         (
             "VXLAN behind IPv4 options",
-            frames::ethernet(
-                frames::MACS.0,
-                frames::MACS.1,
-                0x0800,
-                &frames::ipv4_packet(
-                    POD,
-                    NODE,
-                    17,
-                    &[1, 1, 1, 0, 1, 1, 1, 1],
-                    0,
-                    &frames::udp(1, 4789, &frames::vxlan(1, &inner_frame)),
-                ),
-            ),
+            v4_udp(&[1, 1, 1, 0, 1, 1, 1, 1], 0, &frames::udp(1, 4789, &frames::vxlan(1, &inner_frame))),
             reason::ENCAPSULATED,
         ),
-        (
-            "UDP behind IPv4 options",
-            frames::ethernet(
-                frames::MACS.0,
-                frames::MACS.1,
-                0x0800,
-                &frames::ipv4_packet(POD, NODE, 17, &[1, 1, 1, 0], 0, &frames::udp(1, 53, b"x")),
-            ),
-            reason::PASSED,
-        ),
+        ("UDP behind IPv4 options", v4_udp(&[1, 1, 1, 0], 0, &frames::udp(1, 53, b"x")), reason::PASSED),
         // Fragments: the first carries the port and is judged by it; later ones carry none and pass.
         (
             "first fragment of VXLAN",
-            frames::ethernet(
-                frames::MACS.0,
-                frames::MACS.1,
-                0x0800,
-                &frames::ipv4_packet(
-                    POD,
-                    NODE,
-                    17,
-                    &[],
-                    0x2000,
-                    &frames::udp(1, 4789, &frames::vxlan(1, &inner_frame)),
-                ),
-            ),
+            v4_udp(&[], 0x2000, &frames::udp(1, 4789, &frames::vxlan(1, &inner_frame))),
             reason::ENCAPSULATED,
         ),
-        (
-            "later fragment",
-            frames::ethernet(
-                frames::MACS.0,
-                frames::MACS.1,
-                0x0800,
-                &frames::ipv4_packet(POD, NODE, 17, &[], 0x0003, &frames::udp(1, 4789, b"")),
-            ),
-            reason::PASSED,
-        ),
+        ("later fragment", v4_udp(&[], 0x0003, &frames::udp(1, 4789, b"")), reason::PASSED),
         // IPv6 extension headers move it too: hop-by-hop (8 bytes), destination options (16 bytes).
         (
             "VXLAN behind IPv6 extension headers",
@@ -393,12 +361,7 @@ mod random_frames {
             v4(&frames::udp(1, 53, b"payload"), 17),
             v4(&frames::udp(1, 4789, &frames::vxlan(1, &inner)), 17),
             v4(&inner[14..], 4),
-            frames::ethernet(
-                frames::MACS.0,
-                frames::MACS.1,
-                0x0800,
-                &frames::ipv4_packet(POD, NODE, 17, &[1, 1, 1, 0, 7, 3, 4, 0], 0x2000, &frames::udp(1, 80, b"x")),
-            ),
+            v4_udp(&[1, 1, 1, 0, 7, 3, 4, 0], 0x2000, &frames::udp(1, 80, b"x")),
             v6(OWN6, 17, &frames::udp(1, 53, b"payload")),
             v6(
                 OWN6,

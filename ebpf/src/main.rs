@@ -223,12 +223,13 @@ fn check_ipv4(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
     if endpoint.flags & HAS_IPV4 == 0 {
         return Ok(reason::NO_IPV4);
     }
-    let version_ihl: u8 = read(ctx, ETH_HLEN)?;
-    let header_length = usize::from(version_ihl & 0x0f) * 4;
-    if version_ihl >> 4 != 4 || header_length < 20 {
+    // The fixed header in one read (one bounds check).
+    let header: [u8; 20] = read(ctx, ETH_HLEN)?;
+    let header_length = usize::from(header[0] & 0x0f) * 4;
+    if header[0] >> 4 != 4 || header_length < 20 {
         return Ok(reason::OTHER);
     }
-    let source: [u8; 4] = read(ctx, ETH_HLEN + 12)?;
+    let source = [header[12], header[13], header[14], header[15]];
     let own = source == endpoint.ipv4;
     let pooled = endpoint.flags & POOL_MODE != 0 && in_prefix(&source, &endpoint.pool_ipv4, &endpoint.pool_ipv4_mask);
     if !own && !pooled {
@@ -236,11 +237,10 @@ fn check_ipv4(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
     }
     // A fragment after the first carries no transport header: the first one's verdict decides (the kernel
     // reassembles nothing without it, and drops overlapping fragments).
-    if u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?) & 0x1fff != 0 {
+    if u16::from_be_bytes([header[6], header[7]]) & 0x1fff != 0 {
         return Ok(reason::PASSED);
     }
-    let protocol: u8 = read(ctx, ETH_HLEN + 9)?;
-    carried(ctx, protocol, ETH_HLEN + header_length)
+    carried(ctx, header[9], ETH_HLEN + header_length)
 }
 
 /// What an IP packet from an allowed source carries: tunnels are dropped, anything else passes.
@@ -270,16 +270,20 @@ fn check_ipv6(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
         // Router and neighbour discovery included: a pod without IPv6 has no business on it.
         return Ok(reason::NO_IPV6);
     }
-    if read::<u8>(ctx, ETH_HLEN)? >> 4 != 6 {
+    // Version to source address in one read (one bounds check).
+    let header: [u8; 24] = read(ctx, ETH_HLEN)?;
+    if header[0] >> 4 != 6 {
         return Ok(reason::OTHER);
     }
-    let source: [u8; 16] = read(ctx, ETH_HLEN + 8)?;
+    let mut source = [0u8; 16];
+    source.copy_from_slice(&header[8..24]);
     // Walk the extension headers to the transport header (offsets are variable: loaded through the helper).
-    let mut next_header: u8 = read(ctx, ETH_HLEN + 6)?;
+    let mut next_header = header[6];
     let mut offset = ETH_HLEN + 40;
     let mut later_fragment = false;
     let mut done = false;
-    for _ in 0..MAX_EXTENSION_HEADERS {
+    // One more round than headers followed: the last must find the transport header.
+    for _ in 0..=MAX_EXTENSION_HEADERS {
         match next_header {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let header: [u8; 2] = ctx.load(offset)?;
