@@ -26,11 +26,12 @@ const IPSET_HEADER: &str = "# poolwarden firewall export for iptables: one ipset
 /// loader applies each when it reads this line.
 pub const EXPORT_END: &str = "# end of poolwarden firewall export";
 
-/// The temporary set a pool's ipset is filled in before the swap (ipset names are at most 31 bytes).
+/// The temporary set a pool's ipset is filled in before the swap (ipset names are at most 31 bytes). Its
+/// `-` never occurs in a [`set_name`], so it can never be another pool's live set.
 fn swap_name(set: &str) -> String {
     let mut base = set.to_string();
     base.truncate(26);
-    format!("{base}_swap")
+    format!("{base}-swap")
 }
 
 /// The sets an nftables or ipset export defines (read back from its text, for `--watch`).
@@ -41,7 +42,7 @@ pub fn sets_in(export: &str) -> std::collections::BTreeSet<String> {
         .filter_map(|line| match line.strip_prefix(&prefix) {
             Some(rest) => rest.split_whitespace().next(),
             None => {
-                line.strip_prefix("create ").and_then(|r| r.split_whitespace().next()).filter(|s| !s.ends_with("_swap"))
+                line.strip_prefix("create ").and_then(|r| r.split_whitespace().next()).filter(|s| !s.ends_with("-swap"))
             }
         })
         .map(str::to_string)
@@ -344,9 +345,9 @@ spec: {cidr: "fd00:10::/120", namespaceSelector: "team == 'blue'"}
         let ipset = render(&export, ExportFormat::Iptables);
         assert!(
             ipset.contains(
-                "create pool_internal_pool hash:net family inet\ncreate pool_internal_pool_swap hash:net family inet\n\
-                 flush pool_internal_pool_swap\nadd pool_internal_pool_swap 10.20.0.0/24\n\
-                 swap pool_internal_pool_swap pool_internal_pool\ndestroy pool_internal_pool_swap\n"
+                "create pool_internal_pool hash:net family inet\ncreate pool_internal_pool-swap hash:net family inet\n\
+                 flush pool_internal_pool-swap\nadd pool_internal_pool-swap 10.20.0.0/24\n\
+                 swap pool_internal_pool-swap pool_internal_pool\ndestroy pool_internal_pool-swap\n"
             ),
             "{ipset}"
         );

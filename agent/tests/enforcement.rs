@@ -111,6 +111,11 @@ fn strict_mode_passes_only_the_pods_own_source() {
     enforcement.set_endpoint(LOOPBACK, &pooled).unwrap();
     assert_eq!(verdict(&enforcement, &frames::ipv4(Ipv4Addr::new(10, 0, 0, 6), NODE)), VERDICT_PASS);
     assert_eq!(verdict(&enforcement, &frames::ipv4(Ipv4Addr::new(10, 0, 1, 6), NODE)), VERDICT_DROP);
+    // Pool mode for a pod whose pool is unknown (deleted with --force): its own address only, not 0/0.
+    let poolless = EndpointSpec { pools: vec![], ..pooled };
+    enforcement.set_endpoint(LOOPBACK, &poolless).unwrap();
+    assert_eq!(verdict(&enforcement, &frames::ipv4(POD, NODE)), VERDICT_PASS);
+    assert_eq!(verdict(&enforcement, &frames::ipv4(Ipv4Addr::new(8, 8, 8, 8), NODE)), VERDICT_DROP, "no pool: no 0/0");
     enforcement.remove_endpoint(LOOPBACK).unwrap();
     assert_eq!(verdict(&enforcement, &frames::ipv4(POD, NODE)), VERDICT_DROP, "removed: fail closed");
     assert_eq!(enforcement.run(PASS, &frames::ipv4(POD, NODE), 1).unwrap().0, VERDICT_PASS);
@@ -284,6 +289,20 @@ fn tunnels_from_the_pods_own_address_are_dropped() {
                 .concat(),
             ),
             reason::OTHER,
+        ),
+        (
+            "six extension headers, the most it follows",
+            v6(
+                OWN6,
+                60,
+                &[
+                    [60u8, 0, 1, 4, 0, 0, 0, 0].repeat(5).as_slice(),
+                    &[17, 0, 1, 4, 0, 0, 0, 0],
+                    &frames::udp(1, 4789, b""),
+                ]
+                .concat(),
+            ),
+            reason::ENCAPSULATED,
         ),
         ("a truncated UDP header", v4(&[0x9c, 0x40], 17), reason::OTHER),
         ("UDP to a port nothing decapsulates yet", udp(9999, &frames::vxlan(1, &inner_frame)), reason::PASSED),

@@ -157,7 +157,7 @@ fn firewall_export_loads_into_nftables_and_ipset_and_follows_changes() {
 
     let ipset = node.cli_ok(&["firewall", "export", "--format", "iptables", "--pool", "plain-pool"]);
     assert!(
-        ipset.contains("add pool_plain_pool_swap 10.32.0.0/24\nswap pool_plain_pool_swap pool_plain_pool\n"),
+        ipset.contains("add pool_plain_pool-swap 10.32.0.0/24\nswap pool_plain_pool-swap pool_plain_pool\n"),
         "{ipset}"
     );
     assert!(!ipset.contains("nat_pool"), "--pool plain-pool exports only that pool: {ipset}");

@@ -813,8 +813,12 @@ impl Agent {
                 ),
             }
         }
-        // Whatever decapsulates on this node now (ours, or another CNI's or the operator's devices).
-        let ports = self.routes.decap_ports().await.map_err(route_reply)?;
+        // Whatever decapsulates on this node now (ours, or another CNI's or the operator's devices). A failed
+        // scan leaves the ports already closed as they are and the rest of the reconcile goes on.
+        let ports = self.routes.decap_ports().await.unwrap_or_else(|e| {
+            warn!(error = %e, "listing the node's VXLAN and GENEVE devices failed; their ports stay as they were");
+            Default::default()
+        });
         // Pinned links and entries of interfaces the datastore no longer knows go (a DEL lost with the agent).
         if let Some(enforcement) = &self.enforcement {
             let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());

@@ -76,14 +76,20 @@ impl EndpointSpec {
         if self.pool_mode {
             entry.flags |= POOL_MODE;
         }
+        // Each family's "pool" starts as the pod's own address alone: a family whose pool is unknown (deleted
+        // with --force, say) must not be left as 0/0, which pool mode would read as "every source".
         for address in &self.addresses {
             match address {
                 IpAddr::V4(v4) => {
                     entry.ipv4 = v4.octets();
+                    entry.pool_ipv4 = v4.octets();
+                    entry.pool_ipv4_mask = [0xff; 4];
                     entry.flags |= HAS_IPV4;
                 }
                 IpAddr::V6(v6) => {
                     entry.ipv6 = v6.octets();
+                    entry.pool_ipv6 = v6.octets();
+                    entry.pool_ipv6_mask = [0xff; 16];
                     entry.flags |= HAS_IPV6;
                 }
             }
