@@ -548,12 +548,9 @@ pub async fn execute(
         }
         Command::Enforcement { command: EnforcementCommand::Status { bpf_dir } } => {
             use crate::dataplane::enforcement::{self, HAS_IPV4, HAS_IPV6, POOL_MODE, reason};
-            let pools: Vec<String> = catalog.pools().await?.into_iter().map(|(p, _)| p.name().to_string()).collect();
-            let ids: Vec<(u32, &str)> =
-                pools.iter().map(|n| (enforcement::pool_id(n.as_bytes()), n.as_str())).collect();
-            let name_of = |id: u32| ids.iter().find(|(i, _)| *i == id).map_or("<none>", |(_, n)| n);
-            let all: Vec<u32> = ids.iter().map(|(i, _)| *i).chain([0]).collect();
-            let state = enforcement::read_pinned(&bpf_dir, &all)?;
+            // Everything comes from the pinned maps (pool names too), so this works with the agent down.
+            let state = enforcement::read_pinned(&bpf_dir)?;
+            let name_of = |slot: u32| state.pool_names.get(&slot).map_or(enforcement::NO_POOL, String::as_str);
             w!(out, "{} interface(s) enforced (maps pinned in {})", state.attached.len(), bpf_dir.display());
             let ports: Vec<String> = state.decap_ports.iter().map(u16::to_string).collect();
             w!(out, "tunnels dropped: IP protocols {:?}, UDP ports {}", enforcement::TUNNEL_PROTOCOLS, ports.join(","));
@@ -583,7 +580,7 @@ pub async fn execute(
             let rows: Vec<Vec<String>> = state
                 .counters
                 .iter()
-                .map(|(pool, why, n)| vec![name_of(*pool).to_string(), reason::name(*why).to_string(), n.to_string()])
+                .map(|(pool, why, n)| vec![pool.clone(), reason::name(*why).to_string(), n.to_string()])
                 .collect();
             out.push_str(&cli::table(&["POOL", "REASON", "PACKETS"], &rows));
         }

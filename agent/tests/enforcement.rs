@@ -3,7 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use poolwarden::dataplane::enforcement::{
-    ENFORCE, EndpointSpec, Enforcement, PASS, VERDICT_DROP, VERDICT_PASS, decode_drop, drop_source, frames, reason,
+    ENFORCE, EndpointSpec, Enforcement, PASS, POOL_SLOTS, VERDICT_DROP, VERDICT_PASS, decode_drop, drop_source, frames,
+    reason,
 };
 
 fn root() -> bool {
@@ -59,7 +60,7 @@ fn strict_mode_passes_only_the_pods_own_source() {
         addresses: vec![IpAddr::V4(POD)],
         pools: vec!["10.0.0.0/24".parse().unwrap()],
         pool_mode: false,
-        pool_id: 7,
+        pool_id: enforcement.pool_slot("seven").unwrap(),
     };
     enforcement.set_endpoint(LOOPBACK, &spec).unwrap();
     let link_local: Ipv6Addr = "fe80::1:2".parse().unwrap();
@@ -88,8 +89,8 @@ fn strict_mode_passes_only_the_pods_own_source() {
     ] {
         assert_eq!(verdict(&enforcement, &frame), want, "{what}");
     }
-    let counters = enforcement.counts(&[7]).unwrap();
-    let count = |r: u32| counters.iter().find(|(k, _)| k.pool_id == 7 && k.reason == r).map_or(0, |(_, v)| *v);
+    let counters = enforcement.counts().unwrap();
+    let count = |r: u32| counters.iter().find(|(p, why, _)| p == "seven" && *why == r).map_or(0, |(_, _, n)| *n);
     assert_eq!(count(reason::PASSED), 2);
     assert_eq!(count(reason::SPOOFED_IPV4), 2);
     assert_eq!(count(reason::NO_IPV6), 3, "every IPv6 frame, discovery included");
@@ -140,6 +141,50 @@ fn ipv6_pod_passes_its_own_address_only() {
     );
 }
 
+/// Every pool counts in a slot of its own, named in the pinned maps (so the CLI reads names with the agent
+/// down); a slot given to a new pool starts at zero; when all are taken, those no endpoint uses are freed.
+#[test]
+fn counter_slots_are_never_shared() {
+    if !root() {
+        return;
+    }
+    let bpffs = Bpffs::new();
+    let mut enforcement = bpffs.load();
+    let a = enforcement.pool_slot("pool-a").unwrap();
+    let b = enforcement.pool_slot("pool-b").unwrap();
+    assert!(a != 0 && b != 0 && a != b, "{a} {b}");
+    assert_eq!(enforcement.pool_slot("pool-a").unwrap(), a, "a pool keeps its slot");
+    let spec = |pool_id| EndpointSpec { addresses: vec![IpAddr::V4(POD)], pools: vec![], pool_mode: false, pool_id };
+    enforcement.set_endpoint(LOOPBACK, &spec(a)).unwrap();
+    for _ in 0..3 {
+        enforcement.run(ENFORCE, &frames::ipv4(POD, NODE), 1).unwrap();
+    }
+    enforcement.set_endpoint(LOOPBACK, &spec(b)).unwrap();
+    enforcement.run(ENFORCE, &frames::ipv4(Ipv4Addr::new(10, 0, 0, 9), NODE), 1).unwrap();
+    let counts = enforcement.counts().unwrap();
+    assert_eq!(
+        counts,
+        vec![("pool-a".to_string(), reason::PASSED, 3), ("pool-b".to_string(), reason::SPOOFED_IPV4, 1)],
+        "each pool its own counters"
+    );
+    // What the CLI reads from the pins, with no agent: the same, by name.
+    let pinned = poolwarden::dataplane::enforcement::read_pinned(&bpffs.0.path().join("poolwarden")).unwrap();
+    assert_eq!(pinned.counters, counts);
+    assert_eq!(pinned.pool_names.get(&a).map(String::as_str), Some("pool-a"));
+
+    // Fill every slot; pool-b's endpoint still uses its slot, pool-a's none does any more.
+    for i in 0..POOL_SLOTS {
+        enforcement.pool_slot(&format!("filler-{i}")).unwrap();
+    }
+    let late = enforcement.pool_slot("late").unwrap();
+    assert_ne!(late, 0, "slots no endpoint uses were freed");
+    assert_ne!(late, b, "the slot of a pool an endpoint uses is kept");
+    assert_eq!(enforcement.pool_name(b), "pool-b");
+    let counts = enforcement.counts().unwrap();
+    assert!(counts.iter().all(|(pool, _, _)| pool != "late"), "a reused slot starts at zero: {counts:?}");
+    assert!(counts.iter().any(|(pool, _, n)| pool == "pool-b" && *n == 1), "{counts:?}");
+}
+
 const OWN6: &str = "fd00:65::5";
 
 /// An enforcement with one endpoint on loopback: `POD`, and `OWN6` when `ipv6`.
@@ -149,7 +194,8 @@ fn enforcing(bpffs: &Bpffs, ipv6: bool) -> Enforcement {
     if ipv6 {
         addresses.push(OWN6.parse().unwrap());
     }
-    let spec = EndpointSpec { addresses, pools: vec![], pool_mode: false, pool_id: 3 };
+    let pool_id = enforcement.pool_slot("three").unwrap();
+    let spec = EndpointSpec { addresses, pools: vec![], pool_mode: false, pool_id };
     enforcement.set_endpoint(LOOPBACK, &spec).unwrap();
     enforcement
 }
@@ -176,13 +222,15 @@ fn v6(source: &str, next_header: u8, payload: &[u8]) -> Vec<u8> {
 /// (frame, verdict, reason counted) for each case, with what it is.
 fn judge(enforcement: &Enforcement, cases: Vec<(&str, Vec<u8>, u32)>) {
     for (what, frame, want) in cases {
-        let before = enforcement.counts(&[3]).unwrap();
+        let before = enforcement.counts().unwrap();
         let (verdict, _) = enforcement.run(ENFORCE, &frame, 1).expect("test run");
-        let after = enforcement.counts(&[3]).unwrap();
+        let after = enforcement.counts().unwrap();
         let grew: Vec<u32> = after
             .iter()
-            .filter(|(k, n)| before.iter().find(|(b, _)| b == k).map_or(0, |(_, m)| *m) < *n)
-            .map(|(k, _)| k.reason)
+            .filter(|(pool, why, n)| {
+                pool == "three" && before.iter().find(|(p, w, _)| p == pool && w == why).map_or(0, |(_, _, m)| *m) < *n
+            })
+            .map(|(_, why, _)| *why)
             .collect();
         let expected = if want == reason::PASSED { VERDICT_PASS } else { VERDICT_DROP };
         assert_eq!(

@@ -15,8 +15,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use poolwarden_ebpf_common::{
-    ARRAY_ENDPOINTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, POOL_SLOTS, PRESENT,
-    TUNNEL_PROTOCOLS, counter_index, reason,
+    ARRAY_ENDPOINTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, POOL_NAME_LEN,
+    POOL_SLOTS, PRESENT, TUNNEL_PROTOCOLS, counter_index, reason,
 };
 
 /// ifindex of the host-side veth -> the pod it belongs to, for indexes below [`ARRAY_ENDPOINTS`]. Pinned by
@@ -38,6 +38,11 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(POOL_SLOTS * reason::COU
 /// the defaults and every VXLAN/GENEVE device's port, written by the agent.
 #[map]
 static DECAP_PORTS: Array<u8> = Array::pinned(65_536, 0);
+
+/// Counter slot -> the pool's name (NUL-padded), written by the agent and read by whoever reports the
+/// counters (`poolwarden enforcement status` too, with the agent down). The program never reads it.
+#[map]
+static POOL_NAMES: Array<[u8; POOL_NAME_LEN]> = Array::pinned(POOL_SLOTS, 0);
 
 /// Drop reports for the agent's log, shared (pinned) by every program instance.
 #[map]

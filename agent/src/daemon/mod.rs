@@ -650,7 +650,10 @@ impl Agent {
             None => self.pool_mode,
         };
         // Counted under the pool of its first address (a dual-stack pod's two pools share its counters).
-        let pool_id = own.first().map_or(0, |p| crate::dataplane::enforcement::pool_id(p.name.as_bytes()));
+        let pool_id = match own.first() {
+            Some(pool) => enforcement.pool_slot(&pool.name).map_err(failed)?,
+            None => 0,
+        };
         let spec = EndpointSpec {
             addresses: endpoint.ips.clone(),
             pools: own.iter().map(|p| p.cidr).collect(),
@@ -907,7 +910,6 @@ impl Agent {
         // ring buffer (and the fd) is dropped.
         let registered = unsafe { tokio::io::unix::AsyncFd::register(ring) };
         let Ok(mut ring) = registered else { return };
-        let pools = Catalog::new(Arc::clone(&self.store));
         loop {
             let Ok(mut ready) = ring.readable_mut().await else { return };
             let mut events = Vec::new();
@@ -915,19 +917,14 @@ impl Agent {
                 events.extend(crate::dataplane::enforcement::decode_drop(&item));
             }
             ready.clear_ready();
-            let names: Vec<(u32, String)> = pools
-                .pools()
-                .await
-                .map(|ps| {
-                    ps.iter()
-                        .map(|(p, _)| {
-                            (crate::dataplane::enforcement::pool_id(p.name().as_bytes()), p.name().to_string())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            for event in events {
-                let pool = names.iter().find(|(id, _)| *id == event.pool_id).map_or("<none>", |(_, n)| n.as_str());
+            let named: Vec<_> = match &self.enforcement {
+                Some(enforcement) => {
+                    let enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
+                    events.into_iter().map(|e| (enforcement.pool_name(e.pool_id).to_string(), e)).collect()
+                }
+                None => Vec::new(),
+            };
+            for (pool, event) in named {
                 let source =
                     crate::dataplane::enforcement::drop_source(&event).map(|s| s.to_string()).unwrap_or_default();
                 warn!(
@@ -967,20 +964,9 @@ impl Agent {
         let Ok(snapshot) = self.allocator.snapshot().await else { return };
         self.metrics.set_pools(&snapshot);
         if let Some(enforcement) = &self.enforcement {
-            let names: Vec<(u32, String)> = snapshot
-                .pools
-                .iter()
-                .map(|p| (crate::dataplane::enforcement::pool_id(p.name().as_bytes()), p.name().to_string()))
-                .collect();
-            let ids: Vec<u32> = names.iter().map(|(id, _)| *id).chain([0]).collect();
-            let counts = enforcement.lock().unwrap_or_else(|p| p.into_inner()).counts(&ids);
+            let counts = enforcement.lock().unwrap_or_else(|p| p.into_inner()).counts();
             if let Ok(counts) = counts {
-                let named = counts.into_iter().map(|(key, n)| {
-                    let pool =
-                        names.iter().find(|(id, _)| *id == key.pool_id).map_or("<none>", |(_, name)| name.as_str());
-                    (pool.to_string(), key.reason, n)
-                });
-                self.metrics.set_enforcement(named);
+                self.metrics.set_enforcement(counts);
             }
         }
     }

@@ -19,9 +19,13 @@ use aya::{
 };
 use ipnet::IpNet;
 pub use poolwarden_ebpf_common::{
-    ARRAY_ENDPOINTS, CounterKey, DEFAULT_DECAP_PORTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6,
-    POOL_MODE, POOL_SLOTS, PRESENT, TUNNEL_PROTOCOLS, counter_index, pool_id, reason,
+    ARRAY_ENDPOINTS, DEFAULT_DECAP_PORTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE,
+    POOL_NAME_LEN, POOL_SLOTS, PRESENT, TUNNEL_PROTOCOLS, counter_index, reason,
 };
+
+/// What counters are reported under when their slot has no pool (an interface without an entry, a pod
+/// without a pool).
+pub const NO_POOL: &str = "<none>";
 
 /// The enforcement object, built for `bpfel-unknown-none` by `build.rs`.
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/poolwarden-ebpf"));
@@ -65,7 +69,7 @@ pub struct EndpointSpec {
     pub pools: Vec<IpNet>,
     /// Pool mode: any source inside the pod's pools passes.
     pub pool_mode: bool,
-    /// The pool's id for the counters.
+    /// The pool's counter slot ([`Enforcement::pool_slot`]).
     pub pool_id: u32,
 }
 
@@ -116,7 +120,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/poolwarden";
 /// The layout version of the pinned maps: they live in `v<PIN_ABI>/` under the pin directory. Bump it when a
 /// map's type, key or value changes; a new agent then loads fresh maps beside the old ones and swaps its
 /// program into every pod's filter atomically (see [`Enforcement::enforce`]), so no pod goes unenforced.
-pub const PIN_ABI: u32 = 4;
+pub const PIN_ABI: u32 = 5;
 
 /// The directory of this build's pins under `root`.
 pub fn versioned(root: &Path) -> PathBuf {
@@ -156,6 +160,8 @@ pub struct Enforcement {
     /// The interfaces with an entry, kept in step with every write (read from the maps once, at load):
     /// scanning the 65,536-slot array instead would cost a reconcile tens of milliseconds.
     entered: std::collections::BTreeSet<u32>,
+    /// Counter slot -> pool name, as pinned in POOL_NAMES (read once, at load, and kept in step).
+    names: std::collections::BTreeMap<u32, String>,
 }
 
 /// The priority of our filter at clsact ingress.
@@ -181,8 +187,9 @@ impl Enforcement {
             program.load().map_err(|e| EnforcementError::Load(format!("{name}: {e:?}")))?;
         }
         let entered = read_entries(&pin_dir)?.into_iter().map(|(index, _)| index).collect();
+        let names = read_names(&pin_dir)?;
         let mut enforcement =
-            Self { ebpf, pin_dir, root: root.to_path_buf(), attached_here: Default::default(), entered };
+            Self { ebpf, pin_dir, root: root.to_path_buf(), attached_here: Default::default(), entered, names };
         enforcement.block_decap_ports(DEFAULT_DECAP_PORTS)?;
         Ok(enforcement)
     }
@@ -348,11 +355,73 @@ impl Enforcement {
         }
     }
 
-    /// The non-zero counters of the given pools, summed over CPUs.
-    pub fn counts(&self, pool_ids: &[u32]) -> Result<Vec<(CounterKey, u64)>, EnforcementError> {
+    /// The counter slot of `pool` on this node: the one it has, or a new one whose counters start at zero.
+    /// When every slot is taken, the slots of pools no endpoint entry uses any more are freed first; if none
+    /// is, the pool counts under [`NO_POOL`] (slot 0).
+    pub fn pool_slot(&mut self, pool: &str) -> Result<u32, EnforcementError> {
+        if let Some((slot, _)) = self.names.iter().find(|(_, name)| *name == pool) {
+            return Ok(*slot);
+        }
+        let free = |names: &std::collections::BTreeMap<u32, String>| (1..POOL_SLOTS).find(|s| !names.contains_key(s));
+        let slot = match free(&self.names) {
+            Some(slot) => slot,
+            None => {
+                let used: std::collections::BTreeSet<u32> =
+                    read_entries(&self.pin_dir)?.into_iter().map(|(_, e)| e.pool_id).collect();
+                let unused: Vec<u32> = self.names.keys().copied().filter(|s| !used.contains(s)).collect();
+                for slot in unused {
+                    self.write_name(slot, None)?;
+                }
+                match free(&self.names) {
+                    Some(slot) => slot,
+                    None => return Ok(0),
+                }
+            }
+        };
+        self.write_name(slot, Some(pool))?;
+        Ok(slot)
+    }
+
+    /// Name `slot` (or free it), with its counters zeroed: a new pool never inherits another's packets.
+    fn write_name(&mut self, slot: u32, pool: Option<&str>) -> Result<(), EnforcementError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| EnforcementError::Map {
+            operation: "count the possible CPUs".into(),
+            message: e.to_string(),
+        })?;
+        let mut counters: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(self.map_mut("COUNTERS")?).map_err(map_error("open COUNTERS"))?;
+        for why in 0..reason::COUNT {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
+                .map_err(|e| EnforcementError::Map { operation: "zero counters".into(), message: e.to_string() })?;
+            counters
+                .set(counter_index(slot, why), zeros, 0)
+                .map_err(map_error(format!("zero the counters of slot {slot}")))?;
+        }
+        let mut value = [0u8; POOL_NAME_LEN];
+        if let Some(pool) = pool {
+            let bytes = &pool.as_bytes()[..pool.len().min(POOL_NAME_LEN - 1)];
+            value[..bytes.len()].copy_from_slice(bytes);
+        }
+        let mut names: Array<&mut MapData, [u8; POOL_NAME_LEN]> =
+            Array::try_from(self.map_mut("POOL_NAMES")?).map_err(map_error("open POOL_NAMES"))?;
+        names.set(slot, value, 0).map_err(map_error(format!("name counter slot {slot}")))?;
+        match pool {
+            Some(pool) => self.names.insert(slot, pool.to_string()),
+            None => self.names.remove(&slot),
+        };
+        Ok(())
+    }
+
+    /// The pool counting in `slot` ([`NO_POOL`] for none).
+    pub fn pool_name(&self, slot: u32) -> &str {
+        self.names.get(&slot).map_or(NO_POOL, String::as_str)
+    }
+
+    /// Every non-zero counter, summed over CPUs: (pool, reason, packets).
+    pub fn counts(&self) -> Result<Vec<(String, u32, u64)>, EnforcementError> {
         let map = self.ebpf.map("COUNTERS").ok_or_else(|| EnforcementError::Load("map COUNTERS missing".into()))?;
         let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_error("open COUNTERS"))?;
-        read_counters(&counters, pool_ids)
+        read_counters(&counters, &self.names)
     }
 
     /// Run `program` on `packet` (an Ethernet frame) `repeat` times in the kernel, as if it arrived on the
@@ -379,8 +448,10 @@ pub struct PinnedState {
     pub attached: Vec<u32>,
     /// Endpoint entries: (ifindex, entry).
     pub endpoints: Vec<(u32, Endpoint)>,
-    /// Non-zero counters of the given pools: (pool id, reason, packets).
-    pub counters: Vec<(u32, u32, u64)>,
+    /// Counter slot -> pool name.
+    pub pool_names: std::collections::BTreeMap<u32, String>,
+    /// Non-zero counters: (pool, reason, packets).
+    pub counters: Vec<(String, u32, u64)>,
     /// UDP ports pods may not send to (decapsulating devices listen there).
     pub decap_ports: Vec<u16>,
 }
@@ -391,19 +462,35 @@ fn open_pinned(pin_dir: &Path, name: &str) -> Result<aya::maps::Map, Enforcement
         .map_err(map_error(format!("open pinned map {}", pin_dir.join(name).display())))
 }
 
-/// The non-zero counters of `pool_ids` in a COUNTERS map, summed over CPUs.
+/// The non-zero counters in a COUNTERS map, summed over CPUs, of "no pool" and the named slots.
 fn read_counters<T: std::borrow::Borrow<MapData>>(
     counters: &PerCpuArray<T, u64>,
-    pool_ids: &[u32],
-) -> Result<Vec<(CounterKey, u64)>, EnforcementError> {
+    names: &std::collections::BTreeMap<u32, String>,
+) -> Result<Vec<(String, u32, u64)>, EnforcementError> {
     let mut out = Vec::new();
-    for &pool in pool_ids {
+    let slots = std::iter::once((0, NO_POOL)).chain(names.iter().map(|(slot, name)| (*slot, name.as_str())));
+    for (slot, pool) in slots {
         for why in 0..reason::COUNT {
             let total: u64 =
-                counters.get(&counter_index(pool, why), 0).map_err(map_error("read COUNTERS"))?.iter().sum();
+                counters.get(&counter_index(slot, why), 0).map_err(map_error("read COUNTERS"))?.iter().sum();
             if total > 0 {
-                out.push((CounterKey { pool_id: pool, reason: why }, total));
+                out.push((pool.to_string(), why, total));
             }
+        }
+    }
+    Ok(out)
+}
+
+/// The named counter slots pinned in `pin_dir`.
+fn read_names(pin_dir: &Path) -> Result<std::collections::BTreeMap<u32, String>, EnforcementError> {
+    let names: Array<MapData, [u8; POOL_NAME_LEN]> =
+        Array::try_from(open_pinned(pin_dir, "POOL_NAMES")?).map_err(map_error("POOL_NAMES"))?;
+    let mut out = std::collections::BTreeMap::new();
+    for (slot, value) in names.iter().enumerate() {
+        let value = value.map_err(map_error("read POOL_NAMES"))?;
+        let length = value.iter().position(|b| *b == 0).unwrap_or(value.len());
+        if length > 0 {
+            out.insert(u32::try_from(slot).unwrap_or(0), String::from_utf8_lossy(&value[..length]).into_owned());
         }
     }
     Ok(out)
@@ -429,14 +516,15 @@ fn read_entries(pin_dir: &Path) -> Result<Vec<(u32, Endpoint)>, EnforcementError
 }
 
 /// Read the state this build pinned under `root`.
-pub fn read_pinned(root: &Path, pool_ids: &[u32]) -> Result<PinnedState, EnforcementError> {
+pub fn read_pinned(root: &Path) -> Result<PinnedState, EnforcementError> {
     let pin_dir = &versioned(root);
     let endpoints = read_entries(pin_dir)?;
     let mut state =
         PinnedState { attached: endpoints.iter().map(|(i, _)| *i).collect(), endpoints, ..PinnedState::default() };
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(open_pinned(pin_dir, "COUNTERS")?).map_err(map_error("COUNTERS"))?;
-    state.counters = read_counters(&counters, pool_ids)?.into_iter().map(|(k, n)| (k.pool_id, k.reason, n)).collect();
+    state.pool_names = read_names(pin_dir)?;
+    state.counters = read_counters(&counters, &state.pool_names)?;
     let ports: Array<MapData, u8> =
         Array::try_from(open_pinned(pin_dir, "DECAP_PORTS")?).map_err(map_error("DECAP_PORTS"))?;
     for (port, blocked) in ports.iter().enumerate() {

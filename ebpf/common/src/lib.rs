@@ -33,7 +33,7 @@ pub struct Endpoint {
     pub pool_ipv6: [u8; 16],
     /// The IPv6 pool's netmask.
     pub pool_ipv6_mask: [u8; 16],
-    /// Which pool, for the counters (the agent's numbering).
+    /// The pool's counter slot on this node (see [`POOL_SLOTS`]).
     pub pool_id: u32,
     /// Explicit padding to a multiple of 8, so the struct has none the compiler adds.
     pub reserved: u32,
@@ -120,34 +120,18 @@ pub const TUNNEL_PROTOCOLS: [u8; 6] = [4, 41, 47, 97, 115, 137];
 /// How many drop reports each CPU may send per second; the counters count everything regardless.
 pub const DROP_REPORTS_PER_SECOND: u64 = 100;
 
-/// How many pool slots the counters have; a pool's slot is `pool_id % POOL_SLOTS`.
+/// How many pools a node counts separately. The agent gives each pool that has an endpoint on the node a
+/// slot of its own (1 and up; 0 is "no pool"), records the slot's pool name in the pinned `POOL_NAMES` map,
+/// and writes the slot into the endpoints' `pool_id`: two pools never share a counter.
 pub const POOL_SLOTS: u32 = 1024;
 
-/// The counters array index of (pool, reason).
-pub const fn counter_index(pool_id: u32, why: u32) -> u32 {
-    (pool_id % POOL_SLOTS) * reason::COUNT + why
-}
+/// The bytes of a pool name in `POOL_NAMES` (NUL-padded; Kubernetes names are at most 253 bytes).
+pub const POOL_NAME_LEN: usize = 256;
 
-/// A pool's id: a stable hash of its name (FNV-1a), so the agent and every restart agree without state.
-pub const fn pool_id(name: &[u8]) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    let mut i = 0;
-    while i < name.len() {
-        hash ^= name[i] as u32;
-        hash = hash.wrapping_mul(0x0100_0193);
-        i += 1;
-    }
-    hash
-}
-
-/// A counter's key: (pool id, reason).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct CounterKey {
-    /// The pool's id (0 when unknown).
-    pub pool_id: u32,
-    /// One of [`reason`].
-    pub reason: u32,
+/// The counters array index of (pool slot, reason); slots out of range count as "no pool".
+pub const fn counter_index(slot: u32, why: u32) -> u32 {
+    let slot = if slot < POOL_SLOTS { slot } else { 0 };
+    slot * reason::COUNT + why
 }
 
 #[cfg(feature = "user")]
@@ -155,8 +139,6 @@ mod user {
     #![expect(unsafe_code, reason = "aya::Pod is an unsafe marker: these types are repr(C) without padding")]
     // SAFETY: repr(C), only integer arrays and integers, sizes multiple of their alignment, no padding.
     unsafe impl aya::Pod for super::Endpoint {}
-    // SAFETY: repr(C), two u32.
-    unsafe impl aya::Pod for super::CounterKey {}
     // SAFETY: repr(C), four u32 and a byte array: 32 bytes, no padding.
     unsafe impl aya::Pod for super::DropEvent {}
 }
