@@ -261,6 +261,16 @@ fn agent_refusal(reply: protocol::ErrorReply) -> CniError {
     CniError::new(reply.code, reply.msg, reply.details)
 }
 
+/// Where the agent attaches the pod's enforcement: TCX when a chained `bandwidth` will want the host side's
+/// ingress qdisc (the runtime passes limits, or the configuration says so), else the cheaper clsact filter.
+fn enforcement_hook(conf: &NetConf, options: &Options) -> protocol::EnforcementHook {
+    if conf.runtime_config.as_ref().is_some_and(|r| r.bandwidth.is_some()) {
+        protocol::EnforcementHook::Tcx
+    } else {
+        options.enforcement_hook.unwrap_or_default()
+    }
+}
+
 async fn add(
     env: &Env<'_>,
     conf: &NetConf,
@@ -292,6 +302,7 @@ async fn add(
         pools: options.pools.clone(),
         ips,
         host_index_follows: false,
+        hook: enforcement_hook(conf, options),
     };
 
     if ipam_only {
@@ -517,6 +528,28 @@ async fn gc(conf: &NetConf, socket: &str) -> Result<(), CniError> {
         Response::Collected { .. } => Ok(()),
         Response::Error(reply) => Err(agent_refusal(reply)),
         other => Err(CniError::new(code::IO_FAILURE, "unexpected answer from the agent", format!("{other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod hook_tests {
+    use super::*;
+
+    #[test]
+    fn tcx_when_the_chain_shapes_the_pod() {
+        let parse = |json: &str| serde_json::from_str::<NetConf>(json).expect("netconf");
+        let plain = parse(r#"{"cniVersion":"1.0.0","name":"n","type":"poolwarden-cni"}"#);
+        assert_eq!(enforcement_hook(&plain, &plain.options), protocol::EnforcementHook::Clsact);
+        let asked = parse(r#"{"cniVersion":"1.0.0","name":"n","type":"poolwarden-cni","enforcementHook":"tcx"}"#);
+        assert_eq!(enforcement_hook(&asked, &asked.options), protocol::EnforcementHook::Tcx);
+        let limited = parse(
+            r#"{"cniVersion":"1.0.0","name":"n","type":"poolwarden-cni","runtimeConfig":{"bandwidth":{"egressRate":1000}}}"#,
+        );
+        assert_eq!(enforcement_hook(&limited, &limited.options), protocol::EnforcementHook::Tcx);
+        assert!(
+            serde_json::from_str::<NetConf>(r#"{"type":"x","enforcementHook":"xdp"}"#).is_err(),
+            "unknown hooks are refused"
+        );
     }
 }
 

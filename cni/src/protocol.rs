@@ -77,6 +77,23 @@ pub struct AddRequest {
     /// documentation); otherwise the agent waits for an interface named `host_ifname` to come up.
     #[serde(default)]
     pub host_index_follows: bool,
+    /// Where enforcement attaches on the host side.
+    #[serde(default)]
+    pub hook: EnforcementHook,
+}
+
+/// Where the agent attaches a pod's enforcement program on its host side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnforcementHook {
+    /// A `cls_bpf` filter on the host side's clsact qdisc: the cheapest attach (well under a millisecond),
+    /// but it holds the interface's ingress qdisc slot.
+    #[default]
+    Clsact,
+    /// A TCX link (no qdisc; pinned so that it outlives the agent), for chains where a plugin after
+    /// poolwarden puts an ingress qdisc on the host side (Debian's `bandwidth`, for an egress limit). Its attach
+    /// waits for an RCU grace period, so only pods that need it pay for it.
+    Tcx,
 }
 
 /// A DEL.

@@ -80,6 +80,11 @@ pub struct Options {
     /// IPAM-only: the gateway the result reports (keep it outside the pool).
     #[serde(default)]
     pub gateway: Option<IpAddr>,
+    /// Where the agent attaches enforcement: `clsact` (default) or `tcx`, which a chain with `bandwidth`
+    /// after poolwarden needs (it also follows from `runtimeConfig.bandwidth`, with the `bandwidth`
+    /// capability declared).
+    #[serde(rename = "enforcementHook", default, skip_serializing_if = "Option::is_none")]
+    pub enforcement_hook: Option<crate::protocol::EnforcementHook>,
 }
 
 /// The network configuration given on stdin.
@@ -131,6 +136,9 @@ pub struct RuntimeConfig {
     /// Requested addresses, with or without a prefix length.
     #[serde(default)]
     pub ips: Vec<String>,
+    /// The pod's traffic limits (the `bandwidth` capability): a plugin after us shapes the host side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<serde_json::Value>,
 }
 
 /// An interface in a result.

@@ -1,7 +1,7 @@
 //! poolwarden next to real third-party CNI pieces from Debian: the `bridge` plugin with poolwarden as its
 //! IPAM, and a conflist chain of poolwarden, `portmap` and `tuning`.
 
-use poolwarden_tests::{NetNs, Node, debian_plugins, k8s_args, privileged, run_chain, unique};
+use poolwarden_tests::{NetNs, Node, address_of, debian_plugins, k8s_args, privileged, run_chain, unique};
 use serde_json::{Value, json};
 
 fn handles(node: &Node) -> Value {
@@ -182,5 +182,103 @@ fn podman_runs_a_container_on_a_poolwarden_network() {
     assert!(stdout.contains("1 packets received"), "the container reaches the node: {stdout}");
     assert_eq!(handles(&node), json!([]), "podman's DEL (--rm) released the address");
     assert!(!node.ns.exec(&["ip", "route", "show", "proto", "97"]).contains(" dev pw"), "and its route");
+    node.stop_agent();
+}
+
+/// Packets from `source` that reached the node's netfilter (raw PREROUTING runs after TC ingress).
+fn arrived(node: &Node, source: &str) -> u64 {
+    let table = node.ns.exec(&["iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-n", "-x"]);
+    table
+        .lines()
+        .filter(|l| l.split_whitespace().nth(7) == Some(source))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The pod gives itself `source` and pings the node from it; the node counts what arrives from it.
+fn spoof_arrivals(node: &Node, pod: &NetNs, source: &str) -> u64 {
+    node.ns.exec(&["iptables", "-t", "raw", "-I", "PREROUTING", "-s", source, "-j", "ACCEPT"]);
+    let _ = pod.try_exec(&["ip", "addr", "add", &format!("{source}/32"), "dev", "eth0"]);
+    let _ = pod.try_exec(&["ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", source, &node.address]);
+    arrived(node, source)
+}
+
+/// Debian's `bandwidth` chained after poolwarden, limiting both directions (what the pod annotations
+/// `kubernetes.io/ingress-bandwidth` and `egress-bandwidth` ask for), with `portmap` and `tuning`: with the
+/// default clsact attach, `bandwidth` cannot add its ingress qdisc; with `enforcementHook: tcx` the chain
+/// works, the shaping is in place, and the pod is still enforced, also while the agent is down (killed -9)
+/// and after it comes back.
+#[test]
+fn bandwidth_chained_after_poolwarden_with_enforcement_on_tcx() {
+    if !privileged() || !debian_plugins() {
+        return;
+    }
+    let mut node = Node::new("10.255.1.4");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.65.0.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let list = |hook: Option<&str>| {
+        let mut ours = json!({ "type": "poolwarden-cni", "socket": node.socket() });
+        if let Some(hook) = hook {
+            ours["enforcementHook"] = json!(hook);
+        }
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "shaped",
+            "plugins": [
+                ours,
+                { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true },
+                { "type": "bandwidth", "ingressRate": 8_000_000, "ingressBurst": 800_000, "egressRate": 4_000_000, "egressBurst": 400_000 },
+                { "type": "tuning", "sysctl": { "net.core.somaxconn": "512" } }
+            ],
+            "runtimeConfig": { "portMappings": [ { "hostPort": 18081, "containerPort": 8080, "protocol": "tcp" } ] }
+        })
+    };
+
+    // Control: on the clsact hook, bandwidth's ingress qdisc collides with ours.
+    let refused = NetNs::new("pwp");
+    let (ok, out) = run_chain(&node, &list(None), "ADD", "shaped-0", &refused.path(), &k8s_args("default", "s0"), None);
+    assert!(!ok && out["plugin"] == "bandwidth", "bandwidth fails next to a clsact qdisc: {out}");
+    let (ok, out) = run_chain(&node, &list(None), "DEL", "shaped-0", &refused.path(), &k8s_args("default", "s0"), None);
+    assert!(ok, "{out}");
+    assert_eq!(handles(&node), json!([]), "the refused chain's address is back");
+
+    let pod = NetNs::new("pwp");
+    let shaped = list(Some("tcx"));
+    let (ok, result) = run_chain(&node, &shaped, "ADD", "shaped-1", &pod.path(), &k8s_args("default", "s1"), None);
+    assert!(ok, "chain ADD with enforcement on TCX: {result}\n{}", node.agent_log());
+    let own = address_of(&result);
+    let routes = node.ns.exec(&["ip", "route", "show", &own]);
+    let host = routes.split_whitespace().skip_while(|w| *w != "dev").nth(1).expect("the pod's route").to_string();
+    let qdiscs = node.ns.exec(&["tc", "qdisc", "show", "dev", &host]);
+    assert!(qdiscs.contains("tbf") && qdiscs.contains("ingress"), "both limits are in place on {host}:\n{qdiscs}");
+    assert!(!qdiscs.contains("clsact"), "{qdiscs}");
+    let ifbs = node.ns.exec(&["ip", "-o", "link", "show", "type", "ifb"]);
+    let ifb = ifbs.split(": ").nth(1).expect("bandwidth's ifb device for the egress limit").to_string();
+    let shaped_egress = node.ns.exec(&["tc", "qdisc", "show", "dev", &ifb]);
+    assert!(shaped_egress.contains("tbf"), "{shaped_egress}");
+    assert_eq!(pod.exec(&["sysctl", "-n", "net.core.somaxconn"]).trim(), "512", "tuning ran after us");
+    let ifindex = node.ns.exec(&["cat", &format!("/sys/class/net/{host}/ifindex")]).trim().to_string();
+    let pinned = std::path::Path::new(&node.bpf_dir())
+        .join(format!("v{}/tcx/{ifindex}", poolwarden::dataplane::enforcement::PIN_ABI));
+    assert!(pinned.exists(), "the TCX link is pinned at {}", pinned.display());
+
+    assert!(pod.pings(&node.address), "the shaped pod's own traffic flows");
+    assert_eq!(spoof_arrivals(&node, &pod, "10.65.0.200"), 0, "a spoof from the shaped pod never arrives");
+    node.kill_agent();
+    assert!(pod.pings(&node.address), "agent down: own traffic flows");
+    assert_eq!(spoof_arrivals(&node, &pod, "10.65.0.201"), 0, "agent down: the pinned link still enforces");
+    node.start_agent();
+    assert!(pinned.exists(), "the restarted agent adopted the link");
+    assert_eq!(spoof_arrivals(&node, &pod, "10.65.0.202"), 0, "agent back: still enforced");
+    assert!(pod.pings(&node.address));
+    let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
+    assert!(status.contains("spoofed_ipv4"), "{status}");
+
+    let (ok, out) =
+        run_chain(&node, &shaped, "DEL", "shaped-1", &pod.path(), &k8s_args("default", "s1"), Some(&result));
+    assert!(ok, "chain DEL: {out}");
+    assert_eq!(handles(&node), json!([]));
     node.stop_agent();
 }

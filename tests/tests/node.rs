@@ -284,6 +284,7 @@ fn the_agent_waits_for_the_host_interface_to_be_up() {
         pools: vec![],
         ips: vec![],
         host_index_follows: false,
+        hook: Default::default(),
     });
     let socket = node.socket();
     let asked = std::thread::spawn(move || {

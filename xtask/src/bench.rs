@@ -206,6 +206,9 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
+/// The bench row of ADDs whose enforcement attaches as a TCX link.
+const TCX_LABEL: &str = "poolwarden-cni, enforcing on TCX";
+
 pub fn run(root: &Path) -> Result<()> {
     // Both packages, as the tests build them (the same features, so no dependency is built twice).
     super::run("cargo", &["build", "--release", "-p", "poolwarden", "-p", "poolwarden-cni", "--bins"])?;
@@ -259,9 +262,12 @@ pub fn run(root: &Path) -> Result<()> {
     {
         let (agent, socket) = start_agent(&poolwarden, &node_ns, &dir, enforcement)?;
         let ours = ours_for(&socket);
+        // The same with enforcement on a TCX link (what a chain with `bandwidth` after us uses).
+        let ours_tcx = ours.replacen('{', r#"{"enforcementHook":"tcx","#, 1);
         for (parallel, mode) in [(1, "sequential"), (BATCH, "10 at a time")] {
             let mut runs = vec![(label, "poolwarden-cni", ours.as_str())];
             if enforcement == "strict" {
+                runs.push((TCX_LABEL, "poolwarden-cni", ours_tcx.as_str()));
                 runs.push((peer_label, "bridge", peer.as_str()));
             }
             for (label, plugin, conf) in runs {
@@ -290,7 +296,7 @@ pub fn run(root: &Path) -> Result<()> {
     );
     for mode in ["sequential", "10 at a time"] {
         let of = |label: &str| medians.iter().find(|m| m.0 == mode && m.1 == label).map(|m| (m.2, m.3));
-        for ours in ["poolwarden-cni, enforcing", "poolwarden-cni, --enforcement off"] {
+        for ours in ["poolwarden-cni, enforcing", TCX_LABEL, "poolwarden-cni, --enforcement off"] {
             if let (Some((pa, pd)), Some((ba, bd))) = (of(ours), of(peer_label)) {
                 println!("ratio {ours} / {peer_label}, {mode}: ADD {:.2}x, DEL {:.2}x (median)", pa / ba, pd / bd);
             }

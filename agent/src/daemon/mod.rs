@@ -90,6 +90,9 @@ pub struct Endpoint {
     pub pod: String,
     /// Its addresses.
     pub ips: Vec<IpAddr>,
+    /// Where enforcement is attached on the host side.
+    #[serde(default)]
+    pub hook: poolwarden_cni::protocol::EnforcementHook,
 }
 
 /// What identifies one allocation the collector suspects: the address, the block sequence number and the
@@ -483,6 +486,7 @@ impl Agent {
             namespace,
             pod: request.pod.clone(),
             ips: Vec::new(),
+            hook: request.hook,
         };
         // The endpoint record is committed with the addresses when the allocator can (one fsync per ADD).
         let template = endpoint.clone();
@@ -506,7 +510,7 @@ impl Agent {
             if let Some(enforcement) = &self.enforcement {
                 let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
                 enforcement
-                    .attach(&endpoint.host_ifname, ifindex)
+                    .attach(&endpoint.host_ifname, ifindex, endpoint.hook)
                     .map_err(enforcement_failed(&endpoint.host_ifname))?;
             }
             Ok(Some(ifindex))
@@ -660,7 +664,7 @@ impl Agent {
             pool_mode,
             pool_id,
         };
-        enforcement.enforce(&endpoint.host_ifname, ifindex, &spec).map_err(failed)
+        enforcement.enforce(&endpoint.host_ifname, ifindex, &spec, endpoint.hook).map_err(failed)
     }
 
     async fn del(&self, request: DelRequest) -> Result<Vec<IpAddr>, ErrorReply> {
@@ -837,6 +841,7 @@ impl Agent {
             enforcement
                 .block_decap_ports(ports)
                 .map_err(|e| reply(code::IO_FAILURE, "blocking decapsulating ports failed", e.to_string()))?;
+            enforcement.remove_defunct_tcx_pins();
             // Every endpoint's link has moved over to this build by now; what older builds pinned can go.
             if let Err(e) = enforcement.remove_older_versions() {
                 warn!(error = %e, "removing an older build's pinned objects failed");

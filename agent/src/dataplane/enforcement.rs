@@ -13,11 +13,12 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         SchedClassifier, TcAttachType, TestRun, TestRunOptions,
-        links::Link as _,
+        links::{FdLink, Link as _, LinkOrder, PinnedLink},
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
 use ipnet::IpNet;
+pub use poolwarden_cni::protocol::EnforcementHook;
 pub use poolwarden_ebpf_common::{
     ARRAY_ENDPOINTS, DEFAULT_DECAP_PORTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE,
     POOL_NAME_LEN, POOL_SLOTS, PRESENT, TUNNEL_PROTOCOLS, counter_index, reason,
@@ -215,16 +216,27 @@ impl Enforcement {
     /// serialising every netlink user on the node), which would triple the time of a pod's ADD; a netlink
     /// filter's mini-qdisc swap uses an expedited grace period. Netlink filters also stay in the kernel
     /// when this process exits or dies, with no pin needed.
-    pub fn enforce(&mut self, ifname: &str, ifindex: u32, spec: &EndpointSpec) -> Result<(), EnforcementError> {
+    pub fn enforce(
+        &mut self,
+        ifname: &str,
+        ifindex: u32,
+        spec: &EndpointSpec,
+        hook: EnforcementHook,
+    ) -> Result<(), EnforcementError> {
         self.set_endpoint(ifindex, spec)?;
-        self.attach(ifname, ifindex)
+        self.attach(ifname, ifindex, hook)
     }
 
     /// Attach the program to `ifname` (index `ifindex`) before its entry is written: until then it drops
     /// everything there (fail closed), so an ADD attaches while it allocates and only writes the entry once
     /// the addresses are known. Idempotent.
-    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), EnforcementError> {
+    pub fn attach(&mut self, ifname: &str, ifindex: u32, hook: EnforcementHook) -> Result<(), EnforcementError> {
         if self.attached_here.contains(&ifindex) {
+            return Ok(());
+        }
+        if hook == EnforcementHook::Tcx {
+            self.attach_tcx(ifname, ifindex)?;
+            self.attached_here.insert(ifindex);
             return Ok(());
         }
         let program: &mut SchedClassifier = self
@@ -253,6 +265,73 @@ impl Enforcement {
         std::mem::forget(link);
         self.attached_here.insert(ifindex);
         Ok(())
+    }
+
+    /// Where the TCX link of interface `ifindex` is pinned under a version directory.
+    fn tcx_pin(version_dir: &Path, ifindex: u32) -> PathBuf {
+        version_dir.join("tcx").join(ifindex.to_string())
+    }
+
+    /// Attach as a TCX link at ingress, pinned (a link lives only as long as something holds it). A link an
+    /// earlier run (of this build or an older one) pinned for the interface gets this program swapped in
+    /// atomically and is pinned in this build's directory; a pin whose interface is gone (its link is
+    /// defunct: the update fails) is removed and a new link made.
+    fn attach_tcx(&mut self, ifname: &str, ifindex: u32) -> Result<(), EnforcementError> {
+        let attach_err =
+            |e: String| EnforcementError::Map { operation: format!("attach to {ifname} (TCX ingress)"), message: e };
+        let pin = Self::tcx_pin(&self.pin_dir, ifindex);
+        let earlier: Vec<PathBuf> = std::iter::once(pin.clone())
+            .chain(self.older_versions().iter().map(|dir| Self::tcx_pin(dir, ifindex)))
+            .filter(|p| p.exists())
+            .collect();
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(ENFORCE)
+            .ok_or_else(|| EnforcementError::Load(format!("program {ENFORCE} missing")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
+        std::fs::create_dir_all(pin.parent().unwrap_or(&self.pin_dir)).map_err(|e| attach_err(e.to_string()))?;
+        for existing in earlier {
+            let updated = PinnedLink::from_pin(&existing)
+                .ok()
+                .and_then(|pinned| SchedClassifierLink::try_from(FdLink::from(pinned)).ok())
+                .and_then(|link| program.attach_to_link(link).ok());
+            let Some(id) = updated else {
+                let _ = std::fs::remove_file(&existing);
+                continue;
+            };
+            if existing != pin {
+                let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+                let link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
+                let _ = std::fs::remove_file(&pin);
+                link.pin(&pin).map_err(|e| attach_err(e.to_string()))?;
+            } else {
+                // Pinned already: let go of this process's handle without detaching anything.
+                let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+                drop(FdLink::try_from(link));
+            }
+            return Ok(());
+        }
+        let id = program
+            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(|e| attach_err(e.to_string()))?;
+        let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+        let link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
+        link.pin(&pin).map_err(|e| attach_err(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Remove the TCX pins of interfaces that are gone (their links are defunct; a pin holds nothing else).
+    /// The pin of an interface that still exists stays, whoever owns it: removing it would detach the
+    /// program, and with its entry gone it drops everything there (fail closed), as a clsact filter does.
+    pub fn remove_defunct_tcx_pins(&self) {
+        let dir = self.pin_dir.join("tcx");
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let ifindex = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok());
+            if ifindex.is_some_and(|i| nix::net::if_::if_indextoname(i).is_err()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Pin directories of other layout versions (older builds) under the root.
@@ -284,6 +363,14 @@ impl Enforcement {
     pub fn detach(&mut self, ifname: &str, ifindex: u32) -> Result<(), EnforcementError> {
         if !self.attached_here.remove(&ifindex) {
             return Ok(());
+        }
+        let pin = Self::tcx_pin(&self.pin_dir, ifindex);
+        if pin.exists() {
+            // Unpinning destroys the link (nothing else holds it): that detaches the program.
+            return std::fs::remove_file(&pin).map_err(|e| EnforcementError::Map {
+                operation: format!("detach from {ifname} (remove {})", pin.display()),
+                message: e.to_string(),
+            });
         }
         let link = SchedClassifierLink::attached(ifname, TcAttachType::Ingress, FILTER_PRIORITY, FILTER_HANDLE, None)
             .map_err(|e| EnforcementError::Map {
