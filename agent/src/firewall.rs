@@ -113,10 +113,23 @@ pub struct PoolExport {
     pub disabled: bool,
 }
 
-/// The set name for a pool: `pool_` and the name with `-` and `.` as `_` (nftables and ipset both take it).
+/// The longest set name ipset takes (nftables takes longer ones; one name serves both).
+const SET_NAME_MAX: usize = 31;
+
+/// The set name for a pool, unique per pool and at most 31 bytes: `pool_` and the name with `-` as `_`
+/// (pool names never contain `_`, so that alone cannot make two the same); a name with a `.` (`a.b` would
+/// meet `a-b`) or too long for that keeps a 17-byte prefix and gets 8 hex digits of a hash of the whole name.
 pub fn set_name(pool: &str) -> String {
-    let body: String = pool.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
-    format!("pool_{body}")
+    let body: String = pool.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let plain = format!("pool_{body}");
+    if !pool.contains('.') && pool.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && plain.len() <= SET_NAME_MAX
+    {
+        return plain;
+    }
+    let hash = pool.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let mut prefix = plain;
+    prefix.truncate(SET_NAME_MAX - 9);
+    format!("{prefix}_{hash:08x}")
 }
 
 /// The export of `pools` (only `only` when given), with namespaces evaluated against `namespaces`.
@@ -363,7 +376,13 @@ spec: {cidr: "fd00:10::/120", namespaceSelector: "team == 'blue'"}
         );
         assert_eq!(flush_gone(&ipset, &gone), "# pool gone: its set stays, empty\nflush pool_old\n");
         assert_eq!(flush_gone("pool,cidr\n", &gone), "");
-        assert_eq!(swap_name(&"x".repeat(40)).len(), 31);
+        assert_eq!(swap_name(&set_name(&"x".repeat(40))).len(), 31);
+        // Unique and short enough for ipset, whatever the pool's name.
+        assert_eq!(set_name("external-pool"), "pool_external_pool");
+        assert_ne!(set_name("a-b"), set_name("a.b"));
+        let long = "a-very-long-pool-name-for-the-payments-team";
+        assert!(set_name(long).len() <= 31 && set_name(long).starts_with("pool_a_very_long_"), "{}", set_name(long));
+        assert_ne!(set_name(long), set_name(&format!("{long}-2")));
         let csv = render(&export, ExportFormat::Csv);
         assert!(csv.contains("\nexternal-pool,10.10.0.0/24,ipv4,external-ns,external-ns,false,false\n"), "{csv}");
         assert!(csv.contains("\ninternal-pool,10.20.0.0/24,ipv4,*,internal-ns,true,false\n"), "{csv}");

@@ -116,6 +116,42 @@ fn mac_of(link: &LinkMessage) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// The index of the peer of veth `ifname` (in whichever namespace the peer is), if `ifname` is a veth.
+pub async fn veth_peer_index(handle: &Handle, ifname: &str) -> Result<Option<u32>, NetlinkError> {
+    let link = match handle.link().get().match_name(ifname.to_string()).execute().try_next().await {
+        Ok(Some(link)) => link,
+        Ok(None) => return Ok(None),
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(fail(format!("look up link {ifname}"))(e)),
+    };
+    let is_veth = link.attributes.iter().any(|a| {
+        matches!(a, LinkAttribute::LinkInfo(infos)
+            if infos.iter().any(|i| matches!(i, netlink_packet_route::link::LinkInfo::Kind(netlink_packet_route::link::InfoKind::Veth))))
+    });
+    Ok(link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Link(index) if is_veth => Some(*index),
+        _ => None,
+    }))
+}
+
+/// The name of the link with `index` in this namespace, and whether it is enslaved to a bridge (or any
+/// other controller).
+pub async fn link_name_by_index(handle: &Handle, index: u32) -> Result<Option<(String, bool)>, NetlinkError> {
+    match handle.link().get().match_index(index).execute().try_next().await {
+        Ok(Some(link)) => {
+            let name = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(name) => Some(name.clone()),
+                _ => None,
+            });
+            let enslaved = link.attributes.iter().any(|a| matches!(a, LinkAttribute::Controller(_)));
+            Ok(name.map(|n| (n, enslaved)))
+        }
+        Ok(None) => Ok(None),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(fail(format!("look up link {index}"))(e)),
+    }
+}
+
 /// Format a MAC address as the CNI result shows it.
 pub fn format_mac(mac: &[u8]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")

@@ -261,6 +261,43 @@ fn agent_refusal(reply: protocol::ErrorReply) -> CniError {
     CniError::new(reply.code, reply.msg, reply.details)
 }
 
+/// IPAM-only with `enforce`: the node's side of the veth the main plugin made for the pod (`ifname` in the
+/// pod's namespace, its peer here, enslaved to a bridge). Found from the pod's side, so it is the pod's own
+/// port and nothing the runtime could name otherwise.
+async fn bridge_port(netns_path: &str, ifname: &str) -> Result<String, CniError> {
+    let inside = ifname.to_string();
+    let netns = File::open(netns_path).map_err(|e| {
+        CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS {netns_path} cannot be opened"), e.to_string())
+    })?;
+    let peer = netlink::spawn_in_netns(netns, netns_path.to_string(), move |handle| async move {
+        netlink::veth_peer_index(&handle, &inside).await
+    })
+    .await
+    .map_err(|_| CniError::new(code::IO_FAILURE, "netns worker", "panicked"))?
+    .map_err(netlink_error)?
+    .ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            format!("ipam.enforce: {ifname} in {netns_path} is not a veth"),
+            "enforcement in IPAM-only mode needs a main plugin that gives the pod a veth (bridge, ptp)",
+        )
+    })?;
+    let handle = netlink::connect().map_err(netlink_error)?;
+    match netlink::link_name_by_index(&handle, peer).await.map_err(netlink_error)? {
+        Some((name, true)) => Ok(name),
+        Some((name, false)) => Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("ipam.enforce: {name}, the node's side of {ifname}, is not a bridge port"),
+            "",
+        )),
+        None => Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("ipam.enforce: the peer of {ifname} is not in this namespace"),
+            "",
+        )),
+    }
+}
+
 /// Where the agent attaches the pod's enforcement: TCX when a chained `bandwidth` will want the host side's
 /// ingress qdisc (the runtime passes limits, or the configuration says so), else the cheaper clsact filter.
 fn enforcement_hook(conf: &NetConf, options: &Options) -> protocol::EnforcementHook {
@@ -303,9 +340,13 @@ async fn add(
         ips,
         host_index_follows: false,
         hook: enforcement_hook(conf, options),
+        bridge_port: String::new(),
     };
 
     if ipam_only {
+        if options.enforce {
+            request.bridge_port = bridge_port(&netns_path, &ifname).await?;
+        }
         let assigned = agent_add(socket, &request).await?;
         // The main plugin (a bridge, say) puts the address on a shared segment: report the segment's prefix.
         let ip_config = |a: &AssignedIp| {

@@ -80,6 +80,10 @@ pub struct AddRequest {
     /// Where enforcement attaches on the host side.
     #[serde(default)]
     pub hook: EnforcementHook,
+    /// IPAM-only with `enforce`: the node's side of the pod's veth, which the main plugin (a bridge) made and
+    /// enslaved. The agent enforces there and routes nothing to it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bridge_port: String,
 }
 
 /// Where the agent attaches a pod's enforcement program on its host side.

@@ -85,6 +85,10 @@ pub struct Options {
     /// capability declared).
     #[serde(rename = "enforcementHook", default, skip_serializing_if = "Option::is_none")]
     pub enforcement_hook: Option<crate::protocol::EnforcementHook>,
+    /// IPAM-only: enforce the pod's source address on the node's side of its veth (the bridge port the main
+    /// plugin made), as the agent does on its own veths.
+    #[serde(default)]
+    pub enforce: bool,
 }
 
 /// The network configuration given on stdin.

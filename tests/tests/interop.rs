@@ -1,7 +1,7 @@
 //! poolwarden next to real third-party CNI pieces from Debian: the `bridge` plugin with poolwarden as its
 //! IPAM, and a conflist chain of poolwarden, `portmap` and `tuning`.
 
-use poolwarden_tests::{NetNs, Node, address_of, debian_plugins, k8s_args, privileged, run_chain, unique};
+use poolwarden_tests::{NetNs, Node, address_of, debian_plugins, k8s_args, privileged, run_chain, unique, wait_for};
 use serde_json::{Value, json};
 
 fn handles(node: &Node) -> Value {
@@ -111,33 +111,33 @@ fn conflist_chain_with_portmap_and_tuning() {
     node.stop_agent();
 }
 
-#[test]
-fn podman_runs_a_container_on_a_poolwarden_network() {
-    if !privileged() || !debian_plugins() {
-        return;
+/// Whether podman and busybox-static are here (CI requires them: setup installs them).
+fn podman_available() -> bool {
+    if std::path::Path::new("/usr/bin/podman").is_file() && std::path::Path::new("/bin/busybox").is_file() {
+        return true;
     }
-    if !std::path::Path::new("/usr/bin/podman").is_file() || !std::path::Path::new("/bin/busybox").is_file() {
-        assert!(
-            std::env::var_os("POOLWARDEN_REQUIRE_PRIVILEGED").is_none(),
-            "podman and busybox-static are required; run cargo xtask setup"
-        );
-        eprintln!("SKIPPED: podman or busybox-static missing; cargo xtask setup installs them");
-        return;
-    }
-    let mut node = Node::new("10.255.1.3");
-    node.apply(include_str!("../../examples/seed-pools.yaml"));
-    node.cli_ok(&["annotate", "namespace", "external-ns", "poolwarden.io/ipv4pools=[\"external-pool\"]"]);
-    node.start_agent();
+    assert!(
+        std::env::var_os("POOLWARDEN_REQUIRE_PRIVILEGED").is_none(),
+        "podman and busybox-static are required; run cargo xtask setup"
+    );
+    eprintln!("SKIPPED: podman or busybox-static missing; cargo xtask setup installs them");
+    false
+}
 
+/// `podman run --rm` of a busybox container on the network `conflist` (named `poolwarden`), with its CNI
+/// backend executing the node's plugins inside the node's namespace, running `script`. nsenter (not `ip netns
+/// exec`) so that podman keeps the host's cgroup mounts while it runs in the node's network namespace.
+fn podman_run(node: &Node, conflist: &Value, extra: &[&str], script: &str) -> std::process::Command {
     let dir = node.dir.path();
     let rootfs = dir.join("rootfs");
     for sub in ["bin", "etc", "proc", "sys", "dev"] {
         std::fs::create_dir_all(rootfs.join(sub)).expect("rootfs");
     }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox");
+    if !rootfs.join("bin/busybox").exists() {
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox");
+    }
     let net_d = dir.join("net.d");
     std::fs::create_dir_all(&net_d).expect("net.d");
-    let conflist = json!({ "cniVersion": "1.0.0", "name": "poolwarden", "plugins": [ { "type": "poolwarden-cni", "socket": node.socket() } ] });
     std::fs::write(net_d.join("poolwarden.conflist"), conflist.to_string()).expect("conflist");
     let containers_conf = dir.join("containers.conf");
     std::fs::write(
@@ -149,11 +149,8 @@ fn podman_runs_a_container_on_a_poolwarden_network() {
         ),
     )
     .expect("containers.conf");
-
-    // nsenter (not `ip netns exec`) so that podman keeps the host's cgroup mounts while it runs in the node's
-    // network namespace: the plugin it execs wires the container into the node, nowhere else.
-    let script = format!("/bin/busybox ip -4 addr show eth0 && /bin/busybox ping -c 1 -W 2 {}", node.address);
-    let out = std::process::Command::new("nsenter")
+    let mut command = std::process::Command::new("nsenter");
+    command
         .arg(format!("--net={}", node.ns.path()))
         .arg("podman")
         .args([
@@ -164,13 +161,31 @@ fn podman_runs_a_container_on_a_poolwarden_network() {
         ])
         .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--runtime", "runc"])
         .args(["run", "--rm", "--network", "poolwarden", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"])
+        .args(extra)
         .arg("--rootfs")
         .arg(&rootfs)
-        .args(["/bin/busybox", "sh", "-c", &script])
+        .args(["/bin/busybox", "sh", "-c", script])
         .env("CONTAINERS_CONF", &containers_conf)
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=external-ns")
-        .output()
-        .expect("run podman");
+        .env("CNI_ARGS", "K8S_POD_NAMESPACE=external-ns");
+    command
+}
+
+#[test]
+fn podman_runs_a_container_on_a_poolwarden_network() {
+    if !privileged() || !debian_plugins() {
+        return;
+    }
+    if !podman_available() {
+        return;
+    }
+    let mut node = Node::new("10.255.1.3");
+    node.apply(include_str!("../../examples/seed-pools.yaml"));
+    node.cli_ok(&["annotate", "namespace", "external-ns", "poolwarden.io/ipv4pools=[\"external-pool\"]"]);
+    node.start_agent();
+
+    let conflist = json!({ "cniVersion": "1.0.0", "name": "poolwarden", "plugins": [ { "type": "poolwarden-cni", "socket": node.socket() } ] });
+    let script = format!("/bin/busybox ip -4 addr show eth0 && /bin/busybox ping -c 1 -W 2 {}", node.address);
+    let out = podman_run(&node, &conflist, &[], &script).output().expect("run podman");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -197,10 +212,7 @@ fn arrived(node: &Node, source: &str) -> u64 {
 
 /// The pod gives itself `source` and pings the node from it; the node counts what arrives from it.
 fn spoof_arrivals(node: &Node, pod: &NetNs, source: &str) -> u64 {
-    node.ns.exec(&["iptables", "-t", "raw", "-I", "PREROUTING", "-s", source, "-j", "ACCEPT"]);
-    let _ = pod.try_exec(&["ip", "addr", "add", &format!("{source}/32"), "dev", "eth0"]);
-    let _ = pod.try_exec(&["ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", source, &node.address]);
-    arrived(node, source)
+    spoof_arrivals_to(node, pod, source, &node.address)
 }
 
 /// Debian's `bandwidth` chained after poolwarden, limiting both directions (what the pod annotations
@@ -280,5 +292,159 @@ fn bandwidth_chained_after_poolwarden_with_enforcement_on_tcx() {
         run_chain(&node, &shaped, "DEL", "shaped-1", &pod.path(), &k8s_args("default", "s1"), Some(&result));
     assert!(ok, "chain DEL: {out}");
     assert_eq!(handles(&node), json!([]));
+    // Once the interface is gone, the next reconcile (here: a restart's) removes its link's pin.
+    wait_for("the host side to go", std::time::Duration::from_secs(10), || {
+        !node.ns.try_exec(&["ip", "link", "show", &host])
+    });
     node.stop_agent();
+    node.start_agent();
+    assert!(!pinned.exists(), "the defunct link's pin is gone");
+    node.stop_agent();
+}
+
+/// The same chain through a real CNI client: podman's CNI backend runs poolwarden-cni (on TCX), portmap,
+/// bandwidth (both directions) and tuning for a container that tries to spoof: it starts, tc shows the
+/// shaping on its host side while it runs, tuning's sysctl is set, and its spoofed packets never arrive.
+#[test]
+fn podman_runs_a_shaped_container_that_is_still_enforced() {
+    if !privileged() || !debian_plugins() || !podman_available() {
+        return;
+    }
+    let mut node = Node::new("10.255.1.5");
+    node.apply(include_str!("../../examples/seed-pools.yaml"));
+    node.start_agent();
+    let conflist = json!({
+        "cniVersion": "1.0.0",
+        "name": "poolwarden",
+        "plugins": [
+            { "type": "poolwarden-cni", "socket": node.socket(), "enforcementHook": "tcx" },
+            { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true },
+            { "type": "bandwidth", "ingressRate": 8_000_000, "ingressBurst": 800_000, "egressRate": 4_000_000, "egressBurst": 400_000 },
+            { "type": "tuning", "sysctl": { "net.core.somaxconn": "512" } }
+        ]
+    });
+    let spoofed = "172.16.0.250";
+    node.ns.exec(&["iptables", "-t", "raw", "-I", "PREROUTING", "-s", spoofed, "-j", "ACCEPT"]);
+    // The container (root with CAP_NET_ADMIN: a hostile one) gives itself another address and sends from it.
+    let script = format!(
+        "cat /proc/sys/net/core/somaxconn; /bin/busybox ping -c 1 -W 2 {node} && \
+         /bin/busybox ip addr add {spoofed}/32 dev eth0 && /bin/busybox ping -c 3 -W 1 -I {spoofed} {node}; \
+         /bin/busybox sleep 4; true",
+        node = node.address
+    );
+    let podman = podman_run(&node, &conflist, &["--cap-add", "NET_ADMIN"], &script)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run podman");
+    // While it runs: its host side carries bandwidth's qdiscs (and no clsact).
+    let mut shaped = String::new();
+    for _ in 0..100 {
+        let links = node.ns.exec(&["ip", "-o", "link", "show"]);
+        for host in links.lines().filter_map(|l| l.split(": ").nth(1)).map(|n| n.split('@').next().unwrap_or(n)) {
+            if host.starts_with("pw") {
+                let qdiscs = node.ns.exec(&["tc", "qdisc", "show", "dev", host]);
+                if qdiscs.contains("tbf") && qdiscs.contains("ingress") {
+                    shaped = qdiscs;
+                }
+            }
+        }
+        if !shaped.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = podman.wait_with_output().expect("podman");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "podman failed: {stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.agent_log()
+    );
+    assert!(
+        !shaped.is_empty() && !shaped.contains("clsact"),
+        "tc showed bandwidth's shaping on the host side: {shaped}"
+    );
+    assert!(stdout.starts_with("512"), "tuning set the container's sysctl: {stdout}");
+    assert!(stdout.contains("1 packets received"), "the container's own traffic flows: {stdout}");
+    assert_eq!(arrived(&node, spoofed), 0, "its spoofed packets never arrive: {stdout}");
+    let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
+    assert!(status.contains("spoofed_ipv4"), "{status}");
+    assert_eq!(handles(&node), json!([]), "podman's DEL (--rm) released the address");
+    node.stop_agent();
+}
+
+/// Debian's `bridge` with poolwarden as its IPAM and `"enforce": true`: the pod's source is enforced on its
+/// bridge port (the node's side of the veth the bridge plugin made), so a spoof never reaches the bridge;
+/// without `enforce` the same spoof arrives (the control), and pods on the bridge still reach each other.
+#[test]
+fn debian_bridge_pods_enforced_on_their_bridge_ports() {
+    if !privileged() || !debian_plugins() {
+        return;
+    }
+    let mut node = Node::new("10.255.1.6");
+    node.apply("apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: bridge-pool}\nspec: {cidr: 10.66.0.128/25, blockSize: 29}\n");
+    node.start_agent();
+    let bridge = unique("pwbr");
+    let socket = node.socket();
+    let conf = |enforce: bool| {
+        json!({
+            "cniVersion": "1.0.0", "name": "brnet", "type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
+            "ipam": { "type": "poolwarden-cni", "socket": socket, "pools": ["bridge-pool"], "subnet": "10.66.0.0/24",
+                      "gateway": "10.66.0.1", "enforce": enforce }
+        })
+    };
+    let add = |node: &Node, id: &str, pod: &NetNs, enforce: bool| {
+        let (ok, result) = node.plugin("bridge", "ADD", id, &pod.path(), &k8s_args("default", id), &conf(enforce));
+        assert!(ok, "bridge ADD {id}: {result}\n{}", node.agent_log());
+        address_of(&result)
+    };
+    let open = NetNs::new("pwp");
+    add(&node, "br-open", &open, false);
+    assert_ne!(
+        spoof_arrivals_to(&node, &open, "10.66.0.250", "10.66.0.1"),
+        0,
+        "control: without enforce a spoof arrives"
+    );
+
+    let pods: Vec<NetNs> = (0..2).map(|_| NetNs::new("pwp")).collect();
+    let addresses: Vec<String> =
+        pods.iter().enumerate().map(|(i, pod)| add(&node, &format!("br-enf-{i}"), pod, true)).collect();
+    assert!(pods[0].pings(&addresses[1]), "enforced pods on the bridge reach each other");
+    assert!(pods[1].pings("10.66.0.1"), "and the bridge's gateway");
+    assert_eq!(
+        spoof_arrivals_to(&node, &pods[0], "10.66.0.251", "10.66.0.1"),
+        0,
+        "a spoof from an enforced pod never arrives"
+    );
+    let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
+    // On a shared segment the spoofer first ARPs from the spoofed address: that is what gets dropped.
+    assert!(status.contains("2 interface(s) enforced") && status.contains("spoofed_arp"), "{status}");
+    assert!(
+        !node.ns.exec(&["ip", "route", "show", "proto", "97"]).contains(" dev "),
+        "no route of ours to a bridge port"
+    );
+    // A restarted agent enforces the same ports (from the endpoint records), and DEL lets go of them.
+    node.kill_agent();
+    node.start_agent();
+    assert_eq!(spoof_arrivals_to(&node, &pods[0], "10.66.0.252", "10.66.0.1"), 0, "still enforced after a restart");
+    for (i, pod) in pods.iter().enumerate() {
+        let (ok, out) = node.plugin("bridge", "DEL", &format!("br-enf-{i}"), &pod.path(), "", &conf(true));
+        assert!(ok, "bridge DEL {i}: {out}");
+    }
+    let (ok, out) = node.plugin("bridge", "DEL", "br-open", &open.path(), "", &conf(false));
+    assert!(ok, "{out}");
+    let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
+    assert!(status.contains("0 interface(s) enforced"), "{status}\n{}", node.agent_log());
+    assert_eq!(handles(&node), json!([]));
+    node.stop_agent();
+}
+
+/// The pod gives itself `source` and pings `to` from it; the node counts what arrives from it.
+fn spoof_arrivals_to(node: &Node, pod: &NetNs, source: &str, to: &str) -> u64 {
+    node.ns.exec(&["iptables", "-t", "raw", "-I", "PREROUTING", "-s", source, "-j", "ACCEPT"]);
+    let _ = pod.try_exec(&["ip", "addr", "add", &format!("{source}/32"), "dev", "eth0"]);
+    let _ = pod.try_exec(&["ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", source, to]);
+    arrived(node, source)
 }

@@ -93,6 +93,13 @@ pub struct Endpoint {
     /// Where enforcement is attached on the host side.
     #[serde(default)]
     pub hook: poolwarden_cni::protocol::EnforcementHook,
+    /// IPAM-only with enforcement: the bridge port (the node's side of the pod's veth) it is enforced on.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bridge_port: String,
+    /// That port's interface index when the ADD found it: the main plugin may delete the port before our
+    /// DEL, which then releases its entry by index.
+    #[serde(default)]
+    pub bridge_port_index: u32,
 }
 
 /// What identifies one allocation the collector suspects: the address, the block sequence number and the
@@ -487,7 +494,16 @@ impl Agent {
             pod: request.pod.clone(),
             ips: Vec::new(),
             hook: request.hook,
+            bridge_port: String::new(),
+            bridge_port_index: 0,
         };
+        if request.host_ifname.is_empty() && !request.bridge_port.is_empty() {
+            endpoint.bridge_port_index =
+                self.routes.ifindex(&request.bridge_port).await.map_err(route_reply)?.ok_or_else(|| {
+                    reply(code::INTERFACE_SETUP, format!("bridge port {} does not exist", request.bridge_port), "")
+                })?;
+            endpoint.bridge_port.clone_from(&request.bridge_port);
+        }
         // The endpoint record is committed with the addresses when the allocator can (one fsync per ADD).
         let template = endpoint.clone();
         let record = Record {
@@ -596,6 +612,15 @@ impl Agent {
             for block in blocks {
                 self.routes.remove(&OwnedRoute::Blackhole(*block)).await.map_err(route_reply)?;
             }
+            if !endpoint.bridge_port.is_empty() {
+                // Enforced on its bridge port before the plugin hears of the address.
+                let port = endpoint.bridge_port_index;
+                if let Err(err) = self.enforce_endpoint(endpoint, port, pools) {
+                    let _ = self.store.txn(Txn::new().remove(key)).await;
+                    self.forget_enforcement(port);
+                    return Err(err);
+                }
+            }
             return Ok(());
         };
         // The record is durable before the kernel is programmed (a reconcile in between finds the record
@@ -641,12 +666,14 @@ impl Agent {
         let Some(enforcement) = &self.enforcement else { return Ok(()) };
         let own: Vec<&PoolRef> = pools.iter().filter(|p| endpoint.ips.iter().any(|ip| p.cidr.contains(ip))).collect();
         let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
-        let failed = enforcement_failed(&endpoint.host_ifname);
+        // Its own veth's host side, or (IPAM-only) the bridge port the main plugin made for it.
+        let ifname = if endpoint.bridge_port.is_empty() { &endpoint.host_ifname } else { &endpoint.bridge_port };
+        let failed = enforcement_failed(ifname);
         // The pod's pool may override the agent's mode (the first address's pool decides).
         let pool_mode = match own.first().and_then(|p| p.enforcement) {
             Some(crate::resources::EnforcementMode::Off) => {
                 // The program went on while the addresses were allocated; this pod is not enforced.
-                enforcement.detach(&endpoint.host_ifname, ifindex).map_err(failed)?;
+                enforcement.detach(ifname, ifindex).map_err(failed)?;
                 return enforcement.release(ifindex).map_err(failed);
             }
             Some(crate::resources::EnforcementMode::Pool) => true,
@@ -664,7 +691,7 @@ impl Agent {
             pool_mode,
             pool_id,
         };
-        enforcement.enforce(&endpoint.host_ifname, ifindex, &spec, endpoint.hook).map_err(failed)
+        enforcement.enforce(ifname, ifindex, &spec, endpoint.hook).map_err(failed)
     }
 
     async fn del(&self, request: DelRequest) -> Result<Vec<IpAddr>, ErrorReply> {
@@ -684,6 +711,17 @@ impl Agent {
             .unwrap_or_else(|| request.host_ifname.clone());
         let ifindex =
             if host_ifname.is_empty() { None } else { self.routes.ifindex(&host_ifname).await.map_err(route_reply)? };
+        // A bridge port's entry goes (fail closed until the main plugin deletes the veth; the port is not ours
+        // to delete). The main plugin may have deleted the port already: by its index, unless that index is
+        // another interface's now.
+        if let Some((recorded, _)) = &endpoint
+            && recorded.bridge_port_index != 0
+        {
+            let now = crate::dataplane::enforcement::interface_name(recorded.bridge_port_index);
+            if now.is_none_or(|name| name == recorded.bridge_port) {
+                self.forget_enforcement(recorded.bridge_port_index);
+            }
+        }
         if let Some((endpoint, revision)) = endpoint {
             if let Some(ifindex) = ifindex {
                 for ip in &endpoint.ips {
@@ -804,6 +842,14 @@ impl Agent {
         }
         let mut enforced = BTreeSet::new();
         for endpoint in endpoints {
+            if !endpoint.bridge_port.is_empty() {
+                // IPAM-only, enforced on its bridge port: no route of ours.
+                if let Some(port) = self.routes.ifindex(&endpoint.bridge_port).await.map_err(route_reply)? {
+                    self.enforce_endpoint(&endpoint, port, &pools)?;
+                    enforced.insert(port);
+                }
+                continue;
+            }
             if endpoint.host_ifname.is_empty() {
                 continue;
             }

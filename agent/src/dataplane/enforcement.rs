@@ -328,7 +328,7 @@ impl Enforcement {
         let dir = self.pin_dir.join("tcx");
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let ifindex = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok());
-            if ifindex.is_some_and(|i| nix::net::if_::if_indextoname(i).is_err()) {
+            if ifindex.is_some_and(|i| interface_name(i).is_none()) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -526,6 +526,12 @@ impl Enforcement {
             .map_err(|e| EnforcementError::Map { operation: "BPF_PROG_TEST_RUN".into(), message: e.to_string() })?;
         Ok((result.return_value, result.duration))
     }
+}
+
+/// The name of the interface with `index` in this network namespace, if there is one (nix's
+/// `if_indextoname` answers an empty name for a missing index).
+pub fn interface_name(index: u32) -> Option<String> {
+    nix::net::if_::if_indextoname(index).ok().and_then(|name| name.into_string().ok()).filter(|name| !name.is_empty())
 }
 
 /// What the pinned maps say, read without loading anything (works while the agent is down).
