@@ -279,6 +279,7 @@ fn tunnels_from_the_pods_own_address_are_dropped() {
         ("IPv4-in-IPv6", v6(OWN6, 4, &forged), reason::ENCAPSULATED),
         ("IPv6-in-IPv6", v6(OWN6, 41, &forged6), reason::ENCAPSULATED),
         ("GRE over IPv6", v6(OWN6, 47, &frames::gre(0x0800, &forged)), reason::ENCAPSULATED),
+        ("Ethernet over IPv6 (SRv6)", v6(OWN6, 143, &inner_frame), reason::ENCAPSULATED),
         ("plain UDP over IPv6", udp6(53), reason::PASSED),
         // IPv4 options move the transport header: the port is read where it is.
         (
@@ -401,6 +402,7 @@ fn neighbour_discovery_passes_only_what_a_host_sends() {
             ("redirect", icmp(ll, 137), reason::FORBIDDEN_ICMPV6),
             ("listener query", icmp(ll, 130), reason::FORBIDDEN_ICMPV6),
             ("router renumbering", icmp(ll, 138), reason::FORBIDDEN_ICMPV6),
+            ("certification path advertisement", icmp(ll, 149), reason::FORBIDDEN_ICMPV6),
             ("echo request from link-local", icmp(ll, 128), reason::SPOOFED_IPV6),
             ("echo request from its own address", icmp(OWN6, 128), reason::PASSED),
         ],
@@ -430,6 +432,8 @@ mod random_frames {
             v4(&inner[14..], 4),
             v4_udp(&[1, 1, 1, 0, 7, 3, 4, 0], 0x2000, &frames::udp(1, 80, b"x")),
             v6(OWN6, 17, &frames::udp(1, 53, b"payload")),
+            v6(OWN6, 17, &frames::udp(1, 4789, &frames::vxlan(1, &inner))),
+            v6("fe80::5", 17, &frames::udp(1, 53, b"from link-local")),
             v6(
                 OWN6,
                 0,
@@ -443,19 +447,45 @@ mod random_frames {
         ]
     }
 
-    /// The sources that may pass: the pod's own addresses, and for IPv6 link-local and unspecified (only for
-    /// discovery; that part is checked by the test above).
+    /// The sources that may pass: the pod's own addresses; and link-local or unspecified IPv6 only for the
+    /// discovery a host sends (ICMPv6 right after the header or after one hop-by-hop header).
     fn source_allowed(frame: &[u8]) -> bool {
         let ethertype = frame.get(12..14).map(|b| u16::from_be_bytes([b[0], b[1]]));
         match ethertype {
             Some(0x0800) => frame.get(26..30) == Some(&POD.octets()[..]),
             Some(0x86dd) => frame.get(22..38).is_some_and(|s| {
                 let own: Ipv6Addr = OWN6.parse().unwrap();
-                s == own.octets() || s == [0; 16] || (s[0] == 0xfe && s[1] & 0xc0 == 0x80)
+                if s == own.octets() {
+                    return true;
+                }
+                let local = s == [0; 16] || (s[0] == 0xfe && s[1] & 0xc0 == 0x80);
+                let icmp_at = match frame.get(20) {
+                    Some(58) => Some(54),
+                    Some(0) if frame.get(54) == Some(&58) => frame.get(55).map(|l| 54 + (usize::from(*l) + 1) * 8),
+                    _ => None,
+                };
+                let discovery = icmp_at
+                    .and_then(|at| frame.get(at))
+                    .is_some_and(|t| matches!(t, 131 | 132 | 133 | 135 | 136 | 143));
+                local && discovery
             }),
             Some(0x0806) => frame.get(28..32) == Some(&POD.octets()[..]),
             _ => false,
         }
+    }
+
+    /// An IPv6 packet from the pod's own address whose next header is a tunnel protocol, or UDP to VXLAN.
+    fn ipv6_tunnel(frame: &[u8]) -> bool {
+        let own: Ipv6Addr = OWN6.parse().unwrap();
+        if frame.get(12..14) != Some(&[0x86, 0xdd]) || frame.get(22..38) != Some(&own.octets()[..]) {
+            return false;
+        }
+        let next = frame.get(20).copied().unwrap_or(0);
+        let udp_port = frame.get(56..58).map(|p| u16::from_be_bytes([p[0], p[1]]));
+        frame.get(14).is_some_and(|v| v >> 4 == 6)
+            && (poolwarden::dataplane::enforcement::TUNNEL_PROTOCOLS.contains(&next)
+                || (next == 17
+                    && udp_port.is_some_and(|p| poolwarden::dataplane::enforcement::DEFAULT_DECAP_PORTS.contains(&p))))
     }
 
     /// An unfragmented IPv4 packet with a well-formed header that carries a tunnel protocol, or UDP to VXLAN.
@@ -521,7 +551,7 @@ mod random_frames {
                 let Ok((verdict, _)) = enforcement.run(ENFORCE, &frame, 1) else { continue };
                 if verdict == VERDICT_PASS {
                     prop_assert!(source_allowed(&frame), "passed with a source not the pod's: {frame:02x?}");
-                    prop_assert!(!ipv4_tunnel(&frame), "passed a tunnel: {frame:02x?}");
+                    prop_assert!(!ipv4_tunnel(&frame) && !ipv6_tunnel(&frame), "passed a tunnel: {frame:02x?}");
                 }
             }
         }

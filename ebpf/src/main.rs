@@ -205,6 +205,25 @@ fn check(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
     if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
         return Ok(reason::VLAN);
     }
+    // The common case in one bounds check: Ethernet, IPv4 without options, and the transport header's ports.
+    let start = ctx.data();
+    if start + ETH_HLEN + 24 <= ctx.data_end() && endpoint.flags & HAS_IPV4 != 0 {
+        // SAFETY: checked against the packet's end just above.
+        let frame = unsafe { &*(start as *const [u8; ETH_HLEN + 24]) };
+        if frame[12] == 0x08 && frame[13] == 0 && frame[ETH_HLEN] == 0x45 {
+            let packet = &frame[ETH_HLEN..];
+            let source = [packet[12], packet[13], packet[14], packet[15]];
+            let pooled =
+                endpoint.flags & POOL_MODE != 0 && in_prefix(&source, &endpoint.pool_ipv4, &endpoint.pool_ipv4_mask);
+            if source != endpoint.ipv4 && !pooled {
+                return Ok(reason::SPOOFED_IPV4);
+            }
+            if packet[6] & 0x1f != 0 || packet[7] != 0 {
+                return Ok(reason::PASSED);
+            }
+            return carried_port(packet[9], || Ok(u16::from_be_bytes([packet[22], packet[23]])));
+        }
+    }
     let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
     match ethertype {
         ETH_P_IP => check_ipv4(ctx, endpoint),
@@ -251,17 +270,20 @@ fn check_ipv4(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
 /// What an IP packet from an allowed source carries: tunnels are dropped, anything else passes.
 #[inline(always)]
 fn carried(ctx: &TcContext, protocol: u8, transport: usize) -> Result<u32, i64> {
+    carried_port(protocol, || read_variable::<u16>(ctx, transport + 2).map(u16::from_be))
+}
+
+/// [`carried`], with the UDP destination port from `port` (read only for UDP).
+#[inline(always)]
+fn carried_port(protocol: u8, port: impl FnOnce() -> Result<u16, i64>) -> Result<u32, i64> {
     if protocol == IPPROTO_TCP {
         return Ok(reason::PASSED);
     }
     if TUNNEL_PROTOCOLS.contains(&protocol) {
         return Ok(reason::ENCAPSULATED);
     }
-    if protocol == IPPROTO_UDP {
-        let port = u16::from_be(read_variable::<u16>(ctx, transport + 2)?);
-        if DECAP_PORTS.get(u32::from(port)).is_some_and(|listening| *listening != 0) {
-            return Ok(reason::ENCAPSULATED);
-        }
+    if protocol == IPPROTO_UDP && DECAP_PORTS.get(u32::from(port()?)).is_some_and(|listening| *listening != 0) {
+        return Ok(reason::ENCAPSULATED);
     }
     Ok(reason::PASSED)
 }
@@ -344,8 +366,8 @@ fn check_ipv6(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
                 }
             }
             // What only routers send: listener query, router advertisement, redirect, router renumbering,
-            // multicast router advertisement and termination.
-            130 | 134 | 137 | 138 | 151 | 153 => return Ok(reason::FORBIDDEN_ICMPV6),
+            // certification path advertisement (SEND), multicast router advertisement and termination.
+            130 | 134 | 137 | 138 | 149 | 151 | 153 => return Ok(reason::FORBIDDEN_ICMPV6),
             _ => {}
         }
     }

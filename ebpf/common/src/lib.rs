@@ -114,8 +114,8 @@ pub const DEFAULT_DECAP_PORTS: [u16; 4] = [4789, 4790, 6081, 8472];
 
 /// IP protocol numbers that carry a packet whose own source a receiver that decapsulates would trust:
 /// IPv4 (4, IP-in-IP), IPv6 (41, SIT and IPv6-in-IP), GRE (47, also GRETAP and ERSPAN), EtherIP (97),
-/// L2TPv3 (115), MPLS-in-IP (137).
-pub const TUNNEL_PROTOCOLS: [u8; 6] = [4, 41, 47, 97, 115, 137];
+/// L2TPv3 (115), MPLS-in-IP (137), Ethernet (143, as SRv6 carries it).
+pub const TUNNEL_PROTOCOLS: [u8; 7] = [4, 41, 47, 97, 115, 137, 143];
 
 /// How many drop reports each CPU may send per second; the counters count everything regardless.
 pub const DROP_REPORTS_PER_SECOND: u64 = 100;
