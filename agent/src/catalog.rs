@@ -16,6 +16,15 @@ use crate::{
     store::{Revision, Store, StoreError, Txn, TxnOutcome, keys},
 };
 
+/// A deleted pool, as the firewall export remembers it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetiredPool {
+    /// Its name.
+    pub name: String,
+    /// Its CIDR (the family of its set).
+    pub cidr: ipnet::IpNet,
+}
+
 /// Errors from operator actions.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -135,6 +144,14 @@ impl Catalog {
     pub async fn pools(&self) -> Result<Vec<(IpPool, Revision)>, StoreError> {
         let (kvs, _) = self.store.list(keys::POOLS).await?;
         kvs.iter().map(|kv| Ok((decode(&kv.key, &kv.value)?, kv.mod_revision))).collect()
+    }
+
+    /// Pools deleted so far (by `delete pool`) that no pool of the same name has replaced.
+    pub async fn retired_pools(&self) -> Result<Vec<RetiredPool>, StoreError> {
+        let (kvs, _) = self.store.list(keys::RETIRED_POOLS).await?;
+        let (live, _) = self.store.list(keys::POOLS).await?;
+        let retired: Vec<RetiredPool> = kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
+        Ok(retired.into_iter().filter(|r| !live.iter().any(|kv| kv.key == keys::pool(&r.name))).collect())
     }
 
     /// The IPAM config (the default if none was applied) and its revision.
@@ -330,6 +347,10 @@ impl Catalog {
                 let addresses = in_use.iter().map(|b| b.used() as usize).sum();
                 return Err(CatalogError::PoolInUse { pool: name.to_string(), addresses, blocks: in_use.len() });
             }
+            // The record that keeps the pool's firewall set emptied goes first, on its own: if the deletion
+            // then fails, a record of a pool that exists is ignored.
+            let retired = RetiredPool { name: name.to_string(), cidr: pool.cidr() };
+            self.store.txn(Txn::new().put(keys::retired_pool(name), encode(&retired))).await?;
             if self.store.txn(txn).await?.is_committed() {
                 return Ok(in_use);
             }

@@ -436,7 +436,17 @@ pub async fn firewall_export(
         fail!("IPPool {name:?} does not exist");
     }
     let known = namespaces.directory().await?.namespaces().await?;
-    Ok(firewall::render(&firewall::export(&pools, &known, pool), format))
+    // Deleted pools' sets stay in the firewall and are emptied by every load (not for `--pool`).
+    let retired: Vec<(String, bool)> = match pool {
+        Some(_) => Vec::new(),
+        None => catalog
+            .retired_pools()
+            .await?
+            .iter()
+            .map(|r| (firewall::set_name(&r.name), r.cidr.addr().is_ipv6()))
+            .collect(),
+    };
+    Ok(firewall::render_with_retired(&firewall::export(&pools, &known, pool), &retired, format))
 }
 
 /// Run one command on `store`, writing what it prints to `out`; returns the exit code.

@@ -197,6 +197,38 @@ fn summary(p: &PoolExport) -> String {
 
 /// Render the export.
 pub fn render(pools: &[PoolExport], format: ExportFormat) -> String {
+    render_with_retired(pools, &[], format)
+}
+
+/// Render the export, emptying the sets of deleted pools (`retired`: set name, IPv6) in the nftables and
+/// ipset formats: their sets stay, so rules naming them stay valid, and match nothing.
+pub fn render_with_retired(pools: &[PoolExport], retired: &[(String, bool)], format: ExportFormat) -> String {
+    let text = render_pools(pools, format);
+    let mut flush = String::new();
+    for (set, ipv6) in retired {
+        match format {
+            ExportFormat::Nftables => {
+                let kind = if *ipv6 { "ipv6_addr" } else { "ipv4_addr" };
+                let _ = writeln!(flush, "# deleted pool: its set stays, empty");
+                let _ = writeln!(flush, "add set inet {NFT_TABLE} {set} {{ type {kind}; flags interval; }}");
+                let _ = writeln!(flush, "flush set inet {NFT_TABLE} {set}");
+            }
+            ExportFormat::Iptables => {
+                let family = if *ipv6 { "inet6" } else { "inet" };
+                let _ = writeln!(flush, "# deleted pool: its set stays, empty");
+                let _ = writeln!(flush, "create {set} hash:net family {family}");
+                let _ = writeln!(flush, "flush {set}");
+            }
+            ExportFormat::Json | ExportFormat::Csv => {}
+        }
+    }
+    match text.strip_suffix(&format!("{EXPORT_END}\n")) {
+        Some(body) if !flush.is_empty() => format!("{body}{flush}{EXPORT_END}\n"),
+        _ => text,
+    }
+}
+
+fn render_pools(pools: &[PoolExport], format: ExportFormat) -> String {
     let mut out = String::new();
     match format {
         ExportFormat::Json => {
@@ -377,6 +409,19 @@ spec: {cidr: "fd00:10::/120", namespaceSelector: "team == 'blue'"}
         assert_eq!(flush_gone(&ipset, &gone), "# pool gone: its set stays, empty\nflush pool_old\n");
         assert_eq!(flush_gone("pool,cidr\n", &gone), "");
         assert_eq!(swap_name(&set_name(&"x".repeat(40))).len(), 31);
+        // Deleted pools' sets are emptied by every load, before the end marker.
+        let retired = [("pool_gone".to_string(), false)];
+        let nft = render_with_retired(&export, &retired, ExportFormat::Nftables);
+        assert!(
+            nft.ends_with(&format!(
+                "add set inet poolwarden_pools pool_gone {{ type ipv4_addr; flags interval; }}\n\
+             flush set inet poolwarden_pools pool_gone\n{EXPORT_END}\n"
+            )),
+            "{nft}"
+        );
+        let ipset = render_with_retired(&export, &retired, ExportFormat::Iptables);
+        assert!(ipset.contains("create pool_gone hash:net family inet\nflush pool_gone\n"), "{ipset}");
+        assert_eq!(render_with_retired(&export, &retired, ExportFormat::Csv), render(&export, ExportFormat::Csv));
         // Unique and short enough for ipset, whatever the pool's name.
         assert_eq!(set_name("external-pool"), "pool_external_pool");
         assert_ne!(set_name("a-b"), set_name("a.b"));

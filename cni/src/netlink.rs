@@ -116,8 +116,8 @@ fn mac_of(link: &LinkMessage) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// The index of the peer of veth `ifname` (in whichever namespace the peer is), if `ifname` is a veth.
-pub async fn veth_peer_index(handle: &Handle, ifname: &str) -> Result<Option<u32>, NetlinkError> {
+/// For veth `ifname` whose peer is in another namespace: (the peer's index there, `ifname`'s own index).
+pub async fn veth_peer_index(handle: &Handle, ifname: &str) -> Result<Option<(u32, u32)>, NetlinkError> {
     let link = match handle.link().get().match_name(ifname.to_string()).execute().try_next().await {
         Ok(Some(link)) => link,
         Ok(None) => return Ok(None),
@@ -128,15 +128,23 @@ pub async fn veth_peer_index(handle: &Handle, ifname: &str) -> Result<Option<u32
         matches!(a, LinkAttribute::LinkInfo(infos)
             if infos.iter().any(|i| matches!(i, netlink_packet_route::link::LinkInfo::Kind(netlink_packet_route::link::InfoKind::Veth))))
     });
-    Ok(link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Link(index) if is_veth => Some(*index),
-        _ => None,
-    }))
+    let peer_elsewhere = link.attributes.iter().any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
+    Ok(link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Link(index) if is_veth && peer_elsewhere => Some(*index),
+            _ => None,
+        })
+        .map(|peer| (peer, link.header.index)))
 }
 
-/// The name of the link with `index` in this namespace, and whether it is enslaved to a bridge (or any
-/// other controller).
-pub async fn link_name_by_index(handle: &Handle, index: u32) -> Result<Option<(String, bool)>, NetlinkError> {
+/// The name of the link with `index` in this namespace, whether it is enslaved to a bridge (or any other
+/// controller), and the index of its peer (`IFLA_LINK`) if it has one.
+pub async fn link_name_by_index(
+    handle: &Handle,
+    index: u32,
+) -> Result<Option<(String, bool, Option<u32>)>, NetlinkError> {
     match handle.link().get().match_index(index).execute().try_next().await {
         Ok(Some(link)) => {
             let name = link.attributes.iter().find_map(|a| match a {
@@ -144,7 +152,11 @@ pub async fn link_name_by_index(handle: &Handle, index: u32) -> Result<Option<(S
                 _ => None,
             });
             let enslaved = link.attributes.iter().any(|a| matches!(a, LinkAttribute::Controller(_)));
-            Ok(name.map(|n| (n, enslaved)))
+            let peer = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Link(peer) => Some(*peer),
+                _ => None,
+            });
+            Ok(name.map(|n| (n, enslaved, peer)))
         }
         Ok(None) => Ok(None),
         Err(e) if is_not_found(&e) => Ok(None),

@@ -282,15 +282,17 @@ async fn bridge_port(netns_path: &str, ifname: &str) -> Result<String, CniError>
             "enforcement in IPAM-only mode needs a main plugin that gives the pod a veth (bridge, ptp)",
         )
     })?;
+    let (peer, inside_index) = peer;
     let handle = netlink::connect().map_err(netlink_error)?;
+    // The peer's index is one of its own namespace's: the link found here must point back at the pod's side.
     match netlink::link_name_by_index(&handle, peer).await.map_err(netlink_error)? {
-        Some((name, true)) => Ok(name),
-        Some((name, false)) => Err(CniError::new(
+        Some((name, true, Some(back))) if back == inside_index => Ok(name),
+        Some((name, false, Some(back))) if back == inside_index => Err(CniError::new(
             code::INVALID_CONFIG,
             format!("ipam.enforce: {name}, the node's side of {ifname}, is not a bridge port"),
             "",
         )),
-        None => Err(CniError::new(
+        _ => Err(CniError::new(
             code::INVALID_CONFIG,
             format!("ipam.enforce: the peer of {ifname} is not in this namespace"),
             "",

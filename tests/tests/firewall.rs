@@ -427,6 +427,10 @@ fn the_admins_chain_survives_every_reload_and_verdicts_follow_the_pools() {
     );
     let late = outside.exec(&["nft", "list", "set", "inet", "poolwarden_pools", "pool_late"]);
     assert!(!late.contains("10.33.0.0"), "{late}");
+    // Every later export, a one-shot one too, keeps that set empty (the deletion is recorded).
+    let one_shot = node.cli_ok(&["firewall", "export", "--format", "nftables"]);
+    assert!(one_shot.contains("flush set inet poolwarden_pools pool_late"), "{one_shot}");
+    assert!(!one_shot.contains("10.33.0.0"), "{one_shot}");
     verdicts("a pool deleted");
     node.apply("apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: later}\nspec: {cidr: 10.34.0.0/24, natOutgoing: true}\n");
     next_load();

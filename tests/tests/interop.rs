@@ -284,6 +284,16 @@ fn bandwidth_chained_after_poolwarden_with_enforcement_on_tcx() {
     node.start_agent();
     assert!(pinned.exists(), "the restarted agent adopted the link");
     assert_eq!(spoof_arrivals(&node, &pod, "10.65.0.202"), 0, "agent back: still enforced");
+    // An upgrade to a build with another map layout: the old build's pinned link gets the new program and
+    // moves to the new directory, never detached in between.
+    node.stop_agent();
+    let current = pinned.parent().and_then(|p| p.parent()).expect("version directory").to_path_buf();
+    let older = current.with_file_name("v1");
+    std::fs::rename(&current, &older).expect("make the pins look like an older build's");
+    assert_eq!(spoof_arrivals(&node, &pod, "10.65.0.203"), 0, "the older build's link still enforces");
+    node.start_agent();
+    assert!(pinned.exists() && !older.exists(), "the link moved to this build's directory");
+    assert_eq!(spoof_arrivals(&node, &pod, "10.65.0.204"), 0, "and enforces with this build's program");
     assert!(pod.pings(&node.address));
     let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
     assert!(status.contains("spoofed_ipv4"), "{status}");
@@ -413,6 +423,14 @@ fn debian_bridge_pods_enforced_on_their_bridge_ports() {
         pods.iter().enumerate().map(|(i, pod)| add(&node, &format!("br-enf-{i}"), pod, true)).collect();
     assert!(pods[0].pings(&addresses[1]), "enforced pods on the bridge reach each other");
     assert!(pods[1].pings("10.66.0.1"), "and the bridge's gateway");
+    // One pod knows the gateway's MAC already, so its spoof goes out as IPv4 without asking ARP first.
+    let bridge_mac = node.ns.exec(&["cat", &format!("/sys/class/net/{bridge}/address")]).trim().to_string();
+    pods[1].exec(&["ip", "neigh", "replace", "10.66.0.1", "lladdr", &bridge_mac, "dev", "eth0"]);
+    assert_eq!(
+        spoof_arrivals_to(&node, &pods[1], "10.66.0.253", "10.66.0.1"),
+        0,
+        "a spoofed IPv4 source never arrives"
+    );
     assert_eq!(
         spoof_arrivals_to(&node, &pods[0], "10.66.0.251", "10.66.0.1"),
         0,
@@ -420,7 +438,10 @@ fn debian_bridge_pods_enforced_on_their_bridge_ports() {
     );
     let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
     // On a shared segment the spoofer first ARPs from the spoofed address: that is what gets dropped.
-    assert!(status.contains("2 interface(s) enforced") && status.contains("spoofed_arp"), "{status}");
+    assert!(
+        status.contains("2 interface(s) enforced") && status.contains("spoofed_arp") && status.contains("spoofed_ipv4"),
+        "{status}"
+    );
     assert!(
         !node.ns.exec(&["ip", "route", "show", "proto", "97"]).contains(" dev "),
         "no route of ours to a bridge port"

@@ -499,10 +499,21 @@ impl Agent {
         };
         if request.host_ifname.is_empty() && !request.bridge_port.is_empty() {
             endpoint.bridge_port_index =
-                self.routes.ifindex(&request.bridge_port).await.map_err(route_reply)?.ok_or_else(|| {
-                    reply(code::INTERFACE_SETUP, format!("bridge port {} does not exist", request.bridge_port), "")
+                self.routes.bridge_port(&request.bridge_port).await.map_err(route_reply)?.ok_or_else(|| {
+                    reply(
+                        code::INTERFACE_SETUP,
+                        format!("{} is not a pod's bridge port", request.bridge_port),
+                        "enforcement in IPAM-only mode goes on a veth enslaved to a bridge, whose peer is in the pod",
+                    )
                 })?;
             endpoint.bridge_port.clone_from(&request.bridge_port);
+            // Attached before the addresses are allocated: with no entry yet it drops everything there.
+            if let Some(enforcement) = &self.enforcement {
+                let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
+                enforcement
+                    .attach(&endpoint.bridge_port, endpoint.bridge_port_index, endpoint.hook)
+                    .map_err(enforcement_failed(&endpoint.bridge_port))?;
+            }
         }
         // The endpoint record is committed with the addresses when the allocator can (one fsync per ADD).
         let template = endpoint.clone();
@@ -537,6 +548,9 @@ impl Agent {
             (Err(err), host) => {
                 if let Ok(Some(ifindex)) = host {
                     self.forget_enforcement(ifindex);
+                }
+                if endpoint.bridge_port_index != 0 {
+                    self.forget_enforcement(endpoint.bridge_port_index);
                 }
                 return Err(alloc_reply(err));
             }
@@ -866,6 +880,9 @@ impl Agent {
                 ),
             }
         }
+        // Which interfaces exist (a TCX pin of one that does not holds a dead link); unknown when the dump
+        // fails, and then no pin is touched.
+        let interfaces = self.routes.link_indexes().await.ok();
         // Whatever decapsulates on this node now (ours, or another CNI's or the operator's devices). A failed
         // scan leaves the ports already closed as they are and the rest of the reconcile goes on.
         let ports = self.routes.decap_ports().await.unwrap_or_else(|e| {
@@ -887,7 +904,9 @@ impl Agent {
             enforcement
                 .block_decap_ports(ports)
                 .map_err(|e| reply(code::IO_FAILURE, "blocking decapsulating ports failed", e.to_string()))?;
-            enforcement.remove_defunct_tcx_pins();
+            if let Some(interfaces) = &interfaces {
+                enforcement.remove_defunct_tcx_pins(interfaces);
+            }
             // Every endpoint's link has moved over to this build by now; what older builds pinned can go.
             if let Err(e) = enforcement.remove_older_versions() {
                 warn!(error = %e, "removing an older build's pinned objects failed");

@@ -292,13 +292,20 @@ impl Enforcement {
             .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
         std::fs::create_dir_all(pin.parent().unwrap_or(&self.pin_dir)).map_err(|e| attach_err(e.to_string()))?;
         for existing in earlier {
-            let updated = PinnedLink::from_pin(&existing)
-                .ok()
-                .and_then(|pinned| SchedClassifierLink::try_from(FdLink::from(pinned)).ok())
-                .and_then(|link| program.attach_to_link(link).ok());
-            let Some(id) = updated else {
-                let _ = std::fs::remove_file(&existing);
-                continue;
+            let pinned =
+                PinnedLink::from_pin(&existing).map_err(|e| attach_err(format!("open {}: {e}", existing.display())))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| attach_err(e.to_string()))?;
+            let id = match program.attach_to_link(link) {
+                Ok(id) => id,
+                // Only a link whose interface is gone (ENOLINK) is dropped; anything else leaves the pinned
+                // link (and whatever program it runs) where it is.
+                Err(aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. }))
+                    if io_error.raw_os_error() == Some(nix::errno::Errno::ENOLINK as i32) =>
+                {
+                    let _ = std::fs::remove_file(&existing);
+                    continue;
+                }
+                Err(e) => return Err(attach_err(e.to_string())),
             };
             if existing != pin {
                 let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
@@ -321,15 +328,17 @@ impl Enforcement {
         Ok(())
     }
 
-    /// Remove the TCX pins of interfaces that are gone (their links are defunct; a pin holds nothing else).
-    /// The pin of an interface that still exists stays, whoever owns it: removing it would detach the
-    /// program, and with its entry gone it drops everything there (fail closed), as a clsact filter does.
-    pub fn remove_defunct_tcx_pins(&self) {
+    /// Remove the TCX pins of interfaces that are gone (not in `existing`, this namespace's interface
+    /// indexes: their links are defunct, a pin holds nothing else). The pin of an interface that still exists
+    /// stays, whoever owns it: removing it would detach the program, and with its entry gone it drops
+    /// everything there (fail closed), as a clsact filter does.
+    pub fn remove_defunct_tcx_pins(&mut self, existing: &std::collections::BTreeSet<u32>) {
         let dir = self.pin_dir.join("tcx");
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let ifindex = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok());
-            if ifindex.is_some_and(|i| interface_name(i).is_none()) {
+            if let Some(ifindex) = ifindex.filter(|i| !existing.contains(i)) {
                 let _ = std::fs::remove_file(entry.path());
+                self.attached_here.remove(&ifindex);
             }
         }
     }

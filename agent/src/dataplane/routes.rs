@@ -126,6 +126,36 @@ impl Routes {
         Ok(found.into_iter().map(|(_, net)| net).collect())
     }
 
+    /// The index of every interface in this namespace.
+    pub async fn link_indexes(&self) -> Result<BTreeSet<u32>, RouteError> {
+        let mut indexes = BTreeSet::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(link) = links.try_next().await.map_err(netlink("list links"))? {
+            indexes.insert(link.header.index);
+        }
+        Ok(indexes)
+    }
+
+    /// The index of `name` if it is a bridge port the way a main plugin's pod veth is: a veth enslaved to a
+    /// controller, whose peer is in another namespace. Anything else (the node's uplink, say) is not.
+    pub async fn bridge_port(&self, name: &str) -> Result<Option<u32>, RouteError> {
+        use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
+        let link = match self.handle.link().get().match_name(name.to_string()).execute().try_next().await {
+            Ok(link) => link,
+            Err(e) if is_missing(&e) => None,
+            Err(e) => return Err(netlink(format!("look up link {name}"))(e)),
+        };
+        Ok(link.filter(|link| {
+            let veth = link.attributes.iter().any(|a| {
+                matches!(a, LinkAttribute::LinkInfo(infos) if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+            });
+            let enslaved = link.attributes.iter().any(|a| matches!(a, LinkAttribute::Controller(_)));
+            let peer_elsewhere = link.attributes.iter().any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
+            veth && enslaved && peer_elsewhere
+        })
+        .map(|link| link.header.index))
+    }
+
     /// The UDP ports on which a VXLAN or GENEVE device of this namespace decapsulates what arrives (ours and
     /// anyone else's): a pod must never send there, or the inner packet's source goes unchecked.
     pub async fn decap_ports(&self) -> Result<BTreeSet<u16>, RouteError> {

@@ -327,6 +327,9 @@ pub mod keys {
     pub const BORROWED: &str = "borrowed/";
     /// `nodes/<name>`: a node's registration (addresses, labels), alive while its agent is.
     pub const NODES: &str = "nodes/";
+    /// `retired-pools/<name>`: a deleted pool's name and CIDR, so the firewall export keeps emptying its set
+    /// (ignored while a pool of that name exists).
+    pub const RETIRED_POOLS: &str = "retired-pools/";
 
     /// A CIDR as one key segment (`10.0.0.0-29`).
     pub fn cidr_segment(cidr: IpNet) -> String {
@@ -342,6 +345,11 @@ pub mod keys {
     /// The key of a pool.
     pub fn pool(name: &str) -> String {
         format!("{POOLS}{name}")
+    }
+
+    /// The key of a deleted pool's record.
+    pub fn retired_pool(name: &str) -> String {
+        format!("{RETIRED_POOLS}{name}")
     }
 
     /// The key of a block.
