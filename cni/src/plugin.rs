@@ -343,6 +343,7 @@ async fn add(
         host_index_follows: false,
         hook: enforcement_hook(conf, options),
         bridge_port: String::new(),
+        network: conf.name.clone(),
     };
 
     if ipam_only {
@@ -566,8 +567,10 @@ async fn status(socket: &str) -> Result<(), CniError> {
 }
 
 async fn gc(conf: &NetConf, socket: &str) -> Result<(), CniError> {
-    let valid_attachments = conf.valid_attachments.clone().unwrap_or_default();
-    match call_agent(socket, &Request::Gc(GcRequest { valid_attachments })).await? {
+    // Without the list of what is still in use, nothing can be known to be unused: a no-op, not "none".
+    let Some(valid_attachments) = conf.valid_attachments.clone() else { return Ok(()) };
+    let request = GcRequest { valid_attachments, network: conf.name.clone() };
+    match call_agent(socket, &Request::Gc(request)).await? {
         Response::Collected { .. } => Ok(()),
         Response::Error(reply) => Err(agent_refusal(reply)),
         other => Err(CniError::new(code::IO_FAILURE, "unexpected answer from the agent", format!("{other:?}"))),

@@ -84,6 +84,9 @@ pub struct AddRequest {
     /// enslaved. The agent enforces there and routes nothing to it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub bridge_port: String,
+    /// The network configuration's `name`: a CNI GC is scoped to its network.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
 }
 
 /// Where the agent attaches a pod's enforcement program on its host side.
@@ -128,8 +131,11 @@ pub struct Attachment {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GcRequest {
-    /// Everything still in use on this node.
+    /// Everything of `network` still in use on this node.
     pub valid_attachments: Vec<Attachment>,
+    /// The network the GC is for: only its attachments are candidates.
+    #[serde(default)]
+    pub network: String,
 }
 
 /// One assigned address.

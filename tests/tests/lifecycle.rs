@@ -133,14 +133,17 @@ fn gc_releases_every_attachment_not_listed() {
     for (i, pod) in pods.iter().enumerate() {
         assert!(node.cni("ADD", &format!("gc-{i}"), &pod.path(), &k8s_args("default", "g"), &node.conf(json!({}))).0);
     }
+    // Attachments younger than the GC grace are spared (the runtime's list may predate their ADD).
     let conf = node.conf(
         json!({ "cniVersion": "1.1.0", "cni.dev/valid-attachments": [ { "containerID": "gc-1", "ifname": "eth0" } ] }),
     );
     let (ok, out) = node.cni("GC", "", "", "", &conf);
     assert!(ok, "GC: {out}");
-    let handles: Value = serde_json::from_str(&node.cli_ok(&["get", "handles", "-o", "json"])).unwrap();
-    let kept: Vec<&str> = handles.as_array().unwrap().iter().filter_map(|h| h["handle"].as_str()).collect();
-    assert_eq!(kept, ["gc-1.eth0"], "only the listed attachment keeps its address");
+    assert_eq!(handle_names(&node).len(), 3, "a GC right after the ADDs releases nothing");
+    std::thread::sleep(poolwarden::daemon::GC_GRACE + std::time::Duration::from_millis(500));
+    let (ok, out) = node.cni("GC", "", "", "", &conf);
+    assert!(ok, "GC: {out}");
+    assert_eq!(handle_names(&node), ["gc-1.eth0"], "only the listed attachment keeps its address");
     assert!(pods[1].pings(&node.address), "the kept pod still works");
     assert_eq!(
         node.ns.exec(&["ip", "route", "show", "proto", "97"]).lines().filter(|l| l.contains(" dev pw")).count(),
@@ -171,4 +174,73 @@ fn runtime_config_ips_and_mtu_are_honoured() {
         !ok && out["msg"].as_str().unwrap_or_default().contains("10.70.0.77 is already in use by fixed.eth0"),
         "{out}"
     );
+}
+
+/// The handles holding addresses, sorted.
+fn handle_names(node: &Node) -> Vec<String> {
+    let handles: Value = serde_json::from_str(&node.cli_ok(&["get", "handles", "-o", "json"])).unwrap();
+    let mut names: Vec<String> =
+        handles.as_array().unwrap().iter().filter_map(|h| h["handle"].as_str().map(str::to_string)).collect();
+    names.sort();
+    names
+}
+
+/// Two networks on one node (poolwarden as the plugin of both, as when it is the IPAM of another plugin for a
+/// second network): a GC for one never touches the other's attachments, and a GC without the list of valid
+/// attachments changes nothing.
+#[test]
+fn gc_is_scoped_to_its_network_and_needs_the_list() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.2.8");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.71.0.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let net = |name: &str, extra: Value| {
+        let mut conf = node.conf(extra);
+        conf["name"] = json!(name);
+        conf
+    };
+    let pods: Vec<NetNs> = (0..4).map(|_| NetNs::new("pwp")).collect();
+    for (i, pod) in pods.iter().enumerate() {
+        let network = if i < 3 { "net-a" } else { "net-b" };
+        let (ok, out) = node.cni(
+            "ADD",
+            &format!("{network}-{i}"),
+            &pod.path(),
+            &k8s_args("default", "n"),
+            &net(network, json!({})),
+        );
+        assert!(ok, "{out}");
+    }
+    std::thread::sleep(poolwarden::daemon::GC_GRACE + std::time::Duration::from_millis(500));
+    let everyone = ["net-a-0.eth0", "net-a-1.eth0", "net-a-2.eth0", "net-b-3.eth0"];
+    assert_eq!(handle_names(&node), everyone);
+
+    // A GC of net-b listing nothing releases net-b's pod only.
+    let (ok, out) =
+        node.cni("GC", "", "", "", &net("net-b", json!({ "cniVersion": "1.1.0", "cni.dev/valid-attachments": [] })));
+    assert!(ok, "{out}");
+    assert_eq!(handle_names(&node), everyone[..3], "net-a's pods are not net-b's to collect");
+    for pod in &pods[..3] {
+        assert!(pod.pings(&node.address), "net-a's pods still work");
+    }
+    // Without the key, a GC knows nothing about what is in use: it changes nothing.
+    let (ok, out) = node.cni("GC", "", "", "", &net("net-a", json!({ "cniVersion": "1.1.0" })));
+    assert!(ok, "{out}");
+    assert_eq!(handle_names(&node), everyone[..3]);
+    // A GC of net-a listing two of its three releases the third.
+    let listed =
+        json!([ { "containerID": "net-a-0", "ifname": "eth0" }, { "containerID": "net-a-2", "ifname": "eth0" } ]);
+    let (ok, out) = node.cni(
+        "GC",
+        "",
+        "",
+        "",
+        &net("net-a", json!({ "cniVersion": "1.1.0", "cni.dev/valid-attachments": listed })),
+    );
+    assert!(ok, "{out}");
+    assert_eq!(handle_names(&node), ["net-a-0.eth0", "net-a-2.eth0"]);
 }

@@ -286,6 +286,7 @@ fn the_agent_waits_for_the_host_interface_to_be_up() {
         host_index_follows: false,
         hook: Default::default(),
         bridge_port: String::new(),
+        network: String::new(),
     });
     let socket = node.socket();
     let asked = std::thread::spawn(move || {

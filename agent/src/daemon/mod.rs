@@ -100,6 +100,20 @@ pub struct Endpoint {
     /// DEL, which then releases its entry by index.
     #[serde(default)]
     pub bridge_port_index: u32,
+    /// The network (configuration `name`) it was added to: a CNI GC of another network leaves it alone.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
+    /// When its ADD started (seconds since the epoch): a CNI GC spares attachments younger than
+    /// [`GC_GRACE`], which a runtime's list of valid attachments may predate.
+    #[serde(default)]
+    pub added_at: u64,
+}
+
+/// How old an attachment must be before a CNI GC may release it.
+pub const GC_GRACE: Duration = Duration::from_secs(5);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// What identifies one allocation the collector suspects: the address, the block sequence number and the
@@ -496,6 +510,8 @@ impl Agent {
             hook: request.hook,
             bridge_port: String::new(),
             bridge_port_index: 0,
+            network: request.network.clone(),
+            added_at: unix_now(),
         };
         if request.host_ifname.is_empty() && !request.bridge_port.is_empty() {
             endpoint.bridge_port_index =
@@ -804,12 +820,20 @@ impl Agent {
         kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
     }
 
+    /// CNI GC for one network: release its attachments on this node that the runtime no longer lists, but
+    /// not those of other networks, nor one younger than [`GC_GRACE`] (the runtime's list may predate its
+    /// ADD); no ADD runs meanwhile.
     async fn gc(&self, request: GcRequest) -> Result<Vec<IpAddr>, ErrorReply> {
+        let _no_adds = self.adds.write().await;
         let valid: BTreeSet<(String, String)> =
             request.valid_attachments.into_iter().map(|a| (a.container_id, a.ifname)).collect();
         let mut released = Vec::new();
+        let now = unix_now();
         for endpoint in self.endpoints().await.map_err(store_reply)? {
-            if valid.contains(&(endpoint.container_id.clone(), endpoint.ifname.clone())) {
+            if endpoint.network != request.network
+                || valid.contains(&(endpoint.container_id.clone(), endpoint.ifname.clone()))
+                || now.saturating_sub(endpoint.added_at) < GC_GRACE.as_secs()
+            {
                 continue;
             }
             warn!(container = %endpoint.container_id, ifname = %endpoint.ifname, "releasing an attachment the runtime no longer has");
