@@ -86,6 +86,12 @@ pub enum Command {
         /// nodes stop routing to it and, after the leak grace period, take back its addresses and blocks.
         #[arg(long, default_value = "30s")]
         registration_ttl: DurationArg,
+        /// How long another node's agent must have been gone (unregistered) before this agent takes its
+        /// addresses and blocks back, unless the node was decommissioned (`poolwarden node decommission`).
+        /// Long by design: an agent down for a while still has running pods; set it short only where a
+        /// node that stops registering is known to be gone with its pods.
+        #[arg(long, default_value = "7d")]
+        node_gone_after: DurationArg,
         /// Where Prometheus scrapes /metrics.
         #[arg(long, default_value = "127.0.0.1:9641")]
         metrics_addr: std::net::SocketAddr,
@@ -196,6 +202,23 @@ pub enum Command {
         #[command(subcommand)]
         command: FirewallCommand,
     },
+    /// Nodes of the cluster.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+}
+
+/// `poolwarden node ...`.
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// Say a node is gone for good, with its pods: the other agents take its addresses and blocks back after
+    /// their leak grace period (instead of --node-gone-after) and stop routing to it. Refused while the
+    /// node's agent is registered.
+    Decommission {
+        /// The node's name.
+        name: String,
+    },
 }
 
 /// `poolwarden firewall ...`.
@@ -233,7 +256,8 @@ impl std::str::FromStr for DurationArg {
             "ms" => std::time::Duration::from_millis(n),
             "m" => seconds(n * 60),
             "h" => seconds(n * 3600),
-            _ => return Err(format!("{text:?}: unknown unit {unit:?}; use ms, s, m or h")),
+            "d" => seconds(n * 86_400),
+            _ => return Err(format!("{text:?}: unknown unit {unit:?}; use ms, s, m, h or d")),
         }))
     }
 }
@@ -540,6 +564,23 @@ pub async fn execute(
                     left.iter().map(|b| b.cidr.to_string()).collect::<Vec<_>>().join(", ")
                 );
             }
+        }
+        Command::Node { command: NodeCommand::Decommission { name } } => {
+            if store.get(&store::keys::node(&name)).await?.is_some() {
+                fail!(
+                    "node {name} is registered: its agent is running (or stopped less than its registration TTL \
+                     ago); stop it, then decommission the node"
+                );
+            }
+            let txn = store::Txn::new()
+                .put(store::keys::decommissioned(&name), b"{}".to_vec())
+                .remove(store::keys::node_addresses(&name));
+            store.txn(txn).await?;
+            w!(
+                out,
+                "node/{name} decommissioned: the other agents stop routing to it and take its addresses and blocks \
+                 back after their leak grace period"
+            );
         }
         Command::Annotate { what: NamespaceKind::Namespace, name, changes } => {
             namespaces.refuse_in_kubernetes(&format!("annotate namespace {name}")).await?;

@@ -59,6 +59,7 @@ async fn run(cli: Cli) -> Result<u8> {
         node_address,
         leak_grace_period,
         registration_ttl,
+        node_gone_after,
         metrics_addr,
         log_format,
         enforcement,
@@ -115,7 +116,11 @@ async fn run(cli: Cli) -> Result<u8> {
             *enforcement,
             bpf_dir,
             addresses,
-            poolwarden::daemon::Lifetimes { leak_grace: leak_grace_period.0, registration_ttl: registration_ttl.0 },
+            poolwarden::daemon::Lifetimes {
+                leak_grace: leak_grace_period.0,
+                registration_ttl: registration_ttl.0,
+                node_gone_after: node_gone_after.0,
+            },
         )?;
         if let Some(directory) = kube {
             agent = agent.with_directory(directory);

@@ -100,12 +100,14 @@ fn three_nodes_route_every_pod_to_every_other() {
     let check = nodes[0].cli(&["ipam", "check"]);
     assert!(check.status.success(), "ipam check: {}", String::from_utf8_lossy(&check.stdout));
 
-    // A node whose agent stops for good: its registration expires with its lease, and the other nodes'
-    // routes through it go (there is nowhere to send them).
+    // A node whose agent stops: its registration expires with its lease, but its pods may still run, so the
+    // other nodes' routes to it stay; once an operator decommissions it, they go.
     nodes[2].kill_agent();
     wait_for("node-2's registration to expire", Duration::from_secs(15), || {
         !nodes[0].cli_ok(&["get", "nodes"]).contains("node-2")
     });
+    assert!(our_routes(&nodes[0]).contains("via 10.99.0.3"), "routes to a node whose agent is down stay");
+    nodes[0].cli_ok(&["node", "decommission", "node-2"]);
     wait_for("routes via node-2 to go", Duration::from_secs(5), || !our_routes(&nodes[0]).contains("via 10.99.0.3"));
 }
 
@@ -184,8 +186,13 @@ fn a_node_removed_for_good_gives_its_addresses_and_blocks_back_to_the_others() {
     let lost_block = block_of(&address_of(&lost));
     assert_ne!(block_of(&address_of(&first)), lost_block, "each node claimed a block of its own");
 
-    // node-1 goes for good with its pod still there: nobody will DEL it.
+    // node-1 goes for good with its pod still there: nobody will DEL it. An agent that merely stopped keeps
+    // its node's addresses (--node-gone-after, days); the operator says this node is gone.
     nodes[1].kill_agent();
+    wait_for("node-1's registration to lapse", Duration::from_secs(10), || {
+        !nodes[0].cli_ok(&["get", "nodes"]).contains("node-1")
+    });
+    nodes[0].cli_ok(&["node", "decommission", "node-1"]);
     wait_for("node-1's blocks and addresses to be taken back", Duration::from_secs(20), || {
         let affinities = nodes[0].cli_ok(&["get", "affinities"]);
         let blocks = nodes[0].cli_ok(&["get", "blocks"]);
@@ -289,6 +296,10 @@ fn vxlan_carries_pods_between_nodes_on_different_segments() {
     // node-1 leaves for good: node-0 no longer needs the overlay, and its device (with its entries) goes.
     assert!(nodes[0].ns.try_exec(&["ip", "link", "show", "pw.vxlan"]));
     nodes[1].kill_agent();
+    wait_for("node-1's registration to expire", Duration::from_secs(15), || {
+        !nodes[0].cli_ok(&["get", "nodes"]).contains("node-1")
+    });
+    nodes[0].cli_ok(&["node", "decommission", "node-1"]);
     wait_for("node-0's overlay device to go with its only remote peer", Duration::from_secs(15), || {
         !nodes[0].ns.try_exec(&["ip", "link", "show", "pw.vxlan"])
     });
@@ -299,4 +310,71 @@ fn vxlan_carries_pods_between_nodes_on_different_segments() {
 fn block_of_26(address: &str) -> String {
     let ip: std::net::Ipv4Addr = address.parse().expect("IPv4 address");
     format!("{}/26", std::net::Ipv4Addr::from(u32::from(ip) & !63))
+}
+
+/// Pings from `from` to `to` at 20 Hz for `seconds`: (sent, received).
+fn ping_for(from: &NetNs, to: &str, seconds: u32) -> (u32, u32) {
+    let count = (seconds * 20).to_string();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &from.name, "ping", "-q", "-i", "0.05", "-W", "1", "-c", &count, to])
+        .output()
+        .expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_default().to_string();
+    let number = |word: &str| {
+        line.split(", ").find(|p| p.contains(word)).and_then(|p| p.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    };
+    (number("transmitted"), number("received"))
+}
+
+/// An agent killed -9 and kept down for three times its registration TTL plus the leak grace period: no other
+/// node releases its pod's address or its block (they wait --node-gone-after, days, unless the node is
+/// decommissioned), the other node keeps routing to its pod throughout (a 20 Hz ping loses nothing), and when the
+/// agent comes back its pod still sends and receives. Decommissioning is refused while the node is registered.
+#[test]
+fn an_agent_down_past_its_grace_keeps_its_pods_addresses_and_routes() {
+    if !privileged() || !etcd::available() {
+        return;
+    }
+    let fabric = Fabric::new();
+    let (_etcd_namespaces, cluster) = etcd_on(&fabric, 1);
+    let mut nodes = nodes_on(&fabric, &cluster, 2);
+    nodes[0].apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.79.0.0/24, blockSize: 29}\n",
+    );
+    let flags = ["--registration-ttl", "2s", "--leak-grace-period", "1s"];
+    for node in &mut nodes {
+        node.start_agent_with(&flags);
+    }
+    let (here_ns, here) = nodes[0].add_pod("c-here", "default", "here");
+    let (there_ns, there) = nodes[1].add_pod("c-there", "default", "there");
+    let (here, there) = (address_of(&here), address_of(&there));
+    wait_for("the pods on the two nodes to reach each other", Duration::from_secs(10), || here_ns.pings(&there));
+    let refused = nodes[0].cli(&["node", "decommission", "node-1"]);
+    assert!(
+        !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("is registered"),
+        "a registered node cannot be decommissioned: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    nodes[1].kill_agent();
+    // 3 x (TTL 2 s + grace 1 s), pinging the whole time.
+    let (sent, received) = ping_for(&here_ns, &there, 9);
+    eprintln!("node-1's agent down for 9 s: {sent} pings sent from node-0's pod to node-1's, {received} answered");
+    assert!(!nodes[0].cli_ok(&["get", "nodes"]).contains("node-1"), "node-1's registration lapsed meanwhile");
+    assert_eq!(received, sent, "node-1's pod stays reachable while its agent is down");
+    let handles = nodes[0].cli_ok(&["get", "handles"]);
+    assert!(handles.contains("c-there"), "node-1's pod keeps its address:\n{handles}");
+    let affinities = nodes[0].cli_ok(&["get", "affinities"]);
+    assert!(
+        affinities.contains("node-1") && affinities.contains(&block_of(&there)),
+        "and node-1 its block:\n{affinities}"
+    );
+    assert!(our_routes(&nodes[0]).contains(&block_of(&there)), "node-0 still routes node-1's block");
+    assert!(!nodes[0].agent_log().contains("released a leaked address"), "{}", nodes[0].agent_log());
+
+    nodes[1].start_agent_with(&flags);
+    assert!(there_ns.pings(&here), "back: node-1's pod sends and receives");
+    let status = nodes[1].cli_ok(&["enforcement", "status", "--bpf-dir", &nodes[1].bpf_dir()]);
+    assert!(status.contains(&there), "its enforcement entry is intact:\n{status}");
 }

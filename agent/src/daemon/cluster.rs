@@ -37,6 +37,28 @@ pub async fn registered(store: &dyn Store) -> Result<BTreeMap<String, NodeRecord
     kvs.iter().map(|kv| decode::<NodeRecord>(&kv.key, &kv.value).map(|n| (n.name.clone(), n))).collect()
 }
 
+/// Every node other nodes should route to: those registered, and those whose agent is down but that were
+/// not decommissioned (by their last known addresses). A node's blocks are routed to it while its agent
+/// restarts or is down, not only while its lease lives.
+pub async fn routable(store: &dyn Store) -> Result<BTreeMap<String, NodeRecord>, StoreError> {
+    let mut nodes = registered(store).await?;
+    let gone = decommissioned(store).await?;
+    let (kvs, _) = store.list(keys::NODE_ADDRESSES).await?;
+    for kv in &kvs {
+        let record: NodeRecord = decode(&kv.key, &kv.value)?;
+        if !gone.contains(&record.name) {
+            nodes.entry(record.name.clone()).or_insert(record);
+        }
+    }
+    Ok(nodes)
+}
+
+/// The nodes an operator decommissioned.
+pub async fn decommissioned(store: &dyn Store) -> Result<BTreeSet<String>, StoreError> {
+    let (kvs, _) = store.list(keys::DECOMMISSIONED).await?;
+    Ok(kvs.iter().filter_map(|kv| kv.key.strip_prefix(keys::DECOMMISSIONED).map(str::to_string)).collect())
+}
+
 impl NodeRecord {
     /// The node's address of the same family as `net`.
     fn address_for(&self, net: IpNet) -> Option<IpAddr> {

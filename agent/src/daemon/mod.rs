@@ -139,6 +139,9 @@ pub const HOST_INTERFACE_WAIT: Duration = Duration::from_secs(5);
 pub struct Lifetimes {
     /// How long an address or affinity must look leaked before the collector releases it.
     pub leak_grace: Duration,
+    /// How long another node must have been unregistered (its agent down) before its addresses and blocks
+    /// count as leaked, unless it was decommissioned.
+    pub node_gone_after: Duration,
     /// How long this node's registration outlives the agent.
     pub registration_ttl: Duration,
 }
@@ -308,18 +311,33 @@ impl Agent {
         let leaks = ipam::gc::leaked_addresses(&snapshot.blocks, &self.node.name, registered, &local);
         let orphans = ipam::gc::orphaned_affinities(&snapshot.affinities, registered);
 
-        // Only what looked leaked last time too, for the whole grace period, is released now.
+        // Only what looked leaked last time too, for the whole grace period, is released now. Another node's
+        // addresses and blocks look leaked when its agent is not registered, which an agent down for a while
+        // (a crash loop, an upgrade, a lost datastore) looks like too: unless the node was decommissioned,
+        // they wait for --node-gone-after.
+        let gone = cluster::decommissioned(self.store.as_ref()).await.map_err(store_reply)?;
+        let grace_for = |node: &str| {
+            if node == self.node.name || gone.contains(node) {
+                self.lifetimes.leak_grace
+            } else {
+                self.lifetimes.leak_grace.max(self.lifetimes.node_gone_after)
+            }
+        };
         let now = Instant::now();
         let due: BTreeSet<String> = {
             let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
-            let current: BTreeSet<String> = leaks.iter().map(leak_key).chain(orphans.iter().map(orphan_key)).collect();
-            suspects.retain(|k, _| current.contains(k));
-            for key in &current {
+            let current: BTreeMap<String, Duration> = leaks
+                .iter()
+                .map(|l| (leak_key(l), grace_for(&l.node)))
+                .chain(orphans.iter().map(|a| (orphan_key(a), grace_for(&a.node))))
+                .collect();
+            suspects.retain(|k, _| current.contains_key(k));
+            for key in current.keys() {
                 suspects.entry(key.clone()).or_insert(now);
             }
             suspects
                 .iter()
-                .filter(|(_, since)| now.duration_since(**since) >= self.lifetimes.leak_grace)
+                .filter(|(key, since)| current.get(*key).is_some_and(|grace| now.duration_since(**since) >= *grace))
                 .map(|(k, _)| k.clone())
                 .collect()
         };
@@ -403,6 +421,12 @@ impl Agent {
             .put_leased(&keys::node(&self.node.name), encode(&record), self.lifetimes.registration_ttl)
             .await
             .map_err(store_reply)?;
+        // Kept without a lease (the other nodes route by it while this agent is down), and a node that
+        // registers again is no longer decommissioned.
+        let txn = Txn::new()
+            .put(keys::node_addresses(&self.node.name), encode(&record))
+            .remove(keys::decommissioned(&self.node.name));
+        self.store.txn(txn).await.map_err(store_reply)?;
         Ok(record)
     }
 
@@ -920,7 +944,14 @@ impl Agent {
                 .entered()
                 .map_err(|e| reply(code::IO_FAILURE, "reading enforcement entries failed", e.to_string()))?;
             for stale in entered.into_iter().filter(|i| !enforced.contains(i)) {
-                warn!(ifindex = stale, "removing enforcement of an interface no endpoint owns");
+                // An interface that still exists keeps its entry: a pod may be behind it whose record this
+                // store lost (a restore, a collection by mistake), and cutting it off fixes nothing. Only the
+                // entries of interfaces that are gone go (with an unknown interface list, none do).
+                if interfaces.as_ref().is_none_or(|existing| existing.contains(&stale)) {
+                    warn!(ifindex = stale, "an enforced interface has no endpoint record; its entry stays");
+                    continue;
+                }
+                info!(ifindex = stale, "removing the enforcement entry of an interface that is gone");
                 enforcement
                     .release(stale)
                     .map_err(|e| reply(code::IO_FAILURE, "removing stale enforcement failed", e.to_string()))?;
@@ -945,7 +976,7 @@ impl Agent {
     /// The routes to the blocks and borrowed addresses other registered nodes hold, with the overlay device
     /// made (and its peers entered) when a pool's `vxlanMode` needs it, and removed when none does.
     async fn remote_routes(&self, pools: &[crate::resources::IpPool]) -> Result<BTreeSet<OwnedRoute>, ErrorReply> {
-        let nodes = cluster::registered(self.store.as_ref()).await.map_err(store_reply)?;
+        let nodes = cluster::routable(self.store.as_ref()).await.map_err(store_reply)?;
         let overlay = self.routes.overlay();
         if nodes.keys().all(|name| *name == self.node.name) {
             overlay.remove().await.map_err(route_reply)?;

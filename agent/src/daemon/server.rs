@@ -194,7 +194,9 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
     // going, and addresses borrowed move the routes (and pools the NAT table): every change wakes one reconcile, and changes arriving
     // together share it.
     let (changed, mut changes) = tokio::sync::mpsc::channel::<()>(1);
-    for prefix in [keys::AFFINITIES, keys::NODES, keys::BORROWED, keys::POOLS] {
+    for prefix in
+        [keys::AFFINITIES, keys::NODES, keys::NODE_ADDRESSES, keys::DECOMMISSIONED, keys::BORROWED, keys::POOLS]
+    {
         let (watcher, changed) = (Arc::clone(&agent), changed.clone());
         tokio::spawn(async move {
             loop {

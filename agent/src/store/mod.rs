@@ -327,6 +327,12 @@ pub mod keys {
     pub const BORROWED: &str = "borrowed/";
     /// `nodes/<name>`: a node's registration (addresses, labels), alive while its agent is.
     pub const NODES: &str = "nodes/";
+    /// `node-addresses/<name>`: where a node was last reachable, kept (no lease) while its agent is down, so
+    /// the other nodes go on routing to its blocks; removed when the node is decommissioned.
+    pub const NODE_ADDRESSES: &str = "node-addresses/";
+    /// `decommissioned/<name>`: an operator said the node is gone for good (`poolwarden node decommission`):
+    /// its addresses and blocks are collected after the leak grace period instead of `--node-gone-after`.
+    pub const DECOMMISSIONED: &str = "decommissioned/";
     /// `retired-pools/<name>`: a deleted pool's name and CIDR, so the firewall export keeps emptying its set
     /// (ignored while a pool of that name exists).
     pub const RETIRED_POOLS: &str = "retired-pools/";
@@ -345,6 +351,16 @@ pub mod keys {
     /// The key of a pool.
     pub fn pool(name: &str) -> String {
         format!("{POOLS}{name}")
+    }
+
+    /// The key of a node's last known addresses.
+    pub fn node_addresses(name: &str) -> String {
+        format!("{NODE_ADDRESSES}{name}")
+    }
+
+    /// The key marking a node decommissioned.
+    pub fn decommissioned(name: &str) -> String {
+        format!("{DECOMMISSIONED}{name}")
     }
 
     /// The key of a deleted pool's record.
