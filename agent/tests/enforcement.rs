@@ -530,23 +530,20 @@ mod random_frames {
             })
     }
 
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
-
-        /// Whatever a pod puts in a frame, it never passes unless its source is the pod's own, and an IPv4
-        /// tunnel from its own source never passes either.
-        #[test]
-        fn nothing_passes_unless_its_source_is_the_pods_own(frame in mutated(), random in prop::collection::vec(any::<u8>(), 0..96)) {
-            if !root() {
-                return Ok(());
-            }
-            static ENFORCEMENT: std::sync::OnceLock<(Bpffs, std::sync::Mutex<Enforcement>)> = std::sync::OnceLock::new();
-            let (_, enforcement) = ENFORCEMENT.get_or_init(|| {
-                let bpffs = Bpffs::new();
-                let enforcement = enforcing(&bpffs, true);
-                (bpffs, std::sync::Mutex::new(enforcement))
-            });
-            let enforcement = enforcement.lock().unwrap();
+    /// Whatever a pod puts in a frame, it never passes unless its source is the pod's own, and a tunnel from
+    /// its own source never passes either. (A runner inside the test, not `proptest!`, so the test's bpffs
+    /// is unmounted when it ends.)
+    #[test]
+    fn nothing_passes_unless_its_source_is_the_pods_own() {
+        if !root() {
+            return;
+        }
+        let bpffs = Bpffs::new();
+        let enforcement = enforcing(&bpffs, true);
+        let mut runner =
+            proptest::test_runner::TestRunner::new(ProptestConfig { cases: 3000, ..ProptestConfig::default() });
+        let frames = (mutated(), prop::collection::vec(any::<u8>(), 0..96));
+        let outcome = runner.run(&frames, |(frame, random)| {
             for frame in [frame, random] {
                 // The kernel refuses test runs of some truncated frames (shorter than an Ethernet header, or
                 // than the network header their ethertype names): those the program is never shown here.
@@ -556,6 +553,10 @@ mod random_frames {
                     prop_assert!(!ipv4_tunnel(&frame) && !ipv6_tunnel(&frame), "passed a tunnel: {frame:02x?}");
                 }
             }
+            Ok(())
+        });
+        if let Err(failure) = outcome {
+            panic!("{failure}");
         }
     }
 }
