@@ -236,7 +236,8 @@ impl EtcdCluster {
             .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &member.peer_url(), "--initial-advertise-peer-urls", &member.peer_url()])
             .args(["--initial-cluster", &initial, "--initial-cluster-token", &self.token])
-            .args(["--initial-cluster-state", "new", "--max-txn-ops", "4096"])
+            // etcd's own default limits (--max-txn-ops 128): what a stock etcd accepts is what the agents get.
+            .args(["--initial-cluster-state", "new"])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--logger", "zap", "--log-level", "warn"])
             .stdin(Stdio::null())
@@ -245,6 +246,14 @@ impl EtcdCluster {
             .spawn()
             .expect("start etcd");
         self.processes[i] = Some(child);
+    }
+
+    /// Stall member `i` (SIGSTOP by its PID) for `pause`, then let it go on (SIGCONT): a slow etcd.
+    pub fn stall_member(&self, i: usize, pause: Duration) {
+        let pid = self.processes[i].as_ref().expect("the member runs").id().to_string();
+        let _ = Command::new("kill").args(["-STOP", &pid]).status();
+        std::thread::sleep(pause);
+        let _ = Command::new("kill").args(["-CONT", &pid]).status();
     }
 
     /// SIGKILL member `i` by its PID.

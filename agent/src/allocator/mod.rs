@@ -122,6 +122,12 @@ pub struct Record {
 /// How a [`Record`]'s value is made from the request's addresses.
 pub type RecordValue = Arc<dyn Fn(&[IpAddr]) -> Vec<u8> + Send + Sync>;
 
+/// How many requests one batch commits at most. Each costs two operations (its handle, its endpoint record),
+/// the batch's blocks two each (block and room index), and the etcd backend's marker up to 17 more: 40 requests
+/// stay under etcd's default `--max-txn-ops` of 128 however a burst arrives (a node rebooting with a full
+/// complement of pods, after a stalled etcd), so no operator has to raise it.
+pub const MAX_BATCH: usize = 40;
+
 /// A [`Record`] on its way into a batch, with the addresses the request already holds.
 #[derive(Clone)]
 struct Recording {
@@ -470,7 +476,8 @@ impl Allocator {
         Err(AllocError::Contention { operation: format!("assigning an {family} address for {}", owner.handle) })
     }
 
-    /// Assign from a block the node already owns. Concurrent requests on one node are served in batches:
+    /// Assign from a block the node already owns. Concurrent requests on one node are served in batches of at
+    /// most [`MAX_BATCH`]:
     /// whoever holds the node's turn takes every request waiting, assigns each an address from the node's
     /// blocks, and commits them all in one transaction, so a burst of pods on one node shares one commit
     /// instead of each racing for the same block's revision.
@@ -499,7 +506,12 @@ impl Allocator {
                 Err(oneshot::error::TryRecvError::Closed) => return Ok(Attempt::Conflict),
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
-            let batch = std::mem::take(&mut *queue.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+            // At most MAX_BATCH of them: the rest wait for the next turn, which one of them takes.
+            let batch: Vec<Waiter> = {
+                let mut waiting = queue.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                let take = waiting.len().min(MAX_BATCH);
+                waiting.drain(..take).collect()
+            };
             self.serve_batch(&owner.node, batch).await;
         }
         answer.await.unwrap_or(Ok(Attempt::Conflict))
