@@ -239,12 +239,7 @@ impl Enforcement {
             self.attached_here.insert(ifindex);
             return Ok(());
         }
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(ENFORCE)
-            .ok_or_else(|| EnforcementError::Load(format!("program {ENFORCE} missing")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
+        let program = enforce_program(&mut self.ebpf)?;
         let attach_err =
             |e: String| EnforcementError::Map { operation: format!("attach to {ifname} (clsact ingress)"), message: e };
         // Creating the clsact qdisc fails harmlessly when it exists.
@@ -284,12 +279,7 @@ impl Enforcement {
             .chain(self.older_versions().iter().map(|dir| Self::tcx_pin(dir, ifindex)))
             .filter(|p| p.exists())
             .collect();
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(ENFORCE)
-            .ok_or_else(|| EnforcementError::Load(format!("program {ENFORCE} missing")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
+        let program = enforce_program(&mut self.ebpf)?;
         std::fs::create_dir_all(pin.parent().unwrap_or(&self.pin_dir)).map_err(|e| attach_err(e.to_string()))?;
         for existing in earlier {
             let pinned =
@@ -535,6 +525,14 @@ impl Enforcement {
             .map_err(|e| EnforcementError::Map { operation: "BPF_PROG_TEST_RUN".into(), message: e.to_string() })?;
         Ok((result.return_value, result.duration))
     }
+}
+
+/// The enforcing program of a loaded object.
+fn enforce_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, EnforcementError> {
+    ebpf.program_mut(ENFORCE)
+        .ok_or_else(|| EnforcementError::Load(format!("program {ENFORCE} missing")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))
 }
 
 /// The name of the interface with `index` in this network namespace, if there is one (nix's
