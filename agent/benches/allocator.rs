@@ -36,6 +36,7 @@ fn request(handle: &str, node: &str) -> AssignRequest {
         namespace: NamespaceInfo { name: "bench".into(), ..Default::default() },
         pod: Some(PodInfo { name: handle.to_string(), annotations: BTreeMap::new() }),
         requested: Default::default(),
+        eligible: None,
     }
 }
 

@@ -57,7 +57,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// The agent's socket, used when the datastore is held by a running agent.
-    #[arg(long = "agent-socket", global = true, env = "POOLWARDEN_SOCKET", default_value = poolwarden_cni::protocol::DEFAULT_SOCKET)]
+    #[arg(long = "agent-socket", global = true, env = "POOLWARDEN_SOCKET", default_value = poolwarden_protocol::DEFAULT_SOCKET)]
     pub agent_socket: String,
 }
 
@@ -69,7 +69,7 @@ pub enum Command {
         #[arg(long, env = "NODENAME")]
         node: Option<String>,
         /// The socket the plugin talks to.
-        #[arg(long, default_value = poolwarden_cni::protocol::DEFAULT_SOCKET)]
+        #[arg(long, default_value = poolwarden_protocol::DEFAULT_SOCKET)]
         socket: std::path::PathBuf,
         /// Node labels, k=v,... (for pools' nodeSelector).
         #[arg(long, value_delimiter = ',')]
@@ -207,6 +207,17 @@ pub enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+}
+
+impl Command {
+    /// Whether the command only reads the datastore (it must then never create one).
+    pub fn read_only(&self) -> bool {
+        match self {
+            Self::Get { .. } | Self::Firewall { .. } | Self::Enforcement { .. } => true,
+            Self::Ipam { command } => matches!(command, IpamCommand::Show { .. } | IpamCommand::Check),
+            _ => false,
+        }
+    }
 }
 
 /// `poolwarden node ...`.
@@ -714,6 +725,7 @@ async fn ipam_command(
                 namespace: ns,
                 pod: pod.map(|name| PodInfo { name, annotations: BTreeMap::new() }),
                 requested: Requested::from_pool_names(&pools, &pool, ip),
+                eligible: None,
             };
             let mut request = request;
             if !pod_annotations.is_empty() {

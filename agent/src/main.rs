@@ -11,7 +11,7 @@ use poolwarden::{
     ipam::NodeInfo,
     store::{self, StoreError},
 };
-use poolwarden_cni::protocol::{CliRequest, Request, Response};
+use poolwarden_protocol::{CliRequest, Request, Response};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
@@ -156,7 +156,12 @@ async fn run(cli: Cli) -> Result<u8> {
         return watch_export(cli).await;
     }
     let stdin = if reads_stdin(&cli) { Some(std::io::read_to_string(std::io::stdin().lock())?) } else { None };
-    match store::open(&cli.datastore, &cli.etcd_options()).await {
+    let opened = if cli.command.read_only() {
+        store::open_existing(&cli.datastore, &cli.etcd_options()).await
+    } else {
+        store::open(&cli.datastore, &cli.etcd_options()).await
+    };
+    match opened {
         Ok(store) => {
             let mut out = String::new();
             let result = commands::execute(cli, store, None, stdin, &mut out).await;
@@ -180,9 +185,10 @@ const EXPORT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 /// Run the command as given through the agent that holds the datastore: (stdout, stderr, exit code).
 async fn forward(cli: &Cli, stdin: Option<String>, locked: &StoreError) -> Result<(String, String, u8)> {
     let request = Request::Cli(CliRequest { args: forwarded_args(), stdin });
-    let reply = poolwarden_cni::plugin::call_agent(&cli.agent_socket, &request).await.map_err(|e| {
-        anyhow::anyhow!("{locked}; and the agent's socket {} did not answer: {}", cli.agent_socket, e.details)
-    })?;
+    // Any size: an export of many pools, or a long listing, is not cut short.
+    let reply = poolwarden_protocol::call(&cli.agent_socket, &request, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("{locked}; and the agent's socket {} did not answer: {e}", cli.agent_socket))?;
     match reply {
         Response::CliOutput { stdout, stderr, exit } => Ok((stdout, stderr, exit)),
         Response::Error(e) => bail!("{}: {}", e.msg, e.details),
@@ -217,7 +223,7 @@ async fn watch_export(cli: Cli) -> Result<u8> {
         return Ok(2);
     };
     let mut last = String::new();
-    match store::open(&cli.datastore, &cli.etcd_options()).await {
+    match store::open_existing(&cli.datastore, &cli.etcd_options()).await {
         Ok(store) => {
             let catalog = poolwarden::catalog::Catalog::new(Arc::clone(&store));
             let namespaces = commands::Namespaces::new(Arc::clone(&store), None, cli.kubeconfig.clone());

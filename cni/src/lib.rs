@@ -3,5 +3,5 @@
 
 pub mod netlink;
 pub mod plugin;
-pub mod protocol;
+pub use poolwarden_protocol as protocol;
 pub mod spec;

@@ -1,17 +1,23 @@
 //! The one dispatcher for ADD, DEL, CHECK, VERSION, STATUS and GC, with the environment, stdin and stdout
 //! passed in so that it runs in-process in tests exactly as the binary runs it.
 
-use std::{collections::HashMap, fs::File, io::Write, net::IpAddr, path::Path};
+use std::{collections::HashMap, fs::File, io::Write, net::IpAddr, os::unix::fs::MetadataExt, path::Path};
 
 use ipnet::IpNet;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::{
     netlink::{self, GATEWAY_V4, GATEWAY_V6},
     protocol::{self, AddRequest, AssignedIp, DelRequest, GcRequest, Request, Response},
-    spec::{CniError, CniResult, Interface, IpConfig, NetConf, Options, PLUGIN_TYPE, Route, SUPPORTED_VERSIONS, code},
+    spec::{
+        CHECK_SINCE, CniError, CniResult, GC_SINCE, Interface, IpConfig, NetConf, Options, PLUGIN_TYPE, Route,
+        SUPPORTED_VERSIONS, code, encode_result, version_at_least,
+    },
 };
+
+/// The largest network configuration read from stdin (a chain's prevResult included).
+pub const MAX_STDIN: usize = 16 << 20;
 
 /// What the runtime passed: the `CNI_*` environment and the network configuration on stdin.
 pub struct Invocation<'a> {
@@ -19,6 +25,8 @@ pub struct Invocation<'a> {
     pub env: &'a HashMap<String, String>,
     /// The network configuration.
     pub stdin: &'a [u8],
+    /// `CNI_*` variables whose name or value is not UTF-8 (the binary reads the environment as bytes).
+    pub unreadable: &'a [String],
 }
 
 /// Run one plugin invocation; writes the result or the error JSON to `stdout` and returns the exit code.
@@ -94,9 +102,17 @@ pub fn parse_cni_args(raw: &str) -> Result<HashMap<String, String>, CniError> {
 
 /// Parse and check the network configuration: valid JSON, a supported `cniVersion`.
 pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
-    let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
-        CniError::new(code::DECODE_FAILURE, "the network configuration on stdin is not valid JSON", e.to_string())
-    })?;
+    let conf: NetConf =
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(stdin)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = if inner.is_data() && path != "." {
+                format!("the network configuration's {path} is not valid")
+            } else {
+                "the network configuration on stdin is not valid JSON".into()
+            };
+            CniError::new(code::DECODE_FAILURE, msg, inner.to_string())
+        })?;
     if conf.cni_version.is_empty() {
         return Err(CniError::new(
             code::INVALID_CONFIG,
@@ -111,6 +127,16 @@ pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
             format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
         ));
     }
+    if conf.name.is_empty() {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "name is missing from the network configuration",
+            "the spec requires every network configuration to have a name",
+        ));
+    }
+    poolwarden_protocol::validate_network_name(&conf.name).map_err(|why| {
+        CniError::new(code::INVALID_CONFIG, format!("network name {:?} is not valid", conf.name), why)
+    })?;
     Ok(conf)
 }
 
@@ -132,12 +158,54 @@ pub fn mode(conf: &NetConf) -> Result<(bool, Options), CniError> {
 }
 
 fn dispatch(invocation: &Invocation<'_>) -> Result<Option<String>, CniError> {
+    if let Some(name) = invocation.unreadable.first() {
+        return Err(CniError::new(
+            code::INVALID_ENVIRONMENT,
+            format!("{name} is not UTF-8"),
+            "CNI variables must be UTF-8 text",
+        ));
+    }
     let env = Env { vars: invocation.env };
     let command = env.require("CNI_COMMAND")?;
     if command == "VERSION" {
         return Ok(Some(json!({ "cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS }).to_string()));
     }
+    if invocation.stdin.len() > MAX_STDIN {
+        return Err(CniError::new(
+            code::DECODE_FAILURE,
+            "the network configuration on stdin is too large",
+            format!("more than {MAX_STDIN} bytes"),
+        ));
+    }
     let conf = parse_conf(invocation.stdin)?;
+    let since = |first: &str| {
+        if version_at_least(&conf.cni_version, first) {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!("{command} is not part of cniVersion {}", conf.cni_version),
+                format!("{command} needs a configuration of cniVersion {first} or later"),
+            ))
+        }
+    };
+    match command.as_str() {
+        "GC" | "STATUS" => since(GC_SINCE)?,
+        "ADD" | "DEL" | "CHECK" => {
+            if command == "CHECK" {
+                since(CHECK_SINCE)?;
+            }
+            let id = env.require("CNI_CONTAINERID")?;
+            poolwarden_protocol::validate_container_id(&id).map_err(|why| {
+                CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_CONTAINERID {id:?} is not valid"), why)
+            })?;
+            let ifname = env.require("CNI_IFNAME")?;
+            poolwarden_protocol::validate_ifname(&ifname).map_err(|why| {
+                CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_IFNAME {ifname:?} is not valid"), why)
+            })?;
+        }
+        _ => {}
+    }
     let (ipam_only, options) = mode(&conf)?;
     let socket = options.socket.clone().unwrap_or_else(|| protocol::DEFAULT_SOCKET.to_string());
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -147,7 +215,7 @@ fn dispatch(invocation: &Invocation<'_>) -> Result<Option<String>, CniError> {
     match command.as_str() {
         "ADD" => runtime.block_on(add(&env, &conf, ipam_only, &options, &socket)).map(Some),
         "DEL" => runtime.block_on(del(&env, ipam_only, &socket)).map(|()| None),
-        "CHECK" => runtime.block_on(check(&env, &conf, ipam_only)).map(|()| None),
+        "CHECK" => runtime.block_on(check(&env, &conf, ipam_only, &socket)).map(|()| None),
         "STATUS" => runtime.block_on(status(&socket)).map(|()| None),
         "GC" => runtime.block_on(gc(&conf, &socket)).map(|()| None),
         other => Err(CniError::new(
@@ -223,34 +291,76 @@ impl Pending {
         let unreachable = agent_unreachable(&self.socket);
         // An announcer not taken is closed now: the agent must not wait for an index that will not come.
         drop(self.announcer);
-        let mut reply = Vec::new();
-        self.answer.take(protocol::MAX_MESSAGE as u64).read_to_end(&mut reply).await.map_err(&unreachable)?;
-        serde_json::from_slice(&reply).map_err(|e| {
-            CniError::new(
-                code::IO_FAILURE,
-                "the agent's answer could not be read",
-                format!("{e}: {}", String::from_utf8_lossy(&reply)),
-            )
+        protocol::read_response(self.answer, Some(protocol::MAX_MESSAGE)).await.map_err(|e| match e {
+            protocol::CallError::Unreachable(e) => unreachable(e),
+            other => CniError::new(code::IO_FAILURE, "the agent's answer could not be read", other.to_string()),
         })
     }
 }
 
-/// The host side's name: a hash of container ID and interface, so DEL finds it without state.
-pub fn host_ifname(container_id: &str, ifname: &str) -> String {
-    format!("pw{}", &fnv_hex(container_id, ifname)[..13])
-}
-
-fn fnv_hex(container_id: &str, ifname: &str) -> String {
-    format!("{:016x}", fnv(container_id, ifname))
-}
+pub use poolwarden_protocol::host_ifname;
 
 fn fnv(container_id: &str, ifname: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in container_id.bytes().chain([0]).chain(ifname.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    poolwarden_protocol::attachment_hash(container_id, ifname)
+}
+
+/// Open `CNI_NETNS`: it must be a network namespace, and not the plugin's own (the node's), whose routes a
+/// pod's setup would replace. The error says which rule the path broke.
+pub fn open_netns(path: &str) -> Result<File, CniError> {
+    let refused = |why: String| {
+        CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS {path} is not a pod's network namespace"), why)
+    };
+    let cannot_open = |e: std::io::Error| {
+        CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS {path} cannot be opened"), e.to_string())
+    };
+    if !path.starts_with('/') {
+        return Err(refused("it is not an absolute path".into()));
     }
-    hash
+    let metadata = std::fs::metadata(path).map_err(cannot_open)?;
+    if metadata.is_dir() {
+        return Err(refused("it is a directory".into()));
+    }
+    // A namespace file is a regular file of nsfs; anything else is refused before it is opened (opening a
+    // FIFO would block).
+    if !metadata.is_file() {
+        return Err(refused(format!("it is {}", kind_of(&metadata))));
+    }
+    let file = File::open(path).map_err(cannot_open)?;
+    // A namespace is a file of nsfs; that it is a network namespace, setns tells (on a thread of its own,
+    // which ends there).
+    let nsfs = nix::sys::statfs::fstatfs(&file).map(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
+    if !nsfs.unwrap_or(false) {
+        return Err(refused("it is a regular file, not a namespace".into()));
+    }
+    let probe = file.try_clone().map_err(cannot_open)?;
+    let network = std::thread::spawn(move || nix::sched::setns(&probe, nix::sched::CloneFlags::CLONE_NEWNET))
+        .join()
+        .map_err(|_| refused("checking it failed".into()))?;
+    if let Err(e) = network {
+        return Err(refused(format!("it is a namespace, but not a network namespace ({e})")));
+    }
+    let own = std::fs::metadata("/proc/self/ns/net").map_err(cannot_open)?;
+    let opened = file.metadata().map_err(cannot_open)?;
+    if (opened.dev(), opened.ino()) == (own.dev(), own.ino()) {
+        return Err(refused("it is the node's own network namespace (the plugin's)".into()));
+    }
+    Ok(file)
+}
+
+fn kind_of(metadata: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = metadata.file_type();
+    if t.is_socket() {
+        "a socket"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "an unknown kind of file"
+    }
 }
 
 fn netlink_error(e: netlink::NetlinkError) -> CniError {
@@ -266,9 +376,7 @@ fn agent_refusal(reply: protocol::ErrorReply) -> CniError {
 /// port and nothing the runtime could name otherwise.
 async fn bridge_port(netns_path: &str, ifname: &str) -> Result<String, CniError> {
     let inside = ifname.to_string();
-    let netns = File::open(netns_path).map_err(|e| {
-        CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS {netns_path} cannot be opened"), e.to_string())
-    })?;
+    let netns = open_netns(netns_path)?;
     let peer = netlink::spawn_in_netns(netns, netns_path.to_string(), move |handle| async move {
         netlink::veth_peer_index(&handle, &inside).await
     })
@@ -300,6 +408,69 @@ async fn bridge_port(netns_path: &str, ifname: &str) -> Result<String, CniError>
     }
 }
 
+/// One family's range in IPAM-only mode, host-local's way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyRange {
+    /// The subnet the result reports.
+    pub subnet: IpNet,
+    /// The first address that may be given.
+    pub start: Option<IpAddr>,
+    /// The last address that may be given.
+    pub end: Option<IpAddr>,
+    /// The gateway the result reports (never given to a pod): the subnet's first address after its network
+    /// address unless configured.
+    pub gateway: Option<IpAddr>,
+}
+
+/// The IPAM-only ranges (at most one per family) from `ranges` or from `subnet`, `rangeStart`, `rangeEnd` and
+/// `gateway`, each checked: addresses of the subnet's family inside it, start before end.
+pub fn family_ranges(options: &Options) -> Result<Vec<FamilyRange>, CniError> {
+    let invalid = |field: &str, why: String| CniError::new(code::INVALID_CONFIG, format!("ipam.{field}: {why}"), "");
+    let mut entries: Vec<(String, crate::spec::RangeEntry)> = Vec::new();
+    for (n, set) in options.ranges.iter().enumerate() {
+        let first = set.first().ok_or_else(|| invalid(&format!("ranges[{n}]"), "is empty".into()))?;
+        entries.push((format!("ranges[{n}][0]"), first.clone()));
+    }
+    if let Some(subnet) = options.subnet {
+        let gateway = options.gateway.filter(|g| g.is_ipv4() == subnet.addr().is_ipv4());
+        let entry =
+            crate::spec::RangeEntry { subnet, range_start: options.range_start, range_end: options.range_end, gateway };
+        entries.push(("subnet".into(), entry));
+    } else if let Some(field) = [("rangeStart", options.range_start), ("rangeEnd", options.range_end)]
+        .iter()
+        .find_map(|(field, value)| value.map(|_| *field))
+    {
+        return Err(invalid(field, "needs a subnet".into()));
+    }
+    let mut ranges: Vec<FamilyRange> = Vec::new();
+    for (field, entry) in entries {
+        let subnet = entry.subnet.trunc();
+        if ranges.iter().any(|r| r.subnet.addr().is_ipv4() == subnet.addr().is_ipv4()) {
+            return Err(invalid(&field, format!("a second range of {subnet}'s family; give one per family")));
+        }
+        for (name, value) in
+            [("rangeStart", entry.range_start), ("rangeEnd", entry.range_end), ("gateway", entry.gateway)]
+        {
+            if let Some(ip) = value
+                && !subnet.contains(&ip)
+            {
+                return Err(invalid(&field, format!("{name} {ip} is not in subnet {subnet}")));
+            }
+        }
+        if let (Some(start), Some(end)) = (entry.range_start, entry.range_end)
+            && start > end
+        {
+            return Err(invalid(&field, format!("rangeStart {start} is after rangeEnd {end}")));
+        }
+        let gateway = entry.gateway.or_else(|| {
+            let first = subnet.hosts().next()?;
+            (subnet.prefix_len() < subnet.max_prefix_len() - 1).then_some(first)
+        });
+        ranges.push(FamilyRange { subnet, start: entry.range_start, end: entry.range_end, gateway });
+    }
+    Ok(ranges)
+}
+
 /// Where the agent attaches the pod's enforcement: TCX when a chained `bandwidth` will want the host side's
 /// ingress qdisc (the runtime passes limits, or the configuration says so), else the cheaper clsact filter.
 fn enforcement_hook(conf: &NetConf, options: &Options) -> protocol::EnforcementHook {
@@ -321,9 +492,16 @@ async fn add(
     let ifname = env.require("CNI_IFNAME")?;
     let netns_path = env.require("CNI_NETNS")?;
     let args = env.args()?;
-    let netns = File::open(&netns_path).map_err(|e| {
-        CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS {netns_path} cannot be opened"), e.to_string())
-    })?;
+    let netns = open_netns(&netns_path)?;
+    if let Some(mtu) = options.mtu
+        && !(68..=65535).contains(&mtu)
+    {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("mtu {mtu} is out of range"),
+            "Linux takes 68 to 65535",
+        ));
+    }
     let mut ips = Vec::new();
     for requested in conf.runtime_config.iter().flat_map(|r| &r.ips) {
         let ip = requested.split('/').next().and_then(|a| a.parse::<IpAddr>().ok()).ok_or_else(|| {
@@ -344,32 +522,42 @@ async fn add(
         hook: enforcement_hook(conf, options),
         bridge_port: String::new(),
         network: conf.name.clone(),
+        ipam_range: None,
     };
 
     if ipam_only {
+        let ranges = family_ranges(options)?;
+        request.ipam_range = Some(Box::new(protocol::IpamRange {
+            subnets: ranges.iter().map(|r| r.subnet).collect(),
+            starts: ranges.iter().filter_map(|r| r.start).collect(),
+            ends: ranges.iter().filter_map(|r| r.end).collect(),
+            gateways: ranges.iter().filter_map(|r| r.gateway).chain(options.gateway).collect(),
+        }));
         if options.enforce {
             request.bridge_port = bridge_port(&netns_path, &ifname).await?;
         }
         let assigned = agent_add(socket, &request).await?;
-        // The main plugin (a bridge, say) puts the address on a shared segment: report the segment's prefix.
+        // The main plugin (a bridge, say) puts the address on a shared segment: report the segment's prefix
+        // and gateway, and the configured routes, as host-local does.
         let ip_config = |a: &AssignedIp| {
             let same_family = |ip: &IpAddr| ip.is_ipv4() == a.address.addr().is_ipv4();
-            let prefix = options.subnet.filter(|s| same_family(&s.addr())).unwrap_or(a.pool_cidr).prefix_len();
+            let range = ranges.iter().find(|r| same_family(&r.subnet.addr()));
+            let prefix = range.map_or(a.pool_cidr, |r| r.subnet).prefix_len();
             IpConfig {
                 address: IpNet::new(a.address.addr(), prefix).unwrap_or(a.address),
-                gateway: options.gateway.filter(same_family),
+                gateway: range.and_then(|r| r.gateway).or(options.gateway.filter(same_family)),
                 interface: None,
+                version: None,
             }
         };
         let result = CniResult {
             cni_version: conf.cni_version.clone(),
             interfaces: vec![],
             ips: assigned.iter().map(ip_config).collect(),
-            routes: vec![],
+            routes: options.routes.clone(),
             dns: Value::Object(Default::default()),
         };
-        return serde_json::to_string(&result)
-            .map_err(|e| CniError::new(code::IO_FAILURE, "encode result", e.to_string()));
+        return Ok(encode_result(&result, &conf.cni_version).to_string());
     }
 
     let host = host_ifname(&container_id, &ifname);
@@ -457,7 +645,7 @@ async fn add(
     };
 
     let result = build_result(conf, &host, &host_mac, &ifname, &pod_mac, &request.netns, &assigned);
-    serde_json::to_string(&result).map_err(|e| CniError::new(code::IO_FAILURE, "encode result", e.to_string()))
+    Ok(encode_result(&result, &conf.cni_version).to_string())
 }
 
 fn build_result(
@@ -481,21 +669,28 @@ fn build_result(
         name: host.to_string(),
         mac: netlink::format_mac(host_mac),
         sandbox: String::new(),
+        extra: Default::default(),
     });
     result.interfaces.push(Interface {
         name: ifname.to_string(),
         mac: netlink::format_mac(pod_mac),
         sandbox: netns.to_string(),
+        extra: Default::default(),
     });
     for address in assigned {
         let gateway: IpAddr = if address.addr().is_ipv4() { GATEWAY_V4.into() } else { GATEWAY_V6.into() };
-        result.ips.push(IpConfig { address: *address, gateway: Some(gateway), interface: Some(base + 1) });
+        result.ips.push(IpConfig {
+            address: *address,
+            gateway: Some(gateway),
+            interface: Some(base + 1),
+            version: None,
+        });
         let default: IpNet = if address.addr().is_ipv4() {
             "0.0.0.0/0".parse().unwrap_or(*address)
         } else {
             "::/0".parse().unwrap_or(*address)
         };
-        result.routes.push(Route { dst: default, gw: Some(gateway) });
+        result.routes.push(Route { dst: default, gw: Some(gateway), extra: Default::default() });
     }
     result
 }
@@ -526,18 +721,27 @@ async fn del(env: &Env<'_>, ipam_only: bool, socket: &str) -> Result<(), CniErro
     }
 }
 
-async fn check(env: &Env<'_>, conf: &NetConf, ipam_only: bool) -> Result<(), CniError> {
+async fn check(env: &Env<'_>, conf: &NetConf, ipam_only: bool, socket: &str) -> Result<(), CniError> {
     let ifname = env.require("CNI_IFNAME")?;
     let netns = env.require("CNI_NETNS")?;
-    env.require("CNI_CONTAINERID")?;
+    let container_id = env.require("CNI_CONTAINERID")?;
     let prev: CniResult = conf.prev_result.clone().and_then(|v| serde_json::from_value(v).ok()).ok_or_else(|| {
         CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult", "the runtime must pass the ADD result")
     })?;
     if ipam_only {
-        return Ok(());
+        // As host-local: the allocation the result reports must still be this attachment's.
+        open_netns(&netns)?;
+        let ips = prev.ips.iter().map(|ip| ip.address.addr()).collect();
+        let request = protocol::CheckRequest { container_id, ifname, ips };
+        return match call_agent(socket, &Request::Check(request)).await? {
+            Response::Checked => Ok(()),
+            Response::Error(reply) => Err(agent_refusal(reply)),
+            other => Err(CniError::new(code::IO_FAILURE, "unexpected answer from the agent", format!("{other:?}"))),
+        };
     }
     let sandbox = prev.interfaces.iter().position(|i| i.name == ifname && !i.sandbox.is_empty());
     let addresses: Vec<IpNet> = prev.ips.iter().filter(|ip| ip.interface == sandbox).map(|ip| ip.address).collect();
+    open_netns(&netns)?;
     let problems = tokio::task::spawn_blocking(move || {
         netlink::in_netns(Path::new(&netns), move |h| netlink::check_pod(h, ifname, addresses))
     })
@@ -606,13 +810,13 @@ mod tests {
     fn invoke(vars: &[(&str, &str)], stdin: &str) -> (i32, Value) {
         let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut out = Vec::new();
-        let code = run(&Invocation { env: &env, stdin: stdin.as_bytes() }, &mut out);
+        let code = run(&Invocation { env: &env, stdin: stdin.as_bytes(), unreadable: &[] }, &mut out);
         let value = if out.is_empty() { Value::Null } else { serde_json::from_slice(&out).expect("stdout is JSON") };
         (code, value)
     }
 
     const CONF: &str =
-        r#"{"cniVersion":"1.0.0","name":"pw","type":"poolwarden-cni","socket":"/nonexistent/agent.sock"}"#;
+        r#"{"cniVersion":"1.1.0","name":"pw","type":"poolwarden-cni","socket":"/nonexistent/agent.sock"}"#;
 
     #[test]
     fn host_side_macs_are_unicast_locally_administered_and_per_attachment() {
@@ -628,7 +832,7 @@ mod tests {
     fn version_lists_what_we_speak() {
         let (code, out) = invoke(&[("CNI_COMMAND", "VERSION")], "");
         assert_eq!(code, 0);
-        assert_eq!(out["supportedVersions"], json!(["1.0.0", "1.1.0"]));
+        assert_eq!(out["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
     }
 
     #[test]
@@ -658,7 +862,7 @@ mod tests {
             (
                 "wrong type",
                 &add[..],
-                r#"{"cniVersion":"1.0.0","type":"bridge"}"#,
+                r#"{"cniVersion":"1.0.0","name":"n","type":"bridge"}"#,
                 code::INVALID_CONFIG,
                 "type is \"bridge\"",
             ),

@@ -1,4 +1,8 @@
-//! The CNI specification's data: network configuration in, results and errors out (spec 1.0.0 and 1.1.0).
+//! The CNI specification's data: network configuration in, results and errors out, for every version
+//! runtimes send (0.3.0 to 1.1.0). A result of any of them parses into one model ([`CniResult`], which is
+//! 1.x's), and [`encode_result`] writes it in the version the configuration asks for, as libcni's
+//! `types/040` and `types/100` convert: `ips[].version` before 1.0.0, 1.1.0's interface and route fields only
+//! in 1.1.0.
 
 use std::net::IpAddr;
 
@@ -7,38 +11,58 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The versions this plugin speaks.
-pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0", "1.1.0"];
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// The first version with CHECK.
+pub const CHECK_SINCE: &str = "0.4.0";
+
+/// The first version with GC and STATUS.
+pub const GC_SINCE: &str = "1.1.0";
+
+/// Whether version `a` is at least `b` (both `x.y.z`; anything unparsable is older than everything).
+pub fn version_at_least(a: &str, b: &str) -> bool {
+    let parse = |v: &str| -> Option<(u32, u32, u32)> {
+        let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+        let triple = (parts.next()??, parts.next()??, parts.next()??);
+        parts.next().is_none().then_some(triple)
+    };
+    match (parse(a), parse(b)) {
+        (Some(a), Some(b)) => a >= b,
+        _ => false,
+    }
+}
+
+/// `result` as the configuration's `version` writes it: before 1.0.0 each address says its family
+/// (`"version": "4"` or `"6"`); fields that only 1.1.0 defines are dropped from older versions' results.
+pub fn encode_result(result: &CniResult, version: &str) -> Value {
+    let mut result = result.clone();
+    result.cni_version = version.to_string();
+    if !version_at_least(version, "1.1.0") {
+        for interface in &mut result.interfaces {
+            interface.extra.clear();
+        }
+        for route in &mut result.routes {
+            route.extra.clear();
+        }
+    }
+    let mut value = serde_json::to_value(&result).unwrap_or(Value::Null);
+    if !version_at_least(version, "1.0.0")
+        && let Some(ips) = value.get_mut("ips").and_then(Value::as_array_mut)
+    {
+        for (ip, parsed) in ips.iter_mut().zip(&result.ips) {
+            if let Some(ip) = ip.as_object_mut() {
+                let family = if parsed.address.addr().is_ipv4() { "4" } else { "6" };
+                ip.insert("version".into(), Value::String(family.into()));
+            }
+        }
+    }
+    value
+}
 
 /// The name this plugin answers to in `type` (and `ipam.type`).
 pub const PLUGIN_TYPE: &str = "poolwarden-cni";
 
-/// The CNI error codes (spec section "Error").
-pub mod code {
-    /// Incompatible CNI version.
-    pub const INCOMPATIBLE_VERSION: u32 = 1;
-    /// Unsupported field in the network configuration.
-    pub const UNSUPPORTED_FIELD: u32 = 2;
-    /// Container unknown or does not exist.
-    pub const UNKNOWN_CONTAINER: u32 = 3;
-    /// Invalid necessary environment variables.
-    pub const INVALID_ENVIRONMENT: u32 = 4;
-    /// I/O failure.
-    pub const IO_FAILURE: u32 = 5;
-    /// Failed to decode content.
-    pub const DECODE_FAILURE: u32 = 6;
-    /// Invalid network config.
-    pub const INVALID_CONFIG: u32 = 7;
-    /// Try again later.
-    pub const TRY_AGAIN_LATER: u32 = 11;
-    /// STATUS: the plugin cannot serve ADDs (the agent is unreachable).
-    pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
-    /// STATUS: no address can be allocated (the pools this node may use are exhausted).
-    pub const LIMITED_CONNECTIVITY_NO_ADDRESSES: u32 = 51;
-    /// Ours: the agent refused the request (pool refused, unknown pool, exhausted).
-    pub const IPAM_REFUSED: u32 = 100;
-    /// Ours: setting up the pod's interface failed.
-    pub const INTERFACE_SETUP: u32 = 101;
-}
+pub use poolwarden_protocol::code;
 
 /// A CNI error as printed on stdout.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -63,7 +87,7 @@ impl CniError {
 }
 
 /// Options poolwarden reads from the network configuration (top level, or the `ipam` section in IPAM-only mode).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Options {
     /// The agent's socket.
     #[serde(default)]
@@ -89,6 +113,35 @@ pub struct Options {
     /// plugin made), as the agent does on its own veths.
     #[serde(default)]
     pub enforce: bool,
+    /// IPAM-only, as host-local's: the first address that may be given (in `subnet`).
+    #[serde(rename = "rangeStart", default, skip_serializing_if = "Option::is_none")]
+    pub range_start: Option<IpAddr>,
+    /// IPAM-only, as host-local's: the last address that may be given (in `subnet`).
+    #[serde(rename = "rangeEnd", default, skip_serializing_if = "Option::is_none")]
+    pub range_end: Option<IpAddr>,
+    /// IPAM-only, as host-local's: one set of ranges per family; the first range of each set gives that
+    /// family's `subnet`, `rangeStart`, `rangeEnd` and `gateway`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<Vec<RangeEntry>>,
+    /// IPAM-only: routes the result reports (the main plugin installs them in the pod).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+}
+
+/// One of host-local's `ranges`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeEntry {
+    /// The subnet.
+    pub subnet: IpNet,
+    /// The first address that may be given.
+    #[serde(rename = "rangeStart", default, skip_serializing_if = "Option::is_none")]
+    pub range_start: Option<IpAddr>,
+    /// The last address that may be given.
+    #[serde(rename = "rangeEnd", default, skip_serializing_if = "Option::is_none")]
+    pub range_end: Option<IpAddr>,
+    /// The gateway (default: the subnet's first address after its network address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<IpAddr>,
 }
 
 /// The network configuration given on stdin.
@@ -124,7 +177,7 @@ pub struct NetConf {
 }
 
 /// The `ipam` section.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct IpamSection {
     /// The IPAM plugin type.
     #[serde(rename = "type", default)]
@@ -146,7 +199,7 @@ pub struct RuntimeConfig {
 }
 
 /// An interface in a result.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Interface {
     /// Its name.
     pub name: String,
@@ -156,6 +209,9 @@ pub struct Interface {
     /// The netns path, for interfaces inside the container.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sandbox: String,
+    /// What later versions add (1.1.0's `mtu`, `socketPath`, `pciID`), kept from a chain's earlier plugins.
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 /// An address in a result.
@@ -169,20 +225,26 @@ pub struct IpConfig {
     /// Index into `interfaces`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<usize>,
+    /// Before 1.0.0: `"4"` or `"6"` (read and checked, written by [`encode_result`]).
+    #[serde(default, skip_serializing)]
+    pub version: Option<String>,
 }
 
 /// A route in a result.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Route {
     /// The destination.
     pub dst: IpNet,
     /// The next hop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gw: Option<IpAddr>,
+    /// What later versions add (1.1.0's `mtu`, `advmss`, `priority`, `table`, `scope`).
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 /// A result, as printed after ADD.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CniResult {
     /// The version of the request.
     #[serde(rename = "cniVersion")]

@@ -102,7 +102,14 @@ fn status_reports_ready_exhausted_and_unreachable() {
     let mut node = Node::new("10.255.2.4");
     node.apply("apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: tiny}\nspec: {cidr: 10.68.0.0/30, blockSize: 30}\n");
     node.start_agent();
-    let status = |conf: &Value| node.cni("STATUS", "", "", "", conf);
+    // STATUS is 1.1.0's: a configuration of an older version cannot ask it.
+    let (ok, out) = node.cni("STATUS", "", "", "", &node.conf(json!({})));
+    assert!(!ok && out["code"] == 1, "STATUS of a 1.0.0 configuration: {out}");
+    let status = |conf: &Value| {
+        let mut conf = conf.clone();
+        conf["cniVersion"] = json!("1.1.0");
+        node.cni("STATUS", "", "", "", &conf)
+    };
     let (ok, out) = status(&node.conf(json!({})));
     assert!(ok, "STATUS with room: {out}");
     let pods: Vec<NetNs> = (0..4).map(|_| NetNs::new("pwp")).collect();

@@ -273,7 +273,8 @@ fn the_agent_waits_for_the_host_interface_to_be_up() {
     );
     node.start_agent();
     let pod_ns = NetNs::new("pwp");
-    let host = "pwlate0";
+    let host_name = poolwarden_cni::plugin::host_ifname("late", "eth0");
+    let host = host_name.as_str();
     let request = Request::Add(AddRequest {
         container_id: "late".into(),
         ifname: "eth0".into(),
@@ -287,6 +288,7 @@ fn the_agent_waits_for_the_host_interface_to_be_up() {
         hook: Default::default(),
         bridge_port: String::new(),
         network: String::new(),
+        ipam_range: None,
     });
     let socket = node.socket();
     let asked = std::thread::spawn(move || {

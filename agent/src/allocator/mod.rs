@@ -107,6 +107,8 @@ pub struct AssignRequest {
     pub pod: Option<PodInfo>,
     /// What the runtime asked for.
     pub requested: Requested,
+    /// IPAM-only: which addresses the attachment may be given (none: any of its pools').
+    pub eligible: Option<Arc<ipam::Eligible>>,
 }
 
 /// A record the caller wants committed in the same transaction as the addresses (the agent's endpoint
@@ -181,6 +183,8 @@ struct Waiter {
     /// The pools the request may use, as CIDRs, in preference order.
     pools: Vec<IpNet>,
     cooldown: u64,
+    /// IPAM-only: which addresses it may be given.
+    eligible: Option<Arc<ipam::Eligible>>,
     /// Written with the address when this waiter gets one.
     recording: Option<Recording>,
     reply: oneshot::Sender<Result<Attempt, StoreError>>,
@@ -256,6 +260,16 @@ impl Allocator {
         let mut done = Vec::new();
         let mut result = Ok(());
         for (ip, pool) in &selection.ips {
+            if let Some(eligible) = &request.eligible
+                && !eligible.allows(*ip, pool.cidr())
+            {
+                result = Err(AllocError::AddressUnavailable {
+                    ip: *ip,
+                    reason: "it is outside the configured range, or the subnet's network, broadcast or gateway address"
+                        .into(),
+                });
+                break;
+            }
             match self.assign_fixed(&owner, *ip, pool, &loaded.config).await {
                 Ok(a) => done.push(a),
                 Err(e) => {
@@ -278,7 +292,7 @@ impl Allocator {
                 record: record.clone(),
                 earlier: done.iter().map(|a: &Assigned| a.ip).collect(),
             });
-            match self.assign_auto(&owner, family, pools, &loaded.config, recording).await {
+            match self.assign_auto(&owner, family, pools, &loaded.config, recording, request.eligible.as_ref()).await {
                 Ok((a, with_record)) => {
                     done.push(a);
                     recorded = with_record;
@@ -368,7 +382,17 @@ impl Allocator {
         pools: &[&IpPool],
         config: &IpamConfigSpec,
         recording: Option<Recording>,
+        eligible: Option<&Arc<ipam::Eligible>>,
     ) -> Result<(Assigned, bool), AllocError> {
+        let pool_of = |cidr: &IpNet| pools.iter().find(|p| p.cidr().contains(cidr)).map(|p| p.cidr());
+        // Take the next address of `block`, only among those the attachment may be given.
+        let take = |block: &mut Block, now: u64| match eligible {
+            None => block.assign_next(owner, now, config.reuse_cooldown_seconds),
+            Some(eligible) => {
+                let pool = pool_of(&block.cidr).unwrap_or(block.cidr);
+                block.assign_next_where(owner, now, config.reuse_cooldown_seconds, |ip| eligible.allows(ip, pool))
+            }
+        };
         let in_pools = |cidr: &IpNet| pools.iter().find(|p| p.cidr().contains(cidr));
         let cooldown = config.reuse_cooldown_seconds;
         // Selection gives one family's pools at a time.
@@ -384,7 +408,7 @@ impl Allocator {
                 return Ok((same_family, false));
             }
             // 1. A block this node already owns that has room.
-            match self.assign_from_owned(owner, pools, cooldown, recording.clone()).await? {
+            match self.assign_from_owned(owner, pools, cooldown, recording.clone(), eligible).await? {
                 Attempt::Done(assigned) => return Ok((assigned, recording.is_some())),
                 Attempt::Conflict => continue,
                 Attempt::NoRoom => {}
@@ -393,7 +417,7 @@ impl Allocator {
             // block, not one each. Whoever waited here looks again first, since the claim before it made room.
             let claim_lock = self.locks.get(format!("claim/{}", owner.node));
             let _claiming = claim_lock.lock().await;
-            match self.assign_from_owned(owner, pools, cooldown, recording.clone()).await? {
+            match self.assign_from_owned(owner, pools, cooldown, recording.clone(), eligible).await? {
                 Attempt::Done(assigned) => return Ok((assigned, recording.is_some())),
                 Attempt::Conflict => continue,
                 Attempt::NoRoom => {}
@@ -411,10 +435,15 @@ impl Allocator {
                 let (block_keys, _) = self.store.list_keys(keys::BLOCKS).await?;
                 let claimed: BTreeSet<IpNet> =
                     block_keys.iter().filter_map(|k| keys::parse_cidr_segment(k.strip_prefix(keys::BLOCKS)?)).collect();
-                let next = pools.iter().find_map(|p| ipam::unclaimed_blocks(p, &claimed).next().map(|c| (p, c)));
+                // (IPAM-only: a block holding an address the attachment may be given.)
+                let next = pools.iter().find_map(|p| {
+                    ipam::unclaimed_blocks(p, &claimed)
+                        .find(|c| eligible.is_none_or(|e| e.any_in(*c, p.cidr())))
+                        .map(|c| (p, c))
+                });
                 if let Some((pool, cidr)) = next {
                     let mut block = Block::new(cidr, pool.name(), &owner.node, now);
-                    let ip = block.assign_next(owner, now, cooldown).ok_or_else(|| AllocError::Exhausted {
+                    let ip = take(&mut block, now).ok_or_else(|| AllocError::Exhausted {
                         family,
                         pools: pool_names(pools),
                         node: owner.node.clone(),
@@ -438,7 +467,7 @@ impl Allocator {
                     if in_pools(&block.cidr).is_none() || !block.has_available(now, cooldown) {
                         continue;
                     }
-                    if let Some(ip) = block.assign_next(owner, now, cooldown) {
+                    if let Some(ip) = take(&mut block, now) {
                         borrowed = Some((block, kv.mod_revision, ip));
                         break;
                     }
@@ -487,6 +516,7 @@ impl Allocator {
         pools: &[&IpPool],
         cooldown: u64,
         recording: Option<Recording>,
+        eligible: Option<&Arc<ipam::Eligible>>,
     ) -> Result<Attempt, StoreError> {
         let queue = self.queues.get(&owner.node);
         let (reply, mut answer) = oneshot::channel();
@@ -495,6 +525,7 @@ impl Allocator {
             owner: owner.clone(),
             pools,
             cooldown,
+            eligible: eligible.cloned(),
             recording,
             reply,
         });
@@ -579,7 +610,13 @@ impl Allocator {
             candidates.sort();
             let assigned = candidates.into_iter().find_map(|(_, cidr)| {
                 let (block, _, dirty) = blocks.get_mut(&cidr)?;
-                let ip = block.assign_next(&waiter.owner, now, waiter.cooldown)?;
+                let ip = match &waiter.eligible {
+                    None => block.assign_next(&waiter.owner, now, waiter.cooldown)?,
+                    Some(eligible) => {
+                        let pool = waiter.pools.iter().find(|p| p.contains(&cidr)).copied().unwrap_or(cidr);
+                        block.assign_next_where(&waiter.owner, now, waiter.cooldown, |ip| eligible.allows(ip, pool))?
+                    }
+                };
                 *dirty = true;
                 Some(Assigned { ip, pool: block.pool.clone(), block: cidr })
             });

@@ -14,9 +14,8 @@ use std::{
 };
 
 use ipnet::IpNet;
-use poolwarden_cni::{
-    protocol::{AddRequest, AssignedIp, DelRequest, ErrorReply, GcRequest, Request, Response},
-    spec::code,
+use poolwarden_protocol::{
+    AddRequest, AssignedIp, CheckRequest, DelRequest, ErrorReply, GcRequest, Request, Response, code,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
@@ -32,6 +31,15 @@ use crate::{
     ipam::{self, NodeInfo, Requested, SelectionError, selection::ChoiceSource},
     store::{Store, StoreError, Txn, keys},
 };
+
+/// A container ID and interface name as the CNI spec allows them (they also make the attachment's datastore
+/// key and host interface name, so nothing else may pass).
+fn check_attachment(container_id: &str, ifname: &str) -> Result<(), ErrorReply> {
+    poolwarden_protocol::validate_container_id(container_id)
+        .map_err(|why| reply(code::INVALID_ENVIRONMENT, format!("container ID {container_id:?} is not valid"), why))?;
+    poolwarden_protocol::validate_ifname(ifname)
+        .map_err(|why| reply(code::INVALID_ENVIRONMENT, format!("interface name {ifname:?} is not valid"), why))
+}
 
 /// How the agent enforces pods' source addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -92,7 +100,7 @@ pub struct Endpoint {
     pub ips: Vec<IpAddr>,
     /// Where enforcement is attached on the host side.
     #[serde(default)]
-    pub hook: poolwarden_cni::protocol::EnforcementHook,
+    pub hook: poolwarden_protocol::EnforcementHook,
     /// IPAM-only with enforcement: the bridge port (the node's side of the pod's veth) it is enforced on.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub bridge_port: String,
@@ -128,7 +136,7 @@ fn orphan_key(affinity: &ipam::Affinity) -> String {
 }
 
 /// Where the plugin announces the index of an ADD's host interface once it is up (see
-/// `poolwarden_cni::protocol`): an error when it gave up.
+/// `poolwarden_protocol`): an error when it gave up.
 pub type HostIndex = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u32, String>> + Send>>;
 
 /// How long an ADD waits for the plugin to create the pod's host interface.
@@ -467,6 +475,11 @@ impl Agent {
                 ("gc", span, collected.map(|released| Response::Collected { released }))
             }
             Request::Cli(cli) => ("cli", info_span!("cli"), Ok(self.command(cli).await)),
+            Request::Check(check) => {
+                let span = info_span!("check", container = %check.container_id, ifname = %check.ifname);
+                let checked = self.check(check).instrument(span.clone()).await;
+                ("check", span, checked.map(|()| Response::Checked))
+            }
         };
         // STATUS is asked every few seconds and its failure is its answer; the others are worth a line.
         if let Err(err) = &response
@@ -480,7 +493,7 @@ impl Agent {
     }
 
     /// Run a `poolwarden` command for a client that could not open the datastore because we hold it.
-    async fn command(&self, request: poolwarden_cni::protocol::CliRequest) -> Response {
+    async fn command(&self, request: poolwarden_protocol::CliRequest) -> Response {
         use clap::Parser;
         let args = std::iter::once("poolwarden".to_string()).chain(request.args);
         let cli = match crate::commands::Cli::try_parse_from(args) {
@@ -503,6 +516,20 @@ impl Agent {
     }
 
     async fn add(&self, request: AddRequest, host_index: Option<HostIndex>) -> Result<Vec<AssignedIp>, ErrorReply> {
+        check_attachment(&request.container_id, &request.ifname)?;
+        // The only host interface an ADD may name is the one this attachment's plugin makes: anything else
+        // (the node's uplink, another pod's veth) is refused before it is touched.
+        let derived = poolwarden_protocol::host_ifname(&request.container_id, &request.ifname);
+        if !request.host_ifname.is_empty() && request.host_ifname != derived {
+            return Err(reply(
+                code::INVALID_ENVIRONMENT,
+                format!("host interface {:?} is not this attachment's", request.host_ifname),
+                format!(
+                    "the plugin names the node's side of container {} interface {} {derived}",
+                    request.container_id, request.ifname
+                ),
+            ));
+        }
         let namespace = if request.namespace.is_empty() { "default".to_string() } else { request.namespace.clone() };
         let handle = ipam::handle_for(&request.container_id, &request.ifname);
         // Until this ADD is over, its allocation without an endpoint is not a leak.
@@ -522,6 +549,14 @@ impl Agent {
             namespace: directory.namespace(&namespace).await.map_err(directory_reply)?,
             pod,
             requested: Requested::from_pool_names(pool_list, &request.pools, request.ips.clone()),
+            eligible: request.ipam_range.as_ref().map(|range| {
+                Arc::new(ipam::Eligible {
+                    subnets: range.subnets.clone(),
+                    starts: range.starts.clone(),
+                    ends: range.ends.clone(),
+                    exclude: range.gateways.clone(),
+                })
+            }),
         };
         let mut endpoint = Endpoint {
             container_id: request.container_id.clone(),
@@ -574,6 +609,21 @@ impl Agent {
                 })?,
                 None => self.host_interface(&endpoint.host_ifname).await?,
             };
+            // The index is the plugin's word: it must be the veth of that name, with its peer in another
+            // namespace (the pod's), before anything is attached to it.
+            match self.routes.pod_veth(ifindex).await.map_err(route_reply)? {
+                Some((name, _)) if name == endpoint.host_ifname => {}
+                found => {
+                    return Err(reply(
+                        code::INTERFACE_SETUP,
+                        format!("interface {ifindex} is not the host side {} of a pod's veth", endpoint.host_ifname),
+                        match found {
+                            Some((name, _)) => format!("it is {name}"),
+                            None => "it is not a veth whose peer is in another namespace".into(),
+                        },
+                    ));
+                }
+            }
             if let Some(enforcement) = &self.enforcement {
                 let mut enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
                 enforcement
@@ -749,6 +799,7 @@ impl Agent {
     }
 
     async fn del(&self, request: DelRequest) -> Result<Vec<IpAddr>, ErrorReply> {
+        check_attachment(&request.container_id, &request.ifname)?;
         let handle = ipam::handle_for(&request.container_id, &request.ifname);
         let _wiring = self.wiring.read().await;
         let released = self.allocator.release_handle(&handle).await.map_err(alloc_reply)?;
@@ -757,14 +808,27 @@ impl Agent {
             Some(kv) => Some((decode::<Endpoint>(&key, &kv.value).map_err(store_reply)?, kv.mod_revision)),
             None => None,
         };
-        // The recorded interface, else the one the plugin names (the record may be gone with a lost store).
+        // The recorded interface; without a record (a lost store), the one this attachment's plugin would have
+        // made, if the plugin names it: never another name it sends (the node's uplink, say).
+        let derived = poolwarden_protocol::host_ifname(&request.container_id, &request.ifname);
         let host_ifname = endpoint
             .as_ref()
             .map(|(e, _)| e.host_ifname.clone())
             .filter(|name| !name.is_empty())
-            .unwrap_or_else(|| request.host_ifname.clone());
-        let ifindex =
+            .unwrap_or_else(|| if request.host_ifname == derived { derived } else { String::new() });
+        let found =
             if host_ifname.is_empty() { None } else { self.routes.ifindex(&host_ifname).await.map_err(route_reply)? };
+        let ifindex = match found {
+            // Only a pod's veth of that name is touched.
+            Some(index) => match self.routes.pod_veth(index).await.map_err(route_reply)? {
+                Some((name, _)) if name == host_ifname => Some(index),
+                _ => {
+                    warn!(interface = %host_ifname, "not deleting it: it is not the host side of a pod's veth");
+                    None
+                }
+            },
+            _ => None,
+        };
         // A bridge port's entry goes (fail closed until the main plugin deletes the veth; the port is not ours
         // to delete). The main plugin may have deleted the port already: by its index, unless that index is
         // another interface's now.
@@ -811,6 +875,37 @@ impl Agent {
             info!(%block, "released empty block");
         }
         Ok(released)
+    }
+
+    /// IPAM-only CHECK: the attachment's allocation exists and holds exactly the addresses its result gave.
+    async fn check(&self, request: CheckRequest) -> Result<(), ErrorReply> {
+        check_attachment(&request.container_id, &request.ifname)?;
+        let handle = ipam::handle_for(&request.container_id, &request.ifname);
+        let held: BTreeSet<IpAddr> = self
+            .allocator
+            .addresses_of(&handle)
+            .await
+            .map_err(alloc_reply)?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| a.ip)
+            .collect();
+        let reported: BTreeSet<IpAddr> = request.ips.iter().copied().collect();
+        if held.is_empty() {
+            return Err(reply(
+                code::UNKNOWN_CONTAINER,
+                format!("container {} interface {} holds no address", request.container_id, request.ifname),
+                "its ADD was never made here, or its addresses were released",
+            ));
+        }
+        if held != reported {
+            return Err(reply(
+                code::INTERFACE_SETUP,
+                format!("container {} interface {} holds other addresses", request.container_id, request.ifname),
+                format!("the result says {reported:?}; the datastore says {held:?}"),
+            ));
+        }
+        Ok(())
     }
 
     async fn status(&self) -> Result<(), ErrorReply> {

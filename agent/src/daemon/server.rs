@@ -8,7 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use poolwarden_cni::protocol::{self, ErrorReply, Request, Response};
+use poolwarden_protocol::{self as protocol, ErrorReply, Request, Response};
 use tokio::{
     io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, UnixListener, UnixStream},
@@ -41,30 +41,52 @@ pub enum ServeError {
 }
 
 /// Bind the socket, removing a stale one left by an agent that died; refuse if a live agent answers.
+///
+/// The socket is never reachable with a wider mode than 0600, whatever the umask: it is bound inside a
+/// directory of its own created with mode 0700, given mode 0600 there, and only then renamed into place.
+/// Directories made for it are created with mode 0700 (an existing directory is left as the operator made it).
 async fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
+    use std::os::unix::fs::DirBuilderExt;
     let shown = path.display().to_string();
     let listen_err = |source| ServeError::Listen { what: "socket", path: shown.clone(), source };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(listen_err)?;
-    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(listen_err)?;
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
             return Err(ServeError::AlreadyRunning(shown));
         }
         std::fs::remove_file(path).map_err(listen_err)?;
     }
-    let listener = UnixListener::bind(path).map_err(listen_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
-    Ok(listener)
+    let private = dir.join(format!(".poolwarden-bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private).map_err(listen_err)?;
+    // The umask can only take bits away from 0700; make sure of the rest.
+    let bound = (|| {
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
+        let staged = private.join("agent.sock");
+        let listener = UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound.map_err(listen_err)
 }
 
 async fn serve_connection(agent: Arc<Agent>, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
     // The request ends at a newline or when the client closes its side; an ADD's host interface index may
-    // follow it on a line of its own (see `poolwarden_cni::protocol`).
+    // follow it on a line of its own (see `poolwarden_protocol`).
     let mut reader = BufReader::new(read.take(protocol::MAX_MESSAGE as u64 + 64));
     let mut body = Vec::new();
-    let read = reader.read_until(b'\n', &mut body).await;
+    // A client that connects and says nothing is dropped after a while, not served forever.
+    let read = match tokio::time::timeout(protocol::REQUEST_READ_TIMEOUT, reader.read_until(b'\n', &mut body)).await {
+        Ok(read) => read,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no request within {:?}", protocol::REQUEST_READ_TIMEOUT),
+        )),
+    };
     let response = match read {
         Err(e) => {
             Response::Error(ErrorReply { code: 5, msg: "reading the request failed".into(), details: e.to_string() })

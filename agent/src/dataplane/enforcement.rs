@@ -18,11 +18,11 @@ use aya::{
     },
 };
 use ipnet::IpNet;
-pub use poolwarden_cni::protocol::EnforcementHook;
 pub use poolwarden_ebpf_common::{
     ARRAY_ENDPOINTS, DEFAULT_DECAP_PORTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE,
     POOL_NAME_LEN, POOL_SLOTS, PRESENT, TUNNEL_PROTOCOLS, counter_index, reason,
 };
+pub use poolwarden_protocol::EnforcementHook;
 
 /// What counters are reported under when their slot has no pool (an interface without an entry, a pod
 /// without a pool).

@@ -139,21 +139,29 @@ impl Routes {
     /// The index of `name` if it is a bridge port the way a main plugin's pod veth is: a veth enslaved to a
     /// controller, whose peer is in another namespace. Anything else (the node's uplink, say) is not.
     pub async fn bridge_port(&self, name: &str) -> Result<Option<u32>, RouteError> {
-        use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
         let link = match self.handle.link().get().match_name(name.to_string()).execute().try_next().await {
             Ok(link) => link,
             Err(e) if is_missing(&e) => None,
             Err(e) => return Err(netlink(format!("look up link {name}"))(e)),
         };
-        Ok(link.filter(|link| {
-            let veth = link.attributes.iter().any(|a| {
-                matches!(a, LinkAttribute::LinkInfo(infos) if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
-            });
-            let enslaved = link.attributes.iter().any(|a| matches!(a, LinkAttribute::Controller(_)));
-            let peer_elsewhere = link.attributes.iter().any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
-            veth && enslaved && peer_elsewhere
-        })
-        .map(|link| link.header.index))
+        Ok(link.and_then(|link| {
+            let facts = VethFacts::of(&link)?;
+            facts.enslaved.then_some(link.header.index)
+        }))
+    }
+
+    /// The interface at `index`, if it is the node's side of a pod's veth: a veth whose peer is in another
+    /// namespace and that no bridge holds. Returns its name and whether it is up.
+    pub async fn pod_veth(&self, index: u32) -> Result<Option<(String, bool)>, RouteError> {
+        let link = match self.handle.link().get().match_index(index).execute().try_next().await {
+            Ok(link) => link,
+            Err(e) if is_missing(&e) => None,
+            Err(e) => return Err(netlink(format!("look up link {index}"))(e)),
+        };
+        Ok(link.and_then(|link| {
+            let facts = VethFacts::of(&link)?;
+            (!facts.enslaved).then_some((facts.name, facts.up))
+        }))
     }
 
     /// The UDP ports on which a VXLAN or GENEVE device of this namespace decapsulates what arrives (ours and
@@ -320,5 +328,36 @@ impl Routes {
         results.extend(stream::iter(additions).buffer_unordered(IN_FLIGHT).collect::<Vec<_>>().await);
         results.into_iter().collect::<Result<(), _>>()?;
         Ok((added, removed))
+    }
+}
+
+/// What makes a link a pod's veth: the facts of a veth whose peer is in another namespace.
+struct VethFacts {
+    name: String,
+    up: bool,
+    /// A bridge (or other controller) holds it.
+    enslaved: bool,
+}
+
+impl VethFacts {
+    /// `None` unless `link` is a veth whose peer is in another namespace.
+    fn of(link: &netlink_packet_route::link::LinkMessage) -> Option<Self> {
+        use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo};
+        let veth = link.attributes.iter().any(|a| {
+            matches!(a, LinkAttribute::LinkInfo(infos) if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+        });
+        let peer_elsewhere = link.attributes.iter().any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
+        if !(veth && peer_elsewhere) {
+            return None;
+        }
+        let name = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })?;
+        Some(Self {
+            name,
+            up: link.header.flags.contains(LinkFlags::Up),
+            enslaved: link.attributes.iter().any(|a| matches!(a, LinkAttribute::Controller(_))),
+        })
     }
 }

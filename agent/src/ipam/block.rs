@@ -155,6 +155,25 @@ impl Block {
         Some(self.address(ordinal))
     }
 
+    /// Assign the address that has been free the longest among those `allowed`, if one is past its cooldown
+    /// (an IPAM-only attachment's range: see [`super::Eligible`]).
+    pub fn assign_next_where(
+        &mut self,
+        owner: &Owner,
+        now: u64,
+        cooldown: u64,
+        allowed: impl Fn(IpAddr) -> bool,
+    ) -> Option<IpAddr> {
+        let index = self
+            .free
+            .iter()
+            .take_while(|&&(_, released)| reusable(released, now, cooldown))
+            .position(|&(ordinal, _)| allowed(self.address(ordinal)))?;
+        let (ordinal, _) = self.free.remove(index)?;
+        self.record(ordinal, owner);
+        Some(self.address(ordinal))
+    }
+
     /// Assign one specific address.
     pub fn assign_ip(&mut self, ip: IpAddr, owner: &Owner, now: u64, cooldown: u64) -> Result<(), BlockError> {
         let ordinal = self.ordinal(ip)?;

@@ -9,7 +9,7 @@ pub mod gc;
 pub mod mismatch;
 pub mod selection;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -48,7 +48,7 @@ pub fn handle_for(container_id: &str, ifname: &str) -> String {
 }
 
 /// The block of `pool` that contains `ip`, if `ip` is in the pool.
-pub fn block_containing(pool: &IpPool, ip: std::net::IpAddr) -> Option<IpNet> {
+pub fn block_containing(pool: &IpPool, ip: IpAddr) -> Option<IpNet> {
     if !pool.contains(ip) {
         return None;
     }
@@ -62,4 +62,52 @@ pub fn unclaimed_blocks<'a>(
 ) -> impl Iterator<Item = IpNet> + 'a {
     let subnets = pool.cidr().subnets(pool.block_size()).ok();
     subnets.into_iter().flatten().filter(move |b| !claimed.contains(b))
+}
+
+/// Which addresses an IPAM-only attachment may be given, as host-local rules its range: inside the subnet
+/// its result reports (given, or the pool's range), never that subnet's network or IPv4 broadcast address nor
+/// a gateway, and within `rangeStart`..`rangeEnd` where given (each per family).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Eligible {
+    /// The subnet the result reports, per family (none for a family: the pool's range).
+    pub subnets: Vec<IpNet>,
+    /// The first address that may be given, per family.
+    pub starts: Vec<IpAddr>,
+    /// The last address that may be given, per family.
+    pub ends: Vec<IpAddr>,
+    /// Addresses never given (the gateways).
+    pub exclude: Vec<IpAddr>,
+}
+
+impl Eligible {
+    /// Whether `ip`, from the pool whose range is `pool`, may be given.
+    pub fn allows(&self, ip: IpAddr, pool: IpNet) -> bool {
+        let family = |a: &IpAddr| a.is_ipv4() == ip.is_ipv4();
+        let subnet = self.subnets.iter().find(|s| family(&s.addr())).copied().unwrap_or(pool).trunc();
+        if !subnet.contains(&ip) || self.exclude.contains(&ip) {
+            return false;
+        }
+        let edges = match subnet {
+            IpNet::V4(v4) if v4.prefix_len() < 31 => ip == subnet.network() || ip == IpAddr::V4(v4.broadcast()),
+            IpNet::V6(v6) if v6.prefix_len() < 127 => ip == subnet.network(),
+            _ => false,
+        };
+        let value = block::to_u128(ip);
+        !edges
+            && self.starts.iter().filter(|s| family(s)).all(|s| value >= block::to_u128(*s))
+            && self.ends.iter().filter(|e| family(e)).all(|e| value <= block::to_u128(*e))
+    }
+
+    /// Whether any address of `block` (of the pool whose range is `pool`) may be given.
+    pub fn any_in(&self, block: IpNet, pool: IpNet) -> bool {
+        let first = block::to_u128(block.network());
+        let count = 1u128 << (u32::from(block.max_prefix_len() - block.prefix_len())).min(16);
+        (0..count).any(|offset| {
+            let ip = match block {
+                IpNet::V4(_) => IpAddr::V4(std::net::Ipv4Addr::from(u32::try_from(first + offset).unwrap_or(0))),
+                IpNet::V6(_) => IpAddr::V6(std::net::Ipv6Addr::from(first + offset)),
+            };
+            self.allows(ip, pool)
+        })
+    }
 }

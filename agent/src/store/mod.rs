@@ -212,6 +212,17 @@ pub enum StoreError {
         /// The database file.
         path: String,
     },
+    /// A read-only command found no datastore where it looked (it never creates one).
+    #[error(
+        "there is no datastore at {path} (--datastore {spec}): nothing has been stored there; give the \
+         --datastore the agent uses (embedded:PATH or etcd:URL)"
+    )]
+    Missing {
+        /// What the user typed (or the default).
+        spec: String,
+        /// Where it looked.
+        path: String,
+    },
     /// The backend failed to perform an operation.
     #[error("datastore {operation} failed: {message}")]
     Backend {
@@ -285,9 +296,23 @@ pub const DEFAULT_DATASTORE: &str = "embedded:/var/lib/poolwarden/store.redb";
 /// Open the backend named by `spec`, as given to `--datastore`; an etcd backend takes what `spec` does not say
 /// (TLS material, key prefix) from `etcd`.
 pub async fn open(spec: &str, etcd: &etcd::EtcdConfig) -> Result<Arc<dyn Store>, StoreError> {
+    open_for(spec, etcd, true).await
+}
+
+/// [`open`] for a command that only reads: an embedded store that does not exist is not created (an empty one
+/// would report an empty world), but refused with [`StoreError::Missing`].
+pub async fn open_existing(spec: &str, etcd: &etcd::EtcdConfig) -> Result<Arc<dyn Store>, StoreError> {
+    open_for(spec, etcd, false).await
+}
+
+async fn open_for(spec: &str, etcd: &etcd::EtcdConfig, create: bool) -> Result<Arc<dyn Store>, StoreError> {
     match spec.split_once(':') {
         Some(("embedded", path)) if !path.is_empty() => {
-            Ok(Arc::new(embedded::EmbeddedStore::open(std::path::Path::new(path))?))
+            let file = std::path::Path::new(path);
+            if !create && !file.exists() {
+                return Err(StoreError::Missing { spec: spec.to_string(), path: path.to_string() });
+            }
+            Ok(Arc::new(embedded::EmbeddedStore::open(file)?))
         }
         Some(("etcd", _)) => {
             let config = etcd::EtcdConfig { endpoints: etcd::EtcdConfig::from_spec(spec)?.endpoints, ..etcd.clone() };
