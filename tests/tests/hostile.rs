@@ -6,6 +6,7 @@ use std::{
     ffi::OsString,
     os::unix::ffi::OsStringExt,
     process::{Command, Stdio},
+    time::Duration,
 };
 
 use poolwarden_tests::*;
@@ -318,4 +319,168 @@ fn fifty_hostile_invocations_end_in_spec_errors_and_leave_nothing_behind() {
     assert!(check.status.success(), "ipam check: {}", String::from_utf8_lossy(&check.stdout));
     assert_eq!(serde_json::from_str::<Value>(&node.cli_ok(&["get", "handles", "-o", "json"])).unwrap(), json!([]));
     node.stop_agent();
+}
+
+/// The agent acts only on interfaces it made: whatever name or index a client sends, the node's uplink is
+/// never deleted and never gets a pod's enforcement.
+#[test]
+fn the_agent_touches_no_interface_but_the_attachments_own() {
+    use poolwarden_cni::{
+        plugin::{call_agent, host_ifname, send_to_agent},
+        protocol::{AddRequest, DelRequest, Request, Response},
+    };
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.9.2");
+    node.ns.exec(&["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up0peer"]);
+    node.ns.exec(&["ip", "link", "set", "up0", "up"]);
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: trust}\nspec: {cidr: 10.63.1.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let pod = NetNs::new("pwp");
+    let uplink_index: u32 = node.ns.exec(&["cat", "/sys/class/net/up0/ifindex"]).trim().parse().expect("ifindex");
+    let socket = node.socket();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let add = |host_ifname: String, follows: bool| AddRequest {
+        container_id: "trust".into(),
+        ifname: "eth0".into(),
+        netns: pod.path(),
+        namespace: "default".into(),
+        pod: "trust".into(),
+        host_ifname,
+        host_index_follows: follows,
+        ..Default::default()
+    };
+    let untouched = |what: &str| {
+        assert!(node.ns.try_exec(&["ip", "link", "show", "up0"]), "{what}: up0 was deleted");
+        let qdiscs = node.ns.exec(&["tc", "qdisc", "show", "dev", "up0"]);
+        assert!(!qdiscs.contains("clsact"), "{what}: enforcement attached to up0: {qdiscs}");
+        let filters = node.ns.exec(&["tc", "filter", "show", "dev", "up0", "ingress"]);
+        assert!(filters.trim().is_empty(), "{what}: a filter on up0: {filters}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&node.cli_ok(&["get", "handles", "-o", "json"])).unwrap(),
+            json!([]),
+            "{what}: an address stayed allocated"
+        );
+    };
+
+    // A DEL of an attachment the agent never saw, naming the uplink.
+    let del = DelRequest { container_id: "ghost".into(), ifname: "eth0".into(), host_ifname: "up0".into() };
+    let answer = runtime.block_on(call_agent(&socket, &Request::Del(del))).expect("answer");
+    assert!(matches!(answer, Response::Deleted { .. }), "{answer:?}");
+    untouched("DEL naming up0");
+
+    // An ADD naming the uplink as its host side.
+    let answer = runtime.block_on(call_agent(&socket, &Request::Add(add("up0".into(), false)))).expect("answer");
+    let Response::Error(refusal) = answer else { panic!("ADD naming up0 was accepted: {answer:?}") };
+    assert!(refusal.msg.contains("up0"), "{refusal:?}");
+    untouched("ADD naming up0");
+
+    // An ADD with the right name that announces the uplink's index.
+    let answer = runtime.block_on(async {
+        let mut pending = send_to_agent(&socket, &Request::Add(add(host_ifname("trust", "eth0"), true))).await?;
+        if let Some(announcer) = pending.announcer() {
+            let _ = announcer.up(uplink_index).await;
+        }
+        pending.answer().await
+    });
+    let Ok(Response::Error(refusal)) = answer else { panic!("ADD announcing up0's index was accepted: {answer:?}") };
+    assert!(refusal.msg.contains(&uplink_index.to_string()) && refusal.details.contains("up0"), "{refusal:?}");
+    untouched("ADD announcing up0's index");
+    node.stop_agent();
+}
+
+/// The agent's socket is never reachable by a non-root user, not even in the moment after it is bound, and
+/// whatever the umask: a hundred agent starts under umask 000 in a world-writable directory, with a user
+/// `nobody` connecting and asking in a loop all along, get that user not one answer.
+#[test]
+fn a_hundred_starts_under_umask_000_never_answer_another_user() {
+    if !privileged() {
+        return;
+    }
+    let node = Node::new("10.255.9.3");
+    let open = tempfile::Builder::new().prefix("pw-umask-").tempdir_in("/tmp").expect("dir");
+    std::fs::set_permissions(open.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    let socket = open.path().join("agent.sock");
+    let stop = open.path().join("stop");
+    // The client: connect, ask STATUS, count answers; until told to stop.
+    let client = r#"
+import socket, sys, os, json
+path, stop = sys.argv[1], sys.argv[2]
+tries = connected = answered = 0
+while not os.path.exists(stop):
+    tries += 1
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        connected += 1
+        s.sendall(b'{"command":"status"}\n')
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(2)
+        if s.recv(1):
+            answered += 1
+    except OSError:
+        pass
+    finally:
+        s.close()
+print(json.dumps({"tries": tries, "connected": connected, "answered": answered}))
+"#;
+    let watcher = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", client])
+        .arg(&socket)
+        .arg(&stop)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the client as nobody");
+    let agent_command = format!(
+        "umask 000 && exec ip netns exec {} {} agent --node node-0 --socket {} --metrics-addr 127.0.0.1:9641 --bpf-dir {}",
+        node.ns.name,
+        binary("poolwarden").display(),
+        socket.display(),
+        node.bpf_dir()
+    );
+    for start in 0..100 {
+        let mut agent = Command::new("sh")
+            .args(["-c", &agent_command])
+            .env("POOLWARDEN_DATASTORE", node.datastore())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start agent");
+        wait_for(&format!("start {start} to answer"), Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).expect("socket").permissions());
+        assert_eq!(mode & 0o777, 0o600, "start {start}: the socket's mode");
+        let _ = Command::new("kill").args(["-TERM", &agent.id().to_string()]).status();
+        let _ = agent.wait();
+    }
+    std::fs::write(&stop, "").expect("stop");
+    let out = watcher.wait_with_output().expect("client");
+    let counts: Value = serde_json::from_slice(&out.stdout).expect("client counts");
+    assert!(counts["tries"].as_u64().unwrap_or(0) > 100, "the client hardly tried: {counts}");
+    assert_eq!(counts["answered"], json!(0), "a non-root user was answered: {counts}");
+
+    // A directory the agent makes for its socket is 0700 whatever the umask.
+    let nested = open.path().join("made/by/agent.sock");
+    let mut agent = Command::new("sh")
+        .args(["-c", &agent_command.replace(&socket.display().to_string(), &nested.display().to_string())])
+        .env("POOLWARDEN_DATASTORE", node.datastore())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start agent");
+    wait_for("the agent to answer", Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&nested).is_ok()
+    });
+    for dir in ["made", "made/by"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(open.path().join(dir)).expect("dir").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o700, "{dir}'s mode");
+    }
+    let _ = Command::new("kill").args(["-TERM", &agent.id().to_string()]).status();
+    let _ = agent.wait();
 }

@@ -619,7 +619,11 @@ impl Agent {
                         format!("interface {ifindex} is not the host side {} of a pod's veth", endpoint.host_ifname),
                         match found {
                             Some((name, _)) => format!("it is {name}"),
-                            None => "it is not a veth whose peer is in another namespace".into(),
+                            None => format!(
+                                "it is {}, not a veth whose peer is in another namespace",
+                                crate::dataplane::enforcement::interface_name(ifindex)
+                                    .unwrap_or_else(|| "no interface".into())
+                            ),
                         },
                     ));
                 }
