@@ -96,6 +96,24 @@ pub enum CatalogError {
         /// Blocks claimed from it.
         blocks: usize,
     },
+    /// A new pool covers blocks still in the datastore (left by a pool deleted with --force): their addresses
+    /// may be live, and a pool cut another way over them would hand those addresses out again.
+    #[error(
+        "{at}: IPPool {pool:?}: field spec.cidr: {cidr} overlaps block(s) {blocks} left by a deleted pool, whose \
+         addresses may still be in use; release them first (`poolwarden get blocks` lists them, \
+         `poolwarden ipam release --ip ADDRESS` frees an address, and an empty block goes back with its node's \
+         `poolwarden ipam release-empty-blocks --node NODE`)"
+    )]
+    LeftoverBlocks {
+        /// Where the pool was given.
+        at: Location,
+        /// The pool.
+        pool: String,
+        /// Its CIDR.
+        cidr: String,
+        /// The blocks it overlaps, comma-separated.
+        blocks: String,
+    },
     /// A `key=value` argument was malformed or its value is invalid.
     #[error("{0}")]
     BadArgument(String),
@@ -236,6 +254,24 @@ impl Catalog {
                 return Err(overlap(other, " (already applied)".to_string()));
             }
             let existing = stored.iter().find(|(p, _)| p.name() == pool.name());
+            if existing.is_none() {
+                // Any block in the new pool's range is another pool's leftover: an overlap.
+                let (block_keys, _) = self.store.list_keys(keys::BLOCKS).await?;
+                let leftovers: Vec<String> = block_keys
+                    .iter()
+                    .filter_map(|k| keys::parse_cidr_segment(k.strip_prefix(keys::BLOCKS)?))
+                    .filter(|b| pool.cidr().contains(b) || b.contains(&pool.cidr()))
+                    .map(|b| b.to_string())
+                    .collect();
+                if !leftovers.is_empty() {
+                    return Err(CatalogError::LeftoverBlocks {
+                        at: (*at).clone(),
+                        pool: pool.name().to_string(),
+                        cidr: pool.cidr().to_string(),
+                        blocks: leftovers.join(", "),
+                    });
+                }
+            }
             if let Some((old, _)) = existing {
                 let immutable = |field, old: String, new: String| CatalogError::Immutable {
                     at: (*at).clone(),

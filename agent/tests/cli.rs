@@ -177,3 +177,31 @@ fn refusals_name_what_the_user_typed() {
     let err = cli.fails(&["ipam", "assign", "--namespace", "x", "--node", "n"]);
     assert!(err.contains("no pool admits namespace \"x\" on node \"n\": no IPPool exists"), "{err}");
 }
+
+/// A command that only reads never creates a datastore: it says there is none and where it looked; one that
+/// writes creates it.
+#[test]
+fn read_only_commands_never_create_a_datastore() {
+    let cli = Cli::new();
+    let store = cli.dir.path().join("store.redb");
+    for args in [
+        &["get", "pools"][..],
+        &["get", "blocks", "-o", "json"],
+        &["ipam", "show"],
+        &["ipam", "check"],
+        &["firewall", "export"],
+    ] {
+        let out = cli.run(args, None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded on no datastore: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            stderr.contains("there is no datastore at") && stderr.contains(&store.display().to_string()),
+            "{args:?}: {stderr}"
+        );
+        assert!(!store.exists(), "{args:?} created {}", store.display());
+    }
+    let out = cli.run(&["apply", "-f", "-"], Some(SEED));
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(store.exists(), "apply creates the datastore");
+    assert!(cli.ok(&["get", "pools"]).contains("external-pool"));
+}

@@ -198,3 +198,63 @@ async fn concurrent_repeats_of_one_add_get_one_address() {
     assert_eq!(held, 1);
     assert_clean(&env).await;
 }
+
+/// A pool deleted with --force while pods hold its addresses, then re-created with another block size: apply
+/// refuses it, naming the blocks left behind; a pool record written over them anyway (an older agent's apply,
+/// or a race) still never gets a block cut across them, so 200 new pods on two nodes get 0 of the 21 live
+/// addresses, and `ipam check` reports exactly the leftover.
+#[tokio::test]
+async fn a_pool_recreated_with_another_block_size_never_hands_out_a_live_address() {
+    let env = Env::new();
+    env.apply(&pool_yaml("re", "10.80.0.0/24", 29, "")).await;
+    let mut live = BTreeSet::new();
+    for i in 0..21 {
+        let node = if i % 2 == 0 { "node-a" } else { "node-b" };
+        let got = env.allocator.assign(&request(&format!("old-{i}"), node, "default", &[])).await.unwrap();
+        live.insert(got[0].ip);
+    }
+    let left = env.catalog().delete_pool("re", true).await.unwrap();
+    assert!(!left.is_empty(), "--force leaves the blocks in use");
+
+    // apply refuses the re-created pool: every existing block is an overlap.
+    let docs = poolwarden::resources::parse_documents("re.yaml", &pool_yaml("re", "10.80.0.0/24", 28, "")).unwrap();
+    let err = env.catalog().apply(&docs).await.unwrap_err().to_string();
+    assert!(err.contains("left by a deleted pool") && err.contains("10.80.0.0/29"), "{err}");
+
+    // Written past apply: claims still never overlap a block that exists.
+    let pool = poolwarden::resources::parse_documents("re.yaml", &pool_yaml("re", "10.80.0.0/24", 28, "")).unwrap();
+    let poolwarden::resources::Resource::IpPool(pool) = &pool[0].resource else { panic!("a pool") };
+    env.store
+        .txn(poolwarden::store::Txn::new().put(poolwarden::store::keys::pool("re"), poolwarden::catalog::encode(pool)))
+        .await
+        .unwrap();
+    let mut given = BTreeSet::new();
+    for i in 0..200 {
+        let node = if i % 2 == 0 { "node-a" } else { "node-b" };
+        match env.allocator.assign(&request(&format!("new-{i}"), node, "default", &[])).await {
+            Ok(got) => {
+                assert!(!live.contains(&got[0].ip), "{} is held by a live pod and was handed out again", got[0].ip);
+                assert!(given.insert(got[0].ip), "{} handed out twice", got[0].ip);
+            }
+            Err(AllocError::Exhausted { .. }) => break,
+            Err(e) => panic!("new-{i}: {e}"),
+        }
+    }
+    assert!(given.len() > 150, "the rest of the range is still usable: {}", given.len());
+    let problems = check(&env.allocator.snapshot().await.unwrap());
+    assert!(!problems.is_empty() && problems.iter().all(|p| p.kind == "block-misaligned"), "{problems:?}");
+}
+
+/// A claim holds only if the pool is still the one read: deleted meanwhile, the claim fails and no block is
+/// cut from the pool that is gone.
+#[tokio::test]
+async fn a_claim_is_conditional_on_the_pools_revision() {
+    let env = Env::new();
+    env.apply(&pool_yaml("gone", "10.81.0.0/24", 28, "")).await;
+    let loaded = env.allocator.load().await.unwrap();
+    env.catalog().delete_pool("gone", false).await.unwrap();
+    let err =
+        env.allocator.assign_recording(&request("late", "node-a", "default", &[]), None, &loaded).await.unwrap_err();
+    assert!(matches!(err, AllocError::PoolChanged { .. }), "{err}");
+    assert!(env.allocator.snapshot().await.unwrap().blocks.is_empty(), "no block was claimed");
+}

@@ -262,3 +262,58 @@ pub struct CniResult {
     #[serde(default)]
     pub dns: Value,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn results_convert_between_versions_as_libcni_does() {
+        // A 0.3.1 result (with ips[].version) and a 1.1.0 one (with route and interface fields of 1.1.0)
+        // parse into one model.
+        let old: CniResult = serde_json::from_value(json!({
+            "cniVersion": "0.3.1",
+            "interfaces": [ { "name": "eth0", "sandbox": "/var/run/netns/x" } ],
+            "ips": [ { "version": "4", "address": "10.0.0.2/24", "gateway": "10.0.0.1", "interface": 0 } ],
+            "routes": [ { "dst": "0.0.0.0/0" } ],
+            "dns": {}
+        }))
+        .expect("0.3.1");
+        let new: CniResult = serde_json::from_value(json!({
+            "cniVersion": "1.1.0",
+            "interfaces": [ { "name": "eth0", "sandbox": "/var/run/netns/x", "mtu": 1400 } ],
+            "ips": [ { "address": "10.0.0.2/24", "gateway": "10.0.0.1", "interface": 0 } ],
+            "routes": [ { "dst": "0.0.0.0/0", "table": 100 } ],
+            "dns": {}
+        }))
+        .expect("1.1.0");
+        assert_eq!(
+            old.ips,
+            new.ips.iter().map(|ip| IpConfig { version: Some("4".into()), ..ip.clone() }).collect::<Vec<_>>()
+        );
+
+        let v031 = encode_result(&new, "0.3.1");
+        assert_eq!(v031["cniVersion"], "0.3.1");
+        assert_eq!(v031["ips"][0]["version"], "4");
+        assert!(v031["interfaces"][0].get("mtu").is_none() && v031["routes"][0].get("table").is_none(), "{v031}");
+        let v100 = encode_result(&old, "1.0.0");
+        assert!(v100["ips"][0].get("version").is_none(), "{v100}");
+        let v110 = encode_result(&new, "1.1.0");
+        assert_eq!(
+            (v110["interfaces"][0]["mtu"].clone(), v110["routes"][0]["table"].clone()),
+            (json!(1400), json!(100))
+        );
+        let v6: CniResult =
+            serde_json::from_value(json!({ "cniVersion": "1.0.0", "ips": [ { "address": "fd00::2/64" } ] }))
+                .expect("v6");
+        assert_eq!(encode_result(&v6, "0.4.0")["ips"][0]["version"], "6");
+    }
+
+    #[test]
+    fn versions_compare_by_number() {
+        assert!(version_at_least("1.1.0", "0.4.0") && version_at_least("0.4.0", "0.4.0"));
+        assert!(!version_at_least("0.3.1", "0.4.0") && !version_at_least("0.10", "0.4.0"));
+        assert!(version_at_least("0.10.0", "0.4.0"));
+    }
+}

@@ -115,6 +115,23 @@ pub fn validate_ifname(name: &str) -> Result<(), String> {
     }
 }
 
+/// Decode a request as the agent does: at most [`MAX_MESSAGE`] bytes of JSON naming a known command with no
+/// unknown field. The error is the agent's reply (code 6).
+pub fn decode_request(body: &[u8]) -> Result<Request, ErrorReply> {
+    if body.len() > MAX_MESSAGE {
+        return Err(ErrorReply {
+            code: code::DECODE_FAILURE,
+            msg: "request too large".into(),
+            details: format!("more than {MAX_MESSAGE} bytes"),
+        });
+    }
+    serde_json::from_slice(body).map_err(|e| ErrorReply {
+        code: code::DECODE_FAILURE,
+        msg: "the request could not be decoded".into(),
+        details: e.to_string(),
+    })
+}
+
 /// Why a call to the agent got no answer.
 #[derive(Debug)]
 pub enum CallError {

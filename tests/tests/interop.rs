@@ -469,3 +469,193 @@ fn spoof_arrivals_to(node: &Node, pod: &NetNs, source: &str, to: &str) -> u64 {
     let _ = pod.try_exec(&["ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", source, to]);
     arrived(node, source)
 }
+
+/// IPAM-only mode gives what host-local would for the subnet it reports: never the subnet's network,
+/// broadcast or gateway address, only inside rangeStart..rangeEnd, the configured routes in the result (the
+/// pod gets its default route from them), and a CHECK that fails once the allocation is gone.
+#[test]
+fn ipam_only_gives_addresses_as_host_local_would() {
+    if !privileged() || !debian_plugins() {
+        return;
+    }
+    let mut node = Node::new("10.255.1.7");
+    node.apply(concat!(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: whole}\nspec: {cidr: 10.65.0.0/28, blockSize: 28}\n---\n",
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: ranged}\nspec: {cidr: 10.65.1.0/28, blockSize: 28}\n",
+    ));
+    node.start_agent();
+    let network = |name: &str, ipam: Value| {
+        let mut section = json!({ "type": "poolwarden-cni", "socket": node.socket() });
+        section.as_object_mut().expect("object").extend(ipam.as_object().expect("object").clone());
+        json!({ "cniVersion": "1.0.0", "name": name, "plugins": [
+            { "type": "bridge", "bridge": unique("pwbr"), "isGateway": true, "ipMasq": false, "ipam": section }
+        ] })
+    };
+    let whole =
+        network("whole", json!({ "pools": ["whole"], "subnet": "10.65.0.0/28", "routes": [ { "dst": "0.0.0.0/0" } ] }));
+    // The pool's 16 addresses less network, broadcast and gateway: 13 pods, then none.
+    let mut pods = Vec::new();
+    let mut given = std::collections::BTreeSet::new();
+    for i in 0..14 {
+        let pod = NetNs::new("pwp");
+        let (ok, result) =
+            run_chain(&node, &whole, "ADD", &format!("whole-{i}"), &pod.path(), &k8s_args("default", "w"), None);
+        if i == 13 {
+            assert!(!ok, "a 14th address was given: {result}");
+            assert!(result.to_string().contains("exhausted"), "{result}");
+            break;
+        }
+        assert!(ok, "ADD {i}: {result}\n{}", node.agent_log());
+        let address = address_of(&result);
+        assert!(!["10.65.0.0", "10.65.0.1", "10.65.0.15"].contains(&address.as_str()), "gave {address}");
+        assert_eq!(result["ips"][0]["gateway"], "10.65.0.1", "the default gateway is reported: {result}");
+        assert_eq!(result["routes"], json!([ { "dst": "0.0.0.0/0" } ]), "{result}");
+        assert!(pod.exec(&["ip", "route", "show"]).contains("default via 10.65.0.1"), "the pod's default route");
+        given.insert(address);
+        pods.push((pod, result));
+    }
+    assert_eq!(given.len(), 13);
+
+    // CHECK: fine while the allocation is the pod's, an error once it is released behind the pod's back.
+    let (pod, result) = &pods[0];
+    let (ok, out) = run_chain(&node, &whole, "CHECK", "whole-0", &pod.path(), &k8s_args("default", "w"), Some(result));
+    assert!(ok, "CHECK of a live attachment: {out}");
+    node.cli_ok(&["ipam", "release", "--ip", &address_of(result)]);
+    let (ok, out) = run_chain(&node, &whole, "CHECK", "whole-0", &pod.path(), &k8s_args("default", "w"), Some(result));
+    assert!(!ok && out.to_string().contains("holds no address"), "CHECK after the release: {out}");
+
+    // rangeStart and rangeEnd bound what is given.
+    let ranged = network(
+        "ranged",
+        json!({ "pools": ["ranged"], "subnet": "10.65.1.0/28", "rangeStart": "10.65.1.5", "rangeEnd": "10.65.1.6" }),
+    );
+    let mut ranged_given = std::collections::BTreeSet::new();
+    for i in 0..3 {
+        let pod = NetNs::new("pwp");
+        let (ok, result) =
+            run_chain(&node, &ranged, "ADD", &format!("ranged-{i}"), &pod.path(), &k8s_args("default", "r"), None);
+        if i == 2 {
+            assert!(!ok, "a third address outside 10.65.1.5-10.65.1.6: {result}");
+            break;
+        }
+        assert!(ok, "ADD {i}: {result}");
+        ranged_given.insert(address_of(&result));
+        pods.push((pod, result));
+    }
+    assert_eq!(ranged_given, ["10.65.1.5".to_string(), "10.65.1.6".to_string()].into_iter().collect());
+    for (i, (pod, result)) in pods.iter().enumerate() {
+        let (list, id) = if i < 13 { (&whole, format!("whole-{i}")) } else { (&ranged, format!("ranged-{}", i - 13)) };
+        let (ok, out) = run_chain(&node, list, "DEL", &id, &pod.path(), "", Some(result));
+        assert!(ok, "DEL {id}: {out}");
+    }
+    assert_eq!(handles(&node), json!([]));
+    node.stop_agent();
+}
+
+/// Every CNI version runtimes send: the same ADD, CHECK and DEL through a conflist with portmap chained, the
+/// result in that version's schema, and podman's CNI backend running a container whose published port works.
+#[test]
+fn every_cni_version_through_a_chain_with_portmap_and_podman() {
+    if !privileged() || !debian_plugins() || !podman_available() {
+        return;
+    }
+    let mut node = Node::new("10.255.1.8");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.66.0.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    for (n, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"].into_iter().enumerate() {
+        let port = 18100 + n as u16;
+        // Debian's portmap (and podman's libcni) stop at 1.0.0: 1.1.0 is checked on poolwarden alone.
+        let newest = version == "1.1.0";
+        let mut list = json!({
+            "cniVersion": version,
+            "name": "poolwarden",
+            "plugins": [
+                { "type": "poolwarden-cni", "socket": node.socket() },
+                { "type": "portmap", "capabilities": { "portMappings": true } }
+            ],
+            "runtimeConfig": { "portMappings": [ { "hostPort": port, "containerPort": 8080, "protocol": "tcp" } ] }
+        });
+        if newest {
+            list["plugins"] = json!([list["plugins"][0].clone()]);
+        }
+        let pod = NetNs::new("pwp");
+        let id = format!("v{n}");
+        let (ok, result) = run_chain(&node, &list, "ADD", &id, &pod.path(), &k8s_args("default", "v"), None);
+        assert!(ok, "{version}: ADD: {result}\n{}", node.agent_log());
+        assert_eq!(result["cniVersion"], version, "{result}");
+        let ip = &result["ips"][0];
+        if version.starts_with("0.") {
+            assert_eq!(ip["version"], "4", "{version}: ips[].version: {result}");
+        } else {
+            assert!(ip.get("version").is_none(), "{version}: no ips[].version: {result}");
+        }
+        let index = ip["interface"].as_u64().expect("ips[].interface") as usize;
+        assert_eq!(result["interfaces"][index]["name"], "eth0", "{version}: interface index: {result}");
+        assert_eq!(result["interfaces"][index]["sandbox"], pod.path().as_str(), "{result}");
+        // portmap chained after poolwarden, in that version.
+        let address = address_of(&result);
+        let url = format!("http://{}:{port}/", node.address);
+        if !newest {
+            let mut server = std::process::Command::new("ip")
+                .args(["netns", "exec", &pod.name, "python3", "-m", "http.server", "8080", "--bind", &address])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start server");
+            let reached = (0..50).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                node.ns.try_exec(&["curl", "-s", "--max-time", "2", "-o", "/dev/null", &url])
+            });
+            let _ = server.kill();
+            let _ = server.wait();
+            assert!(reached, "{version}: hostPort {port} reaches the pod through portmap");
+        }
+        // CHECK of poolwarden's part (Debian's portmap fails its own CHECK of an IPv4-only result: it looks
+        // for an IPv6 chain it never made).
+        let mut ours = list.clone();
+        ours["plugins"] = json!([list["plugins"][0].clone()]);
+        let (ok, out) = run_chain(&node, &ours, "CHECK", &id, &pod.path(), &k8s_args("default", "v"), Some(&result));
+        if version.starts_with("0.3.") {
+            assert!(!ok && out["error"]["code"] == 1, "{version} has no CHECK: {out}");
+        } else {
+            assert!(ok, "{version}: CHECK: {out}");
+        }
+        let (ok, out) = run_chain(&node, &list, "DEL", &id, &pod.path(), "", Some(&result));
+        assert!(ok, "{version}: DEL: {out}");
+        assert_eq!(handles(&node), json!([]), "{version}: DEL released");
+
+        if newest {
+            continue;
+        }
+        // podman's CNI backend, with a published port answered from inside the container.
+        let mut podman_list = list.clone();
+        podman_list.as_object_mut().expect("object").remove("runtimeConfig");
+        let container = podman_run(
+            &node,
+            &podman_list,
+            &["-p", &format!("{}:{port}:8080", node.address)],
+            "/bin/busybox httpd -p 8080 -h /etc && /bin/busybox sleep 6",
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run podman");
+        let reached = (0..60).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            node.ns.try_exec(&["curl", "-s", "--max-time", "1", "-o", "/dev/null", &url])
+        });
+        let out = container.wait_with_output().expect("podman");
+        assert!(
+            out.status.success(),
+            "{version}: podman: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            node.agent_log()
+        );
+        assert!(reached, "{version}: podman's published port {port} reaches the container");
+        assert_eq!(handles(&node), json!([]), "{version}: podman's DEL released the address");
+    }
+    node.stop_agent();
+}

@@ -39,7 +39,8 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
-    /// Fuzz the YAML documents and the selector parser with cargo-fuzz (nightly).
+    /// Fuzz the YAML documents, the selector parser, the network configuration and the agent's request
+    /// decoder with cargo-fuzz (nightly); `test` runs the last two briefly.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -315,6 +316,7 @@ fn test() -> Result<()> {
         &[("POOLWARDEN_REQUIRE_PRIVILEGED", "1"), ("POOLWARDEN_CNI_PLUGIN", &plugin.to_string_lossy())],
     )?;
     run("cargo", &["test", "--workspace", "--exclude", "poolwarden-ebpf", "--doc"])?;
+    fuzz_targets(TEST_FUZZ_TARGETS, TEST_FUZZ_SECONDS)?;
     Ok(())
 }
 
@@ -342,17 +344,27 @@ fn bench(root: &Path, only: Option<&str>) -> Result<()> {
 
 /// (fuzz directory, target)
 const FUZZ_TARGETS: &[(&str, &str)] =
-    &[("agent/fuzz", "documents"), ("agent/fuzz", "selector"), ("cni/fuzz", "netconf")];
+    &[("agent/fuzz", "documents"), ("agent/fuzz", "selector"), ("cni/fuzz", "netconf"), ("protocol/fuzz", "request")];
+
+/// What a hostile runtime or socket client controls: fuzzed on every `cargo xtask test`, briefly.
+const TEST_FUZZ_TARGETS: &[(&str, &str)] = &[("cni/fuzz", "netconf"), ("protocol/fuzz", "request")];
+
+/// Seconds each of [`TEST_FUZZ_TARGETS`] runs in `cargo xtask test`.
+const TEST_FUZZ_SECONDS: u64 = 20;
 
 fn fuzz(seconds: u64) -> Result<()> {
     setup()?;
+    fuzz_targets(FUZZ_TARGETS, seconds)
+}
+
+fn fuzz_targets(targets: &[(&str, &str)], seconds: u64) -> Result<()> {
     let nightly = ebpf_toolchain()?;
     if !succeeds("cargo", &["fuzz", "--version"]) {
         eprintln!("setup: installing cargo-fuzz");
         run("cargo", &["install", "cargo-fuzz", "--locked"])?;
     }
     let max_time = format!("-max_total_time={seconds}");
-    for (fuzz_dir, target) in FUZZ_TARGETS {
+    for (fuzz_dir, target) in targets {
         // New inputs go to corpus/ (ignored by git); the committed seeds/ start each run.
         let corpus = format!("{fuzz_dir}/corpus/{target}");
         let seeds = format!("{fuzz_dir}/seeds/{target}");

@@ -72,6 +72,14 @@ pub enum AllocError {
         /// The sequence now.
         actual: u64,
     },
+    /// The pool a block was to be claimed from was deleted (or deleted and re-created) since it was read.
+    #[error("pool {pool:?} changed while a block of it was being claimed: {detail}")]
+    PoolChanged {
+        /// The pool.
+        pool: String,
+        /// What changed.
+        detail: String,
+    },
     /// Concurrent writers kept winning.
     #[error("gave up on {operation} after {MAX_ATTEMPTS} attempts: other writers kept changing the same records")]
     Contention {
@@ -442,6 +450,18 @@ impl Allocator {
                         .map(|c| (p, c))
                 });
                 if let Some((pool, cidr)) = next {
+                    // The claim holds only if the pool is still the one read: a pool deleted meanwhile (and
+                    // maybe re-created with another block size) must not get a block cut the old way.
+                    let pool_key = keys::pool(pool.name());
+                    let changed = |detail: &str| AllocError::PoolChanged {
+                        pool: pool.name().to_string(),
+                        detail: detail.to_string(),
+                    };
+                    let current = self.store.get(&pool_key).await?.ok_or_else(|| changed("it was deleted"))?;
+                    let now_pool: IpPool = decode(&pool_key, &current.value)?;
+                    if now_pool.cidr() != pool.cidr() || now_pool.block_size() != pool.block_size() {
+                        return Err(changed("it was re-created with another range or block size"));
+                    }
                     let mut block = Block::new(cidr, pool.name(), &owner.node, now);
                     let ip = take(&mut block, now).ok_or_else(|| AllocError::Exhausted {
                         family,
@@ -450,7 +470,9 @@ impl Allocator {
                         detail: format!("new block {cidr} has no address"),
                     })?;
                     let affinity = Affinity { node: owner.node.clone(), cidr };
-                    let claim = Txn::new().create(keys::affinity(&owner.node, cidr), encode(&affinity));
+                    let claim = Txn::new()
+                        .create(keys::affinity(&owner.node, cidr), encode(&affinity))
+                        .unchanged(&pool_key, current.mod_revision);
                     if self.commit_assignment(owner, &block, None, claim).await? {
                         return Ok((Assigned { ip, pool: pool.name().to_string(), block: cidr }, false));
                     }

@@ -236,7 +236,9 @@ fn alloc_reply(err: AllocError) -> ErrorReply {
         AllocError::Exhausted { .. } | AllocError::AddressUnavailable { .. } | AllocError::Reassigned { .. } => {
             reply(code::IPAM_REFUSED, message, "no address could be allocated")
         }
-        AllocError::Contention { .. } => reply(code::TRY_AGAIN_LATER, message, "retry the request"),
+        AllocError::Contention { .. } | AllocError::PoolChanged { .. } => {
+            reply(code::TRY_AGAIN_LATER, message, "retry the request")
+        }
         AllocError::Store(e) => store_reply(e),
     }
 }

@@ -91,22 +91,13 @@ async fn serve_connection(agent: Arc<Agent>, stream: UnixStream) {
         Err(e) => {
             Response::Error(ErrorReply { code: 5, msg: "reading the request failed".into(), details: e.to_string() })
         }
-        Ok(_) if body.len() > protocol::MAX_MESSAGE => Response::Error(ErrorReply {
-            code: 6,
-            msg: "request too large".into(),
-            details: format!("more than {} bytes", protocol::MAX_MESSAGE),
-        }),
-        Ok(_) => match serde_json::from_slice::<Request>(&body) {
+        Ok(_) => match protocol::decode_request(&body) {
             Ok(request) => {
                 let follows = matches!(&request, Request::Add(add) if add.host_index_follows);
                 let host_index = follows.then(|| read_host_index(reader));
                 agent.handle_with(request, host_index).await
             }
-            Err(e) => Response::Error(ErrorReply {
-                code: 6,
-                msg: "the request could not be decoded".into(),
-                details: e.to_string(),
-            }),
+            Err(refusal) => Response::Error(refusal),
         },
     };
     let encoded = serde_json::to_vec(&response).unwrap_or_default();

@@ -61,7 +61,15 @@ pub fn unclaimed_blocks<'a>(
     claimed: &'a std::collections::BTreeSet<IpNet>,
 ) -> impl Iterator<Item = IpNet> + 'a {
     let subnets = pool.cidr().subnets(pool.block_size()).ok();
-    subnets.into_iter().flatten().filter(move |b| !claimed.contains(b))
+    subnets.into_iter().flatten().filter(move |b| !overlaps_any(*b, claimed))
+}
+
+/// Whether `candidate` shares an address with any of `blocks` (of any size: a block left by a deleted pool
+/// of another block size overlaps without being equal). Blocks do not overlap each other, so the one that
+/// starts last at or before `candidate`'s end is the only one that can.
+pub fn overlaps_any(candidate: IpNet, blocks: &std::collections::BTreeSet<IpNet>) -> bool {
+    let end = IpNet::new(candidate.broadcast(), candidate.max_prefix_len()).unwrap_or(candidate);
+    blocks.range(..=end).next_back().is_some_and(|b| b.broadcast() >= candidate.network())
 }
 
 /// Which addresses an IPAM-only attachment may be given, as host-local rules its range: inside the subnet
@@ -109,5 +117,27 @@ impl Eligible {
             };
             self.allows(ip, pool)
         })
+    }
+}
+
+#[cfg(test)]
+mod overlap_tests {
+    use super::*;
+
+    #[test]
+    fn blocks_of_another_size_overlap() {
+        let blocks: std::collections::BTreeSet<IpNet> =
+            ["10.0.0.0/29", "10.0.0.16/29", "10.0.1.0/26", "fd00::/120"].iter().map(|b| b.parse().unwrap()).collect();
+        let overlaps = |c: &str| overlaps_any(c.parse().unwrap(), &blocks);
+        assert!(overlaps("10.0.0.0/29"), "equal");
+        assert!(overlaps("10.0.0.0/28"), "contains a smaller block");
+        assert!(overlaps("10.0.0.16/28"), "contains one starting at its start");
+        assert!(overlaps("10.0.1.32/28"), "inside a larger block");
+        assert!(overlaps("10.0.0.0/24"), "contains several");
+        assert!(!overlaps("10.0.0.8/29"), "between two");
+        assert!(!overlaps("10.0.0.32/27"), "after");
+        assert!(!overlaps("10.0.2.0/28"), "past everything");
+        assert!(!overlaps("fd00::100/121") && overlaps("fd00::10/124"), "IPv6 too");
+        assert!(!overlaps("9.255.255.0/24"), "before everything");
     }
 }
