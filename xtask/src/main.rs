@@ -9,7 +9,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod cluster;
 mod demo;
+mod images;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -46,6 +48,27 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// A real Kubernetes on this machine (built from k8s/go.mod), its nodes in network namespaces.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Build what is missing, then start the control plane and the nodes; prints the kubeconfig's path.
+    Up {
+        /// How many nodes.
+        #[arg(long, default_value_t = 1)]
+        nodes: u8,
+    },
+    /// Stop everything `up` started and remove its namespaces, mounts and files.
+    Down,
+    /// What runs, and the nodes as the API server sees them.
+    Status,
+    /// Only build the Kubernetes binaries.
+    Build,
 }
 
 /// Debian packages the build and the tests use.
@@ -70,6 +93,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // natOutgoing's masquerade table, and loading the firewall export in the tests.
     ("nft", "nftables"),
     ("ipset", "ipset"),
+    // The test cluster's container runtime (cargo xtask cluster), and what kube-proxy needs.
+    ("containerd", "containerd"),
+    ("conntrack", "conntrack"),
 ];
 
 /// PyPI packages the tests use: (module that proves it is installed, requirement).
@@ -91,6 +117,12 @@ fn main() -> Result<()> {
         }
         Task::Bench { only } => bench(&root, only.as_deref()),
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Cluster { command } => match command {
+            ClusterCommand::Up { nodes } => cluster::up(&root, nodes).map(|_| ()),
+            ClusterCommand::Down => cluster::down(&root),
+            ClusterCommand::Status => cluster::status(&root),
+            ClusterCommand::Build => cluster::build(&root).map(|_| ()),
+        },
     }
 }
 
