@@ -18,6 +18,8 @@ fn manifests() -> Vec<PathBuf> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        // kustomize's own file, not a Kubernetes object (see the test below).
+        .filter(|p| !p.ends_with("kustomization.yaml"))
         .collect();
     found.sort();
     found
@@ -157,4 +159,14 @@ fn uninstall_removes_routes_pins_nat_and_the_conflist() {
     assert!(!std::path::Path::new(&node.bpf_dir()).exists(), "the pins are gone");
     assert!(!conf.join("10-poolwarden.conflist").exists() && conf.join("99-other.conflist").exists());
     assert!(!bin.join("poolwarden-cni").exists() && bin.join("portmap").exists());
+}
+
+/// `kubectl apply -k deploy/` installs the agent and nothing else: the uninstall DaemonSet is not in it.
+#[test]
+fn the_kustomization_installs_the_agent_and_not_the_uninstaller() {
+    let text = std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).expect("kustomization.yaml");
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+    let resources: Vec<&str> =
+        doc["resources"].as_sequence().expect("resources").iter().filter_map(|r| r.as_str()).collect();
+    assert_eq!(resources, ["rbac.yaml", "configmap.yaml", "daemonset.yaml"]);
 }

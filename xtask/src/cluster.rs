@@ -185,12 +185,20 @@ fn pki(dir: &Path, nodes: u8) -> Result<()> {
         Cert { stem: "kube-proxy", subject: "/CN=system:kube-proxy".into(), usage: "clientAuth", sans: vec![] },
     ];
     let node_stems: Vec<String> = (1..=nodes).map(node_name).collect();
-    for name in &node_stems {
+    let serving_stems: Vec<String> = node_stems.iter().map(|name| format!("{name}-serving")).collect();
+    for ((n, name), serving) in (1..=nodes).zip(&node_stems).zip(&serving_stems) {
         certs.push(Cert {
             stem: name,
             subject: format!("/O=system:nodes/CN=system:node:{name}"),
             usage: "clientAuth",
             sans: vec![],
+        });
+        // kubelet's serving certificate, so that the API server (logs, exec) can verify it.
+        certs.push(Cert {
+            stem: serving,
+            subject: format!("/O=system:nodes/CN=system:node:{name}"),
+            usage: "serverAuth",
+            sans: vec![format!("IP:{}", node_address(n)), format!("DNS:{name}")],
         });
     }
     for cert in certs {
@@ -258,8 +266,28 @@ fn netns_exists(name: &str) -> bool {
     Path::new("/var/run/netns").join(name).exists()
 }
 
+/// Whether `path` is a mount point with shared propagation.
+fn shared_mount(path: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(path) && l.contains(" shared:"))
+}
+
+/// Make `path` a mount point of its own with shared propagation (a bind of itself), as `ip netns` does for
+/// /run/netns on most machines: the DaemonSet mounts it with Bidirectional propagation, which needs that.
+fn make_shared(path: &str) -> Result<()> {
+    if !shared_mount(path) {
+        std::fs::create_dir_all(path)?;
+        run("mount", &["--bind", path, path])?;
+        run("mount", &["--make-shared", path])?;
+    }
+    Ok(())
+}
+
 /// The bridge namespace, the control plane's, and the nodes', wired: 10.250.0.0/24.
 fn network(nodes: u8) -> Result<()> {
+    make_shared("/run/netns")?;
     if !netns_exists(FABRIC_NS) {
         ip(&["netns", "add", FABRIC_NS])?;
         ip(&["-n", FABRIC_NS, "link", "add", "br0", "type", "bridge"])?;
@@ -463,8 +491,75 @@ pub fn up(root: &Path, nodes: u8) -> Result<PathBuf> {
     for n in 1..=nodes {
         start_node(root, &state, &bin, n)?;
     }
+    let images = [poolwarden_image(root, &state)?, busybox_image(&state)?];
+    for n in 1..=nodes {
+        for image in &images {
+            import(n, image)?;
+        }
+    }
     println!("{}", admin.display());
     Ok(admin)
+}
+
+/// Install poolwarden the way a user does: `kubectl apply -k` of an overlay of `deploy/` that changes the image
+/// and, because this machine's nodes share one filesystem, points the host paths at the node's own
+/// directories; and tells the agent where the API server is (kube-proxy is not needed for that).
+pub fn install(root: &Path) -> Result<()> {
+    let state = state_dir(root);
+    let overlay = state.join("overlay");
+    std::fs::create_dir_all(&overlay)?;
+    let node = node_name(1);
+    let node_dir = state.join(&node);
+    let s = |p: &Path| p.display().to_string();
+    let kustomization = format!(
+        r#"apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {deploy}
+images:
+  - name: poolwarden
+    newName: {image_name}
+    newTag: {image_tag}
+configMapGenerator:
+  - name: poolwarden-api-endpoint
+    namespace: kube-system
+    options: {{disableNameSuffixHash: true}}
+    literals:
+      - KUBERNETES_SERVICE_HOST={CONTROL_ADDRESS}
+      - KUBERNETES_SERVICE_PORT={API_PORT}
+patches:
+  - target: {{kind: DaemonSet, name: poolwarden}}
+    patch: |-
+      - {{op: replace, path: /spec/template/spec/volumes/1/hostPath/path, value: {bpf}}}
+      - {{op: replace, path: /spec/template/spec/volumes/2/hostPath/path, value: {state_path}}}
+      - {{op: replace, path: /spec/template/spec/volumes/4/hostPath/path, value: {cni_bin}}}
+      - {{op: replace, path: /spec/template/spec/volumes/5/hostPath/path, value: {cni_conf}}}
+"#,
+        // kustomize takes bases by relative path: target/cluster/overlay -> deploy.
+        deploy = "../../../deploy",
+        image_name = POOLWARDEN_IMAGE.rsplit_once(':').map_or(POOLWARDEN_IMAGE, |(n, _)| n),
+        image_tag = POOLWARDEN_IMAGE.rsplit_once(':').map_or("latest", |(_, t)| t),
+        bpf = s(&node_dir.join("bpf")),
+        state_path = s(&node_dir.join("poolwarden")),
+        cni_bin = s(&node_dir.join("cni/bin")),
+        cni_conf = s(&node_dir.join("cni/net.d")),
+    );
+    std::fs::write(overlay.join("kustomization.yaml"), kustomization)?;
+    // The DaemonSet makes /run/poolwarden on the machine (its socket's host path): down removes it.
+    std::fs::write(state.join("installed"), "")?;
+    kubectl(root, &["apply", "-k", &s(&overlay)])?;
+    kubectl(root, &["-n", "kube-system", "rollout", "status", "daemonset/poolwarden", "--timeout=180s"])
+}
+
+/// Run kubectl with the admin kubeconfig, in the control plane's namespace.
+pub fn kubectl(root: &Path, args: &[&str]) -> Result<()> {
+    let kubectl = bin_dir(root).join("kubectl");
+    let admin = state_dir(root).join("admin.kubeconfig");
+    let mut full = vec!["netns", "exec", CONTROL_NS];
+    let (kubectl, admin) = (kubectl.display().to_string(), admin.display().to_string());
+    full.extend([kubectl.as_str(), "--kubeconfig", admin.as_str()]);
+    full.extend(args);
+    run("ip", &full)
 }
 
 /// The sysctls kubelet sets on the machine (they are not per namespace); `up` records them first and `down`
@@ -512,12 +607,62 @@ fn pause_image(state: &Path, root: &Path) -> Result<PathBuf> {
     crate::images::build(
         &crate::images::Image {
             name: PAUSE_IMAGE,
-            files: vec![crate::images::File { source: &binary, dest: "/pause", mode: 0o755 }],
+            files: vec![crate::images::File::program(&binary, "/pause")],
             links: vec![],
             entrypoint: vec!["/pause"],
             cmd: vec![],
         },
         &work,
+    )
+}
+
+/// poolwarden's image: the release agent (with the libraries it loads), the static plugin, and nft (natOutgoing's
+/// table), as the DaemonSet runs it.
+pub const POOLWARDEN_IMAGE: &str = "pwk.invalid/poolwarden:dev";
+
+/// The pods' image: busybox-static (`httpd`, `sh`, `ping`).
+pub const BUSYBOX_IMAGE: &str = "pwk.invalid/busybox:1";
+
+fn poolwarden_image(root: &Path, state: &Path) -> Result<PathBuf> {
+    run("cargo", &["build", "--release", "-p", "poolwarden", "--bin", "poolwarden"])?;
+    let plugin = crate::build_plugin(root, true)?;
+    let agent = root.join("target/release/poolwarden");
+    let mut files = crate::images::with_libraries(&[
+        (agent.as_path(), "/usr/local/bin/poolwarden"),
+        (Path::new("/usr/sbin/nft"), "/usr/sbin/nft"),
+    ])?;
+    files.push(crate::images::File::program(plugin, "/usr/local/bin/poolwarden-cni"));
+    crate::images::build(
+        &crate::images::Image {
+            name: POOLWARDEN_IMAGE,
+            files,
+            links: vec![],
+            entrypoint: vec![],
+            cmd: vec!["poolwarden"],
+        },
+        &state.join("images/poolwarden"),
+    )
+}
+
+fn busybox_image(state: &Path) -> Result<PathBuf> {
+    let archive = state.join("images/busybox/image.tar");
+    if archive.exists() {
+        return Ok(archive);
+    }
+    crate::images::build(
+        &crate::images::Image {
+            name: BUSYBOX_IMAGE,
+            files: vec![crate::images::File::program("/bin/busybox", "/bin/busybox")],
+            links: vec![
+                ("/bin/sh", "busybox"),
+                ("/bin/httpd", "busybox"),
+                ("/bin/ping", "busybox"),
+                ("/bin/ip", "busybox"),
+            ],
+            entrypoint: vec![],
+            cmd: vec!["/bin/sh"],
+        },
+        &state.join("images/busybox"),
     )
 }
 
@@ -557,9 +702,13 @@ fn start_node(root: &Path, state: &Path, bin: &Path, n: u8) -> Result<()> {
         std::fs::create_dir_all(d)?;
     }
     // containerd's CRI plugin brings up each pod's loopback with the reference plugin.
-    let loopback = cni_bin.join("loopback");
-    if !loopback.exists() {
-        std::fs::copy("/usr/lib/cni/loopback", &loopback).context("copy the loopback plugin")?;
+    // (and portmap, which poolwarden's conflist chains).
+    for plugin in ["loopback", "portmap"] {
+        let installed = cni_bin.join(plugin);
+        if !installed.exists() {
+            std::fs::copy(Path::new("/usr/lib/cni").join(plugin), &installed)
+                .with_context(|| format!("copy the {plugin} plugin"))?;
+        }
     }
     let s = |p: &Path| p.display().to_string();
     let config = format!(
@@ -570,8 +719,10 @@ state = "{state}"
   address = "{socket}"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
-  netns_mounts_under_state_dir = true
   stream_server_address = "127.0.0.1"
+  # Root here lacks CAP_SYS_RESOURCE, so no process may lower its OOM score below containerd's (0): without
+  # this, every sandbox (-998) fails in runc with "failed to update /proc/self/oom_score_adj".
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -601,6 +752,14 @@ state = "{state}"
     wait_until(state, &containerd, &name, &["ctr", "--address", &socket, "version"], Duration::from_secs(30))?;
     import(n, &pause_image(state, root)?)?;
 
+    // The node's bpffs, shared (the agent pins there, with Bidirectional propagation).
+    let bpf = dir.join("bpf");
+    let bpf_path = s(&bpf);
+    if !shared_mount(&bpf_path) {
+        std::fs::create_dir_all(&bpf)?;
+        run("mount", &["-t", "bpf", "bpf", &bpf_path])?;
+        run("mount", &["--make-shared", &bpf_path])?;
+    }
     // kubelet's cgroups, under a root of the node's own.
     for hierarchy in cgroup_hierarchies() {
         let _ = std::fs::create_dir_all(hierarchy.join(&name));
@@ -625,6 +784,8 @@ authentication:
   webhook: {{enabled: false}}
   x509: {{clientCAFile: "{ca}"}}
 authorization: {{mode: AlwaysAllow}}
+tlsCertFile: "{serving_crt}"
+tlsPrivateKeyFile: "{serving_key}"
 cgroupDriver: cgroupfs
 cgroupRoot: /{name}
 clusterDomain: cluster.local
@@ -643,6 +804,8 @@ serializeImagePulls: false
 maxPods: 250
 "#,
         ca = s(&pki.join("ca.crt")),
+        serving_crt = s(&pki.join(format!("{name}-serving.crt"))),
+        serving_key = s(&pki.join(format!("{name}-serving.key"))),
         logs = s(&dir.join("pod-logs")),
     );
     let kubelet_config_path = dir.join("kubelet.yaml");
@@ -754,6 +917,10 @@ pub fn down(root: &Path) -> Result<()> {
     unmount_under(&state)?;
     unmount_under(Path::new("/run/pwk"))?;
     let _ = std::fs::remove_dir_all("/run/pwk");
+    // The agent's socket directory (the DaemonSet's default host path, which the conflist names).
+    if state.join("installed").exists() {
+        let _ = std::fs::remove_dir_all("/run/poolwarden");
+    }
     // kubelet's cgroups (the pods' processes are gone, so they are empty), deepest first.
     for hierarchy in cgroup_hierarchies() {
         for ns in cluster_namespaces().iter().filter(|n| n.starts_with("pwk-node")) {

@@ -10,17 +10,47 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 
 /// One file of an image: where it comes from, where it goes in the image, its mode.
-pub struct File<'a> {
-    pub source: &'a Path,
-    pub dest: &'a str,
+pub struct File {
+    pub source: PathBuf,
+    pub dest: String,
     pub mode: u32,
+}
+
+impl File {
+    /// `source` at `dest`, executable.
+    pub fn program(source: impl Into<PathBuf>, dest: &str) -> Self {
+        Self { source: source.into(), dest: dest.to_string(), mode: 0o755 }
+    }
+}
+
+/// Programs of this machine with the shared libraries they load (as `ldd` lists them), at the same paths.
+pub fn with_libraries(programs: &[(&Path, &str)]) -> Result<Vec<File>> {
+    let mut files: Vec<File> = Vec::new();
+    for (program, dest) in programs {
+        files.push(File::program(*program, dest));
+        let out = Command::new("ldd").arg(program).output().context("run ldd")?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next(),
+                None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+            };
+            if let Some(path) = path.filter(|p| p.starts_with('/'))
+                && !files.iter().any(|f| f.dest == path)
+            {
+                // The file itself, not the link the path may be.
+                let real = std::fs::canonicalize(path).with_context(|| format!("resolve {path}"))?;
+                files.push(File { source: real, dest: path.to_string(), mode: 0o755 });
+            }
+        }
+    }
+    Ok(files)
 }
 
 /// An image to build.
 pub struct Image<'a> {
     /// Its full reference (`pwk.invalid/pause:3.10`).
     pub name: &'a str,
-    pub files: Vec<File<'a>>,
+    pub files: Vec<File>,
     /// Symbolic links: (path in the image, target).
     pub links: Vec<(&'a str, &'a str)>,
     pub entrypoint: Vec<&'a str>,
@@ -56,7 +86,7 @@ pub fn build(image: &Image<'_>, work: &Path) -> Result<PathBuf> {
     for file in &image.files {
         let dest = rootfs.join(file.dest.trim_start_matches('/'));
         std::fs::create_dir_all(dest.parent().unwrap_or(&rootfs))?;
-        std::fs::copy(file.source, &dest).with_context(|| format!("copy {}", file.source.display()))?;
+        std::fs::copy(&file.source, &dest).with_context(|| format!("copy {}", file.source.display()))?;
         std::fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(file.mode))?;
     }
     for (path, target) in &image.links {
@@ -85,7 +115,7 @@ pub fn build(image: &Image<'_>, work: &Path) -> Result<PathBuf> {
     let config = json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": { "Entrypoint": image.entrypoint, "Cmd": image.cmd, "Env": ["PATH=/bin:/usr/bin:/sbin:/usr/sbin"] },
+        "config": { "Entrypoint": image.entrypoint, "Cmd": image.cmd, "Env": ["PATH=/usr/local/bin:/usr/local/sbin:/usr/bin:/usr/sbin:/bin:/sbin"] },
         "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
     });
     let (config_digest, config_size) = blob(&blobs, config.to_string().as_bytes())?;

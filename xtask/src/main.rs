@@ -69,6 +69,8 @@ enum ClusterCommand {
     Status,
     /// Only build the Kubernetes binaries.
     Build,
+    /// Install poolwarden on the running cluster with kubectl apply -k (deploy/ with the image changed).
+    Install,
 }
 
 /// Debian packages the build and the tests use.
@@ -122,6 +124,7 @@ fn main() -> Result<()> {
             ClusterCommand::Down => cluster::down(&root),
             ClusterCommand::Status => cluster::status(&root),
             ClusterCommand::Build => cluster::build(&root).map(|_| ()),
+            ClusterCommand::Install => cluster::install(&root),
         },
     }
 }
@@ -134,7 +137,7 @@ fn workspace_root() -> PathBuf {
 /// `/opt/cni/bin`, where the image's C library is not; and a static binary starts without the dynamic loader
 /// (about 0.3 ms of every ADD and DEL here). `--target` keeps `crt-static` off build scripts and proc-macros,
 /// which cannot be static. Returns the binary's path; fails if what was built is dynamic after all.
-fn build_plugin(root: &Path, release: bool) -> Result<PathBuf> {
+pub fn build_plugin(root: &Path, release: bool) -> Result<PathBuf> {
     let rustc = Command::new("rustc").arg("-vV").output().context("run rustc -vV")?;
     let host = String::from_utf8_lossy(&rustc.stdout)
         .lines()
