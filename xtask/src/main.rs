@@ -352,7 +352,26 @@ fn test() -> Result<()> {
     )?;
     run("cargo", &["test", "--workspace", "--exclude", "poolwarden-ebpf", "--doc"])?;
     fuzz_targets(TEST_FUZZ_TARGETS, TEST_FUZZ_SECONDS)?;
-    Ok(())
+    cluster_tests(&workspace_root())
+}
+
+/// The tests that need a real Kubernetes: bring the cluster up (building Kubernetes the first time), install
+/// poolwarden on it, run them, and take it down whatever happened.
+fn cluster_tests(root: &Path) -> Result<()> {
+    let started = std::time::Instant::now();
+    let outcome = (|| {
+        cluster::up(root, 1)?;
+        cluster::install(root)?;
+        let dir = cluster::state_dir(root);
+        run_with_env(
+            "cargo",
+            &["test", "-p", "poolwarden-tests", "--test", "k8s_cluster"],
+            &[("POOLWARDEN_CLUSTER", &dir.to_string_lossy()), ("POOLWARDEN_REQUIRE_CLUSTER", "1")],
+        )
+    })();
+    let down = cluster::down(root);
+    eprintln!("cluster tests: {:.0?} (build, up, install, tests, down)", started.elapsed());
+    outcome.and(down)
 }
 
 fn bench(root: &Path, only: Option<&str>) -> Result<()> {
