@@ -553,13 +553,12 @@ patches:
 
 /// Run kubectl with the admin kubeconfig, in the control plane's namespace.
 pub fn kubectl(root: &Path, args: &[&str]) -> Result<()> {
-    let kubectl = bin_dir(root).join("kubectl");
-    let admin = state_dir(root).join("admin.kubeconfig");
-    let mut full = vec!["netns", "exec", CONTROL_NS];
-    let (kubectl, admin) = (kubectl.display().to_string(), admin.display().to_string());
-    full.extend([kubectl.as_str(), "--kubeconfig", admin.as_str()]);
-    full.extend(args);
-    run("ip", &full)
+    eprintln!("+ kubectl {}", args.join(" "));
+    let status = kubectl_command(root, args).status()?;
+    if !status.success() {
+        bail!("kubectl {args:?} failed ({status})");
+    }
+    Ok(())
 }
 
 /// The sysctls kubelet sets on the machine (they are not per namespace); `up` records them first and `down`
@@ -997,4 +996,142 @@ fn remove_cgroup(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
+}
+
+/// `cargo xtask demo --kubernetes`: the seed's example on a real cluster, each step printed with what kubectl
+/// says; the cluster goes down at the end unless `keep`.
+pub fn demo(root: &Path, keep: bool) -> Result<()> {
+    let outcome = (|| {
+        up(root, 1)?;
+        install(root)?;
+        let step = |title: &str| println!("\n== {title}");
+        step("Step 1: the seed's pools (Calico's YAML, unchanged), external-pool bound to external-ns");
+        let seed = std::fs::read_to_string(root.join("examples/seed-pools.yaml"))?.replacen(
+            "  natOutgoing: true",
+            "  natOutgoing: true\n  allowedNamespaces: [external-ns]",
+            1,
+        );
+        let pools = state_dir(root).join("pools.yaml");
+        std::fs::write(&pools, seed)?;
+        kubectl_stdin(
+            root,
+            &[
+                "-n",
+                "kube-system",
+                "exec",
+                "-i",
+                "ds/poolwarden",
+                "-c",
+                "agent",
+                "--",
+                "poolwarden",
+                "apply",
+                "-f",
+                "-",
+            ],
+            &pools,
+        )?;
+        step("Step 2: namespaces, annotated (poolwarden's key for one, Calico's for the other)");
+        kubectl(root, &["create", "namespace", "external-ns"])?;
+        kubectl(root, &["create", "namespace", "internal-ns"])?;
+        kubectl(root, &["annotate", "namespace", "external-ns", "poolwarden.io/ipv4pools=[\"external-pool\"]"])?;
+        kubectl(
+            root,
+            &["annotate", "namespace", "internal-ns", "cni.projectcalico.org/ipv4pools=[\"internal-pool\"]"],
+        )?;
+        step("Step 3: three replicas of a small HTTP server in each");
+        let server = "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www";
+        for ns in ["external-ns", "internal-ns"] {
+            kubectl(
+                root,
+                &[
+                    "create",
+                    "deployment",
+                    "web",
+                    "-n",
+                    ns,
+                    "--image",
+                    BUSYBOX_IMAGE,
+                    "--replicas",
+                    "3",
+                    "--",
+                    "/bin/sh",
+                    "-c",
+                    server,
+                ],
+            )?;
+        }
+        for ns in ["external-ns", "internal-ns"] {
+            kubectl(root, &["-n", ns, "wait", "--for=condition=Available", "deployment/web", "--timeout=180s"])?;
+        }
+        kubectl(root, &["get", "pods", "-o", "wide", "-A", "-l", "app=web"])?;
+        step("Each pod answers over HTTP from its address (asked from the node)");
+        let ips =
+            kubectl_output(root, &["get", "pods", "-A", "-l", "app=web", "-o", "jsonpath={.items[*].status.podIP}"])?;
+        for ip in ips.split_whitespace() {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &node_name(1), "curl", "-s", "--max-time", "3", &format!("http://{ip}:8080/")])
+                .output()?;
+            println!("{ip}: {}", String::from_utf8_lossy(&out.stdout).trim());
+        }
+        step("A pod of a third namespace that names the bound pool");
+        kubectl(root, &["create", "namespace", "third-ns"])?;
+        kubectl(root, &["annotate", "namespace", "third-ns", "poolwarden.io/ipv4pools=[\"external-pool\"]"])?;
+        kubectl(
+            root,
+            &["run", "intruder", "-n", "third-ns", "--image", BUSYBOX_IMAGE, "--", "/bin/sh", "-c", "sleep 3600"],
+        )?;
+        std::thread::sleep(Duration::from_secs(10));
+        kubectl(root, &["get", "pods", "-n", "third-ns"])?;
+        kubectl(
+            root,
+            &[
+                "get",
+                "events",
+                "-n",
+                "third-ns",
+                "--field-selector",
+                "reason=FailedCreatePodSandBox",
+                "-o",
+                "custom-columns=MESSAGE:.message",
+            ],
+        )?;
+        Ok(())
+    })();
+    if keep {
+        eprintln!("the cluster stays up: cargo xtask cluster status | down");
+        outcome
+    } else {
+        let down = down(root);
+        outcome.and(down)
+    }
+}
+
+/// kubectl with a file on stdin.
+fn kubectl_stdin(root: &Path, args: &[&str], stdin: &Path) -> Result<()> {
+    let status = kubectl_command(root, args).stdin(std::fs::File::open(stdin)?).status()?;
+    if !status.success() {
+        bail!("kubectl {args:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// kubectl's standard output.
+fn kubectl_output(root: &Path, args: &[&str]) -> Result<String> {
+    let out = kubectl_command(root, args).output()?;
+    if !out.status.success() {
+        bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn kubectl_command(root: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", CONTROL_NS])
+        .arg(bin_dir(root).join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(state_dir(root).join("admin.kubeconfig"))
+        .args(args);
+    command
 }

@@ -29,9 +29,12 @@ enum Task {
     Test,
     /// Run the seed's example on this machine with the embedded datastore.
     Demo {
-        /// Keep the datastore (and print where it is) instead of removing it.
+        /// Keep the datastore (and print where it is) instead of removing it; with --kubernetes, the cluster.
         #[arg(long)]
         keep: bool,
+        /// Run the seed's example on a real Kubernetes (cargo xtask cluster) with kubectl, as its text does.
+        #[arg(long)]
+        kubernetes: bool,
     },
     /// Run the benchmarks and print figures with their peer measured in the same run.
     Bench {
@@ -113,9 +116,9 @@ fn main() -> Result<()> {
     match cli.command {
         Task::Setup => setup(),
         Task::Test => test(),
-        Task::Demo { keep } => {
+        Task::Demo { keep, kubernetes } => {
             setup()?;
-            demo::run(&root, keep)
+            if kubernetes { cluster::demo(&root, keep) } else { demo::run(&root, keep) }
         }
         Task::Bench { only } => bench(&root, only.as_deref()),
         Task::Fuzz { seconds } => fuzz(seconds),
