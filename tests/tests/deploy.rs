@@ -85,7 +85,7 @@ fn the_daemonset_has_what_a_node_agent_needs() {
     assert!(mounts.contains(&("/var/run/netns", Some("Bidirectional"))), "{mounts:?}");
     // The agent's probes are served where the manifest says (see daemon::server): same port as --metrics-addr.
     let command: Vec<&str> = agent["command"].as_sequence().unwrap().iter().filter_map(|c| c.as_str()).collect();
-    assert!(command.contains(&"--metrics-addr=127.0.0.1:9641"), "{command:?}");
+    assert!(command.contains(&"--metrics-addr=0.0.0.0:9641"), "{command:?}");
     assert_eq!(agent["livenessProbe"]["httpGet"]["port"].as_u64(), Some(9641));
 }
 

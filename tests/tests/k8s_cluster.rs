@@ -217,3 +217,66 @@ fn the_seed_example_with_kubectl() {
         kubectl.ok(&["delete", "namespace", namespace, "--wait=true", "--timeout=120s"]);
     }
 }
+
+/// A pod that sends from an address that is not its own (from inside its container, after adding the address
+/// to its interface) gets those packets dropped, and the drop shows in `poolwarden_dropped_packets_total` as a
+/// Prometheus on another host scrapes it (from the control plane's namespace, over the nodes' network).
+#[test]
+fn a_spoofing_pod_is_dropped_and_counted_on_the_metrics_endpoint() {
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    let pool = "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: spoof-pool}\nspec:\n  cidr: 10.77.0.0/28\n  blockSize: 28\n  allowedNamespaces: [spoof-ns]\n";
+    kubectl.ok_with(
+        &["-n", "kube-system", "exec", "-i", "ds/poolwarden", "-c", "agent", "--", "poolwarden", "apply", "-f", "-"],
+        Some(pool),
+    );
+    kubectl.ok(&["create", "namespace", "spoof-ns"]);
+    kubectl.ok(&["annotate", "namespace", "spoof-ns", "poolwarden.io/ipv4pools=[\"spoof-pool\"]"]);
+    let pod = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: spoofer, namespace: spoof-ns}
+spec:
+  containers:
+    - name: spoofer
+      image: pwk.invalid/busybox:1
+      securityContext: {privileged: true}
+      command: ["/bin/sh", "-c", "ip address add 10.99.99.99/32 dev eth0 && while true; do ping -c 1 -W 1 -I 10.99.99.99 10.250.0.11; sleep 1; done"]
+"#;
+    kubectl.ok_with(&["apply", "-f", "-"], Some(pod));
+    kubectl.ok(&["-n", "spoof-ns", "wait", "--for=condition=Ready", "pod/spoofer", "--timeout=120s"]);
+    let scraped = |url: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", "pwk-cp", "curl", "-s", "--max-time", "3", url])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut line = String::new();
+    wait_for("the spoofed packets to be counted", Duration::from_secs(60), || {
+        let metrics = scraped("http://10.250.0.11:9641/metrics");
+        line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("poolwarden_dropped_packets_total{")
+                    && l.contains("pool=\"spoof-pool\"")
+                    && l.contains("reason=\"spoofed_ipv4\"")
+            })
+            .unwrap_or_default()
+            .to_string();
+        line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0)
+    });
+    println!("{line}");
+    // The pod's own address still works: the node answers its ping.
+    let ip = kubectl.json(&["-n", "spoof-ns", "get", "pod", "spoofer"])["status"]["podIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(in_cidr(&ip, [10, 77, 0, 0], 28), "{ip}");
+    let (ok, out, err) = kubectl.run(
+        &["-n", "spoof-ns", "exec", "spoofer", "--", "ping", "-c", "1", "-W", "2", "-I", &ip, "10.250.0.11"],
+        None,
+    );
+    assert!(ok, "the pod's own address is cut off: {out}{err}");
+    kubectl.ok(&["delete", "namespace", "spoof-ns", "--wait=true", "--timeout=120s"]);
+}
