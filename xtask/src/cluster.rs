@@ -391,6 +391,13 @@ pub fn up(root: &Path, nodes: u8) -> Result<PathBuf> {
     let bin = build(root)?;
     let state = state_dir(root);
     let pki_dir = state.join("pki");
+    // The pods' namespaces containerd makes (cni-*) that exist before the cluster are not the cluster's:
+    // down removes only the others (a pod killed with its node gets no CNI DEL to remove its namespace).
+    let before = state.join("netns-before");
+    if !before.exists() {
+        std::fs::create_dir_all(&state)?;
+        std::fs::write(&before, pod_namespaces().join("\n"))?;
+    }
     pki(&pki_dir, nodes)?;
     let admin = kubeconfig(&state, "admin")?;
     network(nodes)?;
@@ -933,13 +940,26 @@ pub fn down(root: &Path) -> Result<()> {
             }
         }
     }
-    for ns in cluster_namespaces() {
+    let before = std::fs::read_to_string(state.join("netns-before")).unwrap_or_default();
+    let made: Vec<String> = pod_namespaces().into_iter().filter(|n| !before.lines().any(|b| b == n)).collect();
+    for ns in cluster_namespaces().into_iter().chain(made) {
         let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     }
     if state.exists() {
         std::fs::remove_dir_all(&state).with_context(|| format!("remove {}", state.display()))?;
     }
     Ok(())
+}
+
+/// The pods' namespaces a containerd made (`cni-<uuid>` under /run/netns).
+fn pod_namespaces() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("cni-"))
+        .collect()
 }
 
 /// The namespaces `up` makes.

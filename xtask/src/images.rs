@@ -98,17 +98,7 @@ pub fn build(image: &Image<'_>, work: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(rootfs.join(dir))?;
     }
     let layer = work.join("layer.tar");
-    let status = Command::new("tar")
-        .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "--numeric-owner", "-C"])
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&layer)
-        .arg(".")
-        .status()
-        .context("run tar")?;
-    if !status.success() {
-        bail!("tar of {} failed", rootfs.display());
-    }
+    reproducible_tar(&rootfs, &layer)?;
     let layer_digest = format!("sha256:{}", sha256(&layer)?);
     let layer_size = std::fs::metadata(&layer)?.len();
     std::fs::rename(&layer, blobs.join(layer_digest.trim_start_matches("sha256:")))?;
@@ -139,16 +129,22 @@ pub fn build(image: &Image<'_>, work: &Path) -> Result<PathBuf> {
     std::fs::write(layout.join("index.json"), index.to_string())?;
     std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
     let archive = work.join("image.tar");
+    reproducible_tar(&layout, &archive)?;
+    Ok(archive)
+}
+
+/// `dir`'s contents as a tar at `out` that is the same for the same files: sorted, owned by root, dated 0.
+fn reproducible_tar(dir: &Path, out: &Path) -> Result<()> {
     let status = Command::new("tar")
         .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "--numeric-owner", "-C"])
-        .arg(&layout)
+        .arg(dir)
         .arg("-cf")
-        .arg(&archive)
+        .arg(out)
         .arg(".")
         .status()
         .context("run tar")?;
     if !status.success() {
-        bail!("tar of {} failed", layout.display());
+        bail!("tar of {} failed", dir.display());
     }
-    Ok(archive)
+    Ok(())
 }
