@@ -78,19 +78,20 @@ pub enum Command {
         /// address of each family.
         #[arg(long, env = "NODE_IP", value_delimiter = ',')]
         node_address: Vec<std::net::IpAddr>,
-        /// How long an address (its container or node gone) or a gone node's block must look leaked before
-        /// it is released: 15m, 90s, 1h, or seconds.
-        #[arg(long, default_value = "15m")]
+        /// How long an address (its container, its pod in Kubernetes mode, or its decommissioned node gone)
+        /// or a gone node's block must look leaked before it is released: 15m, 90s, 1h, or seconds.
+        #[arg(long, env = "POOLWARDEN_LEAK_GRACE_PERIOD", default_value = "15m")]
         leak_grace_period: DurationArg,
-        /// How long this node's registration outlives the agent (its lease in etcd): after that the other
-        /// nodes stop routing to it and, after the leak grace period, take back its addresses and blocks.
-        #[arg(long, default_value = "30s")]
+        /// How long this node's registration outlives the agent (its lease in etcd). An unregistered node
+        /// claims no new block; the other nodes keep routing to its blocks and leave what it holds alone.
+        #[arg(long, env = "POOLWARDEN_REGISTRATION_TTL", default_value = "30s")]
         registration_ttl: DurationArg,
-        /// How long another node's agent must have been gone (unregistered) before this agent takes its
-        /// addresses and blocks back, unless the node was decommissioned (`poolwarden node decommission`).
-        /// Long by design: an agent down for a while still has running pods; set it short only where a
-        /// node that stops registering is known to be gone with its pods.
-        #[arg(long, default_value = "7d")]
+        /// Without Kubernetes: how long another node's agent must have been gone (unregistered) before this
+        /// agent takes its addresses and blocks back, unless the node was decommissioned (`poolwarden node
+        /// decommission`). Long by design: an agent down for a while still has running pods; set it short
+        /// only where a node that stops registering is known to be gone with its pods. In Kubernetes mode it
+        /// is not used: a node is gone when its Node object is deleted, never before.
+        #[arg(long, env = "POOLWARDEN_NODE_GONE_AFTER", default_value = "7d")]
         node_gone_after: DurationArg,
         /// Where Prometheus scrapes /metrics.
         #[arg(long, default_value = "127.0.0.1:9641")]
@@ -668,7 +669,7 @@ async fn ipam_command(
                 for (_, a) in block.allocated() {
                     if let (Some(ns), Some(pod)) = (&a.namespace, &a.pod)
                         && !pods.contains_key(&(ns.clone(), pod.clone()))
-                        && let Ok(info) = directory.pod(ns, pod).await
+                        && let Ok(info) = directory.pod(ns, pod, "").await
                     {
                         pods.insert((ns.clone(), pod.clone()), info);
                     }

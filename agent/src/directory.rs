@@ -71,12 +71,25 @@ pub trait Directory: Send + Sync {
     /// Every namespace known.
     async fn namespaces(&self) -> Result<Vec<NamespaceInfo>, DirectoryError>;
 
-    /// A pod's annotations (per-pod pools and addresses).
-    async fn pod(&self, namespace: &str, name: &str) -> Result<PodInfo, DirectoryError>;
+    /// A pod's annotations (per-pod pools and addresses). With `uid` (`K8S_POD_UID`), that pod: a pod
+    /// recreated under its name (a StatefulSet's) is not answered with the old one's annotations.
+    async fn pod(&self, namespace: &str, name: &str, uid: &str) -> Result<PodInfo, DirectoryError>;
 
     /// The node as pools' `nodeSelector` sees it: `given` (name and `--node-labels`) with the labels the
     /// source knows for it.
     async fn node(&self, given: &NodeInfo) -> Result<NodeInfo, DirectoryError>;
+
+    /// Whether the pod `namespace/name` of UID `uid` is gone: no pod of that name exists, or one of another
+    /// UID does (recreated under its name). Only a source that knows pods can say so; the others answer no.
+    async fn pod_gone(&self, _namespace: &str, _name: &str, _uid: &str) -> Result<bool, DirectoryError> {
+        Ok(false)
+    }
+
+    /// Whether node `name`'s object was deleted. Only a source that knows nodes can say so; the others
+    /// answer no.
+    async fn node_deleted(&self, _name: &str) -> Result<bool, DirectoryError> {
+        Ok(false)
+    }
 }
 
 /// The namespace Kubernetes would show for a name nobody described.
@@ -124,7 +137,7 @@ impl Directory for StandaloneDirectory {
         Ok(self.catalog.namespaces().await?.into_iter().map(info_of).collect())
     }
 
-    async fn pod(&self, _namespace: &str, name: &str) -> Result<PodInfo, DirectoryError> {
+    async fn pod(&self, _namespace: &str, name: &str, _uid: &str) -> Result<PodInfo, DirectoryError> {
         Ok(PodInfo { name: name.to_string(), annotations: BTreeMap::new() })
     }
 

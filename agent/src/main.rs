@@ -79,7 +79,7 @@ async fn run(cli: Cli) -> Result<u8> {
         if node.name.is_empty() {
             bail!("no node name: give --node or set NODENAME");
         }
-        let store = store::open(&cli.datastore, &cli.etcd_options()).await?;
+        let store = open_for_agent(&cli).await?;
         let mut addresses = node_address.clone();
         if !*kubernetes
             && poolwarden::directory::source_of(store.as_ref()).await? == poolwarden::directory::Source::Kubernetes
@@ -175,6 +175,35 @@ async fn run(cli: Cli) -> Result<u8> {
             Ok(exit)
         }
         Err(other) => Err(other.into()),
+    }
+}
+
+/// How long the agent waits for an embedded datastore another process holds (a `poolwarden` command run
+/// while no agent was up holds it for as long as it runs) before it gives up.
+const STORE_HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Open the agent's datastore, waiting (up to [`STORE_HELD_WAIT`]) while another process holds the embedded
+/// file: a command that happened to run as the agent (re)started must not make it exit.
+async fn open_for_agent(cli: &Cli) -> Result<Arc<dyn store::Store>> {
+    let deadline = std::time::Instant::now() + STORE_HELD_WAIT;
+    let mut waiting = false;
+    loop {
+        match store::open(&cli.datastore, &cli.etcd_options()).await {
+            Err(StoreError::Locked { path }) if std::time::Instant::now() < deadline => {
+                if !waiting {
+                    tracing::warn!(%path, "the datastore is held by another process; waiting for it (up to {STORE_HELD_WAIT:?})");
+                    waiting = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Ok(store) => {
+                if waiting {
+                    tracing::info!("the datastore was released; starting");
+                }
+                return Ok(store);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

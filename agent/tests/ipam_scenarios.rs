@@ -121,6 +121,31 @@ async fn max_blocks_per_host_then_borrowing_or_strict_refusal() {
     assert_clean(&env).await;
 }
 
+/// A gone node's block that another node borrowed from loses its owner, not its borrowed address; when the
+/// borrower releases that address the block goes back to its pool at once (no whole-store sweep needed).
+#[tokio::test]
+async fn an_unowned_block_goes_back_when_its_last_address_is_released() {
+    let env = Env::new();
+    env.apply(&pool_yaml("tiny", "10.4.0.0/30", 30, "")).await; // one block of 4
+    env.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {strictAffinity: false}\n",
+    )
+    .await;
+    env.allocator.assign(&request("gone0", "node-gone", "default", &[])).await.unwrap();
+    let borrowed = env.allocator.assign(&request("b0", "node-b", "default", &[])).await.unwrap();
+    let snapshot = env.allocator.snapshot().await.unwrap();
+    assert_eq!(snapshot.blocks[0].affinity.as_deref(), Some("node-gone"), "node-b borrowed: {snapshot:?}");
+    env.allocator.release_handle("gone0").await.unwrap();
+    assert!(env.allocator.release_affinity(&snapshot.affinities[0]).await.unwrap());
+    let snapshot = env.allocator.snapshot().await.unwrap();
+    assert_eq!(snapshot.blocks.len(), 1, "the block keeps the borrowed address");
+    assert_eq!(snapshot.blocks[0].affinity, None);
+    assert_eq!(env.allocator.release_ip(borrowed[0].ip, None).await.unwrap().unwrap().handle, "b0");
+    let snapshot = env.allocator.snapshot().await.unwrap();
+    assert!(snapshot.blocks.is_empty() && snapshot.handles.is_empty(), "{snapshot:?}");
+    assert_clean(&env).await;
+}
+
 #[tokio::test]
 async fn specific_addresses_and_in_use_errors() {
     let env = Env::new();
@@ -257,4 +282,15 @@ async fn a_claim_is_conditional_on_the_pools_revision() {
         env.allocator.assign_recording(&request("late", "node-a", "default", &[]), None, &loaded).await.unwrap_err();
     assert!(matches!(err, AllocError::PoolChanged { .. }), "{err}");
     assert!(env.allocator.snapshot().await.unwrap().blocks.is_empty(), "no block was claimed");
+}
+
+/// Releasing an address of a block nobody claimed is "not allocated", not contention (it ran its 32 attempts
+/// and aborted the collector's pass).
+#[tokio::test]
+async fn releasing_an_address_of_an_unclaimed_block_is_not_allocated() {
+    let env = Env::new();
+    env.apply(&pool_yaml("external-pool", "172.16.0.0/26", 29, "")).await;
+    let ip: IpAddr = "172.16.0.9".parse().unwrap();
+    assert!(env.allocator.release_ip(ip, None).await.unwrap().is_none());
+    assert!(env.allocator.release_ip(ip, Some((3, "gone"))).await.unwrap().is_none());
 }

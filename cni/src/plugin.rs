@@ -515,6 +515,7 @@ async fn add(
         netns: netns_path.clone(),
         namespace: args.get("K8S_POD_NAMESPACE").cloned().unwrap_or_else(|| "default".into()),
         pod: args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
+        pod_uid: args.get("K8S_POD_UID").cloned().unwrap_or_default(),
         host_ifname: String::new(),
         pools: options.pools.clone(),
         ips,

@@ -189,6 +189,10 @@ pub async fn read_response(
 }
 
 /// What the plugin (or the CLI) asks the agent.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one request per connection, decoded once and moved into its handler: an ADD's size costs nothing"
+)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
@@ -247,6 +251,10 @@ pub struct AddRequest {
     /// `K8S_POD_NAME`.
     #[serde(default)]
     pub pod: String,
+    /// `K8S_POD_UID` (containerd and CRI-O pass it): which pod of that name, so the agent can tell when the
+    /// pod is gone from the API even if another of the same name exists.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_uid: String,
     /// The host side of the pod's veth, which the plugin creates while the agent allocates (the agent waits
     /// for it); empty in IPAM-only mode (nothing to route to).
     #[serde(default)]

@@ -125,7 +125,7 @@ impl Drop for NetNs {
     }
 }
 
-/// A node: a namespace with an address on loopback, forwarding on, a datastore and (when started) an agent.
+/// A node: a namespace with an address on loopback, a datastore and (when started) an agent.
 pub struct Node {
     /// The node's namespace.
     pub ns: NetNs,
@@ -145,8 +145,7 @@ impl Node {
     pub fn new(address: &str) -> Self {
         let ns = NetNs::new("pwn");
         ns.exec(&["ip", "addr", "add", &format!("{address}/32"), "dev", "lo"]);
-        ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        // Forwarding stays off, as in a new namespace: the agent turns it on for its pools' families.
         let dir = tempfile::tempdir().expect("temp dir");
         // A bpffs of the node's own, mounted in this (the host's) mount namespace so that it outlives the
         // agent process, whose `ip netns exec` mount namespace dies with it: enforcement must survive a kill.

@@ -327,6 +327,33 @@ fn ping_for(from: &NetNs, to: &str, seconds: u32) -> (u32, u32) {
     (number("transmitted"), number("received"))
 }
 
+/// The agents' flags in the lifecycle tests: short timers.
+const SHORT_TIMERS: [&str; 4] = ["--registration-ttl", "2s", "--leak-grace-period", "1s"];
+
+/// Two nodes on one etcd, with agents (short timers) and a pod each that reaches the other.
+struct Pair {
+    nodes: Vec<Node>,
+    here_ns: NetNs,
+    here: String,
+    there_ns: NetNs,
+    there: String,
+}
+
+fn two_nodes_with_a_pod_each(fabric: &Fabric, cluster: &EtcdCluster) -> Pair {
+    let mut nodes = nodes_on(fabric, cluster, 2);
+    nodes[0].apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.79.0.0/24, blockSize: 29}\n",
+    );
+    for node in &mut nodes {
+        node.start_agent_with(&SHORT_TIMERS);
+    }
+    let (here_ns, here) = nodes[0].add_pod("c-here", "default", "here");
+    let (there_ns, there) = nodes[1].add_pod("c-there", "default", "there");
+    let (here, there) = (address_of(&here), address_of(&there));
+    wait_for("the pods on the two nodes to reach each other", Duration::from_secs(10), || here_ns.pings(&there));
+    Pair { nodes, here_ns, here, there_ns, there }
+}
+
 /// An agent killed -9 and kept down for three times its registration TTL plus the leak grace period: no other
 /// node releases its pod's address or its block (they wait --node-gone-after, days, unless the node is
 /// decommissioned), the other node keeps routing to its pod throughout (a 20 Hz ping loses nothing), and when the
@@ -338,18 +365,7 @@ fn an_agent_down_past_its_grace_keeps_its_pods_addresses_and_routes() {
     }
     let fabric = Fabric::new();
     let (_etcd_namespaces, cluster) = etcd_on(&fabric, 1);
-    let mut nodes = nodes_on(&fabric, &cluster, 2);
-    nodes[0].apply(
-        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.79.0.0/24, blockSize: 29}\n",
-    );
-    let flags = ["--registration-ttl", "2s", "--leak-grace-period", "1s"];
-    for node in &mut nodes {
-        node.start_agent_with(&flags);
-    }
-    let (here_ns, here) = nodes[0].add_pod("c-here", "default", "here");
-    let (there_ns, there) = nodes[1].add_pod("c-there", "default", "there");
-    let (here, there) = (address_of(&here), address_of(&there));
-    wait_for("the pods on the two nodes to reach each other", Duration::from_secs(10), || here_ns.pings(&there));
+    let Pair { mut nodes, here_ns, here, there_ns, there } = two_nodes_with_a_pod_each(&fabric, &cluster);
     let refused = nodes[0].cli(&["node", "decommission", "node-1"]);
     assert!(
         !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("is registered"),
@@ -373,10 +389,49 @@ fn an_agent_down_past_its_grace_keeps_its_pods_addresses_and_routes() {
     assert!(our_routes(&nodes[0]).contains(&block_of(&there)), "node-0 still routes node-1's block");
     assert!(!nodes[0].agent_log().contains("released a leaked address"), "{}", nodes[0].agent_log());
 
-    nodes[1].start_agent_with(&flags);
+    nodes[1].start_agent_with(&SHORT_TIMERS);
     assert!(there_ns.pings(&here), "back: node-1's pod sends and receives");
     let status = nodes[1].cli_ok(&["enforcement", "status", "--bpf-dir", &nodes[1].bpf_dir()]);
     assert!(status.contains(&there), "its enforcement entry is intact:\n{status}");
+}
+
+/// A rolling restart of every agent (SIGTERM, 3 s without an agent, longer than its registration TTL, then a
+/// new agent, one node at a time, as a DaemonSet's rolling update does), three rounds, while a pod on each node pings a pod on the other at 20 Hz: no packet is lost in
+/// either direction, and no address changes.
+#[test]
+fn three_rounds_of_rolling_restarts_lose_no_packet() {
+    if !privileged() || !etcd::available() {
+        return;
+    }
+    let fabric = Fabric::new();
+    let (_etcd_namespaces, cluster) = etcd_on(&fabric, 1);
+    let Pair { mut nodes, here_ns, here, there_ns, there } = two_nodes_with_a_pod_each(&fabric, &cluster);
+    let handles_before = nodes[0].cli_ok(&["get", "handles"]);
+    let seconds = 35;
+    let started = Instant::now();
+    let (forth, back, restarts) = std::thread::scope(|scope| {
+        let forth = scope.spawn(|| ping_for(&here_ns, &there, seconds));
+        let back = scope.spawn(|| ping_for(&there_ns, &here, seconds));
+        for round in 1..=3 {
+            for node in nodes.iter_mut() {
+                node.stop_agent();
+                // Down for longer than its registration TTL, as an agent is while its new image is pulled.
+                std::thread::sleep(Duration::from_secs(3));
+                node.start_agent_with(&SHORT_TIMERS);
+            }
+            eprintln!("round {round} of restarts done {:.1?} after the pings started", started.elapsed());
+        }
+        let restarts = started.elapsed();
+        (forth.join().expect("ping"), back.join().expect("ping"), restarts)
+    });
+    eprintln!(
+        "three rounds of rolling restarts in {restarts:.1?}: node-0 -> node-1 {}/{} answered, node-1 -> node-0 {}/{}",
+        forth.1, forth.0, back.1, back.0
+    );
+    assert!(restarts < Duration::from_secs(seconds.into()), "the restarts outlasted the pings: nothing was shown");
+    assert!(forth.0 >= seconds * 20 && back.0 >= seconds * 20, "{forth:?} {back:?}");
+    assert_eq!((forth.1, back.1), (forth.0, back.0), "packets were lost during the restarts");
+    assert_eq!(nodes[0].cli_ok(&["get", "handles"]), handles_before, "an address changed");
 }
 
 /// A node rebooting with kubelet's default pod limit: 110 ADDs at once on one node against an etcd with its

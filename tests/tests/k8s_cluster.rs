@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The cluster's directory (target/cluster), when one is up for these tests.
 fn cluster() -> Option<PathBuf> {
@@ -177,6 +177,29 @@ fn the_seed_example_with_kubectl() {
         }
     }
 
+    // Through a Service (kube-proxy's NAT on the node): answered by a pod of the deployment.
+    kubectl.ok(&["-n", "external-ns", "expose", "deployment/web", "--port=80", "--target-port=8080"]);
+    let service_ip = kubectl.json(&["-n", "external-ns", "get", "service", "web"])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let names: Vec<String> = kubectl.json(&["-n", "external-ns", "get", "pods", "-l", "app=web"])["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let mut answer = String::new();
+    wait_for("an answer through the Service", Duration::from_secs(30), || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", "pwk-node2", "curl", "-s", "--max-time", "2", &format!("http://{service_ip}/")])
+            .output()
+            .expect("curl");
+        answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        names.contains(&answer)
+    });
+    println!("service {service_ip} answered by {answer}");
+
     // A pod of the third namespace names the bound pool: refused, and the event says why.
     kubectl.ok(&[
         "run",
@@ -252,9 +275,14 @@ spec:
             .expect("curl");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // The spoofer's node's agent counts its drops.
+    let node = kubectl.json(&["-n", "spoof-ns", "get", "pod", "spoofer"])["status"]["hostIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let mut line = String::new();
     wait_for("the spoofed packets to be counted", Duration::from_secs(60), || {
-        let metrics = scraped("http://10.250.0.11:9641/metrics");
+        let metrics = scraped(&format!("http://{node}:9641/metrics"));
         line = metrics
             .lines()
             .find(|l| {
@@ -279,4 +307,379 @@ spec:
     );
     assert!(ok, "the pod's own address is cut off: {out}{err}");
     kubectl.ok(&["delete", "namespace", "spoof-ns", "--wait=true", "--timeout=120s"]);
+}
+
+/// Apply pools through the agent (it holds the datastore's client), as an operator does with kubectl.
+fn apply_pools(kubectl: &Kubectl, yaml: &str) {
+    kubectl.ok_with(
+        &["-n", "kube-system", "exec", "-i", "ds/poolwarden", "-c", "agent", "--", "poolwarden", "apply", "-f", "-"],
+        Some(yaml),
+    );
+}
+
+/// A pool bound to one namespace, and that namespace, annotated to take its pods' addresses from it.
+fn pool_for_namespace(kubectl: &Kubectl, pool: &str, cidr: &str, block_size: u8, namespace: &str) {
+    apply_pools(
+        kubectl,
+        &format!(
+            "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {{name: {pool}}}\nspec:\n  cidr: {cidr}\n  blockSize: {block_size}\n  allowedNamespaces: [{namespace}]\n"
+        ),
+    );
+    kubectl.ok(&["create", "namespace", namespace]);
+    kubectl.ok(&["annotate", "namespace", namespace, &format!("poolwarden.io/ipv4pools=[\"{pool}\"]")]);
+}
+
+/// A busybox pod on `node` running `command`.
+fn pod_on(kubectl: &Kubectl, namespace: &str, name: &str, node: &str, command: &str) {
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "main", "image": "pwk.invalid/busybox:1", "command": ["/bin/sh", "-c", command]}],
+        },
+    });
+    kubectl.ok_with(&["apply", "-f", "-"], Some(&pod.to_string()));
+}
+
+/// A pod's address and the names of the agent's pods, by node.
+fn pod_ip(kubectl: &Kubectl, namespace: &str, name: &str) -> String {
+    kubectl.json(&["-n", namespace, "get", "pod", name])["status"]["podIP"].as_str().unwrap_or_default().to_string()
+}
+
+fn agent_pods(kubectl: &Kubectl) -> Vec<(String, String)> {
+    let pods = kubectl.json(&["-n", "kube-system", "get", "pods", "-l", "app.kubernetes.io/name=poolwarden"]);
+    let mut found: Vec<(String, String)> = pods["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|p| {
+            (
+                p["spec"]["nodeName"].as_str().unwrap_or_default().to_string(),
+                p["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// `kubectl rollout restart daemonset/poolwarden` while a pod on one node pings a pod on the other at 20 Hz:
+/// every agent is replaced, no packet is lost, and neither pod's address changes. (Routes and pinned
+/// enforcement stay in the kernel while an agent restarts, and the other nodes keep routing to its blocks.)
+#[test]
+fn a_rolling_restart_of_the_agents_loses_no_packet() {
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    pool_for_namespace(&kubectl, "ping-pool", "10.78.0.0/24", 28, "ping-ns");
+    pod_on(&kubectl, "ping-ns", "target", "pwk-node2", "exec sleep 3600");
+    kubectl.ok(&["-n", "ping-ns", "wait", "--for=condition=Ready", "pod/target", "--timeout=120s"]);
+    let target = pod_ip(&kubectl, "ping-ns", "target");
+    // 1,200 echo requests at 20 Hz: a minute, longer than the restart of both agents.
+    let count = 1200;
+    pod_on(
+        &kubectl,
+        "ping-ns",
+        "pinger",
+        "pwk-node1",
+        &format!("ping -i 0.05 -c {count} -W 2 {target}; exec sleep 3600"),
+    );
+    kubectl.ok(&["-n", "ping-ns", "wait", "--for=condition=Ready", "pod/pinger", "--timeout=120s"]);
+    let pinger = pod_ip(&kubectl, "ping-ns", "pinger");
+    assert!(in_cidr(&target, [10, 78, 0, 0], 24) && in_cidr(&pinger, [10, 78, 0, 0], 24), "{pinger} {target}");
+    let logs = || kubectl.ok(&["-n", "ping-ns", "logs", "pinger"]);
+    wait_for("the first echo reply", Duration::from_secs(30), || logs().contains("seq="));
+    let pinging = Instant::now();
+
+    let before = agent_pods(&kubectl);
+    let restarted = Instant::now();
+    kubectl.ok(&["-n", "kube-system", "rollout", "restart", "daemonset/poolwarden"]);
+    kubectl.ok(&["-n", "kube-system", "rollout", "status", "daemonset/poolwarden", "--timeout=120s"]);
+    let restart = restarted.elapsed();
+    let restart_ended = pinging.elapsed();
+    let after = agent_pods(&kubectl);
+    assert_eq!(after.len(), 2, "{after:?}");
+    for ((node, old), (_, new)) in before.iter().zip(&after) {
+        assert_ne!(old, new, "the agent on {node} was not replaced");
+    }
+    let summary = {
+        let mut text = String::new();
+        wait_for("the pings to finish", Duration::from_secs(120), || {
+            text = logs();
+            text.contains("packets transmitted")
+        });
+        text
+    };
+    let line = summary.lines().find(|l| l.contains("packets transmitted")).unwrap_or_default().to_string();
+    println!("rollout restart of both agents took {restart:.1?}; pings: {line}");
+    // The pings (count / 20 Hz) started before the restart and ran past its end by five seconds at least.
+    let pings_end = Duration::from_millis(count as u64 * 50);
+    assert!(
+        restart_ended + Duration::from_secs(5) < pings_end,
+        "the restart ({restart:?}) did not end while the pings ran; nothing was shown"
+    );
+    assert!(line.starts_with(&format!("{count} packets transmitted, {count} packets received")), "{summary}");
+    assert_eq!(pod_ip(&kubectl, "ping-ns", "target"), target, "the target's address changed");
+    assert_eq!(pod_ip(&kubectl, "ping-ns", "pinger"), pinger, "the pinger's address changed");
+    let inside = kubectl.ok(&["-n", "ping-ns", "exec", "target", "--", "ip", "-4", "addr", "show", "eth0"]);
+    assert!(inside.contains(&format!("{target}/32")), "{inside}");
+    kubectl.ok(&["delete", "namespace", "ping-ns", "--wait=true", "--timeout=120s"]);
+}
+
+/// The pods of `namespace`: (name, phase, address, whether it is being deleted).
+fn pods_of(kubectl: &Kubectl, namespace: &str) -> Vec<(String, String, String, bool)> {
+    let pods = kubectl.json(&["-n", namespace, "get", "pods"]);
+    pods["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+                p["status"]["phase"].as_str().unwrap_or_default().to_string(),
+                p["status"]["podIP"].as_str().unwrap_or_default().to_string(),
+                p["metadata"]["deletionTimestamp"].is_string(),
+            )
+        })
+        .collect()
+}
+
+/// Wait until `namespace` has exactly `replicas` pods, every one Running with an address; returns them.
+fn settled(kubectl: &Kubectl, namespace: &str, replicas: usize) -> Vec<(String, String, String, bool)> {
+    let mut pods = Vec::new();
+    wait_for(&format!("{replicas} pods Running in {namespace}"), Duration::from_secs(600), || {
+        pods = pods_of(kubectl, namespace);
+        pods.len() == replicas
+            && pods.iter().all(|(_, phase, ip, deleting)| phase == "Running" && !ip.is_empty() && !deleting)
+    });
+    pods
+}
+
+/// `poolwarden ipam check` on the cluster's datastore, through an agent.
+fn ipam_check(kubectl: &Kubectl) -> String {
+    kubectl.ok(&["-n", "kube-system", "exec", "ds/poolwarden", "-c", "agent", "--", "poolwarden", "ipam", "check"])
+}
+
+/// Pod churn through a deployment: 100 replicas, then scaled down to 30 and at once up to 130 (100 pods
+/// created while 70 are deleted), then to 0. 200 pods in all, every one Running on an address of the pool,
+/// no address held twice, `ipam check` clean, and nothing held once they are gone.
+#[test]
+fn pod_churn_through_a_deployment_never_gives_an_address_twice() {
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    pool_for_namespace(&kubectl, "churn-pool", "10.79.0.0/23", 27, "churn-ns");
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "churn", "namespace": "churn-ns"},
+        "spec": {
+            "replicas": 100,
+            "selector": {"matchLabels": {"app": "churn"}},
+            "template": {
+                "metadata": {"labels": {"app": "churn"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "main", "image": "pwk.invalid/busybox:1", "command": ["/bin/sh", "-c", "exec sleep 3600"]}],
+                },
+            },
+        },
+    });
+    let started = Instant::now();
+    kubectl.ok_with(&["apply", "-f", "-"], Some(&deployment.to_string()));
+    let first = settled(&kubectl, "churn-ns", 100);
+    println!("100 pods Running {:.1?} after the apply", started.elapsed());
+    let check = |pods: &[(String, String, String, bool)]| {
+        let mut seen = std::collections::BTreeMap::new();
+        for (name, _, ip, _) in pods {
+            assert!(in_cidr(ip, [10, 79, 0, 0], 23), "{name} is on {ip}, not churn-pool");
+            if let Some(other) = seen.insert(ip.clone(), name.clone()) {
+                panic!("{ip} is held by {other} and {name}");
+            }
+        }
+    };
+    check(&first);
+    kubectl.ok(&["-n", "churn-ns", "scale", "deployment/churn", "--replicas=30"]);
+    kubectl.ok(&["-n", "churn-ns", "scale", "deployment/churn", "--replicas=130"]);
+    let second = settled(&kubectl, "churn-ns", 130);
+    check(&second);
+    let names: std::collections::BTreeSet<&String> = first.iter().chain(&second).map(|(n, ..)| n).collect();
+    println!("{} pods created in all; 130 Running {:.1?} after the apply", names.len(), started.elapsed());
+    assert!(names.len() >= 200, "only {} pods were created", names.len());
+    let report = ipam_check(&kubectl);
+    assert!(report.starts_with("ipam check: clean"), "{report}");
+    let listed = kubectl.ok(&["-n", "churn-ns", "get", "pods", "--no-headers"]);
+    assert_eq!(listed.lines().filter(|l| l.contains(" Running ")).count(), 130, "{listed}");
+
+    kubectl.ok(&["-n", "churn-ns", "scale", "deployment/churn", "--replicas=0"]);
+    wait_for("every churn pod to go", Duration::from_secs(300), || pods_of(&kubectl, "churn-ns").is_empty());
+    let mut held = String::new();
+    wait_for("churn-pool's addresses to be released", Duration::from_secs(60), || {
+        held = kubectl.ok(&[
+            "-n",
+            "kube-system",
+            "exec",
+            "ds/poolwarden",
+            "-c",
+            "agent",
+            "--",
+            "poolwarden",
+            "ipam",
+            "show",
+        ]);
+        held.lines().any(|l| l.starts_with("churn-pool") && l.split_whitespace().nth(4) == Some("0"))
+    });
+    let report = ipam_check(&kubectl);
+    assert!(report.starts_with("ipam check: clean"), "{report}");
+    kubectl.ok(&["delete", "namespace", "churn-ns", "--wait=true", "--timeout=120s"]);
+}
+
+/// How many addresses of `pool` are held, from `poolwarden ipam show` in pwk-node1's agent (node2's kubelet
+/// may be stopped, and an exec through it would hang).
+fn used_in(kubectl: &Kubectl, pool: &str) -> Option<u32> {
+    let agent = agent_pods(kubectl).into_iter().find(|(node, _)| node == "pwk-node1").expect("node1's agent").1;
+    let show = kubectl.ok(&[
+        "--request-timeout=30s",
+        "-n",
+        "kube-system",
+        "exec",
+        &agent,
+        "-c",
+        "agent",
+        "--",
+        "poolwarden",
+        "ipam",
+        "show",
+    ]);
+    show.lines().find(|l| l.split_whitespace().next() == Some(pool))?.split_whitespace().nth(4)?.parse().ok()
+}
+
+/// node2's route to `ip` (empty when there is none but the block's).
+fn route_on_node2(ip: &str) -> String {
+    let out = Command::new("ip").args(["-n", "pwk-node2", "route", "show", ip]).output().expect("ip route");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Resumes a stopped process when dropped (a failing test must not leave the node's kubelet stopped).
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Self {
+        assert!(Command::new("kill").args(["-STOP", &pid.to_string()]).status().expect("kill").success());
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
+/// Garbage collection on the real cluster (the agents run with a 20 s leak grace period here) follows the
+/// API server, not the agents' heartbeats:
+/// - a pod force-deleted while its node's kubelet is stopped (its container lives on, no DEL comes) has its
+///   address released and its route removed by its node's agent once the API server has no pod of its UID;
+/// - with node2's agent removed from the node (the DaemonSet kept off it) for longer than its registration
+///   TTL and the grace period together, node2's pods keep their addresses and stay reachable from node1; a
+///   pod force-deleted meanwhile has its address released once the agent is back.
+#[test]
+fn garbage_collection_follows_the_api_server_not_the_agents() {
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    pool_for_namespace(&kubectl, "gc-pool", "10.81.0.0/24", 28, "gc-ns");
+    for name in ["kept", "orphan", "victim"] {
+        pod_on(&kubectl, "gc-ns", name, "pwk-node2", "exec sleep 3600");
+    }
+    for name in ["kept", "orphan", "victim"] {
+        kubectl.ok(&["-n", "gc-ns", "wait", "--for=condition=Ready", &format!("pod/{name}"), "--timeout=120s"]);
+    }
+    let kept = pod_ip(&kubectl, "gc-ns", "kept");
+    let orphan = pod_ip(&kubectl, "gc-ns", "orphan");
+    let victim = pod_ip(&kubectl, "gc-ns", "victim");
+    // Pings from node1 to the kept pod for the whole test (5 Hz, answered throughout).
+    let count = 1000;
+    pod_on(&kubectl, "gc-ns", "watcher", "pwk-node1", &format!("ping -i 0.2 -c {count} -W 2 {kept}; exec sleep 3600"));
+    kubectl.ok(&["-n", "gc-ns", "wait", "--for=condition=Ready", "pod/watcher", "--timeout=120s"]);
+    let watching = Instant::now();
+    assert_eq!(used_in(&kubectl, "gc-pool"), Some(4));
+
+    // 1. node2's kubelet stopped, a pod force-deleted: its container runs on and no DEL comes. The agent
+    //    sees no pod of its UID in the API and releases its address and route after the grace period.
+    assert!(route_on_node2(&orphan).contains("dev pw"), "{}", route_on_node2(&orphan));
+    let kubelet: u32 =
+        std::fs::read_to_string(dir.join("pids/kubelet-pwk-node2")).expect("pid").trim().parse().unwrap();
+    {
+        let _stopped = Stopped::new(kubelet);
+        kubectl.ok(&["-n", "gc-ns", "delete", "pod", "orphan", "--grace-period=0", "--force"]);
+        let started = Instant::now();
+        wait_for("the orphan's address to be released", Duration::from_secs(45), || {
+            used_in(&kubectl, "gc-pool") == Some(3)
+        });
+        println!("force-deleted pod with its kubelet stopped: released {:.1?} after the delete", started.elapsed());
+        assert!(!route_on_node2(&orphan).contains("dev pw"), "its route stays: {}", route_on_node2(&orphan));
+    }
+
+    // 2. node2's agent kept off the node: past its registration TTL (30 s) and the grace period (20 s).
+    kubectl.ok(&[
+        "-n",
+        "kube-system",
+        "patch",
+        "daemonset/poolwarden",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"affinity":{"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[{"matchExpressions":[{"key":"kubernetes.io/hostname","operator":"NotIn","values":["pwk-node2"]}]}]}}}}}}}"#,
+    ]);
+    wait_for("node2's agent to go", Duration::from_secs(120), || {
+        agent_pods(&kubectl).iter().all(|(node, _)| node != "pwk-node2")
+    });
+    kubectl.ok(&["-n", "kube-system", "rollout", "status", "daemonset/poolwarden", "--timeout=120s"]);
+    kubectl.ok(&["-n", "gc-ns", "delete", "pod", "victim", "--grace-period=0", "--force"]);
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(80) {
+        assert_eq!(pod_ip(&kubectl, "gc-ns", "kept"), kept);
+        assert!(route_on_node2(&kept).contains("dev pw"), "{}", route_on_node2(&kept));
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    // Nothing of node2's was released by node1's agent: the kept pod's address and the victim's (no DEL
+    // could reach an agent) are both still held.
+    assert_eq!(used_in(&kubectl, "gc-pool"), Some(3), "an address of node2 was released while its agent was away");
+    kubectl.ok(&[
+        "-n",
+        "kube-system",
+        "patch",
+        "daemonset/poolwarden",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/template/spec/affinity"}]"#,
+    ]);
+    kubectl.ok(&["-n", "kube-system", "rollout", "status", "daemonset/poolwarden", "--timeout=120s"]);
+    let back = Instant::now();
+    wait_for("the victim's address to be released", Duration::from_secs(90), || {
+        used_in(&kubectl, "gc-pool") == Some(2)
+    });
+    println!("pod force-deleted while its agent was away: released {:.1?} after the agent's return", back.elapsed());
+    assert!(!route_on_node2(&victim).contains("dev pw"), "{}", route_on_node2(&victim));
+    assert_eq!(pod_ip(&kubectl, "gc-ns", "kept"), kept);
+    let (ok, out, err) =
+        kubectl.run(&["-n", "gc-ns", "exec", "kept", "--", "ping", "-c", "1", "-W", "2", "10.250.0.12"], None);
+    assert!(ok, "the kept pod cannot send after its agent's return: {out}{err}");
+    let logs = kubectl.ok(&["-n", "gc-ns", "logs", "watcher"]);
+    let answered = logs.lines().filter(|l| l.contains("bytes from")).count();
+    println!("node1 -> kept pod on node2: {answered} echo replies, none missing");
+    let seqs: Vec<u32> =
+        logs.lines().filter_map(|l| l.split("seq=").nth(1)?.split_whitespace().next()?.parse().ok()).collect();
+    assert!(seqs.len() > 100, "{logs}");
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "a ping to the kept pod went unanswered:\n{logs}");
+    // And none is missing at the end: the replies go on until now (5 a second, a few seconds' slack).
+    let expected = watching.elapsed().as_secs() as u32 * 5;
+    assert!(
+        seqs.last().is_some_and(|last| last + 20 >= expected.min(count)),
+        "the pings stopped being answered ({} replies, {expected} expected by now):\n{logs}",
+        seqs.len()
+    );
+    let report = ipam_check(&kubectl);
+    assert!(report.starts_with("ipam check: clean"), "{report}");
+    kubectl.ok(&["delete", "namespace", "gc-ns", "--wait=true", "--timeout=120s"]);
 }

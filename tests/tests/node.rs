@@ -1,9 +1,9 @@
 //! One node, for real: the agent in a node namespace on the embedded store, pods as namespaces wired by
 //! `poolwarden-cni` invoked as kubelet invokes it.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, process::Command, time::Duration};
 
-use poolwarden_tests::{NetNs, Node, address_of, k8s_args, privileged, wait_for};
+use poolwarden_tests::{NetNs, Node, address_of, binary, k8s_args, privileged, wait_for};
 use serde_json::{Value, json};
 
 const SEED_POOLS: &str = include_str!("../../examples/seed-pools.yaml");
@@ -74,6 +74,10 @@ fn seed_example_three_pods_per_namespace() {
         assert!(routes.contains(&format!("{ip} dev pw")), "no route for {container} ({ip}):\n{routes}");
     }
     assert!(pods[0].1.pings(&pods[5].2), "pods on one node reach each other through the node");
+    // The node's namespace started with forwarding off, as a new machine's may: the agent turned it on for
+    // its IPv4 pools, and left IPv6's alone (no IPv6 pool; forwarding would stop router advertisements).
+    assert_eq!(node.ns.exec(&["sysctl", "-n", "net.ipv4.ip_forward"]).trim(), "1");
+    assert_eq!(node.ns.exec(&["sysctl", "-n", "net.ipv6.conf.all.forwarding"]).trim(), "0");
 
     for (container, pod_ns, _) in &pods {
         let (ok, out) = node.cni("DEL", container, &pod_ns.path(), &k8s_args("x", "y"), &node.conf(json!({})));
@@ -281,6 +285,7 @@ fn the_agent_waits_for_the_host_interface_to_be_up() {
         netns: pod_ns.path(),
         namespace: "default".into(),
         pod: "late".into(),
+        pod_uid: String::new(),
         host_ifname: host.into(),
         pools: vec![],
         ips: vec![],
@@ -363,4 +368,35 @@ fn a_host_side_left_behind_is_replaced() {
     assert!(ok, "DEL failed: {out}");
     wait_for("the veth to go", Duration::from_secs(10), || host_links(&node).is_empty());
     node.stop_agent();
+}
+
+/// An agent (re)starting while a command holds the embedded datastore (here `firewall export --watch`, which
+/// holds it for as long as it runs when no agent does) waits for it instead of exiting.
+#[test]
+fn the_agent_waits_for_a_datastore_another_process_holds() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.0.7");
+    node.apply(SEED_POOLS);
+    let mut holder = Command::new(binary("poolwarden"))
+        .args(["firewall", "export", "--watch"])
+        .env("POOLWARDEN_DATASTORE", node.datastore())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the holder");
+    // Its first export is out: it holds the file.
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(holder.stdout.as_mut().expect("stdout"), &mut first).expect("the holder's export");
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        let _ = holder.kill();
+        let _ = holder.wait();
+    });
+    node.start_agent();
+    release.join().unwrap();
+    let log = node.agent_log();
+    assert!(log.contains("held by another process"), "{log}");
+    assert!(node.cli_ok(&["ipam", "show"]).contains("external-pool"));
 }

@@ -1,6 +1,6 @@
 //! Torture: 1,000 CNI operations (ADD, then DEL, of 500 pods) spread over three nodes, 20 at a time, on a
-//! three-member etcd cluster, while one agent is killed and restarted and one etcd member is stopped and
-//! started. No address is ever held by two live pods, nothing leaks once the collector has run, and
+//! three-member etcd cluster, while one agent is killed and restarted at once, another is killed and kept
+//! down past its registration TTL and grace period, and one etcd member is stopped and started. No address is ever held by two live pods, nothing leaks once the collector has run, and
 //! `ipam check` is clean.
 
 use std::{
@@ -18,13 +18,27 @@ use serde_json::Value;
 const PODS: usize = 500;
 const IN_FLIGHT: usize = 20;
 
-/// Like kubelet: a failed ADD is followed by DEL, and a DEL is retried until it succeeds.
-fn del_until_done(runtime: &Runtime, container: &str, netns: &str, args: &str) {
+/// Like kubelet: a failed ADD is followed by DEL, and a DEL is retried until it succeeds. `asking` is told
+/// whether an attempt so far may have reached the agent: true before each attempt, and after an attempt that
+/// provably did not (the plugin could not connect) whatever the earlier attempts left it at. An attempt
+/// whose answer was lost may have released the address, and a later refused attempt does not undo that.
+fn del_until_done(runtime: &Runtime, container: &str, netns: &str, args: &str, asking: impl Fn(bool)) {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut reached = false;
     loop {
+        asking(true);
         let (ok, out) = runtime.cni("DEL", container, netns, args);
         if ok {
             return;
+        }
+        // Refused or no socket at all: the request never reached an agent.
+        let details = out["details"].as_str().unwrap_or_default();
+        if out["msg"].as_str().is_some_and(|m| m.contains("agent is not reachable"))
+            && (details.contains("Connection refused") || details.contains("No such file or directory"))
+        {
+            asking(reached);
+        } else {
+            reached = true;
         }
         assert!(Instant::now() < deadline, "DEL {container} kept failing: {out}");
         std::thread::sleep(Duration::from_millis(200));
@@ -37,7 +51,7 @@ fn allocations(node: &Node) -> usize {
 }
 
 #[test]
-fn a_thousand_operations_through_an_agent_kill_and_an_etcd_member_restart() {
+fn a_thousand_operations_through_agent_kills_and_an_etcd_member_restart() {
     if !privileged() || !etcd::available() {
         return;
     }
@@ -55,13 +69,28 @@ fn a_thousand_operations_through_an_agent_kill_and_an_etcd_member_restart() {
     }
     let runtimes: Vec<Runtime> = nodes.iter().map(Node::runtime).collect();
 
-    let live: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+    // Who holds each address, and whether a DEL attempt that may have reached the agent is under way or
+    // ended without an answer. Then the address may be handed out again before the runtime hears of it (the
+    // agent released it in an attempt whose answer the plugin gave up on; kubelet retries such a DEL too).
+    // Otherwise never: not while the holder's DELs cannot even reach its agent (down, however long).
+    let live: Mutex<BTreeMap<String, (String, bool)>> = Mutex::new(BTreeMap::new());
+    let handed_during_del = AtomicUsize::new(0);
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let failed_adds: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    // Workers still running: a worker that panics ends the chaos's waiting too, so the test fails with the
+    // worker's message instead of waiting for operations that never come.
+    let working = AtomicUsize::new(IN_FLIGHT);
+    struct Leaving<'a>(&'a AtomicUsize);
+    impl Drop for Leaving<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
     std::thread::scope(|scope| {
         for _ in 0..IN_FLIGHT {
             scope.spawn(|| {
+                let _leaving = Leaving(&working);
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     if i >= PODS {
@@ -75,22 +104,40 @@ fn a_thousand_operations_through_an_agent_kill_and_an_etcd_member_restart() {
                     if ok {
                         let cidr = result["ips"][0]["address"].as_str().expect("address").to_string();
                         let address = cidr.split('/').next().expect("address").to_string();
-                        if let Some(other) = live.lock().expect("live").insert(address.clone(), name.clone()) {
-                            panic!("{address} handed to {name} while {other} still holds it");
+                        match live.lock().expect("live").insert(address.clone(), (name.clone(), false)) {
+                            Some((other, false)) => panic!("{address} handed to {name} while {other} still holds it"),
+                            Some((_, true)) => {
+                                handed_during_del.fetch_add(1, Ordering::SeqCst);
+                            }
+                            None => {}
                         }
                         std::thread::sleep(Duration::from_millis(20));
-                        live.lock().expect("live").remove(&address);
+                        let asking = |asked: bool| {
+                            if let Some((holder, asking)) = live.lock().expect("live").get_mut(&address)
+                                && *holder == name
+                            {
+                                *asking = asked;
+                            }
+                        };
+                        del_until_done(runtime, &container, &pod.path(), &args, asking);
+                        let mut held = live.lock().expect("live");
+                        if held.get(&address).is_some_and(|(holder, _)| *holder == name) {
+                            held.remove(&address);
+                        }
                     } else {
                         failed_adds.lock().expect("failures").push(result["msg"].as_str().unwrap_or("?").to_string());
+                        del_until_done(runtime, &container, &pod.path(), &args, |_| {});
                     }
-                    del_until_done(runtime, &container, &pod.path(), &args);
                     done.fetch_add(2, Ordering::SeqCst);
                 }
             });
         }
         // Chaos while the workers run: kill -9 an agent and start it again, then stop and start a member.
         let wait_until = |ops: usize| {
-            while done.load(Ordering::SeqCst) < ops && next.load(Ordering::SeqCst) < PODS {
+            while done.load(Ordering::SeqCst) < ops
+                && next.load(Ordering::SeqCst) < PODS
+                && working.load(Ordering::SeqCst) > 0
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
         };
@@ -98,6 +145,12 @@ fn a_thousand_operations_through_an_agent_kill_and_an_etcd_member_restart() {
         nodes[1].kill_agent();
         std::thread::sleep(Duration::from_millis(800));
         nodes[1].start_agent_with(&agent_args);
+        // An agent down past its registration TTL and the grace period together: the other nodes take none
+        // of its addresses (its pods' DELs wait for it), and its ADDs fail until it is back.
+        wait_until(2 * PODS * 2 / 5);
+        nodes[2].kill_agent();
+        std::thread::sleep(Duration::from_secs(9));
+        nodes[2].start_agent_with(&agent_args);
         wait_until(2 * PODS * 3 / 5);
         cluster.stop_member(2);
         std::thread::sleep(Duration::from_secs(2));
@@ -110,6 +163,8 @@ fn a_thousand_operations_through_an_agent_kill_and_an_etcd_member_restart() {
         *reasons.entry(failure.as_str()).or_default() += 1;
     }
     eprintln!("{} of {PODS} ADDs failed while an agent or a member was down: {reasons:?}", failures.len());
+    let handed = handed_during_del.load(Ordering::SeqCst);
+    eprintln!("{handed} addresses handed out again while their last holder's DEL was being retried or answered");
 
     // Whatever an interrupted ADD left behind is collected after the grace period.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -120,6 +175,10 @@ fn a_thousand_operations_through_an_agent_kill_and_an_etcd_member_restart() {
             nodes[0].cli_ok(&["get", "blocks", "-o", "wide"])
         );
         std::thread::sleep(Duration::from_millis(250));
+    }
+    for node in &nodes {
+        let log = node.agent_log();
+        assert!(!log.contains("is not registered any more"), "{} released another node's address:\n{log}", node.name);
     }
     let check = nodes[0].cli(&["ipam", "check"]);
     assert!(check.status.success(), "ipam check: {}", String::from_utf8_lossy(&check.stdout));

@@ -34,6 +34,8 @@ const CONTROL_ADDRESS: &str = "10.250.0.1";
 const NODE_BASE: u8 = 10;
 /// The API server's port (in the control plane's namespace).
 const API_PORT: u16 = 6443;
+/// poolwarden's etcd (in the control plane's namespace, not Kubernetes' own), which the agents share.
+const POOLWARDEN_ETCD_PORT: u16 = 22379;
 /// Services' range; the API server's own service address is its first.
 const SERVICE_RANGE: &str = "10.96.0.0/16";
 const API_SERVICE_ADDRESS: &str = "10.96.0.1";
@@ -48,7 +50,7 @@ fn bin_dir(root: &Path) -> PathBuf {
 }
 
 /// A node's name (`pwk-node1`, ...), which is also its namespace's.
-fn node_name(n: u8) -> String {
+pub fn node_name(n: u8) -> String {
     format!("pwk-node{n}")
 }
 
@@ -318,8 +320,8 @@ fn network(nodes: u8) -> Result<()> {
     Ok(())
 }
 
-/// Start `program` with `args` in namespace `ns`, in a session of its own, logging to `logs/<name>.log`
-/// and recording its PID in `pids/<name>`.
+/// Start `program` with `args` in network namespace `ns` (and, for a node's processes, the node's mount
+/// namespace), in a session of its own, logging to `logs/<name>.log` and recording its PID in `pids/<name>`.
 fn start(state: &Path, name: &str, ns: &str, program: &Path, args: &[String]) -> Result<u32> {
     let logs = state.join("logs");
     let pids = state.join("pids");
@@ -331,9 +333,12 @@ fn start(state: &Path, name: &str, ns: &str, program: &Path, args: &[String]) ->
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
     // nsenter, not `ip netns exec`: that one also enters a mount namespace with a sysfs of its own, where
     // kubelet finds no cgroup mounts.
-    let child = Command::new("setsid")
-        .arg("nsenter")
-        .arg(format!("--net=/var/run/netns/{ns}"))
+    let mut command = Command::new("setsid");
+    command.arg("nsenter").arg(format!("--net=/var/run/netns/{ns}"));
+    if ns.starts_with("pwk-node") {
+        command.arg(format!("--mount={}", mount_ns(ns).display()));
+    }
+    let child = command
         .arg(program)
         .args(args)
         .stdin(Stdio::null())
@@ -450,6 +455,22 @@ pub fn up(root: &Path, nodes: u8) -> Result<PathBuf> {
             "--endpoint-reconciler-type=lease".into(),
         ],
     )?;
+    // poolwarden's datastore, on the control plane's address (the nodes reach it over the bridge).
+    start(
+        &state,
+        "poolwarden-etcd",
+        CONTROL_NS,
+        Path::new("/usr/bin/etcd"),
+        &[
+            "--name=poolwarden".into(),
+            format!("--data-dir={}", s(state.join("poolwarden-etcd"))),
+            format!("--listen-client-urls=http://{CONTROL_ADDRESS}:{POOLWARDEN_ETCD_PORT}"),
+            format!("--advertise-client-urls=http://{CONTROL_ADDRESS}:{POOLWARDEN_ETCD_PORT}"),
+            "--listen-peer-urls=http://127.0.0.1:22380".into(),
+            "--initial-advertise-peer-urls=http://127.0.0.1:22380".into(),
+            "--initial-cluster=poolwarden=http://127.0.0.1:22380".into(),
+        ],
+    )?;
     let kubectl = s(bin.join("kubectl"));
     let admin_path = s(admin.clone());
     wait_until(
@@ -458,6 +479,13 @@ pub fn up(root: &Path, nodes: u8) -> Result<PathBuf> {
         CONTROL_NS,
         &[&kubectl, "--kubeconfig", &admin_path, "get", "--raw", "/readyz"],
         Duration::from_secs(90),
+    )?;
+    wait_until(
+        &state,
+        "poolwarden-etcd",
+        CONTROL_NS,
+        &["curl", "-sf", &format!("http://{CONTROL_ADDRESS}:{POOLWARDEN_ETCD_PORT}/health")],
+        Duration::from_secs(30),
     )?;
 
     let cm = kubeconfig(&state, "controller-manager")?;
@@ -509,15 +537,13 @@ pub fn up(root: &Path, nodes: u8) -> Result<PathBuf> {
 }
 
 /// Install poolwarden the way a user does: `kubectl apply -k` of an overlay of `deploy/` that changes the image
-/// and, because this machine's nodes share one filesystem, points the host paths at the node's own
-/// directories; and tells the agent where the API server is (kube-proxy is not needed for that).
+/// and nothing in the manifests. Its settings say what a user's would: the datastore is the cluster's
+/// poolwarden etcd (a cluster of more than one node needs a shared one), and the agent is told where the API
+/// server is (it must not need kube-proxy for that).
 pub fn install(root: &Path) -> Result<()> {
     let state = state_dir(root);
     let overlay = state.join("overlay");
     std::fs::create_dir_all(&overlay)?;
-    let node = node_name(1);
-    let node_dir = state.join(&node);
-    let s = |p: &Path| p.display().to_string();
     let kustomization = format!(
         r#"apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
@@ -528,33 +554,28 @@ images:
     newName: {image_name}
     newTag: {image_tag}
 configMapGenerator:
+  - name: poolwarden-config
+    namespace: kube-system
+    behavior: merge
+    options: {{disableNameSuffixHash: true}}
+    literals:
+      - POOLWARDEN_DATASTORE=etcd:http://{CONTROL_ADDRESS}:{POOLWARDEN_ETCD_PORT}
+      # Short, for the garbage collection tests (the default is 15m).
+      - POOLWARDEN_LEAK_GRACE_PERIOD=20s
   - name: poolwarden-api-endpoint
     namespace: kube-system
     options: {{disableNameSuffixHash: true}}
     literals:
       - KUBERNETES_SERVICE_HOST={CONTROL_ADDRESS}
       - KUBERNETES_SERVICE_PORT={API_PORT}
-patches:
-  - target: {{kind: DaemonSet, name: poolwarden}}
-    patch: |-
-      - {{op: replace, path: /spec/template/spec/volumes/1/hostPath/path, value: {bpf}}}
-      - {{op: replace, path: /spec/template/spec/volumes/2/hostPath/path, value: {state_path}}}
-      - {{op: replace, path: /spec/template/spec/volumes/4/hostPath/path, value: {cni_bin}}}
-      - {{op: replace, path: /spec/template/spec/volumes/5/hostPath/path, value: {cni_conf}}}
 "#,
         // kustomize takes bases by relative path: target/cluster/overlay -> deploy.
         deploy = "../../../deploy",
         image_name = POOLWARDEN_IMAGE.rsplit_once(':').map_or(POOLWARDEN_IMAGE, |(n, _)| n),
         image_tag = POOLWARDEN_IMAGE.rsplit_once(':').map_or("latest", |(_, t)| t),
-        bpf = s(&node_dir.join("bpf")),
-        state_path = s(&node_dir.join("poolwarden")),
-        cni_bin = s(&node_dir.join("cni/bin")),
-        cni_conf = s(&node_dir.join("cni/net.d")),
     );
     std::fs::write(overlay.join("kustomization.yaml"), kustomization)?;
-    // The DaemonSet makes /run/poolwarden on the machine (its socket's host path): down removes it.
-    std::fs::write(state.join("installed"), "")?;
-    kubectl(root, &["apply", "-k", &s(&overlay)])?;
+    kubectl(root, &["apply", "-k", &overlay.display().to_string()])?;
     kubectl(root, &["-n", "kube-system", "rollout", "status", "daemonset/poolwarden", "--timeout=180s"])
 }
 
@@ -582,6 +603,83 @@ const KUBELET_SYSCTLS: &[&str] = &[
 /// Where a node's containerd keeps its runtime state (sockets; pods' namespaces are mounted under it).
 fn run_dir(name: &str) -> PathBuf {
     Path::new("/run/pwk").join(name)
+}
+
+/// Where a node's mount namespace is kept (a bind of its nsfs file; the namespace lives while it is mounted
+/// or a process of the node runs in it).
+fn mount_ns(name: &str) -> PathBuf {
+    Path::new("/run/pwk/mnt").join(name)
+}
+
+/// The machine's directories a node sees as its own: (path on the node, directory of the node's that is
+/// mounted there). The nodes share one filesystem, but each node's containerd, kubelet and pods run in a
+/// mount namespace of the node's where these paths are its own, so that poolwarden's DaemonSet is applied
+/// with its host paths unchanged and the plugin finds its node's agent at the socket path the conflist names.
+fn node_paths(state: &Path, name: &str) -> Vec<(&'static str, PathBuf)> {
+    let dir = state.join(name);
+    vec![
+        ("/run/poolwarden", run_dir(name).join("poolwarden")),
+        ("/var/lib/poolwarden", dir.join("poolwarden")),
+        ("/opt/cni/bin", dir.join("cni/bin")),
+        ("/etc/cni/net.d", dir.join("cni/net.d")),
+    ]
+}
+
+/// Make node `name`'s mount namespace: a slave of the machine's (what the machine mounts later still
+/// appears; nothing mounted in the node goes back), with the node's own directories over [`node_paths`],
+/// a bpffs of its own at /sys/fs/bpf, and /run/netns shared within the node (the DaemonSet mounts both with
+/// Bidirectional propagation; the pods' namespaces containerd mounts there stay in the node).
+fn node_filesystem(state: &Path, name: &str) -> Result<()> {
+    let file = mount_ns(name);
+    let holder = file.parent().expect("a parent");
+    std::fs::create_dir_all(holder)?;
+    // unshare --mount=FILE needs FILE on a private mount (made private again in case an earlier up stopped
+    // between the two).
+    let shown = holder.display().to_string();
+    if !mounted(holder) {
+        run("mount", &["--bind", &shown, &shown])?;
+    }
+    run("mount", &["--make-private", &shown])?;
+    if mounted(&file) {
+        return Ok(());
+    }
+    let made = state.join("mountpoints-made");
+    let mut script = String::from("set -e\n");
+    for (point, source) in node_paths(state, name) {
+        std::fs::create_dir_all(&source)?;
+        // The mount point must exist on the machine; what up makes, down removes (when empty).
+        let mut missing: Vec<PathBuf> =
+            Path::new(point).ancestors().filter(|p| !p.exists()).map(Path::to_path_buf).collect();
+        missing.reverse();
+        for dir in missing {
+            std::fs::create_dir(&dir)?;
+            let mut list = std::fs::read_to_string(&made).unwrap_or_default();
+            list.push_str(&format!("{}\n", dir.display()));
+            std::fs::write(&made, list)?;
+        }
+        script.push_str(&format!("mount --bind '{}' '{point}'\n", source.display()));
+    }
+    script.push_str("mount -t bpf bpf /sys/fs/bpf\nmount --make-shared /sys/fs/bpf\nmount --make-shared /run/netns\n");
+    std::fs::write(&file, "")?;
+    let status = Command::new("unshare")
+        .arg(format!("--mount={}", file.display()))
+        .args(["--propagation", "slave", "sh", "-c", &script])
+        .status()
+        .context("run unshare")?;
+    if !status.success() {
+        let _ = Command::new("umount").arg(&file).status();
+        bail!("making {name}'s mount namespace failed ({status})");
+    }
+    Ok(())
+}
+
+/// Whether `path` is a mount point.
+fn mounted(path: &Path) -> bool {
+    let path = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(path.as_str()))
 }
 
 /// The cgroup v1 hierarchies mounted here (kubelet's cgroupRoot must exist in each).
@@ -716,6 +814,7 @@ fn start_node(root: &Path, state: &Path, bin: &Path, n: u8) -> Result<()> {
                 .with_context(|| format!("copy the {plugin} plugin"))?;
         }
     }
+    node_filesystem(state, &name)?;
     let s = |p: &Path| p.display().to_string();
     let config = format!(
         r#"version = 2
@@ -737,17 +836,16 @@ state = "{state}"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         BinaryName = "/usr/sbin/runc"
         SystemdCgroup = false
+  # The node's own directories (its mount namespace has them there).
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{cni_bin}"
-    conf_dir = "{cni_conf}"
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
 [plugins."io.containerd.internal.v1.opt"]
   path = "{opt}"
 "#,
         root = s(&dir.join("containerd")),
         state = s(&run_dir.join("containerd")),
         socket = s(&containerd_socket(n)),
-        cni_bin = s(&cni_bin),
-        cni_conf = s(&cni_conf),
         opt = s(&dir.join("containerd-opt")),
     );
     let config_path = dir.join("containerd.toml");
@@ -758,14 +856,6 @@ state = "{state}"
     wait_until(state, &containerd, &name, &["ctr", "--address", &socket, "version"], Duration::from_secs(30))?;
     import(n, &pause_image(state, root)?)?;
 
-    // The node's bpffs, shared (the agent pins there, with Bidirectional propagation).
-    let bpf = dir.join("bpf");
-    let bpf_path = s(&bpf);
-    if !shared_mount(&bpf_path) {
-        std::fs::create_dir_all(&bpf)?;
-        run("mount", &["-t", "bpf", "bpf", &bpf_path])?;
-        run("mount", &["--make-shared", &bpf_path])?;
-    }
     // kubelet's cgroups, under a root of the node's own.
     for hierarchy in cgroup_hierarchies() {
         let _ = std::fs::create_dir_all(hierarchy.join(&name));
@@ -816,7 +906,7 @@ maxPods: 250
     );
     let kubelet_config_path = dir.join("kubelet.yaml");
     std::fs::write(&kubelet_config_path, kubelet_config)?;
-    let kubeconfig = kubeconfig(state, &name)?;
+    let kubelet_kubeconfig = kubeconfig(state, &name)?;
     let kubelet = format!("kubelet-{name}");
     start(
         state,
@@ -825,14 +915,41 @@ maxPods: 250
         &bin.join("kubelet"),
         &[
             format!("--config={}", s(&kubelet_config_path)),
-            format!("--kubeconfig={}", s(&kubeconfig)),
+            format!("--kubeconfig={}", s(&kubelet_kubeconfig)),
             format!("--root-dir={}", s(&dir.join("kubelet"))),
             format!("--hostname-override={name}"),
             format!("--node-ip={}", node_address(n)),
         ],
     )?;
+    // kube-proxy (iptables mode, in the node's namespace): Services' addresses work on the node and in its
+    // pods. Conntrack's table size and timeouts are the machine's, not a namespace's: it leaves them alone.
+    let proxy_kubeconfig = kubeconfig(state, "kube-proxy")?;
+    let proxy_config = format!(
+        r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: "{kubeconfig}"
+hostnameOverride: {name}
+mode: iptables
+bindAddress: {address}
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+conntrack:
+  maxPerCore: 0
+  min: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+"#,
+        kubeconfig = s(&proxy_kubeconfig),
+        address = node_address(n),
+    );
+    let proxy_config_path = dir.join("kube-proxy.yaml");
+    std::fs::write(&proxy_config_path, proxy_config)?;
+    let proxy = format!("kube-proxy-{name}");
+    start(state, &proxy, &name, &bin.join("kube-proxy"), &[format!("--config={}", s(&proxy_config_path))])?;
     let kubectl = s(&bin.join("kubectl"));
     let admin = s(&state.join("admin.kubeconfig"));
+    wait_until(state, &proxy, &name, &["curl", "-sf", "http://127.0.0.1:10256/healthz"], Duration::from_secs(60))?;
     wait_until(
         state,
         &kubelet,
@@ -919,13 +1036,32 @@ pub fn down(root: &Path) -> Result<()> {
         }
     }
     stop(&names.iter().filter(|n| n.starts_with("containerd-")).collect::<Vec<_>>());
+    // Whatever still runs in a node's mount namespace was started there by the node (a shim whose task
+    // was deleted waits for its containerd's word to exit, and its PID file is gone).
+    for node in std::fs::read_dir("/run/pwk/mnt").into_iter().flatten().flatten() {
+        // Only a mounted namespace file names a namespace (an unmounted one is a plain file's inode).
+        if !mounted(&node.path()) {
+            continue;
+        }
+        if let Ok(link) =
+            std::fs::metadata(node.path()).map(|m| format!("mnt:[{}]", std::os::unix::fs::MetadataExt::ino(&m)))
+        {
+            for pid in in_mount_namespace(&link) {
+                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+        }
+    }
     stop(&names.iter().collect::<Vec<_>>());
     unmount_under(&state)?;
     unmount_under(Path::new("/run/pwk"))?;
     let _ = std::fs::remove_dir_all("/run/pwk");
-    // The agent's socket directory (the DaemonSet's default host path, which the conflist names).
-    if state.join("installed").exists() {
-        let _ = std::fs::remove_dir_all("/run/poolwarden");
+    // The mount points up made on the machine for the nodes' own directories (empty: nothing was ever
+    // mounted on them outside the nodes), deepest first.
+    let made = std::fs::read_to_string(state.join("mountpoints-made")).unwrap_or_default();
+    let mut made: Vec<&str> = made.lines().collect();
+    made.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for dir in made {
+        let _ = std::fs::remove_dir(dir);
     }
     // kubelet's cgroups (the pods' processes are gone, so they are empty), deepest first.
     for hierarchy in cgroup_hierarchies() {
@@ -949,6 +1085,17 @@ pub fn down(root: &Path) -> Result<()> {
         std::fs::remove_dir_all(&state).with_context(|| format!("remove {}", state.display()))?;
     }
     Ok(())
+}
+
+/// The processes whose mount namespace is `link` (`mnt:[inode]`, as /proc/PID/ns/mnt reads).
+fn in_mount_namespace(link: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).is_ok_and(|l| l.to_string_lossy() == link))
+        .collect()
 }
 
 /// The pods' namespaces a containerd made (`cni-<uuid>` under /run/netns).
@@ -1022,7 +1169,7 @@ fn remove_cgroup(dir: &Path) {
 /// says; the cluster goes down at the end unless `keep`.
 pub fn demo(root: &Path, keep: bool) -> Result<()> {
     let outcome = (|| {
-        up(root, 1)?;
+        up(root, 2)?;
         install(root)?;
         let step = |title: &str| println!("\n== {title}");
         step("Step 1: the seed's pools (Calico's YAML, unchanged), external-pool bound to external-ns");
@@ -1033,24 +1180,7 @@ pub fn demo(root: &Path, keep: bool) -> Result<()> {
         );
         let pools = state_dir(root).join("pools.yaml");
         std::fs::write(&pools, seed)?;
-        kubectl_stdin(
-            root,
-            &[
-                "-n",
-                "kube-system",
-                "exec",
-                "-i",
-                "ds/poolwarden",
-                "-c",
-                "agent",
-                "--",
-                "poolwarden",
-                "apply",
-                "-f",
-                "-",
-            ],
-            &pools,
-        )?;
+        apply_through_agent(root, &pools)?;
         step("Step 2: namespaces, annotated (poolwarden's key for one, Calico's for the other)");
         kubectl(root, &["create", "namespace", "external-ns"])?;
         kubectl(root, &["create", "namespace", "internal-ns"])?;
@@ -1127,8 +1257,15 @@ pub fn demo(root: &Path, keep: bool) -> Result<()> {
     }
 }
 
+/// `poolwarden apply` of `file` through the agent (it has the datastore's client), as an operator does.
+pub fn apply_through_agent(root: &Path, file: &Path) -> Result<()> {
+    let apply =
+        ["-n", "kube-system", "exec", "-i", "ds/poolwarden", "-c", "agent", "--", "poolwarden", "apply", "-f", "-"];
+    kubectl_stdin(root, &apply, file)
+}
+
 /// kubectl with a file on stdin.
-fn kubectl_stdin(root: &Path, args: &[&str], stdin: &Path) -> Result<()> {
+pub fn kubectl_stdin(root: &Path, args: &[&str], stdin: &Path) -> Result<()> {
     let status = kubectl_command(root, args).stdin(std::fs::File::open(stdin)?).status()?;
     if !status.success() {
         bail!("kubectl {args:?} failed ({status})");
@@ -1137,7 +1274,7 @@ fn kubectl_stdin(root: &Path, args: &[&str], stdin: &Path) -> Result<()> {
 }
 
 /// kubectl's standard output.
-fn kubectl_output(root: &Path, args: &[&str]) -> Result<String> {
+pub fn kubectl_output(root: &Path, args: &[&str]) -> Result<String> {
     let out = kubectl_command(root, args).output()?;
     if !out.status.success() {
         bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));

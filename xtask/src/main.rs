@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 
 mod bench;
 mod cluster;
+mod cluster_bench;
 mod demo;
 mod images;
 use clap::{Parser, Subcommand};
@@ -40,7 +41,8 @@ enum Task {
     Bench {
         /// Only this part: `cni` (plugin ADD/DEL against bridge + host-local, agent memory), `enforcement`
         /// (per-packet cost against an empty program), `allocator`, `routes` (10,000 remote blocks against
-        /// `ip -batch`) or `cluster` (1,000 pods on 10 nodes on etcd against bridge + host-local).
+        /// `ip -batch`), `cluster` (1,000 pods on 10 nodes on etcd against bridge + host-local) or
+        /// `kubernetes` (a 100-replica deployment on the real cluster against bridge + host-local).
         #[arg(long)]
         only: Option<String>,
     },
@@ -363,12 +365,13 @@ fn test() -> Result<()> {
 fn cluster_tests(root: &Path) -> Result<()> {
     let started = std::time::Instant::now();
     let outcome = (|| {
-        cluster::up(root, 1)?;
+        cluster::up(root, 2)?;
         cluster::install(root)?;
         let dir = cluster::state_dir(root);
         run_with_env(
             "cargo",
-            &["test", "-p", "poolwarden-tests", "--test", "k8s_cluster"],
+            // One at a time: one restarts every agent, another starts 200 pods.
+            &["test", "-p", "poolwarden-tests", "--test", "k8s_cluster", "--", "--test-threads=1"],
             &[("POOLWARDEN_CLUSTER", &dir.to_string_lossy()), ("POOLWARDEN_REQUIRE_CLUSTER", "1")],
         )
     })();
@@ -395,6 +398,13 @@ fn bench(root: &Path, only: Option<&str>) -> Result<()> {
         // The cluster bench runs the release binaries next to it.
         run("cargo", &["build", "--release", "-p", "poolwarden", "-p", "poolwarden-cni", "--bins"])?;
         run("cargo", &["bench", "-p", "poolwarden-tests", "--bench", "cluster"])?;
+    }
+    if only.is_none_or(|o| o == "cost") {
+        // What one node's periodic actions read from etcd with 10, 100 and 1,000 nodes (issue 14).
+        run("cargo", &["bench", "-p", "poolwarden-tests", "--bench", "cost"])?;
+    }
+    if only.is_none_or(|o| o == "kubernetes") {
+        cluster_bench::run(root)?;
     }
     Ok(())
 }

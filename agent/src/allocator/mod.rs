@@ -347,6 +347,11 @@ impl Allocator {
     /// The block holding `ip`: computed from its pool, or found among the blocks if its pool was deleted.
     async fn block_of(&self, ip: IpAddr) -> Result<Option<IpNet>, StoreError> {
         let pools = Catalog::new(Arc::clone(&self.store)).pools().await?;
+        self.block_among(&pools, ip).await
+    }
+
+    /// [`Allocator::block_of`] with the pools already read.
+    async fn block_among(&self, pools: &[(IpPool, Revision)], ip: IpAddr) -> Result<Option<IpNet>, StoreError> {
         if let Some(cidr) = pools.iter().find_map(|(p, _)| ipam::block_containing(p, ip)) {
             return Ok(Some(cidr));
         }
@@ -730,7 +735,7 @@ impl Allocator {
             for cidr in record.blocks.keys() {
                 if let Some((mut block, rev)) = self.block(*cidr).await? {
                     released.extend(block.release_handle(handle, now));
-                    txn = write_block(txn, &block, Some(rev));
+                    txn = write_released(txn, &block, rev);
                 }
             }
             if self.store.txn(txn).await?.is_committed() {
@@ -754,7 +759,8 @@ impl Allocator {
             let Some(cidr) = self.block_of(ip).await? else { return Ok(None) };
             let lock = self.locks.get(format!("block/{cidr}"));
             let _turn = lock.lock().await;
-            let Some((mut block, rev)) = self.block(cidr).await? else { continue };
+            // No block record: nobody claimed that block, so nothing in it is allocated.
+            let Some((mut block, rev)) = self.block(cidr).await? else { return Ok(None) };
             let Some(current) = block.allocation(ip) else { return Ok(None) };
             if let Some((sequence, handle)) = expected
                 && (current.sequence != sequence || current.handle != handle)
@@ -762,7 +768,7 @@ impl Allocator {
                 return Err(AllocError::Reassigned { ip, expected: sequence, actual: current.sequence });
             }
             let Some(allocation) = block.release_ip(ip, now) else { return Ok(None) };
-            let mut txn = write_block(Txn::new(), &block, Some(rev));
+            let mut txn = write_released(Txn::new(), &block, rev);
             let (mut record, handle_rev) = self.handle_record(&allocation.handle).await?;
             if let Some(handle_rev) = handle_rev {
                 let hkey = keys::handle(&allocation.handle);
@@ -847,6 +853,38 @@ impl Allocator {
         }
     }
 
+    /// What concerns `nodes`: their affinities, the blocks they own, and the blocks holding `addresses`
+    /// (theirs, in blocks other nodes own). Reads per node and per block, never the whole store.
+    pub async fn view_of(
+        &self,
+        nodes: &BTreeSet<String>,
+        addresses: impl IntoIterator<Item = IpAddr>,
+    ) -> Result<(Vec<Affinity>, Vec<Block>), AllocError> {
+        let mut affinities = Vec::new();
+        let mut cidrs = BTreeSet::new();
+        for node in nodes {
+            for kv in self.store.list(&keys::node_affinities(node)).await?.0 {
+                let affinity: Affinity = decode(&kv.key, &kv.value)?;
+                cidrs.insert(affinity.cidr);
+                affinities.push(affinity);
+            }
+        }
+        let elsewhere: Vec<IpAddr> = addresses.into_iter().filter(|ip| !cidrs.iter().any(|c| c.contains(ip))).collect();
+        if !elsewhere.is_empty() {
+            let pools = Catalog::new(Arc::clone(&self.store)).pools().await?;
+            for ip in elsewhere {
+                cidrs.extend(self.block_among(&pools, ip).await?);
+            }
+        }
+        let mut blocks = Vec::with_capacity(cidrs.len());
+        for cidr in cidrs {
+            if let Some((block, _)) = self.block(cidr).await? {
+                blocks.push(block);
+            }
+        }
+        Ok((affinities, blocks))
+    }
+
     /// Everything `ipam check` and `ipam show` look at.
     pub async fn snapshot(&self) -> Result<Snapshot, AllocError> {
         fn all<T: serde::de::DeserializeOwned>(kvs: &[KeyValue]) -> Result<Vec<T>, StoreError> {
@@ -883,6 +921,16 @@ pub fn write_block(txn: Txn, block: &Block, revision: Option<Revision>) -> Txn {
         Some(node) if block.free_count() > 0 => txn.put(keys::room(node, block.cidr), Vec::new()),
         Some(node) => txn.remove(keys::room(node, block.cidr)),
         None => txn,
+    }
+}
+
+/// Write a block addresses were released from: one that nobody owns goes back to its pool once it is empty
+/// (what is left of a gone node's block that another node borrowed from).
+fn write_released(txn: Txn, block: &Block, revision: Revision) -> Txn {
+    if block.affinity.is_none() && block.is_empty() {
+        delete_block(txn, block, revision)
+    } else {
+        write_block(txn, block, Some(revision))
     }
 }
 

@@ -1,5 +1,6 @@
-//! Prometheus metrics: requests by command and result, their latency, addresses used and free per pool,
-//! blocks owned by this node.
+//! Prometheus metrics: requests by command and result, their latency, each pool's size, the addresses used
+//! and free in the blocks this node owns (per pool: `sum by (pool)` over the nodes gives the pool's totals,
+//! so that no node reads the whole store for them), blocks owned by this node, enforcement's verdicts.
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::ipam::check::Snapshot;
+use crate::{ipam::Block, resources::IpPool};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -31,6 +32,11 @@ struct CommandLabels {
 struct PoolLabels {
     pool: String,
     state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SizeLabels {
+    pool: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,6 +58,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: HistogramFamily,
     addresses: Family<PoolLabels, Gauge>,
+    sizes: Family<SizeLabels, Gauge>,
     blocks_owned: Gauge,
     dropped: Family<DropLabels, Counter>,
     passed: Family<PassLabels, Counter>,
@@ -73,7 +80,13 @@ impl Default for Metrics {
         let blocks_owned = Gauge::default();
         registry.register("requests", "Requests served, by command and result", requests.clone());
         registry.register("request_duration_seconds", "Time to serve a request, by command", latency.clone());
-        registry.register("pool_addresses", "Addresses per pool, by state (used or free)", addresses.clone());
+        let sizes = Family::<SizeLabels, Gauge>::default();
+        registry.register("pool_size_addresses", "Addresses in each pool's CIDR", sizes.clone());
+        registry.register(
+            "node_addresses",
+            "Addresses of the blocks this node owns, per pool, by state (used or free); sum by pool for the pool",
+            addresses.clone(),
+        );
         registry.register("blocks_owned", "Blocks affine to this node", blocks_owned.clone());
         let dropped = Family::<DropLabels, Counter>::default();
         let passed = Family::<PassLabels, Counter>::default();
@@ -83,7 +96,7 @@ impl Default for Metrics {
             dropped.clone(),
         );
         registry.register("passed_packets", "Packets from pods passed by enforcement, by pool", passed.clone());
-        Self { registry, requests, latency, addresses, blocks_owned, dropped, passed, seen: Default::default() }
+        Self { registry, requests, latency, addresses, sizes, blocks_owned, dropped, passed, seen: Default::default() }
     }
 }
 
@@ -99,15 +112,19 @@ impl Metrics {
         self.blocks_owned.set(i64::try_from(blocks).unwrap_or(i64::MAX));
     }
 
-    /// Set the per-pool address gauges.
-    pub fn set_pools(&self, snapshot: &Snapshot) {
-        for pool in &snapshot.pools {
-            let used = snapshot.used_in(pool);
-            let free = pool.size().saturating_sub(used);
+    /// Set the pools' sizes and the addresses of `blocks` (this node's) per pool; pools gone lose their series.
+    pub fn set_pools(&self, pools: &[IpPool], blocks: &[Block]) {
+        self.sizes.clear();
+        self.addresses.clear();
+        for pool in pools {
+            self.sizes.get_or_create(&SizeLabels { pool: pool.name().to_string() }).set(saturating(pool.size()));
+            let mine = blocks.iter().filter(|b| b.pool == pool.name());
+            let (used, free) =
+                mine.fold((0u128, 0u128), |(u, f), b| (u + u128::from(b.used()), f + u128::from(b.free_count())));
             for (state, value) in [("used", used), ("free", free)] {
                 self.addresses
                     .get_or_create(&PoolLabels { pool: pool.name().to_string(), state: state.into() })
-                    .set(i64::try_from(value).unwrap_or(i64::MAX));
+                    .set(saturating(value));
             }
         }
     }
@@ -132,5 +149,47 @@ impl Metrics {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+fn saturating(value: u128) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::{Resource, parse_documents};
+
+    #[test]
+    fn pool_series_are_this_nodes_blocks_and_pools_gone_lose_theirs() {
+        let docs = parse_documents(
+            "p.yaml",
+            "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.9.0.0/24, blockSize: 29}\n---\n\
+             apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: b}\nspec: {cidr: 10.8.0.0/24, blockSize: 29}\n",
+        )
+        .unwrap();
+        let pools: Vec<IpPool> = docs
+            .into_iter()
+            .filter_map(|d| if let Resource::IpPool(p) = d.resource { Some(p) } else { None })
+            .collect();
+        let mut block = Block::new("10.9.0.0/29".parse().unwrap(), "a", "node-1", 0);
+        let owner = crate::ipam::Owner { node: "node-1".into(), handle: "h".into(), namespace: None, pod: None };
+        block.assign_ip("10.9.0.3".parse().unwrap(), &owner, 0, 0).unwrap();
+        let metrics = Metrics::default();
+        metrics.set_pools(&pools, &[block]);
+        let text = metrics.render();
+        for line in [
+            "poolwarden_pool_size_addresses{pool=\"a\"} 256",
+            "poolwarden_node_addresses{pool=\"a\",state=\"used\"} 1",
+            "poolwarden_node_addresses{pool=\"a\",state=\"free\"} 7",
+            "poolwarden_node_addresses{pool=\"b\",state=\"used\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        metrics.set_pools(&pools[..1], &[]);
+        let text = metrics.render();
+        assert!(!text.contains("pool=\"b\""), "{text}");
+        assert!(text.contains("poolwarden_node_addresses{pool=\"a\",state=\"used\"} 0"), "{text}");
     }
 }

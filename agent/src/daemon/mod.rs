@@ -2,7 +2,9 @@
 //! node's routes, and keeps them reconciled with the store across restarts.
 
 pub mod cluster;
+mod collect;
 pub mod install;
+pub mod membership;
 pub mod metrics;
 pub mod server;
 
@@ -19,6 +21,8 @@ use poolwarden_protocol::{
 };
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
+
+use self::membership::Membership;
 
 use crate::{
     allocator::{AllocError, Allocator, AssignRequest, Record},
@@ -96,6 +100,10 @@ pub struct Endpoint {
     pub namespace: String,
     /// The pod's name.
     pub pod: String,
+    /// The pod's UID (`K8S_POD_UID`; empty when the runtime gave none): in Kubernetes mode, the attachment
+    /// is collected once no pod of that UID exists.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_uid: String,
     /// Its addresses.
     pub ips: Vec<IpAddr>,
     /// Where enforcement is attached on the host side.
@@ -124,23 +132,15 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// What identifies one allocation the collector suspects: the address, the block sequence number and the
-/// handle (a block given back and claimed again starts its sequence over).
-fn leak_key(leak: &ipam::gc::Leak) -> String {
-    format!("{}#{}#{}", leak.ip, leak.sequence, leak.handle)
-}
-
-/// What identifies a suspected affinity of a gone node.
-fn orphan_key(affinity: &ipam::Affinity) -> String {
-    format!("{}@{}", affinity.cidr, affinity.node)
-}
-
 /// Where the plugin announces the index of an ADD's host interface once it is up (see
 /// `poolwarden_protocol`): an error when it gave up.
 pub type HostIndex = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u32, String>> + Send>>;
 
-/// How long an ADD waits for the plugin to create the pod's host interface.
-pub const HOST_INTERFACE_WAIT: Duration = Duration::from_secs(5);
+/// How long an ADD waits for the plugin to create the pod's host interface. Long: a plugin that dies closes
+/// its connection, which ends the wait at once, but one that is alive may be slow, its veth waiting for the
+/// kernel's RTNL lock while the node starts many pods at once (more than 5 s was seen with 50 pods starting
+/// on each node of the test cluster, and each such failure costs the pod a kubelet retry).
+pub const HOST_INTERFACE_WAIT: Duration = Duration::from_secs(60);
 
 /// How long things last that outlive a moment.
 #[derive(Clone, Copy, Debug)]
@@ -177,8 +177,8 @@ pub struct Agent {
     pub metrics: metrics::Metrics,
     /// How long registrations and leaks last.
     lifetimes: Lifetimes,
-    /// What looked leaked at the last collection, and since when.
-    suspects: std::sync::Mutex<BTreeMap<String, Instant>>,
+    /// What looked leaked at the last collection, since when, and the grace period it waits under.
+    suspects: std::sync::Mutex<BTreeMap<String, (Instant, Duration)>>,
     /// Every ADD holds this shared for its whole course; the collector takes it alone to release this node's
     /// leaked addresses, so an address allocated (or returned again to a repeated ADD) and not wired yet is
     /// never released under it.
@@ -187,6 +187,8 @@ pub struct Agent {
     directory: Arc<dyn Directory>,
     /// The masquerade table for pools with `natOutgoing`.
     nat: crate::dataplane::nat::Nat,
+    /// The nodes the store knows, followed by watches (see [`Agent::follow_membership`]).
+    membership: Arc<Membership>,
 }
 
 fn reply(code: u32, msg: impl Into<String>, details: impl Into<String>) -> ErrorReply {
@@ -275,6 +277,7 @@ impl Agent {
             adds: tokio::sync::RwLock::new(()),
             directory: Arc::new(StandaloneDirectory::new(Arc::clone(&store))),
             nat: crate::dataplane::nat::Nat::default(),
+            membership: Arc::default(),
             store,
         })
     }
@@ -285,108 +288,14 @@ impl Agent {
         self
     }
 
-    /// How often the collector looks for leaks: often enough to release them soon after their grace period.
-    pub fn gc_interval(&self) -> Duration {
-        (self.lifetimes.leak_grace / 3).clamp(Duration::from_millis(500), MAINTENANCE_INTERVAL)
+    /// Follow the nodes' registrations with watches from now on, so that collection passes do not list them.
+    pub fn follow_membership(&self) {
+        tokio::spawn(Arc::clone(&self.membership).follow(Arc::clone(&self.store)));
     }
 
-    /// Whether this node has a live endpoint for `handle` (recorded, and its interface or netns still there).
-    async fn endpoint_alive(&self, handle: &str) -> Result<bool, ErrorReply> {
-        let key = keys::endpoint(&self.node.name, handle);
-        let Some(kv) = self.store.get(&key).await.map_err(store_reply)? else { return Ok(false) };
-        let endpoint: Endpoint = decode(&key, &kv.value).map_err(store_reply)?;
-        self.endpoint_exists(&endpoint).await
-    }
-
-    /// Whether an endpoint's container is still there: its host interface, or (IPAM-only) its netns.
-    async fn endpoint_exists(&self, endpoint: &Endpoint) -> Result<bool, ErrorReply> {
-        if endpoint.host_ifname.is_empty() {
-            Ok(endpoint.netns.is_empty() || std::path::Path::new(&endpoint.netns).exists())
-        } else {
-            Ok(self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)?.is_some())
-        }
-    }
-
-    /// Release what has looked leaked for the whole grace period: addresses of gone nodes and of this
-    /// node's attachments whose container is gone (or that were never wired), then the affinities of gone
-    /// nodes and the blocks nobody owns any more. Returns how many addresses and blocks were released.
-    pub async fn collect_garbage(&self) -> Result<(usize, usize), ErrorReply> {
-        let snapshot = self.allocator.snapshot().await.map_err(alloc_reply)?;
-        let registered = &snapshot.nodes;
-        let mut local = ipam::gc::LocalEndpoints::new();
-        for endpoint in self.endpoints().await.map_err(store_reply)? {
-            let alive = self.endpoint_exists(&endpoint).await?;
-            local.insert(ipam::handle_for(&endpoint.container_id, &endpoint.ifname), alive);
-        }
-        let leaks = ipam::gc::leaked_addresses(&snapshot.blocks, &self.node.name, registered, &local);
-        let orphans = ipam::gc::orphaned_affinities(&snapshot.affinities, registered);
-
-        // Only what looked leaked last time too, for the whole grace period, is released now. Another node's
-        // addresses and blocks look leaked when its agent is not registered, which an agent down for a while
-        // (a crash loop, an upgrade, a lost datastore) looks like too: unless the node was decommissioned,
-        // they wait for --node-gone-after.
-        let gone = cluster::decommissioned(self.store.as_ref()).await.map_err(store_reply)?;
-        let grace_for = |node: &str| {
-            if node == self.node.name || gone.contains(node) {
-                self.lifetimes.leak_grace
-            } else {
-                self.lifetimes.leak_grace.max(self.lifetimes.node_gone_after)
-            }
-        };
-        let now = Instant::now();
-        let due: BTreeSet<String> = {
-            let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
-            let current: BTreeMap<String, Duration> = leaks
-                .iter()
-                .map(|l| (leak_key(l), grace_for(&l.node)))
-                .chain(orphans.iter().map(|a| (orphan_key(a), grace_for(&a.node))))
-                .collect();
-            suspects.retain(|k, _| current.contains_key(k));
-            for key in current.keys() {
-                suspects.entry(key.clone()).or_insert(now);
-            }
-            suspects
-                .iter()
-                .filter(|(key, since)| current.get(*key).is_some_and(|grace| now.duration_since(**since) >= *grace))
-                .map(|(k, _)| k.clone())
-                .collect()
-        };
-        let mut released = 0;
-        for leak in leaks.iter().filter(|l| due.contains(&leak_key(l))) {
-            // No ADD runs on this node while one of its addresses is released: one that allocated it, or
-            // was handed it again by a repeated ADD, has wired it by now, and then it is no leak.
-            let _alone = if leak.node == self.node.name { Some(self.adds.write().await) } else { None };
-            if leak.node == self.node.name && self.endpoint_alive(&leak.handle).await? {
-                continue;
-            }
-            match self.allocator.release_ip(leak.ip, Some((leak.sequence, &leak.handle))).await {
-                Ok(Some(_)) => {
-                    released += 1;
-                    warn!(address = %leak.ip, handle = %leak.handle, node = %leak.node, reason = %leak.reason, "released a leaked address");
-                    let endpoint = keys::endpoint(&leak.node, &leak.handle);
-                    let txn = Txn::new().remove(endpoint).remove(keys::borrowed(leak.ip));
-                    self.store.txn(txn).await.map_err(store_reply)?;
-                }
-                // Released or reassigned since it was seen: nothing of ours to take.
-                Ok(None) | Err(AllocError::Reassigned { .. }) => {}
-                Err(e) => return Err(alloc_reply(e)),
-            }
-        }
-        let mut blocks = 0;
-        for affinity in orphans.iter().filter(|a| due.contains(&orphan_key(a))) {
-            if self.allocator.release_affinity(affinity).await.map_err(alloc_reply)? {
-                blocks += 1;
-                warn!(block = %affinity.cidr, node = %affinity.node, "released the block of a node that is gone");
-            }
-        }
-        for cidr in ipam::gc::unowned_empty_blocks(&self.allocator.snapshot().await.map_err(alloc_reply)?.blocks) {
-            if self.allocator.release_unowned_block(cidr).await.map_err(alloc_reply)? {
-                blocks += 1;
-                info!(block = %cidr, "gave a block nobody owns back to its pool");
-            }
-        }
-        self.suspects.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| !due.contains(k));
-        Ok((released, blocks))
+    /// Whether the nodes' registrations are being followed (see [`Agent::follow_membership`]).
+    pub fn membership_followed(&self) -> bool {
+        self.membership.is_followed()
     }
 
     /// The index of the host interface `name`, waiting for the plugin to create it and bring it up (it does
@@ -543,7 +452,7 @@ impl Agent {
         let pod = if request.pod.is_empty() {
             None
         } else {
-            Some(directory.pod(&namespace, &request.pod).await.map_err(directory_reply)?)
+            Some(directory.pod(&namespace, &request.pod, &request.pod_uid).await.map_err(directory_reply)?)
         };
         let assign = AssignRequest {
             handle: handle.clone(),
@@ -567,6 +476,7 @@ impl Agent {
             netns: request.netns.clone(),
             namespace,
             pod: request.pod.clone(),
+            pod_uid: request.pod_uid.clone(),
             ips: Vec::new(),
             hook: request.hook,
             bridge_port: String::new(),
@@ -914,12 +824,14 @@ impl Agent {
         Ok(())
     }
 
-    async fn status(&self) -> Result<(), ErrorReply> {
-        let snapshot = self.allocator.snapshot().await.map_err(alloc_reply)?;
+    /// CNI STATUS: whether an ADD can get an address here. Reads the pools and this node's room index; only
+    /// when no block of this node has room (its next ADD claims a block) does it look at the whole store.
+    pub async fn status(&self) -> Result<(), ErrorReply> {
+        let pools: Vec<crate::resources::IpPool> = self.pools().await.map_err(store_reply)?;
         // Without the API server's labels, the given ones: STATUS answers about addresses, not the API.
         let node = self.directory.node(&self.node).await.unwrap_or_else(|_| self.node.clone());
         let usable: Vec<_> =
-            snapshot.pools.iter().filter(|p| !p.spec.disabled && p.spec.node_selector.matches(&node.labels)).collect();
+            pools.iter().filter(|p| !p.spec.disabled && p.spec.node_selector.matches(&node.labels)).collect();
         if usable.is_empty() {
             return Err(reply(
                 code::LIMITED_CONNECTIVITY_NO_ADDRESSES,
@@ -927,6 +839,16 @@ impl Agent {
                 "apply an IPPool whose nodeSelector matches this node",
             ));
         }
+        let prefix = keys::node_room(&self.node.name);
+        let (room, _) = self.store.list_keys(&prefix).await.map_err(store_reply)?;
+        let roomy = room
+            .iter()
+            .filter_map(|k| keys::parse_cidr_segment(k.strip_prefix(&prefix)?))
+            .any(|cidr| usable.iter().any(|p| p.cidr().contains(&cidr)));
+        if roomy {
+            return Ok(());
+        }
+        let snapshot = self.allocator.snapshot().await.map_err(alloc_reply)?;
         let free: u128 = usable.iter().map(|p| p.size().saturating_sub(snapshot.used_in(p))).sum();
         if free == 0 {
             let names: Vec<&str> = usable.iter().map(|p| p.name()).collect();
@@ -937,6 +859,11 @@ impl Agent {
             ));
         }
         Ok(())
+    }
+
+    /// The pools, without their revisions.
+    async fn pools(&self) -> Result<Vec<crate::resources::IpPool>, StoreError> {
+        Ok(Catalog::new(Arc::clone(&self.store)).pools().await?.into_iter().map(|(p, _)| p).collect())
     }
 
     /// Every endpoint recorded for this node.
@@ -980,14 +907,14 @@ impl Agent {
         let _alone = self.wiring.write().await;
         let mut desired = BTreeSet::new();
         let endpoints = self.endpoints().await.map_err(store_reply)?;
-        let stored: Vec<crate::resources::IpPool> = Catalog::new(Arc::clone(&self.store))
-            .pools()
-            .await
-            .map_err(store_reply)?
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
+        let stored: Vec<crate::resources::IpPool> = self.pools().await.map_err(store_reply)?;
         let pools: Vec<PoolRef> = stored.iter().map(PoolRef::of).collect();
+        let labels = self.directory.node(&self.node).await.map_or_else(|_| self.node.labels.clone(), |n| n.labels);
+        match crate::dataplane::ensure_forwarding(&stored, &labels) {
+            Ok(changed) if !changed.is_empty() => info!(sysctls = ?changed, "forwarding turned on for the pools"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "turning forwarding on failed: pods cannot reach other nodes"),
+        }
         match self.nat.apply(&stored) {
             Ok(true) => info!(table = crate::dataplane::nat::TABLE, "NAT outgoing follows the pools"),
             Ok(false) => {}
@@ -1185,10 +1112,14 @@ impl Agent {
         self.reconcile().await.map(|_| ())
     }
 
-    /// Refresh the per-pool gauges from the store and the enforcement counters from the kernel.
+    /// Refresh the pool gauges from the pools and this node's blocks, and the enforcement counters from the
+    /// kernel.
     pub async fn refresh_pool_metrics(&self) {
-        let Ok(snapshot) = self.allocator.snapshot().await else { return };
-        self.metrics.set_pools(&snapshot);
+        // The pools and this node's blocks, not the whole store (see `metrics`).
+        let Ok(pools) = self.pools().await else { return };
+        let mine = BTreeSet::from([self.node.name.clone()]);
+        let Ok((_, blocks)) = self.allocator.view_of(&mine, []).await else { return };
+        self.metrics.set_pools(&pools, &blocks);
         if let Some(enforcement) = &self.enforcement {
             let counts = enforcement.lock().unwrap_or_else(|p| p.into_inner()).counts();
             if let Ok(counts) = counts {

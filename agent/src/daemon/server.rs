@@ -197,6 +197,7 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
     })?;
     info!(node = %agent.node().name, socket = %socket.display(), metrics = %metrics, "agent ready");
 
+    agent.follow_membership();
     tokio::spawn(serve_metrics(Arc::clone(&agent), metrics_listener));
     let logger = Arc::clone(&agent);
     tokio::spawn(async move { logger.log_drops().await });

@@ -151,6 +151,20 @@ pub enum SelectionError {
         /// What is wrong.
         message: String,
     },
+    /// Two fixed addresses of one family were asked for: a pod gets one address per family.
+    #[error(
+        "addresses {first} and {second} (asked for by {named_by}) are both {family}: a pod gets at most one address of each family"
+    )]
+    OneAddressPerFamily {
+        /// The first address of the family.
+        first: IpAddr,
+        /// Another of the same family.
+        second: IpAddr,
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+        /// Who asked.
+        named_by: ChoiceSource,
+    },
     /// A requested address lies in no pool.
     #[error("address {ip} (asked for by {named_by}) is in no pool")]
     AddressOutsidePools {
@@ -320,6 +334,16 @@ pub fn select<'p>(
         fixed = Some((ChoiceSource::Request, requested.ips.clone()));
     }
     if let Some((source, ips)) = fixed {
+        for (i, first) in ips.iter().enumerate() {
+            if let Some(second) = ips[i + 1..].iter().find(|ip| ip.is_ipv6() == first.is_ipv6()) {
+                return Err(SelectionError::OneAddressPerFamily {
+                    first: *first,
+                    second: *second,
+                    family: if first.is_ipv6() { "IPv6" } else { "IPv4" },
+                    named_by: source,
+                });
+            }
+        }
         let mut chosen = Vec::new();
         for ip in ips {
             let pool = pools
@@ -496,6 +520,26 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, SelectionError::AddressOutsidePools { .. }));
+
+        // One fixed address per family: two IPv4 addresses are refused, naming both (they looped as "try
+        // again" before); one of each family is fine.
+        let fixed = |ips: &str| PodInfo {
+            name: "fixed".into(),
+            annotations: [(ANNOTATION_IP_ADDRS.to_string(), ips.to_string())].into(),
+        };
+        let err = select(
+            &pools,
+            &node,
+            &other,
+            Some(&fixed("[\"192.168.0.5\", \"fd00::5\", \"192.168.0.6\"]")),
+            &Requested::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, SelectionError::OneAddressPerFamily { family: "IPv4", .. }), "{err}");
+        assert!(err.to_string().contains("192.168.0.5 and 192.168.0.6"), "{err}");
+        let both = select(&pools, &node, &other, Some(&fixed("[\"192.168.0.5\", \"fd00::5\"]")), &Requested::default())
+            .unwrap();
+        assert_eq!(both.ips.len(), 2);
         let wrong = ns("x", &[(ANNOTATION_IPV4_POOLS, "[\"six\"]")]);
         assert!(matches!(
             select(&pools, &node, &wrong, None, &Requested::default()),

@@ -159,6 +159,16 @@ fn node_info(given: &NodeInfo, node: &Node) -> NodeInfo {
     NodeInfo { name: given.name.clone(), labels }
 }
 
+/// The annotation a mirror pod (the API server's copy of a kubelet's static pod) carries with the UID the
+/// kubelet gave the static pod, which is the UID the runtime passes as `K8S_POD_UID`.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// Whether `pod` is the pod of UID `uid`: its own, or for a mirror pod the static pod's.
+fn same_pod(pod: &Pod, uid: &str) -> bool {
+    pod.metadata.uid.as_deref() == Some(uid)
+        || pod.metadata.annotations.as_ref().and_then(|a| a.get(MIRROR_ANNOTATION)).map(String::as_str) == Some(uid)
+}
+
 fn pod_info(pod: &Pod) -> PodInfo {
     PodInfo {
         name: pod.metadata.name.clone().unwrap_or_default(),
@@ -236,11 +246,12 @@ impl Directory for KubeDirectory {
         Ok(all)
     }
 
-    async fn pod(&self, namespace: &str, name: &str) -> Result<PodInfo, DirectoryError> {
+    async fn pod(&self, namespace: &str, name: &str, uid: &str) -> Result<PodInfo, DirectoryError> {
         match self.pods.get(&ObjectRef::new(name).within(namespace)) {
-            Some(pod) => Ok(pod_info(&pod)),
-            // Created a moment ago: the watch has not delivered it yet.
-            None => self.lookups.pod(namespace, name).await,
+            Some(pod) if uid.is_empty() || same_pod(&pod, uid) => Ok(pod_info(&pod)),
+            // Created a moment ago (the watch has not delivered it yet), or recreated under its name (the
+            // cache still has the old one).
+            _ => self.lookups.pod(namespace, name, uid).await,
         }
     }
 
@@ -250,6 +261,18 @@ impl Directory for KubeDirectory {
             Some(node) => Ok(node_info(given, &node)),
             None => Ok(node_info(given, &self.lookups.node_object(&self.node).await?)),
         }
+    }
+
+    async fn pod_gone(&self, namespace: &str, name: &str, uid: &str) -> Result<bool, DirectoryError> {
+        // The cache proves that it exists; only the API server proves that it is gone.
+        match self.pods.get(&ObjectRef::new(name).within(namespace)) {
+            Some(pod) if same_pod(&pod, uid) => Ok(false),
+            _ => self.lookups.pod_gone(namespace, name, uid).await,
+        }
+    }
+
+    async fn node_deleted(&self, name: &str) -> Result<bool, DirectoryError> {
+        self.lookups.node_deleted(name).await
     }
 }
 
@@ -289,13 +312,35 @@ impl Directory for KubeLookups {
         Ok(all)
     }
 
-    async fn pod(&self, namespace: &str, name: &str) -> Result<PodInfo, DirectoryError> {
+    async fn pod(&self, namespace: &str, name: &str, uid: &str) -> Result<PodInfo, DirectoryError> {
         let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
-        Ok(pod_info(&get(&api, name, format!("pod {namespace}/{name}")).await?))
+        let pod = get(&api, name, format!("pod {namespace}/{name}")).await?;
+        if uid.is_empty() || same_pod(&pod, uid) {
+            return Ok(pod_info(&pod));
+        }
+        let found = pod.metadata.uid.as_deref().unwrap_or_default();
+        Err(DirectoryError::NotFound { what: format!("pod {namespace}/{name} of UID {uid} (it has {found})") })
     }
 
     async fn node(&self, given: &NodeInfo) -> Result<NodeInfo, DirectoryError> {
         Ok(node_info(given, &self.node_object(&given.name).await?))
+    }
+
+    async fn pod_gone(&self, namespace: &str, name: &str, uid: &str) -> Result<bool, DirectoryError> {
+        let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
+        match get(&api, name, format!("pod {namespace}/{name}")).await {
+            Ok(pod) => Ok(!same_pod(&pod, uid)),
+            Err(DirectoryError::NotFound { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn node_deleted(&self, name: &str) -> Result<bool, DirectoryError> {
+        match self.node_object(name).await {
+            Ok(_) => Ok(false),
+            Err(DirectoryError::NotFound { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -89,6 +89,19 @@ impl FakeApi {
         self.changed.notify_waiters();
     }
 
+    /// Delete an object.
+    fn delete(&self, resource: &'static str, key: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.revision += 1;
+        let revision = state.revision;
+        if let Some(mut object) = state.objects.remove(&(resource, key.to_string())) {
+            object["metadata"]["resourceVersion"] = json!(revision.to_string());
+            state.log.push((revision, resource, "DELETED", object));
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
     fn set(&self, change: impl FnOnce(&mut State)) {
         change(&mut self.state.lock().unwrap());
         self.changed.notify_waiters();
@@ -200,7 +213,8 @@ fn namespace(name: &str, annotations: Value) -> Value {
 
 fn pod(namespace: &str, name: &str, node: &str, annotations: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace,
-        "annotations": annotations}, "spec": {"nodeName": node, "containers": [{"name": "app"}]}})
+        "uid": format!("uid-{name}"), "annotations": annotations},
+        "spec": {"nodeName": node, "containers": [{"name": "app"}]}})
 }
 
 fn node(name: &str) -> Value {
@@ -250,7 +264,7 @@ async fn list_then_watch_answers_from_the_cache() {
     let ns = directory.namespace("tenant-a").await.unwrap();
     assert_eq!(ns.annotations.get(POOLS).map(String::as_str), Some("[\"external-pool\"]"));
     assert_eq!(ns.labels.get("team").map(String::as_str), Some("tenant-a"));
-    let web = directory.pod("tenant-a", "web-1").await.unwrap();
+    let web = directory.pod("tenant-a", "web-1", "uid-web-1").await.unwrap();
     assert_eq!(web.annotations.get("poolwarden.io/ipAddrs").map(String::as_str), Some("[\"10.0.0.7\"]"));
     let given = NodeInfo { name: "n1".into(), labels: [("rack".to_string(), "r1".to_string())].into() };
     let n1 = directory.node(&given).await.unwrap();
@@ -287,11 +301,11 @@ async fn a_pod_not_yet_in_the_cache_is_fetched_directly() {
     let directory = started(&fake).await;
     fake.set(|s| s.withhold_events = true);
     fake.apply("pods", pod("tenant-a", "just-created", "n1", json!({POOLS: "[\"internal-pool\"]"})));
-    let pod = directory.pod("tenant-a", "just-created").await.unwrap();
+    let pod = directory.pod("tenant-a", "just-created", "").await.unwrap();
     assert_eq!(pod.annotations.get(POOLS).map(String::as_str), Some("[\"internal-pool\"]"));
     assert_eq!(gets_of(&fake, "/namespaces/tenant-a/pods/just-created"), 1);
     // A pod that does not exist at all is named as such.
-    let missing = directory.pod("tenant-a", "ghost").await.unwrap_err();
+    let missing = directory.pod("tenant-a", "ghost", "").await.unwrap_err();
     assert!(matches!(missing, DirectoryError::NotFound { .. }), "{missing}");
     assert!(missing.to_string().contains("pod tenant-a/ghost"), "{missing}");
 }
@@ -302,10 +316,10 @@ async fn an_unreachable_api_server_is_try_again_later_for_what_is_not_cached() {
     let directory = started(&fake).await;
     fake.set(|s| s.unreachable = true);
     // What the caches know is still answered.
-    assert!(directory.pod("tenant-a", "web-1").await.is_ok());
+    assert!(directory.pod("tenant-a", "web-1", "uid-web-1").await.is_ok());
     assert!(directory.namespace("tenant-a").await.is_ok());
     // What they don't is an error the agent answers with CNI code 11.
-    let err = directory.pod("tenant-a", "new-pod").await.unwrap_err();
+    let err = directory.pod("tenant-a", "new-pod", "").await.unwrap_err();
     assert!(matches!(err, DirectoryError::Unreachable { .. }), "{err}");
     assert!(err.to_string().contains("pod tenant-a/new-pod"), "{err}");
     let reply = crate::daemon::directory_reply(err);
@@ -329,4 +343,52 @@ async fn a_watch_restart_after_410_gone_lists_again_and_misses_nothing() {
     // And watching goes on after the restart.
     fake.apply("namespaces", namespace("tenant-d", json!({})));
     eventually("tenant-d after the restart", || async { directory.namespace_cached("tenant-d").is_some() }).await;
+}
+
+/// A pod is known by its UID: one recreated under its name (a StatefulSet's) is a new pod, for the ADD's
+/// annotations and for the collector, which calls the old one gone; a pod or node is gone only when the
+/// API server says so (an unreachable one is an error, never "gone").
+#[tokio::test]
+async fn pods_are_told_apart_by_uid_and_gone_only_when_the_api_says_so() {
+    let fake = seeded();
+    let directory = started(&fake).await;
+    assert!(!directory.pod_gone("tenant-a", "web-1", "uid-web-1").await.unwrap());
+    assert_eq!(gets_of(&fake, "/pods/web-1"), 0, "an existing pod is answered from the cache");
+    // Recreated under its name, with other annotations; the watch has not delivered it yet.
+    fake.set(|s| s.withhold_events = true);
+    let mut again = pod("tenant-a", "web-1", "n1", json!({"poolwarden.io/ipAddrs": "[\"10.0.0.9\"]"}));
+    again["metadata"]["uid"] = json!("uid-web-1-again");
+    fake.apply("pods", again);
+    let new = directory.pod("tenant-a", "web-1", "uid-web-1-again").await.unwrap();
+    assert_eq!(new.annotations.get("poolwarden.io/ipAddrs").map(String::as_str), Some("[\"10.0.0.9\"]"));
+    // The cache proves the old one existed a moment ago: not gone until the API server is asked.
+    assert!(!directory.pod_gone("tenant-a", "web-1", "uid-web-1").await.unwrap());
+    fake.set(|s| s.withhold_events = false);
+    eventually("the new pod in the cache", || async {
+        directory.pods.get(&ObjectRef::new("web-1").within("tenant-a")).and_then(|p| p.metadata.uid.clone())
+            == Some("uid-web-1-again".into())
+    })
+    .await;
+    let old = directory.pod("tenant-a", "web-1", "uid-web-1").await.unwrap_err();
+    assert!(old.to_string().contains("of UID uid-web-1 (it has uid-web-1-again)"), "{old}");
+    assert!(directory.pod_gone("tenant-a", "web-1", "uid-web-1").await.unwrap(), "the old pod is gone");
+    assert!(!directory.pod_gone("tenant-a", "web-1", "uid-web-1-again").await.unwrap());
+    fake.delete("pods", "tenant-a/web-1");
+    eventually("the deleted pod to be gone", || async {
+        directory.pod_gone("tenant-a", "web-1", "uid-web-1-again").await.unwrap()
+    })
+    .await;
+    assert!(!directory.node_deleted("n1").await.unwrap());
+    fake.delete("nodes", "n1");
+    assert!(directory.node_deleted("n1").await.unwrap());
+    // A static pod's mirror: the runtime passes the kubelet's UID, the mirror has its own and names the
+    // kubelet's in an annotation. It is that pod, neither gone nor another.
+    let mut mirror = pod("tenant-a", "etcd-n1", "n1", json!({"kubernetes.io/config.mirror": "static-uid"}));
+    mirror["metadata"]["uid"] = json!("mirror-uid");
+    fake.apply("pods", mirror);
+    assert!(directory.pod("tenant-a", "etcd-n1", "static-uid").await.is_ok());
+    assert!(!directory.pod_gone("tenant-a", "etcd-n1", "static-uid").await.unwrap());
+    fake.set(|s| s.unreachable = true);
+    assert!(directory.pod_gone("tenant-a", "ghost", "uid-ghost").await.is_err(), "unknown is not gone");
+    assert!(directory.node_deleted("n2").await.is_err(), "unknown is not deleted");
 }

@@ -7,6 +7,7 @@
 //! on a single file.
 
 pub mod conformance;
+pub mod counting;
 pub mod embedded;
 pub mod etcd;
 

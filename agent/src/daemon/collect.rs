@@ -1,0 +1,261 @@
+//! Garbage collection on a node: what looks leaked (this node's attachments whose container or pod is gone,
+//! the addresses and blocks of nodes that are gone), held for its grace period, decided again, and released.
+//! A pass reads what concerns this node; see [`Agent::collect_garbage`].
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use poolwarden_protocol::{DelRequest, ErrorReply};
+use tracing::{debug, info, warn};
+
+use super::{Agent, Endpoint, MAINTENANCE_INTERVAL, alloc_reply, cluster, route_reply, store_reply};
+use crate::{
+    allocator::AllocError,
+    catalog::decode,
+    ipam,
+    store::{Txn, keys},
+};
+
+/// What identifies one allocation the collector suspects: the address, the block sequence number and the
+/// handle (a block given back and claimed again starts its sequence over).
+fn leak_key(leak: &ipam::gc::Leak) -> String {
+    format!("{}#{}#{}", leak.ip, leak.sequence, leak.handle)
+}
+
+/// What identifies a suspected affinity of a gone node.
+fn orphan_key(affinity: &ipam::Affinity) -> String {
+    format!("{}@{}", affinity.cidr, affinity.node)
+}
+
+impl Agent {
+    /// How often the collector looks for leaks: often enough to release them soon after their grace period.
+    pub fn gc_interval(&self) -> Duration {
+        (self.lifetimes.leak_grace / 3).clamp(Duration::from_millis(500), MAINTENANCE_INTERVAL)
+    }
+
+    /// Whether this node has an endpoint for `handle` whose container is still there by the kernel's
+    /// account (recorded, and its interface or netns still there); the API server is not asked.
+    async fn endpoint_alive(&self, handle: &str) -> Result<bool, ErrorReply> {
+        let key = keys::endpoint(&self.node.name, handle);
+        let Some(kv) = self.store.get(&key).await.map_err(store_reply)? else { return Ok(false) };
+        let endpoint: Endpoint = decode(&key, &kv.value).map_err(store_reply)?;
+        self.endpoint_there(&endpoint).await
+    }
+
+    /// Whether an endpoint's container is still there by the kernel's account: its host interface, or
+    /// (IPAM-only) its netns.
+    async fn endpoint_there(&self, endpoint: &Endpoint) -> Result<bool, ErrorReply> {
+        if endpoint.host_ifname.is_empty() {
+            Ok(endpoint.netns.is_empty() || std::path::Path::new(&endpoint.netns).exists())
+        } else {
+            Ok(self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)?.is_some())
+        }
+    }
+
+    /// Whether the API server says an endpoint's pod (by UID) is gone, in Kubernetes mode. A pod deleted from
+    /// the API while its container lives on (force-deleted while this agent or the kubelet was down) is
+    /// collected as its DEL would be, its host interface with its address, so the address is never routed to
+    /// two pods. Only for endpoints with a host interface of ours: in IPAM-only mode the main plugin owns the
+    /// pod's interface, which would keep the address while another pod got it, so there only a gone netns
+    /// counts. Unknown (no UID, the API server not answering) is not gone.
+    async fn pod_gone(&self, endpoint: &Endpoint) -> bool {
+        if endpoint.host_ifname.is_empty() || endpoint.pod_uid.is_empty() || endpoint.pod.is_empty() {
+            return false;
+        }
+        match self.directory.pod_gone(&endpoint.namespace, &endpoint.pod, &endpoint.pod_uid).await {
+            Ok(gone) => gone,
+            Err(e) => {
+                debug!(error = %e, pod = %endpoint.pod, namespace = %endpoint.namespace, "cannot tell whether a pod exists");
+                false
+            }
+        }
+    }
+
+    /// Release what has looked leaked for the whole grace period: addresses of gone nodes and of this
+    /// node's attachments whose container is gone (or that were never wired), then the affinities of gone
+    /// nodes and the blocks nobody owns any more. Returns how many addresses and blocks were released.
+    ///
+    /// A pass reads what concerns this node (its endpoints, its blocks, the blocks its pods' addresses are
+    /// in), not the cluster: the registered nodes come from [`Membership`]'s watches, and another node's
+    /// blocks and borrowed addresses are read only while that node is unregistered.
+    pub async fn collect_garbage(&self) -> Result<(usize, usize), ErrorReply> {
+        let nodes = self.membership.nodes(self.store.as_ref()).await.map_err(store_reply)?;
+        let registered = &nodes.registered;
+        let unregistered = nodes.unregistered(&self.node.name);
+        let endpoints = self.endpoints().await.map_err(store_reply)?;
+        let mut addresses: Vec<IpAddr> = endpoints.iter().flat_map(|e| e.ips.iter().copied()).collect();
+        if !unregistered.is_empty() {
+            let (kvs, _) = self.store.list(keys::BORROWED).await.map_err(store_reply)?;
+            for kv in &kvs {
+                let borrowed: cluster::Borrowed = decode(&kv.key, &kv.value).map_err(store_reply)?;
+                if unregistered.contains(&borrowed.node) {
+                    addresses.push(borrowed.ip);
+                }
+            }
+        }
+        let mut whose = unregistered.clone();
+        whose.insert(self.node.name.clone());
+        let (affinities, read) = self.allocator.view_of(&whose, addresses).await.map_err(alloc_reply)?;
+        let mut local = ipam::gc::LocalEndpoints::new();
+        // Handles whose pod the API server says is gone (asked here, not while ADDs are held off below).
+        let mut pods_gone = BTreeSet::new();
+        for endpoint in endpoints {
+            let handle = ipam::handle_for(&endpoint.container_id, &endpoint.ifname);
+            let there = match self.endpoint_there(&endpoint).await {
+                Ok(there) => there,
+                Err(e) => {
+                    warn!(error = %e.msg, details = %e.details, %handle, "cannot tell whether an endpoint's interface exists");
+                    true
+                }
+            };
+            let gone = there && self.pod_gone(&endpoint).await;
+            if gone {
+                pods_gone.insert(handle.clone());
+            }
+            local.insert(handle, there && !gone);
+        }
+        let leaks = ipam::gc::leaked_addresses(&read, &self.node.name, registered, &local);
+        // A node never judges its own blocks orphaned (its registration may lapse while it cannot reach
+        // the store; it is running).
+        let others: Vec<ipam::Affinity> = affinities.into_iter().filter(|a| a.node != self.node.name).collect();
+        let orphans = ipam::gc::orphaned_affinities(&others, registered);
+
+        // Only what looked leaked last time too, for the whole grace period, is released now. Another node's
+        // addresses and blocks look leaked when its agent is not registered, which an agent down for a while
+        // (a crash loop, an upgrade, a lost datastore) looks like too: unless the node was decommissioned,
+        // they wait for --node-gone-after.
+        let mut gone = nodes.decommissioned.clone();
+        // In Kubernetes mode the API server says which nodes are gone: a node whose Node object was deleted
+        // is decommissioned; one whose object exists is never collected, however long its agent is away.
+        let kubernetes = self.directory.source() == crate::directory::Source::Kubernetes;
+        if kubernetes {
+            let unregistered: BTreeSet<&String> = leaks
+                .iter()
+                .map(|l| &l.node)
+                .chain(orphans.iter().map(|a| &a.node))
+                .filter(|n| **n != self.node.name && !gone.contains(*n))
+                .collect();
+            for node in unregistered {
+                match self.directory.node_deleted(node).await {
+                    Ok(true) => {
+                        gone.insert(node.clone());
+                    }
+                    Ok(false) => {}
+                    Err(e) => debug!(error = %e, %node, "cannot tell whether a node exists"),
+                }
+            }
+        }
+        let grace_for = |node: &str| {
+            if node == self.node.name || gone.contains(node) {
+                self.lifetimes.leak_grace
+            } else if kubernetes {
+                Duration::MAX
+            } else {
+                self.lifetimes.leak_grace.max(self.lifetimes.node_gone_after)
+            }
+        };
+        let now = Instant::now();
+        let due: BTreeSet<String> = {
+            let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            let current: BTreeMap<String, Duration> = leaks
+                .iter()
+                .map(|l| (leak_key(l), grace_for(&l.node)))
+                .chain(orphans.iter().map(|a| (orphan_key(a), grace_for(&a.node))))
+                .collect();
+            // A suspect whose grace changed (its node was just decommissioned, or its Node object deleted)
+            // starts its grace period over: the time it waited under the other rule does not count.
+            suspects.retain(|k, (_, grace)| current.get(k) == Some(grace));
+            for (key, grace) in &current {
+                suspects.entry(key.clone()).or_insert((now, *grace));
+            }
+            suspects
+                .iter()
+                .filter(|(_, (since, grace))| now.duration_since(*since) >= *grace)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        let mut released = 0;
+        for leak in leaks.iter().filter(|l| due.contains(&leak_key(l))) {
+            // No ADD runs on this node while one of its addresses is released: one that allocated it, or
+            // was handed it again by a repeated ADD, has wired it by now, and then it is no leak.
+            let _alone = if leak.node == self.node.name { Some(self.adds.write().await) } else { None };
+            if leak.node == self.node.name {
+                // Decided again now that no ADD runs (by the kernel's account; the API server's answer was
+                // had before the lock): an ADD may have wired it meanwhile.
+                match self.endpoint_alive(&leak.handle).await {
+                    Ok(true) if !pods_gone.contains(&leak.handle) => continue,
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(error = %e.msg, handle = %leak.handle, "cannot tell whether a leak is still one; next pass");
+                        continue;
+                    }
+                }
+                // A recorded attachment goes as its DEL would take it: the interface, route and enforcement
+                // with the address (its pod may be gone from the API while its container still runs).
+                match self.collect_attachment(&leak.handle).await {
+                    Ok(Some(freed)) => {
+                        released += freed;
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(error = %e.msg, details = %e.details, handle = %leak.handle, "collecting a leaked attachment failed; next pass");
+                        continue;
+                    }
+                }
+            }
+            match self.allocator.release_ip(leak.ip, Some((leak.sequence, &leak.handle))).await {
+                Ok(Some(_)) => {
+                    released += 1;
+                    warn!(address = %leak.ip, handle = %leak.handle, node = %leak.node, reason = %leak.reason, "released a leaked address");
+                    let endpoint = keys::endpoint(&leak.node, &leak.handle);
+                    let txn = Txn::new().remove(endpoint).remove(keys::borrowed(leak.ip));
+                    self.store.txn(txn).await.map_err(store_reply)?;
+                }
+                // Released or reassigned since it was seen: nothing of ours to take.
+                Ok(None) | Err(AllocError::Reassigned { .. }) => {}
+                // One address that cannot be released now does not hold up the others: the next pass
+                // decides again.
+                Err(e) => warn!(address = %leak.ip, error = %e, "releasing a leaked address failed; retried next pass"),
+            }
+        }
+        let mut blocks = 0;
+        for affinity in orphans.iter().filter(|a| due.contains(&orphan_key(a))) {
+            if self.allocator.release_affinity(affinity).await.map_err(alloc_reply)? {
+                blocks += 1;
+                warn!(block = %affinity.cidr, node = %affinity.node, "released the block of a node that is gone");
+            }
+        }
+        // A block nobody owns goes back when its last address is released; what an older version left
+        // behind among the blocks read goes now.
+        for cidr in ipam::gc::unowned_empty_blocks(&read) {
+            if self.allocator.release_unowned_block(cidr).await.map_err(alloc_reply)? {
+                blocks += 1;
+                info!(block = %cidr, "gave a block nobody owns back to its pool");
+            }
+        }
+        self.suspects.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| !due.contains(k));
+        Ok((released, blocks))
+    }
+
+    /// Collect this node's attachment `handle` as its DEL would: how many addresses it freed, or `None` when it
+    /// has no endpoint record (then only its address goes).
+    async fn collect_attachment(&self, handle: &str) -> Result<Option<usize>, ErrorReply> {
+        let key = keys::endpoint(&self.node.name, handle);
+        let Some(kv) = self.store.get(&key).await.map_err(store_reply)? else { return Ok(None) };
+        let endpoint: Endpoint = decode(&key, &kv.value).map_err(store_reply)?;
+        let freed = self
+            .del(DelRequest {
+                container_id: endpoint.container_id.clone(),
+                ifname: endpoint.ifname.clone(),
+                host_ifname: String::new(),
+            })
+            .await?;
+        warn!(addresses = ?freed, %handle, namespace = %endpoint.namespace, pod = %endpoint.pod,
+              pod_uid = %endpoint.pod_uid, "released a leaked attachment: its container or its pod is gone");
+        Ok(Some(freed.len()))
+    }
+}
