@@ -39,14 +39,14 @@ fn validate(version: &str, files: &[PathBuf]) -> (bool, String) {
 #[test]
 fn every_manifest_is_valid_for_kubernetes_1_30_and_1_37() {
     let files = manifests();
-    for expected in ["configmap.yaml", "daemonset.yaml", "rbac.yaml", "uninstall.yaml"] {
+    for expected in ["configmap.yaml", "crds.yaml", "daemonset.yaml", "rbac.yaml", "uninstall.yaml"] {
         assert!(files.iter().any(|f| f.ends_with(expected)), "deploy/{expected} is missing");
     }
     for version in VERSIONS {
         let (ok, text) = validate(version, &files);
         assert!(ok, "kubernetes-validate {version}:\n{text}");
         // One line per resource: nothing was skipped.
-        assert_eq!(text.matches(" passed for resource ").count(), 6, "{text}");
+        assert_eq!(text.matches(" passed for resource ").count(), 8, "{text}");
     }
     // Strict means strict: a misspelt field is refused, so the check above can fail.
     let dir = tempfile::tempdir().expect("temp dir");

@@ -683,3 +683,78 @@ fn garbage_collection_follows_the_api_server_not_the_agents() {
     assert!(report.starts_with("ipam check: clean"), "{report}");
     kubectl.ok(&["delete", "namespace", "gc-ns", "--wait=true", "--timeout=120s"]);
 }
+
+/// The custom resources installed from deploy/crds.yaml judge a pool on its own as `poolwarden apply` does:
+/// each document of the table is accepted by both or refused by both, and a refusal names the same field (in
+/// the same words, where the schema's rules say it). CIDR and block size cannot change once the pool exists,
+/// an absent block size counting as its family's default; `kubectl get ippools` shows the printer columns.
+#[test]
+fn the_custom_resources_validate_a_pool_as_apply_does() {
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    for crd in ["ippools.poolwarden.io", "ipamconfigs.poolwarden.io"] {
+        kubectl.ok(&["wait", "--for=condition=Established", &format!("crd/{crd}"), "--timeout=60s"]);
+    }
+    let pool = |name: &str, spec: &str| {
+        format!("apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    };
+    let config = |name: &str, spec: &str| {
+        format!("apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    };
+    // A document, and what both refusals say (empty: both accept it).
+    let cases = [
+        (pool("v4", "{cidr: 10.90.0.0/24, blockSize: 28, natOutgoing: true, allowedNamespaces: [a-ns]}"), ""),
+        (pool("v6", "{cidr: 'fd00:90::/112', vxlanMode: Always, enforcement: Pool}"), ""),
+        (pool("v6-default", "{cidr: 'fd00:91::/120'}"), ""),
+        (pool("small", "{cidr: 10.91.0.0/28}"), "is larger than the pool 10.91.0.0/28"),
+        (pool("host-bits", "{cidr: 10.92.0.1/24}"), "has host bits set"),
+        (pool("not-cidr", "{cidr: 10.93.0.0}"), "is not a CIDR"),
+        (pool("big-block", "{cidr: 10.94.0.0/16, blockSize: 19}"), "IPv4 block sizes are 20 to 32"),
+        (pool("v6-block", "{cidr: 'fd00:92::/64', blockSize: 64}"), "IPv6 block sizes are 116 to 128"),
+        (pool("both", "{cidr: 10.95.0.0/24, ipipMode: Always, vxlanMode: CrossSubnet}"), "cannot both be enabled"),
+        (pool("v6-ipip", "{cidr: 'fd00:93::/112', ipipMode: Always}"), "IP-in-IP carries IPv4 only"),
+        (pool("bad-ns", "{cidr: 10.96.0.0/24, allowedNamespaces: [Bad_NS]}"), "is not a valid namespace name"),
+        (pool("no-uses", "{cidr: 10.97.0.0/24, allowedUses: []}"), "spec.allowedUses"),
+        (pool("bad-mode", "{cidr: 10.98.0.0/24, ipipMode: Sometimes}"), "spec.ipipMode"),
+        (pool("extra", "{cidr: 10.99.0.0/24, colour: blue}"), "colour"),
+        (pool("Upper", "{cidr: 10.100.0.0/24}"), "metadata.name"),
+        (config("default", "{strictAffinity: true, emptyBlockGraceSeconds: 60}"), ""),
+        (config("other", "{strictAffinity: true}"), "the one IPAMConfig must be named \"default\""),
+        (config("default", "{autoAllocateBlocks: false}"), "false is not supported"),
+    ];
+    let mut differences = Vec::new();
+    for (document, refusal) in &cases {
+        let by_apply = poolwarden::resources::parse_documents("case.yaml", document)
+            .map(|_| "accepted".to_string())
+            .map_err(|e| e.to_string());
+        let (ok, out, err) = kubectl.run(&["apply", "--dry-run=server", "-f", "-"], Some(document));
+        let by_server = if ok { Ok(out) } else { Err(err) };
+        let agrees = |verdict: &Result<String, String>| match verdict {
+            Ok(_) => refusal.is_empty(),
+            Err(message) => !refusal.is_empty() && message.contains(refusal),
+        };
+        if !agrees(&by_apply) || !agrees(&by_server) {
+            differences.push(format!(
+                "{document}  expected {}\n  apply: {by_apply:?}\n  API server: {by_server:?}",
+                if refusal.is_empty() { "acceptance".to_string() } else { format!("a refusal saying {refusal:?}") }
+            ));
+        }
+    }
+    assert!(differences.is_empty(), "apply and the API server disagree:\n{}", differences.join("\n"));
+
+    // Immutable once created; an absent block size is its family's default.
+    kubectl.ok_with(&["apply", "-f", "-"], Some(&pool("immutable", "{cidr: 10.90.1.0/24}")));
+    kubectl.ok_with(&["apply", "-f", "-"], Some(&pool("immutable", "{cidr: 10.90.1.0/24, blockSize: 26}")));
+    for (spec, refusal) in [
+        ("{cidr: 10.90.1.0/24, blockSize: 27}", "spec.blockSize is immutable"),
+        ("{cidr: 10.90.2.0/24, blockSize: 26}", "spec.cidr is immutable"),
+    ] {
+        let (ok, _, err) = kubectl.run(&["apply", "-f", "-"], Some(&pool("immutable", spec)));
+        assert!(!ok && err.contains(refusal), "changing the pool to {spec} was not refused with {refusal:?}: {err}");
+    }
+    let table = kubectl.ok(&["get", "ippools", "immutable"]);
+    for column in ["CIDR", "BLOCK SIZE", "NAT", "ALLOWED NAMESPACES", "USED", "UTILISATION", "10.90.1.0/24"] {
+        assert!(table.contains(column), "kubectl get ippools shows no {column}:\n{table}");
+    }
+    kubectl.ok(&["delete", "ippool", "immutable"]);
+}

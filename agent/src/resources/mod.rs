@@ -785,6 +785,8 @@ pub fn to_yaml_documents<T: Serialize>(kind: &str, items: &[T]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     const SEED_POOLS: &str = include_str!("../../../examples/seed-pools.yaml");
@@ -799,6 +801,53 @@ mod tests {
         assert_eq!(pool.spec.ipip_mode, EncapMode::Always);
         assert!(pool.spec.nat_outgoing);
         assert_eq!(docs[1].at, Location { file: "pools.yaml".into(), document: 2, line: 12, item: None });
+    }
+
+    /// `spec.properties` of the v1 schema of the custom resource `name` in deploy/crds.yaml.
+    fn crd_spec_fields(name: &str) -> BTreeSet<String> {
+        let crds = include_str!("../../../deploy/crds.yaml");
+        let crd = serde_yaml::Deserializer::from_str(crds)
+            .map(|doc| Value::deserialize(doc).expect("deploy/crds.yaml is YAML"))
+            .find(|doc| doc["metadata"]["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("deploy/crds.yaml has no {name}"));
+        let Value::Mapping(fields) =
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        else {
+            panic!("{name} has no spec properties")
+        };
+        fields.keys().map(|k| k.as_str().expect("field name").to_string()).collect()
+    }
+
+    fn written_fields<T: Serialize>(spec: &T) -> BTreeSet<String> {
+        let Value::Mapping(fields) = serde_yaml::to_value(spec).expect("spec serialises") else { panic!() };
+        fields.keys().map(|k| k.as_str().expect("field name").to_string()).collect()
+    }
+
+    /// The custom resources accept exactly the fields `apply` does: every field of a spec that sets all of
+    /// them (none at its default, so none is skipped) is in the schema, and the schema has no other.
+    #[test]
+    fn the_crds_have_the_fields_apply_reads() {
+        let pool = "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: all}\nspec:\n  cidr: 10.0.0.0/16\n  \
+                    blockSize: 28\n  disabled: true\n  nodeSelector: \"zone == 'a'\"\n  namespaceSelector: has(team)\n  \
+                    allowedNamespaces: [a]\n  natOutgoing: true\n  ipipMode: Always\n  allowedUses: [Workload]\n  \
+                    disableBGPExport: true\n  assignmentMode: Manual\n  enforcement: Pool\n";
+        let Resource::IpPool(pool) = &parse_documents("all.yaml", pool).unwrap()[0].resource else { panic!() };
+        let mut fields = written_fields(&pool.spec);
+        // vxlanMode cannot be set beside ipipMode; it is a field all the same.
+        fields.insert("vxlanMode".into());
+        assert_eq!(crd_spec_fields("ippools.poolwarden.io"), fields);
+
+        let config = IpamConfigSpec {
+            strict_affinity: true,
+            max_blocks_per_host: 1,
+            reuse_cooldown_seconds: 1,
+            empty_block_grace_seconds: 1,
+            auto_allocate_blocks: Some(true),
+        };
+        let mut fields = written_fields(&config);
+        // Accepted (when true) for Calico's sake, never written back.
+        fields.insert("autoAllocateBlocks".into());
+        assert_eq!(crd_spec_fields("ipamconfigs.poolwarden.io"), fields);
     }
 
     #[test]
