@@ -161,12 +161,13 @@ fn uninstall_removes_routes_pins_nat_and_the_conflist() {
     assert!(!bin.join("poolwarden-cni").exists() && bin.join("portmap").exists());
 }
 
-/// `kubectl apply -k deploy/` installs the agent and nothing else: the uninstall DaemonSet is not in it.
+/// `kubectl apply -k deploy/` installs the custom resources and the agent and nothing else: the uninstall
+/// DaemonSet is not in it.
 #[test]
 fn the_kustomization_installs_the_agent_and_not_the_uninstaller() {
     let text = std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).expect("kustomization.yaml");
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
     let resources: Vec<&str> =
         doc["resources"].as_sequence().expect("resources").iter().filter_map(|r| r.as_str()).collect();
-    assert_eq!(resources, ["rbac.yaml", "configmap.yaml", "daemonset.yaml"]);
+    assert_eq!(resources, ["crds.yaml", "rbac.yaml", "configmap.yaml", "daemonset.yaml"]);
 }
