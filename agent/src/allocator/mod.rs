@@ -347,19 +347,16 @@ impl Allocator {
     /// The block holding `ip`: computed from its pool, or found among the blocks if its pool was deleted.
     async fn block_of(&self, ip: IpAddr) -> Result<Option<IpNet>, StoreError> {
         let pools = Catalog::new(Arc::clone(&self.store)).pools().await?;
-        self.block_among(&pools, ip).await
-    }
-
-    /// [`Allocator::block_of`] with the pools already read.
-    async fn block_among(&self, pools: &[(IpPool, Revision)], ip: IpAddr) -> Result<Option<IpNet>, StoreError> {
         if let Some(cidr) = pools.iter().find_map(|(p, _)| ipam::block_containing(p, ip)) {
             return Ok(Some(cidr));
         }
+        Ok(self.block_cidrs().await?.into_iter().find(|c| c.contains(&ip)))
+    }
+
+    /// Every block's CIDR, from the block keys alone.
+    async fn block_cidrs(&self) -> Result<Vec<IpNet>, StoreError> {
         let (block_keys, _) = self.store.list_keys(keys::BLOCKS).await?;
-        Ok(block_keys
-            .iter()
-            .filter_map(|k| keys::parse_cidr_segment(k.strip_prefix(keys::BLOCKS)?))
-            .find(|c| c.contains(&ip)))
+        Ok(block_keys.iter().filter_map(|k| keys::parse_cidr_segment(k.strip_prefix(keys::BLOCKS)?)).collect())
     }
 
     async fn handle_record(&self, handle: &str) -> Result<(HandleRecord, Option<Revision>), StoreError> {
@@ -872,8 +869,19 @@ impl Allocator {
         let elsewhere: Vec<IpAddr> = addresses.into_iter().filter(|ip| !cidrs.iter().any(|c| c.contains(ip))).collect();
         if !elsewhere.is_empty() {
             let pools = Catalog::new(Arc::clone(&self.store)).pools().await?;
+            // Addresses of deleted pools are found among the block names, listed once for all of them.
+            let mut orphans = Vec::new();
             for ip in elsewhere {
-                cidrs.extend(self.block_among(&pools, ip).await?);
+                match pools.iter().find_map(|(p, _)| ipam::block_containing(p, ip)) {
+                    Some(cidr) => {
+                        cidrs.insert(cidr);
+                    }
+                    None => orphans.push(ip),
+                }
+            }
+            if !orphans.is_empty() {
+                let listed = self.block_cidrs().await?;
+                cidrs.extend(orphans.iter().filter_map(|ip| listed.iter().find(|c| c.contains(ip)).copied()));
             }
         }
         let mut blocks = Vec::with_capacity(cidrs.len());
