@@ -1,8 +1,9 @@
 //! Per-node cost against cluster size (issue 14): with 10, 100 and 1,000 registered nodes holding 30 pods each
 //! (nodes simulated as store writers: registrations and allocations written through the allocator), the etcd
-//! requests and keys read by one STATUS, one metrics scrape, one garbage collection pass and one ADD of one
-//! real agent, printed side by side; and, as the peer measured in the same run, what the same actions read
-//! before (one whole-store snapshot each). Target: the same at 1,000 nodes as at 10. Under `cargo test` it
+//! requests and keys read by one STATUS, one metrics scrape, one garbage collection pass, one route reconcile
+//! (routes to every other node's block) and one ADD of one real agent, printed side by side; and, as the peers
+//! measured in the same run, what the same actions read before (one whole-store snapshot each; the reconcile
+//! listed every node, block and borrowed address). Target: the same at 1,000 nodes as at 10. Under `cargo test` it
 //! runs with 10 and 100 nodes and fails if any action reads more requests or keys with more nodes.
 //!
 //! The agent runs in a network namespace this bench makes (its IPAM-only ADDs touch no interface, but the
@@ -19,7 +20,7 @@ use std::{
 use poolwarden::{
     allocator::{Allocator, AssignRequest},
     catalog::{Catalog, encode},
-    daemon::{Agent, EnforcementMode, Lifetimes, cluster::NodeRecord},
+    daemon::{Agent, EnforcementMode, Lifetimes, cluster::NodeRecord, membership::Routing},
     ipam::{NamespaceInfo, NodeInfo, PodInfo},
     resources::parse_documents,
     store::{
@@ -146,6 +147,12 @@ async fn measure(etcd: &EtcdCluster, nodes: usize) -> Vec<(&'static str, Counts)
     rows.push(("metrics scrape", counting.take()));
     agent.collect_garbage().await.expect("gc");
     rows.push(("GC pass", counting.take()));
+    // Routes to every other node's block (the namespace's dummy link makes their addresses reachable).
+    agent.reconcile().await.expect("reconcile");
+    let table = std::process::Command::new("ip").args(["-4", "route", "show"]).output().expect("ip route");
+    let routed = String::from_utf8_lossy(&table.stdout).lines().filter(|l| l.contains(" via 192.168.")).count();
+    assert!(routed >= nodes - 1, "{routed} routes for {} other nodes", nodes - 1);
+    rows.push(("route reconcile", counting.take()));
     let answer = agent.handle(add(PODS_PER_NODE)).await;
     assert!(matches!(answer, Response::Added { .. }), "{answer:?}");
     rows.push(("ADD", counting.take()));
@@ -153,6 +160,9 @@ async fn measure(etcd: &EtcdCluster, nodes: usize) -> Vec<(&'static str, Counts)
     let allocator = Allocator::new(counting.clone() as Arc<dyn Store>);
     allocator.snapshot().await.expect("snapshot");
     rows.push(("whole-store snapshot (before)", counting.take()));
+    // The route reconcile's peer: the nodes, blocks and borrowed addresses it listed before.
+    Routing::list(counting.as_ref()).await.expect("routing");
+    rows.push(("routes listed (before)", counting.take()));
     rows
 }
 
@@ -167,6 +177,17 @@ fn main() {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare the network namespace (root?)");
     let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip");
     assert!(up.success(), "bringing loopback up failed");
+    // The simulated nodes' addresses (192.168.0.0/16) on a link of the namespace (a veth pair, both ends
+    // here: this kernel has no dummy links), so routes via them can be made by a route reconcile.
+    for args in [
+        &["link", "add", "pwcost0", "type", "veth", "peer", "name", "pwcost1"][..],
+        &["address", "add", "192.168.255.254/16", "dev", "pwcost0"],
+        &["link", "set", "pwcost1", "up"],
+        &["link", "set", "pwcost0", "up"],
+    ] {
+        let status = std::process::Command::new("ip").args(args).status().expect("ip");
+        assert!(status.success(), "ip {args:?} failed");
+    }
     let etcd = EtcdCluster::on_loopback(1);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let mut table: Vec<(usize, Vec<(&'static str, Counts)>)> = Vec::new();
@@ -192,9 +213,12 @@ fn main() {
             big.keys as f64 / small.keys.max(1) as f64
         );
     }
-    // Every action of the node but the snapshot (the peer) reads the same at every size.
-    for row in 0..table[0].1.len() - 1 {
+    // Every action of the node but the peers (what was read before) reads the same at every size.
+    for row in 0..table[0].1.len() {
         let (action, small) = table[0].1[row];
+        if action.ends_with("(before)") {
+            continue;
+        }
         let big = table[last].1[row].1;
         assert_eq!(
             (small.requests, small.keys),

@@ -300,6 +300,27 @@ impl EtcdCluster {
         }
     }
 
+    /// Every key in the cluster (whatever prefix its writers use), read by etcdctl from member 0.
+    pub fn keys(&self) -> Vec<String> {
+        let member = &self.members[0];
+        let mut command = match &member.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcdctl"]);
+                c
+            }
+            None => Command::new("etcdctl"),
+        };
+        let output = command
+            .args(["--endpoints", &self.client_url(member), "get", "", "--prefix", "--keys-only"])
+            .args(self.etcdctl_tls())
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("etcdctl");
+        assert!(output.status.success(), "etcdctl get: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
+    }
+
     /// Member `i`'s log.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("m{i}.log"))).unwrap_or_default()

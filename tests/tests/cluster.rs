@@ -200,6 +200,11 @@ fn a_node_removed_for_good_gives_its_addresses_and_blocks_back_to_the_others() {
     });
     let check = nodes[0].cli(&["ipam", "check"]);
     assert!(check.status.success(), "ipam check after the collection: {}", String::from_utf8_lossy(&check.stdout));
+    // Holding nothing any more, node-1 is forgotten: its decommission marker goes too.
+    wait_for("node-1's decommission marker to go", Duration::from_secs(10), || {
+        !cluster.keys().iter().any(|k| k.ends_with("decommissioned/node-1"))
+    });
+    assert!(nodes[0].agent_log().contains("its marker is removed"), "{}", nodes[0].agent_log());
 
     // node-0 fills its own block (7 more), then claims node-1's former block for the next pod.
     let mut pods = Vec::new();

@@ -178,6 +178,8 @@ impl Agent {
                 .collect()
         };
         let mut released = 0;
+        // Leaked addresses no longer held after this pass (released now, or by someone else meanwhile).
+        let mut cleared = BTreeSet::new();
         for leak in leaks.iter().filter(|l| due.contains(&leak_key(l))) {
             // No ADD runs on this node while one of its addresses is released: one that allocated it, or
             // was handed it again by a repeated ADD, has wired it by now, and then it is no leak.
@@ -198,6 +200,7 @@ impl Agent {
                 match self.collect_attachment(&leak.handle).await {
                     Ok(Some(freed)) => {
                         released += freed;
+                        cleared.insert(leak.ip);
                         continue;
                     }
                     Ok(None) => {}
@@ -210,13 +213,16 @@ impl Agent {
             match self.allocator.release_ip(leak.ip, Some((leak.sequence, &leak.handle))).await {
                 Ok(Some(_)) => {
                     released += 1;
+                    cleared.insert(leak.ip);
                     warn!(address = %leak.ip, handle = %leak.handle, node = %leak.node, reason = %leak.reason, "released a leaked address");
                     let endpoint = keys::endpoint(&leak.node, &leak.handle);
                     let txn = Txn::new().remove(endpoint).remove(keys::borrowed(leak.ip));
                     self.store.txn(txn).await.map_err(store_reply)?;
                 }
                 // Released or reassigned since it was seen: nothing of ours to take.
-                Ok(None) | Err(AllocError::Reassigned { .. }) => {}
+                Ok(None) | Err(AllocError::Reassigned { .. }) => {
+                    cleared.insert(leak.ip);
+                }
                 // One address that cannot be released now does not hold up the others: the next pass
                 // decides again.
                 Err(e) => warn!(address = %leak.ip, error = %e, "releasing a leaked address failed; retried next pass"),
@@ -224,6 +230,14 @@ impl Agent {
         }
         let mut blocks = 0;
         for affinity in orphans.iter().filter(|a| due.contains(&orphan_key(a))) {
+            // A block that still holds an address its node leaked keeps its affinity until that address is
+            // released: given up now, the block would belong to nobody, and nothing would read it again to
+            // find the address.
+            let holding = |l: &&ipam::gc::Leak| l.node == affinity.node && affinity.cidr.contains(&l.ip);
+            if leaks.iter().filter(holding).any(|l| !cleared.contains(&l.ip)) {
+                debug!(block = %affinity.cidr, node = %affinity.node, "a gone node's block keeps its affinity until its addresses are released");
+                continue;
+            }
             if self.allocator.release_affinity(affinity).await.map_err(alloc_reply)? {
                 blocks += 1;
                 warn!(block = %affinity.cidr, node = %affinity.node, "released the block of a node that is gone");
@@ -235,6 +249,20 @@ impl Agent {
             if self.allocator.release_unowned_block(cidr).await.map_err(alloc_reply)? {
                 blocks += 1;
                 info!(block = %cidr, "gave a block nobody owns back to its pool");
+            }
+        }
+        // A decommissioned node this pass found nothing of (no block, no address) is forgotten: its marker
+        // goes, unless it registered again or its addresses came back meanwhile (then the marker is theirs).
+        for node in nodes.decommissioned.iter().filter(|n| **n != self.node.name && !registered.contains(*n)) {
+            if others.iter().any(|a| &a.node == node) || leaks.iter().any(|l| &l.node == node) {
+                continue;
+            }
+            let forget = Txn::new()
+                .absent(keys::node(node))
+                .absent(keys::node_addresses(node))
+                .remove(keys::decommissioned(node));
+            if self.store.txn(forget).await.map_err(store_reply)?.is_committed() {
+                info!(%node, "a decommissioned node holds nothing any more; its marker is removed");
             }
         }
         self.suspects.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| !due.contains(k));

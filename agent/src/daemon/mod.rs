@@ -293,6 +293,11 @@ impl Agent {
         tokio::spawn(Arc::clone(&self.membership).follow(Arc::clone(&self.store)));
     }
 
+    /// Wait until what routes are made of changes (see [`Membership::changed`]).
+    pub async fn routing_changed(&self) {
+        self.membership.changed().await;
+    }
+
     /// Whether the nodes' registrations are being followed (see [`Agent::follow_membership`]).
     pub fn membership_followed(&self) -> bool {
         self.membership.is_followed()
@@ -1004,18 +1009,14 @@ impl Agent {
     /// The routes to the blocks and borrowed addresses other registered nodes hold, with the overlay device
     /// made (and its peers entered) when a pool's `vxlanMode` needs it, and removed when none does.
     async fn remote_routes(&self, pools: &[crate::resources::IpPool]) -> Result<BTreeSet<OwnedRoute>, ErrorReply> {
-        let nodes = cluster::routable(self.store.as_ref()).await.map_err(store_reply)?;
+        // Followed by watches (see `Membership`): a reconcile at rest reads nothing of the other nodes.
+        let routing = self.membership.routing(self.store.as_ref()).await.map_err(store_reply)?;
+        let membership::Routing { nodes, affinities, borrowed } = routing;
         let overlay = self.routes.overlay();
         if nodes.keys().all(|name| *name == self.node.name) {
             overlay.remove().await.map_err(route_reply)?;
             return Ok(BTreeSet::new());
         }
-        let (affinities, _) = self.store.list(keys::AFFINITIES).await.map_err(store_reply)?;
-        let affinities: Vec<ipam::Affinity> =
-            affinities.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>().map_err(store_reply)?;
-        let (borrowed, _) = self.store.list(keys::BORROWED).await.map_err(store_reply)?;
-        let borrowed: Vec<cluster::Borrowed> =
-            borrowed.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>().map_err(store_reply)?;
         let subnets = self.routes.global_addresses().await.map_err(route_reply)?;
         let wanted = cluster::remote_routes(&self.node.name, &nodes, &affinities, &borrowed, pools, &subnets);
 

@@ -205,31 +205,35 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
     let reaper = Arc::clone(&agent);
     tokio::spawn(async move { reaper.reap_retired_links().await });
     // Blocks claimed or given back anywhere (by an agent or an operator's `ipam release`), nodes coming and
-    // going, and addresses borrowed move the routes (and pools the NAT table): every change wakes one reconcile, and changes arriving
-    // together share it.
+    // going, and addresses borrowed move the routes (and pools the NAT table): every change wakes one
+    // reconcile, and changes arriving together share it. The first come through the mirror the reconcile
+    // reads them from (woken after the mirror has them), pools through a watch of their own.
     let (changed, mut changes) = tokio::sync::mpsc::channel::<()>(1);
-    for prefix in
-        [keys::AFFINITIES, keys::NODES, keys::NODE_ADDRESSES, keys::DECOMMISSIONED, keys::BORROWED, keys::POOLS]
-    {
-        let (watcher, changed) = (Arc::clone(&agent), changed.clone());
-        tokio::spawn(async move {
-            loop {
-                let from = watcher.store().revision().await.unwrap_or(0) + 1;
-                let Ok(mut watch) = watcher.store().watch(prefix, from).await else {
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    continue;
-                };
-                // Whatever changed before this watch started is caught by one reconcile now.
-                let _ = changed.try_send(());
-                while let Some(event) = watch.next().await {
-                    if event.is_err() {
-                        break;
-                    }
-                    let _ = changed.try_send(());
+    let (follower, routing) = (Arc::clone(&agent), changed.clone());
+    tokio::spawn(async move {
+        loop {
+            follower.routing_changed().await;
+            let _ = routing.try_send(());
+        }
+    });
+    let (watcher, pools_changed) = (Arc::clone(&agent), changed.clone());
+    tokio::spawn(async move {
+        loop {
+            let from = watcher.store().revision().await.unwrap_or(0) + 1;
+            let Ok(mut watch) = watcher.store().watch(keys::POOLS, from).await else {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            };
+            // Whatever changed before this watch started is caught by one reconcile now.
+            let _ = pools_changed.try_send(());
+            while let Some(event) = watch.next().await {
+                if event.is_err() {
+                    break;
                 }
+                let _ = pools_changed.try_send(());
             }
-        });
-    }
+        }
+    });
     let reconciler = Arc::clone(&agent);
     tokio::spawn(async move {
         while changes.recv().await.is_some() {
