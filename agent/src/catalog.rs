@@ -367,7 +367,7 @@ impl Catalog {
                 }
                 if block.is_empty() {
                     // Empty blocks go with the pool, with their affinities.
-                    txn = crate::allocator::delete_block(txn, &block, bkv.mod_revision);
+                    txn = delete_block(txn, &block, bkv.mod_revision);
                     if let Some(node) = &block.affinity {
                         let akey = keys::affinity(node, block.cidr);
                         if let Some(akv) = self.store.get(&akey).await? {
@@ -447,5 +447,24 @@ impl Catalog {
             }
         }
         Err(CatalogError::Contention(MAX_ATTEMPTS))
+    }
+}
+
+/// Write a block record and keep its node's room index in step with it.
+pub fn write_block(txn: Txn, block: &Block, revision: Option<Revision>) -> Txn {
+    let txn = txn.write(keys::block(block.cidr), revision, encode(block));
+    match &block.affinity {
+        Some(node) if block.free_count() > 0 => txn.put(keys::room(node, block.cidr), Vec::new()),
+        Some(node) => txn.remove(keys::room(node, block.cidr)),
+        None => txn,
+    }
+}
+
+/// Delete a block and its room index entry.
+pub fn delete_block(txn: Txn, block: &Block, revision: Revision) -> Txn {
+    let txn = txn.delete(keys::block(block.cidr), revision);
+    match &block.affinity {
+        Some(node) => txn.remove(keys::room(node, block.cidr)),
+        None => txn,
     }
 }

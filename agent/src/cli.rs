@@ -285,7 +285,7 @@ pub fn namespaces(namespaces: &[Namespace], format: Format) -> String {
 }
 
 /// `get nodes`: the nodes registered in the datastore (alive while their agents are).
-pub fn nodes(nodes: &[crate::daemon::cluster::NodeRecord], format: Format) -> String {
+pub fn nodes(nodes: &[crate::cluster::NodeRecord], format: Format) -> String {
     match format {
         Format::Yaml => serde_yaml::to_string(nodes).unwrap_or_default(),
         Format::Json => serde_json::to_string_pretty(nodes).map(|s| s + "\n").unwrap_or_default(),

@@ -101,7 +101,7 @@ pub enum Command {
         log_format: LogFormat,
         /// Source-address enforcement on every pod's host interface.
         #[arg(long, value_enum, env = "POOLWARDEN_ENFORCEMENT", default_value = "strict")]
-        enforcement: crate::daemon::EnforcementMode,
+        enforcement: crate::dataplane::enforcement::EnforcementMode,
         /// Where (on bpffs) the enforcement maps and links are pinned; mounted at /sys/fs/bpf if needed.
         #[arg(long, default_value = crate::dataplane::enforcement::DEFAULT_PIN_DIR)]
         bpf_dir: std::path::PathBuf,
@@ -543,7 +543,7 @@ pub async fn execute(
                         .namespaces()
                         .await?
                         .into_iter()
-                        .map(|ns| resources::Namespace::from_info(&ns))
+                        .map(|ns| resources::Namespace::from(&ns))
                         .collect();
                     if let Some(name) = &name {
                         known.retain(|n| n.name() == name);
@@ -555,8 +555,7 @@ pub async fn execute(
                 }
                 Kind::Ipamconfig => cli::config(&catalog.config().await?.0, output),
                 Kind::Nodes => {
-                    let mut nodes: Vec<_> =
-                        crate::daemon::cluster::registered(store.as_ref()).await?.into_values().collect();
+                    let mut nodes: Vec<_> = crate::cluster::registered(store.as_ref()).await?.into_values().collect();
                     nodes.retain(|n| name.as_ref().is_none_or(|want| &n.name == want));
                     cli::nodes(&nodes, output)
                 }

@@ -1,6 +1,6 @@
 //! Where the agent and the commands learn about namespaces, pods and nodes: the datastore in standalone
 //! mode (`poolwarden apply` of `kind: Namespace`, `poolwarden annotate namespace`), or the Kubernetes API
-//! server (see [`crate::k8s`]). Which one a datastore serves is recorded in it, so every command against a
+//! server (see the `k8s` module). Which one a datastore serves is recorded in it, so every command against a
 //! cluster's datastore knows that namespaces come from the API server.
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -92,15 +92,6 @@ pub trait Directory: Send + Sync {
     }
 }
 
-/// The namespace Kubernetes would show for a name nobody described.
-pub fn bare_namespace(name: &str) -> NamespaceInfo {
-    NamespaceInfo {
-        name: name.to_string(),
-        labels: [("kubernetes.io/metadata.name".to_string(), name.to_string())].into(),
-        annotations: BTreeMap::new(),
-    }
-}
-
 /// Standalone mode: namespaces are records in the datastore; pods carry no annotations of their own.
 pub struct StandaloneDirectory {
     catalog: Catalog,
@@ -129,7 +120,7 @@ impl Directory for StandaloneDirectory {
     async fn namespace(&self, name: &str) -> Result<NamespaceInfo, DirectoryError> {
         Ok(match self.catalog.namespace(name).await? {
             Some((ns, _)) => info_of(ns),
-            None => bare_namespace(name),
+            None => NamespaceInfo::bare(name),
         })
     }
 

@@ -20,7 +20,8 @@ use std::{
 use poolwarden::{
     allocator::{Allocator, AssignRequest},
     catalog::{Catalog, encode},
-    daemon::{Agent, EnforcementMode, Lifetimes, cluster::NodeRecord, membership::Routing},
+    cluster::NodeRecord,
+    daemon::{Agent, EnforcementMode, Lifetimes, membership::Routing},
     ipam::{NamespaceInfo, NodeInfo, PodInfo},
     resources::parse_documents,
     store::{

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use tokio::sync::oneshot;
 
 use crate::{
-    catalog::{Catalog, decode, encode},
+    catalog::{Catalog, decode, delete_block, encode, write_block},
     ipam::{
         self, Affinity, Allocation, Block, BlockError, HandleRecord, NamespaceInfo, NodeInfo, Owner, PodInfo,
         Requested, SelectionError, check::Snapshot,
@@ -922,16 +922,6 @@ fn holds_family(record: &HandleRecord, ipv6: bool) -> bool {
     record.blocks.keys().any(|cidr| cidr.network().is_ipv6() == ipv6)
 }
 
-/// Write a block and keep its node's room index in step with it.
-pub fn write_block(txn: Txn, block: &Block, revision: Option<Revision>) -> Txn {
-    let txn = txn.write(keys::block(block.cidr), revision, encode(block));
-    match &block.affinity {
-        Some(node) if block.free_count() > 0 => txn.put(keys::room(node, block.cidr), Vec::new()),
-        Some(node) => txn.remove(keys::room(node, block.cidr)),
-        None => txn,
-    }
-}
-
 /// Write a block addresses were released from: one that nobody owns goes back to its pool once it is empty
 /// (what is left of a gone node's block that another node borrowed from).
 fn write_released(txn: Txn, block: &Block, revision: Revision) -> Txn {
@@ -939,15 +929,6 @@ fn write_released(txn: Txn, block: &Block, revision: Revision) -> Txn {
         delete_block(txn, block, revision)
     } else {
         write_block(txn, block, Some(revision))
-    }
-}
-
-/// Delete a block and its room index entry.
-pub fn delete_block(txn: Txn, block: &Block, revision: Revision) -> Txn {
-    let txn = txn.delete(keys::block(block.cidr), revision);
-    match &block.affinity {
-        Some(node) => txn.remove(keys::room(node, block.cidr)),
-        None => txn,
     }
 }
 

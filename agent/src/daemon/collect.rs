@@ -11,11 +11,11 @@ use std::{
 use poolwarden_protocol::{DelRequest, ErrorReply};
 use tracing::{debug, info, warn};
 
-use super::{Agent, Endpoint, MAINTENANCE_INTERVAL, alloc_reply, cluster, route_reply, store_reply};
+use super::{Agent, Endpoint, MAINTENANCE_INTERVAL, alloc_reply, route_reply, store_reply};
 use crate::{
     allocator::AllocError,
     catalog::decode,
-    ipam,
+    cluster, ipam,
     store::{Txn, keys},
 };
 

@@ -108,7 +108,7 @@ pub async fn uninstall(bin_dir: &Path, conf_dir: &Path, bpf_dir: &Path) -> Resul
     }
     let routes = Routes::connect()?;
     removed.routes = routes.reconcile(&BTreeSet::new()).await?.1;
-    routes.overlay().remove().await?;
+    crate::dataplane::overlay::Overlay::new(routes.clone()).remove().await?;
     // Without nft installed there is no table of ours either.
     let _ = Nat::remove();
     // Unpinning the links detaches the programs; unpinning the maps frees them.

@@ -14,9 +14,9 @@ use std::{
 use futures::StreamExt;
 use tracing::debug;
 
-use super::cluster::{self, Borrowed, NodeRecord};
 use crate::{
     catalog::decode,
+    cluster::{self, Borrowed, NodeRecord},
     ipam::Affinity,
     store::{EventKind, Store, StoreError, keys},
 };

@@ -1,7 +1,6 @@
 //! The node agent: serves the CNI plugin on a Unix socket, allocates through the datastore, programs the
 //! node's routes, and keeps them reconciled with the store across restarts.
 
-pub mod cluster;
 mod collect;
 pub mod install;
 pub mod membership;
@@ -27,6 +26,7 @@ use self::membership::Membership;
 use crate::{
     allocator::{AllocError, Allocator, AssignRequest, Record},
     catalog::{Catalog, decode, encode},
+    cluster,
     dataplane::{
         enforcement::{EndpointSpec, Enforcement, EnforcementError},
         routes::{OwnedRoute, RouteError, Routes},
@@ -45,16 +45,7 @@ fn check_attachment(container_id: &str, ifname: &str) -> Result<(), ErrorReply> 
         .map_err(|why| reply(code::INVALID_ENVIRONMENT, format!("interface name {ifname:?} is not valid"), why))
 }
 
-/// How the agent enforces pods' source addresses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum EnforcementMode {
-    /// A pod may send only from its own addresses.
-    Strict,
-    /// A pod may send from any address of its pools.
-    Pool,
-    /// No enforcement.
-    Off,
-}
+pub use crate::dataplane::enforcement::EnforcementMode;
 
 /// What enforcement needs to know of a pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1012,7 +1003,7 @@ impl Agent {
         // Followed by watches (see `Membership`): a reconcile at rest reads nothing of the other nodes.
         let routing = self.membership.routing(self.store.as_ref()).await.map_err(store_reply)?;
         let membership::Routing { nodes, affinities, borrowed } = routing;
-        let overlay = self.routes.overlay();
+        let overlay = crate::dataplane::overlay::Overlay::new(self.routes.clone());
         if nodes.keys().all(|name| *name == self.node.name) {
             overlay.remove().await.map_err(route_reply)?;
             return Ok(BTreeSet::new());

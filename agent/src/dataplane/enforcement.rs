@@ -28,6 +28,17 @@ pub use poolwarden_protocol::EnforcementHook;
 /// without a pool).
 pub const NO_POOL: &str = "<none>";
 
+/// How the agent enforces pods' source addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EnforcementMode {
+    /// A pod may send only from its own addresses.
+    Strict,
+    /// A pod may send from any address of its pools.
+    Pool,
+    /// No enforcement.
+    Off,
+}
+
 /// The enforcement object, built for `bpfel-unknown-none` by `build.rs`.
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/poolwarden-ebpf"));
 

@@ -190,11 +190,6 @@ impl Routes {
         Ok(ports)
     }
 
-    /// The VXLAN overlay on this connection.
-    pub fn overlay(&self) -> super::overlay::Overlay {
-        super::overlay::Overlay::new(self.clone())
-    }
-
     /// Mark a link (by index: a new link may take its name meanwhile) for the next [`Routes::reap`], and take
     /// it down so nothing more goes through it.
     pub async fn retire_link(&self, index: u32) -> Result<(), RouteError> {

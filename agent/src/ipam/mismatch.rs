@@ -10,10 +10,7 @@ use super::{
     Block, NamespaceInfo, PodInfo,
     selection::{annotated_pools, annotation, names_pool, namespace_refusal},
 };
-use crate::{
-    directory::bare_namespace,
-    resources::{ANNOTATION_IP_ADDRS, CALICO_ANNOTATION_IP_ADDRS, IpPool},
-};
+use crate::resources::{ANNOTATION_IP_ADDRS, CALICO_ANNOTATION_IP_ADDRS, IpPool};
 
 /// One pod whose address is not where it would go now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -44,7 +41,7 @@ pub fn mismatched(
         for (address, allocation) in block.allocated() {
             let Some(ns_name) = allocation.namespace.as_deref() else { continue };
             let pod_name = allocation.pod.clone().unwrap_or_default();
-            let namespace = namespaces.get(ns_name).cloned().unwrap_or_else(|| bare_namespace(ns_name));
+            let namespace = namespaces.get(ns_name).cloned().unwrap_or_else(|| NamespaceInfo::bare(ns_name));
             let pod = pods.get(&(ns_name.to_string(), pod_name.clone()));
             let mismatch = |expected: String| Mismatch {
                 namespace: ns_name.to_string(),

@@ -31,6 +31,27 @@ pub struct NamespaceInfo {
     pub annotations: BTreeMap<String, String>,
 }
 
+impl NamespaceInfo {
+    /// The namespace Kubernetes would show for a name nobody described.
+    pub fn bare(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            labels: [("kubernetes.io/metadata.name".to_string(), name.to_string())].into(),
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+impl From<&NamespaceInfo> for crate::resources::Namespace {
+    /// A namespace document for what a directory knows of one.
+    fn from(info: &NamespaceInfo) -> Self {
+        let mut metadata = crate::resources::ObjectMeta::named(&info.name);
+        metadata.labels = info.labels.clone();
+        metadata.annotations = info.annotations.clone();
+        Self { metadata }
+    }
+}
+
 /// The pod, when known.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodInfo {

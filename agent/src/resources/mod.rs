@@ -352,14 +352,6 @@ pub struct Namespace {
 }
 
 impl Namespace {
-    /// A namespace document for what a directory knows of one.
-    pub fn from_info(info: &crate::ipam::NamespaceInfo) -> Self {
-        let mut metadata = ObjectMeta::named(&info.name);
-        metadata.labels = info.labels.clone();
-        metadata.annotations = info.annotations.clone();
-        Self { metadata }
-    }
-
     /// The namespace's name.
     pub fn name(&self) -> &str {
         &self.metadata.name
