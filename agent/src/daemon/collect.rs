@@ -8,16 +8,36 @@ use std::{
     time::{Duration, Instant},
 };
 
-use poolwarden_protocol::{DelRequest, ErrorReply};
+use poolwarden_protocol::DelRequest;
 use tracing::{debug, info, warn};
 
-use super::{Agent, Endpoint, MAINTENANCE_INTERVAL, alloc_reply, route_reply, store_reply};
+use super::{Agent, Endpoint, MAINTENANCE_INTERVAL, wiring::WiringError};
 use crate::{
     allocator::AllocError,
     catalog::decode,
-    cluster, ipam,
-    store::{Txn, keys},
+    cluster,
+    dataplane::routes::RouteError,
+    ipam,
+    store::{StoreError, Txn, keys},
 };
+
+/// Why a collection pass stopped (what it could not decide for one address or attachment is logged and
+/// left to the next pass instead).
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    /// The datastore failed.
+    #[error("the datastore failed: {0}")]
+    Store(#[from] StoreError),
+    /// Reading or releasing allocations failed.
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    /// Looking at the node's interfaces failed.
+    #[error("reading the node's interfaces failed: {0}")]
+    Routes(#[from] RouteError),
+    /// Collecting one of this node's attachments as its DEL would failed.
+    #[error("collecting an attachment failed: {0}")]
+    Attachment(#[from] WiringError),
+}
 
 /// What identifies one allocation the collector suspects: the address, the block sequence number and the
 /// handle (a block given back and claimed again starts its sequence over).
@@ -38,20 +58,20 @@ impl Agent {
 
     /// Whether this node has an endpoint for `handle` whose container is still there by the kernel's
     /// account (recorded, and its interface or netns still there); the API server is not asked.
-    async fn endpoint_alive(&self, handle: &str) -> Result<bool, ErrorReply> {
+    async fn endpoint_alive(&self, handle: &str) -> Result<bool, CollectError> {
         let key = keys::endpoint(&self.node.name, handle);
-        let Some(kv) = self.store.get(&key).await.map_err(store_reply)? else { return Ok(false) };
-        let endpoint: Endpoint = decode(&key, &kv.value).map_err(store_reply)?;
+        let Some(kv) = self.store.get(&key).await? else { return Ok(false) };
+        let endpoint: Endpoint = decode(&key, &kv.value)?;
         self.endpoint_there(&endpoint).await
     }
 
     /// Whether an endpoint's container is still there by the kernel's account: its host interface, or
     /// (IPAM-only) its netns.
-    async fn endpoint_there(&self, endpoint: &Endpoint) -> Result<bool, ErrorReply> {
+    async fn endpoint_there(&self, endpoint: &Endpoint) -> Result<bool, CollectError> {
         if endpoint.host_ifname.is_empty() {
             Ok(endpoint.netns.is_empty() || std::path::Path::new(&endpoint.netns).exists())
         } else {
-            Ok(self.routes.ifindex(&endpoint.host_ifname).await.map_err(route_reply)?.is_some())
+            Ok(self.routes.ifindex(&endpoint.host_ifname).await?.is_some())
         }
     }
 
@@ -81,16 +101,16 @@ impl Agent {
     /// A pass reads what concerns this node (its endpoints, its blocks, the blocks its pods' addresses are
     /// in), not the cluster: the registered nodes come from [`Membership`]'s watches, and another node's
     /// blocks and borrowed addresses are read only while that node is unregistered.
-    pub async fn collect_garbage(&self) -> Result<(usize, usize), ErrorReply> {
-        let nodes = self.membership.nodes(self.store.as_ref()).await.map_err(store_reply)?;
+    pub async fn collect_garbage(&self) -> Result<(usize, usize), CollectError> {
+        let nodes = self.membership.nodes(self.store.as_ref()).await?;
         let registered = &nodes.registered;
         let unregistered = nodes.unregistered(&self.node.name);
-        let endpoints = self.endpoints().await.map_err(store_reply)?;
+        let endpoints = self.endpoints().await?;
         let mut addresses: Vec<IpAddr> = endpoints.iter().flat_map(|e| e.ips.iter().copied()).collect();
         if !unregistered.is_empty() {
-            let (kvs, _) = self.store.list(keys::BORROWED).await.map_err(store_reply)?;
+            let (kvs, _) = self.store.list(keys::BORROWED).await?;
             for kv in &kvs {
-                let borrowed: cluster::Borrowed = decode(&kv.key, &kv.value).map_err(store_reply)?;
+                let borrowed: cluster::Borrowed = decode(&kv.key, &kv.value)?;
                 if unregistered.contains(&borrowed.node) {
                     addresses.push(borrowed.ip);
                 }
@@ -98,7 +118,7 @@ impl Agent {
         }
         let mut whose = unregistered.clone();
         whose.insert(self.node.name.clone());
-        let (affinities, read) = self.allocator.view_of(&whose, addresses).await.map_err(alloc_reply)?;
+        let (affinities, read) = self.allocator.view_of(&whose, addresses).await?;
         let mut local = ipam::gc::LocalEndpoints::new();
         // Handles whose pod the API server says is gone (asked here, not while ADDs are held off below).
         let mut pods_gone = BTreeSet::new();
@@ -107,7 +127,7 @@ impl Agent {
             let there = match self.endpoint_there(&endpoint).await {
                 Ok(there) => there,
                 Err(e) => {
-                    warn!(error = %e.msg, details = %e.details, %handle, "cannot tell whether an endpoint's interface exists");
+                    warn!(error = %e, %handle, "cannot tell whether an endpoint's interface exists");
                     true
                 }
             };
@@ -191,7 +211,7 @@ impl Agent {
                     Ok(true) if !pods_gone.contains(&leak.handle) => continue,
                     Ok(_) => {}
                     Err(e) => {
-                        warn!(error = %e.msg, handle = %leak.handle, "cannot tell whether a leak is still one; next pass");
+                        warn!(error = %e, handle = %leak.handle, "cannot tell whether a leak is still one; next pass");
                         continue;
                     }
                 }
@@ -205,7 +225,7 @@ impl Agent {
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        warn!(error = %e.msg, details = %e.details, handle = %leak.handle, "collecting a leaked attachment failed; next pass");
+                        warn!(error = %e, handle = %leak.handle, "collecting a leaked attachment failed; next pass");
                         continue;
                     }
                 }
@@ -217,7 +237,7 @@ impl Agent {
                     warn!(address = %leak.ip, handle = %leak.handle, node = %leak.node, reason = %leak.reason, "released a leaked address");
                     let endpoint = keys::endpoint(&leak.node, &leak.handle);
                     let txn = Txn::new().remove(endpoint).remove(keys::borrowed(leak.ip));
-                    self.store.txn(txn).await.map_err(store_reply)?;
+                    self.store.txn(txn).await?;
                 }
                 // Released or reassigned since it was seen: nothing of ours to take.
                 Ok(None) | Err(AllocError::Reassigned { .. }) => {
@@ -238,7 +258,7 @@ impl Agent {
                 debug!(block = %affinity.cidr, node = %affinity.node, "a gone node's block keeps its affinity until its addresses are released");
                 continue;
             }
-            if self.allocator.release_affinity(affinity).await.map_err(alloc_reply)? {
+            if self.allocator.release_affinity(affinity).await? {
                 blocks += 1;
                 warn!(block = %affinity.cidr, node = %affinity.node, "released the block of a node that is gone");
             }
@@ -246,7 +266,7 @@ impl Agent {
         // A block nobody owns goes back when its last address is released; what an older version left
         // behind among the blocks read goes now.
         for cidr in ipam::gc::unowned_empty_blocks(&read) {
-            if self.allocator.release_unowned_block(cidr).await.map_err(alloc_reply)? {
+            if self.allocator.release_unowned_block(cidr).await? {
                 blocks += 1;
                 info!(block = %cidr, "gave a block nobody owns back to its pool");
             }
@@ -261,7 +281,7 @@ impl Agent {
                 .absent(keys::node(node))
                 .absent(keys::node_addresses(node))
                 .remove(keys::decommissioned(node));
-            if self.store.txn(forget).await.map_err(store_reply)?.is_committed() {
+            if self.store.txn(forget).await?.is_committed() {
                 info!(%node, "a decommissioned node holds nothing any more; its marker is removed");
             }
         }
@@ -271,10 +291,10 @@ impl Agent {
 
     /// Collect this node's attachment `handle` as its DEL would: how many addresses it freed, or `None` when it
     /// has no endpoint record (then only its address goes).
-    async fn collect_attachment(&self, handle: &str) -> Result<Option<usize>, ErrorReply> {
+    async fn collect_attachment(&self, handle: &str) -> Result<Option<usize>, CollectError> {
         let key = keys::endpoint(&self.node.name, handle);
-        let Some(kv) = self.store.get(&key).await.map_err(store_reply)? else { return Ok(None) };
-        let endpoint: Endpoint = decode(&key, &kv.value).map_err(store_reply)?;
+        let Some(kv) = self.store.get(&key).await? else { return Ok(None) };
+        let endpoint: Endpoint = decode(&key, &kv.value)?;
         let freed = self
             .del(DelRequest {
                 container_id: endpoint.container_id.clone(),

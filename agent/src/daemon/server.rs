@@ -176,7 +176,7 @@ const RECONCILE_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis
 pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Result<(), ServeError> {
     match agent.register().await {
         Ok(record) => info!(addresses = ?record.addresses, "node registered"),
-        Err(e) => return Err(ServeError::Register(format!("{}: {}", e.msg, e.details))),
+        Err(e) => return Err(ServeError::Register(e.to_string())),
     }
     if let Ok(pools) = crate::catalog::Catalog::new(Arc::clone(agent.store())).pools().await {
         for notice in pools.iter().filter_map(|(pool, _)| crate::dataplane::encapsulation_not_applied(pool)) {
@@ -186,7 +186,7 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
     match agent.reconcile().await {
         Ok((added, removed)) => info!(added, removed, "routes reconciled with the datastore"),
         Err(e) => {
-            error!(error = %e.msg, details = %e.details, "initial route reconcile failed; retrying in the background")
+            error!(error = %e, "initial route reconcile failed; retrying in the background")
         }
     }
     let listener = bind_socket(&socket).await?;
@@ -240,7 +240,7 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
             tokio::time::sleep(RECONCILE_DEBOUNCE).await;
             while changes.try_recv().is_ok() {}
             if let Err(e) = reconciler.reconcile().await {
-                warn!(error = %e.msg, details = %e.details, "route reconcile after a datastore change failed");
+                warn!(error = %e, "route reconcile after a datastore change failed");
             }
         }
     });
@@ -250,7 +250,7 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
         loop {
             tick.tick().await;
             if let Err(e) = collector.collect_garbage().await {
-                warn!(error = %e.msg, details = %e.details, "garbage collection failed");
+                warn!(error = %e, "garbage collection failed");
             }
         }
     });
@@ -260,7 +260,7 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
         loop {
             tick.tick().await;
             if let Err(e) = maintainer.maintain().await {
-                warn!(error = %e.msg, details = %e.details, "maintenance failed");
+                warn!(error = %e, "maintenance failed");
             }
         }
     });

@@ -322,7 +322,7 @@ async fn an_unreachable_api_server_is_try_again_later_for_what_is_not_cached() {
     let err = directory.pod("tenant-a", "new-pod", "").await.unwrap_err();
     assert!(matches!(err, DirectoryError::Unreachable { .. }), "{err}");
     assert!(err.to_string().contains("pod tenant-a/new-pod"), "{err}");
-    let reply = crate::daemon::directory_reply(err);
+    let reply = poolwarden_protocol::ErrorReply::from(err);
     assert_eq!(reply.code, poolwarden_protocol::code::TRY_AGAIN_LATER);
     assert!(reply.msg.contains("could not be reached"), "{}", reply.msg);
 }
