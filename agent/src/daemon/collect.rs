@@ -50,6 +50,11 @@ fn orphan_key(affinity: &ipam::Affinity) -> String {
     format!("{}@{}", affinity.cidr, affinity.node)
 }
 
+/// What identifies a decommissioned node that holds nothing any more.
+fn forget_key(node: &str) -> String {
+    format!("forget@{node}")
+}
+
 impl Agent {
     /// How often the collector looks for leaks: often enough to release them soon after their grace period.
     pub fn gc_interval(&self) -> Duration {
@@ -177,6 +182,13 @@ impl Agent {
                 self.lifetimes.leak_grace.max(self.lifetimes.node_gone_after)
             }
         };
+        // Decommissioned nodes this pass found nothing of (see the end of the pass).
+        let forgettable: Vec<&String> = nodes
+            .decommissioned
+            .iter()
+            .filter(|n| **n != self.node.name && !registered.contains(*n))
+            .filter(|n| !others.iter().any(|a| &a.node == *n) && !leaks.iter().any(|l| &l.node == *n))
+            .collect();
         let now = Instant::now();
         let due: BTreeSet<String> = {
             let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
@@ -184,6 +196,7 @@ impl Agent {
                 .iter()
                 .map(|l| (leak_key(l), grace_for(&l.node)))
                 .chain(orphans.iter().map(|a| (orphan_key(a), grace_for(&a.node))))
+                .chain(forgettable.iter().map(|n| (forget_key(n), self.lifetimes.leak_grace * 2)))
                 .collect();
             // A suspect whose grace changed (its node was just decommissioned, or its Node object deleted)
             // starts its grace period over: the time it waited under the other rule does not count.
@@ -271,15 +284,17 @@ impl Agent {
                 info!(block = %cidr, "gave a block nobody owns back to its pool");
             }
         }
-        // A decommissioned node this pass found nothing of (no block, no address) is forgotten: its marker
-        // goes, unless it registered again or its addresses came back meanwhile (then the marker is theirs).
-        for node in nodes.decommissioned.iter().filter(|n| **n != self.node.name && !registered.contains(*n)) {
-            if others.iter().any(|a| &a.node == node) || leaks.iter().any(|l| &l.node == node) {
+        // A decommissioned node found holding nothing (no block, no address) for twice the leak grace period
+        // is forgotten: its marker goes, unless it registered again or its addresses came back meanwhile.
+        // By then every running owner of a block it borrowed from has released what it held there, even an
+        // address it never recorded as borrowed, which no pass of this node can see.
+        for node in &forgettable {
+            if !due.contains(&forget_key(node)) {
                 continue;
             }
             let forget = Txn::new()
-                .absent(keys::node(node))
-                .absent(keys::node_addresses(node))
+                .still_absent(keys::node(node))
+                .still_absent(keys::node_addresses(node))
                 .remove(keys::decommissioned(node));
             if self.store.txn(forget).await?.is_committed() {
                 info!(%node, "a decommissioned node holds nothing any more; its marker is removed");

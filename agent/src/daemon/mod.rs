@@ -1,5 +1,11 @@
 //! The node agent: serves the CNI plugin on a Unix socket, allocates through the datastore, programs the
 //! node's routes, and keeps them reconciled with the store across restarts.
+//!
+//! [`Agent`] holds the shared state and answers requests; what it does lives in three parts, each with its own
+//! error type: wiring one attachment (`wiring`: ADD, DEL, CHECK, a CNI GC; [`WiringError`]), node
+//! reconciliation (`reconcile`: routes, overlay, NAT, enforcement entries; [`ReconcileError`]) and garbage
+//! collection (`collect`; [`CollectError`]). `reply` is the one place errors become CNI replies; `membership`
+//! follows what the other nodes hold, `server` runs the process.
 
 mod collect;
 pub mod install;
@@ -68,7 +74,7 @@ pub enum AgentError {
     #[error(transparent)]
     Enforcement(#[from] EnforcementError),
     /// The node's registration could not be written.
-    #[error("registering the node failed: {0}")]
+    #[error("the datastore failed: {0}")]
     Store(#[from] StoreError),
 }
 

@@ -129,12 +129,6 @@ impl Txn {
         self
     }
 
-    /// Require `key` not to exist, without writing it (an absence the decision depended on).
-    pub fn absent(mut self, key: impl Into<String>) -> Self {
-        self.compares.push(Compare::Absent(key.into()));
-        self
-    }
-
     /// Require `key` to still be at `revision` without writing it (a read the decision depended on).
     pub fn unchanged(mut self, key: impl Into<String>, revision: Revision) -> Self {
         self.compares.push(Compare::ModRevision(key.into(), revision));
