@@ -41,16 +41,25 @@ pub async fn registered(store: &dyn Store) -> Result<BTreeMap<String, NodeRecord
 /// not decommissioned (by their last known addresses). A node's blocks are routed to it while its agent
 /// restarts or is down, not only while its lease lives.
 pub async fn routable(store: &dyn Store) -> Result<BTreeMap<String, NodeRecord>, StoreError> {
-    let mut nodes = registered(store).await?;
+    let registered = registered(store).await?.into_values();
     let gone = decommissioned(store).await?;
     let (kvs, _) = store.list(keys::NODE_ADDRESSES).await?;
-    for kv in &kvs {
-        let record: NodeRecord = decode(&kv.key, &kv.value)?;
-        if !gone.contains(&record.name) {
-            nodes.entry(record.name.clone()).or_insert(record);
-        }
+    let known: Vec<NodeRecord> = kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
+    Ok(routable_of(registered, known, &gone))
+}
+
+/// [`routable`] from what it reads: the registered nodes first, then the others known by their last
+/// addresses unless decommissioned.
+pub fn routable_of(
+    registered: impl IntoIterator<Item = NodeRecord>,
+    known: impl IntoIterator<Item = NodeRecord>,
+    decommissioned: &BTreeSet<String>,
+) -> BTreeMap<String, NodeRecord> {
+    let mut nodes: BTreeMap<String, NodeRecord> = registered.into_iter().map(|n| (n.name.clone(), n)).collect();
+    for record in known.into_iter().filter(|r| !decommissioned.contains(&r.name)) {
+        nodes.entry(record.name.clone()).or_insert(record);
     }
-    Ok(nodes)
+    nodes
 }
 
 /// The nodes an operator decommissioned.

@@ -185,6 +185,21 @@ impl EtcdCluster {
         if self.tls.is_some() { url.replacen("http://", "https://", 1) } else { url }
     }
 
+    /// etcdctl talking to `member` (in its network namespace, with the cluster's TLS); the command's own
+    /// arguments follow.
+    fn etcdctl(&self, member: &Placement) -> Command {
+        let mut command = match &member.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcdctl"]);
+                c
+            }
+            None => Command::new("etcdctl"),
+        };
+        command.args(["--endpoints", &self.client_url(member)]).args(self.etcdctl_tls()).env("ETCDCTL_API", "3");
+        command
+    }
+
     /// etcdctl's TLS arguments for this cluster (none without TLS).
     fn etcdctl_tls(&self) -> Vec<String> {
         let Some(dir) = &self.tls else { return Vec::new() };
@@ -271,19 +286,7 @@ impl EtcdCluster {
             if self.processes[i].is_none() {
                 continue;
             }
-            let url = self.client_url(member);
-            let tls = self.etcdctl_tls();
-            let health = || {
-                let mut command = match &member.netns {
-                    Some(ns) => {
-                        let mut c = Command::new("ip");
-                        c.args(["netns", "exec", ns, "etcdctl"]);
-                        c
-                    }
-                    None => Command::new("etcdctl"),
-                };
-                command.args(["--endpoints", &url, "endpoint", "health"]).args(&tls).env("ETCDCTL_API", "3").output()
-            };
+            let health = || self.etcdctl(member).args(["endpoint", "health"]).output();
             loop {
                 let reachable = member.netns.is_some()
                     || TcpStream::connect_timeout(
@@ -302,21 +305,8 @@ impl EtcdCluster {
 
     /// Every key in the cluster (whatever prefix its writers use), read by etcdctl from member 0.
     pub fn keys(&self) -> Vec<String> {
-        let member = &self.members[0];
-        let mut command = match &member.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "etcdctl"]);
-                c
-            }
-            None => Command::new("etcdctl"),
-        };
-        let output = command
-            .args(["--endpoints", &self.client_url(member), "get", "", "--prefix", "--keys-only"])
-            .args(self.etcdctl_tls())
-            .env("ETCDCTL_API", "3")
-            .output()
-            .expect("etcdctl");
+        let output =
+            self.etcdctl(&self.members[0]).args(["get", "", "--prefix", "--keys-only"]).output().expect("etcdctl");
         assert!(output.status.success(), "etcdctl get: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
     }

@@ -106,17 +106,13 @@ impl Mirror {
         }
     }
 
-    /// As [`cluster::routable`] reads it: the registered nodes, and the others by their last addresses
-    /// unless decommissioned.
+    /// As [`cluster::routable`] reads it, from the copy.
     fn routing(&self) -> Result<Routing, StoreError> {
-        let mut nodes: BTreeMap<String, NodeRecord> =
-            self.decoded::<NodeRecord>(keys::NODES)?.into_iter().map(|n| (n.name.clone(), n)).collect();
-        let gone = self.names(keys::DECOMMISSIONED);
-        for record in self.decoded::<NodeRecord>(keys::NODE_ADDRESSES)? {
-            if !gone.contains(&record.name) {
-                nodes.entry(record.name.clone()).or_insert(record);
-            }
-        }
+        let nodes = cluster::routable_of(
+            self.decoded::<NodeRecord>(keys::NODES)?,
+            self.decoded::<NodeRecord>(keys::NODE_ADDRESSES)?,
+            &self.names(keys::DECOMMISSIONED),
+        );
         Ok(Routing { nodes, affinities: self.decoded(keys::AFFINITIES)?, borrowed: self.decoded(keys::BORROWED)? })
     }
 }
