@@ -197,13 +197,7 @@ impl Catalog {
 
     /// Validate the documents against each other and the store, then write them all in one transaction.
     pub async fn apply(&self, docs: &[Located]) -> Result<Vec<Applied>, CatalogError> {
-        let mut seen: BTreeMap<String, &Location> = BTreeMap::new();
-        for doc in docs {
-            let object = doc.resource.describe();
-            if let Some(first) = seen.insert(object.clone(), &doc.at) {
-                return Err(CatalogError::Duplicate { at: doc.at.clone(), object, first: first.clone() });
-            }
-        }
+        Self::once_each(docs)?;
         for _ in 0..MAX_ATTEMPTS {
             let stored = self.pools().await?;
             let (mut txn, applied) = self.plan(docs, &stored).await?;
@@ -221,6 +215,24 @@ impl Catalog {
             }
         }
         Err(CatalogError::Contention(MAX_ATTEMPTS))
+    }
+
+    /// Judge the documents as [`Catalog::apply`] would, writing nothing.
+    pub async fn check(&self, docs: &[Located]) -> Result<Vec<Applied>, CatalogError> {
+        Self::once_each(docs)?;
+        let stored = self.pools().await?;
+        Ok(self.plan(docs, &stored).await?.1)
+    }
+
+    fn once_each(docs: &[Located]) -> Result<(), CatalogError> {
+        let mut seen: BTreeMap<String, &Location> = BTreeMap::new();
+        for doc in docs {
+            let object = doc.resource.describe();
+            if let Some(first) = seen.insert(object.clone(), &doc.at) {
+                return Err(CatalogError::Duplicate { at: doc.at.clone(), object, first: first.clone() });
+            }
+        }
+        Ok(())
     }
 
     async fn plan(&self, docs: &[Located], stored: &[(IpPool, Revision)]) -> Result<(Txn, Vec<Applied>), CatalogError> {

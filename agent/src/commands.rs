@@ -54,6 +54,11 @@ pub struct Cli {
     /// or ~/.kube/config). Used in Kubernetes mode, where namespaces come from the API server.
     #[arg(long, global = true, env = "POOLWARDEN_KUBECONFIG")]
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// Where pools and the IPAM config are defined: `datastore` (written by `poolwarden apply`) or
+    /// `kubernetes` (IPPool and IPAMConfig custom resources, copied into the datastore by the agents; `apply`
+    /// and `delete pool` then write the resources).
+    #[arg(long, global = true, value_enum, env = "POOLWARDEN_POOL_SOURCE", default_value = "datastore")]
+    pub pool_source: PoolSource,
     #[command(subcommand)]
     pub command: Command,
     /// The agent's socket, used when the datastore is held by a running agent.
@@ -298,6 +303,15 @@ pub enum EnforcementCommand {
     },
 }
 
+/// Where pools are defined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PoolSource {
+    /// In the datastore, by `poolwarden apply`.
+    Datastore,
+    /// As custom resources in the Kubernetes API.
+    Kubernetes,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -510,8 +524,16 @@ pub async fn execute(
             if let Some(doc) = docs.iter().find(|d| matches!(d.resource, resources::Resource::Namespace(_))) {
                 namespaces.refuse_in_kubernetes(&format!("{}: {}", doc.at, doc.resource.describe())).await?;
             }
-            for applied in catalog.apply(&docs).await? {
-                w!(out, "{} {}", applied.object, applied.action);
+            if cli.pool_source == PoolSource::Kubernetes {
+                let client = crate::k8s::connect(cli.kubeconfig.as_deref()).await?;
+                let code = crate::k8s::pools::apply(client, &catalog, &docs, out).await?;
+                if code != 0 {
+                    return Ok(code);
+                }
+            } else {
+                for applied in catalog.apply(&docs).await? {
+                    w!(out, "{} {}", applied.object, applied.action);
+                }
             }
             for doc in &docs {
                 if let resources::Resource::IpPool(pool) = &doc.resource
@@ -561,6 +583,10 @@ pub async fn execute(
                 }
             };
             out.push_str(&text);
+        }
+        Command::Delete { what: DeleteKind::Pool, name, force: false } if cli.pool_source == PoolSource::Kubernetes => {
+            let client = crate::k8s::connect(cli.kubeconfig.as_deref()).await?;
+            crate::k8s::pools::delete(client, &name, out).await?;
         }
         Command::Delete { what: DeleteKind::Pool, name, force } => {
             let left = catalog.delete_pool(&name, force).await?;

@@ -89,8 +89,19 @@ async fn run(cli: Cli) -> Result<u8> {
                  pods come from the API server, so start the agent with --kubernetes (and --kubeconfig outside a pod)"
             );
         }
+        if cli.pool_source == commands::PoolSource::Kubernetes && !*kubernetes {
+            bail!(
+                "--pool-source kubernetes (POOLWARDEN_POOL_SOURCE) reads IPPool resources from the API server: \
+                 start the agent with --kubernetes too"
+            );
+        }
         let kube = if *kubernetes {
             let client = poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?;
+            if cli.pool_source == commands::PoolSource::Kubernetes {
+                let sync = poolwarden::k8s::pools::PoolSync::start(client.clone(), Arc::clone(&store));
+                let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "kube-system".into());
+                tokio::spawn(sync.run(namespace, node.name.clone()));
+            }
             let directory = poolwarden::k8s::KubeDirectory::start(client, &node.name);
             if !directory.wait_ready(kube_sync_timeout.0).await {
                 tracing::warn!(

@@ -5,7 +5,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-const SEED: &str = include_str!("../../examples/seed-pools.yaml");
+const SEED: &str = include_str!("../../examples/calico/seed-pools.yaml");
 
 struct Cli {
     dir: tempfile::TempDir,

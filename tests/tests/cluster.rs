@@ -10,7 +10,7 @@ use poolwarden_tests::{
 };
 use serde_json::json;
 
-const SEED_POOLS: &str = include_str!("../../examples/seed-pools.yaml");
+const SEED_POOLS: &str = include_str!("../../examples/calico/seed-pools.yaml");
 
 fn our_routes(node: &Node) -> String {
     node.ns.exec(&["ip", "route", "show", "proto", "97"])

@@ -179,7 +179,7 @@ fn podman_runs_a_container_on_a_poolwarden_network() {
         return;
     }
     let mut node = Node::new("10.255.1.3");
-    node.apply(include_str!("../../examples/seed-pools.yaml"));
+    node.apply(include_str!("../../examples/calico/seed-pools.yaml"));
     node.cli_ok(&["annotate", "namespace", "external-ns", "poolwarden.io/ipv4pools=[\"external-pool\"]"]);
     node.start_agent();
 
@@ -321,7 +321,7 @@ fn podman_runs_a_shaped_container_that_is_still_enforced() {
         return;
     }
     let mut node = Node::new("10.255.1.5");
-    node.apply(include_str!("../../examples/seed-pools.yaml"));
+    node.apply(include_str!("../../examples/calico/seed-pools.yaml"));
     node.start_agent();
     let conflist = json!({
         "cniVersion": "1.0.0",

@@ -104,17 +104,27 @@ fn in_cidr(ip: &str, network: [u8; 4], prefix: u32) -> bool {
 fn the_seed_example_with_kubectl() {
     let Some(dir) = cluster() else { return };
     let kubectl = Kubectl::new(&dir);
-    // Step 1: the pools, through the agent (it holds the datastore), with external-pool bound to external-ns.
-    let seed = include_str!("../../examples/seed-pools.yaml").replacen(
-        "  natOutgoing: true",
-        "  natOutgoing: true\n  allowedNamespaces: [external-ns]",
-        1,
+    // Step 1: the pools, as resources (`kubectl apply -f examples/`), then external-pool bound to external-ns.
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
+    let applied = kubectl.ok(&["apply", "-f", examples]);
+    assert!(
+        applied.contains("ippool.poolwarden.io/external-pool")
+            && applied.contains("ippool.poolwarden.io/internal-pool"),
+        "{applied}"
     );
-    let applied = kubectl.ok_with(
-        &["-n", "kube-system", "exec", "-i", "ds/poolwarden", "-c", "agent", "--", "poolwarden", "apply", "-f", "-"],
-        Some(&seed),
-    );
-    assert!(applied.contains("ippool/external-pool") && applied.contains("ippool/internal-pool"), "{applied}");
+    kubectl.ok(&[
+        "patch",
+        "ippool",
+        "external-pool",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"allowedNamespaces":["external-ns"]}}"#,
+    ]);
+    for pool in ["external-pool", "internal-pool"] {
+        let (ready, reason, message) = verdict(&kubectl, pool, Duration::from_secs(60));
+        assert!(ready, "{pool} is not ready: {reason}: {message}");
+    }
 
     // Step 2: namespaces and their annotations.
     for (namespace, key, pool) in [
@@ -176,6 +186,21 @@ fn the_seed_example_with_kubectl() {
             assert!(answered, "{namespace}/{name} did not answer from {ip}");
         }
     }
+
+    // `kubectl get ippools` shows what each pool holds: three pods each (the status is refreshed by the agent
+    // that holds the pools' lease).
+    let mut table = String::new();
+    wait_for("three addresses used in each pool", Duration::from_secs(60), || {
+        let used = |pool: &str| kubectl.json(&["get", "ippool", pool])["status"]["used"].as_u64();
+        table = kubectl.ok(&["get", "ippools"]);
+        used("external-pool") == Some(3) && used("internal-pool") == Some(3)
+    });
+    println!("{table}");
+    let row = |pool: &str| table.lines().find(|l| l.starts_with(pool)).unwrap_or_default().to_string();
+    assert!(row("external-pool").contains("172.16.0.0/26") && row("external-pool").contains("4.6%"), "{table}");
+    assert!(row("internal-pool").contains("192.168.0.0/16") && row("internal-pool").contains("0.0%"), "{table}");
+    let status = &kubectl.json(&["get", "ippool", "external-pool"])["status"];
+    assert_eq!((status["free"].as_u64(), status["blockSize"].as_u64()), (Some(61), Some(29)), "{status}");
 
     // Through a Service (kube-proxy's NAT on the node): answered by a pod of the deployment.
     kubectl.ok(&["-n", "external-ns", "expose", "deployment/web", "--port=80", "--target-port=8080"]);
@@ -307,6 +332,182 @@ spec:
     );
     assert!(ok, "the pod's own address is cut off: {out}{err}");
     kubectl.ok(&["delete", "namespace", "spoof-ns", "--wait=true", "--timeout=120s"]);
+}
+
+/// The `Ready` condition of pool `name` for its current generation, waited for up to `limit`:
+/// (ready, reason, message).
+fn verdict(kubectl: &Kubectl, name: &str, limit: Duration) -> (bool, String, String) {
+    let mut found = None;
+    wait_for(&format!("the agents' verdict on IPPool {name}"), limit, || {
+        let pool = kubectl.json(&["get", "ippool", name]);
+        let generation = pool["metadata"]["generation"].as_i64();
+        found = pool["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Ready")).and_then(
+            |c| {
+                (c["observedGeneration"].as_i64() == generation).then(|| {
+                    let text = |field: &str| c[field].as_str().unwrap_or_default().to_string();
+                    (c["status"] == "True", text("reason"), text("message"))
+                })
+            },
+        );
+        found.is_some()
+    });
+    found.expect("waited for")
+}
+
+/// Pools as resources, as the agents treat them: of two overlapping pools the later is refused (and taken once
+/// the first is gone), `poolwarden apply` writes resources and fails on a refusal, a deleted pool stays disabled
+/// while an address is allocated from it and goes with the last, and a pool that only the datastore had gets a
+/// resource.
+#[test]
+fn pool_resources_are_judged_kept_while_used_and_adopted_by_the_agents() {
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    let pool = |name: &str, cidr: &str| {
+        format!(
+            "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {{cidr: {cidr}, blockSize: 29}}\n"
+        )
+    };
+
+    // Overlap: the API server takes both; the agents refuse the later one, naming the first.
+    kubectl.ok_with(&["apply", "-f", "-"], Some(&pool("ov-first", "10.120.0.0/24")));
+    assert!(verdict(&kubectl, "ov-first", Duration::from_secs(60)).0);
+    kubectl.ok_with(&["apply", "-f", "-"], Some(&pool("ov-second", "10.120.0.0/25")));
+    let (ready, reason, message) = verdict(&kubectl, "ov-second", Duration::from_secs(60));
+    assert!(!ready && reason == "Overlap" && message.contains("overlaps pool \"ov-first\""), "{reason}: {message}");
+    let stored = agent_cli(&kubectl, &["get", "pools"]);
+    assert!(stored.contains("ov-first") && !stored.contains("ov-second"), "{stored}");
+    // poolwarden apply judges before writing: refused, nothing written.
+    let (ok, out, err) = kubectl.run(
+        &["-n", "kube-system", "exec", "-i", "ds/poolwarden", "-c", "agent", "--", "poolwarden", "apply", "-f", "-"],
+        Some(&pool("ov-third", "10.120.0.128/25")),
+    );
+    assert!(!ok && err.contains("overlaps pool \"ov-first\""), "{out}{err}");
+    let (exists, _, _) = kubectl.run(&["get", "ippool", "ov-third"], None);
+    assert!(!exists, "a refused pool was written");
+    // The first goes: the second is taken.
+    kubectl.ok(&["delete", "ippool", "ov-first", "--timeout=60s"]);
+    let (ready, reason, message) = verdict(&kubectl, "ov-second", Duration::from_secs(60));
+    assert!(ready, "ov-second still refused once ov-first is gone: {reason}: {message}");
+    kubectl.ok(&["delete", "ippool", "ov-second", "--timeout=60s"]);
+
+    // poolwarden apply writes the resource, and the pool serves a namespace.
+    pool_for_namespace(&kubectl, "fin-pool", "10.121.0.0/28", 29, "fin-ns");
+    let written = kubectl.json(&["get", "ippool", "fin-pool"]);
+    assert_eq!(written["spec"]["cidr"], "10.121.0.0/28", "{written}");
+    pod_on(&kubectl, "fin-ns", "holder", "pwk-node1", "sleep 3600");
+    kubectl.ok(&["-n", "fin-ns", "wait", "--for=condition=Ready", "pod/holder", "--timeout=120s"]);
+    // Deleted while its address is in use: kept, disabled, saying why.
+    kubectl.ok(&["delete", "ippool", "fin-pool", "--wait=false"]);
+    let (ready, reason, message) = verdict(&kubectl, "fin-pool", Duration::from_secs(60));
+    assert!(!ready && reason == "Deleting" && message.contains("1 allocated address"), "{reason}: {message}");
+    let stored = agent_cli(&kubectl, &["get", "pools", "fin-pool", "-o", "yaml"]);
+    assert!(stored.contains("disabled: true"), "{stored}");
+    // The pod goes: so does the pool, from the datastore and the API.
+    kubectl.ok(&["-n", "fin-ns", "delete", "pod", "holder", "--wait=true", "--timeout=120s"]);
+    kubectl.ok(&["wait", "--for=delete", "ippool/fin-pool", "--timeout=90s"]);
+    let stored = agent_cli(&kubectl, &["get", "pools"]);
+    assert!(!stored.contains("fin-pool"), "{stored}");
+    kubectl.ok(&["delete", "namespace", "fin-ns", "--wait=true", "--timeout=120s"]);
+
+    // A pool only the datastore has (written with the datastore as the source) gets a resource.
+    let (ok, out, err) = kubectl.run(
+        &[
+            "-n",
+            "kube-system",
+            "exec",
+            "-i",
+            "ds/poolwarden",
+            "-c",
+            "agent",
+            "--",
+            "poolwarden",
+            "--pool-source",
+            "datastore",
+            "apply",
+            "-f",
+            "-",
+        ],
+        Some(&pool("adopted", "10.122.0.0/28")),
+    );
+    assert!(ok, "{out}{err}");
+    let mut adopted = Value::Null;
+    wait_for("a resource for the pool only the datastore had", Duration::from_secs(60), || {
+        let (exists, out, _) = kubectl.run(&["get", "ippool", "adopted", "-o", "json"], None);
+        adopted = serde_json::from_str(&out).unwrap_or_default();
+        exists
+    });
+    assert_eq!(adopted["metadata"]["annotations"]["poolwarden.io/adopted-from"], "datastore", "{adopted}");
+    assert_eq!(adopted["spec"]["cidr"], "10.122.0.0/28", "{adopted}");
+    kubectl.ok(&["delete", "ippool", "adopted", "--timeout=60s"]);
+    let stored = agent_cli(&kubectl, &["get", "pools"]);
+    assert!(!stored.contains("adopted"), "{stored}");
+}
+
+/// The pools' lease holder stalls (its agent stopped with SIGSTOP, as a node under memory pressure or a
+/// stuck process would): within the lease's duration the other node's agent takes over and a new pool is
+/// judged; the stalled agent, resumed, does not take the lease back or undo anything.
+#[test]
+fn the_pools_are_taken_over_when_the_lease_holder_stalls() {
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    let holder = || {
+        kubectl.json(&["-n", "kube-system", "get", "lease", "poolwarden-pools"])["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let first = holder();
+    assert!(first.starts_with("pwk-node"), "lease holder {first:?}");
+    let pid = agent_pid(&first);
+    let stalled_at = Instant::now();
+    {
+        let _stopped = Stopped::new(pid);
+        kubectl.ok_with(
+            &["apply", "-f", "-"],
+            Some(
+                "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: takeover}\nspec: {cidr: 10.123.0.0/24}\n",
+            ),
+        );
+        let (ready, reason, message) = verdict(&kubectl, "takeover", Duration::from_secs(40));
+        assert!(ready, "{reason}: {message}");
+        let second = holder();
+        assert!(second != first && second.starts_with("pwk-node"), "lease still with {second:?}");
+        println!("{first} stopped; {second} took the lease and judged the pool after {:?}", stalled_at.elapsed());
+    }
+    // Resumed: it finds the lease taken and stays out; the pool stays.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_ne!(holder(), first, "the resumed agent took the lease back");
+    let (ready, reason, message) = verdict(&kubectl, "takeover", Duration::from_secs(10));
+    assert!(ready, "{reason}: {message}");
+    assert!(agent_cli(&kubectl, &["get", "pools"]).contains("takeover"));
+    kubectl.ok(&["delete", "ippool", "takeover", "--timeout=60s"]);
+}
+
+/// The PID of the agent process serving `node` (its container's, read from /proc: NODENAME in its environment).
+fn agent_pid(node: &str) -> u32 {
+    let want = format!("NODENAME={node}");
+    let found: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            args.first().is_some_and(|a| a.ends_with(b"poolwarden"))
+                && args.get(1) == Some(&&b"agent"[..])
+                && environ.split(|b| *b == 0).any(|v| v == want.as_bytes())
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "agent processes of {node}: {found:?}");
+    found[0]
+}
+
+/// A `poolwarden` command in an agent's container (its datastore), output on success.
+fn agent_cli(kubectl: &Kubectl, args: &[&str]) -> String {
+    let mut full = vec!["-n", "kube-system", "exec", "ds/poolwarden", "-c", "agent", "--", "poolwarden"];
+    full.extend_from_slice(args);
+    kubectl.ok(&full)
 }
 
 /// Apply pools through the agent (it holds the datastore's client), as an operator does with kubectl.

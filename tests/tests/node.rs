@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, process::Command, time::Duration};
 use poolwarden_tests::{NetNs, Node, address_of, binary, k8s_args, privileged, wait_for};
 use serde_json::{Value, json};
 
-const SEED_POOLS: &str = include_str!("../../examples/seed-pools.yaml");
+const SEED_POOLS: &str = include_str!("../../examples/calico/seed-pools.yaml");
 const NO_GRACE: &str =
     "apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {emptyBlockGraceSeconds: 0}\n";
 

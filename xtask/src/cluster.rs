@@ -575,7 +575,12 @@ configMapGenerator:
         image_tag = POOLWARDEN_IMAGE.rsplit_once(':').map_or("latest", |(_, t)| t),
     );
     std::fs::write(overlay.join("kustomization.yaml"), kustomization)?;
-    kubectl(root, &["apply", "-k", &overlay.display().to_string()])?;
+    let applied = kubectl_output(root, &["apply", "-k", &overlay.display().to_string()])?;
+    print!("{applied}");
+    if applied.contains("daemonset.apps/poolwarden unchanged") {
+        // Same spec, same tag: the image was rebuilt under it, so the agents restart to run it.
+        kubectl(root, &["-n", "kube-system", "rollout", "restart", "daemonset/poolwarden"])?;
+    }
     kubectl(root, &["-n", "kube-system", "rollout", "status", "daemonset/poolwarden", "--timeout=180s"])
 }
 
@@ -1173,7 +1178,7 @@ pub fn demo(root: &Path, keep: bool) -> Result<()> {
         install(root)?;
         let step = |title: &str| println!("\n== {title}");
         step("Step 1: the seed's pools (Calico's YAML, unchanged), external-pool bound to external-ns");
-        let seed = std::fs::read_to_string(root.join("examples/seed-pools.yaml"))?.replacen(
+        let seed = std::fs::read_to_string(root.join("examples/calico/seed-pools.yaml"))?.replacen(
             "  natOutgoing: true",
             "  natOutgoing: true\n  allowedNamespaces: [external-ns]",
             1,

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const SEED_POOLS: &str = include_str!("../../examples/seed-pools.yaml");
+const SEED_POOLS: &str = include_str!("../../examples/calico/seed-pools.yaml");
 
 /// Everything the demo made, removed on drop unless kept.
 struct Made {
@@ -148,9 +148,9 @@ pub fn run(root: &Path, keep: bool) -> Result<()> {
 
     step(
         "Step 1: create the pools (the seed's Calico YAML, unchanged)",
-        "poolwarden apply -f examples/seed-pools.yaml",
+        "poolwarden apply -f examples/calico/seed-pools.yaml",
     );
-    let pools = root.join("examples/seed-pools.yaml");
+    let pools = root.join("examples/calico/seed-pools.yaml");
     print!("{}", pw(&["apply", "-f", &pools.display().to_string()])?);
 
     step(

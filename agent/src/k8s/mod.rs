@@ -23,6 +23,9 @@ use crate::{
     ipam::{NamespaceInfo, NodeInfo, PodInfo},
 };
 
+pub mod lease;
+pub mod pools;
+
 /// How long a direct GET on the ADD path may take before the ADD is answered "try again later".
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -92,18 +95,37 @@ where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    let (reader, writer) = reflector::store();
+    reflect_into(reflector::store::Writer::default(), api, config, what, None)
+}
+
+/// [`reflect`] into `writer`, waking `changed` (when given) after every event the store applied.
+fn reflect_into<K>(
+    writer: reflector::store::Writer<K>,
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    changed: Option<Arc<tokio::sync::Notify>>,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let reader = writer.as_reader();
     let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut healthy = true;
         while let Some(event) = stream.next().await {
             match event {
-                Ok(watcher::Event::InitDone) => {
-                    info!(cache = what, "the Kubernetes cache is in sync");
+                Ok(event) => {
+                    if matches!(event, watcher::Event::InitDone) {
+                        info!(cache = what, "the Kubernetes cache is in sync");
+                    }
                     healthy = true;
+                    if let Some(changed) = &changed {
+                        changed.notify_one();
+                    }
                 }
-                Ok(_) => healthy = true,
                 Err(e) if healthy => {
                     warn!(cache = what, error = %e, "watching the Kubernetes API failed; retrying with backoff");
                     healthy = false;

@@ -781,7 +781,7 @@ mod tests {
 
     use super::*;
 
-    const SEED_POOLS: &str = include_str!("../../../examples/seed-pools.yaml");
+    const SEED_POOLS: &str = include_str!("../../../examples/calico/seed-pools.yaml");
 
     #[test]
     fn seed_pools_parse_unchanged() {

@@ -1,0 +1,92 @@
+//! One holder at a time for cluster-wide work, by a `coordination.k8s.io/v1` Lease (what kube-controller-manager
+//! and client-go's leader election use). Expiry is judged by this process's own clock: a lease whose
+//! `resourceVersion` has not moved for its whole duration, as seen from here, is free, so nodes' clocks need
+//! not agree. Every write is a compare-and-swap on the lease's `resourceVersion`.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::Timestamp,
+};
+use kube::{Api, Client, api::PostParams};
+
+/// A lease this process may hold.
+pub struct Holder {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+    /// The lease's `resourceVersion` as last seen held by another, and when it was first seen.
+    observed: Option<(String, Instant)>,
+}
+
+impl Holder {
+    /// The lease `namespace/name`, held as `identity` for `duration` per renewal.
+    pub fn new(client: Client, namespace: &str, name: &str, identity: &str, duration: Duration) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name.to_string(),
+            identity: identity.to_string(),
+            duration,
+            observed: None,
+        }
+    }
+
+    /// Take or renew the lease: whether this process holds it now (for `duration` from the call, at most).
+    /// Another writer winning the same race is not an error: the answer is `false`.
+    pub async fn hold(&mut self) -> Result<bool, kube::Error> {
+        let now = Some(MicroTime(Timestamp::now()));
+        let seconds = i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX);
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta { name: Some(self.name.clone()), ..Default::default() },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.identity.clone()),
+                    lease_duration_seconds: Some(seconds),
+                    acquire_time: now.clone(),
+                    renew_time: now,
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return lost_race(self.api.create(&PostParams::default(), &lease).await);
+        };
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        let ours = spec.holder_identity.as_deref() == Some(self.identity.as_str());
+        if !ours && spec.holder_identity.is_some() && !self.expired(&version) {
+            return Ok(false);
+        }
+        if !ours {
+            spec.holder_identity = Some(self.identity.clone());
+            spec.acquire_time = now.clone();
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+        }
+        spec.renew_time = now;
+        spec.lease_duration_seconds = Some(seconds);
+        self.observed = None;
+        lost_race(self.api.replace(&self.name, &PostParams::default(), &lease).await)
+    }
+
+    /// Whether another's lease at `version` has stood unrenewed for a whole duration, by this clock.
+    fn expired(&mut self, version: &str) -> bool {
+        match &self.observed {
+            Some((seen, since)) if seen == version => since.elapsed() > self.duration,
+            _ => {
+                self.observed = Some((version.to_string(), Instant::now()));
+                false
+            }
+        }
+    }
+}
+
+/// A write's outcome: held when it went through, not held when another writer changed the lease first.
+fn lost_race(result: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,627 @@
+//! IPPool and IPAMConfig custom resources as the source of pools (`--pool-source kubernetes`): what
+//! `kubectl apply -f` writes is what the agents allocate from, and `kubectl get ippools` shows each pool's
+//! verdict and utilisation.
+//!
+//! One agent at a time (the holder of the `poolwarden-pools` Lease) copies the resources into the datastore,
+//! through the same [`Catalog::apply`] as `poolwarden apply`, so a pool is judged by the same rules (overlaps
+//! with older pools and with blocks left by deleted ones included). Pools are applied oldest first
+//! (creation time, then name), so of two overlapping pools the later one is refused, whichever agent judges.
+//! The verdict is the `Ready` condition of the pool's status, with the refusal's own message; used, free and
+//! blocks are refreshed from the datastore.
+//!
+//! Deleting an IPPool does not strand its addresses: a finalizer (`poolwarden.io/addresses`) keeps the resource
+//! while addresses are allocated from it. Meanwhile the pool is disabled in the datastore (no new addresses)
+//! and its status says what it waits for; once empty, the pool leaves the datastore and the finalizer goes.
+//! A pool in the datastore with no resource (applied before the agents read resources) is adopted: a resource
+//! is created for it, so turning this on loses nothing.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
+    runtime::{reflector::Store, watcher},
+};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use super::lease::Holder;
+use crate::{
+    catalog::{Catalog, CatalogError, decode},
+    ipam::Block,
+    resources::{self, IpPool, IpamConfig, Located, Resource},
+    store::{self, Store as Datastore, StoreError},
+};
+
+/// The API group and version of the resources.
+pub const API_VERSION: &str = "poolwarden.io/v1";
+/// The finalizer that keeps a deleted IPPool until no address is allocated from it.
+pub const FINALIZER: &str = "poolwarden.io/addresses";
+/// The Lease whose holder copies the resources into the datastore.
+pub const LEASE: &str = "poolwarden-pools";
+/// The field manager of what the agents and `poolwarden apply` write.
+pub const MANAGER: &str = "poolwarden";
+/// How long a holder's lease lasts without renewal.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+/// How often the holder renews, and the longest it waits between two passes.
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How often the holder refreshes used and free counts when nothing else changed.
+const USAGE_EVERY: Duration = Duration::from_secs(15);
+
+/// `ippools.poolwarden.io`.
+pub fn ippools() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("poolwarden.io", "v1", "IPPool"), "ippools")
+}
+
+/// `ipamconfigs.poolwarden.io`.
+pub fn ipamconfigs() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("poolwarden.io", "v1", "IPAMConfig"), "ipamconfigs")
+}
+
+/// The resource that states `pool` (or the config), as `kubectl apply` would send it.
+pub fn resource_of(resource: &Resource) -> Option<(ApiResource, String, Value)> {
+    let (kind, name, spec) = match resource {
+        Resource::IpPool(pool) => (ippools(), pool.name(), serde_json::to_value(&pool.spec).ok()?),
+        Resource::IpamConfig(config) => (ipamconfigs(), "default", serde_json::to_value(&config.spec).ok()?),
+        Resource::Namespace(_) => return None,
+    };
+    let body = json!({"apiVersion": API_VERSION, "kind": kind.kind, "metadata": {"name": name}, "spec": spec});
+    Some((kind, name.to_string(), body))
+}
+
+/// The annotation on a pool in the datastore that was copied there from a resource.
+pub const SOURCE_ANNOTATION: &str = "poolwarden.io/source";
+
+/// The resource as poolwarden reads it: validated on its own, named `IPPool/<name>` in messages, a pool
+/// marked as copied from a resource.
+fn parse(object: &DynamicObject, kind: &str) -> Result<Located, resources::ResourceError> {
+    let name = object.name_any();
+    let document = json!({
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "metadata": {"name": name},
+        "spec": object.data.get("spec").cloned().unwrap_or_else(|| json!({})),
+    });
+    let mut doc = resources::parse_documents(&format!("{kind}/{name}"), &document.to_string())?.remove(0);
+    if let Resource::IpPool(pool) = &mut doc.resource {
+        pool.metadata.annotations.insert(SOURCE_ANNOTATION.into(), "kubernetes".into());
+    }
+    Ok(doc)
+}
+
+/// A pool's verdict: the `Ready` condition's status, reason and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Verdict {
+    ready: bool,
+    reason: &'static str,
+    message: String,
+}
+
+impl Verdict {
+    fn ready() -> Self {
+        Self { ready: true, reason: "Applied", message: "in the datastore; nodes allocate from it".into() }
+    }
+
+    fn refused(err: &CatalogError) -> Option<Self> {
+        let reason = match err {
+            CatalogError::Invalid(_) => "Invalid",
+            CatalogError::Overlap { .. } => "Overlap",
+            CatalogError::LeftoverBlocks { .. } => "LeftoverBlocks",
+            CatalogError::Immutable { .. } => "Immutable",
+            // The datastore or a race: no verdict on the pool, the next pass tries again.
+            _ => return None,
+        };
+        Some(Self { ready: false, reason, message: err.to_string() })
+    }
+}
+
+/// The copy of the resources into the datastore, run by every agent; only the lease holder writes.
+pub struct PoolSync {
+    client: Client,
+    catalog: Catalog,
+    store: Arc<dyn Datastore>,
+    pools: Store<DynamicObject>,
+    configs: Store<DynamicObject>,
+    changed: Arc<tokio::sync::Notify>,
+    watches: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for PoolSync {
+    fn drop(&mut self) {
+        for watch in &self.watches {
+            watch.abort();
+        }
+    }
+}
+
+impl PoolSync {
+    /// Follow the resources (every agent does, so a new holder starts from a full cache).
+    pub fn start(client: Client, store: Arc<dyn Datastore>) -> Self {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let follow = |resource: ApiResource, what| {
+            let writer = kube::runtime::reflector::store::Writer::new(resource.clone());
+            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+            super::reflect_into(writer, api, watcher::Config::default(), what, Some(Arc::clone(&changed)))
+        };
+        let (pools, pools_task) = follow(ippools(), "ippools");
+        let (configs, configs_task) = follow(ipamconfigs(), "ipamconfigs");
+        Self {
+            client,
+            catalog: Catalog::new(Arc::clone(&store)),
+            store,
+            pools,
+            configs,
+            changed,
+            watches: vec![pools_task, configs_task],
+        }
+    }
+
+    /// Run until the process ends: hold the lease when free, and while held copy every change.
+    pub async fn run(self, namespace: String, identity: String) {
+        let mut lease = Holder::new(self.client.clone(), &namespace, LEASE, &identity, LEASE_DURATION);
+        for (cache, kind) in [(&self.pools, "IPPool"), (&self.configs, "IPAMConfig")] {
+            while tokio::time::timeout(Duration::from_secs(60), cache.wait_until_ready()).await.is_err() {
+                warn!(
+                    "no {kind} resources could be listed for a minute: are poolwarden's custom resource \
+                     definitions installed (kubectl apply -f deploy/crds.yaml) and may this agent read them?"
+                );
+            }
+        }
+        let mut held = false;
+        let mut usage_at = tokio::time::Instant::now();
+        let mut statuses = true;
+        loop {
+            match lease.hold().await {
+                Ok(now) => {
+                    if now != held {
+                        info!(lease = %format!("{namespace}/{LEASE}"), held = now, "pool resources: lease changed hands");
+                    }
+                    held = now;
+                }
+                Err(e) => {
+                    warn!(error = %e, "pool resources: the lease could not be read or renewed");
+                    held = false;
+                }
+            }
+            if held {
+                let refresh = statuses || usage_at.elapsed() >= USAGE_EVERY;
+                match self.pass(refresh).await {
+                    Ok(()) => {
+                        if refresh {
+                            usage_at = tokio::time::Instant::now();
+                        }
+                        statuses = false;
+                    }
+                    Err(e) => warn!(error = %e, "pool resources: copying into the datastore failed; trying again"),
+                }
+            }
+            tokio::select! {
+                () = self.changed.notified() => statuses = true,
+                () = tokio::time::sleep(RENEW_EVERY) => {}
+            }
+        }
+    }
+
+    /// One pass: config, then pools oldest first, then adoption of pools only the datastore has, then the
+    /// statuses (when `refresh`, or a verdict changed).
+    async fn pass(&self, refresh: bool) -> Result<(), SyncError> {
+        self.config().await?;
+        let mut resources: Vec<Arc<DynamicObject>> = self.pools.state();
+        resources.sort_by(|a, b| {
+            (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any())
+                .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any()))
+        });
+        let mut stored: BTreeMap<String, IpPool> =
+            self.catalog.pools().await?.into_iter().map(|(p, _)| (p.name().to_string(), p)).collect();
+        let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
+        for object in &resources {
+            let name = object.name_any();
+            let verdict = if object.metadata.deletion_timestamp.is_some() {
+                self.delete(object, stored.get(&name)).await?
+            } else {
+                // Nothing reaches the datastore before the finalizer is on: a resource deleted without it
+                // would leave a pool behind, which adoption would bring back.
+                if !self.hold_finalizer(object).await? {
+                    stored.remove(&name);
+                    continue;
+                }
+                self.apply(object, stored.get(&name)).await?
+            };
+            stored.remove(&name);
+            if let Some(verdict) = verdict {
+                verdicts.insert(name, verdict);
+            }
+        }
+        for pool in stored.values() {
+            if pool.metadata.annotations.contains_key(SOURCE_ANNOTATION) {
+                // Its resource went without this finalizer's release (removed by hand): deleted all the same.
+                if let Some(verdict) = self.retire(pool).await? {
+                    warn!(pool = %pool.name(), "{}", verdict.message);
+                }
+            } else {
+                self.adopt(&Resource::IpPool(pool.clone()), "IPPool").await?;
+            }
+        }
+        let changed = resources.iter().any(|object| {
+            verdicts.get(&object.name_any()).is_some_and(|verdict| condition_of(object) != Some(verdict.clone()))
+        });
+        if refresh || changed {
+            self.statuses(&resources, &verdicts).await?;
+        }
+        Ok(())
+    }
+
+    /// The IPAMConfig `default` into the datastore; the datastore's back to defaults when it is deleted.
+    async fn config(&self) -> Result<(), SyncError> {
+        let resource = self.configs.state().into_iter().find(|c| c.name_any() == "default");
+        let (stored, _) = self.catalog.config().await?;
+        let Some(object) = resource else {
+            if stored != IpamConfig::default() {
+                self.adopt(&Resource::IpamConfig(stored), "IPAMConfig").await?;
+            }
+            return Ok(());
+        };
+        let api = Api::<DynamicObject>::all_with(self.client.clone(), &ipamconfigs());
+        if object.metadata.deletion_timestamp.is_some() {
+            if stored != IpamConfig::default() {
+                self.write(Resource::IpamConfig(IpamConfig::default()), "IPAMConfig/default").await?;
+                info!("IPAMConfig default deleted: the datastore's settings are back to their defaults");
+            }
+            return release_finalizer(&api, &object).await.map(drop);
+        }
+        if !self.hold_finalizer_in(&api, &object).await? {
+            return Ok(());
+        }
+        match parse(&object, "IPAMConfig") {
+            Ok(Located { resource: Resource::IpamConfig(config), .. }) if config != stored => {
+                self.write(Resource::IpamConfig(config), "IPAMConfig/default").await?;
+                info!("IPAMConfig default copied into the datastore");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "IPAMConfig default is not valid; the datastore keeps its settings"),
+        }
+        Ok(())
+    }
+
+    /// Apply one pool resource unless the datastore has it as stated.
+    async fn apply(&self, object: &DynamicObject, stored: Option<&IpPool>) -> Result<Option<Verdict>, SyncError> {
+        let name = object.name_any();
+        let doc = match parse(object, "IPPool") {
+            Ok(doc) => doc,
+            Err(e) => return Ok(Verdict::refused(&CatalogError::Invalid(e))),
+        };
+        if matches!(&doc.resource, Resource::IpPool(pool) if Some(pool) == stored) {
+            return Ok(Some(Verdict::ready()));
+        }
+        match self.catalog.apply(std::slice::from_ref(&doc)).await {
+            Ok(_) => {
+                info!(pool = %name, "IPPool copied into the datastore");
+                Ok(Some(Verdict::ready()))
+            }
+            Err(e) => match Verdict::refused(&e) {
+                Some(verdict) => {
+                    if condition_of(object).as_ref() != Some(&verdict) {
+                        warn!(pool = %name, error = %e, "IPPool refused");
+                    }
+                    Ok(Some(verdict))
+                }
+                None => Err(e.into()),
+            },
+        }
+    }
+
+    /// A deleted pool: disabled, then gone from the datastore once nothing is allocated from it, then the
+    /// finalizer released.
+    async fn delete(&self, object: &DynamicObject, stored: Option<&IpPool>) -> Result<Option<Verdict>, SyncError> {
+        if let Some(pool) = stored
+            && let Some(waiting) = self.retire(pool).await?
+        {
+            return Ok(Some(waiting));
+        }
+        let api = Api::<DynamicObject>::all_with(self.client.clone(), &ippools());
+        release_finalizer(&api, object).await?;
+        Ok(None)
+    }
+
+    /// Take a deleted pool out of the datastore: disabled at once, gone once nothing is allocated from it.
+    /// `Some` says what it waits for.
+    async fn retire(&self, pool: &IpPool) -> Result<Option<Verdict>, SyncError> {
+        let name = pool.name();
+        if !pool.spec.disabled {
+            let mut disabled = pool.clone();
+            disabled.spec.disabled = true;
+            self.write(Resource::IpPool(disabled), &format!("IPPool/{name}")).await?;
+        }
+        match self.catalog.delete_pool(name, false).await {
+            Ok(_) => {
+                info!(pool = %name, "IPPool deleted: nothing was allocated from it; gone from the datastore");
+                Ok(None)
+            }
+            Err(CatalogError::PoolInUse { addresses, blocks, .. }) => Ok(Some(Verdict {
+                ready: false,
+                reason: "Deleting",
+                message: format!(
+                    "deleted, and disabled meanwhile: waiting for {addresses} allocated address(es) in {blocks} \
+                     block(s) to be released (their pods to go) before the pool leaves the datastore"
+                ),
+            })),
+            Err(CatalogError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Write `resource` into the datastore as poolwarden apply would.
+    async fn write(&self, resource: Resource, file: &str) -> Result<(), SyncError> {
+        let at = resources::Location { file: file.to_string(), document: 1, line: 1, item: None };
+        self.catalog.apply(&[Located { resource, at }]).await?;
+        Ok(())
+    }
+
+    /// Whether the pool resource has the finalizer (adding it when missing).
+    async fn hold_finalizer(&self, object: &DynamicObject) -> Result<bool, SyncError> {
+        let api = Api::<DynamicObject>::all_with(self.client.clone(), &ippools());
+        self.hold_finalizer_in(&api, object).await
+    }
+
+    async fn hold_finalizer_in(&self, api: &Api<DynamicObject>, object: &DynamicObject) -> Result<bool, SyncError> {
+        let mut finalizers = object.finalizers().to_vec();
+        if finalizers.iter().any(|f| f == FINALIZER) {
+            return Ok(true);
+        }
+        finalizers.push(FINALIZER.to_string());
+        set_finalizers(api, object, finalizers).await
+    }
+
+    /// Create the resource for what only the datastore has.
+    async fn adopt(&self, resource: &Resource, kind: &str) -> Result<(), SyncError> {
+        let Some((api_resource, name, mut body)) = resource_of(resource) else { return Ok(()) };
+        body["metadata"]["finalizers"] = json!([FINALIZER]);
+        body["metadata"]["annotations"] = json!({"poolwarden.io/adopted-from": "datastore"});
+        let object: DynamicObject = serde_json::from_value(body).map_err(|e| SyncError::Encode(e.to_string()))?;
+        let api = Api::<DynamicObject>::all_with(self.client.clone(), &api_resource);
+        match api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &object).await {
+            Ok(_) => {
+                info!(%kind, %name, "adopted: the datastore had it with no resource; created the resource");
+                Ok(())
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+            Err(e) => Err(SyncError::Api(e)),
+        }
+    }
+
+    /// Each pool's status: verdict, effective block size, used, free, blocks and utilisation.
+    async fn statuses(
+        &self,
+        resources: &[Arc<DynamicObject>],
+        verdicts: &BTreeMap<String, Verdict>,
+    ) -> Result<(), SyncError> {
+        let (kvs, _) = self.store.list(store::keys::BLOCKS).await?;
+        let blocks: Vec<Block> = kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
+        let api = Api::<DynamicObject>::all_with(self.client.clone(), &ippools());
+        for object in resources {
+            let name = object.name_any();
+            let Some(verdict) = verdicts.get(&name) else { continue };
+            let generation = object.metadata.generation.unwrap_or(0);
+            let mut status = json!({"observedGeneration": generation});
+            // A refused pool's range may hold another pool's blocks: no counts for it.
+            let counted = verdict.ready || verdict.reason == "Deleting";
+            if let (true, Ok(Located { resource: Resource::IpPool(pool), .. })) = (counted, parse(object, "IPPool")) {
+                let mine: Vec<&Block> = blocks.iter().filter(|b| pool.cidr().contains(&b.cidr)).collect();
+                let used: u128 = mine.iter().map(|b| u128::from(b.used())).sum();
+                let size = pool.size();
+                let free = size.saturating_sub(used);
+                status["blockSize"] = json!(pool.block_size());
+                status["used"] = json!(u64::try_from(used).unwrap_or(u64::MAX).min(i64::MAX as u64));
+                status["free"] = json!(u64::try_from(free).unwrap_or(u64::MAX).min(i64::MAX as u64));
+                status["blocks"] = json!(mine.len());
+                status["utilisation"] = json!(utilisation(used, size));
+            }
+            let old = object.data.get("status").cloned().unwrap_or_default();
+            let kept = old["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+                .filter(|c| c["status"] == ready_word(verdict.ready))
+                .and_then(|c| c["lastTransitionTime"].as_str().map(str::to_string));
+            let since = kept.unwrap_or_else(|| {
+                k8s_openapi::jiff::Timestamp::now()
+                    .round(k8s_openapi::jiff::Unit::Second)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default()
+            });
+            status["conditions"] = json!([{
+                "type": "Ready",
+                "status": ready_word(verdict.ready),
+                "reason": verdict.reason,
+                "message": verdict.message,
+                "lastTransitionTime": since,
+                "observedGeneration": generation,
+            }]);
+            if old == status {
+                continue;
+            }
+            let patch = json!({"status": status});
+            if let Err(e) = api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                warn!(pool = %name, error = %e, "IPPool status could not be written");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How long `poolwarden apply` waits for the agents' verdict on what it wrote.
+const APPLY_WAIT: Duration = Duration::from_secs(30);
+
+/// `poolwarden apply` with pools from Kubernetes: judge the documents as the agents will (on their own and
+/// against the datastore), write them as resources (server-side apply), then wait for the agents' verdict
+/// on each pool and report it. Returns the exit code.
+pub async fn apply(client: Client, catalog: &Catalog, docs: &[Located], out: &mut String) -> Result<u8, SyncError> {
+    catalog.check(docs).await?;
+    let params = PatchParams::apply(MANAGER).force();
+    let mut written = Vec::new();
+    for doc in docs {
+        let Some((resource, name, body)) = resource_of(&doc.resource) else { continue };
+        let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+        let before = api.get_opt(&name).await?.map(|o| o.resource_version());
+        let after = api.patch(&name, &params, &Patch::Apply(&body)).await?;
+        let action = match before {
+            None => "created",
+            Some(version) if version == after.resource_version() => "unchanged",
+            Some(_) => "configured",
+        };
+        out.push_str(&format!("{}/{name} {action}\n", resource.kind.to_lowercase()));
+        written.push((api, resource.kind.to_lowercase(), name, after.metadata.generation.unwrap_or(0), doc));
+    }
+    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+    let mut refused = false;
+    for (api, kind, name, generation, doc) in written {
+        loop {
+            let done = match &doc.resource {
+                Resource::IpPool(_) => {
+                    let object = api.get(&name).await?;
+                    let condition = object.data["status"]["conditions"]
+                        .as_array()
+                        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+                        .filter(|c| c["observedGeneration"].as_i64().unwrap_or(0) >= generation)
+                        .cloned();
+                    condition.map(|c| {
+                        if c["status"] != "True" {
+                            refused = true;
+                            out.push_str(&format!(
+                                "error: ippool/{name}: refused by the agents ({}): {}\n",
+                                c["reason"].as_str().unwrap_or_default(),
+                                c["message"].as_str().unwrap_or_default()
+                            ));
+                        }
+                    })
+                }
+                Resource::IpamConfig(config) => (catalog.config().await?.0 == *config).then_some(()),
+                Resource::Namespace(_) => Some(()),
+            };
+            if done.is_some() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                out.push_str(&format!(
+                    "note: {kind}/{name}: no agent has taken it into the datastore within {APPLY_WAIT:?}; are the \
+                     poolwarden agents running, with POOLWARDEN_POOL_SOURCE=kubernetes?\n"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    Ok(u8::from(refused))
+}
+
+/// `poolwarden delete pool NAME` with pools from Kubernetes: delete the resource; its finalizer keeps it
+/// until nothing is allocated from the pool.
+pub async fn delete(client: Client, name: &str, out: &mut String) -> Result<(), SyncError> {
+    let api = Api::<DynamicObject>::all_with(client, &ippools());
+    api.delete(name, &Default::default()).await?;
+    out.push_str(&format!(
+        "ippool/{name} deleted (the pool is disabled at once and leaves the datastore when no address is \
+         allocated from it; `kubectl get ippool {name}` shows what it waits for)\n"
+    ));
+    Ok(())
+}
+
+fn ready_word(ready: bool) -> &'static str {
+    if ready { "True" } else { "False" }
+}
+
+/// `12.5%`: used of size, one decimal.
+fn utilisation(used: u128, size: u128) -> String {
+    if size == 0 {
+        return "0%".into();
+    }
+    let tenths = used.saturating_mul(1000) / size;
+    format!("{}.{}%", tenths / 10, tenths % 10)
+}
+
+/// The verdict the resource's status states now, if any.
+fn condition_of(object: &DynamicObject) -> Option<Verdict> {
+    let condition = object.data["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Ready")?.clone();
+    let reason = ["Applied", "Invalid", "Overlap", "LeftoverBlocks", "Immutable", "Deleting"]
+        .into_iter()
+        .find(|r| condition["reason"] == *r)?;
+    Some(Verdict {
+        ready: condition["status"] == "True",
+        reason,
+        message: condition["message"].as_str().unwrap_or_default().to_string(),
+    })
+}
+
+/// Remove this finalizer: whether the resource is now without it.
+async fn release_finalizer(api: &Api<DynamicObject>, object: &DynamicObject) -> Result<bool, SyncError> {
+    let finalizers: Vec<String> = object.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+    if finalizers.len() == object.finalizers().len() {
+        return Ok(true);
+    }
+    set_finalizers(api, object, finalizers).await
+}
+
+/// Replace the finalizers, on the `resourceVersion` read: whether that went through (a conflict, or the
+/// resource gone, waits for the next pass).
+async fn set_finalizers(
+    api: &Api<DynamicObject>,
+    object: &DynamicObject,
+    finalizers: Vec<String>,
+) -> Result<bool, SyncError> {
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": object.resource_version()}});
+    match api.patch(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => Ok(false),
+        Err(e) => Err(SyncError::Api(e)),
+    }
+}
+
+/// Why a pass did not finish (tried again on the next).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The datastore failed or kept changing.
+    #[error("datastore: {0}")]
+    Catalog(#[from] CatalogError),
+    /// The datastore failed.
+    #[error("datastore: {0}")]
+    Store(#[from] StoreError),
+    /// The API server refused or did not answer.
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    /// A resource could not be built from what the datastore holds.
+    #[error("encoding a resource: {0}")]
+    Encode(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utilisation_has_one_decimal_and_never_divides_by_zero() {
+        assert_eq!(utilisation(0, 64), "0.0%");
+        assert_eq!(utilisation(3, 64), "4.6%");
+        assert_eq!(utilisation(64, 64), "100.0%");
+        assert_eq!(utilisation(1, 0), "0%");
+    }
+
+    #[test]
+    fn a_resource_reads_as_the_same_pool_it_was_written_from() {
+        let docs = resources::parse_documents(
+            "calico.yaml",
+            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: p}\nspec:\n  cidr: 10.1.0.0/24\n  \
+             blockSize: 29\n  ipipMode: Always\n  natOutgoing: true\n  nodeSelector: \"zone == 'a'\"\n  \
+             allowedNamespaces: [a]\n",
+        )
+        .expect("valid");
+        let (kind, name, body) = resource_of(&docs[0].resource).expect("a pool has a resource");
+        assert_eq!((kind.plural.as_str(), name.as_str()), ("ippools", "p"));
+        let object: DynamicObject = serde_json::from_value(body).expect("an object");
+        let (Resource::IpPool(back), Resource::IpPool(given)) =
+            (parse(&object, "IPPool").expect("valid again").resource, &docs[0].resource)
+        else {
+            panic!("not pools")
+        };
+        assert_eq!((&back.metadata.name, &back.spec), (&given.metadata.name, &given.spec));
+        assert_eq!(back.metadata.annotations.get(SOURCE_ANNOTATION).map(String::as_str), Some("kubernetes"));
+    }
+}
