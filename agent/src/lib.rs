@@ -16,5 +16,6 @@ pub mod directory;
 pub mod firewall;
 pub mod ipam;
 pub mod k8s;
+pub mod objects;
 pub mod resources;
 pub mod store;

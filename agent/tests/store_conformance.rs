@@ -21,6 +21,20 @@ async fn fresh_for_conformance() -> Option<(tempfile::TempDir, Arc<dyn Store>)> 
 
 poolwarden::store_conformance_tests!(fresh_for_conformance);
 
+/// Objects (single-object compare-and-swap, labels as pointer keys) over the embedded store.
+mod objects {
+    use std::sync::Arc;
+
+    use poolwarden::objects::{ObjectStore, kv::KeyValueObjects};
+
+    async fn fresh() -> Option<(tempfile::TempDir, Arc<dyn ObjectStore>)> {
+        let (dir, store) = super::fresh();
+        Some((dir, Arc::new(KeyValueObjects::new(store))))
+    }
+
+    poolwarden::object_conformance_tests!(fresh);
+}
+
 #[tokio::test]
 async fn reopen_keeps_data_and_revisions() {
     let dir = tempfile::tempdir().unwrap();

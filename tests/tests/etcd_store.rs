@@ -31,6 +31,21 @@ async fn fresh_cluster() -> Option<(EtcdCluster, Arc<dyn Store>)> {
 
 poolwarden::store_conformance_tests!(fresh_cluster);
 
+/// Objects (single-object compare-and-swap, labels as pointer keys) over etcd.
+mod objects {
+    use std::sync::Arc;
+
+    use poolwarden::objects::{ObjectStore, kv::KeyValueObjects};
+    use poolwarden_tests::etcd::EtcdCluster;
+
+    async fn fresh() -> Option<(EtcdCluster, Arc<dyn ObjectStore>)> {
+        let (cluster, store) = super::fresh_cluster().await?;
+        Some((cluster, Arc::new(KeyValueObjects::new(store))))
+    }
+
+    poolwarden::object_conformance_tests!(fresh);
+}
+
 /// More keys than one page of a listing (500), all returned in order at one revision.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_spans_pages() {

@@ -503,6 +503,33 @@ fn agent_pid(node: &str) -> u32 {
     found[0]
 }
 
+/// The object store's conformance suite (what the single-object allocator relies on: create once, update and
+/// delete only at the version read, label-selected lists and watches, no lost update under racing writers)
+/// against the real API server, on `ipamblocks.poolwarden.io` from deploy/crds.yaml. The suite runs on a thread
+/// moved into the control plane's network namespace, where the API server listens.
+#[test]
+fn the_object_store_conformance_suite_passes_on_the_api_server() {
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    kubectl.ok(&["wait", "--for=condition=Established", "crd/ipamblocks.poolwarden.io", "--timeout=60s"]);
+    let kubeconfig = dir.join("admin.kubeconfig");
+    let run = format!("c{}", std::process::id());
+    let suite = std::thread::spawn(move || {
+        let netns = std::fs::File::open("/run/netns/pwk-cp").expect("the control plane's namespace");
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let client = poolwarden::k8s::connect(Some(&kubeconfig)).await.expect("a client of the API server");
+            let objects: std::sync::Arc<dyn poolwarden::objects::ObjectStore> =
+                std::sync::Arc::new(poolwarden::objects::kubernetes::KubeObjects::new(client));
+            poolwarden::objects::conformance::all(objects, &run).await;
+        });
+    });
+    assert!(suite.join().is_ok(), "the conformance suite failed on the API server (its panic is printed above)");
+    let left = kubectl.ok(&["get", "ipamblocks", "-o", "name"]);
+    assert!(left.trim().is_empty(), "objects left behind: {left}");
+}
+
 /// A `poolwarden` command in an agent's container (its datastore), output on success.
 fn agent_cli(kubectl: &Kubectl, args: &[&str]) -> String {
     let mut full = vec!["-n", "kube-system", "exec", "ds/poolwarden", "-c", "agent", "--", "poolwarden"];

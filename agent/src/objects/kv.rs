@@ -1,0 +1,248 @@
+//! Objects over a key-value [`Store`] (etcd, embedded): `objects/<plural>/<name>` holds the labels and spec,
+//! at the key's revision as version. Key-value stores have no labels, so each object keeps one pointer key per
+//! label, `index/<plural>/<key>=<value>/<name>`, written in the same transaction as the object (and rewritten
+//! with each write of it). A selected list reads the pointers of the selector's first pair, then the objects;
+//! a selected watch follows those pointers, so a node reads its own objects, not every object of the kind.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{Kind, Labels, Object, ObjectError, ObjectEvent, ObjectStore, ObjectWatch, selects};
+use crate::store::{EventKind, KeyValue, Revision, Store, StoreError, Txn, TxnOutcome};
+
+/// The objects of a key-value store.
+pub struct KeyValueObjects {
+    store: Arc<dyn Store>,
+}
+
+impl KeyValueObjects {
+    /// Objects kept in `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    #[serde(default)]
+    labels: Labels,
+    spec: serde_json::Value,
+}
+
+fn object_prefix(kind: Kind) -> String {
+    format!("objects/{}/", kind.plural())
+}
+
+fn object_key(kind: Kind, name: &str) -> String {
+    format!("{}{name}", object_prefix(kind))
+}
+
+fn index_prefix(kind: Kind, key: &str, value: &str) -> String {
+    format!("index/{}/{key}={value}/", kind.plural())
+}
+
+fn index_keys(kind: Kind, name: &str, labels: &Labels) -> Vec<String> {
+    labels.iter().map(|(k, v)| format!("{}{name}", index_prefix(kind, k, v))).collect()
+}
+
+/// Names and labels that would make keys ambiguous are refused (Kubernetes refuses them too).
+fn check(kind: Kind, name: &str, labels: &Labels) -> Result<(), ObjectError> {
+    let bad_name = name.is_empty() || name.contains('/');
+    let bad_label = labels.iter().any(|(k, v)| k.is_empty() || k.contains('=') || v.contains('/'));
+    if bad_name || bad_label {
+        return Err(ObjectError::Corrupt {
+            kind: kind.name(),
+            name: name.to_string(),
+            message: "a name may not be empty or hold '/'; a label key may not be empty or hold '='; a label value \
+                      may not hold '/'"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+fn decode(kind: Kind, kv: &KeyValue) -> Result<Object, ObjectError> {
+    let name = kv.key.rsplit('/').next().unwrap_or_default().to_string();
+    let stored: Stored = serde_json::from_slice(&kv.value).map_err(|e| ObjectError::Corrupt {
+        kind: kind.name(),
+        name: name.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(Object { name, labels: stored.labels, spec: stored.spec, version: kv.mod_revision.to_string() })
+}
+
+fn encode(labels: &Labels, spec: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&Stored { labels: labels.clone(), spec: spec.clone() }).unwrap_or_default()
+}
+
+fn revision_of(kind: Kind, name: &str, version: &str) -> Result<Revision, ObjectError> {
+    version.parse().map_err(|_| ObjectError::Conflict {
+        kind: kind.name(),
+        name: name.to_string(),
+        version: version.to_string(),
+    })
+}
+
+impl KeyValueObjects {
+    /// The write of `labels` and `spec` under `name`, after `txn`'s condition on the object key, with the
+    /// pointers of `old` that `labels` no longer has removed.
+    fn with_pointers(txn: Txn, kind: Kind, name: &str, old: &Labels, labels: &Labels) -> Txn {
+        let mut txn = txn;
+        for key in index_keys(kind, name, old) {
+            if !index_keys(kind, name, labels).contains(&key) {
+                txn = txn.remove(key);
+            }
+        }
+        for key in index_keys(kind, name, labels) {
+            txn = txn.put(key, Vec::new());
+        }
+        txn
+    }
+
+    /// Commit `txn`, or the error `refused` makes when its condition does not hold.
+    async fn committed(&self, txn: Txn, refused: impl FnOnce() -> ObjectError) -> Result<Revision, ObjectError> {
+        match self.store.txn(txn).await? {
+            TxnOutcome::Committed(revision) => Ok(revision),
+            TxnOutcome::Conflict { .. } => Err(refused()),
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for KeyValueObjects {
+    async fn get(&self, kind: Kind, name: &str) -> Result<Option<Object>, ObjectError> {
+        match self.store.get(&object_key(kind, name)).await? {
+            Some(kv) => Ok(Some(decode(kind, &kv)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list(&self, kind: Kind, selector: &Labels) -> Result<(Vec<Object>, String), ObjectError> {
+        let Some((key, value)) = selector.iter().next() else {
+            let (kvs, revision) = self.store.list(&object_prefix(kind)).await?;
+            let objects = kvs.iter().map(|kv| decode(kind, kv)).collect::<Result<_, _>>()?;
+            return Ok((objects, revision.to_string()));
+        };
+        let (pointers, revision) = self.store.list_keys(&index_prefix(kind, key, value)).await?;
+        let mut objects = Vec::new();
+        for pointer in pointers {
+            let name = pointer.rsplit('/').next().unwrap_or_default();
+            if let Some(object) = self.get(kind, name).await?
+                && selects(selector, &object.labels)
+            {
+                objects.push(object);
+            }
+        }
+        Ok((objects, revision.to_string()))
+    }
+
+    async fn create(
+        &self,
+        kind: Kind,
+        name: &str,
+        labels: Labels,
+        spec: serde_json::Value,
+    ) -> Result<Object, ObjectError> {
+        check(kind, name, &labels)?;
+        let txn = Txn::new().create(object_key(kind, name), encode(&labels, &spec));
+        let txn = Self::with_pointers(txn, kind, name, &Labels::new(), &labels);
+        let exists = || ObjectError::AlreadyExists { kind: kind.name(), name: name.to_string() };
+        let revision = self.committed(txn, exists).await?;
+        Ok(Object { name: name.to_string(), labels, spec, version: revision.to_string() })
+    }
+
+    async fn update(&self, kind: Kind, object: &Object) -> Result<Object, ObjectError> {
+        let name = object.name.as_str();
+        check(kind, name, &object.labels)?;
+        let revision = revision_of(kind, name, &object.version)?;
+        // The pointers to remove are the stored object's: read it (the write is conditional on its revision,
+        // so what is read is what is replaced, or nothing is written).
+        let Some(current) = self.get(kind, name).await? else {
+            return Err(ObjectError::NotFound { kind: kind.name(), name: name.to_string() });
+        };
+        if current.version != object.version {
+            return Err(ObjectError::Conflict {
+                kind: kind.name(),
+                name: name.to_string(),
+                version: object.version.clone(),
+            });
+        }
+        let txn = Txn::new().update(object_key(kind, name), revision, encode(&object.labels, &object.spec));
+        let txn = Self::with_pointers(txn, kind, name, &current.labels, &object.labels);
+        let stale =
+            || ObjectError::Conflict { kind: kind.name(), name: name.to_string(), version: object.version.clone() };
+        let revision = self.committed(txn, stale).await?;
+        Ok(Object { version: revision.to_string(), ..object.clone() })
+    }
+
+    async fn delete(&self, kind: Kind, name: &str, version: &str) -> Result<(), ObjectError> {
+        let revision = revision_of(kind, name, version)?;
+        let Some(current) = self.get(kind, name).await? else {
+            return Err(ObjectError::NotFound { kind: kind.name(), name: name.to_string() });
+        };
+        let stale = || ObjectError::Conflict { kind: kind.name(), name: name.to_string(), version: version.into() };
+        if current.version != version {
+            return Err(stale());
+        }
+        let mut txn = Txn::new().delete(object_key(kind, name), revision);
+        for key in index_keys(kind, name, &current.labels) {
+            txn = txn.remove(key);
+        }
+        self.committed(txn, stale).await.map(drop)
+    }
+
+    async fn watch(&self, kind: Kind, selector: &Labels, from: &str) -> Result<ObjectWatch, ObjectError> {
+        let after: Revision = from.parse().map_err(|_| ObjectError::Expired(from.to_string()))?;
+        let first = selector.iter().next();
+        let prefix = match first {
+            Some((key, value)) => index_prefix(kind, key, value),
+            None => object_prefix(kind),
+        };
+        let mut changes = self.store.watch(&prefix, after + 1).await.map_err(|e| match e {
+            StoreError::Compacted { .. } => ObjectError::Expired(from.to_string()),
+            other => other.into(),
+        })?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let store = Arc::clone(&self.store);
+        let selector = selector.clone();
+        let by_pointer = first.is_some();
+        let task = tokio::spawn(async move {
+            let objects = KeyValueObjects::new(store);
+            while let Some(change) = changes.next().await {
+                let event = match change {
+                    Err(StoreError::Compacted { .. }) => Err(ObjectError::Expired(after.to_string())),
+                    Err(e) => Err(e.into()),
+                    Ok(change) => {
+                        let name = change.kv.key.rsplit('/').next().unwrap_or_default().to_string();
+                        match (change.kind, by_pointer) {
+                            (EventKind::Delete, _) => Ok(Some(ObjectEvent::Deleted(name))),
+                            (EventKind::Put, false) => decode(kind, &change.kv).map(|o| Some(ObjectEvent::Applied(o))),
+                            // A pointer written: the object as it is now (gone since: its deletion follows).
+                            (EventKind::Put, true) => match objects.get(kind, &name).await {
+                                Ok(Some(object)) if selects(&selector, &object.labels) => {
+                                    Ok(Some(ObjectEvent::Applied(object)))
+                                }
+                                Ok(Some(_)) => Ok(Some(ObjectEvent::Deleted(name))),
+                                Ok(None) => Ok(None),
+                                Err(e) => Err(e),
+                            },
+                        }
+                    }
+                };
+                let event = match event {
+                    Ok(None) => continue,
+                    Ok(Some(event)) => Ok(event),
+                    Err(e) => Err(e),
+                };
+                let failed = event.is_err();
+                if tx.send(event).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(ObjectWatch::new(rx, task))
+    }
+}
