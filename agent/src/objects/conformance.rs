@@ -14,7 +14,8 @@ use super::{Kind, Labels, Object, ObjectError, ObjectEvent, ObjectStore, ObjectW
 #[macro_export]
 macro_rules! object_conformance_tests {
     ($fresh:path) => {
-        $crate::object_conformance_tests!($fresh; compare_and_swap, list_by_labels, watch_by_labels, concurrent_updates);
+        $crate::object_conformance_tests!($fresh; compare_and_swap, invalid_objects_are_refused, list_by_labels, watch_by_labels,
+            concurrent_updates);
     };
     ($fresh:path; $($name:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -28,6 +29,7 @@ macro_rules! object_conformance_tests {
 /// Every check, one after the other.
 pub async fn all(objects: Arc<dyn ObjectStore>, run: &str) {
     compare_and_swap(Arc::clone(&objects), &format!("{run}-cas")).await;
+    invalid_objects_are_refused(Arc::clone(&objects), &format!("{run}-invalid")).await;
     list_by_labels(Arc::clone(&objects), &format!("{run}-list")).await;
     watch_by_labels(Arc::clone(&objects), &format!("{run}-watch")).await;
     concurrent_updates(objects, &format!("{run}-concurrent")).await;
@@ -39,6 +41,22 @@ fn labels(run: &str, pairs: &[(&str, &str)]) -> Labels {
     let mut labels = Labels::from([("poolwarden.io/run".to_string(), run.to_string())]);
     labels.extend(pairs.iter().map(|(k, v)| (format!("poolwarden.io/{k}"), v.to_string())));
     labels
+}
+
+/// What the API server refuses is refused: a name that is not a DNS subdomain, a label it does not take, a
+/// spec that is not an object.
+pub async fn invalid_objects_are_refused(objects: Arc<dyn ObjectStore>, run: &str) {
+    let cases = [
+        (format!("{run}-Upper"), labels(run, &[]), json!({})),
+        (format!("{run}-fd00::-120"), labels(run, &[]), json!({})),
+        (format!("{run}-bad-label"), labels(run, &[("node", "a,b")]), json!({})),
+        (format!("{run}-long-label"), labels(run, &[("node", "n".repeat(64).as_str())]), json!({})),
+        (format!("{run}-not-object"), labels(run, &[]), json!(7)),
+    ];
+    for (name, labels, spec) in cases {
+        let refused = objects.create(KIND, &name, labels.clone(), spec.clone()).await;
+        assert!(matches!(refused, Err(ObjectError::Invalid { .. })), "{name} {labels:?} {spec}: {refused:?}");
+    }
 }
 
 /// Create succeeds once; update and delete succeed at the version read and are refused at any other; a
@@ -101,12 +119,17 @@ pub async fn list_by_labels(objects: Arc<dyn ObjectStore>, run: &str) {
     remove_all(&objects, run).await;
 }
 
-async fn next_event(watch: &mut ObjectWatch, after: &str) -> ObjectEvent {
-    match tokio::time::timeout(Duration::from_secs(15), watch.next()).await {
-        Ok(Some(Ok(event))) => event,
-        Ok(Some(Err(e))) => panic!("after {after}: the watch failed: {e}"),
-        Ok(None) => panic!("after {after}: the watch ended"),
-        Err(_) => panic!("after {after}: no event within 15 s"),
+/// The next event, passing over deletions of `unselected` (allowed, never required: see
+/// [`ObjectStore::watch`]).
+async fn next_event(watch: &mut ObjectWatch, after: &str, unselected: &[String]) -> ObjectEvent {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), watch.next()).await {
+            Ok(Some(Ok(ObjectEvent::Deleted(name)))) if unselected.contains(&name) => {}
+            Ok(Some(Ok(event))) => return event,
+            Ok(Some(Err(e))) => panic!("after {after}: the watch failed: {e}"),
+            Ok(None) => panic!("after {after}: the watch ended"),
+            Err(_) => panic!("after {after}: no event within 15 s"),
+        }
     }
 }
 
@@ -117,20 +140,40 @@ pub async fn watch_by_labels(objects: Arc<dyn ObjectStore>, run: &str) {
     let x = objects.create(KIND, &format!("{run}-x"), mine.clone(), json!({"n": 0})).await.expect("create");
     let (listed, version) = objects.list(KIND, &mine).await.expect("list");
     assert_eq!(listed, vec![x.clone()]);
+    // Made after the list, before the watch: the watch from the list's version sees it.
+    let w = objects.create(KIND, &format!("{run}-w"), mine.clone(), json!({})).await.expect("create");
     let mut watch = objects.watch(KIND, &mine, &version).await.expect("watch");
+    let other = format!("{run}-o");
+    let unselected = [format!("{run}-z"), other.clone()];
+    assert_eq!(next_event(&mut watch, "a create before the watch", &unselected).await, ObjectEvent::Applied(w));
 
     let y = objects.create(KIND, &format!("{run}-y"), mine.clone(), json!({"n": 1})).await.expect("create");
-    assert_eq!(next_event(&mut watch, "a create").await, ObjectEvent::Applied(y.clone()));
+    assert_eq!(next_event(&mut watch, "a create", &unselected).await, ObjectEvent::Applied(y.clone()));
     let y2 = objects.update(KIND, &Object { spec: json!({"n": 2}), ..y }).await.expect("update");
-    assert_eq!(next_event(&mut watch, "an update").await, ObjectEvent::Applied(y2.clone()));
-    objects.update(KIND, &Object { labels: labels(run, &[("node", "n2")]), ..y2 }).await.expect("relabel");
-    assert_eq!(next_event(&mut watch, "a relabel").await, ObjectEvent::Deleted(format!("{run}-y")));
-    // Not selected: no event (the next one seen is the deletion that follows).
-    objects.create(KIND, &format!("{run}-z"), labels(run, &[("node", "n2")]), json!({})).await.expect("create");
+    assert_eq!(next_event(&mut watch, "an update", &unselected).await, ObjectEvent::Applied(y2.clone()));
+    // Leaving by one pair, coming back, leaving by the other.
+    let y3 = objects.update(KIND, &Object { labels: labels(run, &[("node", "n2")]), ..y2 }).await.expect("relabel");
+    assert_eq!(next_event(&mut watch, "a relabel", &unselected).await, ObjectEvent::Deleted(format!("{run}-y")));
+    let y4 = objects.update(KIND, &Object { labels: mine.clone(), ..y3 }).await.expect("relabel back");
+    assert_eq!(next_event(&mut watch, "a relabel back", &unselected).await, ObjectEvent::Applied(y4.clone()));
+    let mut moved = mine.clone();
+    moved.insert("poolwarden.io/run".into(), format!("{run}-elsewhere"));
+    objects.update(KIND, &Object { labels: moved, ..y4 }).await.expect("relabel by the other pair");
+    assert_eq!(
+        next_event(&mut watch, "a relabel by the other pair", &unselected).await,
+        ObjectEvent::Deleted(format!("{run}-y"))
+    );
+    // Never selected (one shares no pair, one shares a pair): never applied (the next event is the deletion).
+    objects.create(KIND, &unselected[0], labels(run, &[("node", "n2")]), json!({})).await.expect("create");
+    let mut half = mine.clone();
+    half.insert("poolwarden.io/run".into(), format!("{run}-other"));
+    objects.create(KIND, &other, half, json!({})).await.expect("create");
     objects.delete(KIND, &x.name, &x.version).await.expect("delete");
-    assert_eq!(next_event(&mut watch, "a delete").await, ObjectEvent::Deleted(format!("{run}-x")));
+    assert_eq!(next_event(&mut watch, "a delete", &unselected).await, ObjectEvent::Deleted(format!("{run}-x")));
     drop(watch);
     remove_all(&objects, run).await;
+    remove_all(&objects, &format!("{run}-elsewhere")).await;
+    remove_all(&objects, &format!("{run}-other")).await;
 }
 
 /// Writers racing on one object lose no update: each retries on a conflict from a fresh read.
@@ -145,6 +188,7 @@ pub async fn concurrent_updates(objects: Arc<dyn ObjectStore>, run: &str) {
                 let mut conflicts = 0;
                 for _ in 0..5 {
                     loop {
+                        assert!(conflicts < 200, "200 conflicts for 5 updates: no writer gets through");
                         let current = objects.get(KIND, &name).await.expect("get").expect("exists");
                         let n = current.spec["n"].as_u64().expect("n");
                         match objects.update(KIND, &Object { spec: json!({"n": n + 1}), ..current }).await {

@@ -59,6 +59,9 @@ fn refusal(kind: Kind, name: &str, conflict: impl FnOnce() -> ObjectError, err: 
         kube::Error::Api(status) if status.code == 404 => {
             ObjectError::NotFound { kind: kind.name(), name: name.to_string() }
         }
+        kube::Error::Api(status) if status.code == 422 => {
+            ObjectError::Invalid { kind: kind.name(), name: name.to_string(), message: status.message }
+        }
         other => ObjectError::Api(other.to_string()),
     }
 }
@@ -94,6 +97,8 @@ impl ObjectStore for KubeObjects {
         Ok(object_of(created))
     }
 
+    /// The whole object is replaced: annotations or finalizers another writer added are not kept (only the
+    /// agents write these objects).
     async fn update(&self, kind: Kind, object: &Object) -> Result<Object, ObjectError> {
         let mut replacement = DynamicObject::new(&object.name, &resource(kind)).data(json!({ "spec": object.spec }));
         replacement.metadata.labels = Some(object.labels.clone());

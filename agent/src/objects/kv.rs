@@ -48,18 +48,26 @@ fn index_keys(kind: Kind, name: &str, labels: &Labels) -> Vec<String> {
     labels.iter().map(|(k, v)| format!("{}{name}", index_prefix(kind, k, v))).collect()
 }
 
-/// Names and labels that would make keys ambiguous are refused (Kubernetes refuses them too).
-fn check(kind: Kind, name: &str, labels: &Labels) -> Result<(), ObjectError> {
-    let bad_name = name.is_empty() || name.contains('/');
-    let bad_label = labels.iter().any(|(k, v)| k.is_empty() || k.contains('=') || v.contains('/'));
-    if bad_name || bad_label {
-        return Err(ObjectError::Corrupt {
-            kind: kind.name(),
-            name: name.to_string(),
-            message: "a name may not be empty or hold '/'; a label key may not be empty or hold '='; a label value \
-                      may not hold '/'"
-                .into(),
-        });
+/// What the Kubernetes API server refuses is refused here too, in the same terms: names as DNS subdomains,
+/// labels as Kubernetes labels, a spec that is an object. (It also keeps the keys unambiguous.)
+fn check(kind: Kind, name: &str, labels: &Labels, spec: &serde_json::Value) -> Result<(), ObjectError> {
+    let invalid = |message: String| ObjectError::Invalid { kind: kind.name(), name: name.to_string(), message };
+    if !super::dns_subdomain(name) {
+        return Err(invalid(format!(
+            "metadata.name {name:?}: must be lower-case letters, digits, '-' and '.', start and end with a letter or \
+             digit, at most 253 characters"
+        )));
+    }
+    for (key, value) in labels {
+        if !super::label_key(key) || !super::label_value(value) {
+            return Err(invalid(format!(
+                "metadata.labels {key:?}: {value:?}: a label key is an optional DNS subdomain and '/' and a name of \
+                 at most 63 letters, digits, '-', '_' and '.'; a value is empty or such a name"
+            )));
+        }
+    }
+    if !spec.is_object() {
+        return Err(invalid("spec: must be an object".into()));
     }
     Ok(())
 }
@@ -146,7 +154,7 @@ impl ObjectStore for KeyValueObjects {
         labels: Labels,
         spec: serde_json::Value,
     ) -> Result<Object, ObjectError> {
-        check(kind, name, &labels)?;
+        check(kind, name, &labels, &spec)?;
         let txn = Txn::new().create(object_key(kind, name), encode(&labels, &spec));
         let txn = Self::with_pointers(txn, kind, name, &Labels::new(), &labels);
         let exists = || ObjectError::AlreadyExists { kind: kind.name(), name: name.to_string() };
@@ -156,7 +164,7 @@ impl ObjectStore for KeyValueObjects {
 
     async fn update(&self, kind: Kind, object: &Object) -> Result<Object, ObjectError> {
         let name = object.name.as_str();
-        check(kind, name, &object.labels)?;
+        check(kind, name, &object.labels, &object.spec)?;
         let revision = revision_of(kind, name, &object.version)?;
         // The pointers to remove are the stored object's: read it (the write is conditional on its revision,
         // so what is read is what is replaced, or nothing is written).
@@ -220,8 +228,11 @@ impl ObjectStore for KeyValueObjects {
                         match (change.kind, by_pointer) {
                             (EventKind::Delete, _) => Ok(Some(ObjectEvent::Deleted(name))),
                             (EventKind::Put, false) => decode(kind, &change.kv).map(|o| Some(ObjectEvent::Applied(o))),
-                            // A pointer written: the object as it is now (gone since: its deletion follows).
+                            // A pointer written: the object as that write left it. If it changed since (or went),
+                            // a later event on the same pointer follows (every write of an object rewrites or
+                            // removes its pointers), so this one is skipped: events keep their order.
                             (EventKind::Put, true) => match objects.get(kind, &name).await {
+                                Ok(Some(object)) if object.version != change.kv.mod_revision.to_string() => Ok(None),
                                 Ok(Some(object)) if selects(&selector, &object.labels) => {
                                     Ok(Some(ObjectEvent::Applied(object)))
                                 }

@@ -44,6 +44,36 @@ impl Kind {
     }
 }
 
+/// A DNS subdomain (RFC 1123), as Kubernetes wants an object's name.
+pub fn dns_subdomain(name: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .split('.')
+            .all(|part| part.starts_with(alnum) && part.ends_with(alnum) && part.chars().all(|c| alnum(c) || c == '-'))
+}
+
+/// A label value (also the name part of a key): empty, or up to 63 letters, digits, `-`, `_` and `.`,
+/// starting and ending with a letter or digit.
+pub fn label_value(value: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    value.is_empty()
+        || (value.len() <= 63
+            && value.starts_with(alnum)
+            && value.ends_with(alnum)
+            && value.chars().all(|c| alnum(c) || matches!(c, '-' | '_' | '.')))
+}
+
+/// A label key: an optional DNS subdomain and `/`, then a non-empty name as [`label_value`].
+pub fn label_key(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    !name.is_empty() && label_value(name) && prefix.is_none_or(dns_subdomain)
+}
+
 /// Labels, or a selector (every pair must match).
 pub type Labels = BTreeMap<String, String>;
 
@@ -135,6 +165,16 @@ pub enum ObjectError {
     /// A watch asked for changes older than the backend keeps: list again.
     #[error("the changes since version {0} are no longer kept; list again")]
     Expired(String),
+    /// A name, label or spec the API server would refuse.
+    #[error("{kind} {name:?}: {message}")]
+    Invalid {
+        /// The kind.
+        kind: &'static str,
+        /// The name.
+        name: String,
+        /// What is wrong, naming the field.
+        message: String,
+    },
     /// A stored value is not an object.
     #[error("{kind} {name:?}: stored value is not an object: {message}")]
     Corrupt {
@@ -179,6 +219,9 @@ pub trait ObjectStore: Send + Sync {
 
     /// The changes to what `selector` selects after version `from` (as given by [`ObjectStore::list`]), in
     /// order. An object leaving the selection is [`ObjectEvent::Deleted`]; one entering it is
-    /// [`ObjectEvent::Applied`].
+    /// [`ObjectEvent::Applied`]. A `Deleted` may also name an object that was not selected (the key-value
+    /// backends cannot always tell): the consumer ignores what it does not hold. An `Applied` is never sent
+    /// for an object the selector does not select. The Kubernetes backend's watch ends after the API server's
+    /// timeout (minutes): the consumer lists again, as after any end.
     async fn watch(&self, kind: Kind, selector: &Labels, from: &str) -> Result<ObjectWatch, ObjectError>;
 }
