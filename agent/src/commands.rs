@@ -584,9 +584,9 @@ pub async fn execute(
             };
             out.push_str(&text);
         }
-        Command::Delete { what: DeleteKind::Pool, name, force: false } if cli.pool_source == PoolSource::Kubernetes => {
+        Command::Delete { what: DeleteKind::Pool, name, force } if cli.pool_source == PoolSource::Kubernetes => {
             let client = crate::k8s::connect(cli.kubeconfig.as_deref()).await?;
-            crate::k8s::pools::delete(client, &name, out).await?;
+            crate::k8s::pools::delete(client, &name, force, out).await?;
         }
         Command::Delete { what: DeleteKind::Pool, name, force } => {
             let left = catalog.delete_pool(&name, force).await?;

@@ -377,17 +377,16 @@ fn pool_resources_are_judged_kept_while_used_and_adopted_by_the_agents() {
     let stored = agent_cli(&kubectl, &["get", "pools"]);
     assert!(stored.contains("ov-first") && !stored.contains("ov-second"), "{stored}");
     // poolwarden apply judges before writing: refused, nothing written.
-    let (ok, out, err) = kubectl.run(
-        &["-n", "kube-system", "exec", "-i", "ds/poolwarden", "-c", "agent", "--", "poolwarden", "apply", "-f", "-"],
-        Some(&pool("ov-third", "10.120.0.128/25")),
-    );
+    let (ok, out, err) = in_agent(&kubectl, &["apply", "-f", "-"], Some(&pool("ov-third", "10.120.0.128/25")));
     assert!(!ok && err.contains("overlaps pool \"ov-first\""), "{out}{err}");
     let (exists, _, _) = kubectl.run(&["get", "ippool", "ov-third"], None);
     assert!(!exists, "a refused pool was written");
-    // The first goes: the second is taken.
+    // The first goes: the second is taken (its generation is the same, so wait for the verdict to turn).
     kubectl.ok(&["delete", "ippool", "ov-first", "--timeout=60s"]);
-    let (ready, reason, message) = verdict(&kubectl, "ov-second", Duration::from_secs(60));
-    assert!(ready, "ov-second still refused once ov-first is gone: {reason}: {message}");
+    wait_for("ov-second to be taken once ov-first is gone", Duration::from_secs(60), || {
+        verdict(&kubectl, "ov-second", Duration::from_secs(10)).0
+    });
+    assert!(agent_cli(&kubectl, &["get", "pools"]).contains("ov-second"));
     kubectl.ok(&["delete", "ippool", "ov-second", "--timeout=60s"]);
 
     // poolwarden apply writes the resource, and the pool serves a namespace.
@@ -409,24 +408,41 @@ fn pool_resources_are_judged_kept_while_used_and_adopted_by_the_agents() {
     assert!(!stored.contains("fin-pool"), "{stored}");
     kubectl.ok(&["delete", "namespace", "fin-ns", "--wait=true", "--timeout=120s"]);
 
+    // poolwarden apply makes the resource's spec the document's, whoever wrote it before: kubectl's
+    // natOutgoing: true goes when the document has none.
+    kubectl.ok_with(
+        &["apply", "-f", "-"],
+        Some("apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: nat-pool}\nspec: {cidr: 10.124.0.0/24, blockSize: 29, natOutgoing: true}\n"),
+    );
+    assert!(verdict(&kubectl, "nat-pool", Duration::from_secs(60)).0);
+    assert!(agent_cli(&kubectl, &["get", "pools", "nat-pool", "-o", "yaml"]).contains("natOutgoing: true"));
+    apply_pools(&kubectl, &pool("nat-pool", "10.124.0.0/24"));
+    let spec = kubectl.json(&["get", "ippool", "nat-pool"])["spec"].clone();
+    assert!(spec.get("natOutgoing").is_none(), "{spec}");
+    let stored = agent_cli(&kubectl, &["get", "pools", "nat-pool", "-o", "yaml"]);
+    assert!(!stored.contains("natOutgoing"), "{stored}");
+    // delete pool --force would only remove the datastore's copy: refused; without it, the resource goes.
+    let (ok, out, err) = in_agent(&kubectl, &["delete", "pool", "nat-pool", "--force"], None);
+    assert!(!ok && err.contains("is a Kubernetes resource"), "{out}{err}");
+    agent_cli(&kubectl, &["delete", "pool", "nat-pool"]);
+    kubectl.ok(&["wait", "--for=delete", "ippool/nat-pool", "--timeout=60s"]);
+
+    // The IPAMConfig resource: copied, and its deletion puts the defaults back.
+    kubectl.ok_with(
+        &["apply", "-f", "-"],
+        Some("apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {emptyBlockGraceSeconds: 600}\n"),
+    );
+    wait_for("the IPAMConfig in the datastore", Duration::from_secs(30), || {
+        agent_cli(&kubectl, &["get", "ipamconfig", "-o", "yaml"]).contains("emptyBlockGraceSeconds: 600")
+    });
+    kubectl.ok(&["delete", "ipamconfig", "default", "--timeout=60s"]);
+    let config = agent_cli(&kubectl, &["get", "ipamconfig", "-o", "yaml"]);
+    assert!(config.contains("emptyBlockGraceSeconds: 300"), "{config}");
+
     // A pool only the datastore has (written with the datastore as the source) gets a resource.
-    let (ok, out, err) = kubectl.run(
-        &[
-            "-n",
-            "kube-system",
-            "exec",
-            "-i",
-            "ds/poolwarden",
-            "-c",
-            "agent",
-            "--",
-            "poolwarden",
-            "--pool-source",
-            "datastore",
-            "apply",
-            "-f",
-            "-",
-        ],
+    let (ok, out, err) = in_agent(
+        &kubectl,
+        &["--pool-source", "datastore", "apply", "-f", "-"],
         Some(&pool("adopted", "10.122.0.0/28")),
     );
     assert!(ok, "{out}{err}");
@@ -532,9 +548,16 @@ fn the_object_store_conformance_suite_passes_on_the_api_server() {
 
 /// A `poolwarden` command in an agent's container (its datastore), output on success.
 fn agent_cli(kubectl: &Kubectl, args: &[&str]) -> String {
-    let mut full = vec!["-n", "kube-system", "exec", "ds/poolwarden", "-c", "agent", "--", "poolwarden"];
+    let (ok, out, err) = in_agent(kubectl, args, None);
+    assert!(ok, "poolwarden {args:?} in an agent: {out}{err}");
+    out
+}
+
+/// A `poolwarden` command in an agent's container, with `stdin`: (success, stdout, stderr).
+fn in_agent(kubectl: &Kubectl, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut full = vec!["-n", "kube-system", "exec", "-i", "ds/poolwarden", "-c", "agent", "--", "poolwarden"];
     full.extend_from_slice(args);
-    kubectl.ok(&full)
+    kubectl.run(&full, stdin)
 }
 
 /// Apply pools through the agent (it holds the datastore's client), as an operator does with kubectl.

@@ -575,10 +575,15 @@ configMapGenerator:
         image_tag = POOLWARDEN_IMAGE.rsplit_once(':').map_or("latest", |(_, t)| t),
     );
     std::fs::write(overlay.join("kustomization.yaml"), kustomization)?;
+    // The image of the tree as it is now, in every node's containerd (`up` loaded the one of its time).
+    let image = poolwarden_image(root, &state)?;
+    for n in (1..=u8::MAX).take_while(|n| containerd_socket(*n).exists()) {
+        import(n, &image)?;
+    }
     let applied = kubectl_output(root, &["apply", "-k", &overlay.display().to_string()])?;
     print!("{applied}");
     if applied.contains("daemonset.apps/poolwarden unchanged") {
-        // Same spec, same tag: the image was rebuilt under it, so the agents restart to run it.
+        // Same spec, same tag: the image was replaced under it, so the agents restart to run it.
         kubectl(root, &["-n", "kube-system", "rollout", "restart", "daemonset/poolwarden"])?;
     }
     kubectl(root, &["-n", "kube-system", "rollout", "status", "daemonset/poolwarden", "--timeout=180s"])

@@ -45,8 +45,12 @@ pub const MANAGER: &str = "poolwarden";
 const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often the holder renews, and the longest it waits between two passes.
 const RENEW_EVERY: Duration = Duration::from_secs(5);
-/// How often the holder refreshes used and free counts when nothing else changed.
+/// How often the holder refreshes used and free counts.
 const USAGE_EVERY: Duration = Duration::from_secs(15);
+/// How long before its lease could be taken over a holder stops writing.
+const TERM_MARGIN: Duration = Duration::from_secs(5);
+/// The longest a condition's message gets (the schema allows 4096 characters).
+const MESSAGE_LIMIT: usize = 1024;
 
 /// `ippools.poolwarden.io`.
 pub fn ippools() -> ApiResource {
@@ -69,7 +73,7 @@ pub fn resource_of(resource: &Resource) -> Option<(ApiResource, String, Value)> 
     Some((kind, name.to_string(), body))
 }
 
-/// The annotation on a pool in the datastore that was copied there from a resource.
+/// The annotation on a pool (or the config) in the datastore that was copied there from a resource.
 pub const SOURCE_ANNOTATION: &str = "poolwarden.io/source";
 
 /// The resource as poolwarden reads it: validated on its own, named `IPPool/<name>` in messages, a pool
@@ -83,9 +87,13 @@ fn parse(object: &DynamicObject, kind: &str) -> Result<Located, resources::Resou
         "spec": object.data.get("spec").cloned().unwrap_or_else(|| json!({})),
     });
     let mut doc = resources::parse_documents(&format!("{kind}/{name}"), &document.to_string())?.remove(0);
-    if let Resource::IpPool(pool) = &mut doc.resource {
-        pool.metadata.annotations.insert(SOURCE_ANNOTATION.into(), "kubernetes".into());
-    }
+    match &mut doc.resource {
+        Resource::IpPool(pool) => pool.metadata.annotations.insert(SOURCE_ANNOTATION.into(), "kubernetes".into()),
+        Resource::IpamConfig(config) => {
+            config.metadata.annotations.insert(SOURCE_ANNOTATION.into(), "kubernetes".into())
+        }
+        Resource::Namespace(_) => None,
+    };
     Ok(doc)
 }
 
@@ -124,6 +132,9 @@ pub struct PoolSync {
     configs: Store<DynamicObject>,
     changed: Arc<tokio::sync::Notify>,
     watches: Vec<tokio::task::JoinHandle<()>>,
+    /// Until when this process may write: its last renewal's start plus the lease's duration, less a margin.
+    /// Every write first checks it, so a holder that stalled past its lease writes nothing more.
+    term: std::sync::Mutex<tokio::time::Instant>,
 }
 
 impl Drop for PoolSync {
@@ -153,6 +164,7 @@ impl PoolSync {
             configs,
             changed,
             watches: vec![pools_task, configs_task],
+            term: std::sync::Mutex::new(tokio::time::Instant::now()),
         }
     }
 
@@ -168,9 +180,9 @@ impl PoolSync {
             }
         }
         let mut held = false;
-        let mut usage_at = tokio::time::Instant::now();
-        let mut statuses = true;
+        let mut usage_at: Option<tokio::time::Instant> = None;
         loop {
+            let renewing = tokio::time::Instant::now();
             match lease.hold().await {
                 Ok(now) => {
                     if now != held {
@@ -184,28 +196,40 @@ impl PoolSync {
                 }
             }
             if held {
-                let refresh = statuses || usage_at.elapsed() >= USAGE_EVERY;
+                *self.term.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    renewing + LEASE_DURATION - TERM_MARGIN;
+                let refresh = usage_at.is_none_or(|at| at.elapsed() >= USAGE_EVERY);
                 match self.pass(refresh).await {
-                    Ok(()) => {
-                        if refresh {
-                            usage_at = tokio::time::Instant::now();
-                        }
-                        statuses = false;
-                    }
-                    Err(e) => warn!(error = %e, "pool resources: copying into the datastore failed; trying again"),
+                    Ok(()) if refresh => usage_at = Some(tokio::time::Instant::now()),
+                    Ok(()) => {}
+                    Err(e) => warn!(error = %e, "pool resources: a pass stopped; the next one tries again"),
                 }
+            } else {
+                usage_at = None;
             }
             tokio::select! {
-                () = self.changed.notified() => statuses = true,
+                () = self.changed.notified() => {}
                 () = tokio::time::sleep(RENEW_EVERY) => {}
             }
         }
     }
 
-    /// One pass: config, then pools oldest first, then adoption of pools only the datastore has, then the
-    /// statuses (when `refresh`, or a verdict changed).
+    /// Refuse to write once the lease's term is over (another agent may hold it by now).
+    fn fence(&self) -> Result<(), SyncError> {
+        let term = *self.term.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if tokio::time::Instant::now() >= term {
+            return Err(SyncError::LeaseLapsed);
+        }
+        Ok(())
+    }
+
+    /// One pass: config, then pools oldest first, then pools only the datastore has, then the statuses of
+    /// pools whose verdict or generation is not yet stated (all of them when `refresh`). One object's failure
+    /// is logged and the pass goes on; a lapsed lease stops it.
     async fn pass(&self, refresh: bool) -> Result<(), SyncError> {
-        self.config().await?;
+        if let Err(e) = self.config().await {
+            lapsed_or_log(e, "IPAMConfig default")?;
+        }
         let mut resources: Vec<Arc<DynamicObject>> = self.pools.state();
         resources.sort_by(|a, b| {
             (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any())
@@ -216,64 +240,98 @@ impl PoolSync {
         let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
         for object in &resources {
             let name = object.name_any();
-            let verdict = if object.metadata.deletion_timestamp.is_some() {
-                self.delete(object, stored.get(&name)).await?
-            } else {
-                // Nothing reaches the datastore before the finalizer is on: a resource deleted without it
-                // would leave a pool behind, which adoption would bring back.
-                if !self.hold_finalizer(object).await? {
-                    stored.remove(&name);
-                    continue;
+            let here = stored.remove(&name);
+            match self.pool(object, here.as_ref()).await {
+                Ok(Some(verdict)) => {
+                    verdicts.insert(name, verdict);
                 }
-                self.apply(object, stored.get(&name)).await?
-            };
-            stored.remove(&name);
-            if let Some(verdict) = verdict {
-                verdicts.insert(name, verdict);
+                Ok(None) => {}
+                Err(e) => lapsed_or_log(e, &format!("IPPool {name}"))?,
             }
         }
         for pool in stored.values() {
-            if pool.metadata.annotations.contains_key(SOURCE_ANNOTATION) {
-                // Its resource went without this finalizer's release (removed by hand): deleted all the same.
-                if let Some(verdict) = self.retire(pool).await? {
-                    warn!(pool = %pool.name(), "{}", verdict.message);
-                }
-            } else {
-                self.adopt(&Resource::IpPool(pool.clone()), "IPPool").await?;
+            if let Err(e) = self.unowned(pool).await {
+                lapsed_or_log(e, &format!("IPPool {} (datastore)", pool.name()))?;
             }
         }
-        let changed = resources.iter().any(|object| {
-            verdicts.get(&object.name_any()).is_some_and(|verdict| condition_of(object) != Some(verdict.clone()))
-        });
-        if refresh || changed {
-            self.statuses(&resources, &verdicts).await?;
+        let due: Vec<&Arc<DynamicObject>> = resources
+            .iter()
+            .filter(|object| {
+                verdicts.get(&object.name_any()).is_some_and(|verdict| {
+                    refresh
+                        || condition_of(object).as_ref() != Some(verdict)
+                        || object.data["status"]["observedGeneration"].as_i64() != object.metadata.generation
+                })
+            })
+            .collect();
+        if !due.is_empty() {
+            self.statuses(&due, &verdicts).await?;
         }
         Ok(())
     }
 
-    /// The IPAMConfig `default` into the datastore; the datastore's back to defaults when it is deleted.
+    /// One pool resource: deleted (the pool retired, then the finalizer released), or applied once the
+    /// finalizer is on (nothing reaches the datastore before: a resource deleted without it would leave a
+    /// pool behind).
+    async fn pool(&self, object: &DynamicObject, stored: Option<&IpPool>) -> Result<Option<Verdict>, SyncError> {
+        if object.metadata.deletion_timestamp.is_some() {
+            return self.delete(object, stored).await;
+        }
+        if !self.hold_finalizer(object).await? {
+            return Ok(None);
+        }
+        self.apply(object, stored).await
+    }
+
+    /// A pool in the datastore with no resource in the cache, confirmed absent from the API server: one
+    /// that came from a resource is retired (its resource went without this finalizer's release); one that
+    /// never did (applied with the datastore as the source) gets a resource.
+    async fn unowned(&self, pool: &IpPool) -> Result<(), SyncError> {
+        let api = Api::<DynamicObject>::all_with(self.client.clone(), &ippools());
+        if api.get_opt(pool.name()).await?.is_some() {
+            return Ok(());
+        }
+        if !pool.metadata.annotations.contains_key(SOURCE_ANNOTATION) {
+            return self.adopt(&Resource::IpPool(pool.clone()), "IPPool").await;
+        }
+        if let Some(verdict) = self.retire(pool).await? {
+            warn!(pool = %pool.name(), "its IPPool resource is gone; {}", verdict.message);
+        }
+        Ok(())
+    }
+
+    /// The IPAMConfig `default` into the datastore; the datastore's back to defaults when it is deleted. A
+    /// config the datastore has with no resource gets one, unless it came from a resource (then the
+    /// resource was deleted: defaults).
     async fn config(&self) -> Result<(), SyncError> {
         let resource = self.configs.state().into_iter().find(|c| c.name_any() == "default");
         let (stored, _) = self.catalog.config().await?;
-        let Some(object) = resource else {
-            if stored != IpamConfig::default() {
-                self.adopt(&Resource::IpamConfig(stored), "IPAMConfig").await?;
-            }
-            return Ok(());
-        };
         let api = Api::<DynamicObject>::all_with(self.client.clone(), &ipamconfigs());
+        let from_resource = stored.metadata.annotations.contains_key(SOURCE_ANNOTATION);
+        let Some(object) = resource else {
+            if same(&stored, &IpamConfig::default()) || api.get_opt("default").await?.is_some() {
+                return Ok(());
+            }
+            if from_resource {
+                self.write(Resource::IpamConfig(IpamConfig::default()), "IPAMConfig/default").await?;
+                info!("IPAMConfig default is gone: the datastore's settings are back to their defaults");
+                return Ok(());
+            }
+            return self.adopt(&Resource::IpamConfig(stored), "IPAMConfig").await;
+        };
         if object.metadata.deletion_timestamp.is_some() {
-            if stored != IpamConfig::default() {
+            if !same(&stored, &IpamConfig::default()) {
                 self.write(Resource::IpamConfig(IpamConfig::default()), "IPAMConfig/default").await?;
                 info!("IPAMConfig default deleted: the datastore's settings are back to their defaults");
             }
+            self.fence()?;
             return release_finalizer(&api, &object).await.map(drop);
         }
         if !self.hold_finalizer_in(&api, &object).await? {
             return Ok(());
         }
         match parse(&object, "IPAMConfig") {
-            Ok(Located { resource: Resource::IpamConfig(config), .. }) if config != stored => {
+            Ok(Located { resource: Resource::IpamConfig(config), .. }) if !same(&config, &stored) => {
                 self.write(Resource::IpamConfig(config), "IPAMConfig/default").await?;
                 info!("IPAMConfig default copied into the datastore");
             }
@@ -290,9 +348,10 @@ impl PoolSync {
             Ok(doc) => doc,
             Err(e) => return Ok(Verdict::refused(&CatalogError::Invalid(e))),
         };
-        if matches!(&doc.resource, Resource::IpPool(pool) if Some(pool) == stored) {
+        if matches!((&doc.resource, stored), (Resource::IpPool(pool), Some(stored)) if same(pool, stored)) {
             return Ok(Some(Verdict::ready()));
         }
+        self.fence()?;
         match self.catalog.apply(std::slice::from_ref(&doc)).await {
             Ok(_) => {
                 info!(pool = %name, "IPPool copied into the datastore");
@@ -312,13 +371,16 @@ impl PoolSync {
 
     /// A deleted pool: disabled, then gone from the datastore once nothing is allocated from it, then the
     /// finalizer released.
+    /// Only a pool that came from a resource is retired: a datastore pool of the same name that did not (the
+    /// resource was refused beside it) is left alone, and adopted once the resource is gone.
     async fn delete(&self, object: &DynamicObject, stored: Option<&IpPool>) -> Result<Option<Verdict>, SyncError> {
-        if let Some(pool) = stored
+        if let Some(pool) = stored.filter(|p| p.metadata.annotations.contains_key(SOURCE_ANNOTATION))
             && let Some(waiting) = self.retire(pool).await?
         {
             return Ok(Some(waiting));
         }
         let api = Api::<DynamicObject>::all_with(self.client.clone(), &ippools());
+        self.fence()?;
         release_finalizer(&api, object).await?;
         Ok(None)
     }
@@ -332,6 +394,7 @@ impl PoolSync {
             disabled.spec.disabled = true;
             self.write(Resource::IpPool(disabled), &format!("IPPool/{name}")).await?;
         }
+        self.fence()?;
         match self.catalog.delete_pool(name, false).await {
             Ok(_) => {
                 info!(pool = %name, "IPPool deleted: nothing was allocated from it; gone from the datastore");
@@ -352,6 +415,7 @@ impl PoolSync {
 
     /// Write `resource` into the datastore as poolwarden apply would.
     async fn write(&self, resource: Resource, file: &str) -> Result<(), SyncError> {
+        self.fence()?;
         let at = resources::Location { file: file.to_string(), document: 1, line: 1, item: None };
         self.catalog.apply(&[Located { resource, at }]).await?;
         Ok(())
@@ -369,6 +433,7 @@ impl PoolSync {
             return Ok(true);
         }
         finalizers.push(FINALIZER.to_string());
+        self.fence()?;
         set_finalizers(api, object, finalizers).await
     }
 
@@ -379,6 +444,7 @@ impl PoolSync {
         body["metadata"]["annotations"] = json!({"poolwarden.io/adopted-from": "datastore"});
         let object: DynamicObject = serde_json::from_value(body).map_err(|e| SyncError::Encode(e.to_string()))?;
         let api = Api::<DynamicObject>::all_with(self.client.clone(), &api_resource);
+        self.fence()?;
         match api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &object).await {
             Ok(_) => {
                 info!(%kind, %name, "adopted: the datastore had it with no resource; created the resource");
@@ -392,7 +458,7 @@ impl PoolSync {
     /// Each pool's status: verdict, effective block size, used, free, blocks and utilisation.
     async fn statuses(
         &self,
-        resources: &[Arc<DynamicObject>],
+        resources: &[&Arc<DynamicObject>],
         verdicts: &BTreeMap<String, Verdict>,
     ) -> Result<(), SyncError> {
         let (kvs, _) = self.store.list(store::keys::BLOCKS).await?;
@@ -402,7 +468,11 @@ impl PoolSync {
             let name = object.name_any();
             let Some(verdict) = verdicts.get(&name) else { continue };
             let generation = object.metadata.generation.unwrap_or(0);
-            let mut status = json!({"observedGeneration": generation});
+            // Counts absent are written as null, so a merge patch removes the old ones.
+            let mut status = json!({
+                "observedGeneration": generation,
+                "blockSize": null, "used": null, "free": null, "blocks": null, "utilisation": null,
+            });
             // A refused pool's range may hold another pool's blocks: no counts for it.
             let counted = verdict.ready || verdict.reason == "Deleting";
             if let (true, Ok(Located { resource: Resource::IpPool(pool), .. })) = (counted, parse(object, "IPPool")) {
@@ -432,13 +502,14 @@ impl PoolSync {
                 "type": "Ready",
                 "status": ready_word(verdict.ready),
                 "reason": verdict.reason,
-                "message": verdict.message,
+                "message": clipped(&verdict.message),
                 "lastTransitionTime": since,
                 "observedGeneration": generation,
             }]);
-            if old == status {
+            if old == without_nulls(&status) {
                 continue;
             }
+            self.fence()?;
             let patch = json!({"status": status});
             if let Err(e) = api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 warn!(pool = %name, error = %e, "IPPool status could not be written");
@@ -448,28 +519,51 @@ impl PoolSync {
     }
 }
 
+/// Make `body`'s spec the resource's: created, unchanged, or replaced at the version read (again on a
+/// conflict). The action, and the resource's generation after it.
+async fn write_spec(api: &Api<DynamicObject>, name: &str, body: Value) -> Result<(&'static str, i64), SyncError> {
+    let spec = body["spec"].clone();
+    for _ in 0..5 {
+        let Some(mut existing) = api.get_opt(name).await? else {
+            let object: DynamicObject =
+                serde_json::from_value(body.clone()).map_err(|e| SyncError::Encode(e.to_string()))?;
+            let params = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+            match api.create(&params, &object).await {
+                Ok(created) => return Ok(("created", created.metadata.generation.unwrap_or(0))),
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if existing.data.get("spec") == Some(&spec) {
+            return Ok(("unchanged", existing.metadata.generation.unwrap_or(0)));
+        }
+        existing.data["spec"] = spec.clone();
+        let params = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+        match api.replace(name, &params, &existing).await {
+            Ok(replaced) => return Ok(("configured", replaced.metadata.generation.unwrap_or(0))),
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SyncError::Catalog(CatalogError::Contention(5)))
+}
+
 /// How long `poolwarden apply` waits for the agents' verdict on what it wrote.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
 
 /// `poolwarden apply` with pools from Kubernetes: judge the documents as the agents will (on their own and
-/// against the datastore), write them as resources (server-side apply), then wait for the agents' verdict
-/// on each pool and report it. Returns the exit code.
+/// against the datastore), write each as its resource's whole spec (created, or replaced at the version read,
+/// so the spec is the document's whoever wrote it before), then wait for the agents' verdict on each pool and
+/// report it. Returns the exit code.
 pub async fn apply(client: Client, catalog: &Catalog, docs: &[Located], out: &mut String) -> Result<u8, SyncError> {
     catalog.check(docs).await?;
-    let params = PatchParams::apply(MANAGER).force();
     let mut written = Vec::new();
     for doc in docs {
         let Some((resource, name, body)) = resource_of(&doc.resource) else { continue };
         let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-        let before = api.get_opt(&name).await?.map(|o| o.resource_version());
-        let after = api.patch(&name, &params, &Patch::Apply(&body)).await?;
-        let action = match before {
-            None => "created",
-            Some(version) if version == after.resource_version() => "unchanged",
-            Some(_) => "configured",
-        };
+        let (action, generation) = write_spec(&api, &name, body).await?;
         out.push_str(&format!("{}/{name} {action}\n", resource.kind.to_lowercase()));
-        written.push((api, resource.kind.to_lowercase(), name, after.metadata.generation.unwrap_or(0), doc));
+        written.push((api, resource.kind.to_lowercase(), name, generation, doc));
     }
     let deadline = tokio::time::Instant::now() + APPLY_WAIT;
     let mut refused = false;
@@ -494,7 +588,7 @@ pub async fn apply(client: Client, catalog: &Catalog, docs: &[Located], out: &mu
                         }
                     })
                 }
-                Resource::IpamConfig(config) => (catalog.config().await?.0 == *config).then_some(()),
+                Resource::IpamConfig(config) => same(&catalog.config().await?.0.spec, &config.spec).then_some(()),
                 Resource::Namespace(_) => Some(()),
             };
             if done.is_some() {
@@ -515,14 +609,53 @@ pub async fn apply(client: Client, catalog: &Catalog, docs: &[Located], out: &mu
 
 /// `poolwarden delete pool NAME` with pools from Kubernetes: delete the resource; its finalizer keeps it
 /// until nothing is allocated from the pool.
-pub async fn delete(client: Client, name: &str, out: &mut String) -> Result<(), SyncError> {
+pub async fn delete(client: Client, name: &str, force: bool, out: &mut String) -> Result<(), SyncError> {
+    if force {
+        return Err(SyncError::Forced(name.to_string()));
+    }
     let api = Api::<DynamicObject>::all_with(client, &ippools());
-    api.delete(name, &Default::default()).await?;
+    match api.delete(name, &Default::default()).await {
+        Err(kube::Error::Api(status)) if status.code == 404 => return Err(SyncError::NotFound(name.to_string())),
+        other => other?,
+    };
     out.push_str(&format!(
         "ippool/{name} deleted (the pool is disabled at once and leaves the datastore when no address is \
          allocated from it; `kubectl get ippool {name}` shows what it waits for)\n"
     ));
     Ok(())
+}
+
+/// A pass's error: stop the pass when the lease lapsed, else log it (for `what`) and go on.
+fn lapsed_or_log(err: SyncError, what: &str) -> Result<(), SyncError> {
+    if matches!(err, SyncError::LeaseLapsed) {
+        return Err(err);
+    }
+    warn!(object = %what, error = %err, "pool resources: not copied this pass; the next one tries again");
+    Ok(())
+}
+
+/// Whether two pools or configs are the same as stored (what is not stored does not count, such as
+/// Calico's `autoAllocateBlocks`).
+fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+/// `message` cut to [`MESSAGE_LIMIT`] characters.
+fn clipped(message: &str) -> String {
+    match message.char_indices().nth(MESSAGE_LIMIT) {
+        Some((at, _)) => format!("{}…", &message[..at]),
+        None => message.to_string(),
+    }
+}
+
+/// `status` as the API server keeps it: null fields are not there.
+fn without_nulls(status: &Value) -> Value {
+    match status {
+        Value::Object(fields) => {
+            Value::Object(fields.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect())
+        }
+        other => other.clone(),
+    }
 }
 
 fn ready_word(ready: bool) -> &'static str {
@@ -578,9 +711,20 @@ async fn set_finalizers(
 /// Why a pass did not finish (tried again on the next).
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    /// The datastore failed or kept changing.
-    #[error("datastore: {0}")]
+    /// The datastore refused (as `poolwarden apply` would), failed or kept changing.
+    #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// The lease's term ended during the pass: another agent may hold it now.
+    #[error("the lease's term ended during the pass (the agent stalled?): leaving the rest to its holder")]
+    LeaseLapsed,
+    /// The named pool resource does not exist.
+    #[error("IPPool {0:?} does not exist")]
+    NotFound(String),
+    /// `--force` asked of a pool defined as a resource.
+    #[error(
+        "IPPool {0:?} is a Kubernetes resource: --force would only remove the datastore's copy, which the agents          would write again. Delete the resource (poolwarden delete pool NAME, or kubectl delete ippool NAME): it          is disabled at once and leaves when its last address is released"
+    )]
+    Forced(String),
     /// The datastore failed.
     #[error("datastore: {0}")]
     Store(#[from] StoreError),
@@ -602,6 +746,33 @@ mod tests {
         assert_eq!(utilisation(3, 64), "4.6%");
         assert_eq!(utilisation(64, 64), "100.0%");
         assert_eq!(utilisation(1, 0), "0%");
+    }
+
+    #[test]
+    fn a_long_message_is_clipped_within_the_schema_and_null_counts_are_not_kept() {
+        let long = "é".repeat(5000);
+        assert_eq!(clipped(&long).chars().count(), MESSAGE_LIMIT + 1, "the limit and the ellipsis");
+        assert_eq!(clipped("short"), "short");
+        let status = json!({"used": null, "free": 3, "conditions": []});
+        assert_eq!(without_nulls(&status), json!({"free": 3, "conditions": []}));
+    }
+
+    #[test]
+    fn the_same_config_ignores_what_is_not_stored() {
+        let written = resources::parse_documents(
+            "c.yaml",
+            "apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {autoAllocateBlocks: true}\n",
+        )
+        .expect("valid");
+        let Resource::IpamConfig(config) = &written[0].resource else { panic!("a config") };
+        assert_ne!(config, &IpamConfig::default(), "autoAllocateBlocks is read");
+        assert!(same(config, &IpamConfig::default()), "but not stored, so the same as the default");
+    }
+
+    #[test]
+    fn only_a_lapsed_lease_stops_a_pass() {
+        assert!(matches!(lapsed_or_log(SyncError::LeaseLapsed, "x"), Err(SyncError::LeaseLapsed)));
+        assert!(lapsed_or_log(SyncError::Encode("bad".into()), "x").is_ok());
     }
 
     #[test]
