@@ -427,6 +427,24 @@ fn pool_resources_are_judged_kept_while_used_and_adopted_by_the_agents() {
     agent_cli(&kubectl, &["delete", "pool", "nat-pool"]);
     kubectl.ok(&["wait", "--for=delete", "ippool/nat-pool", "--timeout=60s"]);
 
+    // Calico's YAML through poolwarden apply: the same resource as poolwarden's own document.
+    let calico = "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: calico-pool}\nspec:\n  \
+                  cidr: 10.125.0.0/24\n  blockSize: 29\n  ipipMode: Always\n  natOutgoing: true\n";
+    let (ok, out, err) = in_agent(&kubectl, &["apply", "-f", "-"], Some(calico));
+    assert!(ok && out.contains("ippool/calico-pool created"), "{out}{err}");
+    let spec = kubectl.json(&["get", "ippool", "calico-pool"])["spec"].clone();
+    assert_eq!(
+        spec,
+        json!({"cidr": "10.125.0.0/24", "blockSize": 29, "ipipMode": "Always", "natOutgoing": true}),
+        "Calico's pool as a resource"
+    );
+    let own = "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: calico-pool}\nspec: {cidr: 10.125.0.0/24, \
+               blockSize: 29, ipipMode: Always, natOutgoing: true}\n";
+    let (ok, out, err) = in_agent(&kubectl, &["apply", "-f", "-"], Some(own));
+    assert!(ok && out.contains("ippool/calico-pool unchanged"), "{out}{err}");
+    agent_cli(&kubectl, &["delete", "pool", "calico-pool"]);
+    kubectl.ok(&["wait", "--for=delete", "ippool/calico-pool", "--timeout=60s"]);
+
     // The IPAMConfig resource: copied, and its deletion puts the defaults back.
     kubectl.ok_with(
         &["apply", "-f", "-"],

@@ -1182,7 +1182,10 @@ pub fn demo(root: &Path, keep: bool) -> Result<()> {
         up(root, 2)?;
         install(root)?;
         let step = |title: &str| println!("\n== {title}");
-        step("Step 1: the seed's pools (Calico's YAML, unchanged), external-pool bound to external-ns");
+        step(
+            "Step 1: the seed's pools (Calico's YAML, unchanged, through poolwarden apply, which writes IPPool \
+             resources; `kubectl apply -f examples/` takes poolwarden's own), external-pool bound to external-ns",
+        );
         let seed = std::fs::read_to_string(root.join("examples/calico/seed-pools.yaml"))?.replacen(
             "  natOutgoing: true",
             "  natOutgoing: true\n  allowedNamespaces: [external-ns]",
@@ -1191,6 +1194,7 @@ pub fn demo(root: &Path, keep: bool) -> Result<()> {
         let pools = state_dir(root).join("pools.yaml");
         std::fs::write(&pools, seed)?;
         apply_through_agent(root, &pools)?;
+        kubectl(root, &["get", "ippools"])?;
         step("Step 2: namespaces, annotated (poolwarden's key for one, Calico's for the other)");
         kubectl(root, &["create", "namespace", "external-ns"])?;
         kubectl(root, &["create", "namespace", "internal-ns"])?;
@@ -1256,6 +1260,8 @@ pub fn demo(root: &Path, keep: bool) -> Result<()> {
                 "custom-columns=MESSAGE:.message",
             ],
         )?;
+        step("The pools as the cluster sees them (used and utilisation refreshed every 15 s by one agent)");
+        kubectl(root, &["get", "ippools"])?;
         Ok(())
     })();
     if keep {
