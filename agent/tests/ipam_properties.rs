@@ -164,3 +164,49 @@ proptest! {
         runtime.block_on(run(open_block, bound_block, v6_block, strict, cooldown, ops));
     }
 }
+
+/// The same kind of sequences against the single-object allocator (`poolwarden::allocator::single`) on the
+/// embedded store's objects; the etcd and Kubernetes backends run fixed seeds of it
+/// (`block_allocator_tests!`, the cluster tests).
+mod single_object {
+    use std::sync::Arc;
+
+    use poolwarden::{
+        allocator::single::conformance::{Op, Shape, keeps_every_invariant},
+        objects::{ObjectStore, kv::KeyValueObjects},
+        store::embedded::EmbeddedStore,
+    };
+    use proptest::prelude::*;
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => (0u8..24, any::<bool>()).prop_map(|(handle, bound_namespace)| Op::Assign { handle, bound_namespace }),
+            2 => (0u8..24).prop_map(|handle| Op::ReleaseHandle { handle }),
+            1 => any::<usize>().prop_map(|pick| Op::ReleaseIp { pick }),
+            1 => (0u8..3).prop_map(|node| Op::ReleaseEmptyBlocks { node }),
+            1 => (0u8..3).prop_map(|node| Op::ReleaseNode { node }),
+            1 => (0u8..40).prop_map(|seconds| Op::Advance { seconds }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_sequences_keep_every_invariant(
+            open_block in 28u8..=32,
+            bound_block in 29u8..=32,
+            v6_block in 125u8..=128,
+            strict in any::<bool>(),
+            cooldown in prop_oneof![Just(0u8), Just(15u8)],
+            ops in proptest::collection::vec(op(), 1..60),
+        ) {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let store = EmbeddedStore::open(&dir.path().join("store.redb")).expect("open embedded store");
+            let objects: Arc<dyn ObjectStore> = Arc::new(KeyValueObjects::new(Arc::new(store)));
+            let shape = Shape { open_block, bound_block, v6_block, strict, cooldown };
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(keeps_every_invariant(objects, "p", shape, ops));
+        }
+    }
+}

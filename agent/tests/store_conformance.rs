@@ -33,6 +33,11 @@ mod objects {
     }
 
     poolwarden::object_conformance_tests!(fresh);
+
+    /// The single-object allocator over the same objects.
+    mod allocator {
+        poolwarden::block_allocator_tests!(super::fresh);
+    }
 }
 
 #[tokio::test]

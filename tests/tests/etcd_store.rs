@@ -44,6 +44,11 @@ mod objects {
     }
 
     poolwarden::object_conformance_tests!(fresh);
+
+    /// The single-object allocator over the same objects.
+    mod allocator {
+        poolwarden::block_allocator_tests!(super::fresh);
+    }
 }
 
 /// More keys than one page of a listing (500), all returned in order at one revision.

@@ -543,23 +543,46 @@ fn agent_pid(node: &str) -> u32 {
 /// moved into the control plane's network namespace, where the API server listens.
 #[test]
 fn the_object_store_conformance_suite_passes_on_the_api_server() {
+    on_the_api_server("the object store's conformance suite", |objects, run| {
+        Box::pin(async move { poolwarden::objects::conformance::all(objects, &run).await })
+    });
+}
+
+/// The single-object allocator's checks (claims, borrowing, a pool changed under a claim, fixed addresses,
+/// three nodes at once) on IPAMBlock objects of the real API server.
+#[test]
+fn the_block_allocator_passes_its_checks_on_the_api_server() {
+    on_the_api_server("the block allocator's checks", |objects, run| {
+        Box::pin(async move { poolwarden::allocator::single::conformance::all(objects, &run).await })
+    });
+}
+
+type Suite = fn(
+    std::sync::Arc<dyn poolwarden::objects::ObjectStore>,
+    String,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Run `suite` against IPAMBlock objects of the cluster's API server (from inside the control plane's
+/// network namespace, on a thread of its own), and check it left no object behind.
+fn on_the_api_server(what: &str, suite: Suite) {
     let Some(dir) = cluster() else { return };
     let kubectl = Kubectl::new(&dir);
     kubectl.ok(&["wait", "--for=condition=Established", "crd/ipamblocks.poolwarden.io", "--timeout=60s"]);
     let kubeconfig = dir.join("admin.kubeconfig");
     let run = format!("c{}", std::process::id());
-    let suite = std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let netns = std::fs::File::open("/run/netns/pwk-cp").expect("the control plane's namespace");
         nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         runtime.block_on(async {
             let client = poolwarden::k8s::connect(Some(&kubeconfig)).await.expect("a client of the API server");
             let objects: std::sync::Arc<dyn poolwarden::objects::ObjectStore> =
                 std::sync::Arc::new(poolwarden::objects::kubernetes::KubeObjects::new(client));
-            poolwarden::objects::conformance::all(objects, &run).await;
+            suite(objects, run).await;
         });
     });
-    assert!(suite.join().is_ok(), "the conformance suite failed on the API server (its panic is printed above)");
+    assert!(thread.join().is_ok(), "{what} failed on the API server (its panic is printed above)");
     let left = kubectl.ok(&["get", "ipamblocks", "-o", "name"]);
     assert!(left.trim().is_empty(), "objects left behind: {left}");
 }

@@ -5,6 +5,8 @@
 //! else changed one of them in between: the operation starts over from fresh reads, at most
 //! [`MAX_ATTEMPTS`] times. Any other failure is returned as it is.
 
+pub mod single;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
@@ -89,6 +91,9 @@ pub enum AllocError {
     /// The datastore failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The object store failed.
+    #[error(transparent)]
+    Objects(#[from] crate::objects::ObjectError),
 }
 
 /// An assigned address.

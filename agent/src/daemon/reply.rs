@@ -93,6 +93,7 @@ impl From<AllocError> for ErrorReply {
                 reply(code::TRY_AGAIN_LATER, message, "retry the request")
             }
             AllocError::Store(e) => e.into(),
+            AllocError::Objects(e) => reply(code::IO_FAILURE, "the datastore failed", e.to_string()),
         }
     }
 }

@@ -1,0 +1,637 @@
+//! The allocator of `docs/allocator-single-object.md`: every step is one compare-and-swap on one block object
+//! of an [`ObjectStore`], so it runs on the Kubernetes API (which has nothing wider) as on etcd and the
+//! embedded store.
+//!
+//! A block object holds its affinity and every allocation (handle, node, namespace, pod, sequence). Claim is a
+//! create (the ADD's allocation already in it), assign and borrow are an update of one block, release is an
+//! update of each block holding the handle, and giving back is a delete at the version read. Labels
+//! (`poolwarden.io/pool`, `poolwarden.io/affinity`, `borrower.poolwarden.io/<node>`) are written with the
+//! block they describe, from its contents, so a node finds its blocks by label and never reads the cluster's.
+//! Labels only narrow a search: what a block holds is decided by its spec.
+//!
+//! Crash safety (the design's invariant 3): a process killed between two steps leaves nothing, an
+//! allocation whose interface was never made, an empty block, or a claim whose pool changed meanwhile; no
+//! address is ever held twice, since every address lives in exactly one block object and every write of that
+//! object names the version it read.
+
+pub mod conformance;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+
+use super::{AllocError, AssignRequest, Assigned, Clock, Loaded, Locks, MAX_ATTEMPTS, pool_names, system_clock};
+use crate::{
+    catalog::Catalog,
+    ipam::{self, Affinity, Allocation, Block, BlockError, HandleRecord, Owner, check::Snapshot},
+    objects::{Kind, Labels, Object, ObjectError, ObjectStore, label_value},
+    resources::{IpPool, IpamConfigSpec},
+};
+
+/// The label naming a block's pool ([`label_for`] its name).
+pub const POOL_LABEL: &str = "poolwarden.io/pool";
+/// The label naming the node a block is affine to; absent when it is owned by nobody.
+pub const AFFINITY_LABEL: &str = "poolwarden.io/affinity";
+/// The prefix of one label per node that holds an address in a block it does not own.
+pub const BORROWER_PREFIX: &str = "borrower.poolwarden.io/";
+
+/// Where the allocator reads the pools and the IPAM configuration: the datastore's catalog, or the resources
+/// on Kubernetes.
+#[async_trait]
+pub trait PoolSource: Send + Sync {
+    /// The pools and the configuration as they are now.
+    async fn load(&self) -> Result<Loaded, AllocError>;
+}
+
+#[async_trait]
+impl PoolSource for Catalog {
+    async fn load(&self) -> Result<Loaded, AllocError> {
+        let pools = self.pools().await?.into_iter().map(|(p, _)| p).collect();
+        let config = self.config().await?.0.spec;
+        Ok(Loaded { pools, config })
+    }
+}
+
+/// A pool or node name as a label value: itself when Kubernetes takes it (up to 63 characters), else a
+/// stable digest of it. Either way the block's spec holds the full name, which is what decides.
+pub fn label_for(name: &str) -> String {
+    if !name.is_empty() && label_value(name) {
+        return name.to_string();
+    }
+    // FNV-1a, 64 bits: stable across builds and platforms (unlike std's hasher).
+    let digest = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("h-{digest:016x}")
+}
+
+/// A block's object name: its address parts and prefix joined by `-` (`10-80-0-0-29`; IPv6 with all eight
+/// groups, `fd00-0-0-0-0-0-0-0-120`), a DNS subdomain for every CIDR, and never the same for two.
+pub fn block_name(cidr: IpNet) -> String {
+    let parts: Vec<String> = match cidr {
+        IpNet::V4(n) => n.network().octets().iter().map(u8::to_string).collect(),
+        IpNet::V6(n) => n.network().segments().iter().map(|s| format!("{s:x}")).collect(),
+    };
+    format!("{}-{}", parts.join("-"), cidr.prefix_len())
+}
+
+/// The labels a block carries, from what it holds.
+pub fn labels_of(block: &Block) -> Labels {
+    let mut labels = Labels::from([(POOL_LABEL.to_string(), label_for(&block.pool))]);
+    if let Some(node) = &block.affinity {
+        labels.insert(AFFINITY_LABEL.to_string(), label_for(node));
+    }
+    for (_, allocation) in block.allocated() {
+        if block.affinity.as_deref() != Some(allocation.node.as_str()) {
+            labels.insert(borrower_label(&allocation.node), String::new());
+        }
+    }
+    labels
+}
+
+fn borrower_label(node: &str) -> String {
+    format!("{BORROWER_PREFIX}{}", label_for(node))
+}
+
+/// A block as read, with the version a write of it must name.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    /// The block.
+    pub block: Block,
+    /// Its object's version.
+    pub version: String,
+}
+
+fn decode(object: &Object) -> Result<Stored, ObjectError> {
+    let corrupt =
+        |message: String| ObjectError::Corrupt { kind: Kind::Block.name(), name: object.name.clone(), message };
+    let block: Block = serde_json::from_value(object.spec.clone()).map_err(|e| corrupt(e.to_string()))?;
+    if block_name(block.cidr) != object.name {
+        return Err(corrupt(format!("it holds block {}, whose name is {}", block.cidr, block_name(block.cidr))));
+    }
+    Ok(Stored { block, version: object.version.clone() })
+}
+
+fn encode(block: &Block) -> serde_json::Value {
+    serde_json::to_value(block).unwrap_or_default()
+}
+
+/// Whether `block` is a block of `pool` as the pool is now: a block of a deleted pool of the same name, cut
+/// at another size or from another range, is not.
+fn belongs(block: &Block, pool: &IpPool) -> bool {
+    block.pool == pool.name() && block.cidr.prefix_len() == pool.block_size() && pool.cidr().contains(&block.cidr)
+}
+
+/// Allocates and releases addresses in block objects.
+#[derive(Clone)]
+pub struct BlockAllocator {
+    objects: Arc<dyn ObjectStore>,
+    pools: Arc<dyn PoolSource>,
+    clock: Clock,
+    locks: Arc<Locks>,
+}
+
+impl BlockAllocator {
+    /// An allocator on `objects` reading pools from `pools`, on the wall clock.
+    pub fn new(objects: Arc<dyn ObjectStore>, pools: Arc<dyn PoolSource>) -> Self {
+        Self::with_clock(objects, pools, system_clock())
+    }
+
+    /// An allocator with an injected clock.
+    pub fn with_clock(objects: Arc<dyn ObjectStore>, pools: Arc<dyn PoolSource>, clock: Clock) -> Self {
+        Self { objects, pools, clock, locks: Arc::default() }
+    }
+
+    /// The pools and configuration, read now.
+    pub async fn load(&self) -> Result<Loaded, AllocError> {
+        self.pools.load().await
+    }
+
+    async fn selected(&self, selector: Labels) -> Result<Vec<Stored>, AllocError> {
+        let (objects, _) = self.objects.list(Kind::Block, &selector).await?;
+        Ok(objects.iter().map(decode).collect::<Result<_, _>>()?)
+    }
+
+    /// The blocks `node` owns, and those it holds addresses in without owning them.
+    pub async fn node_blocks(&self, node: &str) -> Result<(Vec<Stored>, Vec<Stored>), AllocError> {
+        let owned = self.selected(Labels::from([(AFFINITY_LABEL.to_string(), label_for(node))])).await?;
+        let owned: Vec<_> = owned.into_iter().filter(|s| s.block.affinity.as_deref() == Some(node)).collect();
+        let borrowed = self.selected(Labels::from([(borrower_label(node), String::new())])).await?;
+        let borrowed = borrowed
+            .into_iter()
+            .filter(|s| s.block.affinity.as_deref() != Some(node) && s.block.allocated().any(|(_, a)| a.node == node))
+            .collect();
+        Ok((owned, borrowed))
+    }
+
+    /// Every block carrying `pool`'s name (of this pool or of a deleted one of the same name).
+    async fn named_blocks(&self, pool: &str) -> Result<Vec<Stored>, AllocError> {
+        let blocks = self.selected(Labels::from([(POOL_LABEL.to_string(), label_for(pool))])).await?;
+        Ok(blocks.into_iter().filter(|s| s.block.pool == pool).collect())
+    }
+
+    /// Every block (for `ipam check` and tests: cluster-sized).
+    pub async fn blocks(&self) -> Result<Vec<Block>, AllocError> {
+        Ok(self.selected(Labels::new()).await?.into_iter().map(|s| s.block).collect())
+    }
+
+    /// Everything `ipam check` looks at, with the affinities and handles derived from the blocks (they are
+    /// not stored apart in this model) and no node list (nobody is called leaked).
+    pub async fn snapshot(&self) -> Result<Snapshot, AllocError> {
+        let pools = self.pools.load().await?.pools;
+        let blocks = self.blocks().await?;
+        let affinities =
+            blocks.iter().filter_map(|b| Some(Affinity { node: b.affinity.clone()?, cidr: b.cidr })).collect();
+        let mut handles: BTreeMap<String, HandleRecord> = BTreeMap::new();
+        for block in &blocks {
+            for (_, allocation) in block.allocated() {
+                let record = handles
+                    .entry(allocation.handle.clone())
+                    .or_insert_with(|| HandleRecord { handle: allocation.handle.clone(), ..Default::default() });
+                *record.blocks.entry(block.cidr).or_default() += 1;
+            }
+        }
+        Ok(Snapshot { pools, blocks, affinities, handles: handles.into_values().collect(), nodes: BTreeSet::new() })
+    }
+
+    async fn get(&self, cidr: IpNet) -> Result<Option<Stored>, AllocError> {
+        Ok(self.objects.get(Kind::Block, &block_name(cidr)).await?.as_ref().map(decode).transpose()?)
+    }
+
+    /// Write `block` over `stored` (one read at `stored.version`): deleted when nobody owns it and it is empty,
+    /// updated otherwise. Returns false when the object changed or went since it was read.
+    async fn write(&self, stored: &Stored, block: &Block) -> Result<bool, AllocError> {
+        let name = block_name(block.cidr);
+        let result = if block.affinity.is_none() && block.is_empty() {
+            self.objects.delete(Kind::Block, &name, &stored.version).await
+        } else {
+            let object =
+                Object { name, labels: labels_of(block), spec: encode(block), version: stored.version.clone() };
+            self.objects.update(Kind::Block, &object).await.map(|_| ())
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(ObjectError::Conflict { .. } | ObjectError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The addresses `handle` holds on `node`, or `None` if it holds none.
+    pub async fn addresses_of(&self, node: &str, handle: &str) -> Result<Option<Vec<Assigned>>, AllocError> {
+        let (owned, borrowed) = self.node_blocks(node).await?;
+        let held = holdings(owned.iter().chain(&borrowed), handle);
+        Ok((!held.is_empty()).then_some(held))
+    }
+
+    /// Assign addresses for a pod: one per family whose pools admit it, or exactly the fixed addresses asked
+    /// for, with the pools and configuration as `loaded`. Idempotent per handle; if any family fails,
+    /// nothing stays allocated.
+    pub async fn assign(&self, request: &AssignRequest, loaded: &Loaded) -> Result<Vec<Assigned>, AllocError> {
+        let node = request.node.name.as_str();
+        // One ADD at a time per node in this process: the node's blocks are written by its own agent, so its
+        // requests would otherwise only conflict with each other.
+        let lock = self.locks.get(format!("node/{node}"));
+        let _turn = lock.lock().await;
+        if let Some(existing) = self.addresses_of(node, &request.handle).await? {
+            return Ok(existing);
+        }
+        let selection = ipam::selection::select(
+            &loaded.pools,
+            &request.node,
+            &request.namespace,
+            request.pod.as_ref(),
+            &request.requested,
+        )?;
+        let owner = Owner {
+            handle: request.handle.clone(),
+            node: node.to_string(),
+            namespace: Some(request.namespace.name.clone()),
+            pod: request.pod.as_ref().map(|p| p.name.clone()),
+        };
+        let mut done = Vec::new();
+        let result = async {
+            for (ip, pool) in &selection.ips {
+                if let Some(eligible) = &request.eligible
+                    && !eligible.allows(*ip, pool.cidr())
+                {
+                    return Err(AllocError::AddressUnavailable {
+                        ip: *ip,
+                        reason:
+                            "it is outside the configured range, or the subnet's network, broadcast or gateway address"
+                                .into(),
+                    });
+                }
+                done.push(self.assign_fixed(&owner, *ip, pool, &loaded.config).await?);
+            }
+            for (family, pools) in [("IPv4", &selection.ipv4), ("IPv6", &selection.ipv6)] {
+                if !pools.is_empty() {
+                    done.push(
+                        self.assign_auto(&owner, family, pools, &loaded.config, request.eligible.as_ref()).await?,
+                    );
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(err) = result {
+            if !done.is_empty() {
+                // Roll back the families that succeeded; the original error is what the caller must see.
+                let _ = self.release_handle_locked(node, &request.handle).await;
+            }
+            return Err(err);
+        }
+        Ok(done)
+    }
+
+    async fn assign_auto(
+        &self,
+        owner: &Owner,
+        family: &'static str,
+        pools: &[&IpPool],
+        config: &IpamConfigSpec,
+        eligible: Option<&Arc<ipam::Eligible>>,
+    ) -> Result<Assigned, AllocError> {
+        let cooldown = config.reuse_cooldown_seconds;
+        let take = |block: &mut Block, pool: &IpPool, now: u64| match eligible {
+            None => block.assign_next(owner, now, cooldown),
+            Some(eligible) => block.assign_next_where(owner, now, cooldown, |ip| eligible.allows(ip, pool.cidr())),
+        };
+        let exhausted = |detail: String| AllocError::Exhausted {
+            family,
+            pools: pool_names(pools),
+            node: owner.node.clone(),
+            detail,
+        };
+        'attempt: for _ in 0..MAX_ATTEMPTS {
+            let now = (self.clock)();
+            // 1. A block this node owns with room, in the pools' order of preference.
+            let (owned, _) = self.node_blocks(&owner.node).await?;
+            for pool in pools {
+                for stored in owned.iter().filter(|s| belongs(&s.block, pool)) {
+                    let mut block = stored.block.clone();
+                    let Some(ip) = take(&mut block, pool, now) else { continue };
+                    if !self.write(stored, &block).await? {
+                        continue 'attempt;
+                    }
+                    return Ok(Assigned { ip, pool: pool.name().to_string(), block: block.cidr });
+                }
+            }
+            // 2. Claim a block: create it with this allocation in it. Another node creating the same block
+            //    first makes the create fail, and this node chooses again.
+            let at_limit = config.max_blocks_per_host > 0 && owned.len() >= config.max_blocks_per_host as usize;
+            if !at_limit {
+                for pool in pools {
+                    let claimed: BTreeSet<IpNet> =
+                        self.named_blocks(pool.name()).await?.into_iter().map(|s| s.block.cidr).collect();
+                    let Some(cidr) = ipam::unclaimed_blocks(pool, &claimed)
+                        .find(|c| eligible.is_none_or(|e| e.any_in(*c, pool.cidr())))
+                    else {
+                        continue;
+                    };
+                    let mut block = Block::new(cidr, pool.name(), &owner.node, now);
+                    let ip = take(&mut block, pool, now)
+                        .ok_or_else(|| exhausted(format!("new block {cidr} has no address it may give")))?;
+                    match self.objects.create(Kind::Block, &block_name(cidr), labels_of(&block), encode(&block)).await {
+                        Ok(object) => {
+                            self.confirm_claim(pool, object).await?;
+                            return Ok(Assigned { ip, pool: pool.name().to_string(), block: cidr });
+                        }
+                        Err(ObjectError::AlreadyExists { .. }) => continue 'attempt,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            // 3. Borrow from another node's block.
+            if !config.strict_affinity {
+                for pool in pools {
+                    for stored in self.named_blocks(pool.name()).await? {
+                        if !belongs(&stored.block, pool) || !stored.block.has_available(now, cooldown) {
+                            continue;
+                        }
+                        let mut block = stored.block.clone();
+                        let Some(ip) = take(&mut block, pool, now) else { continue };
+                        if !self.write(&stored, &block).await? {
+                            continue 'attempt;
+                        }
+                        return Ok(Assigned { ip, pool: pool.name().to_string(), block: block.cidr });
+                    }
+                }
+            }
+            let detail = match (at_limit, config.strict_affinity) {
+                (true, true) => format!(
+                    "the node holds {} block(s), the maxBlocksPerHost limit, and they are full; strictAffinity forbids borrowing",
+                    owned.len()
+                ),
+                (true, false) => format!(
+                    "the node holds {} block(s), the maxBlocksPerHost limit, and no block anywhere has a free address",
+                    owned.len()
+                ),
+                (false, true) => {
+                    "every block is claimed and this node's blocks are full; strictAffinity forbids borrowing".into()
+                }
+                (false, false) if cooldown > 0 => {
+                    format!("every address is in use (released addresses wait {cooldown}s before reuse)")
+                }
+                (false, false) => "every address is in use".into(),
+            };
+            return Err(exhausted(detail));
+        }
+        Err(AllocError::Contention { operation: format!("assigning an {family} address for {}", owner.handle) })
+    }
+
+    /// After a claim: the pool must still be the one the block was cut from. A pool deleted meanwhile (and
+    /// maybe re-created with another range or block size) must not keep a block cut the old way, so the
+    /// block is taken back and the ADD refused (kubelet retries it against the pool as it is now).
+    async fn confirm_claim(&self, pool: &IpPool, created: Object) -> Result<(), AllocError> {
+        let now = self.pools.load().await?;
+        let detail = match now.pools.iter().find(|p| p.name() == pool.name()) {
+            None => "it was deleted",
+            Some(p) if p.cidr() != pool.cidr() || p.block_size() != pool.block_size() => {
+                "it was re-created with another range or block size"
+            }
+            Some(_) => return Ok(()),
+        };
+        let mut stored = decode(&created)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let mut block = stored.block.clone();
+            // Only this claim's allocation is in it unless another node borrowed meanwhile; either way this
+            // node gives up its claim and its address, and the block goes once nobody holds anything in it.
+            let claimer = block.affinity.take();
+            let own: Vec<IpAddr> =
+                stored.block.allocated().filter(|(_, a)| Some(&a.node) == claimer.as_ref()).map(|(ip, _)| ip).collect();
+            for ip in own {
+                block.release_ip(ip, (self.clock)());
+            }
+            if self.write(&stored, &block).await? {
+                break;
+            }
+            match self.get(stored.block.cidr).await? {
+                Some(again) => stored = again,
+                None => break,
+            }
+        }
+        Err(AllocError::PoolChanged { pool: pool.name().to_string(), detail: detail.to_string() })
+    }
+
+    async fn assign_fixed(
+        &self,
+        owner: &Owner,
+        ip: IpAddr,
+        pool: &IpPool,
+        config: &IpamConfigSpec,
+    ) -> Result<Assigned, AllocError> {
+        let cidr = ipam::block_containing(pool, ip)
+            .ok_or_else(|| AllocError::AddressUnavailable { ip, reason: format!("not in pool {}", pool.name()) })?;
+        let unavailable = |reason: String| AllocError::AddressUnavailable { ip, reason };
+        let assigned = Assigned { ip, pool: pool.name().to_string(), block: cidr };
+        for _ in 0..MAX_ATTEMPTS {
+            let now = (self.clock)();
+            match self.get(cidr).await? {
+                Some(stored) => {
+                    let mut block = stored.block.clone();
+                    if !belongs(&block, pool) {
+                        return Err(unavailable(format!(
+                            "its block {cidr} is left from a deleted pool {:?} and is not given out",
+                            block.pool
+                        )));
+                    }
+                    if config.strict_affinity && block.affinity.as_deref() != Some(owner.node.as_str()) {
+                        return Err(unavailable(format!(
+                            "its block {cidr} belongs to node {:?} and strictAffinity forbids borrowing",
+                            block.affinity.unwrap_or_default()
+                        )));
+                    }
+                    block
+                        .assign_ip(ip, owner, now, config.reuse_cooldown_seconds)
+                        .map_err(|e: BlockError| unavailable(e.to_string()))?;
+                    if self.write(&stored, &block).await? {
+                        return Ok(assigned);
+                    }
+                }
+                None => {
+                    let mut block = Block::new(cidr, pool.name(), &owner.node, now);
+                    block
+                        .assign_ip(ip, owner, now, config.reuse_cooldown_seconds)
+                        .map_err(|e| unavailable(e.to_string()))?;
+                    match self.objects.create(Kind::Block, &block_name(cidr), labels_of(&block), encode(&block)).await {
+                        Ok(object) => {
+                            self.confirm_claim(pool, object).await?;
+                            return Ok(assigned);
+                        }
+                        Err(ObjectError::AlreadyExists { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Err(AllocError::Contention { operation: format!("assigning {ip}") })
+    }
+
+    /// Release every address `handle` holds on `node` (one update per block holding it). Returns the
+    /// addresses released; none if it holds none (release is idempotent).
+    pub async fn release_handle(&self, node: &str, handle: &str) -> Result<Vec<IpAddr>, AllocError> {
+        let lock = self.locks.get(format!("node/{node}"));
+        let _turn = lock.lock().await;
+        self.release_handle_locked(node, handle).await
+    }
+
+    async fn release_handle_locked(&self, node: &str, handle: &str) -> Result<Vec<IpAddr>, AllocError> {
+        let mut released = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            let now = (self.clock)();
+            let (owned, borrowed) = self.node_blocks(node).await?;
+            let mut again = false;
+            for stored in owned.iter().chain(&borrowed) {
+                let mut block = stored.block.clone();
+                let ips = block.release_handle(handle, now);
+                if ips.is_empty() {
+                    continue;
+                }
+                if self.write(stored, &block).await? {
+                    released.extend(ips);
+                } else {
+                    again = true;
+                }
+            }
+            if !again {
+                return Ok(released);
+            }
+        }
+        Err(AllocError::Contention { operation: format!("releasing handle {handle}") })
+    }
+
+    /// Release one address. With `expected`, only if it is still the allocation the caller saw (its block's
+    /// sequence number and its handle). Returns who held it, or `None` if it was not allocated.
+    pub async fn release_ip(
+        &self,
+        ip: IpAddr,
+        expected: Option<(u64, &str)>,
+    ) -> Result<Option<Allocation>, AllocError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(stored) = self.block_holding(ip).await? else { return Ok(None) };
+            let Some(current) = stored.block.allocation(ip) else { return Ok(None) };
+            if let Some((sequence, handle)) = expected
+                && (current.sequence != sequence || current.handle != handle)
+            {
+                return Err(AllocError::Reassigned { ip, expected: sequence, actual: current.sequence });
+            }
+            let mut block = stored.block.clone();
+            let Some(allocation) = block.release_ip(ip, (self.clock)()) else { return Ok(None) };
+            if self.write(&stored, &block).await? {
+                return Ok(Some(allocation));
+            }
+        }
+        Err(AllocError::Contention { operation: format!("releasing {ip}") })
+    }
+
+    /// The block an address is in: computed from its pool, or found among all blocks if its pool is gone.
+    async fn block_holding(&self, ip: IpAddr) -> Result<Option<Stored>, AllocError> {
+        let loaded = self.pools.load().await?;
+        if let Some(cidr) = loaded.pools.iter().find_map(|p| ipam::block_containing(p, ip))
+            && let Some(stored) = self.get(cidr).await?
+        {
+            return Ok(Some(stored));
+        }
+        Ok(self.selected(Labels::new()).await?.into_iter().find(|s| s.block.cidr.contains(&ip)))
+    }
+
+    /// Give back the blocks `node` owns that have been empty for the grace period and whose released
+    /// addresses have cooled down (a delete at the version read: a block used meanwhile stays). Returns them.
+    pub async fn release_empty_blocks(&self, node: &str, config: &IpamConfigSpec) -> Result<Vec<IpNet>, AllocError> {
+        let now = (self.clock)();
+        let (owned, _) = self.node_blocks(node).await?;
+        let mut released = Vec::new();
+        for stored in owned {
+            let block = &stored.block;
+            let idle = block.empty_since.is_some_and(|t| now >= t.saturating_add(config.empty_block_grace_seconds));
+            if !(block.is_empty() && idle && now >= block.cooled_down_at(config.reuse_cooldown_seconds)) {
+                continue;
+            }
+            match self.objects.delete(Kind::Block, &block_name(block.cidr), &stored.version).await {
+                Ok(()) => released.push(block.cidr),
+                Err(ObjectError::Conflict { .. } | ObjectError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(released)
+    }
+
+    /// A gone node's claim on its blocks: an empty block goes back to its pool, one that still holds
+    /// addresses stays, owned by nobody, until its last address is released. Returns the blocks released.
+    pub async fn release_node(&self, node: &str) -> Result<Vec<IpNet>, AllocError> {
+        let mut released = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            let (owned, _) = self.node_blocks(node).await?;
+            let mut again = false;
+            for stored in owned {
+                let mut block = stored.block.clone();
+                block.affinity = None;
+                if self.write(&stored, &block).await? {
+                    released.push(block.cidr);
+                } else {
+                    again = true;
+                }
+            }
+            if !again {
+                return Ok(released);
+            }
+        }
+        Err(AllocError::Contention { operation: format!("releasing node {node}'s blocks") })
+    }
+}
+
+/// What `handle` holds among `blocks`.
+fn holdings<'a>(blocks: impl IntoIterator<Item = &'a Stored>, handle: &str) -> Vec<Assigned> {
+    let mut held = Vec::new();
+    for stored in blocks {
+        let block = &stored.block;
+        held.extend(block.ips_of(handle).into_iter().map(|ip| Assigned {
+            ip,
+            pool: block.pool.clone(),
+            block: block.cidr,
+        }));
+    }
+    held
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_names_are_dns_subdomains_and_distinct() {
+        let cidrs = ["10.80.0.0/29", "10.80.0.0/26", "0.0.0.0/32", "fd00::/120", "::/128", "::1/128", "fd00::100/120"];
+        let names: BTreeSet<String> = cidrs.iter().map(|c| block_name(c.parse().unwrap())).collect();
+        assert_eq!(names.len(), cidrs.len(), "{names:?}");
+        assert!(names.iter().all(|n| crate::objects::dns_subdomain(n)), "{names:?}");
+        assert_eq!(block_name("10.80.0.0/29".parse().unwrap()), "10-80-0-0-29");
+        assert_eq!(block_name("fd00::100/120".parse().unwrap()), "fd00-0-0-0-0-0-0-100-120");
+    }
+
+    #[test]
+    fn long_names_become_stable_label_values() {
+        assert_eq!(label_for("node-1"), "node-1");
+        let long = "n".repeat(64);
+        assert_eq!(label_for(&long), label_for(&long));
+        assert_ne!(label_for(&long), label_for(&"n".repeat(65)));
+        assert!(label_value(&label_for(&long)));
+        assert!(crate::objects::label_key(&borrower_label(&long)));
+    }
+
+    #[test]
+    fn labels_follow_the_allocations() {
+        let owner =
+            |handle: &str, node: &str| Owner { handle: handle.into(), node: node.into(), namespace: None, pod: None };
+        let mut block = Block::new("10.0.0.0/30".parse().unwrap(), "p", "a", 0);
+        block.assign_next(&owner("h1", "a"), 0, 0);
+        let ip = block.assign_next(&owner("h2", "b"), 0, 0).unwrap();
+        let labels = labels_of(&block);
+        assert_eq!(labels.get(AFFINITY_LABEL).map(String::as_str), Some("a"));
+        assert!(labels.contains_key(&borrower_label("b")) && !labels.contains_key(&borrower_label("a")));
+        block.release_ip(ip, 1);
+        assert!(!labels_of(&block).contains_key(&borrower_label("b")));
+    }
+}
