@@ -376,11 +376,7 @@ pub async fn concurrent_nodes_never_share_an_address(objects: Arc<dyn ObjectStor
             assert_eq!(bench.release(agent, node, handle).await, vec![*ip]);
         }
     }
-    let config = bench.pools.loaded().config;
-    for (n, agent) in agents.iter().enumerate() {
-        agent.release_empty_blocks(&bench.node(&format!("n{n}")), &config).await.expect("give back");
-    }
-    assert!(bench.blocks().await.is_empty(), "every block given back");
+    give_back_all(&bench, &agents).await;
 }
 
 /// One step of a random sequence.
@@ -602,10 +598,23 @@ pub async fn keeps_every_invariant(objects: Arc<dyn ObjectStore>, run: &str, sha
         agents[node_of(h)].release_handle(&bench.node(&format!("n{}", node_of(h))), handle).await.expect("release");
     }
     bench.now.fetch_add(1_000, Ordering::SeqCst);
+    give_back_all(&bench, &agents).await;
+}
+
+/// Give back every node's empty blocks until none is left. A node gives back what its view shows empty, and
+/// its view may not have seen another agent's last release yet (the next pass gives that block back): a
+/// few passes, bounded, as the agents' maintenance would make.
+async fn give_back_all(bench: &Bench, agents: &[BlockAllocator]) {
     let config = bench.pools.loaded().config;
-    for (n, agent) in agents.iter().enumerate() {
-        agent.release_empty_blocks(&bench.node(&format!("n{n}")), &config).await.expect("give back");
+    for _ in 0..50 {
+        for (n, agent) in agents.iter().enumerate() {
+            agent.release_empty_blocks(&bench.node(&format!("n{n}")), &config).await.expect("give back");
+        }
+        if bench.blocks().await.is_empty() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let left = bench.blocks().await;
-    assert!(left.is_empty(), "releasing everything gives every block back: {left:?}");
+    panic!("releasing everything gives every block back: {left:?}");
 }

@@ -15,16 +15,18 @@
 //! object names the version it read.
 
 pub mod conformance;
+pub mod view;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use async_trait::async_trait;
 use ipnet::IpNet;
 
+use self::view::NodeView;
 use super::{AllocError, AssignRequest, Assigned, Clock, Loaded, Locks, MAX_ATTEMPTS, pool_names, system_clock};
 use crate::{
     catalog::Catalog,
@@ -132,6 +134,7 @@ pub struct BlockAllocator {
     pools: Arc<dyn PoolSource>,
     clock: Clock,
     locks: Arc<Locks>,
+    views: Arc<Mutex<HashMap<String, Arc<NodeView>>>>,
 }
 
 impl BlockAllocator {
@@ -142,7 +145,7 @@ impl BlockAllocator {
 
     /// An allocator with an injected clock.
     pub fn with_clock(objects: Arc<dyn ObjectStore>, pools: Arc<dyn PoolSource>, clock: Clock) -> Self {
-        Self { objects, pools, clock, locks: Arc::default() }
+        Self { objects, pools, clock, locks: Arc::default(), views: Arc::default() }
     }
 
     /// The pools and configuration, read now.
@@ -155,16 +158,56 @@ impl BlockAllocator {
         Ok(objects.iter().map(decode).collect::<Result<_, _>>()?)
     }
 
-    /// The blocks `node` owns, and those it holds addresses in without owning them.
+    /// The view of `node`'s blocks, started on first use.
+    fn view(&self, node: &str) -> Arc<NodeView> {
+        let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        let view = views.entry(node.to_string()).or_insert_with(|| {
+            let owned = Labels::from([(AFFINITY_LABEL.to_string(), label_for(node))]);
+            let borrowed = Labels::from([(borrower_label(node), String::new())]);
+            Arc::new(NodeView::start(&self.objects, owned, borrowed))
+        });
+        Arc::clone(view)
+    }
+
+    fn views(&self) -> Vec<Arc<NodeView>> {
+        self.views.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// The blocks `node` owns, and those it holds addresses in without owning them, from its view (no read
+    /// of the store once the view has listed them).
     pub async fn node_blocks(&self, node: &str) -> Result<(Vec<Stored>, Vec<Stored>), AllocError> {
-        let owned = self.selected(Labels::from([(AFFINITY_LABEL.to_string(), label_for(node))])).await?;
+        let (owned, borrowed) = self.view(node).blocks().await;
         let owned: Vec<_> = owned.into_iter().filter(|s| s.block.affinity.as_deref() == Some(node)).collect();
-        let borrowed = self.selected(Labels::from([(borrower_label(node), String::new())])).await?;
         let borrowed = borrowed
             .into_iter()
             .filter(|s| s.block.affinity.as_deref() != Some(node) && s.block.allocated().any(|(_, a)| a.node == node))
             .collect();
         Ok((owned, borrowed))
+    }
+
+    /// [`BlockAllocator::node_blocks`] read from the store, not the view (and put into the views).
+    async fn node_blocks_read(&self, node: &str) -> Result<(Vec<Stored>, Vec<Stored>), AllocError> {
+        let mut found = Vec::new();
+        for selector in [
+            Labels::from([(AFFINITY_LABEL.to_string(), label_for(node))]),
+            Labels::from([(borrower_label(node), String::new())]),
+        ] {
+            let (objects, _) = self.objects.list(Kind::Block, &selector).await?;
+            for object in &objects {
+                self.written(object);
+                found.push(decode(object)?);
+            }
+        }
+        let (owned, borrowed) = found.into_iter().partition(|s| s.block.affinity.as_deref() == Some(node));
+        let borrowed: Vec<Stored> = borrowed;
+        Ok((owned, borrowed.into_iter().filter(|s| s.block.allocated().any(|(_, a)| a.node == node)).collect()))
+    }
+
+    /// Tell every view what this process wrote.
+    fn written(&self, object: &Object) {
+        for view in self.views() {
+            view.written(object);
+        }
     }
 
     /// Every block carrying `pool`'s name (of this pool or of a deleted one of the same name).
@@ -206,23 +249,62 @@ impl BlockAllocator {
     async fn write(&self, stored: &Stored, block: &Block) -> Result<bool, AllocError> {
         let name = block_name(block.cidr);
         let result = if block.affinity.is_none() && block.is_empty() {
-            self.objects.delete(Kind::Block, &name, &stored.version).await
+            self.objects.delete(Kind::Block, &name, &stored.version).await.map(|()| None)
         } else {
-            let object =
-                Object { name, labels: labels_of(block), spec: encode(block), version: stored.version.clone() };
-            self.objects.update(Kind::Block, &object).await.map(|_| ())
+            let object = Object {
+                name: name.clone(),
+                labels: labels_of(block),
+                spec: encode(block),
+                version: stored.version.clone(),
+            };
+            self.objects.update(Kind::Block, &object).await.map(Some)
         };
         match result {
-            Ok(()) => Ok(true),
-            Err(ObjectError::Conflict { .. } | ObjectError::NotFound { .. }) => Ok(false),
+            Ok(Some(object)) => self.written(&object),
+            Ok(None) => self.views().iter().for_each(|v| v.deleted(&name)),
+            Err(ObjectError::Conflict { .. } | ObjectError::NotFound { .. }) => {
+                // The views were behind (or ahead): read this block again before the caller retries.
+                match self.objects.get(Kind::Block, &name).await? {
+                    Some(object) => self.written(&object),
+                    None => self.views().iter().for_each(|v| v.deleted(&name)),
+                }
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(true)
+    }
+
+    /// Create a claimed block; false when another claim took its name first.
+    async fn create(&self, block: &Block) -> Result<Option<Object>, AllocError> {
+        match self.objects.create(Kind::Block, &block_name(block.cidr), labels_of(block), encode(block)).await {
+            Ok(object) => {
+                self.written(&object);
+                Ok(Some(object))
+            }
+            Err(ObjectError::AlreadyExists { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// The addresses `handle` holds on `node`, or `None` if it holds none.
+    /// The addresses `handle` holds on `node`, or `None` if it holds none. The view says which blocks hold
+    /// it; those are read again from the store (one read each), since another process may have released an
+    /// address since (`ipam release`, a collector): a repeated ADD must not be answered with an address that
+    /// is free again.
     pub async fn addresses_of(&self, node: &str, handle: &str) -> Result<Option<Vec<Assigned>>, AllocError> {
         let (owned, borrowed) = self.node_blocks(node).await?;
-        let held = holdings(owned.iter().chain(&borrowed), handle);
+        let mut confirmed = Vec::new();
+        for stored in owned.iter().chain(&borrowed).filter(|s| !s.block.ips_of(handle).is_empty()) {
+            let name = block_name(stored.block.cidr);
+            match self.objects.get(Kind::Block, &name).await? {
+                Some(object) => {
+                    self.written(&object);
+                    confirmed.push(decode(&object)?);
+                }
+                None => self.views().iter().for_each(|v| v.deleted(&name)),
+            }
+        }
+        let held = holdings(&confirmed, handle);
         Ok((!held.is_empty()).then_some(held))
     }
 
@@ -334,14 +416,9 @@ impl BlockAllocator {
                     let mut block = Block::new(cidr, pool.name(), &owner.node, now);
                     let ip = take(&mut block, pool, now)
                         .ok_or_else(|| exhausted(format!("new block {cidr} has no address it may give")))?;
-                    match self.objects.create(Kind::Block, &block_name(cidr), labels_of(&block), encode(&block)).await {
-                        Ok(object) => {
-                            self.confirm_claim(pool, object).await?;
-                            return Ok(Assigned { ip, pool: pool.name().to_string(), block: cidr });
-                        }
-                        Err(ObjectError::AlreadyExists { .. }) => continue 'attempt,
-                        Err(e) => return Err(e.into()),
-                    }
+                    let Some(object) = self.create(&block).await? else { continue 'attempt };
+                    self.confirm_claim(pool, object).await?;
+                    return Ok(Assigned { ip, pool: pool.name().to_string(), block: cidr });
                 }
             }
             // 3. Borrow from another node's block.
@@ -456,13 +533,9 @@ impl BlockAllocator {
                     block
                         .assign_ip(ip, owner, now, config.reuse_cooldown_seconds)
                         .map_err(|e| unavailable(e.to_string()))?;
-                    match self.objects.create(Kind::Block, &block_name(cidr), labels_of(&block), encode(&block)).await {
-                        Ok(object) => {
-                            self.confirm_claim(pool, object).await?;
-                            return Ok(assigned);
-                        }
-                        Err(ObjectError::AlreadyExists { .. }) => {}
-                        Err(e) => return Err(e.into()),
+                    if let Some(object) = self.create(&block).await? {
+                        self.confirm_claim(pool, object).await?;
+                        return Ok(assigned);
                     }
                 }
             }
@@ -483,13 +556,17 @@ impl BlockAllocator {
         for _ in 0..MAX_ATTEMPTS {
             let now = (self.clock)();
             let (owned, borrowed) = self.node_blocks(node).await?;
+            let mut holding: Vec<Stored> =
+                owned.into_iter().chain(borrowed).filter(|s| !s.block.ips_of(handle).is_empty()).collect();
+            if holding.is_empty() {
+                // The view may be behind a write of another process: the store has the last word on "none".
+                let (owned, borrowed) = self.node_blocks_read(node).await?;
+                holding = owned.into_iter().chain(borrowed).filter(|s| !s.block.ips_of(handle).is_empty()).collect();
+            }
             let mut again = false;
-            for stored in owned.iter().chain(&borrowed) {
+            for stored in &holding {
                 let mut block = stored.block.clone();
                 let ips = block.release_handle(handle, now);
-                if ips.is_empty() {
-                    continue;
-                }
                 if self.write(stored, &block).await? {
                     released.extend(ips);
                 } else {
@@ -550,10 +627,11 @@ impl BlockAllocator {
             if !(block.is_empty() && idle && now >= block.cooled_down_at(config.reuse_cooldown_seconds)) {
                 continue;
             }
-            match self.objects.delete(Kind::Block, &block_name(block.cidr), &stored.version).await {
-                Ok(()) => released.push(block.cidr),
-                Err(ObjectError::Conflict { .. } | ObjectError::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
+            // Owned by nobody and empty: the write deletes it, at the version read.
+            let mut gone = block.clone();
+            gone.affinity = None;
+            if self.write(&stored, &gone).await? {
+                released.push(block.cidr);
             }
         }
         Ok(released)
