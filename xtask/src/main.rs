@@ -41,7 +41,9 @@ enum Task {
     Bench {
         /// Only this part: `cni` (plugin ADD/DEL against bridge + host-local, agent memory), `enforcement`
         /// (per-packet cost against an empty program), `allocator`, `routes` (10,000 remote blocks against
-        /// `ip -batch`), `cluster` (1,000 pods on 10 nodes on etcd against bridge + host-local) or
+        /// `ip -batch`), `cluster` (1,000 pods on 10 nodes on etcd against bridge + host-local),
+        /// `cost` (per-node reads against cluster size), `datastore` (ADD/DEL latency and requests on etcd with
+        /// today's allocator, and with the single-object one on etcd and, with a cluster up, the API server) or
         /// `kubernetes` (a 100-replica deployment on the real cluster against bridge + host-local).
         #[arg(long)]
         only: Option<String>,
@@ -402,6 +404,10 @@ fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     if only.is_none_or(|o| o == "cost") {
         // What one node's periodic actions read from etcd with 10, 100 and 1,000 nodes (issue 14).
         run("cargo", &["bench", "-p", "poolwarden-tests", "--bench", "cost"])?;
+    }
+    if only.is_none_or(|o| o == "datastore") {
+        // With a cluster up (cargo xtask cluster up), its API server is measured too.
+        run("cargo", &["bench", "-p", "poolwarden-tests", "--bench", "datastore"])?;
     }
     if only.is_none_or(|o| o == "kubernetes") {
         cluster_bench::run(root)?;

@@ -11,6 +11,7 @@
 //! [`kubernetes::KubeObjects`] over custom resources. [`conformance`] holds the behaviour all of them show.
 
 pub mod conformance;
+pub mod counting;
 pub mod kubernetes;
 pub mod kv;
 

@@ -63,7 +63,8 @@ pub async fn all(objects: Arc<dyn ObjectStore>, run: &str) {
 pub struct FixedPools(Mutex<(Vec<IpPool>, IpamConfigSpec)>);
 
 impl FixedPools {
-    fn new(pools: Vec<IpPool>) -> Arc<Self> {
+    /// These pools, the default configuration but no grace period before an empty block goes back.
+    pub fn new(pools: Vec<IpPool>) -> Arc<Self> {
         let mut config = IpamConfigSpec::default();
         config.empty_block_grace_seconds = 0;
         Arc::new(Self(Mutex::new((pools, config))))
@@ -90,7 +91,8 @@ impl PoolSource for FixedPools {
     }
 }
 
-fn pool(name: &str, cidr: &str, block_size: u8) -> IpPool {
+/// An unbound, automatic pool for workloads.
+pub fn pool(name: &str, cidr: &str, block_size: u8) -> IpPool {
     IpPool {
         metadata: ObjectMeta::named(name),
         spec: IpPoolSpec {
