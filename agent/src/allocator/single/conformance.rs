@@ -180,29 +180,7 @@ impl Bench {
             let selector = Labels::from([(super::POOL_LABEL.to_string(), super::label_for(pool.name()))]);
             objects.extend(self.objects.list(Kind::Block, &selector).await.expect("list blocks").0);
         }
-        let mut blocks = Vec::new();
-        for object in &objects {
-            let stored = super::decode(object).expect("a block");
-            assert!(stored.block.is_consistent(), "{}: an address both allocated and free, or missing", object.name);
-            assert_eq!(object.labels, labels_of(&stored.block), "{}: labels differ from what it holds", object.name);
-            blocks.push(stored.block);
-        }
-        for (i, a) in blocks.iter().enumerate() {
-            for b in &blocks[i + 1..] {
-                assert!(!a.cidr.contains(&b.cidr.network()) && !b.cidr.contains(&a.cidr.network()), "{a:?} {b:?}");
-            }
-        }
-        let mut families = BTreeSet::new();
-        for block in &blocks {
-            for (ip, allocation) in block.allocated() {
-                assert!(
-                    families.insert((allocation.handle.clone(), ip.is_ipv6())),
-                    "{} holds two addresses",
-                    allocation.handle
-                );
-            }
-        }
-        blocks
+        checked(&objects)
     }
 
     fn allocated(blocks: &[Block]) -> BTreeMap<IpAddr, String> {
@@ -619,4 +597,38 @@ async fn give_back_all(bench: &Bench, agents: &[BlockAllocator]) {
     }
     let left = bench.blocks().await;
     panic!("releasing everything gives every block back: {left:?}");
+}
+
+/// Every block of the store, after checking the design's invariants on them (see [`checked`]).
+pub async fn checked_blocks(objects: &dyn ObjectStore) -> Vec<Block> {
+    checked(&objects.list(Kind::Block, &Labels::new()).await.expect("list blocks").0)
+}
+
+/// The blocks `objects` hold, after checking every invariant of the design on them: each block whole (every
+/// address allocated or free, once), its labels what it holds, no two overlapping, no handle with two
+/// addresses of one family.
+pub fn checked(objects: &[crate::objects::Object]) -> Vec<Block> {
+    let mut blocks = Vec::new();
+    for object in objects {
+        let stored = super::decode(object).expect("a block");
+        assert!(stored.block.is_consistent(), "{}: an address both allocated and free, or missing", object.name);
+        assert_eq!(object.labels, labels_of(&stored.block), "{}: labels differ from what it holds", object.name);
+        blocks.push(stored.block);
+    }
+    for (i, a) in blocks.iter().enumerate() {
+        for b in &blocks[i + 1..] {
+            assert!(!a.cidr.contains(&b.cidr.network()) && !b.cidr.contains(&a.cidr.network()), "{a:?} {b:?}");
+        }
+    }
+    let mut families = BTreeSet::new();
+    for block in &blocks {
+        for (ip, allocation) in block.allocated() {
+            assert!(
+                families.insert((allocation.handle.clone(), ip.is_ipv6())),
+                "{} holds two addresses",
+                allocation.handle
+            );
+        }
+    }
+    blocks
 }

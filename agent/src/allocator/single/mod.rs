@@ -98,6 +98,35 @@ fn borrower_label(node: &str) -> String {
     format!("{BORROWER_PREFIX}{}", label_for(node))
 }
 
+/// Step boundaries a test can stop the process at, to check that a process killed between any two steps
+/// leaves a state the design allows (invariant 3). The hook exists only with the `fault-injection` feature,
+/// which only the test crate enables: a release build has none.
+pub mod faults {
+    /// Every boundary, after the write it names: a claim's create, its confirmation, an assignment in an
+    /// owned block, a borrow, one block of a release, an empty block given back, a gone node's block.
+    pub const POINTS: &[&str] =
+        &["claim-created", "claim-confirmed", "assigned", "borrowed", "released-one", "given-back", "node-released"];
+
+    #[cfg(feature = "fault-injection")]
+    static ARMED: std::sync::Mutex<Option<&'static str>> = std::sync::Mutex::new(None);
+
+    /// Make the process kill itself (SIGKILL: nothing after the step runs, no destructor, as `kill -9`) when
+    /// it next reaches `point`.
+    #[cfg(feature = "fault-injection")]
+    pub fn arm(point: &'static str) {
+        *ARMED.lock().unwrap_or_else(|p| p.into_inner()) = Some(point);
+    }
+
+    #[inline]
+    pub(super) fn reached(point: &'static str) {
+        #[cfg(feature = "fault-injection")]
+        if *ARMED.lock().unwrap_or_else(|p| p.into_inner()) == Some(point) {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = point;
+    }
+}
+
 /// A block as read, with the version a write of it must name.
 #[derive(Clone, Debug)]
 pub struct Stored {
@@ -398,6 +427,7 @@ impl BlockAllocator {
                     if !self.write(stored, &block).await? {
                         continue 'attempt;
                     }
+                    faults::reached("assigned");
                     return Ok(Assigned { ip, pool: pool.name().to_string(), block: block.cidr });
                 }
             }
@@ -417,7 +447,9 @@ impl BlockAllocator {
                     let ip = take(&mut block, pool, now)
                         .ok_or_else(|| exhausted(format!("new block {cidr} has no address it may give")))?;
                     let Some(object) = self.create(&block).await? else { continue 'attempt };
+                    faults::reached("claim-created");
                     self.confirm_claim(pool, object).await?;
+                    faults::reached("claim-confirmed");
                     return Ok(Assigned { ip, pool: pool.name().to_string(), block: cidr });
                 }
             }
@@ -433,6 +465,7 @@ impl BlockAllocator {
                         if !self.write(&stored, &block).await? {
                             continue 'attempt;
                         }
+                        faults::reached("borrowed");
                         return Ok(Assigned { ip, pool: pool.name().to_string(), block: block.cidr });
                     }
                 }
@@ -525,6 +558,7 @@ impl BlockAllocator {
                         .assign_ip(ip, owner, now, config.reuse_cooldown_seconds)
                         .map_err(|e: BlockError| unavailable(e.to_string()))?;
                     if self.write(&stored, &block).await? {
+                        faults::reached("assigned");
                         return Ok(assigned);
                     }
                 }
@@ -534,7 +568,9 @@ impl BlockAllocator {
                         .assign_ip(ip, owner, now, config.reuse_cooldown_seconds)
                         .map_err(|e| unavailable(e.to_string()))?;
                     if let Some(object) = self.create(&block).await? {
+                        faults::reached("claim-created");
                         self.confirm_claim(pool, object).await?;
+                        faults::reached("claim-confirmed");
                         return Ok(assigned);
                     }
                 }
@@ -569,6 +605,7 @@ impl BlockAllocator {
                 let ips = block.release_handle(handle, now);
                 if self.write(stored, &block).await? {
                     released.extend(ips);
+                    faults::reached("released-one");
                 } else {
                     again = true;
                 }
@@ -598,6 +635,7 @@ impl BlockAllocator {
             let mut block = stored.block.clone();
             let Some(allocation) = block.release_ip(ip, (self.clock)()) else { return Ok(None) };
             if self.write(&stored, &block).await? {
+                faults::reached("released-one");
                 return Ok(Some(allocation));
             }
         }
@@ -632,6 +670,7 @@ impl BlockAllocator {
             gone.affinity = None;
             if self.write(&stored, &gone).await? {
                 released.push(block.cidr);
+                faults::reached("given-back");
             }
         }
         Ok(released)
@@ -649,6 +688,7 @@ impl BlockAllocator {
                 block.affinity = None;
                 if self.write(&stored, &block).await? {
                     released.push(block.cidr);
+                    faults::reached("node-released");
                 } else {
                     again = true;
                 }
