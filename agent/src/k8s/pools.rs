@@ -45,6 +45,8 @@ pub const MANAGER: &str = "poolwarden";
 const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often the holder renews, and the longest it waits between two passes.
 const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How long a pass waits after a change for the changes that come with it.
+const SETTLE: Duration = Duration::from_millis(250);
 /// How often the holder refreshes used and free counts.
 const USAGE_EVERY: Duration = Duration::from_secs(15);
 /// How long before its lease could be taken over a holder stops writing.
@@ -54,12 +56,17 @@ const MESSAGE_LIMIT: usize = 1024;
 
 /// `ippools.poolwarden.io`.
 pub fn ippools() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("poolwarden.io", "v1", "IPPool"), "ippools")
+    crd("IPPool", "ippools")
 }
 
 /// `ipamconfigs.poolwarden.io`.
 pub fn ipamconfigs() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("poolwarden.io", "v1", "IPAMConfig"), "ipamconfigs")
+    crd("IPAMConfig", "ipamconfigs")
+}
+
+/// One of poolwarden's custom resources (`poolwarden.io/v1`), by kind and plural.
+pub fn crd(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("poolwarden.io", "v1", kind), plural)
 }
 
 /// The resource that states `pool` (or the config), as `kubectl apply` would send it.
@@ -97,25 +104,58 @@ fn parse(object: &DynamicObject, kind: &str) -> Result<Located, resources::Resou
     Ok(doc)
 }
 
+/// Why a pool is (not) ready: the `Ready` condition's reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reason {
+    Applied,
+    Invalid,
+    Overlap,
+    LeftoverBlocks,
+    Immutable,
+    Deleting,
+}
+
+impl Reason {
+    const ALL: [Reason; 6] = [
+        Reason::Applied,
+        Reason::Invalid,
+        Reason::Overlap,
+        Reason::LeftoverBlocks,
+        Reason::Immutable,
+        Reason::Deleting,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::Applied => "Applied",
+            Reason::Invalid => "Invalid",
+            Reason::Overlap => "Overlap",
+            Reason::LeftoverBlocks => "LeftoverBlocks",
+            Reason::Immutable => "Immutable",
+            Reason::Deleting => "Deleting",
+        }
+    }
+}
+
 /// A pool's verdict: the `Ready` condition's status, reason and message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Verdict {
     ready: bool,
-    reason: &'static str,
+    reason: Reason,
     message: String,
 }
 
 impl Verdict {
     fn ready() -> Self {
-        Self { ready: true, reason: "Applied", message: "in the datastore; nodes allocate from it".into() }
+        Self { ready: true, reason: Reason::Applied, message: "in the datastore; nodes allocate from it".into() }
     }
 
     fn refused(err: &CatalogError) -> Option<Self> {
         let reason = match err {
-            CatalogError::Invalid(_) => "Invalid",
-            CatalogError::Overlap { .. } => "Overlap",
-            CatalogError::LeftoverBlocks { .. } => "LeftoverBlocks",
-            CatalogError::Immutable { .. } => "Immutable",
+            CatalogError::Invalid(_) => Reason::Invalid,
+            CatalogError::Overlap { .. } => Reason::Overlap,
+            CatalogError::LeftoverBlocks { .. } => Reason::LeftoverBlocks,
+            CatalogError::Immutable { .. } => Reason::Immutable,
             // The datastore or a race: no verdict on the pool, the next pass tries again.
             _ => return None,
         };
@@ -130,6 +170,9 @@ pub struct PoolSync {
     store: Arc<dyn Datastore>,
     pools: Store<DynamicObject>,
     configs: Store<DynamicObject>,
+    /// `ippools.poolwarden.io` and `ipamconfigs.poolwarden.io`.
+    pool_api: Api<DynamicObject>,
+    config_api: Api<DynamicObject>,
     changed: Arc<tokio::sync::Notify>,
     watches: Vec<tokio::task::JoinHandle<()>>,
     /// Until when this process may write: its last renewal's start plus the lease's duration, less a margin.
@@ -157,6 +200,8 @@ impl PoolSync {
         let (pools, pools_task) = follow(ippools(), "ippools");
         let (configs, configs_task) = follow(ipamconfigs(), "ipamconfigs");
         Self {
+            pool_api: Api::all_with(client.clone(), &ippools()),
+            config_api: Api::all_with(client.clone(), &ipamconfigs()),
             client,
             catalog: Catalog::new(Arc::clone(&store)),
             store,
@@ -208,7 +253,8 @@ impl PoolSync {
                 usage_at = None;
             }
             tokio::select! {
-                () = self.changed.notified() => {}
+                // A burst of changes (`kubectl apply -f` of many pools, a re-list) makes one pass, not one each.
+                () = self.changed.notified() => tokio::time::sleep(SETTLE).await,
                 () = tokio::time::sleep(RENEW_EVERY) => {}
             }
         }
@@ -287,7 +333,7 @@ impl PoolSync {
     /// that came from a resource is retired (its resource went without this finalizer's release); one that
     /// never did (applied with the datastore as the source) gets a resource.
     async fn unowned(&self, pool: &IpPool) -> Result<(), SyncError> {
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &ippools());
+        let api = &self.pool_api;
         if api.get_opt(pool.name()).await?.is_some() {
             return Ok(());
         }
@@ -306,7 +352,7 @@ impl PoolSync {
     async fn config(&self) -> Result<(), SyncError> {
         let resource = self.configs.state().into_iter().find(|c| c.name_any() == "default");
         let (stored, _) = self.catalog.config().await?;
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &ipamconfigs());
+        let api = &self.config_api;
         let from_resource = stored.metadata.annotations.contains_key(SOURCE_ANNOTATION);
         let Some(object) = resource else {
             if same(&stored, &IpamConfig::default()) || api.get_opt("default").await?.is_some() {
@@ -325,9 +371,9 @@ impl PoolSync {
                 info!("IPAMConfig default deleted: the datastore's settings are back to their defaults");
             }
             self.fence()?;
-            return release_finalizer(&api, &object).await.map(drop);
+            return release_finalizer(api, &object).await.map(drop);
         }
-        if !self.hold_finalizer_in(&api, &object).await? {
+        if !self.hold_finalizer_in(api, &object).await? {
             return Ok(());
         }
         match parse(&object, "IPAMConfig") {
@@ -379,9 +425,8 @@ impl PoolSync {
         {
             return Ok(Some(waiting));
         }
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &ippools());
         self.fence()?;
-        release_finalizer(&api, object).await?;
+        release_finalizer(&self.pool_api, object).await?;
         Ok(None)
     }
 
@@ -402,7 +447,7 @@ impl PoolSync {
             }
             Err(CatalogError::PoolInUse { addresses, blocks, .. }) => Ok(Some(Verdict {
                 ready: false,
-                reason: "Deleting",
+                reason: Reason::Deleting,
                 message: format!(
                     "deleted, and disabled meanwhile: waiting for {addresses} allocated address(es) in {blocks} \
                      block(s) to be released (their pods to go) before the pool leaves the datastore"
@@ -423,8 +468,7 @@ impl PoolSync {
 
     /// Whether the pool resource has the finalizer (adding it when missing).
     async fn hold_finalizer(&self, object: &DynamicObject) -> Result<bool, SyncError> {
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &ippools());
-        self.hold_finalizer_in(&api, object).await
+        self.hold_finalizer_in(&self.pool_api, object).await
     }
 
     async fn hold_finalizer_in(&self, api: &Api<DynamicObject>, object: &DynamicObject) -> Result<bool, SyncError> {
@@ -443,7 +487,7 @@ impl PoolSync {
         body["metadata"]["finalizers"] = json!([FINALIZER]);
         body["metadata"]["annotations"] = json!({"poolwarden.io/adopted-from": "datastore"});
         let object: DynamicObject = serde_json::from_value(body).map_err(|e| SyncError::Encode(e.to_string()))?;
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &api_resource);
+        let api = if api_resource.plural == "ippools" { &self.pool_api } else { &self.config_api };
         self.fence()?;
         match api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &object).await {
             Ok(_) => {
@@ -463,7 +507,7 @@ impl PoolSync {
     ) -> Result<(), SyncError> {
         let (kvs, _) = self.store.list(store::keys::BLOCKS).await?;
         let blocks: Vec<Block> = kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &ippools());
+        let api = &self.pool_api;
         for object in resources {
             let name = object.name_any();
             let Some(verdict) = verdicts.get(&name) else { continue };
@@ -474,7 +518,7 @@ impl PoolSync {
                 "blockSize": null, "used": null, "free": null, "blocks": null, "utilisation": null,
             });
             // A refused pool's range may hold another pool's blocks: no counts for it.
-            let counted = verdict.ready || verdict.reason == "Deleting";
+            let counted = verdict.ready || verdict.reason == Reason::Deleting;
             if let (true, Ok(Located { resource: Resource::IpPool(pool), .. })) = (counted, parse(object, "IPPool")) {
                 let mine: Vec<&Block> = blocks.iter().filter(|b| pool.cidr().contains(&b.cidr)).collect();
                 let used: u128 = mine.iter().map(|b| u128::from(b.used())).sum();
@@ -501,7 +545,7 @@ impl PoolSync {
             status["conditions"] = json!([{
                 "type": "Ready",
                 "status": ready_word(verdict.ready),
-                "reason": verdict.reason,
+                "reason": verdict.reason.as_str(),
                 "message": clipped(&verdict.message),
                 "lastTransitionTime": since,
                 "observedGeneration": generation,
@@ -674,9 +718,7 @@ fn utilisation(used: u128, size: u128) -> String {
 /// The verdict the resource's status states now, if any.
 fn condition_of(object: &DynamicObject) -> Option<Verdict> {
     let condition = object.data["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Ready")?.clone();
-    let reason = ["Applied", "Invalid", "Overlap", "LeftoverBlocks", "Immutable", "Deleting"]
-        .into_iter()
-        .find(|r| condition["reason"] == *r)?;
+    let reason = Reason::ALL.into_iter().find(|r| condition["reason"] == r.as_str())?;
     Some(Verdict {
         ready: condition["status"] == "True",
         reason,

@@ -124,13 +124,22 @@ pub async fn list_by_labels(objects: Arc<dyn ObjectStore>, run: &str) {
 async fn next_event(watch: &mut ObjectWatch, after: &str, unselected: &[String]) -> ObjectEvent {
     loop {
         match tokio::time::timeout(Duration::from_secs(15), watch.next()).await {
-            Ok(Some(Ok(ObjectEvent::Deleted(name)))) if unselected.contains(&name) => {}
+            Ok(Some(Ok(ObjectEvent::Deleted { name, .. }))) if unselected.contains(&name) => {}
             Ok(Some(Ok(event))) => return event,
             Ok(Some(Err(e))) => panic!("after {after}: the watch failed: {e}"),
             Ok(None) => panic!("after {after}: the watch ended"),
             Err(_) => panic!("after {after}: no event within 15 s"),
         }
     }
+}
+
+/// The name a `Deleted` event names, having checked its version is later than `before` (both backends'
+/// versions are numbers).
+fn deleted(event: &ObjectEvent, before: &str) -> String {
+    let ObjectEvent::Deleted { name, version } = event else { panic!("expected a deletion, got {event:?}") };
+    let (after, before): (u64, u64) = (version.parse().expect("a number"), before.parse().expect("a number"));
+    assert!(after > before, "{name} left at version {after}, not later than {before}");
+    name.clone()
 }
 
 /// A watch from a list's version sees each change to what it selects, in order: creation, change, leaving
@@ -152,24 +161,26 @@ pub async fn watch_by_labels(objects: Arc<dyn ObjectStore>, run: &str) {
     let y2 = objects.update(KIND, &Object { spec: json!({"n": 2}), ..y }).await.expect("update");
     assert_eq!(next_event(&mut watch, "an update", &unselected).await, ObjectEvent::Applied(y2.clone()));
     // Leaving by one pair, coming back, leaving by the other.
+    let y2_version = y2.version.clone();
     let y3 = objects.update(KIND, &Object { labels: labels(run, &[("node", "n2")]), ..y2 }).await.expect("relabel");
-    assert_eq!(next_event(&mut watch, "a relabel", &unselected).await, ObjectEvent::Deleted(format!("{run}-y")));
+    let left = next_event(&mut watch, "a relabel", &unselected).await;
+    assert_eq!(deleted(&left, &y2_version), format!("{run}-y"));
     let y4 = objects.update(KIND, &Object { labels: mine.clone(), ..y3 }).await.expect("relabel back");
     assert_eq!(next_event(&mut watch, "a relabel back", &unselected).await, ObjectEvent::Applied(y4.clone()));
     let mut moved = mine.clone();
     moved.insert("poolwarden.io/run".into(), format!("{run}-elsewhere"));
+    let y4_version = y4.version.clone();
     objects.update(KIND, &Object { labels: moved, ..y4 }).await.expect("relabel by the other pair");
-    assert_eq!(
-        next_event(&mut watch, "a relabel by the other pair", &unselected).await,
-        ObjectEvent::Deleted(format!("{run}-y"))
-    );
+    let left = next_event(&mut watch, "a relabel by the other pair", &unselected).await;
+    assert_eq!(deleted(&left, &y4_version), format!("{run}-y"));
     // Never selected (one shares no pair, one shares a pair): never applied (the next event is the deletion).
     objects.create(KIND, &unselected[0], labels(run, &[("node", "n2")]), json!({})).await.expect("create");
     let mut half = mine.clone();
     half.insert("poolwarden.io/run".into(), format!("{run}-other"));
     objects.create(KIND, &other, half, json!({})).await.expect("create");
     objects.delete(KIND, &x.name, &x.version).await.expect("delete");
-    assert_eq!(next_event(&mut watch, "a delete", &unselected).await, ObjectEvent::Deleted(format!("{run}-x")));
+    let gone = next_event(&mut watch, "a delete", &unselected).await;
+    assert_eq!(deleted(&gone, &x.version), format!("{run}-x"));
     drop(watch);
     remove_all(&objects, run).await;
     remove_all(&objects, &format!("{run}-elsewhere")).await;

@@ -7,10 +7,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use kube::{
     Api, Client, ResourceExt,
-    api::{
-        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams, Preconditions, WatchEvent,
-        WatchParams,
-    },
+    api::{ApiResource, DeleteParams, DynamicObject, ListParams, PostParams, Preconditions, WatchEvent, WatchParams},
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -35,7 +32,7 @@ impl KubeObjects {
 
 /// The custom resource of `kind`.
 pub fn resource(kind: Kind) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("poolwarden.io", "v1", kind.name()), kind.plural())
+    crate::k8s::pools::crd(kind.name(), kind.plural())
 }
 
 fn object_of(object: DynamicObject) -> Object {
@@ -137,7 +134,10 @@ impl ObjectStore for KubeObjects {
             while let Some(event) = stream.next().await {
                 let event = match event {
                     Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => Ok(ObjectEvent::Applied(object_of(o))),
-                    Ok(WatchEvent::Deleted(o)) => Ok(ObjectEvent::Deleted(o.name_any())),
+                    Ok(WatchEvent::Deleted(o)) => Ok(ObjectEvent::Deleted {
+                        name: o.name_any(),
+                        version: o.resource_version().unwrap_or_default(),
+                    }),
                     Ok(WatchEvent::Bookmark(_)) => continue,
                     Ok(WatchEvent::Error(status)) if status.code == 410 => Err(ObjectError::Expired(from.clone())),
                     Ok(WatchEvent::Error(status)) => Err(ObjectError::Api(status.message.clone())),

@@ -226,7 +226,9 @@ impl ObjectStore for KeyValueObjects {
                     Ok(change) => {
                         let name = change.kv.key.rsplit('/').next().unwrap_or_default().to_string();
                         match (change.kind, by_pointer) {
-                            (EventKind::Delete, _) => Ok(Some(ObjectEvent::Deleted(name))),
+                            (EventKind::Delete, _) => {
+                                Ok(Some(ObjectEvent::Deleted { name, version: change.kv.mod_revision.to_string() }))
+                            }
                             (EventKind::Put, false) => decode(kind, &change.kv).map(|o| Some(ObjectEvent::Applied(o))),
                             // A pointer written: the object as that write left it. If it changed since (or went),
                             // a later event on the same pointer follows (every write of an object rewrites or
@@ -236,7 +238,7 @@ impl ObjectStore for KeyValueObjects {
                                 Ok(Some(object)) if selects(&selector, &object.labels) => {
                                     Ok(Some(ObjectEvent::Applied(object)))
                                 }
-                                Ok(Some(_)) => Ok(Some(ObjectEvent::Deleted(name))),
+                                Ok(Some(object)) => Ok(Some(ObjectEvent::Deleted { name, version: object.version })),
                                 Ok(None) => Ok(None),
                                 Err(e) => Err(e),
                             },

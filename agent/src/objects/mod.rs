@@ -102,7 +102,13 @@ pub enum ObjectEvent {
     /// Created, changed, or now selected: the object as it is.
     Applied(Object),
     /// Deleted, or no longer selected.
-    Deleted(String),
+    Deleted {
+        /// Its name.
+        name: String,
+        /// The version it left at: the deletion's, or the write that made it unselected. Later than every
+        /// version it was seen at before, so a consumer holding a later one (re-created since) keeps that.
+        version: String,
+    },
 }
 
 /// A stream of changes; ends (`None`) when the backend closed it, after which the caller lists again.

@@ -205,7 +205,7 @@ impl BlockAllocator {
     /// The blocks `node` owns, and those it holds addresses in without owning them, from its view (no read
     /// of the store once the view has listed them).
     pub async fn node_blocks(&self, node: &str) -> Result<(Vec<Stored>, Vec<Stored>), AllocError> {
-        let (owned, borrowed) = self.view(node).blocks().await;
+        let (owned, borrowed) = self.view(node).blocks().await?;
         let owned: Vec<_> = owned.into_iter().filter(|s| s.block.affinity.as_deref() == Some(node)).collect();
         let borrowed = borrowed
             .into_iter()
@@ -290,12 +290,13 @@ impl BlockAllocator {
         };
         match result {
             Ok(Some(object)) => self.written(&object),
-            Ok(None) => self.views().iter().for_each(|v| v.deleted(&name)),
+            // Deleted at the version read: a view holding a later one holds a block created since.
+            Ok(None) => self.views().iter().for_each(|v| v.deleted(&name, &stored.version)),
             Err(ObjectError::Conflict { .. } | ObjectError::NotFound { .. }) => {
                 // The views were behind (or ahead): read this block again before the caller retries.
                 match self.objects.get(Kind::Block, &name).await? {
                     Some(object) => self.written(&object),
-                    None => self.views().iter().for_each(|v| v.deleted(&name)),
+                    None => self.views().iter().for_each(|v| v.deleted(&name, &stored.version)),
                 }
                 return Ok(false);
             }
@@ -330,7 +331,7 @@ impl BlockAllocator {
                     self.written(&object);
                     confirmed.push(decode(&object)?);
                 }
-                None => self.views().iter().for_each(|v| v.deleted(&name)),
+                None => self.views().iter().for_each(|v| v.deleted(&name, &stored.version)),
             }
         }
         let held = holdings(&confirmed, handle);
@@ -416,6 +417,7 @@ impl BlockAllocator {
             node: owner.node.clone(),
             detail,
         };
+        let mut lost = BTreeSet::new();
         'attempt: for _ in 0..MAX_ATTEMPTS {
             let now = (self.clock)();
             // 1. A block this node owns with room, in the pools' order of preference.
@@ -436,8 +438,10 @@ impl BlockAllocator {
             let at_limit = config.max_blocks_per_host > 0 && owned.len() >= config.max_blocks_per_host as usize;
             if !at_limit {
                 for pool in pools {
-                    let claimed: BTreeSet<IpNet> =
+                    let mut claimed: BTreeSet<IpNet> =
                         self.named_blocks(pool.name()).await?.into_iter().map(|s| s.block.cidr).collect();
+                    // Names found taken by a block this list does not show (another pool's, left over).
+                    claimed.extend(lost.iter().copied());
                     let Some(cidr) = ipam::unclaimed_blocks(pool, &claimed)
                         .find(|c| eligible.is_none_or(|e| e.any_in(*c, pool.cidr())))
                     else {
@@ -446,7 +450,10 @@ impl BlockAllocator {
                     let mut block = Block::new(cidr, pool.name(), &owner.node, now);
                     let ip = take(&mut block, pool, now)
                         .ok_or_else(|| exhausted(format!("new block {cidr} has no address it may give")))?;
-                    let Some(object) = self.create(&block).await? else { continue 'attempt };
+                    let Some(object) = self.create(&block).await? else {
+                        lost.insert(cidr);
+                        continue 'attempt;
+                    };
                     faults::reached("claim-created");
                     self.confirm_claim(pool, object).await?;
                     faults::reached("claim-confirmed");
@@ -502,6 +509,7 @@ impl BlockAllocator {
             Some(p) if p.cidr() != pool.cidr() || p.block_size() != pool.block_size() => {
                 "it was re-created with another range or block size"
             }
+            Some(p) if p.spec.disabled => "it was disabled (or is being deleted)",
             Some(_) => return Ok(()),
         };
         let mut stored = decode(&created)?;
@@ -656,6 +664,10 @@ impl BlockAllocator {
     /// Give back the blocks `node` owns that have been empty for the grace period and whose released
     /// addresses have cooled down (a delete at the version read: a block used meanwhile stays). Returns them.
     pub async fn release_empty_blocks(&self, node: &str, config: &IpamConfigSpec) -> Result<Vec<IpNet>, AllocError> {
+        // Not while this process assigns on the node (a block re-created between the delete and the view's
+        // update would otherwise be dropped from the view).
+        let lock = self.locks.get(format!("node/{node}"));
+        let _turn = lock.lock().await;
         let now = (self.clock)();
         let (owned, _) = self.node_blocks(node).await?;
         let mut released = Vec::new();
@@ -681,7 +693,9 @@ impl BlockAllocator {
     pub async fn release_node(&self, node: &str) -> Result<Vec<IpNet>, AllocError> {
         let mut released = Vec::new();
         for _ in 0..MAX_ATTEMPTS {
-            let (owned, _) = self.node_blocks(node).await?;
+            // From the store, not a view: another node's agent does this, and must not start (and keep) a
+            // view of a gone node, nor miss a block it claimed just before it went.
+            let (owned, _) = self.node_blocks_read(node).await?;
             let mut again = false;
             for stored in owned {
                 let mut block = stored.block.clone();

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use super::{Stored, decode};
-use crate::objects::{Kind, Labels, Object, ObjectEvent, ObjectStore, selects};
+use crate::objects::{Kind, Labels, Object, ObjectError, ObjectEvent, ObjectStore, selects};
 
 /// The blocks one selector selects, kept current by a watch.
 struct Followed {
@@ -44,22 +44,32 @@ fn later(a: &str, b: &str) -> bool {
     }
 }
 
+/// How long an ADD or DEL waits for a view's first list before it fails (kubelet retries it).
+const FIRST_LIST: Duration = Duration::from_secs(30);
+
 impl Followed {
     fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Held>> {
         self.blocks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Put in (or take out, when no longer selected) what a write (`local`) or an event says the object now
-    /// is, unless the view already holds a later version. The view errs towards holding a block that is gone
-    /// (a write of it is refused, and the block read again) and never drops one it may still hold because an
-    /// older event arrived late: a release must find every block holding its handle.
+    /// Put in (or take out, when no longer selected) what a write or read of this process (`local`) or an
+    /// event says the object now is, unless the view already holds a later version. The view never takes a
+    /// block back to an older state because an older event arrived late: a release must find every block
+    /// holding its handle.
     fn apply(&self, object: &Object, local: bool) {
         let mut held = self.held();
-        if let Some(h) = held.get(&object.name)
-            && !later(&object.version, &h.stored.version)
-            && h.stored.version != object.version
-        {
-            return;
+        if let Some(h) = held.get(&object.name) {
+            if h.stored.version == object.version {
+                // The same state again (a write's reply after its own event, or the reverse): an event
+                // confirms it, a reply changes nothing.
+                if !local && let Some(h) = held.get_mut(&object.name) {
+                    h.local = false;
+                }
+                return;
+            }
+            if !later(&object.version, &h.stored.version) {
+                return;
+            }
         }
         if !selects(&self.selector, &object.labels) {
             held.remove(&object.name);
@@ -73,22 +83,23 @@ impl Followed {
         }
     }
 
-    /// A watch says the object is gone: unless this process wrote it since (its event not yet seen).
-    fn gone(&self, name: &str) {
+    /// The object left (deleted, or no longer selected) at `version`: dropped unless the view holds a later
+    /// version of it (re-created, or selected again, since).
+    fn gone(&self, name: &str, version: &str) {
         let mut held = self.held();
-        if held.get(name).is_some_and(|h| !h.local) {
+        if held.get(name).is_some_and(|h| !later(&h.stored.version, version)) {
             held.remove(name);
         }
     }
 
-    /// A list's result replaces what is held, except this process's writes the list may predate.
-    fn listed(&self, listed: &[Object]) {
+    /// A list's result (at `version`) replaces what is held, except this process's writes made after it.
+    fn listed(&self, listed: &[Object], version: &str) {
         let mut fresh: BTreeMap<String, Held> = listed
             .iter()
             .filter_map(|o| decode(o).ok().map(|stored| (o.name.clone(), Held { stored, local: false })))
             .collect();
         let mut held = self.held();
-        for (name, h) in held.iter().filter(|(_, h)| h.local) {
+        for (name, h) in held.iter().filter(|(_, h)| h.local && later(&h.stored.version, version)) {
             if fresh.get(name).is_none_or(|f| later(&h.stored.version, &f.stored.version)) {
                 fresh.insert(name.clone(), h.clone());
             }
@@ -120,17 +131,23 @@ impl NodeView {
         Self { followed, tasks }
     }
 
-    /// The owned and the borrowed-from blocks, once both have been listed.
-    pub async fn blocks(&self) -> (Vec<Stored>, Vec<Stored>) {
+    /// The owned and the borrowed-from blocks, once both have been listed (an error if that takes more than
+    /// 30 s: the store is unreachable, or this agent may not list blocks).
+    pub async fn blocks(&self) -> Result<(Vec<Stored>, Vec<Stored>), ObjectError> {
         for followed in &self.followed {
             let mut ready = followed.ready.subscribe();
-            // The sender lives as long as the view, so this only ends when the first list arrived.
-            let _ = ready.wait_for(|listed| *listed).await;
+            if tokio::time::timeout(FIRST_LIST, ready.wait_for(|listed| *listed)).await.is_err() {
+                return Err(ObjectError::Api(format!(
+                    "the blocks labelled {:?} could not be listed for {}s (see the agent's log)",
+                    followed.selector,
+                    FIRST_LIST.as_secs()
+                )));
+            }
         }
         let [owned, borrowed] = &self.followed;
         let owned = owned.held().values().map(|h| h.stored.clone()).collect();
         let borrowed = borrowed.held().values().map(|h| h.stored.clone()).collect();
-        (owned, borrowed)
+        Ok((owned, borrowed))
     }
 
     /// What a write of this process made the object (or a read of it found).
@@ -140,43 +157,109 @@ impl NodeView {
         }
     }
 
-    /// This process deleted the object `name`, or a read found it gone.
-    pub fn deleted(&self, name: &str) {
+    /// This process deleted the object `name` at `version` (or a read found it gone after `version`).
+    pub fn deleted(&self, name: &str, version: &str) {
         for followed in &self.followed {
-            followed.held().remove(name);
+            followed.gone(name, version);
         }
     }
 }
 
-/// List, then follow from the list's version; list again whenever the watch ends or fails.
+/// List, then follow from the list's version; list again whenever the watch ends or fails, after a pause
+/// that grows while lists or watches keep failing or ending early (an API server on its bad day is not
+/// hammered by every node's two watches).
 async fn follow(objects: Arc<dyn ObjectStore>, followed: Arc<Followed>) {
     let mut pause = Duration::from_millis(100);
     loop {
+        let started = tokio::time::Instant::now();
+        let mut healthy = false;
         match objects.list(Kind::Block, &followed.selector).await {
             Ok((listed, version)) => {
-                followed.listed(&listed);
+                followed.listed(&listed, &version);
                 followed.ready.send_replace(true);
                 match objects.watch(Kind::Block, &followed.selector, &version).await {
                     Ok(mut events) => {
-                        pause = Duration::from_millis(100);
+                        healthy = true;
                         while let Some(event) = events.next().await {
                             match event {
                                 Ok(ObjectEvent::Applied(object)) => followed.apply(&object, false),
-                                Ok(ObjectEvent::Deleted(name)) => followed.gone(&name),
+                                Ok(ObjectEvent::Deleted { name, version }) => followed.gone(&name, &version),
                                 Err(e) => {
                                     warn!(error = %e, "block watch ended; listing again");
+                                    healthy = false;
                                     break;
                                 }
                             }
                         }
-                        continue;
                     }
                     Err(e) => warn!(error = %e, "cannot watch blocks; listing again"),
                 }
             }
             Err(e) => warn!(error = %e, "cannot list blocks; retrying"),
         }
+        // A watch that ran its course (the API server's timeout) is listed again at once.
+        if healthy && started.elapsed() >= Duration::from_secs(5) {
+            pause = Duration::from_millis(100);
+            continue;
+        }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{allocator::single::labels_of, ipam::Block};
+
+    fn followed() -> Followed {
+        let selector = Labels::from([(super::super::AFFINITY_LABEL.to_string(), "a".to_string())]);
+        Followed { selector, blocks: Mutex::default(), ready: watch::channel(false).0 }
+    }
+
+    fn at(version: u64, node: &str) -> Object {
+        let block = Block::new("10.0.0.0/30".parse().unwrap(), "p", node, 0);
+        Object {
+            name: "10-0-0-0-30".into(),
+            labels: labels_of(&block),
+            spec: serde_json::to_value(&block).unwrap(),
+            version: version.to_string(),
+        }
+    }
+
+    fn version(f: &Followed) -> Option<String> {
+        f.held().get("10-0-0-0-30").map(|h| h.stored.version.clone())
+    }
+
+    #[test]
+    fn late_events_never_take_a_block_back() {
+        let f = followed();
+        f.apply(&at(5, "a"), true);
+        f.apply(&at(3, "a"), false);
+        assert_eq!(version(&f).as_deref(), Some("5"), "an older event is ignored");
+        f.gone("10-0-0-0-30", "4");
+        assert_eq!(version(&f).as_deref(), Some("5"), "a deletion before the held version is an older incarnation's");
+        f.gone("10-0-0-0-30", "6");
+        assert_eq!(version(&f), None, "a deletion after it removes it");
+    }
+
+    #[test]
+    fn a_list_keeps_only_own_writes_made_after_it() {
+        let f = followed();
+        f.apply(&at(5, "a"), true);
+        f.listed(&[], "4");
+        assert_eq!(version(&f).as_deref(), Some("5"), "written after the list's version");
+        f.listed(&[], "6");
+        assert_eq!(version(&f), None, "the list is later: the block is gone");
+    }
+
+    #[test]
+    fn an_event_confirms_a_write_whatever_arrives_first() {
+        let f = followed();
+        f.apply(&at(5, "a"), false);
+        f.apply(&at(5, "a"), true);
+        assert!(!f.held()["10-0-0-0-30"].local, "the reply after its event leaves it confirmed");
+        f.apply(&at(7, "b"), false);
+        assert_eq!(version(&f), None, "no longer selected (affine to another node)");
     }
 }
