@@ -227,6 +227,11 @@ impl Block {
         ips
     }
 
+    /// Whether `handle` holds an address here.
+    pub fn holds(&self, handle: &str) -> bool {
+        self.allocations.values().any(|a| a.handle == handle)
+    }
+
     /// The addresses held by `handle`.
     pub fn ips_of(&self, handle: &str) -> Vec<IpAddr> {
         self.allocations.iter().filter(|(_, a)| a.handle == handle).map(|(&o, _)| self.address(o)).collect()

@@ -191,8 +191,7 @@ impl BlockAllocator {
     fn view(&self, node: &str) -> Arc<NodeView> {
         let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
         let view = views.entry(node.to_string()).or_insert_with(|| {
-            let owned = Labels::from([(AFFINITY_LABEL.to_string(), label_for(node))]);
-            let borrowed = Labels::from([(borrower_label(node), String::new())]);
+            let [owned, borrowed] = node_selectors(node);
             Arc::new(NodeView::start(&self.objects, owned, borrowed))
         });
         Arc::clone(view)
@@ -206,30 +205,26 @@ impl BlockAllocator {
     /// of the store once the view has listed them).
     pub async fn node_blocks(&self, node: &str) -> Result<(Vec<Stored>, Vec<Stored>), AllocError> {
         let (owned, borrowed) = self.view(node).blocks().await?;
-        let owned: Vec<_> = owned.into_iter().filter(|s| s.block.affinity.as_deref() == Some(node)).collect();
-        let borrowed = borrowed
-            .into_iter()
-            .filter(|s| s.block.affinity.as_deref() != Some(node) && s.block.allocated().any(|(_, a)| a.node == node))
-            .collect();
-        Ok((owned, borrowed))
+        Ok(mine(node, owned, borrowed))
     }
 
     /// [`BlockAllocator::node_blocks`] read from the store, not the view (and put into the views).
     async fn node_blocks_read(&self, node: &str) -> Result<(Vec<Stored>, Vec<Stored>), AllocError> {
-        let mut found = Vec::new();
-        for selector in [
-            Labels::from([(AFFINITY_LABEL.to_string(), label_for(node))]),
-            Labels::from([(borrower_label(node), String::new())]),
-        ] {
-            let (objects, _) = self.objects.list(Kind::Block, &selector).await?;
-            for object in &objects {
+        let [owned, borrowed] = node_selectors(node);
+        let (owned, borrowed) = (self.read_selected(&owned).await?, self.read_selected(&borrowed).await?);
+        Ok(mine(node, owned, borrowed))
+    }
+
+    /// The blocks `selector` selects, read from the store (and put into the views).
+    async fn read_selected(&self, selector: &Labels) -> Result<Vec<Stored>, AllocError> {
+        let (objects, _) = self.objects.list(Kind::Block, selector).await?;
+        objects
+            .iter()
+            .map(|object| {
                 self.written(object);
-                found.push(decode(object)?);
-            }
-        }
-        let (owned, borrowed) = found.into_iter().partition(|s| s.block.affinity.as_deref() == Some(node));
-        let borrowed: Vec<Stored> = borrowed;
-        Ok((owned, borrowed.into_iter().filter(|s| s.block.allocated().any(|(_, a)| a.node == node)).collect()))
+                Ok(decode(object)?)
+            })
+            .collect()
     }
 
     /// Tell every view what this process wrote.
@@ -324,7 +319,7 @@ impl BlockAllocator {
     pub async fn addresses_of(&self, node: &str, handle: &str) -> Result<Option<Vec<Assigned>>, AllocError> {
         let (owned, borrowed) = self.node_blocks(node).await?;
         let mut confirmed = Vec::new();
-        for stored in owned.iter().chain(&borrowed).filter(|s| !s.block.ips_of(handle).is_empty()) {
+        for stored in owned.iter().chain(&borrowed).filter(|s| s.block.holds(handle)) {
             let name = block_name(stored.block.cidr);
             match self.objects.get(Kind::Block, &name).await? {
                 Some(object) => {
@@ -601,11 +596,11 @@ impl BlockAllocator {
             let now = (self.clock)();
             let (owned, borrowed) = self.node_blocks(node).await?;
             let mut holding: Vec<Stored> =
-                owned.into_iter().chain(borrowed).filter(|s| !s.block.ips_of(handle).is_empty()).collect();
+                owned.into_iter().chain(borrowed).filter(|s| s.block.holds(handle)).collect();
             if holding.is_empty() {
                 // The view may be behind a write of another process: the store has the last word on "none".
                 let (owned, borrowed) = self.node_blocks_read(node).await?;
-                holding = owned.into_iter().chain(borrowed).filter(|s| !s.block.ips_of(handle).is_empty()).collect();
+                holding = owned.into_iter().chain(borrowed).filter(|s| s.block.holds(handle)).collect();
             }
             let mut again = false;
             for stored in &holding {
@@ -653,10 +648,10 @@ impl BlockAllocator {
     /// The block an address is in: computed from its pool, or found among all blocks if its pool is gone.
     async fn block_holding(&self, ip: IpAddr) -> Result<Option<Stored>, AllocError> {
         let loaded = self.pools.load().await?;
-        if let Some(cidr) = loaded.pools.iter().find_map(|p| ipam::block_containing(p, ip))
-            && let Some(stored) = self.get(cidr).await?
-        {
-            return Ok(Some(stored));
+        // In a pool: its block is known, and no block object means nothing there is allocated. Only an address
+        // of a deleted pool is looked for among every block.
+        if let Some(cidr) = loaded.pools.iter().find_map(|p| ipam::block_containing(p, ip)) {
+            return self.get(cidr).await;
         }
         Ok(self.selected(Labels::new()).await?.into_iter().find(|s| s.block.cidr.contains(&ip)))
     }
@@ -713,6 +708,25 @@ impl BlockAllocator {
         }
         Err(AllocError::Contention { operation: format!("releasing node {node}'s blocks") })
     }
+}
+
+/// The selectors of a node's blocks: those affine to it, and those it borrowed addresses from.
+fn node_selectors(node: &str) -> [Labels; 2] {
+    [
+        Labels::from([(AFFINITY_LABEL.to_string(), label_for(node))]),
+        Labels::from([(borrower_label(node), String::new())]),
+    ]
+}
+
+/// Of what a node's two selectors selected, the blocks it owns and those it holds an address in without owning
+/// them (labels only narrow: the spec decides, whatever a digest of a long name may also match).
+fn mine(node: &str, owned: Vec<Stored>, borrowed: Vec<Stored>) -> (Vec<Stored>, Vec<Stored>) {
+    let owned = owned.into_iter().filter(|s| s.block.affinity.as_deref() == Some(node)).collect();
+    let borrowed = borrowed
+        .into_iter()
+        .filter(|s| s.block.affinity.as_deref() != Some(node) && s.block.allocated().any(|(_, a)| a.node == node))
+        .collect();
+    (owned, borrowed)
 }
 
 /// What `handle` holds among `blocks`.
