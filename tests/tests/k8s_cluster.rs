@@ -189,12 +189,12 @@ fn the_seed_example_with_kubectl() {
 
     // `kubectl get ippools` shows what each pool holds: three pods each (the status is refreshed by the agent
     // that holds the pools' lease).
-    let mut table = String::new();
     wait_for("three addresses used in each pool", Duration::from_secs(60), || {
         let used = |pool: &str| kubectl.json(&["get", "ippool", pool])["status"]["used"].as_u64();
-        table = kubectl.ok(&["get", "ippools"]);
         used("external-pool") == Some(3) && used("internal-pool") == Some(3)
     });
+    // Read after the counts are in (a table read before them would show the previous status).
+    let table = kubectl.ok(&["get", "ippools"]);
     println!("{table}");
     let row = |pool: &str| table.lines().find(|l| l.starts_with(pool)).unwrap_or_default().to_string();
     assert!(row("external-pool").contains("172.16.0.0/26") && row("external-pool").contains("4.6%"), "{table}");
@@ -515,6 +515,78 @@ fn the_pools_are_taken_over_when_the_lease_holder_stalls() {
     assert!(ready, "{reason}: {message}");
     assert!(agent_cli(&kubectl, &["get", "pools"]).contains("takeover"));
     kubectl.ok(&["delete", "ippool", "takeover", "--timeout=60s"]);
+}
+
+/// At rest (no pod coming or going, no pool changing), what each agent asks the API server, from its own count
+/// (`poolwarden_kubernetes_requests_total` on its metrics endpoint), per minute over a window: printed by verb and
+/// resource. An agent that does not hold the pools' lease follows it by a watch, so it reads nothing on a
+/// timer (a DaemonSet's followers are as many as the cluster's nodes); the holder renews with one update, no read.
+#[test]
+fn at_rest_the_agents_follow_by_watches_and_poll_nothing() {
+    const WINDOW: Duration = Duration::from_secs(40);
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    let holder = kubectl.json(&["-n", "kube-system", "get", "lease", "poolwarden-pools"])["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let pods = kubectl.json(&["-n", "kube-system", "get", "pods", "-l", "app.kubernetes.io/name=poolwarden"]);
+    let agents: Vec<(String, String)> = pods["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|p| {
+            let field = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (field(&p["spec"]["nodeName"]), field(&p["status"]["hostIP"]))
+        })
+        .collect();
+    assert_eq!(agents.len(), 2, "{pods}");
+    let counts = |ip: &str| -> std::collections::BTreeMap<(String, String), f64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", "pwk-cp", "curl", "-s", "--max-time", "3"])
+            .arg(format!("http://{ip}:9641/metrics"))
+            .output()
+            .expect("curl");
+        let label = |line: &str, name: &str| {
+            let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+            Some(line[start..].split('"').next()?.to_string())
+        };
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("poolwarden_kubernetes_requests_total{"))
+            .filter_map(|l| {
+                let value = l.rsplit(' ').next()?.parse::<f64>().ok()?;
+                Some(((label(l, "verb")?, label(l, "resource")?), value))
+            })
+            .collect()
+    };
+    let before: Vec<_> = agents.iter().map(|(_, ip)| counts(ip)).collect();
+    assert!(before.iter().all(|c| !c.is_empty()), "an agent shows no request count: {before:?}");
+    std::thread::sleep(WINDOW);
+    let after: Vec<_> = agents.iter().map(|(_, ip)| counts(ip)).collect();
+    let per_minute = 60.0 / WINDOW.as_secs_f64();
+    for ((node, _), (before, after)) in agents.iter().zip(before.iter().zip(&after)) {
+        let role = if *node == holder { "holds the pools' lease" } else { "follows the lease" };
+        let moved: Vec<((String, String), f64)> = after
+            .iter()
+            .map(|(kind, n)| (kind.clone(), (n - before.get(kind).copied().unwrap_or(0.0)) * per_minute))
+            .filter(|(_, rate)| *rate > 0.0)
+            .collect();
+        let total = moved.iter().fold(0.0, |sum, (_, rate)| sum + rate);
+        println!("{node} ({role}): {total:.1} requests per minute at rest");
+        for ((verb, resource), rate) in &moved {
+            println!("    {verb:>8} {resource:<24} {rate:.1}/min");
+        }
+        let polled: Vec<&((String, String), f64)> = moved
+            .iter()
+            .filter(|((verb, resource), _)| verb != "watch" && !(*node == holder && resource == "leases"))
+            .collect();
+        assert!(polled.is_empty(), "{node} ({role}) asks the API server on a timer at rest: {polled:?}");
+        if *node == holder {
+            let renewals = moved.iter().find(|((v, r), _)| v == "update" && r == "leases").map_or(0.0, |(_, n)| *n);
+            assert!(renewals > 0.0, "the holder {node} did not renew the lease");
+        }
+    }
 }
 
 /// The PID of the agent process serving `node` (its container's, read from /proc: NODENAME in its environment).

@@ -392,7 +392,7 @@ fn wait_until(state: &Path, name: &str, ns: &str, check: &[&str], timeout: Durat
 }
 
 /// `cluster up`: build, certify, wire and start a cluster of `nodes` nodes; print the kubeconfig.
-pub fn up(root: &Path, nodes: u8) -> Result<PathBuf> {
+pub fn up(root: &Path, nodes: u8, image: Build) -> Result<PathBuf> {
     let bin = build(root)?;
     let state = state_dir(root);
     let pki_dir = state.join("pki");
@@ -526,7 +526,7 @@ pub fn up(root: &Path, nodes: u8) -> Result<PathBuf> {
     for n in 1..=nodes {
         start_node(root, &state, &bin, n)?;
     }
-    let images = [poolwarden_image(root, &state)?, busybox_image(&state)?];
+    let images = [poolwarden_image(root, &state, image)?, busybox_image(&state)?];
     for n in 1..=nodes {
         for image in &images {
             import(n, image)?;
@@ -540,7 +540,7 @@ pub fn up(root: &Path, nodes: u8) -> Result<PathBuf> {
 /// and nothing in the manifests. Its settings say what a user's would: the datastore is the cluster's
 /// poolwarden etcd (a cluster of more than one node needs a shared one), and the agent is told where the API
 /// server is (it must not need kube-proxy for that).
-pub fn install(root: &Path) -> Result<()> {
+pub fn install(root: &Path, build: Build) -> Result<()> {
     let state = state_dir(root);
     let overlay = state.join("overlay");
     std::fs::create_dir_all(&overlay)?;
@@ -576,7 +576,7 @@ configMapGenerator:
     );
     std::fs::write(overlay.join("kustomization.yaml"), kustomization)?;
     // The image of the tree as it is now, in every node's containerd (`up` loaded the one of its time).
-    let image = poolwarden_image(root, &state)?;
+    let image = poolwarden_image(root, &state, build)?;
     for n in (1..=u8::MAX).take_while(|n| containerd_socket(*n).exists()) {
         import(n, &image)?;
     }
@@ -730,17 +730,45 @@ fn pause_image(state: &Path, root: &Path) -> Result<PathBuf> {
     )
 }
 
-/// poolwarden's image: the release agent (with the libraries it loads), the static plugin, and nft (natOutgoing's
-/// table), as the DaemonSet runs it.
+/// poolwarden's image: the agent (with the libraries it loads), the static plugin, and nft (natOutgoing's table),
+/// as the DaemonSet runs it.
 pub const POOLWARDEN_IMAGE: &str = "pwk.invalid/poolwarden:dev";
 
 /// The pods' image: busybox-static (`httpd`, `sh`, `ping`).
 pub const BUSYBOX_IMAGE: &str = "pwk.invalid/busybox:1";
 
-fn poolwarden_image(root: &Path, state: &Path) -> Result<PathBuf> {
-    run("cargo", &["build", "--release", "-p", "poolwarden", "--bin", "poolwarden"])?;
-    let plugin = crate::build_plugin(root, true)?;
-    let agent = root.join("target/release/poolwarden");
+/// Which build of poolwarden the image carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Build {
+    /// The release build, as shipped (`cluster up`, the benches, the demo).
+    Release,
+    /// The debug build (`cargo xtask test`): the one the workspace's tests have just made, so the suite does not
+    /// compile the whole dependency graph a second time, optimised (about 13 minutes of a CI run on two cores).
+    /// Same code, with overflow checks and debug assertions on; its debug information is left out of the image.
+    Debug,
+}
+
+fn poolwarden_image(root: &Path, state: &Path, build: Build) -> Result<PathBuf> {
+    let (agent, plugin) = match build {
+        Build::Release => {
+            run("cargo", &["build", "--release", "-p", "poolwarden", "--bin", "poolwarden"])?;
+            (root.join("target/release/poolwarden"), crate::build_plugin(root, true)?)
+        }
+        Build::Debug => {
+            // As the test task builds it (with `-p poolwarden` alone, features unify differently: a rebuild).
+            run("cargo", &["build", "--workspace", "--exclude", "poolwarden-ebpf", "--bins"])?;
+            // Beside the image's directory, which building the image empties.
+            let dir = state.join("images/poolwarden-stripped");
+            std::fs::create_dir_all(&dir)?;
+            let (agent, plugin) = (dir.join("poolwarden.stripped"), dir.join("poolwarden-cni.stripped"));
+            for (from, to) in
+                [(root.join("target/debug/poolwarden"), &agent), (crate::build_plugin(root, false)?, &plugin)]
+            {
+                run("objcopy", &["--strip-debug", &from.display().to_string(), &to.display().to_string()])?;
+            }
+            (agent, plugin)
+        }
+    };
     let mut files = crate::images::with_libraries(&[
         (agent.as_path(), "/usr/local/bin/poolwarden"),
         (Path::new("/usr/sbin/nft"), "/usr/sbin/nft"),
@@ -1179,8 +1207,8 @@ fn remove_cgroup(dir: &Path) {
 /// says; the cluster goes down at the end unless `keep`.
 pub fn demo(root: &Path, keep: bool) -> Result<()> {
     let outcome = (|| {
-        up(root, 2)?;
-        install(root)?;
+        up(root, 2, Build::Release)?;
+        install(root, Build::Release)?;
         let step = |title: &str| println!("\n== {title}");
         step(
             "Step 1: the seed's pools (Calico's YAML, unchanged, through poolwarden apply, which writes IPPool \

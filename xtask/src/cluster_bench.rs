@@ -201,8 +201,8 @@ fn install_bridge(root: &Path) -> Result<()> {
 
 pub fn run(root: &Path) -> Result<()> {
     let outcome = (|| {
-        cluster::up(root, NODES)?;
-        cluster::install(root)?;
+        cluster::up(root, NODES, cluster::Build::Release)?;
+        cluster::install(root, cluster::Build::Release)?;
         let pool = cluster::state_dir(root).join("bench/pool.yaml");
         std::fs::create_dir_all(pool.parent().expect("a parent"))?;
         std::fs::write(

@@ -44,7 +44,9 @@ enum Task {
         /// `ip -batch`), `cluster` (1,000 pods on 10 nodes on etcd against bridge + host-local),
         /// `cost` (per-node reads against cluster size), `datastore` (ADD/DEL latency and requests on etcd with
         /// today's allocator, and with the single-object one on etcd and, with a cluster up, the API server) or
-        /// `kubernetes` (a 100-replica deployment on the real cluster against bridge + host-local).
+        /// `kubernetes` (a 100-replica deployment on the real cluster against bridge + host-local); and, only
+        /// when asked for, `at-rest` (Kubernetes API requests per node per minute at rest with 1, 2 and 1,000
+        /// nodes, on a cluster already up).
         #[arg(long)]
         only: Option<String>,
     },
@@ -69,6 +71,9 @@ enum ClusterCommand {
         /// How many nodes.
         #[arg(long, default_value_t = 1)]
         nodes: u8,
+        /// Which build of poolwarden the image carries.
+        #[arg(long, value_enum, default_value_t = cluster::Build::Release)]
+        build: cluster::Build,
     },
     /// Stop everything `up` started and remove its namespaces, mounts and files.
     Down,
@@ -77,7 +82,11 @@ enum ClusterCommand {
     /// Only build the Kubernetes binaries.
     Build,
     /// Install poolwarden on the running cluster with kubectl apply -k (deploy/ with the image changed).
-    Install,
+    Install {
+        /// Which build of poolwarden the image carries.
+        #[arg(long, value_enum, default_value_t = cluster::Build::Release)]
+        build: cluster::Build,
+    },
 }
 
 /// Debian packages the build and the tests use.
@@ -105,6 +114,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // The test cluster's container runtime (cargo xtask cluster), and what kube-proxy needs.
     ("containerd", "containerd"),
     ("conntrack", "conntrack"),
+    // The test cluster's image carries the debug build without its debug information.
+    ("objcopy", "binutils"),
 ];
 
 /// PyPI packages the tests use: (module that proves it is installed, requirement).
@@ -127,11 +138,11 @@ fn main() -> Result<()> {
         Task::Bench { only } => bench(&root, only.as_deref()),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Cluster { command } => match command {
-            ClusterCommand::Up { nodes } => cluster::up(&root, nodes).map(|_| ()),
+            ClusterCommand::Up { nodes, build } => cluster::up(&root, nodes, build).map(|_| ()),
             ClusterCommand::Down => cluster::down(&root),
             ClusterCommand::Status => cluster::status(&root),
             ClusterCommand::Build => cluster::build(&root).map(|_| ()),
-            ClusterCommand::Install => cluster::install(&root),
+            ClusterCommand::Install { build } => cluster::install(&root, build),
         },
     }
 }
@@ -367,8 +378,9 @@ fn test() -> Result<()> {
 fn cluster_tests(root: &Path) -> Result<()> {
     let started = std::time::Instant::now();
     let outcome = (|| {
-        cluster::up(root, 2)?;
-        cluster::install(root)?;
+        // The debug build the workspace's tests have just made (an optimised one would compile everything again).
+        cluster::up(root, 2, cluster::Build::Debug)?;
+        cluster::install(root, cluster::Build::Debug)?;
         let dir = cluster::state_dir(root);
         run_with_env(
             "cargo",
@@ -377,9 +389,36 @@ fn cluster_tests(root: &Path) -> Result<()> {
             &[("POOLWARDEN_CLUSTER", &dir.to_string_lossy()), ("POOLWARDEN_REQUIRE_CLUSTER", "1")],
         )
     })();
+    if outcome.is_err() {
+        agent_logs(root);
+    }
     let down = cluster::down(root);
     eprintln!("cluster tests: {:.0?} (build, up, install, tests, down)", started.elapsed());
     outcome.and(down)
+}
+
+/// What the agents said last (warnings and errors of the whole run, then the last lines), so a failed cluster test
+/// can be explained from the CI output after the cluster is gone.
+fn agent_logs(root: &Path) {
+    let pods = cluster::kubectl_output(
+        root,
+        &["-n", "kube-system", "get", "pods", "-l", "app.kubernetes.io/name=poolwarden", "-o", "name"],
+    );
+    for pod in pods.unwrap_or_default().lines() {
+        let Ok(log) = cluster::kubectl_output(root, &["-n", "kube-system", "logs", pod, "--tail=-1"]) else {
+            continue;
+        };
+        let lines: Vec<&str> = log.lines().collect();
+        let warnings: Vec<&str> = lines.iter().copied().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        eprintln!("== {pod}: {} lines; its last 40 warnings and errors:", lines.len());
+        for line in &warnings[warnings.len().saturating_sub(40)..] {
+            eprintln!("{line}");
+        }
+        eprintln!("== {pod}: its last 40 lines:");
+        for line in &lines[lines.len().saturating_sub(40)..] {
+            eprintln!("{line}");
+        }
+    }
 }
 
 fn bench(root: &Path, only: Option<&str>) -> Result<()> {
@@ -411,6 +450,11 @@ fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     }
     if only.is_none_or(|o| o == "kubernetes") {
         cluster_bench::run(root)?;
+    }
+    if only == Some("at-rest") {
+        // Needs a cluster up (cargo xtask cluster up --nodes 2 && cargo xtask cluster install). It counts
+        // requests, not time: the tests' build does (an optimised one would compile everything again).
+        run("cargo", &["test", "-p", "poolwarden-tests", "--bench", "at_rest", "--", "--bench"])?;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Prometheus metrics: requests by command and result, their latency, each pool's size, the addresses used
 //! and free in the blocks this node owns (per pool: `sum by (pool)` over the nodes gives the pool's totals,
-//! so that no node reads the whole store for them), blocks owned by this node, enforcement's verdicts.
+//! so that no node reads the whole store for them), blocks owned by this node, enforcement's verdicts, and the
+//! requests sent to the Kubernetes API server.
 
 use std::time::Duration;
 
@@ -96,6 +97,12 @@ impl Default for Metrics {
             dropped.clone(),
         );
         registry.register("passed_packets", "Packets from pods passed by enforcement, by pool", passed.clone());
+        registry.register(
+            "kubernetes_requests",
+            "Requests this agent sent to the Kubernetes API server, by verb and resource (watches count once, when \
+             opened)",
+            crate::k8s::requests::PROCESS.family(),
+        );
         Self { registry, requests, latency, addresses, sizes, blocks_owned, dropped, passed, seen: Default::default() }
     }
 }

@@ -25,6 +25,7 @@ use crate::{
 
 pub mod lease;
 pub mod pools;
+pub mod requests;
 
 /// How long a direct GET on the ADD path may take before the ADD is answered "try again later".
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,7 +67,13 @@ pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
         }
         None => kube::Config::infer().await.map_err(|e| KubeError::NoConfig(e.to_string()))?,
     };
-    Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))
+    counted_client(config, Arc::clone(&requests::PROCESS))
+}
+
+/// A client for `config` whose every request is counted into `tally`.
+pub fn counted_client(config: kube::Config, tally: Arc<requests::Tally>) -> Result<Client, KubeError> {
+    let builder = kube::client::ClientBuilder::try_from(config).map_err(|e| KubeError::Client(e.to_string()))?;
+    Ok(builder.with_layer(&requests::CountLayer::new(tally)).build())
 }
 
 /// The caches, and the tasks that keep them current (stopped when this is dropped).

@@ -111,7 +111,8 @@ pub enum ObjectEvent {
     },
 }
 
-/// A stream of changes; ends (`None`) when the backend closed it, after which the caller lists again.
+/// A stream of changes; ends (`None`) when the backend closed it, after which the caller watches again from the
+/// last version it was given.
 pub struct ObjectWatch {
     events: mpsc::UnboundedReceiver<Result<ObjectEvent, ObjectError>>,
     _task: Option<AbortOnDrop>,
@@ -229,6 +230,7 @@ pub trait ObjectStore: Send + Sync {
     /// [`ObjectEvent::Applied`]. A `Deleted` may also name an object that was not selected (the key-value
     /// backends cannot always tell): the consumer ignores what it does not hold. An `Applied` is never sent
     /// for an object the selector does not select. The Kubernetes backend's watch ends after the API server's
-    /// timeout (minutes): the consumer lists again, as after any end.
+    /// timeout (minutes): the consumer watches again from the last version it was given (listing again only
+    /// when that version is no longer kept, [`ObjectError::Expired`], or the watch failed).
     async fn watch(&self, kind: Kind, selector: &Labels, from: &str) -> Result<ObjectWatch, ObjectError>;
 }

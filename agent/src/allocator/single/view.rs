@@ -165,43 +165,69 @@ impl NodeView {
     }
 }
 
-/// List, then follow from the list's version; list again whenever the watch ends or fails, after a pause
-/// that grows while lists or watches keep failing or ending early (an API server on its bad day is not
-/// hammered by every node's two watches).
+/// List, then follow from the list's version. A watch that ran its course (the API server ends each after a
+/// few minutes) is opened again from the last version it delivered, without listing; a watch that fails or
+/// whose version is no longer kept lists again, after a pause that grows while lists or watches keep failing
+/// or ending early (an API server on its bad day is not hammered by every node's two watches).
 async fn follow(objects: Arc<dyn ObjectStore>, followed: Arc<Followed>) {
     let mut pause = Duration::from_millis(100);
+    // The version to watch from without listing: the list's, then each event's.
+    let mut resume: Option<String> = None;
     loop {
         let started = tokio::time::Instant::now();
-        let mut healthy = false;
-        match objects.list(Kind::Block, &followed.selector).await {
-            Ok((listed, version)) => {
-                followed.listed(&listed, &version);
-                followed.ready.send_replace(true);
-                match objects.watch(Kind::Block, &followed.selector, &version).await {
-                    Ok(mut events) => {
-                        healthy = true;
-                        while let Some(event) = events.next().await {
-                            match event {
-                                Ok(ObjectEvent::Applied(object)) => followed.apply(&object, false),
-                                Ok(ObjectEvent::Deleted { name, version }) => followed.gone(&name, &version),
-                                Err(e) => {
+        let mut ran_its_course = false;
+        let from = match resume.take() {
+            Some(version) => Some(version),
+            None => match objects.list(Kind::Block, &followed.selector).await {
+                Ok((listed, version)) => {
+                    followed.listed(&listed, &version);
+                    followed.ready.send_replace(true);
+                    Some(version)
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot list blocks; retrying");
+                    None
+                }
+            },
+        };
+        if let Some(mut version) = from {
+            match objects.watch(Kind::Block, &followed.selector, &version).await {
+                Ok(mut events) => {
+                    ran_its_course = true;
+                    while let Some(event) = events.next().await {
+                        match event {
+                            Ok(ObjectEvent::Applied(object)) => {
+                                followed.apply(&object, false);
+                                version.clone_from(&object.version);
+                            }
+                            Ok(ObjectEvent::Deleted { name, version: at }) => {
+                                followed.gone(&name, &at);
+                                version = at;
+                            }
+                            Err(e) => {
+                                if !matches!(e, ObjectError::Expired(_)) {
                                     warn!(error = %e, "block watch ended; listing again");
-                                    healthy = false;
-                                    break;
                                 }
+                                ran_its_course = false;
+                                break;
                             }
                         }
                     }
-                    Err(e) => warn!(error = %e, "cannot watch blocks; listing again"),
+                    if ran_its_course {
+                        resume = Some(version);
+                    }
                 }
+                Err(ObjectError::Expired(_)) => {}
+                Err(e) => warn!(error = %e, "cannot watch blocks; listing again"),
             }
-            Err(e) => warn!(error = %e, "cannot list blocks; retrying"),
         }
-        // A watch that ran its course (the API server's timeout) is listed again at once.
-        if healthy && started.elapsed() >= Duration::from_secs(5) {
+        // A watch that ran its course is opened again at once.
+        if ran_its_course && started.elapsed() >= Duration::from_secs(5) {
             pause = Duration::from_millis(100);
             continue;
         }
+        // Ended early: from the list next time.
+        resume = None;
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));
     }
@@ -229,6 +255,121 @@ mod tests {
 
     fn version(f: &Followed) -> Option<String> {
         f.held().get("10-0-0-0-30").map(|h| h.stored.version.clone())
+    }
+
+    /// The embedded store's objects, with every watch ended by the store after `LIFETIME` (as the API server
+    /// ends each after its timeout), counting lists and watches.
+    struct Ending {
+        inner: Arc<dyn ObjectStore>,
+        lists: std::sync::atomic::AtomicUsize,
+        watches: std::sync::atomic::AtomicUsize,
+    }
+
+    const LIFETIME: Duration = Duration::from_millis(5500);
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Ending {
+        async fn get(&self, kind: Kind, name: &str) -> Result<Option<Object>, ObjectError> {
+            self.inner.get(kind, name).await
+        }
+
+        async fn list(&self, kind: Kind, selector: &Labels) -> Result<(Vec<Object>, String), ObjectError> {
+            self.lists.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.list(kind, selector).await
+        }
+
+        async fn create(
+            &self,
+            kind: Kind,
+            name: &str,
+            labels: Labels,
+            spec: serde_json::Value,
+        ) -> Result<Object, ObjectError> {
+            self.inner.create(kind, name, labels, spec).await
+        }
+
+        async fn update(&self, kind: Kind, object: &Object) -> Result<Object, ObjectError> {
+            self.inner.update(kind, object).await
+        }
+
+        async fn delete(&self, kind: Kind, name: &str, version: &str) -> Result<(), ObjectError> {
+            self.inner.delete(kind, name, version).await
+        }
+
+        async fn watch(
+            &self,
+            kind: Kind,
+            selector: &Labels,
+            from: &str,
+        ) -> Result<crate::objects::ObjectWatch, ObjectError> {
+            self.watches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut inner = self.inner.watch(kind, selector, from).await?;
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let task = tokio::spawn(async move {
+                let deadline = tokio::time::sleep(LIFETIME);
+                tokio::pin!(deadline);
+                loop {
+                    tokio::select! {
+                        () = &mut deadline => return,
+                        event = inner.next() => match event {
+                            Some(event) => if tx.send(event).is_err() { return },
+                            None => return,
+                        },
+                    }
+                }
+            });
+            Ok(crate::objects::ObjectWatch::new(rx, task))
+        }
+    }
+
+    /// A watch that ran its course is opened again from the last version it gave, not by listing again, and
+    /// nothing written meanwhile (before, between or after the watches) is missed.
+    #[tokio::test]
+    async fn a_watch_that_ran_its_course_resumes_without_listing() {
+        use crate::{
+            allocator::single::{block_name, node_selectors},
+            objects::kv::KeyValueObjects,
+            store::embedded::EmbeddedStore,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let ending = Arc::new(Ending {
+            inner: Arc::new(KeyValueObjects::new(store)),
+            lists: Default::default(),
+            watches: Default::default(),
+        });
+        let objects: Arc<dyn ObjectStore> = ending.clone();
+        let write = |cidr: &str| {
+            let objects = Arc::clone(&objects);
+            let block = Block::new(cidr.parse().unwrap(), "p", "a", 0);
+            async move {
+                let spec = serde_json::to_value(&block).unwrap();
+                objects.create(Kind::Block, &block_name(block.cidr), labels_of(&block), spec).await.unwrap();
+            }
+        };
+        write("10.0.0.0/30").await;
+        let [owned, borrowed] = node_selectors("a");
+        let view = NodeView::start(&objects, owned, borrowed);
+        let names = || async {
+            view.blocks().await.unwrap().0.into_iter().map(|s| s.block.cidr.to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(names().await, ["10.0.0.0/30"]);
+        write("10.0.0.4/30").await;
+        // Past the first watches' end, then past the second's.
+        tokio::time::sleep(LIFETIME + Duration::from_millis(500)).await;
+        write("10.0.0.8/30").await;
+        tokio::time::sleep(LIFETIME).await;
+        write("10.0.0.12/30").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut seen = names().await;
+        seen.sort();
+        assert_eq!(seen, ["10.0.0.0/30", "10.0.0.12/30", "10.0.0.4/30", "10.0.0.8/30"]);
+        let (lists, watches) = (
+            ending.lists.load(std::sync::atomic::Ordering::Relaxed),
+            ending.watches.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        assert_eq!(lists, 2, "one list per selector, at the start");
+        assert!(watches >= 6, "each selector's watch opened three times: {watches}");
     }
 
     #[test]
