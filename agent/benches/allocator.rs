@@ -37,6 +37,7 @@ fn request(handle: &str, node: &str) -> AssignRequest {
         pod: Some(PodInfo { name: handle.to_string(), annotations: BTreeMap::new() }),
         requested: Default::default(),
         eligible: None,
+        attributes: BTreeMap::new(),
     }
 }
 

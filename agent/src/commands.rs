@@ -752,6 +752,7 @@ async fn ipam_command(
                 pod: pod.map(|name| PodInfo { name, annotations: BTreeMap::new() }),
                 requested: Requested::from_pool_names(&pools, &pool, ip),
                 eligible: None,
+                attributes: BTreeMap::new(),
             };
             let mut request = request;
             if !pod_annotations.is_empty() {

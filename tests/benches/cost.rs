@@ -79,6 +79,7 @@ async fn simulate(store: Arc<dyn Store>, nodes: usize) {
                     pod: Some(PodInfo { name: handle, annotations: BTreeMap::new() }),
                     requested: Default::default(),
                     eligible: None,
+                    attributes: BTreeMap::new(),
                 };
                 allocator.assign(&request).await.expect("assign");
             }

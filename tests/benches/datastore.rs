@@ -58,6 +58,7 @@ fn request(i: usize) -> AssignRequest {
         pod: Some(PodInfo { name: handle, annotations: BTreeMap::new() }),
         requested: Default::default(),
         eligible: None,
+        attributes: BTreeMap::new(),
     }
 }
 

@@ -32,6 +32,7 @@ fn request(node: &str, handle: &str) -> AssignRequest {
         pod: None,
         requested: Default::default(),
         eligible: None,
+        attributes: BTreeMap::new(),
     }
 }
 

@@ -742,9 +742,11 @@ pub const BUSYBOX_IMAGE: &str = "pwk.invalid/busybox:1";
 pub enum Build {
     /// The release build, as shipped (`cluster up`, the benches, the demo).
     Release,
-    /// The debug build (`cargo xtask test`): the one the workspace's tests have just made, so the suite does not
-    /// compile the whole dependency graph a second time, optimised (about 13 minutes of a CI run on two cores).
-    /// Same code, with overflow checks and debug assertions on; its debug information is left out of the image.
+    /// The debug build (`cargo xtask test`): its dependencies are those the workspace's tests have just built,
+    /// so at most the agent's own crate is compiled again (the tests' build enables the test-only
+    /// `fault-injection` feature, which the image must not have), not the whole graph optimised (about 13
+    /// minutes of a CI run on two cores). Same code, with overflow checks and debug assertions on; its debug
+    /// information is left out of the image.
     Debug,
 }
 

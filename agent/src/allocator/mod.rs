@@ -82,6 +82,19 @@ pub enum AllocError {
         /// What changed.
         detail: String,
     },
+    /// An attachment's attributes are larger than a block may carry for each of its addresses.
+    #[error(
+        "the attributes of {handle} are {bytes} bytes in {entries} entries; an allocation carries at most \
+         {MAX_ATTRIBUTE_BYTES} bytes in {MAX_ATTRIBUTES} entries (each block holds them for every address it gives)"
+    )]
+    Attributes {
+        /// The attachment.
+        handle: String,
+        /// Their size, keys and values.
+        bytes: usize,
+        /// How many.
+        entries: usize,
+    },
     /// Concurrent writers kept winning.
     #[error("gave up on {operation} after {MAX_ATTEMPTS} attempts: other writers kept changing the same records")]
     Contention {
@@ -107,6 +120,12 @@ pub struct Assigned {
     pub block: IpNet,
 }
 
+/// The most attributes an allocation carries, and their most bytes (keys and values): a block holds them for
+/// each address it gives, and a block object must stay well under the API server's and etcd's 1.5 MiB.
+pub const MAX_ATTRIBUTES: usize = 16;
+/// See [`MAX_ATTRIBUTES`].
+pub const MAX_ATTRIBUTE_BYTES: usize = 512;
+
 /// One request for addresses.
 #[derive(Clone, Debug, Default)]
 pub struct AssignRequest {
@@ -122,6 +141,9 @@ pub struct AssignRequest {
     pub requested: Requested,
     /// IPAM-only: which addresses the attachment may be given (none: any of its pools').
     pub eligible: Option<Arc<ipam::Eligible>>,
+    /// The attachment's attributes, kept in each of its allocations by the single-object allocator (its
+    /// endpoint record); the multi-key allocator records endpoints apart and ignores them.
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// A record the caller wants committed in the same transaction as the addresses (the agent's endpoint
@@ -269,6 +291,7 @@ impl Allocator {
             node: request.node.name.clone(),
             namespace: Some(request.namespace.name.clone()),
             pod: request.pod.as_ref().map(|p| p.name.clone()),
+            attributes: BTreeMap::new(),
         };
         let mut done = Vec::new();
         let mut result = Ok(());

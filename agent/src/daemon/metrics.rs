@@ -181,7 +181,7 @@ mod tests {
             .filter_map(|d| if let Resource::IpPool(p) = d.resource { Some(p) } else { None })
             .collect();
         let mut block = Block::new("10.9.0.0/29".parse().unwrap(), "a", "node-1", 0);
-        let owner = crate::ipam::Owner { node: "node-1".into(), handle: "h".into(), namespace: None, pod: None };
+        let owner = crate::ipam::Owner { node: "node-1".into(), handle: "h".into(), ..Default::default() };
         block.assign_ip("10.9.0.3".parse().unwrap(), &owner, 0, 0).unwrap();
         let metrics = Metrics::default();
         metrics.set_pools(&pools, &[block]);

@@ -89,6 +89,11 @@ impl From<AllocError> for ErrorReply {
             AllocError::Exhausted { .. } | AllocError::AddressUnavailable { .. } | AllocError::Reassigned { .. } => {
                 reply(code::IPAM_REFUSED, message, "no address could be allocated")
             }
+            AllocError::Attributes { .. } => reply(
+                code::INVALID_ENVIRONMENT,
+                message,
+                "the runtime's container ID, interface name or network namespace path is longer than an allocation carries",
+            ),
             AllocError::Contention { .. } | AllocError::PoolChanged { .. } => {
                 reply(code::TRY_AGAIN_LATER, message, "retry the request")
             }

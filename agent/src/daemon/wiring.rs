@@ -177,6 +177,8 @@ impl Agent {
                     exclude: range.gateways.clone(),
                 })
             }),
+            // The multi-key allocator the agent runs keeps endpoint records apart.
+            attributes: Default::default(),
         };
         let mut endpoint = Endpoint {
             container_id: request.container_id.clone(),

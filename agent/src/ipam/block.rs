@@ -28,10 +28,15 @@ pub struct Allocation {
     /// The block's sequence number when this address was assigned: tells a reassigned address from the
     /// old allocation a garbage collector saw.
     pub sequence: u64,
+    /// What the node's agent keeps of the attachment (container, interfaces, network namespace, ...), with
+    /// the address it is about: the single-object allocator's endpoint record (the multi-key allocator keeps
+    /// endpoint records apart and leaves this empty).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// The owner of an address being assigned: everything in [`Allocation`] except the sequence number.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Owner {
     /// The handle.
     pub handle: String,
@@ -41,6 +46,8 @@ pub struct Owner {
     pub namespace: Option<String>,
     /// The pod's name.
     pub pod: Option<String>,
+    /// The attachment's attributes.
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// Why an address in a block could not be assigned.
@@ -203,6 +210,7 @@ impl Block {
                 namespace: owner.namespace.clone(),
                 pod: owner.pod.clone(),
                 sequence: self.sequence,
+                attributes: owner.attributes.clone(),
             },
         );
     }
@@ -300,7 +308,7 @@ mod tests {
     use super::*;
 
     fn owner(handle: &str) -> Owner {
-        Owner { handle: handle.into(), node: "n1".into(), namespace: None, pod: None }
+        Owner { handle: handle.into(), node: "n1".into(), ..Owner::default() }
     }
 
     #[test]

@@ -86,7 +86,7 @@ mod tests {
     use crate::ipam::Owner;
 
     fn owner(node: &str, handle: &str) -> Owner {
-        Owner { handle: handle.into(), node: node.into(), namespace: None, pod: None }
+        Owner { handle: handle.into(), node: node.into(), ..Owner::default() }
     }
 
     #[test]

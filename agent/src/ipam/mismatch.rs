@@ -97,7 +97,13 @@ mod tests {
     }
 
     fn owner(ns: &str, pod: &str) -> Owner {
-        Owner { handle: format!("{ns}.{pod}"), namespace: Some(ns.into()), pod: Some(pod.into()), node: "n1".into() }
+        Owner {
+            handle: format!("{ns}.{pod}"),
+            namespace: Some(ns.into()),
+            pod: Some(pod.into()),
+            node: "n1".into(),
+            ..Owner::default()
+        }
     }
 
     #[test]

@@ -63,24 +63,24 @@ impl Holder {
     /// Take or renew the lease: whether this process holds it now (for `duration` from the call, at most).
     /// Another writer winning the same race is not an error: the answer is `false`.
     pub async fn hold(&mut self) -> Result<bool, kube::Error> {
-        // Held by another and renewed within its duration, as the watch sees it: nothing to ask.
-        if let Some(seen) = self.followed.state().into_iter().find(|l| l.metadata.name.as_deref() == Some(&self.name)) {
-            let holder = seen.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
-            let version = seen.metadata.resource_version.clone().unwrap_or_default();
-            if holder.is_some_and(|h| h != self.identity) && !self.expired(&version) {
-                self.written = None;
-                return Ok(false);
-            }
-        }
         let now = Some(MicroTime(Timestamp::now()));
         let seconds = i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX);
-        // Held here: renew at the version written last (a conflict means another wrote it since: not held).
+        // Held here: renew at the version written last, whatever a (possibly stale) watch says; a conflict means
+        // another wrote it since: not held.
         if let Some(mut lease) = self.written.take() {
             if let Some(spec) = lease.spec.as_mut() {
                 spec.renew_time = now;
                 spec.lease_duration_seconds = Some(seconds);
             }
             return self.write(self.api.replace(&self.name, &PostParams::default(), &lease).await);
+        }
+        // Held by another and renewed within its duration, as the watch sees it: nothing to ask.
+        if let Some(seen) = self.followed.state().into_iter().find(|l| l.metadata.name.as_deref() == Some(&self.name)) {
+            let holder = seen.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
+            let version = seen.metadata.resource_version.clone().unwrap_or_default();
+            if holder.is_some_and(|h| h != self.identity) && !self.expired(&version) {
+                return Ok(false);
+            }
         }
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let lease = Lease {

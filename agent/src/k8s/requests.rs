@@ -62,6 +62,7 @@ pub fn classify(method: &http::Method, uri: &http::Uri) -> ApiRequest {
     };
     // namespaces/<ns>/<resource>... is namespaced; namespaces alone, or namespaces/<ns>, is the namespace itself.
     let rest = match rest {
+        ["namespaces", _namespace, "status" | "finalize"] => rest.to_vec(),
         ["namespaces", _namespace, resource, tail @ ..] => {
             let mut all = vec![*resource];
             all.extend_from_slice(tail);
@@ -187,6 +188,7 @@ mod tests {
             (http::Method::POST, "/apis/poolwarden.io/v1/ipamblocks", "create", "ipamblocks"),
             (http::Method::DELETE, "/apis/poolwarden.io/v1/ipamblocks/10-0-0-0-26", "delete", "ipamblocks"),
             (http::Method::GET, "/version", "get", "/version"),
+            (http::Method::PUT, "/api/v1/namespaces/a/finalize", "update", "namespaces/finalize"),
         ];
         for (method, uri, verb, resource) in cases {
             assert_eq!(kind(method, uri), (verb.to_string(), resource.to_string()), "{uri}");

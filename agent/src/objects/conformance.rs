@@ -120,11 +120,12 @@ pub async fn list_by_labels(objects: Arc<dyn ObjectStore>, run: &str) {
 }
 
 /// The next event, passing over deletions of `unselected` (allowed, never required: see
-/// [`ObjectStore::watch`]).
+/// [`ObjectStore::watch`]) and progress marks.
 async fn next_event(watch: &mut ObjectWatch, after: &str, unselected: &[String]) -> ObjectEvent {
     loop {
         match tokio::time::timeout(Duration::from_secs(15), watch.next()).await {
             Ok(Some(Ok(ObjectEvent::Deleted { name, .. }))) if unselected.contains(&name) => {}
+            Ok(Some(Ok(ObjectEvent::Progress(_)))) => {}
             Ok(Some(Ok(event))) => return event,
             Ok(Some(Err(e))) => panic!("after {after}: the watch failed: {e}"),
             Ok(None) => panic!("after {after}: the watch ended"),

@@ -138,7 +138,7 @@ impl ObjectStore for KubeObjects {
                         name: o.name_any(),
                         version: o.resource_version().unwrap_or_default(),
                     }),
-                    Ok(WatchEvent::Bookmark(_)) => continue,
+                    Ok(WatchEvent::Bookmark(bookmark)) => Ok(ObjectEvent::Progress(bookmark.metadata.resource_version)),
                     Ok(WatchEvent::Error(status)) if status.code == 410 => Err(ObjectError::Expired(from.clone())),
                     Ok(WatchEvent::Error(status)) => Err(ObjectError::Api(status.message.clone())),
                     Err(e) => Err(ObjectError::Api(e.to_string())),

@@ -109,6 +109,9 @@ pub enum ObjectEvent {
         /// version it was seen at before, so a consumer holding a later one (re-created since) keeps that.
         version: String,
     },
+    /// Nothing selected changed up to `version` (the API server's bookmark): a watch opened again may start
+    /// there, which the API server still keeps when the last change seen is older than it does.
+    Progress(String),
 }
 
 /// A stream of changes; ends (`None`) when the backend closed it, after which the caller watches again from the

@@ -71,5 +71,6 @@ pub fn request(handle: &str, node: &str, namespace: &str, annotations: &[(&str, 
         pod: Some(PodInfo { name: handle.to_string(), annotations: BTreeMap::new() }),
         requested: Default::default(),
         eligible: None,
+        attributes: BTreeMap::new(),
     }
 }

@@ -38,7 +38,7 @@ macro_rules! block_allocator_tests {
     ($fresh:path) => {
         $crate::block_allocator_tests!($fresh; claims_assigns_and_gives_back, borrows_and_respects_strict_affinity,
             a_pool_changed_under_a_claim_is_refused, fixed_addresses, concurrent_nodes_never_share_an_address,
-            random_sequences_keep_every_invariant);
+            random_sequences_keep_every_invariant, attachments_are_read_back_with_their_attributes);
     };
     ($fresh:path; $($name:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -56,6 +56,7 @@ pub async fn all(objects: Arc<dyn ObjectStore>, run: &str) {
     borrows_and_respects_strict_affinity(Arc::clone(&objects), &format!("{run}-borrows")).await;
     a_pool_changed_under_a_claim_is_refused(Arc::clone(&objects), &format!("{run}-changed")).await;
     fixed_addresses(Arc::clone(&objects), &format!("{run}-fixed")).await;
+    attachments_are_read_back_with_their_attributes(Arc::clone(&objects), &format!("{run}-attachments")).await;
     concurrent_nodes_never_share_an_address(objects, &format!("{run}-concurrent")).await;
 }
 
@@ -159,6 +160,7 @@ impl Bench {
             pod: None,
             requested: Requested::default(),
             eligible: None,
+            attributes: BTreeMap::new(),
         }
     }
 
@@ -186,6 +188,71 @@ impl Bench {
     fn allocated(blocks: &[Block]) -> BTreeMap<IpAddr, String> {
         blocks.iter().flat_map(|b| b.allocated().map(|(ip, a)| (ip, a.handle.clone()))).collect()
     }
+}
+
+/// What an ADD recorded with its addresses is read back by its node, by any agent of that node (one that
+/// restarted included), for addresses in its own blocks and in blocks it borrowed from; another node's are
+/// not its; a released attachment is gone from them.
+pub async fn attachments_are_read_back_with_their_attributes(objects: Arc<dyn ObjectStore>, run: &str) {
+    let bench = Bench::new(objects, run, "10.251.5.0/29", 30).await;
+    let (a, b) = (bench.agent(), bench.agent());
+    let attributes = |container: &str| {
+        BTreeMap::from([
+            ("containerID".to_string(), container.to_string()),
+            ("netns".to_string(), format!("/var/run/netns/{container}")),
+        ])
+    };
+    let loaded = bench.pools.loaded();
+    let mut held = BTreeMap::new();
+    for h in 0..5 {
+        let mut request = bench.request("a", &format!("a{h}"));
+        request.attributes = attributes(&format!("ca{h}"));
+        held.insert(request.handle.clone(), a.assign(&request, &loaded).await.expect("node a")[0].ip);
+    }
+    // Every block is a's now: b borrows.
+    let mut request = bench.request("b", "b0");
+    request.attributes = attributes("cb0");
+    let borrowed = b.assign(&request, &loaded).await.expect("node b borrows")[0].clone();
+    let blocks = bench.blocks().await;
+    assert!(blocks.iter().all(|blk| blk.affinity.as_deref() == Some(bench.node("a").as_str())), "b claimed nothing");
+
+    let restarted = bench.agent();
+    for agent in [&a, &restarted] {
+        let seen = agent.attachments(&bench.node("a")).await.expect("a's attachments");
+        let got: BTreeMap<String, IpAddr> = seen.iter().map(|t| (t.handle.clone(), t.addresses[0].ip)).collect();
+        assert_eq!(got, held, "a's attachments are its five handles, b's is not among them");
+        for attachment in &seen {
+            let h = attachment.handle.rsplit('-').next().expect("a handle");
+            assert_eq!(attachment.attributes, attributes(&format!("c{h}")), "{}", attachment.handle);
+            assert_eq!(attachment.namespace.as_deref(), Some("default"));
+        }
+    }
+    for agent in [&b, &bench.agent()] {
+        let seen = agent.attachments(&bench.node("b")).await.expect("b's attachments");
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(
+            (seen[0].addresses.clone(), seen[0].attributes.clone()),
+            (vec![borrowed.clone()], attributes("cb0"))
+        );
+    }
+
+    // Too much to carry for every address: refused, naming the limits.
+    let mut request = bench.request("a", "big");
+    request.attributes = BTreeMap::from([("netns".to_string(), "x".repeat(super::super::MAX_ATTRIBUTE_BYTES))]);
+    let refused = a.assign(&request, &loaded).await;
+    assert!(matches!(refused, Err(AllocError::Attributes { entries: 1, .. })), "{refused:?}");
+
+    bench.release(&a, "a", "a0").await;
+    let seen = a.attachments(&bench.node("a")).await.expect("a's attachments");
+    assert!(seen.iter().all(|t| !t.handle.ends_with("-a0")) && seen.len() == 4, "released: {seen:?}");
+    bench.release(&b, "b", "b0").await;
+    assert!(b.attachments(&bench.node("b")).await.expect("b's").is_empty());
+    for h in 1..5 {
+        bench.release(&a, "a", &format!("a{h}")).await;
+    }
+    let config = bench.pools.loaded().config;
+    a.release_empty_blocks(&bench.node("a"), &config).await.expect("give back");
+    assert!(bench.blocks().await.is_empty(), "nothing left");
 }
 
 /// A node claims blocks as it fills them, a repeated request gets what the handle holds, and released

@@ -127,6 +127,21 @@ pub mod faults {
     }
 }
 
+/// An attachment as a node's blocks hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    /// Its handle.
+    pub handle: String,
+    /// The pod's namespace, when known.
+    pub namespace: Option<String>,
+    /// The pod's name, when known.
+    pub pod: Option<String>,
+    /// Its addresses, in address order.
+    pub addresses: Vec<Assigned>,
+    /// What its ADD recorded with them.
+    pub attributes: BTreeMap<String, String>,
+}
+
 /// A block as read, with the version a write of it must name.
 #[derive(Clone, Debug)]
 pub struct Stored {
@@ -333,11 +348,46 @@ impl BlockAllocator {
         Ok((!held.is_empty()).then_some(held))
     }
 
+    /// Every attachment `node` holds addresses for, from its view (its own blocks and those it borrowed from;
+    /// no read of the store once the view has listed them): the derived endpoint index of the design, which an
+    /// agent restarting rebuilds its kernel state from. An attachment's attributes are those of its first
+    /// address (an ADD writes the same to each).
+    pub async fn attachments(&self, node: &str) -> Result<Vec<Attachment>, AllocError> {
+        let (owned, borrowed) = self.node_blocks(node).await?;
+        let mut found: BTreeMap<String, Attachment> = BTreeMap::new();
+        for stored in owned.iter().chain(&borrowed) {
+            let block = &stored.block;
+            for (ip, allocation) in block.allocated().filter(|(_, a)| a.node == node) {
+                let attachment = found.entry(allocation.handle.clone()).or_insert_with(|| Attachment {
+                    handle: allocation.handle.clone(),
+                    namespace: allocation.namespace.clone(),
+                    pod: allocation.pod.clone(),
+                    addresses: Vec::new(),
+                    attributes: allocation.attributes.clone(),
+                });
+                attachment.addresses.push(Assigned { ip, pool: block.pool.clone(), block: block.cidr });
+            }
+        }
+        let mut all: Vec<Attachment> = found.into_values().collect();
+        for attachment in &mut all {
+            attachment.addresses.sort_by_key(|a| a.ip);
+        }
+        Ok(all)
+    }
+
     /// Assign addresses for a pod: one per family whose pools admit it, or exactly the fixed addresses asked
     /// for, with the pools and configuration as `loaded`. Idempotent per handle; if any family fails,
     /// nothing stays allocated.
     pub async fn assign(&self, request: &AssignRequest, loaded: &Loaded) -> Result<Vec<Assigned>, AllocError> {
         let node = request.node.name.as_str();
+        let bytes: usize = request.attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if request.attributes.len() > super::MAX_ATTRIBUTES || bytes > super::MAX_ATTRIBUTE_BYTES {
+            return Err(AllocError::Attributes {
+                handle: request.handle.clone(),
+                bytes,
+                entries: request.attributes.len(),
+            });
+        }
         // One ADD at a time per node in this process: the node's blocks are written by its own agent, so its
         // requests would otherwise only conflict with each other.
         let lock = self.locks.get(format!("node/{node}"));
@@ -357,6 +407,7 @@ impl BlockAllocator {
             node: node.to_string(),
             namespace: Some(request.namespace.name.clone()),
             pod: request.pod.as_ref().map(|p| p.name.clone()),
+            attributes: request.attributes.clone(),
         };
         let mut done = Vec::new();
         let result = async {
@@ -769,8 +820,7 @@ mod tests {
 
     #[test]
     fn labels_follow_the_allocations() {
-        let owner =
-            |handle: &str, node: &str| Owner { handle: handle.into(), node: node.into(), namespace: None, pod: None };
+        let owner = |handle: &str, node: &str| Owner { handle: handle.into(), node: node.into(), ..Owner::default() };
         let mut block = Block::new("10.0.0.0/30".parse().unwrap(), "p", "a", 0);
         block.assign_next(&owner("h1", "a"), 0, 0);
         let ip = block.assign_next(&owner("h2", "b"), 0, 0).unwrap();

@@ -171,7 +171,8 @@ impl NodeView {
 /// or ending early (an API server on its bad day is not hammered by every node's two watches).
 async fn follow(objects: Arc<dyn ObjectStore>, followed: Arc<Followed>) {
     let mut pause = Duration::from_millis(100);
-    // The version to watch from without listing: the list's, then each event's.
+    // The version to watch from without listing: the list's, then each event's or bookmark's (a quiet node's
+    // last change may be older than the API server keeps by the time its watch ends).
     let mut resume: Option<String> = None;
     loop {
         let started = tokio::time::Instant::now();
@@ -204,6 +205,7 @@ async fn follow(objects: Arc<dyn ObjectStore>, followed: Arc<Followed>) {
                                 followed.gone(&name, &at);
                                 version = at;
                             }
+                            Ok(ObjectEvent::Progress(at)) => version = at,
                             Err(e) => {
                                 if !matches!(e, ObjectError::Expired(_)) {
                                     warn!(error = %e, "block watch ended; listing again");
