@@ -15,7 +15,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -148,31 +147,14 @@ async fn agents(client: &kube::Client) -> Vec<(String, bool, BTreeMap<ApiRequest
             .args(["-s", "--max-time", "3", &format!("http://{ip}:9641/metrics")])
             .output()
             .expect("curl");
-        let mut counts = BTreeMap::new();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let Some(labels) = line.strip_prefix("poolwarden_kubernetes_requests_total{") else { continue };
-            let label = |name: &str| -> Option<String> {
-                let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
-                Some(labels[start..].split('"').next()?.to_string())
-            };
-            let (Some(verb), Some(resource), Some(value)) =
-                (label("verb"), label("resource"), line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            else {
-                continue;
-            };
-            counts.insert(ApiRequest { verb, resource }, value as u64);
-        }
+        let counts = poolwarden_tests::api_requests(&String::from_utf8_lossy(&out.stdout))
+            .into_iter()
+            .map(|((verb, resource), value)| (ApiRequest { verb, resource }, value as u64))
+            .collect();
         found.push((node.clone(), node == holder, counts));
     }
     found.sort_by(|a, b| a.0.cmp(&b.0));
     found
-}
-
-fn cluster() -> Option<PathBuf> {
-    let dir = std::env::var_os("POOLWARDEN_CLUSTER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cluster"));
-    (dir.join("admin.kubeconfig").exists() && Path::new("/run/netns/pwk-cp").exists()).then_some(dir)
 }
 
 fn main() {
@@ -180,7 +162,7 @@ fn main() {
         eprintln!("SKIPPED: a bench of minutes on the cluster (cargo xtask bench --only at-rest)");
         return;
     }
-    let Some(dir) = cluster() else {
+    let Some(dir) = poolwarden_tests::cluster_up() else {
         eprintln!("no cluster: cargo xtask cluster up --nodes 2 && cargo xtask cluster install first");
         std::process::exit(1);
     };

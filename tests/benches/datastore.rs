@@ -14,7 +14,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -138,14 +138,6 @@ async fn single_object(
     Figures { name, add, del, add_requests, del_requests, etcd: etcd.map(|_| (etcd_add, etcd_del)) }
 }
 
-/// The cluster's directory, if one is up.
-fn cluster() -> Option<PathBuf> {
-    let dir = std::env::var_os("POOLWARDEN_CLUSTER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cluster"));
-    (dir.join("admin.kubeconfig").exists() && Path::new("/run/netns/pwk-cp").exists()).then_some(dir)
-}
-
 /// The single-object allocator on the cluster's API server, from a thread in its control plane's namespace.
 fn on_kubernetes(dir: &Path, pods: usize) -> Figures {
     let kubeconfig = dir.join("admin.kubeconfig");
@@ -172,7 +164,7 @@ fn main() {
         return;
     }
     // The cluster's directory is found before this thread leaves the machine's namespace.
-    let cluster = cluster();
+    let cluster = poolwarden_tests::cluster_up();
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare the network namespace (root?)");
     let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip");
     assert!(up.success(), "bringing loopback up failed");

@@ -515,3 +515,28 @@ pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
 pub fn k8s_args(namespace: &str, pod: &str) -> String {
     format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={pod}")
 }
+
+/// The test cluster's directory (`POOLWARDEN_CLUSTER`, else `target/cluster`), when one is up: its admin
+/// kubeconfig and its control plane's namespace exist.
+pub fn cluster_up() -> Option<PathBuf> {
+    let dir = std::env::var_os("POOLWARDEN_CLUSTER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cluster"));
+    (dir.join("admin.kubeconfig").exists() && std::path::Path::new("/run/netns/pwk-cp").exists()).then_some(dir)
+}
+
+/// The `poolwarden_kubernetes_requests_total` counters of an agent's metrics text: (verb, resource) -> count.
+pub fn api_requests(metrics: &str) -> std::collections::BTreeMap<(String, String), f64> {
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let labels = line.strip_prefix("poolwarden_kubernetes_requests_total{")?;
+            let label = |name: &str| -> Option<String> {
+                let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
+                Some(labels[start..].split('"').next()?.to_string())
+            };
+            let value = line.rsplit(' ').next()?.parse::<f64>().ok()?;
+            Some(((label("verb")?, label("resource")?), value))
+        })
+        .collect()
+}

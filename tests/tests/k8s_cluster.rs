@@ -547,18 +547,7 @@ fn at_rest_the_agents_follow_by_watches_and_poll_nothing() {
             .arg(format!("http://{ip}:9641/metrics"))
             .output()
             .expect("curl");
-        let label = |line: &str, name: &str| {
-            let start = line.find(&format!("{name}=\""))? + name.len() + 2;
-            Some(line[start..].split('"').next()?.to_string())
-        };
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.starts_with("poolwarden_kubernetes_requests_total{"))
-            .filter_map(|l| {
-                let value = l.rsplit(' ').next()?.parse::<f64>().ok()?;
-                Some(((label(l, "verb")?, label(l, "resource")?), value))
-            })
-            .collect()
+        poolwarden_tests::api_requests(&String::from_utf8_lossy(&out.stdout))
     };
     // At rest first: what earlier tests left behind (a namespace still being deleted, its pods' addresses
     // released, the pools' counts following in their status) settles, until for 15 s in a row nothing but

@@ -18,7 +18,10 @@ use k8s_openapi::{
 use kube::{
     Api, Client,
     api::PostParams,
-    runtime::{reflector::Store, watcher},
+    runtime::{
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
 };
 
 /// A lease this process may hold.
@@ -29,8 +32,9 @@ pub struct Holder {
     duration: Duration,
     /// The lease's `resourceVersion` as last seen held by another, and when it was first seen.
     observed: Option<(String, Instant)>,
-    /// The lease as the watch last saw it.
+    /// The lease as the watch last saw it, under `key`.
     followed: Store<Lease>,
+    key: ObjectRef<Lease>,
     /// The lease as this process last wrote it (renewed at its version without reading it first).
     written: Option<Lease>,
     watch: tokio::task::JoinHandle<()>,
@@ -55,6 +59,7 @@ impl Holder {
             duration,
             observed: None,
             followed,
+            key: ObjectRef::new(name).within(namespace),
             written: None,
             watch,
         }
@@ -75,7 +80,7 @@ impl Holder {
             return self.write(self.api.replace(&self.name, &PostParams::default(), &lease).await);
         }
         // Held by another and renewed within its duration, as the watch sees it: nothing to ask.
-        if let Some(seen) = self.followed.state().into_iter().find(|l| l.metadata.name.as_deref() == Some(&self.name)) {
+        if let Some(seen) = self.followed.get(&self.key) {
             let holder = seen.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
             let version = seen.metadata.resource_version.clone().unwrap_or_default();
             if holder.is_some_and(|h| h != self.identity) && !self.expired(&version) {
