@@ -1,29 +1,34 @@
-//! Per-packet cost of the enforcement program with BPF_PROG_TEST_RUN (1,000,000 repeats, best of several
-//! runs), for the allowed path and the drop path, against an empty TC program measured in the same run, with
-//! 10, 1,000 and 100,000 endpoint entries in the map. Needs root (run by `cargo xtask bench`).
+//! Per-packet cost of the enforcement program with BPF_PROG_TEST_RUN (1,000,000 repeats a run), for the
+//! allowed path and the drop path, against an empty TC program measured in the same rounds, with 10, 1,000 and
+//! 100,000 endpoint entries in the map; beside them the floor program (the endpoint's entry and one comparison
+//! of the source: what any check by one program shared by every pod costs at least). Medians of [`ROUNDS`]
+//! rounds, each running the four one after the other, and the median of the rounds' own ratios (a round's runs
+//! see the same machine, so its ratio is steadier than the times on a shared, noisy one). Needs root (run by
+//! `cargo xtask bench`).
 
 use std::{
     net::{IpAddr, Ipv4Addr},
     process::Command,
-    time::Duration,
 };
 
 use poolwarden::dataplane::enforcement::{
-    ENFORCE, EndpointSpec, Enforcement, PASS, VERDICT_DROP, VERDICT_PASS, frames,
+    ENFORCE, EndpointSpec, Enforcement, FLOOR, PASS, VERDICT_DROP, VERDICT_PASS, frames,
 };
 
 const REPEAT: u32 = 1_000_000;
-const RUNS: usize = 7;
+const ROUNDS: usize = 15;
 
-fn best(enforcement: &Enforcement, program: &str, frame: &[u8], want: u32) -> Duration {
-    (0..RUNS)
-        .map(|_| {
-            let (verdict, per_run) = enforcement.run(program, frame, REPEAT).expect("BPF_PROG_TEST_RUN");
-            assert_eq!(verdict, want, "{program} gave the wrong verdict");
-            per_run
-        })
-        .min()
-        .unwrap_or_default()
+/// Nanoseconds per packet of `program` on `frame` over one run of [`REPEAT`] (the kernel's figure, in whole
+/// nanoseconds).
+fn per_packet(enforcement: &Enforcement, program: &str, frame: &[u8], want: u32) -> f64 {
+    let (verdict, per_run) = enforcement.run(program, frame, REPEAT).expect("BPF_PROG_TEST_RUN");
+    assert_eq!(verdict, want, "{program} gave the wrong verdict");
+    (per_run.as_nanos() as f64).max(1.0)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or_default()
 }
 
 fn main() {
@@ -50,10 +55,12 @@ fn main() {
     let spec = EndpointSpec { addresses: vec![IpAddr::V4(pod)], pools: vec![], pool_mode: false, pool_id: 1 };
     enforcement.set_endpoint(1, &spec).expect("entry for the test interface");
 
-    println!("\nenforcement program, BPF_PROG_TEST_RUN, {REPEAT} repeats, best of {RUNS} runs (ns per packet)");
     println!(
-        "{:>10} {:>10} {:>10} {:>10} {:>14} {:>14}",
-        "entries", "empty", "allowed", "dropped", "allowed/empty", "dropped/empty"
+        "\nenforcement program, BPF_PROG_TEST_RUN, {REPEAT} repeats a run, medians of {ROUNDS} rounds (ns per packet)"
+    );
+    println!(
+        "{:>8} {:>6} {:>6} {:>8} {:>8} {:>12} {:>14} {:>14}",
+        "entries", "empty", "floor", "allowed", "dropped", "floor/empty", "allowed/empty", "dropped/empty"
     );
     let mut filled = 1u32;
     for entries in [10u32, 1_000, 100_000] {
@@ -65,17 +72,27 @@ fn main() {
             enforcement.set_endpoint(filled + 1, &other).expect("fill");
             filled += 1;
         }
-        let empty = best(&enforcement, PASS, &allowed, VERDICT_PASS);
-        let pass = best(&enforcement, ENFORCE, &allowed, VERDICT_PASS);
-        let drop = best(&enforcement, ENFORCE, &spoofed, VERDICT_DROP);
-        let ns = |d: Duration| d.as_nanos() as f64;
+        let rounds: Vec<[f64; 4]> = (0..ROUNDS)
+            .map(|_| {
+                [
+                    per_packet(&enforcement, PASS, &allowed, VERDICT_PASS),
+                    per_packet(&enforcement, FLOOR, &allowed, VERDICT_PASS),
+                    per_packet(&enforcement, ENFORCE, &allowed, VERDICT_PASS),
+                    per_packet(&enforcement, ENFORCE, &spoofed, VERDICT_DROP),
+                ]
+            })
+            .collect();
+        let column = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
+        let ratio = |i: usize| median(rounds.iter().map(|r| r[i] / r[0]).collect());
         println!(
-            "{entries:>10} {:>10.0} {:>10.0} {:>10.0} {:>13.2}x {:>13.2}x",
-            ns(empty),
-            ns(pass),
-            ns(drop),
-            ns(pass) / ns(empty).max(1.0),
-            ns(drop) / ns(empty).max(1.0)
+            "{entries:>8} {:>6.0} {:>6.0} {:>8.0} {:>8.0} {:>11.2}x {:>13.2}x {:>13.2}x",
+            column(0),
+            column(1),
+            column(2),
+            column(3),
+            ratio(1),
+            ratio(2),
+            ratio(3)
         );
     }
     drop(enforcement);

@@ -46,6 +46,9 @@ static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/poolwar
 pub const ENFORCE: &str = "enforce";
 /// The program that passes everything (the benchmark's baseline).
 pub const PASS: &str = "pass";
+/// The least a check of a pod's source by one shared program costs (its endpoint's entry and one comparison):
+/// the benchmark's floor, never attached.
+pub const FLOOR: &str = "floor";
 /// What the program returns for a packet it lets through (`TC_ACT_UNSPEC`, as the kernel reports it).
 pub const VERDICT_PASS: u32 = u32::MAX;
 /// What the program returns for a packet it drops (`TC_ACT_SHOT`).
@@ -182,7 +185,7 @@ const FILTER_PRIORITY: u16 = 1;
 const FILTER_HANDLE: TcHandle = TcHandle::new(0, 0x7077);
 
 impl Enforcement {
-    /// Load the object and both programs (this is where the verifier runs), with maps pinned in (and adopted
+    /// Load the object and its programs (this is where the verifier runs), with maps pinned in (and adopted
     /// from) `root/v<PIN_ABI>`; `root` must be on a bpffs (mounted at /sys/fs/bpf if it belongs there).
     pub fn load(root: &Path) -> Result<Self, EnforcementError> {
         let pin_dir = versioned(root);
@@ -190,7 +193,7 @@ impl Enforcement {
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&pin_dir);
         let mut ebpf = loader.load(OBJECT).map_err(|e| EnforcementError::Load(e.to_string()))?;
-        for name in [ENFORCE, PASS] {
+        for name in [ENFORCE, PASS, FLOOR] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| EnforcementError::Load(format!("program {name} missing from the object")))?
