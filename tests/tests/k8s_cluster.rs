@@ -6,6 +6,8 @@
 //! `POOLWARDEN_CLUSTER` set to the cluster's directory, and takes it down. Without that variable these tests
 //! skip (unless `POOLWARDEN_REQUIRE_CLUSTER` is set, when they fail).
 
+mod kill_points;
+
 use std::{
     io::Write,
     path::PathBuf,
@@ -643,6 +645,29 @@ fn the_block_allocator_passes_its_checks_on_the_api_server() {
     on_the_api_server("the block allocator's checks", |objects, run| {
         Box::pin(async move { poolwarden::allocator::single::conformance::all(objects, &run).await })
     });
+}
+
+/// `kill -9` at every step boundary of the single-object allocator on IPAMBlock objects of the real API
+/// server (the child runs in the control plane's network namespace): see `kill_points`.
+#[test]
+fn a_kill_at_every_step_boundary_leaves_a_state_the_next_steps_clean_up_on_the_api_server() {
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    kubectl.ok(&["wait", "--for=condition=Established", "crd/ipamblocks.poolwarden.io", "--timeout=60s"]);
+    let kubeconfig = dir.join("admin.kubeconfig");
+    kill_points::kill_at_every_boundary(move |_, scratch| kill_points::Backend::Kubernetes {
+        kubeconfig: kubeconfig.clone(),
+        netns: "/run/netns/pwk-cp".into(),
+        pools: scratch.join("pools.redb"),
+    });
+    let left = kubectl.ok(&["get", "ipamblocks", "-o", "name"]);
+    assert!(left.trim().is_empty(), "objects left behind: {left}");
+}
+
+/// The child of every boundary's run on the API server (does nothing unless a parent started it).
+#[test]
+fn fault_child() {
+    kill_points::child();
 }
 
 type Suite = fn(
