@@ -664,6 +664,248 @@ fn a_kill_at_every_step_boundary_leaves_a_state_the_next_steps_clean_up_on_the_a
     assert!(left.trim().is_empty(), "objects left behind: {left}");
 }
 
+/// The kube-apiserver killed with -9 and started again, as `cargo xtask cluster up` started it (its command
+/// line, in the control plane's network namespace, its log appended to, its PID recorded for `cluster down`);
+/// returns once it answers again.
+fn restart_api_server(dir: &std::path::Path) -> Duration {
+    let pid_file = dir.join("pids/kube-apiserver");
+    let pid: i32 = std::fs::read_to_string(&pid_file).expect("the API server's PID").trim().parse().expect("a PID");
+    let command_line = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the API server's command line");
+    let args: Vec<String> =
+        command_line.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into()).collect();
+    let killed = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill -9");
+    // Gone, or a zombie: under `cargo xtask test` the API server is the child of xtask, which reaps it
+    // only when it exits.
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+    };
+    while !gone() {
+        assert!(killed.elapsed() < Duration::from_secs(30), "the API server ({pid}) outlived kill -9 by 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("logs/kube-apiserver.log"))
+        .expect("the API server's log");
+    #[expect(
+        clippy::zombie_processes,
+        reason = "it outlives this test, as the cluster's; cluster down stops it by PID"
+    )]
+    let child = Command::new("setsid")
+        .arg("nsenter")
+        .arg("--net=/var/run/netns/pwk-cp")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start the API server again");
+    std::fs::write(&pid_file, child.id().to_string()).expect("record its PID");
+    let kubectl = Kubectl::new(dir);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !kubectl.run(&["get", "--raw", "/readyz"], None).0 {
+        assert!(Instant::now() < deadline, "the API server did not come back in 120 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    killed.elapsed()
+}
+
+/// What issue 17's torture asks of the Kubernetes datastore, at the allocator: 1,000 ADDs and DELs of 500
+/// pods over two nodes (an allocator and view each, as two agents), 20 at a time, through the block allocator
+/// on IPAMBlock objects, with the kube-apiserver killed (-9) and restarted a quarter of the way in. A failed ADD
+/// is followed by its DEL and retried, as kubelet does; a failed DEL is retried. No address is ever held by two
+/// pods at once, and at the end nothing is held, `ipam check` finds nothing and no block is left once given back.
+#[test]
+fn the_block_allocator_keeps_addresses_unique_through_an_api_server_restart() {
+    use std::{
+        collections::HashMap,
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicUsize, Ordering},
+        },
+    };
+
+    use poolwarden::{
+        allocator::{AssignRequest, single::BlockAllocator},
+        catalog::Catalog,
+        ipam::{NamespaceInfo, NodeInfo, check::check},
+        objects::{ObjectStore, kubernetes::KubeObjects},
+        store::{Store, embedded::EmbeddedStore},
+    };
+
+    const PODS: usize = 500;
+    const AT_ONCE: usize = 20;
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    kubectl.ok(&["wait", "--for=condition=Established", "crd/ipamblocks.poolwarden.io", "--timeout=60s"]);
+    let kubeconfig = dir.join("admin.kubeconfig");
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let pools_path = scratch.path().join("pools.redb");
+    let started = Arc::new(AtomicUsize::new(0));
+    let restart_dir = dir.clone();
+    let restart_started = Arc::clone(&started);
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let restart_finished = Arc::clone(&finished);
+    // The restart, from a thread of its own once a quarter of the pods have started (none if the churn ended
+    // before that: it failed).
+    let restarter = std::thread::spawn(move || {
+        while restart_started.load(Ordering::SeqCst) < PODS / 4 {
+            if restart_finished.load(Ordering::SeqCst) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(restart_api_server(&restart_dir))
+    });
+    /// Tells the restarter the churn is over, however it ended.
+    struct Finished(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Finished {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let thread = std::thread::spawn(move || {
+        let _finished = Finished(finished);
+        let netns = std::fs::File::open("/run/netns/pwk-cp").expect("the control plane's namespace");
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&pools_path).expect("the pools' store"));
+            let pools = "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: churn}\nspec: {cidr: 10.252.0.0/24, blockSize: 28}\n---\n\
+apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {emptyBlockGraceSeconds: 0}\n";
+            let docs = poolwarden::resources::parse_documents("pools.yaml", pools).expect("pools");
+            Catalog::new(Arc::clone(&store)).apply(&docs).await.expect("apply");
+            let client = poolwarden::k8s::connect(Some(&kubeconfig)).await.expect("a client of the API server");
+            let objects: Arc<dyn ObjectStore> = Arc::new(KubeObjects::new(client));
+            let nodes: Arc<Vec<(String, BlockAllocator)>> = Arc::new(
+                ["churn-1", "churn-2"]
+                    .into_iter()
+                    .map(|node| {
+                        let pools: Arc<dyn poolwarden::allocator::single::PoolSource> =
+                            Arc::new(Catalog::new(Arc::clone(&store)));
+                        (node.to_string(), BlockAllocator::new(Arc::clone(&objects), pools))
+                    })
+                    .collect(),
+            );
+            // Who holds each address as far as the pods know: (handle, whether its DEL has begun). An ADD may
+            // get an address whose holder's DEL has begun (it may have committed), never one whose holder has
+            // not.
+            let held: Arc<Mutex<HashMap<std::net::IpAddr, (String, bool)>>> = Arc::default();
+            let failures = Arc::new(AtomicUsize::new(0));
+            let next = Arc::new(AtomicUsize::new(0));
+            let workers: Vec<_> = (0..AT_ONCE)
+                .map(|_| {
+                    let (nodes, held, failures, next, started) = (
+                        Arc::clone(&nodes),
+                        Arc::clone(&held),
+                        Arc::clone(&failures),
+                        Arc::clone(&next),
+                        Arc::clone(&started),
+                    );
+                    tokio::spawn(async move {
+                        loop {
+                            let i = next.fetch_add(1, Ordering::SeqCst);
+                            if i >= PODS {
+                                return;
+                            }
+                            started.fetch_add(1, Ordering::SeqCst);
+                            let (node, allocator) = &nodes[i % 2];
+                            let handle = format!("churn.pod-{i}");
+                            let request = AssignRequest {
+                                handle: handle.clone(),
+                                node: NodeInfo { name: node.clone(), labels: Default::default() },
+                                namespace: NamespaceInfo::bare("churn"),
+                                pod: None,
+                                requested: Default::default(),
+                                eligible: None,
+                                attributes: Default::default(),
+                            };
+                            let deadline = Instant::now() + Duration::from_secs(180);
+                            let retry = |what: String| {
+                                assert!(Instant::now() < deadline, "{handle}: {what} for 180 s");
+                                failures.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(250))
+                            };
+                            // ADD, and after a failed one its DEL before the next try.
+                            let ips = loop {
+                                let assigned = match allocator.load().await {
+                                    Ok(loaded) => allocator.assign(&request, &loaded).await,
+                                    Err(e) => Err(e),
+                                };
+                                match assigned {
+                                    Ok(assigned) => break assigned.into_iter().map(|a| a.ip).collect::<Vec<_>>(),
+                                    Err(e) => {
+                                        retry(format!("ADD failed: {e}")).await;
+                                        while let Err(e) = allocator.release_handle(node, &handle).await {
+                                            retry(format!("DEL after a failed ADD failed: {e}")).await;
+                                        }
+                                    }
+                                }
+                            };
+                            assert_eq!(ips.len(), 1, "{handle}: one IPv4 address");
+                            for ip in &ips {
+                                let mut held = held.lock().expect("held");
+                                if let Some((other, false)) = held.insert(*ip, (handle.clone(), false)) {
+                                    panic!("{ip} given to {handle} while {other} holds it");
+                                }
+                            }
+                            // The pod lives a while (0-49 ms), then its DEL begins and runs until it succeeds.
+                            tokio::time::sleep(Duration::from_millis((i * 7 % 50) as u64)).await;
+                            {
+                                let mut held = held.lock().expect("held");
+                                for ip in &ips {
+                                    if let Some(entry) = held.get_mut(ip).filter(|(holder, _)| *holder == handle) {
+                                        entry.1 = true;
+                                    }
+                                }
+                            }
+                            while let Err(e) = allocator.release_handle(node, &handle).await {
+                                retry(format!("DEL failed: {e}")).await;
+                            }
+                            let mut held = held.lock().expect("held");
+                            held.retain(|_, (holder, _)| *holder != handle);
+                        }
+                    })
+                })
+                .collect();
+            for worker in workers {
+                worker.await.expect("a worker panicked (above)");
+            }
+            let retried = failures.load(Ordering::SeqCst);
+            let (_, first) = &nodes[0];
+            let snapshot = first.snapshot().await.expect("snapshot");
+            assert!(check(&snapshot).is_empty(), "ipam check: {:?}", check(&snapshot));
+            let blocks = poolwarden::allocator::single::conformance::checked_blocks(objects.as_ref()).await;
+            let left: Vec<_> = blocks.iter().flat_map(|b| b.allocated().map(|(ip, a)| (ip, a.handle.clone()))).collect();
+            assert!(left.is_empty(), "still held after every DEL: {left:?}");
+            let config = first.load().await.expect("pools").config;
+            for (node, allocator) in nodes.iter() {
+                allocator.release_empty_blocks(node, &config).await.expect("give back");
+            }
+            let blocks = poolwarden::allocator::single::conformance::checked_blocks(objects.as_ref()).await;
+            assert!(blocks.is_empty(), "blocks left once given back: {blocks:?}");
+            retried
+        })
+    });
+    let restart = restarter.join().expect("the restart");
+    let outcome = thread.join();
+    if outcome.is_err() {
+        // What the churn left would break the next tests on the API server's blocks.
+        kubectl.run(&["delete", "ipamblocks", "-l", "poolwarden.io/pool=churn", "--wait=false"], None);
+    }
+    let retried = outcome.expect("the churn failed (its panic is printed above)");
+    let restart = restart.expect("the API server was restarted");
+    let left = kubectl.ok(&["get", "ipamblocks", "-o", "name"]);
+    assert!(left.trim().is_empty(), "objects left behind: {left}");
+    println!(
+        "{PODS} pods (1,000 ADD/DEL), {AT_ONCE} at a time: API server down and back in {restart:.1?}; {retried} failed \
+         ADDs or DELs retried; no address twice, nothing left"
+    );
+}
+
 /// The child of every boundary's run on the API server (does nothing unless a parent started it).
 #[test]
 fn fault_child() {
