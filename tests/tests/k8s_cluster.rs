@@ -647,21 +647,34 @@ fn the_block_allocator_passes_its_checks_on_the_api_server() {
     });
 }
 
+/// The control plane's network namespace, where the API server is reached from.
+const CONTROL_PLANE_NETNS: &str = "/run/netns/pwk-cp";
+
+/// Wait until the IPAMBlock kind is served (the tests on the API server's blocks start with this).
+fn ipamblocks_served(kubectl: &Kubectl) {
+    kubectl.ok(&["wait", "--for=condition=Established", "crd/ipamblocks.poolwarden.io", "--timeout=60s"]);
+}
+
+/// No IPAMBlock is left (the tests on the API server's blocks end with this).
+fn no_ipamblocks_left(kubectl: &Kubectl) {
+    let left = kubectl.ok(&["get", "ipamblocks", "-o", "name"]);
+    assert!(left.trim().is_empty(), "objects left behind: {left}");
+}
+
 /// `kill -9` at every step boundary of the single-object allocator on IPAMBlock objects of the real API
 /// server (the child runs in the control plane's network namespace): see `kill_points`.
 #[test]
 fn a_kill_at_every_step_boundary_leaves_a_state_the_next_steps_clean_up_on_the_api_server() {
     let Some(dir) = cluster() else { return };
     let kubectl = Kubectl::new(&dir);
-    kubectl.ok(&["wait", "--for=condition=Established", "crd/ipamblocks.poolwarden.io", "--timeout=60s"]);
+    ipamblocks_served(&kubectl);
     let kubeconfig = dir.join("admin.kubeconfig");
     kill_points::kill_at_every_boundary(move |_, scratch| kill_points::Backend::Kubernetes {
         kubeconfig: kubeconfig.clone(),
-        netns: "/run/netns/pwk-cp".into(),
+        netns: CONTROL_PLANE_NETNS.into(),
         pools: scratch.join("pools.redb"),
     });
-    let left = kubectl.ok(&["get", "ipamblocks", "-o", "name"]);
-    assert!(left.trim().is_empty(), "objects left behind: {left}");
+    no_ipamblocks_left(&kubectl);
 }
 
 /// The kube-apiserver killed with -9 and started again, as `cargo xtask cluster up` started it (its command
@@ -739,7 +752,7 @@ fn the_block_allocator_keeps_addresses_unique_through_an_api_server_restart() {
     const AT_ONCE: usize = 20;
     let Some(dir) = cluster() else { return };
     let kubectl = Kubectl::new(&dir);
-    kubectl.ok(&["wait", "--for=condition=Established", "crd/ipamblocks.poolwarden.io", "--timeout=60s"]);
+    ipamblocks_served(&kubectl);
     let kubeconfig = dir.join("admin.kubeconfig");
     let scratch = tempfile::tempdir().expect("temp dir");
     let pools_path = scratch.path().join("pools.redb");
@@ -768,8 +781,7 @@ fn the_block_allocator_keeps_addresses_unique_through_an_api_server_restart() {
     }
     let thread = std::thread::spawn(move || {
         let _finished = Finished(finished);
-        let netns = std::fs::File::open("/run/netns/pwk-cp").expect("the control plane's namespace");
-        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        kill_points::enter(std::path::Path::new(CONTROL_PLANE_NETNS));
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         runtime.block_on(async move {
@@ -831,11 +843,8 @@ apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec:
                             };
                             // ADD, and after a failed one its DEL before the next try.
                             let ips = loop {
-                                let assigned = match allocator.load().await {
-                                    Ok(loaded) => allocator.assign(&request, &loaded).await,
-                                    Err(e) => Err(e),
-                                };
-                                match assigned {
+                                let assigned = async { allocator.assign(&request, &allocator.load().await?).await };
+                                match assigned.await {
                                     Ok(assigned) => break assigned.into_iter().map(|a| a.ip).collect::<Vec<_>>(),
                                     Err(e) => {
                                         retry(format!("ADD failed: {e}")).await;
@@ -898,8 +907,7 @@ apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec:
     }
     let retried = outcome.expect("the churn failed (its panic is printed above)");
     let restart = restart.expect("the API server was restarted");
-    let left = kubectl.ok(&["get", "ipamblocks", "-o", "name"]);
-    assert!(left.trim().is_empty(), "objects left behind: {left}");
+    no_ipamblocks_left(&kubectl);
     println!(
         "{PODS} pods (1,000 ADD/DEL), {AT_ONCE} at a time: API server down and back in {restart:.1?}; {retried} failed \
          ADDs or DELs retried; no address twice, nothing left"
@@ -922,12 +930,11 @@ type Suite = fn(
 fn on_the_api_server(what: &str, suite: Suite) {
     let Some(dir) = cluster() else { return };
     let kubectl = Kubectl::new(&dir);
-    kubectl.ok(&["wait", "--for=condition=Established", "crd/ipamblocks.poolwarden.io", "--timeout=60s"]);
+    ipamblocks_served(&kubectl);
     let kubeconfig = dir.join("admin.kubeconfig");
     let run = format!("c{}", std::process::id());
     let thread = std::thread::spawn(move || {
-        let netns = std::fs::File::open("/run/netns/pwk-cp").expect("the control plane's namespace");
-        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        kill_points::enter(std::path::Path::new(CONTROL_PLANE_NETNS));
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         runtime.block_on(async {
@@ -938,8 +945,7 @@ fn on_the_api_server(what: &str, suite: Suite) {
         });
     });
     assert!(thread.join().is_ok(), "{what} failed on the API server (its panic is printed above)");
-    let left = kubectl.ok(&["get", "ipamblocks", "-o", "name"]);
-    assert!(left.trim().is_empty(), "objects left behind: {left}");
+    no_ipamblocks_left(&kubectl);
 }
 
 /// A `poolwarden` command in an agent's container (its datastore), output on success.

@@ -80,8 +80,7 @@ impl Backend {
     /// the calling thread's, and threads it starts inherit it) before it makes a runtime.
     fn enter(&self) {
         if let Self::Kubernetes { netns, .. } = self {
-            let file = std::fs::File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            enter(netns);
         }
     }
 
@@ -116,6 +115,12 @@ impl Backend {
         let pools: Arc<dyn PoolSource> = Arc::new(Catalog::new(store));
         (Arc::clone(&objects), BlockAllocator::new(objects, pools))
     }
+}
+
+/// Move the calling thread into the network namespace at `netns` (threads it starts afterwards inherit it).
+pub fn enter(netns: &Path) {
+    let file = std::fs::File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
 }
 
 fn request(node: &str, handle: &str) -> AssignRequest {
