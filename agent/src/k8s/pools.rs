@@ -82,6 +82,8 @@ pub fn resource_of(resource: &Resource) -> Option<(ApiResource, String, Value)> 
 
 /// The annotation on a pool (or the config) in the datastore that was copied there from a resource.
 pub const SOURCE_ANNOTATION: &str = "poolwarden.io/source";
+/// On a resource created for what only the datastore had: the datastore's object is the one it stands for.
+const ADOPTED_ANNOTATION: &str = "poolwarden.io/adopted-from";
 
 /// The resource as poolwarden reads it: validated on its own, named `IPPool/<name>` in messages, a pool
 /// marked as copied from a resource.
@@ -417,10 +419,13 @@ impl PoolSync {
 
     /// A deleted pool: disabled, then gone from the datastore once nothing is allocated from it, then the
     /// finalizer released.
-    /// Only a pool that came from a resource is retired: a datastore pool of the same name that did not (the
-    /// resource was refused beside it) is left alone, and adopted once the resource is gone.
+    /// Only a pool that came from the resource is retired: copied from it (stamped with the source), or the
+    /// pool the resource was adopted from (deleted before the next pass copied it back and stamped it; left
+    /// alone, the pool would stay and be adopted again). A datastore pool of the same name that is neither
+    /// (the resource was refused beside it) is left alone, and adopted once the resource is gone.
     async fn delete(&self, object: &DynamicObject, stored: Option<&IpPool>) -> Result<Option<Verdict>, SyncError> {
-        if let Some(pool) = stored.filter(|p| p.metadata.annotations.contains_key(SOURCE_ANNOTATION))
+        let adopted = object.annotations().get(ADOPTED_ANNOTATION).is_some_and(|from| from == "datastore");
+        if let Some(pool) = stored.filter(|p| adopted || p.metadata.annotations.contains_key(SOURCE_ANNOTATION))
             && let Some(waiting) = self.retire(pool).await?
         {
             return Ok(Some(waiting));
@@ -485,7 +490,7 @@ impl PoolSync {
     async fn adopt(&self, resource: &Resource, kind: &str) -> Result<(), SyncError> {
         let Some((api_resource, name, mut body)) = resource_of(resource) else { return Ok(()) };
         body["metadata"]["finalizers"] = json!([FINALIZER]);
-        body["metadata"]["annotations"] = json!({"poolwarden.io/adopted-from": "datastore"});
+        body["metadata"]["annotations"] = json!({ADOPTED_ANNOTATION: "datastore"});
         let object: DynamicObject = serde_json::from_value(body).map_err(|e| SyncError::Encode(e.to_string()))?;
         let api = if api_resource.plural == "ippools" { &self.pool_api } else { &self.config_api };
         self.fence()?;
