@@ -213,6 +213,29 @@ pub enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// Move the IPAM state between datastores.
+    Datastore {
+        #[command(subcommand)]
+        command: DatastoreCommand,
+    },
+}
+
+/// `poolwarden datastore ...`.
+#[derive(Subcommand)]
+pub enum DatastoreCommand {
+    /// Copy pools, the IPAM configuration and every block (each allocation with its endpoint record) from an
+    /// etcd or embedded datastore to the Kubernetes API (--kubeconfig), as IPPool, IPAMConfig and IPAMBlock
+    /// resources. Run it with every agent stopped: it refuses while an agent is registered, when the source
+    /// fails `ipam check`, when the API server already holds blocks or other pools of the same names, and
+    /// when the source changes during the copy, keeping nothing then.
+    Migrate {
+        /// The datastore to copy from: etcd:URL[,URL...] or embedded:PATH (default: --datastore).
+        #[arg(long)]
+        from: Option<String>,
+        /// Where to copy to: kubernetes.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 impl Command {
@@ -515,6 +538,9 @@ pub async fn execute(
     match cli.command {
         Command::Agent { .. } | Command::InstallCni { .. } | Command::Uninstall { .. } => {
             fail!("this command acts on the node it runs on, not through the agent's socket")
+        }
+        Command::Datastore { .. } => {
+            fail!("datastore migrate runs with every agent stopped, never through an agent's socket")
         }
         Command::Apply { files } => {
             let docs = resources::read_paths(&files, stdin.as_deref())?;

@@ -16,6 +16,7 @@ pub mod directory;
 pub mod firewall;
 pub mod ipam;
 pub mod k8s;
+pub mod migrate;
 pub mod objects;
 pub mod resources;
 pub mod store;

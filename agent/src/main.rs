@@ -6,7 +6,7 @@ use std::{process::ExitCode, sync::Arc};
 use anyhow::{Result, bail};
 use clap::Parser;
 use poolwarden::{
-    commands::{self, Cli, Command, FirewallCommand, LogFormat},
+    commands::{self, Cli, Command, DatastoreCommand, FirewallCommand, LogFormat},
     daemon::install,
     ipam::NodeInfo,
     store::{self, StoreError},
@@ -162,6 +162,28 @@ async fn run(cli: Cli) -> Result<u8> {
             return Ok(0);
         }
         _ => {}
+    }
+    if let Command::Datastore { command: DatastoreCommand::Migrate { from, to } } = &cli.command {
+        if to != "kubernetes" {
+            bail!(
+                "--to {to:?}: the target can only be `kubernetes` (the API server --kubeconfig reaches); a copy back \
+                 to etcd or embedded comes when the agents there run on the same block objects"
+            );
+        }
+        let from = from.as_deref().unwrap_or(&cli.datastore);
+        let source = match store::open_existing(from, &cli.etcd_options()).await {
+            Err(StoreError::Locked { path }) => bail!(
+                "the datastore {path} is held by a running agent: stop every agent before migrating (nothing may \
+                 change while the state is copied)"
+            ),
+            other => other?,
+        };
+        let client = poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?;
+        let mut out = String::new();
+        let result = poolwarden::migrate::to_kubernetes(&source, client, &mut out).await;
+        print!("{out}");
+        result?;
+        return Ok(0);
     }
     if let Command::Firewall { command: FirewallCommand::Export { watch: true, .. } } = &cli.command {
         return watch_export(cli).await;

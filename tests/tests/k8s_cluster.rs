@@ -1418,3 +1418,162 @@ fn the_custom_resources_validate_a_pool_as_apply_does() {
     }
     kubectl.ok(&["delete", "ippool", "immutable"]);
 }
+
+/// `poolwarden datastore migrate --to kubernetes` against the real API server: a datastore's state (made by
+/// the multi-key allocator the agents run today, with their endpoint records) becomes IPPool, IPAMConfig and
+/// IPAMBlock resources, each allocation carrying its endpoint record; refused while an agent is registered
+/// (nothing written) and when the API server already holds blocks.
+#[test]
+fn a_datastore_migrates_to_the_api_server_with_every_endpoint_record() {
+    use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+
+    use poolwarden::{
+        allocator::{Allocator, AssignRequest, Record},
+        catalog::{Catalog, decode, encode},
+        daemon::Endpoint,
+        ipam::{Block, NamespaceInfo, NodeInfo, PodInfo},
+        store::{Store, Txn, embedded::EmbeddedStore, keys},
+    };
+
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    ipamblocks_served(&kubectl);
+    /// What the migration wrote goes, however the test ends (the agents retire the pool, and put the IPAM
+    /// settings back to their defaults, once its resources are deleted).
+    struct Cleanup<'a>(&'a Kubectl);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            self.0.run(&["delete", "ipamblocks", "-l", "poolwarden.io/pool=migrated"], None);
+            self.0.run(&["delete", "ippool", "migrated", "--ignore-not-found", "--timeout=60s"], None);
+            self.0.run(&["delete", "ipamconfig", "default", "--ignore-not-found", "--timeout=60s"], None);
+        }
+    }
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let path = scratch.path().join("source.redb");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    // The source: 24 attachments on two nodes through the multi-key allocator, each with its endpoint record
+    // (written with the addresses, or after them as the agent does when the allocator cannot), 6 released.
+    let records: BTreeMap<(String, String), Endpoint> = runtime.block_on(async {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&path).expect("source store"));
+        let docs = poolwarden::resources::parse_documents(
+            "pools.yaml",
+            "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: migrated}\nspec: {cidr: 10.126.0.0/24, blockSize: 29}\n---\n\
+             apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {emptyBlockGraceSeconds: 600}\n",
+        )
+        .expect("pools");
+        Catalog::new(Arc::clone(&store)).apply(&docs).await.expect("apply");
+        let allocator = Allocator::new(Arc::clone(&store));
+        let loaded = allocator.load().await.expect("load");
+        for n in 0..24_usize {
+            let node = if n % 2 == 0 { "migrated-a" } else { "migrated-b" };
+            let handle = format!("migrated.{n}");
+            let template = Endpoint {
+                container_id: format!("{n:064x}"),
+                ifname: "eth0".into(),
+                host_ifname: format!("pw{n:011x}"),
+                netns: format!("/var/run/netns/cni-{n:08x}-0000-0000-0000-000000000000"),
+                namespace: "migrated".into(),
+                pod: format!("pod-{n}"),
+                pod_uid: format!("{n:08x}-1111-2222-3333-444444444444"),
+                ips: Vec::new(),
+                hook: if n % 3 == 0 { poolwarden_protocol::EnforcementHook::Tcx } else { Default::default() },
+                bridge_port: String::new(),
+                bridge_port_index: 0,
+                network: "k8s-pod-network".into(),
+                added_at: 1_700_000_000 + n as u64,
+            };
+            let value = template.clone();
+            let record = Record {
+                key: keys::endpoint(node, &handle),
+                value: Arc::new(move |ips: &[IpAddr]| encode(&Endpoint { ips: ips.to_vec(), ..value.clone() })),
+            };
+            let request = AssignRequest {
+                handle: handle.clone(),
+                node: NodeInfo { name: node.into(), labels: Default::default() },
+                namespace: NamespaceInfo::bare("migrated"),
+                pod: Some(PodInfo { name: template.pod.clone(), annotations: Default::default() }),
+                requested: Default::default(),
+                eligible: None,
+                attributes: Default::default(),
+            };
+            let (assigned, committed) =
+                allocator.assign_recording(&request, Some(&record), &loaded).await.expect("assign");
+            let ips: Vec<IpAddr> = assigned.iter().map(|a| a.ip).collect();
+            if !committed {
+                store.txn(Txn::new().put(&record.key, (record.value)(&ips))).await.expect("record");
+            }
+            if n % 4 == 1 {
+                allocator.release_handle(&handle).await.expect("release");
+                store.txn(Txn::new().remove(&record.key)).await.expect("record");
+            }
+        }
+        let (kvs, _) = store.list(keys::ENDPOINTS).await.expect("records");
+        kvs.iter()
+            .map(|kv| {
+                let (node, handle) = kv.key.strip_prefix(keys::ENDPOINTS).and_then(|k| k.split_once('/')).expect("key");
+                ((node.to_string(), handle.to_string()), decode(&kv.key, &kv.value).expect("record"))
+            })
+            .collect()
+    });
+    assert_eq!(records.len(), 18);
+    let from = format!("embedded:{}", path.display());
+    let migrate = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", "pwk-cp"])
+            .arg(poolwarden_tests::binary("poolwarden"))
+            .args(["datastore", "migrate", "--from", &from, "--to", "kubernetes", "--kubeconfig"])
+            .arg(dir.join("admin.kubeconfig"))
+            .output()
+            .expect("run poolwarden datastore migrate");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let _cleanup = Cleanup(&kubectl);
+
+    // An agent registered on the source: refused, nothing written.
+    let registration = format!("{}migrated-a", keys::NODES);
+    runtime.block_on(async {
+        let store = EmbeddedStore::open(&path).expect("source store");
+        store.txn(Txn::new().put(&registration, b"{}".to_vec())).await.expect("register");
+    });
+    let (ok, out) = migrate();
+    assert!(!ok && out.contains("migrated-a") && out.contains("stop every agent"), "{out}");
+    assert!(!kubectl.run(&["get", "ippool", "migrated"], None).0, "a refused migration wrote the pool");
+    assert!(kubectl.ok(&["get", "ipamblocks", "-o", "name"]).trim().is_empty());
+    runtime.block_on(async {
+        let store = EmbeddedStore::open(&path).expect("source store");
+        store.txn(Txn::new().remove(&registration)).await.expect("unregister");
+    });
+
+    let (ok, out) = migrate();
+    assert!(ok, "{out}");
+    assert!(out.contains("copied 1 pool(s) (1 created") && out.contains("18 address(es)"), "{out}");
+    assert_eq!(kubectl.json(&["get", "ippool", "migrated", "-o", "json"])["spec"]["cidr"], "10.126.0.0/24");
+    assert_eq!(kubectl.json(&["get", "ipamconfig", "default", "-o", "json"])["spec"]["emptyBlockGraceSeconds"], 600);
+    // Every allocation in the API server's blocks, read back as the endpoint its agent recorded.
+    let blocks = kubectl.json(&["get", "ipamblocks", "-l", "poolwarden.io/pool=migrated", "-o", "json"]);
+    let mut copied: BTreeMap<(String, String), Endpoint> = BTreeMap::new();
+    for item in blocks["items"].as_array().expect("items") {
+        let block: Block = serde_json::from_value(item["spec"].clone()).expect("a block");
+        for (ip, allocation) in block.allocated() {
+            let endpoint = copied.entry((allocation.node.clone(), allocation.handle.clone())).or_insert_with(|| {
+                Endpoint::from_attributes(
+                    allocation.namespace.as_deref().unwrap_or_default(),
+                    allocation.pod.as_deref().unwrap_or_default(),
+                    Vec::new(),
+                    &allocation.attributes,
+                )
+                .expect("an endpoint")
+            });
+            endpoint.ips.push(ip);
+        }
+    }
+    assert_eq!(copied, records);
+
+    // Again: the API server holds blocks now.
+    let (ok, out) = migrate();
+    assert!(!ok && out.contains("already holds"), "{out}");
+    println!("{}", out.trim());
+}

@@ -119,6 +119,81 @@ pub struct Endpoint {
     pub added_at: u64,
 }
 
+/// The attribute names an [`Endpoint`] is kept under in a block object's allocation (the single-object
+/// allocator of `docs/allocator-single-object.md`), beside the allocation's handle, node, namespace and pod.
+/// Empty values are left out: the common record is about 250 bytes, within the allocator's limit.
+mod attribute {
+    pub const CONTAINER_ID: &str = "containerID";
+    pub const IFNAME: &str = "ifname";
+    pub const HOST_IFNAME: &str = "hostIfname";
+    pub const NETNS: &str = "netns";
+    pub const POD_UID: &str = "podUID";
+    pub const HOOK: &str = "hook";
+    pub const BRIDGE_PORT: &str = "bridgePort";
+    pub const BRIDGE_PORT_INDEX: &str = "bridgePortIndex";
+    pub const NETWORK: &str = "network";
+    pub const ADDED_AT: &str = "addedAt";
+}
+
+impl Endpoint {
+    /// What an allocation of this endpoint carries as its attributes (its namespace, pod and addresses are
+    /// the allocation's own).
+    pub fn attributes(&self) -> std::collections::BTreeMap<String, String> {
+        let hook = serde_json::to_value(self.hook).ok().and_then(|v| v.as_str().map(str::to_string));
+        let index = (self.bridge_port_index != 0).then(|| self.bridge_port_index.to_string());
+        [
+            (attribute::CONTAINER_ID, Some(self.container_id.clone())),
+            (attribute::IFNAME, Some(self.ifname.clone())),
+            (attribute::HOST_IFNAME, Some(self.host_ifname.clone())),
+            (attribute::NETNS, Some(self.netns.clone())),
+            (attribute::POD_UID, Some(self.pod_uid.clone())),
+            (attribute::HOOK, hook.filter(|_| self.hook != poolwarden_protocol::EnforcementHook::default())),
+            (attribute::BRIDGE_PORT, Some(self.bridge_port.clone())),
+            (attribute::BRIDGE_PORT_INDEX, index),
+            (attribute::NETWORK, Some(self.network.clone())),
+            (attribute::ADDED_AT, (self.added_at != 0).then(|| self.added_at.to_string())),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.filter(|v| !v.is_empty()).map(|v| (name.to_string(), v)))
+        .collect()
+    }
+
+    /// The endpoint an allocation's attributes describe, with its namespace, pod and addresses; an error
+    /// names the attribute that does not read.
+    pub fn from_attributes(
+        namespace: &str,
+        pod: &str,
+        ips: Vec<IpAddr>,
+        attributes: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let text = |name: &str| attributes.get(name).cloned().unwrap_or_default();
+        let number = |name: &str| -> Result<u64, String> {
+            attributes.get(name).map_or(Ok(0), |v| v.parse().map_err(|e| format!("attribute {name}={v:?}: {e}")))
+        };
+        let hook = match attributes.get(attribute::HOOK) {
+            None => poolwarden_protocol::EnforcementHook::default(),
+            Some(v) => serde_json::from_value(serde_json::Value::String(v.clone()))
+                .map_err(|e| format!("attribute {}={v:?}: {e}", attribute::HOOK))?,
+        };
+        Ok(Self {
+            container_id: text(attribute::CONTAINER_ID),
+            ifname: text(attribute::IFNAME),
+            host_ifname: text(attribute::HOST_IFNAME),
+            netns: text(attribute::NETNS),
+            namespace: namespace.to_string(),
+            pod: pod.to_string(),
+            pod_uid: text(attribute::POD_UID),
+            ips,
+            hook,
+            bridge_port: text(attribute::BRIDGE_PORT),
+            bridge_port_index: u32::try_from(number(attribute::BRIDGE_PORT_INDEX)?)
+                .map_err(|e| format!("attribute {}: {e}", attribute::BRIDGE_PORT_INDEX))?,
+            network: text(attribute::NETWORK),
+            added_at: number(attribute::ADDED_AT)?,
+        })
+    }
+}
+
 /// How old an attachment must be before a CNI GC may release it.
 pub const GC_GRACE: Duration = Duration::from_secs(5);
 

@@ -656,6 +656,59 @@ pub async fn apply(client: Client, catalog: &Catalog, docs: &[Located], out: &mu
     Ok(u8::from(refused))
 }
 
+/// What the API server has for a resource a migration would create.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Present {
+    /// Nothing of that name.
+    Absent,
+    /// A resource stating the same spec.
+    Same,
+    /// A resource stating something else: what differs, for the refusal.
+    Different(String),
+}
+
+/// Whether the resource stating `resource` (a pool or the config) exists, and states the same (compared as
+/// poolwarden reads it, so defaults the API server filled in do not count as a difference).
+pub async fn present(client: &Client, resource: &Resource) -> Result<Present, SyncError> {
+    let Some((api_resource, name, body)) = resource_of(resource) else { return Ok(Present::Same) };
+    let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource);
+    let Some(existing) = api.get_opt(&name).await? else { return Ok(Present::Absent) };
+    let kind = api_resource.kind.as_str();
+    let same_spec = match (parse(&existing, kind).map(|doc| doc.resource), resource) {
+        (Ok(Resource::IpPool(found)), Resource::IpPool(wanted)) => same(&found.spec, &wanted.spec),
+        (Ok(Resource::IpamConfig(found)), Resource::IpamConfig(wanted)) => same(&found.spec, &wanted.spec),
+        _ => false,
+    };
+    if same_spec {
+        return Ok(Present::Same);
+    }
+    Ok(Present::Different(format!(
+        "{kind} {name} exists with spec {}, where the datastore has {}",
+        existing.data.get("spec").unwrap_or(&Value::Null),
+        body["spec"]
+    )))
+}
+
+/// Create the resource stating `resource` (a pool or the config).
+pub async fn create(client: &Client, resource: &Resource) -> Result<(), SyncError> {
+    let Some((api_resource, _, body)) = resource_of(resource) else { return Ok(()) };
+    let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource);
+    let object: DynamicObject = serde_json::from_value(body).map_err(|e| SyncError::Encode(e.to_string()))?;
+    api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &object).await?;
+    Ok(())
+}
+
+/// Delete a resource [`create`] made (a migration undoing itself; no agent holds a finalizer on it yet, and
+/// one that does keeps it until the pool is retired, as for any delete).
+pub async fn remove(client: &Client, resource: &Resource) -> Result<(), SyncError> {
+    let Some((api_resource, name, _)) = resource_of(resource) else { return Ok(()) };
+    let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource);
+    match api.delete(&name, &Default::default()).await {
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        other => other.map(drop).map_err(Into::into),
+    }
+}
+
 /// `poolwarden delete pool NAME` with pools from Kubernetes: delete the resource; its finalizer keeps it
 /// until nothing is allocated from the pool.
 pub async fn delete(client: Client, name: &str, force: bool, out: &mut String) -> Result<(), SyncError> {

@@ -151,7 +151,7 @@ pub struct Stored {
     pub version: String,
 }
 
-fn decode(object: &Object) -> Result<Stored, ObjectError> {
+pub(crate) fn decode(object: &Object) -> Result<Stored, ObjectError> {
     let corrupt =
         |message: String| ObjectError::Corrupt { kind: Kind::Block.name(), name: object.name.clone(), message };
     let block: Block = serde_json::from_value(object.spec.clone()).map_err(|e| corrupt(e.to_string()))?;
@@ -161,7 +161,7 @@ fn decode(object: &Object) -> Result<Stored, ObjectError> {
     Ok(Stored { block, version: object.version.clone() })
 }
 
-fn encode(block: &Block) -> serde_json::Value {
+pub(crate) fn encode(block: &Block) -> serde_json::Value {
     serde_json::to_value(block).unwrap_or_default()
 }
 

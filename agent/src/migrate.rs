@@ -1,0 +1,496 @@
+//! `poolwarden datastore migrate`: a cluster's IPAM state copied from the etcd or embedded datastore (the
+//! multi-key layout of `agent/src/allocator/mod.rs`) to the objects of the single-object allocator
+//! (`docs/allocator-single-object.md`, section "Migration"): every block with its affinity and allocations,
+//! each allocation carrying the endpoint record its agent wrote (as the allocation's attributes), so nothing
+//! an agent restarts from is lost. Pools and the IPAM configuration are copied by the caller as resources.
+//!
+//! It runs with the agents stopped and refuses, having kept nothing, when an agent is still registered, the
+//! source does not pass `ipam check`, the target already holds blocks, or the source changed while it was
+//! copied (its revision moved).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    sync::Arc,
+};
+
+use crate::{
+    allocator::{Allocator, MAX_ATTRIBUTE_BYTES, MAX_ATTRIBUTES, single},
+    catalog::{Catalog, CatalogError, decode},
+    daemon::Endpoint,
+    ipam::{Block, check},
+    objects::{Kind, Labels, ObjectError, ObjectStore},
+    resources::{IpPool, IpamConfig, Resource},
+    store::{Revision, Store, StoreError, keys},
+};
+
+/// Why a migration stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The source datastore failed.
+    #[error("the source datastore: {0}")]
+    Source(#[from] StoreError),
+    /// The source's pools could not be read.
+    #[error("the source datastore's pools: {0}")]
+    Catalog(#[from] CatalogError),
+    /// The target failed.
+    #[error("the target: {0}")]
+    Target(#[from] ObjectError),
+    /// The state is not one to copy as it is.
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn refused(message: impl Into<String>) -> MigrateError {
+    MigrateError::Refused(message.into())
+}
+
+/// What the source holds, read at one revision.
+#[derive(Debug)]
+pub struct Source {
+    /// The source's revision when it was read; the copy is refused if it moves.
+    pub revision: Revision,
+    /// The pools.
+    pub pools: Vec<IpPool>,
+    /// The IPAM configuration.
+    pub config: IpamConfig,
+    /// Every block, each allocation's attributes filled from its endpoint record.
+    pub blocks: Vec<Block>,
+    /// How many allocations had no endpoint record (an ADD cut short, or a leak): copied as they are, for
+    /// the agents' collection to judge as before.
+    pub without_record: usize,
+    /// What the objects do not take, with why (counted by kind).
+    pub left: Vec<String>,
+}
+
+impl Source {
+    /// How many addresses the blocks hold.
+    pub fn addresses(&self) -> usize {
+        self.blocks.iter().map(|b| b.allocated().count()).sum()
+    }
+}
+
+/// Read everything to copy from `store`, with its agents stopped.
+pub async fn read(store: &Arc<dyn Store>) -> Result<Source, MigrateError> {
+    let revision = store.revision().await?;
+    let (registered, _) = store.list_keys(keys::NODES).await?;
+    let registered: Vec<&str> = registered.iter().filter_map(|k| k.strip_prefix(keys::NODES)).collect();
+    if !registered.is_empty() {
+        return Err(refused(format!(
+            "agents are registered for node(s) {}: stop every agent first (delete the DaemonSet, or stop \
+             `poolwarden agent` on each node) and wait for their registrations to lapse (--registration-ttl, 30s \
+             by default), so nothing changes while the state is copied",
+            registered.join(", ")
+        )));
+    }
+    let snapshot = Allocator::new(Arc::clone(store)).snapshot().await.map_err(|e| refused(e.to_string()))?;
+    let problems = check::check(&snapshot);
+    if !problems.is_empty() {
+        let listed: Vec<String> = problems.iter().take(5).map(ToString::to_string).collect();
+        return Err(refused(format!(
+            "the source does not pass `poolwarden ipam check` ({} problem(s): {}{}): run `poolwarden ipam check \
+             --repair` on it first, so that what is copied is one consistent state",
+            problems.len(),
+            listed.join("; "),
+            if problems.len() > listed.len() { "; ..." } else { "" }
+        )));
+    }
+    let (config, _) = Catalog::new(Arc::clone(store)).config().await?;
+    let (records, _) = store.list(keys::ENDPOINTS).await?;
+    let mut endpoints: BTreeMap<(String, String), Endpoint> = BTreeMap::new();
+    for kv in &records {
+        let Some((node, handle)) = kv.key.strip_prefix(keys::ENDPOINTS).and_then(|rest| rest.split_once('/')) else {
+            continue;
+        };
+        endpoints.insert((node.to_string(), handle.to_string()), decode(&kv.key, &kv.value)?);
+    }
+    let mut blocks = snapshot.blocks;
+    let mut without_record = 0;
+    let mut used: BTreeSet<(String, String)> = BTreeSet::new();
+    for block in &mut blocks {
+        for allocation in block.allocations.values_mut() {
+            let key = (allocation.node.clone(), allocation.handle.clone());
+            let Some(endpoint) = endpoints.get(&key) else {
+                without_record += 1;
+                continue;
+            };
+            let attributes = endpoint.attributes();
+            let bytes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+            if attributes.len() > MAX_ATTRIBUTES || bytes > MAX_ATTRIBUTE_BYTES {
+                return Err(refused(format!(
+                    "the endpoint record of handle {} on node {} is {bytes} bytes in {} attributes, over what a \
+                     block keeps per address ({MAX_ATTRIBUTE_BYTES} bytes in {MAX_ATTRIBUTES})",
+                    allocation.handle,
+                    allocation.node,
+                    attributes.len()
+                )));
+            }
+            allocation.attributes.extend(attributes);
+            used.insert(key);
+        }
+    }
+    let mut left = Vec::new();
+    let unused = endpoints.keys().filter(|k| !used.contains(*k)).count();
+    if unused > 0 {
+        left.push(format!("{unused} endpoint record(s) with no address (their attachments hold none)"));
+    }
+    for (prefix, what) in [
+        (keys::NODE_ADDRESSES, "node address record(s) (Kubernetes' Node objects say where nodes are)"),
+        (keys::DECOMMISSIONED, "decommissioned node mark(s) (in Kubernetes a node is gone when its Node is deleted)"),
+        (keys::NAMESPACES, "standalone namespace record(s) (a cluster's namespaces are Kubernetes')"),
+        (keys::RETIRED_POOLS, "retired pool record(s) (the firewall export's sets of deleted pools)"),
+    ] {
+        let (found, _) = store.list_keys(prefix).await?;
+        if !found.is_empty() {
+            left.push(format!("{} {what}", found.len()));
+        }
+    }
+    let now = store.revision().await?;
+    if now != revision {
+        return Err(refused(format!(
+            "the source changed while it was read (revision {revision}, then {now}): is an agent or a command \
+             still writing to it?"
+        )));
+    }
+    Ok(Source { revision, pools: snapshot.pools, config, blocks, without_record, left })
+}
+
+/// Refuse a target that already holds blocks: a migration copies into an empty one, never merges.
+pub async fn check_target(objects: &dyn ObjectStore) -> Result<(), MigrateError> {
+    let (existing, _) = objects.list(Kind::Block, &Labels::new()).await?;
+    if let Some(first) = existing.first() {
+        return Err(refused(format!(
+            "the target already holds {} IPAMBlock(s) ({} first): a migration copies into a target with none, \
+             it never merges two states",
+            existing.len(),
+            first.name
+        )));
+    }
+    Ok(())
+}
+
+/// Create one object per block; on a failure, delete those created (the target is left as it was). The
+/// names and versions created.
+pub async fn write_blocks(objects: &dyn ObjectStore, blocks: &[Block]) -> Result<Vec<(String, String)>, MigrateError> {
+    let mut created = Vec::new();
+    for block in blocks {
+        let name = single::block_name(block.cidr);
+        match objects.create(Kind::Block, &name, single::labels_of(block), single::encode(block)).await {
+            Ok(object) => created.push((object.name, object.version)),
+            Err(e) => {
+                remove_blocks(objects, &created).await;
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(created)
+}
+
+/// Delete the blocks a migration created (each at the version it created, so nothing another writer changed
+/// since is touched). What could not be deleted is left, and reported by the next `check_target`.
+pub async fn remove_blocks(objects: &dyn ObjectStore, created: &[(String, String)]) {
+    for (name, version) in created {
+        if let Err(e) = objects.delete(Kind::Block, name, version).await {
+            tracing::warn!(block = %name, error = %e, "a block the migration created could not be removed");
+        }
+    }
+}
+
+/// Read the blocks back from the target and compare them with what was written.
+pub async fn verify(objects: &dyn ObjectStore, blocks: &[Block]) -> Result<(), MigrateError> {
+    let (stored, _) = objects.list(Kind::Block, &Labels::new()).await?;
+    let read: BTreeMap<_, _> =
+        stored.iter().map(|o| single::decode(o).map(|s| (s.block.cidr, s.block))).collect::<Result<_, _>>()?;
+    for block in blocks {
+        if read.get(&block.cidr) != Some(block) {
+            return Err(refused(format!("block {} does not read back from the target as it was written", block.cidr)));
+        }
+    }
+    if read.len() != blocks.len() {
+        return Err(refused(format!(
+            "the target holds {} blocks after the copy, not the {} written: did something else write to it?",
+            read.len(),
+            blocks.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuse if the source moved past `source.revision` (checked after the copy; the caller then removes what
+/// it wrote).
+pub async fn unchanged(store: &Arc<dyn Store>, source: &Source) -> Result<(), MigrateError> {
+    let now = store.revision().await?;
+    if now != source.revision {
+        return Err(refused(format!(
+            "the source changed during the copy (revision {}, now {now}): an agent or a command is still writing \
+             to it; nothing was kept in the target",
+            source.revision
+        )));
+    }
+    Ok(())
+}
+
+/// `poolwarden datastore migrate --to kubernetes`: copy `store`'s pools, configuration and blocks to the API
+/// server `client` reaches, as IPPool, IPAMConfig and IPAMBlock resources; all or nothing. What it did goes
+/// to `out`.
+pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &mut String) -> Result<(), MigrateError> {
+    use crate::k8s::pools::{self, Present};
+    let source = read(store).await?;
+    let objects = crate::objects::kubernetes::KubeObjects::new(client.clone());
+    check_target(&objects).await?;
+    let kube = |e: pools::SyncError| refused(format!("the Kubernetes API: {e}"));
+    let mut resources: Vec<Resource> = source.pools.iter().cloned().map(Resource::IpPool).collect();
+    if !same_config(&source.config, &IpamConfig::default()) {
+        resources.push(Resource::IpamConfig(source.config.clone()));
+    }
+    let mut absent = Vec::new();
+    for resource in &resources {
+        match pools::present(&client, resource).await.map_err(kube)? {
+            Present::Absent => absent.push(resource),
+            Present::Same => {}
+            Present::Different(what) => {
+                return Err(refused(format!(
+                    "{what}: a migration never overwrites what is already applied (delete that resource, or make \
+                     the datastore's the same, and run it again)"
+                )));
+            }
+        }
+    }
+    let mut created: Vec<&Resource> = Vec::new();
+    let mut blocks = Vec::new();
+    let copied = async {
+        for resource in &absent {
+            pools::create(&client, resource).await.map_err(kube)?;
+            created.push(resource);
+        }
+        blocks = write_blocks(&objects, &source.blocks).await?;
+        verify(&objects, &source.blocks).await?;
+        unchanged(store, &source).await
+    }
+    .await;
+    if let Err(e) = copied {
+        remove_blocks(&objects, &blocks).await;
+        for resource in created {
+            if let Err(e) = pools::remove(&client, resource).await {
+                tracing::warn!(error = %e, "a resource the migration created could not be removed");
+            }
+        }
+        return Err(e);
+    }
+    let _ = writeln!(
+        out,
+        "copied {} pool(s) ({} created, {} already there), the IPAM configuration ({}) and {} block(s) holding {} \
+         address(es) to Kubernetes; the datastore stayed at revision {} throughout",
+        source.pools.len(),
+        absent.iter().filter(|r| matches!(r, Resource::IpPool(_))).count(),
+        source.pools.len() - absent.iter().filter(|r| matches!(r, Resource::IpPool(_))).count(),
+        if resources.iter().any(|r| matches!(r, Resource::IpamConfig(_))) {
+            "as IPAMConfig default"
+        } else {
+            "the defaults: nothing to write"
+        },
+        source.blocks.len(),
+        source.addresses(),
+        source.revision
+    );
+    if source.without_record > 0 {
+        let _ = writeln!(
+            out,
+            "note: {} address(es) had no endpoint record (an ADD cut short, or a leak): copied with their handles, \
+             for the agents' collection to judge as before",
+            source.without_record
+        );
+    }
+    for what in &source.left {
+        let _ = writeln!(out, "not copied: {what}");
+    }
+    Ok(())
+}
+
+fn same_config(a: &IpamConfig, b: &IpamConfig) -> bool {
+    serde_json::to_value(&a.spec).ok() == serde_json::to_value(&b.spec).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::{
+        allocator::{AssignRequest, Record},
+        catalog::encode,
+        ipam::{NamespaceInfo, NodeInfo, PodInfo, Requested},
+        objects::kv::KeyValueObjects,
+        store::{Txn, embedded::EmbeddedStore},
+    };
+
+    fn store(dir: &tempfile::TempDir, name: &str) -> Arc<dyn Store> {
+        Arc::new(EmbeddedStore::open(&dir.path().join(name)).expect("embedded store"))
+    }
+
+    async fn pool(store: &Arc<dyn Store>, name: &str, cidr: &str) {
+        let text = format!(
+            "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {{cidr: {cidr}, blockSize: 29}}\n"
+        );
+        let docs = crate::resources::parse_documents("pools.yaml", &text).expect("pool");
+        assert!(matches!(docs[0].resource, Resource::IpPool(_)));
+        Catalog::new(Arc::clone(store)).apply(&docs).await.expect("apply");
+    }
+
+    fn endpoint(n: usize, node: &str) -> Endpoint {
+        Endpoint {
+            container_id: format!("{n:064x}"),
+            ifname: "eth0".into(),
+            host_ifname: format!("pw{n:011x}"),
+            netns: format!("/var/run/netns/cni-{n:08x}-0000-0000-0000-000000000000"),
+            namespace: "default".into(),
+            pod: format!("pod-{n}"),
+            pod_uid: format!("{n:08x}-1111-2222-3333-444444444444"),
+            ips: Vec::new(),
+            hook: if n.is_multiple_of(2) { poolwarden_protocol::EnforcementHook::Tcx } else { Default::default() },
+            bridge_port: String::new(),
+            bridge_port_index: 0,
+            network: format!("net-{node}"),
+            added_at: 1_700_000_000 + n as u64,
+        }
+    }
+
+    /// 40 attachments on two nodes through the multi-key allocator with their endpoint records, 10 of them
+    /// released, one (handle-5) without a record.
+    async fn populate(store: &Arc<dyn Store>) -> BTreeMap<(String, String), Endpoint> {
+        pool(store, "a", "10.90.0.0/24").await;
+        pool(store, "b", "10.91.0.0/24").await;
+        let allocator = Allocator::new(Arc::clone(store));
+        let loaded = allocator.load().await.expect("load");
+        let mut kept = BTreeMap::new();
+        for n in 0..40 {
+            let node = if n % 2 == 0 { "node-a" } else { "node-b" };
+            let handle = format!("handle-{n}");
+            let template = endpoint(n, node);
+            let key = keys::endpoint(node, &handle);
+            let value_of = template.clone();
+            let record = Record {
+                key,
+                value: Arc::new(move |ips: &[IpAddr]| encode(&Endpoint { ips: ips.to_vec(), ..value_of.clone() })),
+            };
+            let request = AssignRequest {
+                handle: handle.clone(),
+                node: NodeInfo { name: node.into(), labels: Default::default() },
+                namespace: NamespaceInfo::bare("default"),
+                pod: Some(PodInfo { name: template.pod.clone(), annotations: Default::default() }),
+                requested: Requested::from_pool_names(
+                    &loaded.pools,
+                    &[if n % 3 == 0 { "b" } else { "a" }.into()],
+                    vec![],
+                ),
+                eligible: None,
+                attributes: Default::default(),
+            };
+            let recorded = n != 5;
+            let (assigned, committed) =
+                allocator.assign_recording(&request, recorded.then_some(&record), &loaded).await.expect("assign");
+            let ips: Vec<IpAddr> = assigned.iter().map(|a| a.ip).collect();
+            if recorded && !committed {
+                // As the agent does when the allocator could not commit the record with the addresses.
+                store.txn(Txn::new().put(&record.key, (record.value)(&ips))).await.expect("record");
+            }
+            if n % 4 == 3 {
+                allocator.release_handle(&handle).await.expect("release");
+                store.txn(Txn::new().remove(keys::endpoint(node, &handle))).await.expect("record");
+            } else if recorded {
+                kept.insert((node.to_string(), handle), Endpoint { ips, ..template });
+            }
+        }
+        kept
+    }
+
+    #[test]
+    fn an_endpoint_reads_back_from_its_attributes() {
+        let mut full = endpoint(4, "node-a");
+        full.bridge_port = "veth1234".into();
+        full.bridge_port_index = 17;
+        full.ips = vec!["10.0.0.1".parse().unwrap()];
+        for e in [full, endpoint(3, "node-b"), Endpoint { added_at: 0, network: String::new(), ..endpoint(5, "x") }] {
+            let attributes = e.attributes();
+            let bytes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+            assert!(attributes.len() <= MAX_ATTRIBUTES && bytes <= MAX_ATTRIBUTE_BYTES, "{bytes} bytes");
+            assert!(attributes.values().all(|v| !v.is_empty()), "{attributes:?}");
+            let back = Endpoint::from_attributes(&e.namespace, &e.pod, e.ips.clone(), &attributes).expect("reads");
+            assert_eq!(back, e);
+        }
+        let bad = BTreeMap::from([("bridgePortIndex".to_string(), "x".to_string())]);
+        let err = Endpoint::from_attributes("ns", "pod", vec![], &bad).unwrap_err();
+        assert!(err.contains("bridgePortIndex"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn every_allocation_and_endpoint_record_reaches_the_block_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = store(&dir, "source.db");
+        let endpoints = populate(&source).await;
+        let read = read(&source).await.expect("read");
+        assert_eq!(read.pools.len(), 2);
+        assert_eq!(read.without_record, 1, "handle-5 was assigned without a record");
+        assert_eq!(read.addresses(), 30, "40 assigned, 10 released");
+
+        let objects: Arc<dyn ObjectStore> = Arc::new(KeyValueObjects::new(store(&dir, "target.db")));
+        check_target(objects.as_ref()).await.expect("empty target");
+        write_blocks(objects.as_ref(), &read.blocks).await.expect("write");
+        verify(objects.as_ref(), &read.blocks).await.expect("verify");
+        unchanged(&source, &read).await.expect("source unchanged");
+
+        // The block allocator on the target finds every node's attachments with the endpoint each recorded.
+        let pools: Arc<dyn single::PoolSource> = Arc::new(Catalog::new(Arc::clone(&source)));
+        let allocator = single::BlockAllocator::new(Arc::clone(&objects), pools);
+        let mut found = BTreeMap::new();
+        for node in ["node-a", "node-b"] {
+            for attachment in allocator.attachments(node).await.expect("attachments") {
+                if attachment.handle == "handle-5" {
+                    assert!(attachment.attributes.is_empty());
+                    continue;
+                }
+                let ips = attachment.addresses.iter().map(|a| a.ip).collect();
+                let endpoint = Endpoint::from_attributes(
+                    attachment.namespace.as_deref().unwrap_or_default(),
+                    attachment.pod.as_deref().unwrap_or_default(),
+                    ips,
+                    &attachment.attributes,
+                )
+                .expect("endpoint");
+                found.insert((node.to_string(), attachment.handle), endpoint);
+            }
+        }
+        assert_eq!(found, endpoints);
+        assert!(check::check(&allocator.snapshot().await.expect("snapshot")).is_empty());
+
+        // Again: the target holds blocks now.
+        let err = check_target(objects.as_ref()).await.unwrap_err().to_string();
+        assert!(err.contains(&format!("already holds {} IPAMBlock", read.blocks.len())), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_registered_agent_an_inconsistent_state_or_a_write_during_the_copy_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = store(&dir, "source.db");
+        populate(&source).await;
+        source.txn(Txn::new().put(format!("{}node-a", keys::NODES), b"{}".to_vec())).await.expect("register");
+        let err = read(&source).await.unwrap_err().to_string();
+        assert!(err.contains("node-a") && err.contains("stop every agent"), "{err}");
+        source.txn(Txn::new().remove(format!("{}node-a", keys::NODES))).await.expect("unregister");
+
+        let read_ok = read(&source).await.expect("read");
+        let objects: Arc<dyn ObjectStore> = Arc::new(KeyValueObjects::new(store(&dir, "target.db")));
+        let created = write_blocks(objects.as_ref(), &read_ok.blocks).await.expect("write");
+        source.txn(Txn::new().put(format!("{}x", keys::NAMESPACES), b"{}".to_vec())).await.expect("a write");
+        let err = unchanged(&source, &read_ok).await.unwrap_err().to_string();
+        assert!(err.contains("changed during the copy"), "{err}");
+        remove_blocks(objects.as_ref(), &created).await;
+        check_target(objects.as_ref()).await.expect("nothing left in the target");
+
+        // A block record whose handle index is gone: `ipam check` finds it, and so does the migration.
+        let (handles, _) = source.list_keys(keys::HANDLES).await.expect("handles");
+        source.txn(Txn::new().remove(&handles[0])).await.expect("remove a handle record");
+        let err = read(&source).await.unwrap_err().to_string();
+        assert!(err.contains("ipam check --repair"), "{err}");
+    }
+}
