@@ -225,14 +225,15 @@ pub enum Command {
 pub enum DatastoreCommand {
     /// Copy pools, the IPAM configuration and every block (each allocation with its endpoint record) from an
     /// etcd or embedded datastore to the Kubernetes API (--kubeconfig), as IPPool, IPAMConfig and IPAMBlock
-    /// resources. Run it with every agent stopped: it refuses while an agent is registered, when the source
-    /// fails `ipam check`, when the API server already holds blocks or other pools of the same names, and
-    /// when the source changes during the copy, keeping nothing then.
+    /// resources, or back. Run it with every agent stopped: it refuses while an agent is registered, when the
+    /// source fails `ipam check`, when the target already holds blocks or other pools of the same names, and
+    /// when the source changes during the copy, keeping nothing then (into etcd or embedded, a copy that did
+    /// not finish is marked so agents do not start on it, and run again it starts over).
     Migrate {
-        /// The datastore to copy from: etcd:URL[,URL...] or embedded:PATH (default: --datastore).
+        /// Where to copy from: etcd:URL[,URL...], embedded:PATH or kubernetes (default: --datastore).
         #[arg(long)]
         from: Option<String>,
-        /// Where to copy to: kubernetes.
+        /// Where to copy to: kubernetes, or etcd:URL[,URL...] or embedded:PATH.
         #[arg(long)]
         to: String,
     },

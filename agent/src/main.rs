@@ -80,6 +80,13 @@ async fn run(cli: Cli) -> Result<u8> {
             bail!("no node name: give --node or set NODENAME");
         }
         let store = open_for_agent(&cli).await?;
+        if let Some(kv) = store.get(poolwarden::migrate::IN_PROGRESS).await? {
+            bail!(
+                "a migration into this datastore (from {}) did not finish, so its IPAM state is partial: run `poolwarden \
+                 datastore migrate` again to completion before starting agents on it",
+                String::from_utf8_lossy(&kv.value)
+            );
+        }
         let mut addresses = node_address.clone();
         if !*kubernetes
             && poolwarden::directory::source_of(store.as_ref()).await? == poolwarden::directory::Source::Kubernetes
@@ -164,26 +171,7 @@ async fn run(cli: Cli) -> Result<u8> {
         _ => {}
     }
     if let Command::Datastore { command: DatastoreCommand::Migrate { from, to } } = &cli.command {
-        if to != "kubernetes" {
-            bail!(
-                "--to {to:?}: the target can only be `kubernetes` (the API server --kubeconfig reaches); a copy back \
-                 to etcd or embedded comes when the agents there run on the same block objects"
-            );
-        }
-        let from = from.as_deref().unwrap_or(&cli.datastore);
-        let source = match store::open_existing(from, &cli.etcd_options()).await {
-            Err(StoreError::Locked { path }) => bail!(
-                "the datastore {path} is held by a running agent: stop every agent before migrating (nothing may \
-                 change while the state is copied)"
-            ),
-            other => other?,
-        };
-        let client = poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?;
-        let mut out = String::new();
-        let result = poolwarden::migrate::to_kubernetes(&source, client, &mut out).await;
-        print!("{out}");
-        result?;
-        return Ok(0);
+        return migrate(&cli, from.as_deref().unwrap_or(&cli.datastore), to).await;
     }
     if let Command::Firewall { command: FirewallCommand::Export { watch: true, .. } } = &cli.command {
         return watch_export(cli).await;
@@ -209,6 +197,46 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Err(other) => Err(other.into()),
     }
+}
+
+/// `datastore migrate`: to Kubernetes from a datastore, or from Kubernetes into one.
+async fn migrate(cli: &Cli, from: &str, to: &str) -> Result<u8> {
+    let open = |spec: &str, existing: bool| {
+        let etcd = cli.etcd_options();
+        let spec = spec.to_string();
+        async move {
+            let opened =
+                if existing { store::open_existing(&spec, &etcd).await } else { store::open(&spec, &etcd).await };
+            match opened {
+                Err(StoreError::Locked { path }) => bail!(
+                    "the datastore {path} is held by a running agent: stop every agent before migrating (nothing \
+                     may change while the state is copied)"
+                ),
+                other => Ok(other?),
+            }
+        }
+    };
+    let mut out = String::new();
+    let result = match (from, to) {
+        ("kubernetes", "kubernetes") => bail!("--from and --to are both kubernetes: nothing to copy"),
+        (_, "kubernetes") => {
+            let source = open(from, true).await?;
+            let client = poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?;
+            poolwarden::migrate::to_kubernetes(&source, client, &mut out).await
+        }
+        ("kubernetes", _) => {
+            let client = poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?;
+            let target = open(to, false).await?;
+            poolwarden::migrate::from_kubernetes(client, &target, &mut out).await
+        }
+        _ => bail!(
+            "--from {from:?} --to {to:?}: one side must be kubernetes (the API server --kubeconfig reaches); \
+             between two etcd or embedded datastores the state is the same layout, copied by etcd's own tools"
+        ),
+    };
+    print!("{out}");
+    result?;
+    Ok(0)
 }
 
 /// How long the agent waits for an embedded datastore another process holds (a `poolwarden` command run

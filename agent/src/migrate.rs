@@ -21,7 +21,7 @@ use crate::{
     ipam::{Block, check},
     objects::{Kind, Labels, ObjectError, ObjectStore},
     resources::{IpPool, IpamConfig, Resource},
-    store::{Revision, Store, StoreError, keys},
+    store::{Revision, Store, StoreError, Txn, keys},
 };
 
 /// Why a migration stopped.
@@ -307,6 +307,172 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
     Ok(())
 }
 
+/// The key a migration into a key-value datastore holds while it writes: an agent does not start on a
+/// datastore that has it (the state is partial), and a migration run again finds it and starts over.
+pub const IN_PROGRESS: &str = "config/migration-in-progress";
+
+/// How many keys one transaction of the copy writes (etcd refuses more than 128 operations in one).
+const KEYS_PER_TXN: usize = 64;
+
+/// The records of the multi-key layout that hold `blocks`: each block with its node's room entry and its
+/// affinity, a borrowed record for each address a node holds in a block it does not own, a handle record per
+/// handle, and an endpoint record per attachment whose allocations carry one (its addresses gathered from
+/// every block). Keyed as the multi-key allocator and the agent write them.
+pub fn records(blocks: &[Block]) -> Result<BTreeMap<String, Vec<u8>>, MigrateError> {
+    use crate::{cluster::Borrowed, ipam::Affinity, ipam::HandleRecord};
+    let mut out = BTreeMap::new();
+    let mut handles: BTreeMap<String, HandleRecord> = BTreeMap::new();
+    let mut endpoints: BTreeMap<(String, String), Endpoint> = BTreeMap::new();
+    for block in blocks {
+        // The endpoint records hold the attributes in this layout.
+        let mut bare = block.clone();
+        bare.allocations.values_mut().for_each(|a| a.attributes.clear());
+        out.insert(keys::block(block.cidr), crate::catalog::encode(&bare));
+        if let Some(node) = &block.affinity {
+            out.insert(
+                keys::affinity(node, block.cidr),
+                crate::catalog::encode(&Affinity { node: node.clone(), cidr: block.cidr }),
+            );
+            if block.free_count() > 0 {
+                out.insert(keys::room(node, block.cidr), Vec::new());
+            }
+        }
+        for (ip, allocation) in block.allocated() {
+            if block.affinity.as_deref() != Some(allocation.node.as_str()) {
+                out.insert(keys::borrowed(ip), crate::catalog::encode(&Borrowed { ip, node: allocation.node.clone() }));
+            }
+            let record = handles
+                .entry(allocation.handle.clone())
+                .or_insert_with(|| HandleRecord { handle: allocation.handle.clone(), ..Default::default() });
+            *record.blocks.entry(block.cidr).or_default() += 1;
+            if allocation.attributes.is_empty() {
+                continue;
+            }
+            let key = (allocation.node.clone(), allocation.handle.clone());
+            if let Some(endpoint) = endpoints.get_mut(&key) {
+                endpoint.ips.push(ip);
+                continue;
+            }
+            let endpoint = Endpoint::from_attributes(
+                allocation.namespace.as_deref().unwrap_or_default(),
+                allocation.pod.as_deref().unwrap_or_default(),
+                vec![ip],
+                &allocation.attributes,
+            )
+            .map_err(|e| refused(format!("block {}, address {ip} (handle {}): {e}", block.cidr, allocation.handle)))?;
+            endpoints.insert(key, endpoint);
+        }
+    }
+    for (handle, record) in handles {
+        out.insert(keys::handle(&handle), crate::catalog::encode(&record));
+    }
+    for ((node, handle), mut endpoint) in endpoints {
+        endpoint.ips.sort_by_key(|ip| ip.is_ipv6());
+        out.insert(keys::endpoint(&node, &handle), crate::catalog::encode(&endpoint));
+    }
+    Ok(out)
+}
+
+/// Write `blocks` into `store` in the multi-key layout (see [`records`]), the pools and configuration first
+/// (through the catalog, so they are judged as `apply` judges them). Refused when an agent is registered on
+/// `store` or it already holds IPAM records (a migration never merges), unless those records are what a
+/// migration that did not finish left ([`IN_PROGRESS`]): then they are removed and the copy starts over.
+pub async fn into_store(
+    store: &Arc<dyn Store>,
+    docs: &[crate::resources::Located],
+    blocks: &[Block],
+    from: &str,
+) -> Result<usize, MigrateError> {
+    let (registered, _) = store.list_keys(keys::NODES).await?;
+    if let Some(node) = registered.first() {
+        return Err(refused(format!(
+            "an agent is registered on the target ({}): stop every agent before migrating into it",
+            node.strip_prefix(keys::NODES).unwrap_or(node)
+        )));
+    }
+    const IPAM: [&str; 6] =
+        [keys::BLOCKS, keys::AFFINITIES, keys::ROOM, keys::HANDLES, keys::ENDPOINTS, keys::BORROWED];
+    let interrupted = store.get(IN_PROGRESS).await?.is_some();
+    for prefix in IPAM {
+        let (found, _) = store.list_keys(prefix).await?;
+        if found.is_empty() {
+            continue;
+        }
+        if !interrupted {
+            return Err(refused(format!(
+                "the target already holds IPAM records ({} under {prefix}, {} first): a migration copies into a \
+                 datastore with none, it never merges two states",
+                found.len(),
+                found[0]
+            )));
+        }
+        for chunk in found.chunks(KEYS_PER_TXN) {
+            store.txn(chunk.iter().fold(Txn::new(), |txn, key| txn.remove(key.as_str()))).await?;
+        }
+    }
+    store.txn(Txn::new().put(IN_PROGRESS, from.as_bytes().to_vec())).await?;
+    Catalog::new(Arc::clone(store)).apply(docs).await?;
+    let records = records(blocks)?;
+    let all: Vec<_> = records.into_iter().collect();
+    for chunk in all.chunks(KEYS_PER_TXN) {
+        store.txn(chunk.iter().fold(Txn::new(), |txn, (key, value)| txn.put(key.as_str(), value.clone()))).await?;
+    }
+    store.txn(Txn::new().remove(IN_PROGRESS)).await?;
+    Ok(all.len())
+}
+
+/// `poolwarden datastore migrate --from kubernetes --to etcd:URL|embedded:PATH`: the IPPool, IPAMConfig and
+/// IPAMBlock resources `client` reaches written into `store` in the multi-key layout the agents there run;
+/// refused if a block changed during the copy (the target then says so: [`IN_PROGRESS`] stays, and a run
+/// again starts over).
+pub async fn from_kubernetes(
+    client: kube::Client,
+    store: &Arc<dyn Store>,
+    out: &mut String,
+) -> Result<(), MigrateError> {
+    let objects = crate::objects::kubernetes::KubeObjects::new(client.clone());
+    let (before, _) = objects.list(Kind::Block, &Labels::new()).await?;
+    let blocks: Vec<Block> = before.iter().map(|o| single::decode(o).map(|s| s.block)).collect::<Result<_, _>>()?;
+    let docs = crate::k8s::pools::resources(&client).await.map_err(|e| refused(format!("the Kubernetes API: {e}")))?;
+    let written = into_store(store, &docs, &blocks, "kubernetes").await?;
+    let snapshot = Allocator::new(Arc::clone(store)).snapshot().await.map_err(|e| refused(e.to_string()))?;
+    let problems = check::check(&snapshot);
+    if let Some(first) = problems.first() {
+        store.txn(Txn::new().put(IN_PROGRESS, b"kubernetes (inconsistent)".to_vec())).await?;
+        return Err(refused(format!(
+            "what the API server's blocks hold does not pass `ipam check` once copied ({} problem(s), first: \
+             {first}); the target is marked as a migration that did not finish",
+            problems.len()
+        )));
+    }
+    let (after, _) = objects.list(Kind::Block, &Labels::new()).await?;
+    let versions = |objects: &[crate::objects::Object]| -> Vec<(String, String)> {
+        objects.iter().map(|o| (o.name.clone(), o.version.clone())).collect()
+    };
+    if versions(&before) != versions(&after) {
+        store.txn(Txn::new().put(IN_PROGRESS, b"kubernetes (changed during the copy)".to_vec())).await?;
+        return Err(refused(
+            "the IPAMBlocks changed during the copy: is an agent still running? The target is marked as a \
+             migration that did not finish (its agents will not start on it); run the migration again once \
+             nothing writes",
+        ));
+    }
+    let pools = docs.iter().filter(|d| matches!(d.resource, Resource::IpPool(_))).count();
+    let addresses: usize = blocks.iter().map(|b| b.allocated().count()).sum();
+    let _ = writeln!(
+        out,
+        "copied {pools} pool(s), {} and {} block(s) holding {addresses} address(es) from Kubernetes into the \
+         datastore ({written} records); no IPAMBlock changed during the copy",
+        if docs.iter().any(|d| matches!(d.resource, Resource::IpamConfig(_))) {
+            "the IPAM configuration"
+        } else {
+            "no IPAM configuration (the defaults)"
+        },
+        blocks.len()
+    );
+    Ok(())
+}
+
 fn same_config(a: &IpamConfig, b: &IpamConfig) -> bool {
     serde_json::to_value(&a.spec).ok() == serde_json::to_value(&b.spec).ok()
 }
@@ -321,7 +487,7 @@ mod tests {
         catalog::encode,
         ipam::{NamespaceInfo, NodeInfo, PodInfo, Requested},
         objects::kv::KeyValueObjects,
-        store::{Txn, embedded::EmbeddedStore},
+        store::embedded::EmbeddedStore,
     };
 
     fn store(dir: &tempfile::TempDir, name: &str) -> Arc<dyn Store> {
@@ -466,6 +632,79 @@ mod tests {
         // Again: the target holds blocks now.
         let err = check_target(objects.as_ref()).await.unwrap_err().to_string();
         assert!(err.contains(&format!("already holds {} IPAMBlock", read.blocks.len())), "{err}");
+    }
+
+    /// Every IPAM record under the multi-key layout's prefixes, with its value.
+    async fn ipam_records(store: &Arc<dyn Store>) -> BTreeMap<String, String> {
+        let mut all = BTreeMap::new();
+        for prefix in [keys::BLOCKS, keys::AFFINITIES, keys::ROOM, keys::HANDLES, keys::ENDPOINTS, keys::BORROWED] {
+            let (kvs, _) = store.list(prefix).await.expect("list");
+            all.extend(kvs.into_iter().map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned())));
+        }
+        all
+    }
+
+    /// The records `a` and `b` do not share, each with its value on both sides.
+    fn differences(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> Vec<String> {
+        let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| format!("{k}: {:?} / {:?}", a.get(k), b.get(k)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn there_and_back_again_every_record_is_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = store(&dir, "source.db");
+        populate(&source).await;
+        // A node holding an address in another's block: the agent's borrowed record.
+        let (blocks, _) = source.list(keys::BLOCKS).await.expect("blocks");
+        let block: Block = decode(&blocks[0].key, &blocks[0].value).expect("block");
+        let owner = block.affinity.clone().expect("an owned block");
+        let mut lent = block.clone();
+        lent.affinity = Some("node-c".into());
+        let mut txn = Txn::new()
+            .put(keys::block(block.cidr), encode(&lent))
+            .remove(keys::affinity(&owner, block.cidr))
+            .remove(keys::room(&owner, block.cidr))
+            .put(
+                keys::affinity("node-c", block.cidr),
+                encode(&crate::ipam::Affinity { node: "node-c".into(), cidr: block.cidr }),
+            )
+            .put(keys::room("node-c", block.cidr), Vec::new());
+        for (ip, allocation) in block.allocated() {
+            txn = txn.put(keys::borrowed(ip), encode(&crate::cluster::Borrowed { ip, node: allocation.node.clone() }));
+        }
+        source.txn(txn).await.expect("lend");
+        let original = ipam_records(&source).await;
+
+        let copied = read(&source).await.expect("read");
+        let objects: Arc<dyn ObjectStore> = Arc::new(KeyValueObjects::new(store(&dir, "objects.db")));
+        write_blocks(objects.as_ref(), &copied.blocks).await.expect("there");
+        let (stored, _) = objects.list(Kind::Block, &Labels::new()).await.expect("list");
+        let back: Vec<Block> = stored.iter().map(|o| single::decode(o).expect("block").block).collect();
+
+        let target = store(&dir, "target.db");
+        let docs: Vec<crate::resources::Located> = copied
+            .pools
+            .iter()
+            .map(|p| crate::resources::Located {
+                resource: Resource::IpPool(p.clone()),
+                at: crate::resources::Location { file: "-".into(), document: 1, line: 1, item: None },
+            })
+            .collect();
+        into_store(&target, &docs, &back, "test").await.expect("and back");
+        assert_eq!(differences(&ipam_records(&target).await, &original), Vec::<String>::new());
+        assert!(target.get(IN_PROGRESS).await.expect("get").is_none());
+        assert!(check::check(&Allocator::new(Arc::clone(&target)).snapshot().await.expect("snapshot")).is_empty());
+
+        // Into a datastore holding records: refused; unless a migration into it did not finish.
+        let err = into_store(&target, &docs, &back, "test").await.unwrap_err().to_string();
+        assert!(err.contains("already holds IPAM records"), "{err}");
+        target.txn(Txn::new().put(IN_PROGRESS, b"test".to_vec()).remove(keys::handle("handle-0"))).await.expect("cut");
+        into_store(&target, &docs, &back, "test").await.expect("started over");
+        assert_eq!(differences(&ipam_records(&target).await, &original), Vec::<String>::new());
     }
 
     #[tokio::test]

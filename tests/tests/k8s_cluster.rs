@@ -1422,9 +1422,10 @@ fn the_custom_resources_validate_a_pool_as_apply_does() {
 /// `poolwarden datastore migrate --to kubernetes` against the real API server: a datastore's state (made by
 /// the multi-key allocator the agents run today, with their endpoint records) becomes IPPool, IPAMConfig and
 /// IPAMBlock resources, each allocation carrying its endpoint record; refused while an agent is registered
-/// (nothing written) and when the API server already holds blocks.
+/// (nothing written) and when the API server already holds blocks; and back from the API server into a new
+/// embedded datastore, every IPAM record as the source had it.
 #[test]
-fn a_datastore_migrates_to_the_api_server_with_every_endpoint_record() {
+fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() {
     use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
     use poolwarden::{
@@ -1517,11 +1518,13 @@ fn a_datastore_migrates_to_the_api_server_with_every_endpoint_record() {
     });
     assert_eq!(records.len(), 18);
     let from = format!("embedded:{}", path.display());
-    let migrate = || {
+    let migrate = |args: &[&str]| {
         let out = Command::new("ip")
             .args(["netns", "exec", "pwk-cp"])
             .arg(poolwarden_tests::binary("poolwarden"))
-            .args(["datastore", "migrate", "--from", &from, "--to", "kubernetes", "--kubeconfig"])
+            .args(["datastore", "migrate"])
+            .args(args)
+            .arg("--kubeconfig")
             .arg(dir.join("admin.kubeconfig"))
             .output()
             .expect("run poolwarden datastore migrate");
@@ -1538,7 +1541,7 @@ fn a_datastore_migrates_to_the_api_server_with_every_endpoint_record() {
         let store = EmbeddedStore::open(&path).expect("source store");
         store.txn(Txn::new().put(&registration, b"{}".to_vec())).await.expect("register");
     });
-    let (ok, out) = migrate();
+    let (ok, out) = migrate(&["--from", &from, "--to", "kubernetes"]);
     assert!(!ok && out.contains("migrated-a") && out.contains("stop every agent"), "{out}");
     assert!(!kubectl.run(&["get", "ippool", "migrated"], None).0, "a refused migration wrote the pool");
     assert!(kubectl.ok(&["get", "ipamblocks", "-o", "name"]).trim().is_empty());
@@ -1547,7 +1550,7 @@ fn a_datastore_migrates_to_the_api_server_with_every_endpoint_record() {
         store.txn(Txn::new().remove(&registration)).await.expect("unregister");
     });
 
-    let (ok, out) = migrate();
+    let (ok, out) = migrate(&["--from", &from, "--to", "kubernetes"]);
     assert!(ok, "{out}");
     assert!(out.contains("copied 1 pool(s) (1 created") && out.contains("18 address(es)"), "{out}");
     assert_eq!(kubectl.json(&["get", "ippool", "migrated", "-o", "json"])["spec"]["cidr"], "10.126.0.0/24");
@@ -1573,7 +1576,34 @@ fn a_datastore_migrates_to_the_api_server_with_every_endpoint_record() {
     assert_eq!(copied, records);
 
     // Again: the API server holds blocks now.
-    let (ok, out) = migrate();
+    let (ok, out) = migrate(&["--from", &from, "--to", "kubernetes"]);
     assert!(!ok && out.contains("already holds"), "{out}");
     println!("{}", out.trim());
+
+    // And back, into a new embedded datastore: every IPAM record as the source had it.
+    let back = scratch.path().join("back.redb");
+    let (ok, out) = migrate(&["--from", "kubernetes", "--to", &format!("embedded:{}", back.display())]);
+    assert!(ok && out.contains("pool(s)"), "{out}");
+    println!("{}", out.trim());
+    let (original, copied) = runtime.block_on(async {
+        let records = |path: std::path::PathBuf| async move {
+            let store = EmbeddedStore::open(&path).expect("store");
+            let mut all = BTreeMap::new();
+            for prefix in [keys::BLOCKS, keys::AFFINITIES, keys::ROOM, keys::HANDLES, keys::ENDPOINTS, keys::BORROWED] {
+                let (kvs, _) = store.list(prefix).await.expect("list");
+                all.extend(kvs.into_iter().map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned())));
+            }
+            let pools: Vec<String> = Catalog::new(Arc::new(store))
+                .pools()
+                .await
+                .expect("pools")
+                .into_iter()
+                .map(|(p, _)| format!("{}={}", p.name(), p.cidr()))
+                .collect();
+            (all, pools)
+        };
+        (records(path.clone()).await, records(back.clone()).await)
+    });
+    assert_eq!(copied.0, original.0, "the IPAM records there and back");
+    assert!(copied.1.contains(&"migrated=10.126.0.0/24".to_string()), "{:?}", copied.1);
 }

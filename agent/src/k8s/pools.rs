@@ -709,6 +709,19 @@ pub async fn remove(client: &Client, resource: &Resource) -> Result<(), SyncErro
     }
 }
 
+/// Every IPPool resource and the IPAMConfig `default` (when there is one) as poolwarden reads them (marked as
+/// copied from a resource); an error names the first that does not read.
+pub async fn resources(client: &Client) -> Result<Vec<Located>, SyncError> {
+    let mut docs = Vec::new();
+    for (api_resource, kind) in [(ippools(), "IPPool"), (ipamconfigs(), "IPAMConfig")] {
+        let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource);
+        for object in api.list(&Default::default()).await? {
+            docs.push(parse(&object, kind).map_err(|e| SyncError::Catalog(CatalogError::Invalid(e)))?);
+        }
+    }
+    Ok(docs)
+}
+
 /// `poolwarden delete pool NAME` with pools from Kubernetes: delete the resource; its finalizer keeps it
 /// until nothing is allocated from the pool.
 pub async fn delete(client: Client, name: &str, force: bool, out: &mut String) -> Result<(), SyncError> {
