@@ -6,13 +6,16 @@
 //!
 //! It runs with the agents stopped and refuses, having kept nothing, when an agent is still registered, the
 //! source does not pass `ipam check`, the target already holds blocks, or the source changed while it was
-//! copied (its revision moved).
+//! copied (its revision moved). A run stopped part way (killed, the API server gone) is run again: the blocks
+//! it made are labelled with the source's revision, kept when the source is still at it, deleted otherwise.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     sync::Arc,
 };
+
+use ipnet::IpNet;
 
 use crate::{
     allocator::{Allocator, MAX_ATTRIBUTE_BYTES, MAX_ATTRIBUTES, single},
@@ -155,27 +158,53 @@ pub async fn read(store: &Arc<dyn Store>) -> Result<Source, MigrateError> {
     Ok(Source { revision, pools: snapshot.pools, config, blocks, without_record, left })
 }
 
-/// Refuse a target that already holds blocks: a migration copies into an empty one, never merges.
-pub async fn check_target(objects: &dyn ObjectStore) -> Result<(), MigrateError> {
+/// The label on a block a migration created, naming the source's revision it was copied at. The allocator
+/// writes a block's labels from what the block holds, so the first write by an agent takes it away: a block
+/// that has it was written by a migration and by nobody since.
+pub const MIGRATED_LABEL: &str = "poolwarden.io/migrated-at-revision";
+
+/// What the target's blocks let a migration of `source` do: the CIDRs of blocks already copied (left by a run
+/// of this same migration that stopped part way: labelled with the source's revision, holding what the source
+/// holds), which are kept. Blocks a stopped migration left from another revision of the source are deleted (no
+/// agent ever wrote them). Any other block is refused: a migration never merges two states.
+pub async fn check_target(objects: &dyn ObjectStore, source: &Source) -> Result<BTreeSet<IpNet>, MigrateError> {
     let (existing, _) = objects.list(Kind::Block, &Labels::new()).await?;
-    if let Some(first) = existing.first() {
+    if let Some(other) = existing.iter().find(|o| !o.labels.contains_key(MIGRATED_LABEL)) {
         return Err(refused(format!(
-            "the target already holds {} IPAMBlock(s) ({} first): a migration copies into a target with none, \
-             it never merges two states",
+            "the target already holds {} IPAMBlock(s) ({} among them, written since by an agent or by hand, not \
+             a migration's own): a migration copies into a target with none, it never merges two states",
             existing.len(),
-            first.name
+            other.name
         )));
     }
-    Ok(())
+    let revision = source.revision.to_string();
+    let wanted: BTreeMap<IpNet, &Block> = source.blocks.iter().map(|b| (b.cidr, b)).collect();
+    let mut kept = BTreeSet::new();
+    for object in &existing {
+        let block = single::decode(object)?.block;
+        if object.labels.get(MIGRATED_LABEL) == Some(&revision) && wanted.get(&block.cidr) == Some(&&block) {
+            kept.insert(block.cidr);
+        } else {
+            objects.delete(Kind::Block, &object.name, &object.version).await?;
+        }
+    }
+    Ok(kept)
 }
 
-/// Create one object per block; on a failure, delete those created (the target is left as it was). The
-/// names and versions created.
-pub async fn write_blocks(objects: &dyn ObjectStore, blocks: &[Block]) -> Result<Vec<(String, String)>, MigrateError> {
+/// Create one object per block not in `kept`, labelled with the source's `revision`; on a failure, delete
+/// those created (the blocks kept stay, for a run again to keep). The names and versions created.
+pub async fn write_blocks(
+    objects: &dyn ObjectStore,
+    blocks: &[Block],
+    revision: Revision,
+    kept: &BTreeSet<IpNet>,
+) -> Result<Vec<(String, String)>, MigrateError> {
     let mut created = Vec::new();
-    for block in blocks {
+    for block in blocks.iter().filter(|b| !kept.contains(&b.cidr)) {
         let name = single::block_name(block.cidr);
-        match objects.create(Kind::Block, &name, single::labels_of(block), single::encode(block)).await {
+        let mut labels = single::labels_of(block);
+        labels.insert(MIGRATED_LABEL.to_string(), revision.to_string());
+        match objects.create(Kind::Block, &name, labels, single::encode(block)).await {
             Ok(object) => created.push((object.name, object.version)),
             Err(e) => {
                 remove_blocks(objects, &created).await;
@@ -237,7 +266,7 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
     use crate::k8s::pools::{self, Present};
     let source = read(store).await?;
     let objects = crate::objects::kubernetes::KubeObjects::new(client.clone());
-    check_target(&objects).await?;
+    let kept = check_target(&objects, &source).await?;
     let kube = |e: pools::SyncError| refused(format!("the Kubernetes API: {e}"));
     let mut resources: Vec<Resource> = source.pools.iter().cloned().map(Resource::IpPool).collect();
     if !same_config(&source.config, &IpamConfig::default()) {
@@ -263,7 +292,7 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
             pools::create(&client, resource).await.map_err(kube)?;
             created.push(resource);
         }
-        blocks = write_blocks(&objects, &source.blocks).await?;
+        blocks = write_blocks(&objects, &source.blocks, source.revision, &kept).await?;
         verify(&objects, &source.blocks).await?;
         unchanged(store, &source).await
     }
@@ -293,6 +322,13 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
         source.addresses(),
         source.revision
     );
+    if !kept.is_empty() {
+        let _ = writeln!(
+            out,
+            "note: {} of the blocks were already there, copied from this same state by a run that stopped part way",
+            kept.len()
+        );
+    }
     if source.without_record > 0 {
         let _ = writeln!(
             out,
@@ -600,8 +636,9 @@ mod tests {
         assert_eq!(read.addresses(), 30, "40 assigned, 10 released");
 
         let objects: Arc<dyn ObjectStore> = Arc::new(KeyValueObjects::new(store(&dir, "target.db")));
-        check_target(objects.as_ref()).await.expect("empty target");
-        write_blocks(objects.as_ref(), &read.blocks).await.expect("write");
+        let kept = check_target(objects.as_ref(), &read).await.expect("empty target");
+        assert!(kept.is_empty());
+        write_blocks(objects.as_ref(), &read.blocks, read.revision, &kept).await.expect("write");
         verify(objects.as_ref(), &read.blocks).await.expect("verify");
         unchanged(&source, &read).await.expect("source unchanged");
 
@@ -629,8 +666,15 @@ mod tests {
         assert_eq!(found, endpoints);
         assert!(check::check(&allocator.snapshot().await.expect("snapshot")).is_empty());
 
-        // Again: the target holds blocks now.
-        let err = check_target(objects.as_ref()).await.unwrap_err().to_string();
+        // Again: every block is kept (they hold what the source holds, at its revision); once an agent wrote
+        // one, the target is refused.
+        let kept = check_target(objects.as_ref(), &read).await.expect("a run again");
+        assert_eq!(kept.len(), read.blocks.len());
+        let (stored, _) = objects.list(Kind::Block, &Labels::new()).await.expect("list");
+        let mut touched = stored[0].clone();
+        touched.labels.remove(MIGRATED_LABEL);
+        objects.update(Kind::Block, &touched).await.expect("an agent's write");
+        let err = check_target(objects.as_ref(), &read).await.unwrap_err().to_string();
         assert!(err.contains(&format!("already holds {} IPAMBlock", read.blocks.len())), "{err}");
     }
 
@@ -681,7 +725,7 @@ mod tests {
 
         let copied = read(&source).await.expect("read");
         let objects: Arc<dyn ObjectStore> = Arc::new(KeyValueObjects::new(store(&dir, "objects.db")));
-        write_blocks(objects.as_ref(), &copied.blocks).await.expect("there");
+        write_blocks(objects.as_ref(), &copied.blocks, copied.revision, &BTreeSet::new()).await.expect("there");
         let (stored, _) = objects.list(Kind::Block, &Labels::new()).await.expect("list");
         let back: Vec<Block> = stored.iter().map(|o| single::decode(o).expect("block").block).collect();
 
@@ -719,12 +763,26 @@ mod tests {
 
         let read_ok = read(&source).await.expect("read");
         let objects: Arc<dyn ObjectStore> = Arc::new(KeyValueObjects::new(store(&dir, "target.db")));
-        let created = write_blocks(objects.as_ref(), &read_ok.blocks).await.expect("write");
+        // A run stopped part way (half the blocks written), then run again: the half is kept, the rest made.
+        let half = read_ok.blocks.len() / 2;
+        write_blocks(objects.as_ref(), &read_ok.blocks[..half], read_ok.revision, &BTreeSet::new())
+            .await
+            .expect("half");
+        let kept = check_target(objects.as_ref(), &read_ok).await.expect("resumed");
+        assert_eq!(kept.len(), half);
+        let created = write_blocks(objects.as_ref(), &read_ok.blocks, read_ok.revision, &kept).await.expect("the rest");
+        assert_eq!(created.len(), read_ok.blocks.len() - half);
+        verify(objects.as_ref(), &read_ok.blocks).await.expect("whole");
+        // The source written meanwhile: refused, what this run made removed; the next run, at the new
+        // revision, deletes what the stopped run left and starts over.
         source.txn(Txn::new().put(format!("{}x", keys::NAMESPACES), b"{}".to_vec())).await.expect("a write");
         let err = unchanged(&source, &read_ok).await.unwrap_err().to_string();
         assert!(err.contains("changed during the copy"), "{err}");
         remove_blocks(objects.as_ref(), &created).await;
-        check_target(objects.as_ref()).await.expect("nothing left in the target");
+        let reread = read(&source).await.expect("read again");
+        assert!(check_target(objects.as_ref(), &reread).await.expect("leftovers").is_empty());
+        let (left, _) = objects.list(Kind::Block, &Labels::new()).await.expect("list");
+        assert!(left.is_empty(), "{left:?}");
 
         // A block record whose handle index is gone: `ipam check` finds it, and so does the migration.
         let (handles, _) = source.list_keys(keys::HANDLES).await.expect("handles");

@@ -1422,7 +1422,8 @@ fn the_custom_resources_validate_a_pool_as_apply_does() {
 /// `poolwarden datastore migrate --to kubernetes` against the real API server: a datastore's state (made by
 /// the multi-key allocator the agents run today, with their endpoint records) becomes IPPool, IPAMConfig and
 /// IPAMBlock resources, each allocation carrying its endpoint record; refused while an agent is registered
-/// (nothing written) and when the API server already holds blocks; and back from the API server into a new
+/// (nothing written) and when the API server holds blocks other than its own (its own, it keeps: a run
+/// again after one stopped part way goes on); and back from the API server into a new
 /// embedded datastore, every IPAM record as the source had it.
 #[test]
 fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() {
@@ -1575,7 +1576,11 @@ fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() 
     }
     assert_eq!(copied, records);
 
-    // Again: the API server holds blocks now.
+    // Again (as after a run stopped part way): the blocks it made are kept. Once one was written by someone
+    // else (an agent's write takes the migration's label away), the API server's blocks are refused.
+    let (ok, out) = migrate(&["--from", &from, "--to", "kubernetes"]);
+    assert!(ok && out.contains("3 of the blocks were already there"), "{out}");
+    kubectl.ok(&["label", "ipamblock", "10-126-0-0-29", "poolwarden.io/migrated-at-revision-"]);
     let (ok, out) = migrate(&["--from", &from, "--to", "kubernetes"]);
     assert!(!ok && out.contains("already holds"), "{out}");
     println!("{}", out.trim());
