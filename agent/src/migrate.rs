@@ -30,15 +30,15 @@ use crate::{
 /// Why a migration stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    /// The source datastore failed.
-    #[error("the source datastore: {0}")]
-    Source(#[from] StoreError),
-    /// The source's pools could not be read.
-    #[error("the source datastore's pools: {0}")]
+    /// The etcd or embedded datastore failed.
+    #[error("the datastore: {0}")]
+    Store(#[from] StoreError),
+    /// The datastore's pools could not be read or written.
+    #[error("the datastore's pools: {0}")]
     Catalog(#[from] CatalogError),
-    /// The target failed.
-    #[error("the target: {0}")]
-    Target(#[from] ObjectError),
+    /// The block objects failed.
+    #[error("the IPAMBlocks: {0}")]
+    Objects(#[from] ObjectError),
     /// The state is not one to copy as it is.
     #[error("{0}")]
     Refused(String),
@@ -51,8 +51,10 @@ fn refused(message: impl Into<String>) -> MigrateError {
 /// What the source holds, read at one revision.
 #[derive(Debug)]
 pub struct Source {
-    /// The source's revision when it was read; the copy is refused if it moves.
+    /// The source's newest revision when it was read ([`fingerprint`]); the copy is refused if it moves.
     pub revision: Revision,
+    /// How many keys the source had then.
+    pub keys: usize,
     /// The pools.
     pub pools: Vec<IpPool>,
     /// The IPAM configuration.
@@ -73,9 +75,23 @@ impl Source {
     }
 }
 
+/// What a datastore holds, in two numbers: its newest key's revision and how many keys it has. Any write
+/// moves one of them (a put raises the first, a delete lowers the second), and nothing else does: not a lease
+/// keep-alive, not another user's keys in the same etcd (whose cluster-wide revision moves with them).
+pub async fn fingerprint(store: &Arc<dyn Store>) -> Result<(Revision, usize), MigrateError> {
+    let (all, _) = store.list("").await?;
+    Ok((all.iter().map(|kv| kv.mod_revision).max().unwrap_or(0), all.len()))
+}
+
 /// Read everything to copy from `store`, with its agents stopped.
 pub async fn read(store: &Arc<dyn Store>) -> Result<Source, MigrateError> {
-    let revision = store.revision().await?;
+    let (revision, count) = fingerprint(store).await?;
+    if let Some(kv) = store.get(IN_PROGRESS).await? {
+        return Err(refused(format!(
+            "a migration into this datastore (from {}) did not finish: its state is partial, nothing to copy from",
+            String::from_utf8_lossy(&kv.value)
+        )));
+    }
     let (registered, _) = store.list_keys(keys::NODES).await?;
     let registered: Vec<&str> = registered.iter().filter_map(|k| k.strip_prefix(keys::NODES)).collect();
     if !registered.is_empty() {
@@ -148,14 +164,15 @@ pub async fn read(store: &Arc<dyn Store>) -> Result<Source, MigrateError> {
             left.push(format!("{} {what}", found.len()));
         }
     }
-    let now = store.revision().await?;
-    if now != revision {
+    let now = fingerprint(store).await?;
+    if now != (revision, count) {
         return Err(refused(format!(
-            "the source changed while it was read (revision {revision}, then {now}): is an agent or a command \
-             still writing to it?"
+            "the source changed while it was read (newest revision and keys {revision}/{count}, then {}/{}): is \
+             an agent or a command still writing to it?",
+            now.0, now.1
         )));
     }
-    Ok(Source { revision, pools: snapshot.pools, config, blocks, without_record, left })
+    Ok(Source { revision, keys: count, pools: snapshot.pools, config, blocks, without_record, left })
 }
 
 /// The label on a block a migration created, naming the source's revision it was copied at. The allocator
@@ -177,7 +194,7 @@ pub async fn check_target(objects: &dyn ObjectStore, source: &Source) -> Result<
             other.name
         )));
     }
-    let revision = source.revision.to_string();
+    let revision = source.label();
     let wanted: BTreeMap<IpNet, &Block> = source.blocks.iter().map(|b| (b.cidr, b)).collect();
     let mut kept = BTreeSet::new();
     for object in &existing {
@@ -196,14 +213,14 @@ pub async fn check_target(objects: &dyn ObjectStore, source: &Source) -> Result<
 pub async fn write_blocks(
     objects: &dyn ObjectStore,
     blocks: &[Block],
-    revision: Revision,
+    label: &str,
     kept: &BTreeSet<IpNet>,
 ) -> Result<Vec<(String, String)>, MigrateError> {
     let mut created = Vec::new();
     for block in blocks.iter().filter(|b| !kept.contains(&b.cidr)) {
         let name = single::block_name(block.cidr);
         let mut labels = single::labels_of(block);
-        labels.insert(MIGRATED_LABEL.to_string(), revision.to_string());
+        labels.insert(MIGRATED_LABEL.to_string(), label.to_string());
         match objects.create(Kind::Block, &name, labels, single::encode(block)).await {
             Ok(object) => created.push((object.name, object.version)),
             Err(e) => {
@@ -248,15 +265,22 @@ pub async fn verify(objects: &dyn ObjectStore, blocks: &[Block]) -> Result<(), M
 /// Refuse if the source moved past `source.revision` (checked after the copy; the caller then removes what
 /// it wrote).
 pub async fn unchanged(store: &Arc<dyn Store>, source: &Source) -> Result<(), MigrateError> {
-    let now = store.revision().await?;
-    if now != source.revision {
+    let now = fingerprint(store).await?;
+    if now != (source.revision, source.keys) {
         return Err(refused(format!(
-            "the source changed during the copy (revision {}, now {now}): an agent or a command is still writing \
-             to it; nothing was kept in the target",
-            source.revision
+            "the source changed during the copy (newest revision and keys {}/{}, now {}/{}): an agent or a \
+             command is still writing to it; nothing was kept in the target",
+            source.revision, source.keys, now.0, now.1
         )));
     }
     Ok(())
+}
+
+impl Source {
+    /// The value of [`MIGRATED_LABEL`] on the blocks copied from this state.
+    pub fn label(&self) -> String {
+        format!("{}-{}", self.revision, self.keys)
+    }
 }
 
 /// `poolwarden datastore migrate --to kubernetes`: copy `store`'s pools, configuration and blocks to the API
@@ -269,12 +293,13 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
     let kept = check_target(&objects, &source).await?;
     let kube = |e: pools::SyncError| refused(format!("the Kubernetes API: {e}"));
     let mut resources: Vec<Resource> = source.pools.iter().cloned().map(Resource::IpPool).collect();
-    if !same_config(&source.config, &IpamConfig::default()) {
-        resources.push(Resource::IpamConfig(source.config.clone()));
-    }
+    resources.push(Resource::IpamConfig(source.config.clone()));
+    let defaults = same_config(&source.config, &IpamConfig::default());
     let mut absent = Vec::new();
     for resource in &resources {
         match pools::present(&client, resource).await.map_err(kube)? {
+            // The defaults need no resource.
+            Present::Absent if defaults && matches!(resource, Resource::IpamConfig(_)) => {}
             Present::Absent => absent.push(resource),
             Present::Same => {}
             Present::Different(what) => {
@@ -292,7 +317,7 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
             pools::create(&client, resource).await.map_err(kube)?;
             created.push(resource);
         }
-        blocks = write_blocks(&objects, &source.blocks, source.revision, &kept).await?;
+        blocks = write_blocks(&objects, &source.blocks, &source.label(), &kept).await?;
         verify(&objects, &source.blocks).await?;
         unchanged(store, &source).await
     }
@@ -309,15 +334,11 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
     let _ = writeln!(
         out,
         "copied {} pool(s) ({} created, {} already there), the IPAM configuration ({}) and {} block(s) holding {} \
-         address(es) to Kubernetes; the datastore stayed at revision {} throughout",
+         address(es) to Kubernetes; the datastore did not change throughout (newest revision {})",
         source.pools.len(),
         absent.iter().filter(|r| matches!(r, Resource::IpPool(_))).count(),
         source.pools.len() - absent.iter().filter(|r| matches!(r, Resource::IpPool(_))).count(),
-        if resources.iter().any(|r| matches!(r, Resource::IpamConfig(_))) {
-            "as IPAMConfig default"
-        } else {
-            "the defaults: nothing to write"
-        },
+        if defaults { "the defaults: nothing to write" } else { "as IPAMConfig default" },
         source.blocks.len(),
         source.addresses(),
         source.revision
@@ -395,6 +416,7 @@ pub fn records(blocks: &[Block]) -> Result<BTreeMap<String, Vec<u8>>, MigrateErr
                 vec![ip],
                 &allocation.attributes,
             )
+            .and_then(|endpoint| endpoint.check_names(&allocation.handle).map(|()| endpoint))
             .map_err(|e| refused(format!("block {}, address {ip} (handle {}): {e}", block.cidr, allocation.handle)))?;
             endpoints.insert(key, endpoint);
         }
@@ -409,58 +431,98 @@ pub fn records(blocks: &[Block]) -> Result<BTreeMap<String, Vec<u8>>, MigrateErr
     Ok(out)
 }
 
+/// Most keys and bytes one transaction of the copy writes: etcd refuses more than 128 operations or 1.5 MiB
+/// in one request.
+const TXN_BYTES: usize = 1 << 20;
+
+/// Write `records` in transactions within etcd's limits.
+async fn put_all(store: &Arc<dyn Store>, records: &BTreeMap<String, Vec<u8>>) -> Result<(), MigrateError> {
+    let mut txn = Txn::new();
+    let (mut keys_in, mut bytes_in) = (0, 0);
+    for (key, value) in records {
+        let size = key.len() + value.len();
+        if keys_in > 0 && (keys_in == KEYS_PER_TXN || bytes_in + size > TXN_BYTES) {
+            store.txn(std::mem::replace(&mut txn, Txn::new())).await?;
+            (keys_in, bytes_in) = (0, 0);
+        }
+        txn = txn.put(key.as_str(), value.clone());
+        keys_in += 1;
+        bytes_in += size;
+    }
+    if keys_in > 0 {
+        store.txn(txn).await?;
+    }
+    Ok(())
+}
+
+/// The prefixes of the multi-key layout's IPAM records.
+const IPAM: [&str; 6] = [keys::BLOCKS, keys::AFFINITIES, keys::ROOM, keys::HANDLES, keys::ENDPOINTS, keys::BORROWED];
+
 /// Write `blocks` into `store` in the multi-key layout (see [`records`]), the pools and configuration first
-/// (through the catalog, so they are judged as `apply` judges them). Refused when an agent is registered on
-/// `store` or it already holds IPAM records (a migration never merges), unless those records are what a
-/// migration that did not finish left ([`IN_PROGRESS`]): then they are removed and the copy starts over.
+/// (through the catalog, so they are judged as `apply` judges them), and leave [`IN_PROGRESS`] set: the
+/// caller clears it ([`finish`]) once it has checked what it wrote. Everything that can refuse is judged
+/// before anything is written. Refused when an agent is registered on `store`, or it holds pools, settings
+/// or IPAM records (a migration never merges), unless those are what a migration that did not finish left
+/// ([`IN_PROGRESS`]): then they are removed and the copy starts over.
 pub async fn into_store(
     store: &Arc<dyn Store>,
     docs: &[crate::resources::Located],
     blocks: &[Block],
     from: &str,
 ) -> Result<usize, MigrateError> {
+    let records = records(blocks)?;
+    let interrupted = store.get(IN_PROGRESS).await?.is_some();
+    let mut leftovers = Vec::new();
+    for prefix in IPAM.into_iter().chain([keys::POOLS, keys::IPAM_CONFIG]) {
+        let (found, _) = store.list_keys(prefix).await?;
+        if let Some(first) = found.first().filter(|_| !interrupted) {
+            return Err(refused(format!(
+                "the target already holds {} record(s) under {prefix} ({first} first): a migration copies into a \
+                 datastore with no pools and no IPAM state, it never merges two states",
+                found.len()
+            )));
+        }
+        leftovers.extend(found);
+    }
+    let catalog = Catalog::new(Arc::clone(store));
+    if !interrupted {
+        catalog.check(docs).await?;
+    }
+    // Taken only if nobody holds it (another migration), then the agents: an agent that starts after this
+    // finds it and does not start.
+    let marked = store.txn(Txn::new().still_absent(IN_PROGRESS).put(IN_PROGRESS, from.as_bytes().to_vec())).await?;
+    if !marked.is_committed() && !interrupted {
+        return Err(refused("another migration into this datastore began meanwhile"));
+    }
     let (registered, _) = store.list_keys(keys::NODES).await?;
     if let Some(node) = registered.first() {
+        if !interrupted {
+            store.txn(Txn::new().remove(IN_PROGRESS)).await?;
+        }
         return Err(refused(format!(
             "an agent is registered on the target ({}): stop every agent before migrating into it",
             node.strip_prefix(keys::NODES).unwrap_or(node)
         )));
     }
-    const IPAM: [&str; 6] =
-        [keys::BLOCKS, keys::AFFINITIES, keys::ROOM, keys::HANDLES, keys::ENDPOINTS, keys::BORROWED];
-    let interrupted = store.get(IN_PROGRESS).await?.is_some();
-    for prefix in IPAM {
-        let (found, _) = store.list_keys(prefix).await?;
-        if found.is_empty() {
-            continue;
-        }
-        if !interrupted {
-            return Err(refused(format!(
-                "the target already holds IPAM records ({} under {prefix}, {} first): a migration copies into a \
-                 datastore with none, it never merges two states",
-                found.len(),
-                found[0]
-            )));
-        }
-        for chunk in found.chunks(KEYS_PER_TXN) {
-            store.txn(chunk.iter().fold(Txn::new(), |txn, key| txn.remove(key.as_str()))).await?;
-        }
+    for chunk in leftovers.chunks(KEYS_PER_TXN) {
+        store.txn(chunk.iter().fold(Txn::new(), |txn, key| txn.remove(key.as_str()))).await?;
     }
-    store.txn(Txn::new().put(IN_PROGRESS, from.as_bytes().to_vec())).await?;
-    Catalog::new(Arc::clone(store)).apply(docs).await?;
-    let records = records(blocks)?;
-    let all: Vec<_> = records.into_iter().collect();
-    for chunk in all.chunks(KEYS_PER_TXN) {
-        store.txn(chunk.iter().fold(Txn::new(), |txn, (key, value)| txn.put(key.as_str(), value.clone()))).await?;
-    }
+    catalog.apply(docs).await?;
+    put_all(store, &records).await?;
+    Ok(records.len())
+}
+
+/// The copy into `store` is whole and checked: agents may start on it.
+pub async fn finish(store: &Arc<dyn Store>) -> Result<(), MigrateError> {
     store.txn(Txn::new().remove(IN_PROGRESS)).await?;
-    Ok(all.len())
+    Ok(())
 }
 
 /// `poolwarden datastore migrate --from kubernetes --to etcd:URL|embedded:PATH`: the IPPool, IPAMConfig and
-/// IPAMBlock resources `client` reaches written into `store` in the multi-key layout the agents there run;
-/// refused if a block changed during the copy (the target then says so: [`IN_PROGRESS`] stays, and a run
-/// again starts over).
+/// IPAMBlock resources `client` reaches written into `store` in the multi-key layout the agents there run.
+/// Until the copy is checked (`ipam check` on it, and no IPAMBlock changed meanwhile) the target stays marked
+/// [`IN_PROGRESS`], so a failure or a kill at any point leaves agents refusing to start on it, and a run again
+/// starts over.
 pub async fn from_kubernetes(
     client: kube::Client,
     store: &Arc<dyn Store>,
@@ -474,10 +536,9 @@ pub async fn from_kubernetes(
     let snapshot = Allocator::new(Arc::clone(store)).snapshot().await.map_err(|e| refused(e.to_string()))?;
     let problems = check::check(&snapshot);
     if let Some(first) = problems.first() {
-        store.txn(Txn::new().put(IN_PROGRESS, b"kubernetes (inconsistent)".to_vec())).await?;
         return Err(refused(format!(
             "what the API server's blocks hold does not pass `ipam check` once copied ({} problem(s), first: \
-             {first}); the target is marked as a migration that did not finish",
+             {first}); the target stays marked as a migration that did not finish",
             problems.len()
         )));
     }
@@ -486,13 +547,13 @@ pub async fn from_kubernetes(
         objects.iter().map(|o| (o.name.clone(), o.version.clone())).collect()
     };
     if versions(&before) != versions(&after) {
-        store.txn(Txn::new().put(IN_PROGRESS, b"kubernetes (changed during the copy)".to_vec())).await?;
         return Err(refused(
-            "the IPAMBlocks changed during the copy: is an agent still running? The target is marked as a \
+            "the IPAMBlocks changed during the copy: is an agent still running? The target stays marked as a \
              migration that did not finish (its agents will not start on it); run the migration again once \
              nothing writes",
         ));
     }
+    finish(store).await?;
     let pools = docs.iter().filter(|d| matches!(d.resource, Resource::IpPool(_))).count();
     let addresses: usize = blocks.iter().map(|b| b.allocated().count()).sum();
     let _ = writeln!(
@@ -539,11 +600,16 @@ mod tests {
         Catalog::new(Arc::clone(store)).apply(&docs).await.expect("apply");
     }
 
+    /// The handle of attachment `n` (its container's and interface's, as an ADD makes it).
+    fn handle(n: usize) -> String {
+        crate::ipam::handle_for(&format!("{n:064x}"), "eth0")
+    }
+
     fn endpoint(n: usize, node: &str) -> Endpoint {
         Endpoint {
             container_id: format!("{n:064x}"),
             ifname: "eth0".into(),
-            host_ifname: format!("pw{n:011x}"),
+            host_ifname: poolwarden_protocol::host_ifname(&format!("{n:064x}"), "eth0"),
             netns: format!("/var/run/netns/cni-{n:08x}-0000-0000-0000-000000000000"),
             namespace: "default".into(),
             pod: format!("pod-{n}"),
@@ -558,7 +624,7 @@ mod tests {
     }
 
     /// 40 attachments on two nodes through the multi-key allocator with their endpoint records, 10 of them
-    /// released, one (handle-5) without a record.
+    /// released, one (the fifth) without a record.
     async fn populate(store: &Arc<dyn Store>) -> BTreeMap<(String, String), Endpoint> {
         pool(store, "a", "10.90.0.0/24").await;
         pool(store, "b", "10.91.0.0/24").await;
@@ -567,7 +633,7 @@ mod tests {
         let mut kept = BTreeMap::new();
         for n in 0..40 {
             let node = if n % 2 == 0 { "node-a" } else { "node-b" };
-            let handle = format!("handle-{n}");
+            let handle = handle(n);
             let template = endpoint(n, node);
             let key = keys::endpoint(node, &handle);
             let value_of = template.clone();
@@ -620,6 +686,13 @@ mod tests {
             let back = Endpoint::from_attributes(&e.namespace, &e.pod, e.ips.clone(), &attributes).expect("reads");
             assert_eq!(back, e);
         }
+        let own = endpoint(6, "node-a");
+        own.check_names(&handle(6)).expect("an ADD's names");
+        let err = own.check_names(&handle(7)).unwrap_err();
+        assert!(err.contains(&handle(6)), "{err}");
+        let uplink = Endpoint { host_ifname: "eth0".into(), ..own };
+        let err = uplink.check_names(&handle(6)).unwrap_err();
+        assert!(err.contains("\"eth0\""), "{err}");
         let bad = BTreeMap::from([("bridgePortIndex".to_string(), "x".to_string())]);
         let err = Endpoint::from_attributes("ns", "pod", vec![], &bad).unwrap_err();
         assert!(err.contains("bridgePortIndex"), "{err}");
@@ -632,13 +705,13 @@ mod tests {
         let endpoints = populate(&source).await;
         let read = read(&source).await.expect("read");
         assert_eq!(read.pools.len(), 2);
-        assert_eq!(read.without_record, 1, "handle-5 was assigned without a record");
+        assert_eq!(read.without_record, 1, "the fifth was assigned without a record");
         assert_eq!(read.addresses(), 30, "40 assigned, 10 released");
 
         let objects: Arc<dyn ObjectStore> = Arc::new(KeyValueObjects::new(store(&dir, "target.db")));
         let kept = check_target(objects.as_ref(), &read).await.expect("empty target");
         assert!(kept.is_empty());
-        write_blocks(objects.as_ref(), &read.blocks, read.revision, &kept).await.expect("write");
+        write_blocks(objects.as_ref(), &read.blocks, &read.label(), &kept).await.expect("write");
         verify(objects.as_ref(), &read.blocks).await.expect("verify");
         unchanged(&source, &read).await.expect("source unchanged");
 
@@ -648,7 +721,7 @@ mod tests {
         let mut found = BTreeMap::new();
         for node in ["node-a", "node-b"] {
             for attachment in allocator.attachments(node).await.expect("attachments") {
-                if attachment.handle == "handle-5" {
+                if attachment.handle == handle(5) {
                     assert!(attachment.attributes.is_empty());
                     continue;
                 }
@@ -725,7 +798,7 @@ mod tests {
 
         let copied = read(&source).await.expect("read");
         let objects: Arc<dyn ObjectStore> = Arc::new(KeyValueObjects::new(store(&dir, "objects.db")));
-        write_blocks(objects.as_ref(), &copied.blocks, copied.revision, &BTreeSet::new()).await.expect("there");
+        write_blocks(objects.as_ref(), &copied.blocks, &copied.label(), &BTreeSet::new()).await.expect("there");
         let (stored, _) = objects.list(Kind::Block, &Labels::new()).await.expect("list");
         let back: Vec<Block> = stored.iter().map(|o| single::decode(o).expect("block").block).collect();
 
@@ -739,15 +812,27 @@ mod tests {
             })
             .collect();
         into_store(&target, &docs, &back, "test").await.expect("and back");
+        assert!(target.get(IN_PROGRESS).await.expect("get").is_some(), "marked until checked");
+        finish(&target).await.expect("finish");
         assert_eq!(differences(&ipam_records(&target).await, &original), Vec::<String>::new());
         assert!(target.get(IN_PROGRESS).await.expect("get").is_none());
         assert!(check::check(&Allocator::new(Arc::clone(&target)).snapshot().await.expect("snapshot")).is_empty());
 
+        // A block whose record names the node's uplink as a pod's host side: refused before anything is written.
+        let fresh = store(&dir, "fresh.db");
+        let mut forged = back.clone();
+        let allocation = forged[0].allocations.values_mut().find(|a| !a.attributes.is_empty()).expect("a record");
+        allocation.attributes.insert("hostIfname".into(), "eth0".into());
+        let err = into_store(&fresh, &docs, &forged, "test").await.unwrap_err().to_string();
+        assert!(err.contains("\"eth0\""), "{err}");
+        assert!(fresh.list("").await.expect("list").0.is_empty(), "nothing written");
+
         // Into a datastore holding records: refused; unless a migration into it did not finish.
         let err = into_store(&target, &docs, &back, "test").await.unwrap_err().to_string();
-        assert!(err.contains("already holds IPAM records"), "{err}");
-        target.txn(Txn::new().put(IN_PROGRESS, b"test".to_vec()).remove(keys::handle("handle-0"))).await.expect("cut");
+        assert!(err.contains("already holds") && err.contains("never merges"), "{err}");
+        target.txn(Txn::new().put(IN_PROGRESS, b"test".to_vec()).remove(keys::handle(&handle(0)))).await.expect("cut");
         into_store(&target, &docs, &back, "test").await.expect("started over");
+        finish(&target).await.expect("finish");
         assert_eq!(differences(&ipam_records(&target).await, &original), Vec::<String>::new());
     }
 
@@ -765,12 +850,12 @@ mod tests {
         let objects: Arc<dyn ObjectStore> = Arc::new(KeyValueObjects::new(store(&dir, "target.db")));
         // A run stopped part way (half the blocks written), then run again: the half is kept, the rest made.
         let half = read_ok.blocks.len() / 2;
-        write_blocks(objects.as_ref(), &read_ok.blocks[..half], read_ok.revision, &BTreeSet::new())
+        write_blocks(objects.as_ref(), &read_ok.blocks[..half], &read_ok.label(), &BTreeSet::new())
             .await
             .expect("half");
         let kept = check_target(objects.as_ref(), &read_ok).await.expect("resumed");
         assert_eq!(kept.len(), half);
-        let created = write_blocks(objects.as_ref(), &read_ok.blocks, read_ok.revision, &kept).await.expect("the rest");
+        let created = write_blocks(objects.as_ref(), &read_ok.blocks, &read_ok.label(), &kept).await.expect("the rest");
         assert_eq!(created.len(), read_ok.blocks.len() - half);
         verify(objects.as_ref(), &read_ok.blocks).await.expect("whole");
         // The source written meanwhile: refused, what this run made removed; the next run, at the new

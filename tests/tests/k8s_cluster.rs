@@ -1468,11 +1468,11 @@ fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() 
         let loaded = allocator.load().await.expect("load");
         for n in 0..24_usize {
             let node = if n % 2 == 0 { "migrated-a" } else { "migrated-b" };
-            let handle = format!("migrated.{n}");
+            let handle = poolwarden::ipam::handle_for(&format!("{n:064x}"), "eth0");
             let template = Endpoint {
                 container_id: format!("{n:064x}"),
                 ifname: "eth0".into(),
-                host_ifname: format!("pw{n:011x}"),
+                host_ifname: poolwarden_protocol::host_ifname(&format!("{n:064x}"), "eth0"),
                 netns: format!("/var/run/netns/cni-{n:08x}-0000-0000-0000-000000000000"),
                 namespace: "migrated".into(),
                 pod: format!("pod-{n}"),

@@ -400,3 +400,41 @@ fn the_agent_waits_for_a_datastore_another_process_holds() {
     assert!(log.contains("held by another process"), "{log}");
     assert!(node.cli_ok(&["ipam", "show"]).contains("external-pool"));
 }
+
+/// A datastore that a migration into it (`poolwarden datastore migrate --from kubernetes`) left part way
+/// holds a partial IPAM state: the agent does not start on it, and says what to do; once the mark is gone
+/// it starts.
+#[test]
+fn the_agent_does_not_start_on_a_datastore_a_migration_left_part_way() {
+    if !privileged() {
+        return;
+    }
+    use poolwarden::store::{Store, Txn, embedded::EmbeddedStore};
+    let mut node = Node::new("10.255.9.1");
+    let path = node.dir.path().join("store.redb");
+    let mark = |put: bool| {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let store = EmbeddedStore::open(&path).expect("the node's store");
+            let txn = if put {
+                Txn::new().put(poolwarden::migrate::IN_PROGRESS, b"kubernetes".to_vec())
+            } else {
+                Txn::new().remove(poolwarden::migrate::IN_PROGRESS)
+            };
+            store.txn(txn).await.expect("the mark");
+        });
+    };
+    mark(true);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &node.ns.name])
+        .arg(binary("poolwarden"))
+        .args(["agent", "--node", &node.name, "--socket", &node.socket(), "--bpf-dir", &node.bpf_dir()])
+        .env("POOLWARDEN_DATASTORE", node.datastore())
+        .output()
+        .expect("run the agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("did not finish") && err.contains("datastore migrate"), "{err}");
+    mark(false);
+    node.start_agent();
+    node.stop_agent();
+}

@@ -158,6 +158,28 @@ impl Endpoint {
         .collect()
     }
 
+    /// Whether this endpoint can be the attachment `handle` names, as an ADD would have made it: its handle is
+    /// its container's and interface's, and its host interface (if any) the one the plugin names for them.
+    /// What a datastore says is checked before the agent acts on it (attaches a program, removes a route):
+    /// a record naming the node's uplink as a pod's host side is refused.
+    pub fn check_names(&self, handle: &str) -> Result<(), String> {
+        let own = crate::ipam::handle_for(&self.container_id, &self.ifname);
+        if handle != own {
+            return Err(format!(
+                "the endpoint of container {} interface {} is handle {own}, not {handle}",
+                self.container_id, self.ifname
+            ));
+        }
+        let host = poolwarden_protocol::host_ifname(&self.container_id, &self.ifname);
+        if !self.host_ifname.is_empty() && self.host_ifname != host {
+            return Err(format!(
+                "host interface {:?} is not the one of container {} interface {} ({host})",
+                self.host_ifname, self.container_id, self.ifname
+            ));
+        }
+        Ok(())
+    }
+
     /// The endpoint an allocation's attributes describe, with its namespace, pod and addresses; an error
     /// names the attribute that does not read.
     pub fn from_attributes(

@@ -178,6 +178,15 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
         Ok(record) => info!(addresses = ?record.addresses, "node registered"),
         Err(e) => return Err(ServeError::Register(e.to_string())),
     }
+    // Checked again once registered: a migration that began between the check at start and the registration
+    // did not see this agent (it marks first, then looks for registrations).
+    if let Ok(Some(kv)) = agent.store().get(crate::migrate::IN_PROGRESS).await {
+        return Err(ServeError::Register(format!(
+            "a migration into this datastore (from {}) began as this agent started: its IPAM state is partial \
+             until it finishes",
+            String::from_utf8_lossy(&kv.value)
+        )));
+    }
     if let Ok(pools) = crate::catalog::Catalog::new(Arc::clone(agent.store())).pools().await {
         for notice in pools.iter().filter_map(|(pool, _)| crate::dataplane::encapsulation_not_applied(pool)) {
             warn!("{notice}");
