@@ -574,38 +574,25 @@ fn same_config(a: &IpamConfig, b: &IpamConfig) -> bool {
     serde_json::to_value(&a.spec).ok() == serde_json::to_value(&b.spec).ok()
 }
 
-#[cfg(test)]
-mod tests {
-    use std::net::IpAddr;
+/// What the tests of a migration (here, and on etcd and the API server in the test crate) start from.
+pub mod fixtures {
+    use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
-    use super::*;
     use crate::{
-        allocator::{AssignRequest, Record},
+        allocator::{Allocator, AssignRequest, Record},
         catalog::encode,
+        daemon::Endpoint,
         ipam::{NamespaceInfo, NodeInfo, PodInfo, Requested},
-        objects::kv::KeyValueObjects,
-        store::embedded::EmbeddedStore,
+        store::{Store, Txn, keys},
     };
 
-    fn store(dir: &tempfile::TempDir, name: &str) -> Arc<dyn Store> {
-        Arc::new(EmbeddedStore::open(&dir.path().join(name)).expect("embedded store"))
-    }
-
-    async fn pool(store: &Arc<dyn Store>, name: &str, cidr: &str) {
-        let text = format!(
-            "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {{cidr: {cidr}, blockSize: 29}}\n"
-        );
-        let docs = crate::resources::parse_documents("pools.yaml", &text).expect("pool");
-        assert!(matches!(docs[0].resource, Resource::IpPool(_)));
-        Catalog::new(Arc::clone(store)).apply(&docs).await.expect("apply");
-    }
-
     /// The handle of attachment `n` (its container's and interface's, as an ADD makes it).
-    fn handle(n: usize) -> String {
+    pub fn handle(n: usize) -> String {
         crate::ipam::handle_for(&format!("{n:064x}"), "eth0")
     }
 
-    fn endpoint(n: usize, node: &str) -> Endpoint {
+    /// The endpoint record of attachment `n` on `node`, as the agent writes it (addresses aside).
+    pub fn endpoint(n: usize, node: &str) -> Endpoint {
         Endpoint {
             container_id: format!("{n:064x}"),
             ifname: "eth0".into(),
@@ -623,53 +610,102 @@ mod tests {
         }
     }
 
-    /// 40 attachments on two nodes through the multi-key allocator with their endpoint records, 10 of them
-    /// released, one (the fifth) without a record.
-    async fn populate(store: &Arc<dyn Store>) -> BTreeMap<(String, String), Endpoint> {
-        pool(store, "a", "10.90.0.0/24").await;
-        pool(store, "b", "10.91.0.0/24").await;
+    /// `count` attachments over `nodes` through the multi-key allocator from `pools` (every third from the
+    /// last, the others from the first), each with its endpoint record (written with the addresses, or after
+    /// them as the agent does when the allocator cannot), every fourth released, and attachment
+    /// `without_record` (if any) with no record. The records of those kept, by (node, handle).
+    pub async fn populate(
+        store: &Arc<dyn Store>,
+        pools: &[&str],
+        nodes: &[&str],
+        count: usize,
+        without_record: Option<usize>,
+    ) -> BTreeMap<(String, String), Endpoint> {
         let allocator = Allocator::new(Arc::clone(store));
         let loaded = allocator.load().await.expect("load");
         let mut kept = BTreeMap::new();
-        for n in 0..40 {
-            let node = if n % 2 == 0 { "node-a" } else { "node-b" };
+        for n in 0..count {
+            let node = nodes[n % nodes.len()];
             let handle = handle(n);
             let template = endpoint(n, node);
-            let key = keys::endpoint(node, &handle);
             let value_of = template.clone();
             let record = Record {
-                key,
+                key: keys::endpoint(node, &handle),
                 value: Arc::new(move |ips: &[IpAddr]| encode(&Endpoint { ips: ips.to_vec(), ..value_of.clone() })),
             };
+            let pool = if n % 3 == 0 { pools[pools.len() - 1] } else { pools[0] };
             let request = AssignRequest {
                 handle: handle.clone(),
                 node: NodeInfo { name: node.into(), labels: Default::default() },
                 namespace: NamespaceInfo::bare("default"),
                 pod: Some(PodInfo { name: template.pod.clone(), annotations: Default::default() }),
-                requested: Requested::from_pool_names(
-                    &loaded.pools,
-                    &[if n % 3 == 0 { "b" } else { "a" }.into()],
-                    vec![],
-                ),
+                requested: Requested::from_pool_names(&loaded.pools, &[pool.into()], vec![]),
                 eligible: None,
                 attributes: Default::default(),
             };
-            let recorded = n != 5;
+            let recorded = without_record != Some(n);
             let (assigned, committed) =
                 allocator.assign_recording(&request, recorded.then_some(&record), &loaded).await.expect("assign");
             let ips: Vec<IpAddr> = assigned.iter().map(|a| a.ip).collect();
             if recorded && !committed {
-                // As the agent does when the allocator could not commit the record with the addresses.
                 store.txn(Txn::new().put(&record.key, (record.value)(&ips))).await.expect("record");
             }
             if n % 4 == 3 {
                 allocator.release_handle(&handle).await.expect("release");
-                store.txn(Txn::new().remove(keys::endpoint(node, &handle))).await.expect("record");
+                store.txn(Txn::new().remove(record.key.clone())).await.expect("record");
             } else if recorded {
                 kept.insert((node.to_string(), handle), Endpoint { ips, ..template });
             }
         }
         kept
+    }
+
+    /// Every record under the multi-key layout's IPAM prefixes, with its value as text.
+    pub async fn ipam_records(store: &Arc<dyn Store>) -> BTreeMap<String, String> {
+        let mut all = BTreeMap::new();
+        for prefix in super::IPAM {
+            let (kvs, _) = store.list(prefix).await.expect("list");
+            all.extend(kvs.into_iter().map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned())));
+        }
+        all
+    }
+
+    /// The records `a` and `b` do not share, each with its value on both sides.
+    pub fn differences(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> Vec<String> {
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| format!("{k}: {:?} / {:?}", a.get(k), b.get(k)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        fixtures::{differences, endpoint, handle, ipam_records},
+        *,
+    };
+    use crate::{catalog::encode, objects::kv::KeyValueObjects, store::embedded::EmbeddedStore};
+
+    fn store(dir: &tempfile::TempDir, name: &str) -> Arc<dyn Store> {
+        Arc::new(EmbeddedStore::open(&dir.path().join(name)).expect("embedded store"))
+    }
+
+    async fn pool(store: &Arc<dyn Store>, name: &str, cidr: &str) {
+        let text = format!(
+            "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {{cidr: {cidr}, blockSize: 29}}\n"
+        );
+        let docs = crate::resources::parse_documents("pools.yaml", &text).expect("pool");
+        assert!(matches!(docs[0].resource, Resource::IpPool(_)));
+        Catalog::new(Arc::clone(store)).apply(&docs).await.expect("apply");
+    }
+
+    /// 40 attachments on two nodes from pools `a` and `b`, 10 released, the fifth without a record.
+    async fn populate(store: &Arc<dyn Store>) -> BTreeMap<(String, String), Endpoint> {
+        pool(store, "a", "10.90.0.0/24").await;
+        pool(store, "b", "10.91.0.0/24").await;
+        fixtures::populate(store, &["a", "b"], &["node-a", "node-b"], 40, Some(5)).await
     }
 
     #[test]
@@ -749,25 +785,6 @@ mod tests {
         objects.update(Kind::Block, &touched).await.expect("an agent's write");
         let err = check_target(objects.as_ref(), &read).await.unwrap_err().to_string();
         assert!(err.contains(&format!("already holds {} IPAMBlock", read.blocks.len())), "{err}");
-    }
-
-    /// Every IPAM record under the multi-key layout's prefixes, with its value.
-    async fn ipam_records(store: &Arc<dyn Store>) -> BTreeMap<String, String> {
-        let mut all = BTreeMap::new();
-        for prefix in [keys::BLOCKS, keys::AFFINITIES, keys::ROOM, keys::HANDLES, keys::ENDPOINTS, keys::BORROWED] {
-            let (kvs, _) = store.list(prefix).await.expect("list");
-            all.extend(kvs.into_iter().map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned())));
-        }
-        all
-    }
-
-    /// The records `a` and `b` do not share, each with its value on both sides.
-    fn differences(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> Vec<String> {
-        let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-        keys.into_iter()
-            .filter(|k| a.get(*k) != b.get(*k))
-            .map(|k| format!("{k}: {:?} / {:?}", a.get(k), b.get(k)))
-            .collect()
     }
 
     #[tokio::test]

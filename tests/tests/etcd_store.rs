@@ -195,3 +195,46 @@ async fn mutual_tls() {
     let err = EtcdStore::connect(&plain).await.err().expect("TLS options with http:// are refused").to_string();
     assert!(err.contains("use https://"), "{err}");
 }
+
+/// `datastore migrate` on etcd: a source of 150 attachments (more records than one transaction of the copy
+/// takes) read and checked unchanged while another user of the same etcd writes under another prefix (etcd's
+/// cluster-wide revision moves, poolwarden's keys do not), written back into a second prefix record for record,
+/// and refused as changed once one of its own keys is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_reads_and_writes_etcd_within_its_limits() {
+    use poolwarden::{catalog::Catalog, migrate, resources::parse_documents};
+    let Some((cluster, source)) = fresh_cluster().await else { return };
+    let docs = parse_documents(
+        "pools.yaml",
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.90.0.0/23, blockSize: 28}\n---\n\
+         apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: b}\nspec: {cidr: '10.91.0.0/24', blockSize: 27}\n",
+    )
+    .expect("pools");
+    Catalog::new(Arc::clone(&source)).apply(&docs).await.expect("apply");
+    let kept = migrate::fixtures::populate(&source, &["a", "b"], &["node-a", "node-b", "node-c"], 150, Some(8)).await;
+    let copied = migrate::read(&source).await.expect("read");
+    assert_eq!(copied.addresses(), kept.len() + 1);
+    let other = connect(&cluster).await;
+    other.txn(Txn::new().put("unrelated", b"x".to_vec())).await.expect("another user's write");
+    migrate::unchanged(&source, &copied).await.expect("poolwarden's keys did not change");
+
+    let target = connect(&cluster).await;
+    let docs: Vec<_> = copied
+        .pools
+        .iter()
+        .map(|p| poolwarden::resources::Located {
+            resource: poolwarden::resources::Resource::IpPool(p.clone()),
+            at: poolwarden::resources::Location { file: "-".into(), document: 1, line: 1, item: None },
+        })
+        .collect();
+    let written = migrate::into_store(&target, &docs, &copied.blocks, "test").await.expect("into etcd");
+    assert!(written > 128, "{written} records: more than one transaction's worth");
+    migrate::finish(&target).await.expect("finish");
+    let (original, back) =
+        (migrate::fixtures::ipam_records(&source).await, migrate::fixtures::ipam_records(&target).await);
+    assert_eq!(migrate::fixtures::differences(&back, &original), Vec::<String>::new());
+
+    source.txn(Txn::new().put("pools/x", b"{}".to_vec())).await.expect("a write to the source");
+    let err = migrate::unchanged(&source, &copied).await.unwrap_err().to_string();
+    assert!(err.contains("changed during the copy"), "{err}");
+}

@@ -1427,13 +1427,12 @@ fn the_custom_resources_validate_a_pool_as_apply_does() {
 /// embedded datastore, every IPAM record as the source had it.
 #[test]
 fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() {
-    use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+    use std::{collections::BTreeMap, sync::Arc};
 
     use poolwarden::{
-        allocator::{Allocator, AssignRequest, Record},
-        catalog::{Catalog, decode, encode},
+        catalog::Catalog,
         daemon::Endpoint,
-        ipam::{Block, NamespaceInfo, NodeInfo, PodInfo},
+        ipam::Block,
         store::{Store, Txn, embedded::EmbeddedStore, keys},
     };
 
@@ -1453,8 +1452,8 @@ fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() 
     let scratch = tempfile::tempdir().expect("temp dir");
     let path = scratch.path().join("source.redb");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    // The source: 24 attachments on two nodes through the multi-key allocator, each with its endpoint record
-    // (written with the addresses, or after them as the agent does when the allocator cannot), 6 released.
+    // The source: 24 attachments on two nodes through the multi-key allocator, each with its endpoint record, 6
+    // released.
     let records: BTreeMap<(String, String), Endpoint> = runtime.block_on(async {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&path).expect("source store"));
         let docs = poolwarden::resources::parse_documents(
@@ -1464,58 +1463,7 @@ fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() 
         )
         .expect("pools");
         Catalog::new(Arc::clone(&store)).apply(&docs).await.expect("apply");
-        let allocator = Allocator::new(Arc::clone(&store));
-        let loaded = allocator.load().await.expect("load");
-        for n in 0..24_usize {
-            let node = if n % 2 == 0 { "migrated-a" } else { "migrated-b" };
-            let handle = poolwarden::ipam::handle_for(&format!("{n:064x}"), "eth0");
-            let template = Endpoint {
-                container_id: format!("{n:064x}"),
-                ifname: "eth0".into(),
-                host_ifname: poolwarden_protocol::host_ifname(&format!("{n:064x}"), "eth0"),
-                netns: format!("/var/run/netns/cni-{n:08x}-0000-0000-0000-000000000000"),
-                namespace: "migrated".into(),
-                pod: format!("pod-{n}"),
-                pod_uid: format!("{n:08x}-1111-2222-3333-444444444444"),
-                ips: Vec::new(),
-                hook: if n % 3 == 0 { poolwarden_protocol::EnforcementHook::Tcx } else { Default::default() },
-                bridge_port: String::new(),
-                bridge_port_index: 0,
-                network: "k8s-pod-network".into(),
-                added_at: 1_700_000_000 + n as u64,
-            };
-            let value = template.clone();
-            let record = Record {
-                key: keys::endpoint(node, &handle),
-                value: Arc::new(move |ips: &[IpAddr]| encode(&Endpoint { ips: ips.to_vec(), ..value.clone() })),
-            };
-            let request = AssignRequest {
-                handle: handle.clone(),
-                node: NodeInfo { name: node.into(), labels: Default::default() },
-                namespace: NamespaceInfo::bare("migrated"),
-                pod: Some(PodInfo { name: template.pod.clone(), annotations: Default::default() }),
-                requested: Default::default(),
-                eligible: None,
-                attributes: Default::default(),
-            };
-            let (assigned, committed) =
-                allocator.assign_recording(&request, Some(&record), &loaded).await.expect("assign");
-            let ips: Vec<IpAddr> = assigned.iter().map(|a| a.ip).collect();
-            if !committed {
-                store.txn(Txn::new().put(&record.key, (record.value)(&ips))).await.expect("record");
-            }
-            if n % 4 == 1 {
-                allocator.release_handle(&handle).await.expect("release");
-                store.txn(Txn::new().remove(&record.key)).await.expect("record");
-            }
-        }
-        let (kvs, _) = store.list(keys::ENDPOINTS).await.expect("records");
-        kvs.iter()
-            .map(|kv| {
-                let (node, handle) = kv.key.strip_prefix(keys::ENDPOINTS).and_then(|k| k.split_once('/')).expect("key");
-                ((node.to_string(), handle.to_string()), decode(&kv.key, &kv.value).expect("record"))
-            })
-            .collect()
+        poolwarden::migrate::fixtures::populate(&store, &["migrated"], &["migrated-a", "migrated-b"], 24, None).await
     });
     assert_eq!(records.len(), 18);
     let from = format!("embedded:{}", path.display());
@@ -1592,23 +1540,13 @@ fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() 
     println!("{}", out.trim());
     let (original, copied) = runtime.block_on(async {
         let records = |path: std::path::PathBuf| async move {
-            let store = EmbeddedStore::open(&path).expect("store");
-            let mut all = BTreeMap::new();
-            for prefix in [keys::BLOCKS, keys::AFFINITIES, keys::ROOM, keys::HANDLES, keys::ENDPOINTS, keys::BORROWED] {
-                let (kvs, _) = store.list(prefix).await.expect("list");
-                all.extend(kvs.into_iter().map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned())));
-            }
-            let pools: Vec<String> = Catalog::new(Arc::new(store))
-                .pools()
-                .await
-                .expect("pools")
-                .into_iter()
-                .map(|(p, _)| format!("{}={}", p.name(), p.cidr()))
-                .collect();
-            (all, pools)
+            let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&path).expect("store"));
+            let all = poolwarden::migrate::fixtures::ipam_records(&store).await;
+            let pools = Catalog::new(store).pools().await.expect("pools");
+            (all, pools.into_iter().map(|(p, _)| format!("{}={}", p.name(), p.cidr())).collect::<Vec<_>>())
         };
         (records(path.clone()).await, records(back.clone()).await)
     });
-    assert_eq!(copied.0, original.0, "the IPAM records there and back");
+    assert_eq!(poolwarden::migrate::fixtures::differences(&copied.0, &original.0), Vec::<String>::new());
     assert!(copied.1.contains(&"migrated=10.126.0.0/24".to_string()), "{:?}", copied.1);
 }
