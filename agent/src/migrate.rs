@@ -366,7 +366,7 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
 
 /// The key a migration into a key-value datastore holds while it writes: an agent does not start on a
 /// datastore that has it (the state is partial), and a migration run again finds it and starts over.
-pub const IN_PROGRESS: &str = "config/migration-in-progress";
+pub const IN_PROGRESS: &str = keys::MIGRATION_IN_PROGRESS;
 
 /// How many keys one transaction of the copy writes (etcd refuses more than 128 operations in one).
 const KEYS_PER_TXN: usize = 64;

@@ -180,7 +180,7 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
     }
     // Checked again once registered: a migration that began between the check at start and the registration
     // did not see this agent (it marks first, then looks for registrations).
-    if let Ok(Some(kv)) = agent.store().get(crate::migrate::IN_PROGRESS).await {
+    if let Ok(Some(kv)) = agent.store().get(crate::store::keys::MIGRATION_IN_PROGRESS).await {
         return Err(ServeError::Register(format!(
             "a migration into this datastore (from {}) began as this agent started: its IPAM state is partial \
              until it finishes",

@@ -359,6 +359,9 @@ pub mod keys {
     /// `decommissioned/<name>`: an operator said the node is gone for good (`poolwarden node decommission`):
     /// its addresses and blocks are collected after the leak grace period instead of `--node-gone-after`.
     pub const DECOMMISSIONED: &str = "decommissioned/";
+    /// `config/migration-in-progress`: a `poolwarden datastore migrate` into this datastore has not finished
+    /// (its value says from where): the IPAM state is partial, and no agent starts on it.
+    pub const MIGRATION_IN_PROGRESS: &str = "config/migration-in-progress";
     /// `retired-pools/<name>`: a deleted pool's name and CIDR, so the firewall export keeps emptying its set
     /// (ignored while a pool of that name exists).
     pub const RETIRED_POOLS: &str = "retired-pools/";
