@@ -80,11 +80,10 @@ async fn run(cli: Cli) -> Result<u8> {
             bail!("no node name: give --node or set NODENAME");
         }
         let store = open_for_agent(&cli).await?;
-        if let Some(kv) = store.get(poolwarden::migrate::IN_PROGRESS).await? {
+        if let Some(from) = store::unfinished_migration(store.as_ref()).await? {
             bail!(
-                "a migration into this datastore (from {}) did not finish, so its IPAM state is partial: run `poolwarden \
-                 datastore migrate` again to completion before starting agents on it",
-                String::from_utf8_lossy(&kv.value)
+                "a migration into this datastore (from {from}) did not finish, so its IPAM state is partial: run \
+                 `poolwarden datastore migrate` again to completion before starting agents on it"
             );
         }
         let mut addresses = node_address.clone();

@@ -18,7 +18,7 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
-    allocator::{Allocator, MAX_ATTRIBUTE_BYTES, MAX_ATTRIBUTES, single},
+    allocator::{Allocator, check_attributes, single},
     catalog::{Catalog, CatalogError, decode},
     daemon::Endpoint,
     ipam::{Block, check},
@@ -39,6 +39,9 @@ pub enum MigrateError {
     /// The block objects failed.
     #[error("the IPAMBlocks: {0}")]
     Objects(#[from] ObjectError),
+    /// The pool resources could not be read or written.
+    #[error("the Kubernetes API: {0}")]
+    Kubernetes(#[from] crate::k8s::pools::SyncError),
     /// The state is not one to copy as it is.
     #[error("{0}")]
     Refused(String),
@@ -73,6 +76,11 @@ impl Source {
     pub fn addresses(&self) -> usize {
         self.blocks.iter().map(|b| b.allocated().count()).sum()
     }
+
+    /// The value of [`MIGRATED_LABEL`] on the blocks copied from this state.
+    pub fn label(&self) -> String {
+        format!("{}-{}", self.revision, self.keys)
+    }
 }
 
 /// What a datastore holds, in two numbers: its newest key's revision and how many keys it has. Any write
@@ -86,10 +94,9 @@ pub async fn fingerprint(store: &Arc<dyn Store>) -> Result<(Revision, usize), Mi
 /// Read everything to copy from `store`, with its agents stopped.
 pub async fn read(store: &Arc<dyn Store>) -> Result<Source, MigrateError> {
     let (revision, count) = fingerprint(store).await?;
-    if let Some(kv) = store.get(IN_PROGRESS).await? {
+    if let Some(from) = crate::store::unfinished_migration(store.as_ref()).await? {
         return Err(refused(format!(
-            "a migration into this datastore (from {}) did not finish: its state is partial, nothing to copy from",
-            String::from_utf8_lossy(&kv.value)
+            "a migration into this datastore (from {from}) did not finish: its state is partial, nothing to copy from"
         )));
     }
     let (registered, _) = store.list_keys(keys::NODES).await?;
@@ -134,16 +141,8 @@ pub async fn read(store: &Arc<dyn Store>) -> Result<Source, MigrateError> {
                 continue;
             };
             let attributes = endpoint.attributes();
-            let bytes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
-            if attributes.len() > MAX_ATTRIBUTES || bytes > MAX_ATTRIBUTE_BYTES {
-                return Err(refused(format!(
-                    "the endpoint record of handle {} on node {} is {bytes} bytes in {} attributes, over what a \
-                     block keeps per address ({MAX_ATTRIBUTE_BYTES} bytes in {MAX_ATTRIBUTES})",
-                    allocation.handle,
-                    allocation.node,
-                    attributes.len()
-                )));
-            }
+            check_attributes(&allocation.handle, &attributes)
+                .map_err(|e| refused(format!("the endpoint record on node {}: {e}", allocation.node)))?;
             allocation.attributes.extend(attributes);
             used.insert(key);
         }
@@ -164,15 +163,9 @@ pub async fn read(store: &Arc<dyn Store>) -> Result<Source, MigrateError> {
             left.push(format!("{} {what}", found.len()));
         }
     }
-    let now = fingerprint(store).await?;
-    if now != (revision, count) {
-        return Err(refused(format!(
-            "the source changed while it was read (newest revision and keys {revision}/{count}, then {}/{}): is \
-             an agent or a command still writing to it?",
-            now.0, now.1
-        )));
-    }
-    Ok(Source { revision, keys: count, pools: snapshot.pools, config, blocks, without_record, left })
+    let source = Source { revision, keys: count, pools: snapshot.pools, config, blocks, without_record, left };
+    unchanged(store, &source).await?;
+    Ok(source)
 }
 
 /// The label on a block a migration created, naming the source's revision it was copied at. The allocator
@@ -262,8 +255,8 @@ pub async fn verify(objects: &dyn ObjectStore, blocks: &[Block]) -> Result<(), M
     Ok(())
 }
 
-/// Refuse if the source moved past `source.revision` (checked after the copy; the caller then removes what
-/// it wrote).
+/// Refuse if the source moved since `source` was read (checked once it is read, and after the copy: the
+/// caller then removes what it wrote).
 pub async fn unchanged(store: &Arc<dyn Store>, source: &Source) -> Result<(), MigrateError> {
     let now = fingerprint(store).await?;
     if now != (source.revision, source.keys) {
@@ -276,13 +269,6 @@ pub async fn unchanged(store: &Arc<dyn Store>, source: &Source) -> Result<(), Mi
     Ok(())
 }
 
-impl Source {
-    /// The value of [`MIGRATED_LABEL`] on the blocks copied from this state.
-    pub fn label(&self) -> String {
-        format!("{}-{}", self.revision, self.keys)
-    }
-}
-
 /// `poolwarden datastore migrate --to kubernetes`: copy `store`'s pools, configuration and blocks to the API
 /// server `client` reaches, as IPPool, IPAMConfig and IPAMBlock resources; all or nothing. What it did goes
 /// to `out`.
@@ -290,14 +276,12 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
     use crate::k8s::pools::{self, Present};
     let source = read(store).await?;
     let objects = crate::objects::kubernetes::KubeObjects::new(client.clone());
-    let kept = check_target(&objects, &source).await?;
-    let kube = |e: pools::SyncError| refused(format!("the Kubernetes API: {e}"));
     let mut resources: Vec<Resource> = source.pools.iter().cloned().map(Resource::IpPool).collect();
     resources.push(Resource::IpamConfig(source.config.clone()));
-    let defaults = same_config(&source.config, &IpamConfig::default());
+    let defaults = pools::same(&source.config.spec, &IpamConfig::default().spec);
     let mut absent = Vec::new();
     for resource in &resources {
-        match pools::present(&client, resource).await.map_err(kube)? {
+        match pools::present(&client, resource).await? {
             // The defaults need no resource.
             Present::Absent if defaults && matches!(resource, Resource::IpamConfig(_)) => {}
             Present::Absent => absent.push(resource),
@@ -310,11 +294,13 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
             }
         }
     }
+    // After every refusal that writes nothing: this deletes what a stopped run left from another state.
+    let kept = check_target(&objects, &source).await?;
     let mut created: Vec<&Resource> = Vec::new();
     let mut blocks = Vec::new();
     let copied = async {
         for resource in &absent {
-            pools::create(&client, resource).await.map_err(kube)?;
+            pools::create(&client, resource).await?;
             created.push(resource);
         }
         blocks = write_blocks(&objects, &source.blocks, &source.label(), &kept).await?;
@@ -331,13 +317,13 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
         }
         return Err(e);
     }
+    let new_pools = absent.iter().filter(|r| matches!(r, Resource::IpPool(_))).count();
     let _ = writeln!(
         out,
-        "copied {} pool(s) ({} created, {} already there), the IPAM configuration ({}) and {} block(s) holding {} \
-         address(es) to Kubernetes; the datastore did not change throughout (newest revision {})",
+        "copied {} pool(s) ({new_pools} created, {} already there), the IPAM configuration ({}) and {} block(s) \
+         holding {} address(es) to Kubernetes; the datastore did not change throughout (newest revision {})",
         source.pools.len(),
-        absent.iter().filter(|r| matches!(r, Resource::IpPool(_))).count(),
-        source.pools.len() - absent.iter().filter(|r| matches!(r, Resource::IpPool(_))).count(),
+        source.pools.len() - new_pools,
         if defaults { "the defaults: nothing to write" } else { "as IPAMConfig default" },
         source.blocks.len(),
         source.addresses(),
@@ -531,7 +517,7 @@ pub async fn from_kubernetes(
     let objects = crate::objects::kubernetes::KubeObjects::new(client.clone());
     let (before, _) = objects.list(Kind::Block, &Labels::new()).await?;
     let blocks: Vec<Block> = before.iter().map(|o| single::decode(o).map(|s| s.block)).collect::<Result<_, _>>()?;
-    let docs = crate::k8s::pools::resources(&client).await.map_err(|e| refused(format!("the Kubernetes API: {e}")))?;
+    let docs = crate::k8s::pools::resources(&client).await?;
     let written = into_store(store, &docs, &blocks, "kubernetes").await?;
     let snapshot = Allocator::new(Arc::clone(store)).snapshot().await.map_err(|e| refused(e.to_string()))?;
     let problems = check::check(&snapshot);
@@ -568,10 +554,6 @@ pub async fn from_kubernetes(
         blocks.len()
     );
     Ok(())
-}
-
-fn same_config(a: &IpamConfig, b: &IpamConfig) -> bool {
-    serde_json::to_value(&a.spec).ok() == serde_json::to_value(&b.spec).ok()
 }
 
 /// What the tests of a migration (here, and on etcd and the API server in the test crate) start from.
@@ -716,8 +698,7 @@ mod tests {
         full.ips = vec!["10.0.0.1".parse().unwrap()];
         for e in [full, endpoint(3, "node-b"), Endpoint { added_at: 0, network: String::new(), ..endpoint(5, "x") }] {
             let attributes = e.attributes();
-            let bytes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
-            assert!(attributes.len() <= MAX_ATTRIBUTES && bytes <= MAX_ATTRIBUTE_BYTES, "{bytes} bytes");
+            check_attributes(&e.container_id, &attributes).expect("within what a block keeps per address");
             assert!(attributes.values().all(|v| !v.is_empty()), "{attributes:?}");
             let back = Endpoint::from_attributes(&e.namespace, &e.pod, e.ips.clone(), &attributes).expect("reads");
             assert_eq!(back, e);

@@ -126,6 +126,16 @@ pub const MAX_ATTRIBUTES: usize = 16;
 /// See [`MAX_ATTRIBUTES`].
 pub const MAX_ATTRIBUTE_BYTES: usize = 512;
 
+/// Refuse attributes larger than a block may carry for each of its addresses ([`MAX_ATTRIBUTES`],
+/// [`MAX_ATTRIBUTE_BYTES`]).
+pub fn check_attributes(handle: &str, attributes: &BTreeMap<String, String>) -> Result<(), AllocError> {
+    let bytes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if attributes.len() > MAX_ATTRIBUTES || bytes > MAX_ATTRIBUTE_BYTES {
+        return Err(AllocError::Attributes { handle: handle.to_string(), bytes, entries: attributes.len() });
+    }
+    Ok(())
+}
+
 /// One request for addresses.
 #[derive(Clone, Debug, Default)]
 pub struct AssignRequest {

@@ -180,11 +180,10 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
     }
     // Checked again once registered: a migration that began between the check at start and the registration
     // did not see this agent (it marks first, then looks for registrations).
-    if let Ok(Some(kv)) = agent.store().get(crate::store::keys::MIGRATION_IN_PROGRESS).await {
+    if let Ok(Some(from)) = crate::store::unfinished_migration(agent.store().as_ref()).await {
         return Err(ServeError::Register(format!(
-            "a migration into this datastore (from {}) began as this agent started: its IPAM state is partial \
-             until it finishes",
-            String::from_utf8_lossy(&kv.value)
+            "a migration into this datastore (from {from}) began as this agent started: its IPAM state is partial \
+             until it finishes"
         )));
     }
     if let Ok(pools) = crate::catalog::Catalog::new(Arc::clone(agent.store())).pools().await {

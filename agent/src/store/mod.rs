@@ -294,6 +294,12 @@ pub trait Store: Send + Sync {
 /// How the user names a backend on the command line: `embedded:PATH` (the default) or `etcd:URL[,URL...]`.
 pub const DEFAULT_DATASTORE: &str = "embedded:/var/lib/poolwarden/store.redb";
 
+/// Where a `poolwarden datastore migrate` into `store` that has not finished came from ([`keys::MIGRATION_IN_PROGRESS`]):
+/// while it is set, the IPAM state is partial.
+pub async fn unfinished_migration(store: &dyn Store) -> Result<Option<String>, StoreError> {
+    Ok(store.get(keys::MIGRATION_IN_PROGRESS).await?.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+}
+
 /// Open the backend named by `spec`, as given to `--datastore`; an etcd backend takes what `spec` does not say
 /// (TLS material, key prefix) from `etcd`.
 pub async fn open(spec: &str, etcd: &etcd::EtcdConfig) -> Result<Arc<dyn Store>, StoreError> {

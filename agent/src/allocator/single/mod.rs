@@ -380,14 +380,7 @@ impl BlockAllocator {
     /// nothing stays allocated.
     pub async fn assign(&self, request: &AssignRequest, loaded: &Loaded) -> Result<Vec<Assigned>, AllocError> {
         let node = request.node.name.as_str();
-        let bytes: usize = request.attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if request.attributes.len() > super::MAX_ATTRIBUTES || bytes > super::MAX_ATTRIBUTE_BYTES {
-            return Err(AllocError::Attributes {
-                handle: request.handle.clone(),
-                bytes,
-                entries: request.attributes.len(),
-            });
-        }
+        super::check_attributes(&request.handle, &request.attributes)?;
         // One ADD at a time per node in this process: the node's blocks are written by its own agent, so its
         // requests would otherwise only conflict with each other.
         let lock = self.locks.get(format!("node/{node}"));
