@@ -751,7 +751,6 @@ fn lapsed_or_log(err: SyncError, what: &str) -> Result<(), SyncError> {
 
 /// Whether two pools or configs are the same as stored (what is not stored does not count, such as
 /// Calico's `autoAllocateBlocks`).
-/// Whether `a` and `b` serialize the same (a resource's spec against the datastore's).
 pub(crate) fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
     serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
