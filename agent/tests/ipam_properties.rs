@@ -1,6 +1,7 @@
 //! Property tests over random sequences of assign/release/block-release across nodes, pools and block
 //! sizes, against a model of who should hold what: no address is ever handed out twice, blocks never
-//! overlap, used + free is conserved, release undoes assign, and `ipam check` stays clean.
+//! overlap, used + free is conserved, release undoes assign, a released address is not handed out again
+//! inside its cooldown (whatever happened to its block meanwhile), and `ipam check` stays clean.
 
 mod support;
 
@@ -19,11 +20,27 @@ use support::{Env, pool_yaml, request};
 
 #[derive(Clone, Debug)]
 enum Op {
-    Assign { handle: u8, node: u8, bound_namespace: bool },
-    ReleaseHandle { handle: u8 },
-    ReleaseIp { pick: usize },
-    ReleaseEmptyBlocks { node: u8 },
-    Advance { seconds: u8 },
+    Assign {
+        handle: u8,
+        node: u8,
+        bound_namespace: bool,
+    },
+    ReleaseHandle {
+        handle: u8,
+    },
+    ReleaseIp {
+        pick: usize,
+    },
+    ReleaseEmptyBlocks {
+        node: u8,
+    },
+    /// The node is gone: the collector releases its blocks' affinities, then gives back blocks nobody owns.
+    ReleaseNode {
+        node: u8,
+    },
+    Advance {
+        seconds: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -32,6 +49,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u8..24).prop_map(|handle| Op::ReleaseHandle { handle }),
         1 => any::<usize>().prop_map(|pick| Op::ReleaseIp { pick }),
         1 => (0u8..3).prop_map(|node| Op::ReleaseEmptyBlocks { node }),
+        1 => (0u8..3).prop_map(|node| Op::ReleaseNode { node }),
         1 => (0u8..40).prop_map(|seconds| Op::Advance { seconds }),
     ]
 }
@@ -47,6 +65,9 @@ async fn run(open_block: u8, bound_block: u8, v6_block: u8, strict: bool, cooldo
     env.apply(&yaml).await;
 
     let mut model: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+    // When each address was last released, to check its cooldown.
+    let mut released_at: BTreeMap<IpAddr, u64> = BTreeMap::new();
+    let now = || env.now.load(std::sync::atomic::Ordering::SeqCst);
     for op in ops {
         match op {
             Op::Assign { handle, node, bound_namespace } => {
@@ -72,6 +93,14 @@ async fn run(open_block: u8, bound_block: u8, v6_block: u8, strict: bool, cooldo
                                 a.pool == "open"
                             };
                             assert!(pool_ok, "{handle} got {} from {}", a.ip, a.pool);
+                            if let Some(at) = released_at.get(&a.ip) {
+                                assert!(
+                                    now() >= at + u64::from(cooldown),
+                                    "{} handed to {handle} {}s after its release, inside the {cooldown}s cooldown",
+                                    a.ip,
+                                    now() - at
+                                );
+                            }
                             for (other, held) in &model {
                                 assert!(
                                     other == &handle || !held.contains(&a.ip),
@@ -92,6 +121,7 @@ async fn run(open_block: u8, bound_block: u8, v6_block: u8, strict: bool, cooldo
                 let handle = format!("h{handle}");
                 let released: BTreeSet<IpAddr> =
                     env.allocator.release_handle(&handle).await.unwrap().into_iter().collect();
+                released_at.extend(released.iter().map(|ip| (*ip, now())));
                 assert_eq!(
                     released,
                     model.remove(&handle).unwrap_or_default(),
@@ -108,6 +138,7 @@ async fn run(open_block: u8, bound_block: u8, v6_block: u8, strict: bool, cooldo
                 let allocation =
                     env.allocator.release_ip(*ip, None).await.unwrap().expect("a held address is allocated");
                 assert_eq!(&allocation.handle, handle);
+                released_at.insert(*ip, now());
                 let held = model.get_mut(handle).unwrap();
                 held.remove(ip);
                 if held.is_empty() {
@@ -116,6 +147,17 @@ async fn run(open_block: u8, bound_block: u8, v6_block: u8, strict: bool, cooldo
             }
             Op::ReleaseEmptyBlocks { node } => {
                 env.allocator.release_empty_blocks(&format!("n{node}")).await.unwrap();
+            }
+            Op::ReleaseNode { node } => {
+                let node = format!("n{node}");
+                for affinity in env.allocator.snapshot().await.unwrap().affinities.iter().filter(|a| a.node == node) {
+                    env.allocator.release_affinity(affinity).await.unwrap();
+                }
+                for block in env.allocator.snapshot().await.unwrap().blocks {
+                    if block.affinity.is_none() {
+                        env.allocator.release_unowned_block(block.cidr).await.unwrap();
+                    }
+                }
             }
             Op::Advance { seconds } => env.advance(u64::from(seconds)),
         }

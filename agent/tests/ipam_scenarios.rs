@@ -122,15 +122,13 @@ async fn max_blocks_per_host_then_borrowing_or_strict_refusal() {
 }
 
 /// A gone node's block that another node borrowed from loses its owner, not its borrowed address; when the
-/// borrower releases that address the block goes back to its pool at once (no whole-store sweep needed).
+/// borrower releases that address the block stays, owned by nobody, until the address has cooled down, and
+/// goes back to its pool then.
 #[tokio::test]
-async fn an_unowned_block_goes_back_when_its_last_address_is_released() {
+async fn an_unowned_block_goes_back_once_its_last_address_has_cooled_down() {
     let env = Env::new();
     env.apply(&pool_yaml("tiny", "10.4.0.0/30", 30, "")).await; // one block of 4
-    env.apply(
-        "apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {strictAffinity: false}\n",
-    )
-    .await;
+    env.apply("apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {strictAffinity: false, reuseCooldownSeconds: 5}\n").await;
     env.allocator.assign(&request("gone0", "node-gone", "default", &[])).await.unwrap();
     let borrowed = env.allocator.assign(&request("b0", "node-b", "default", &[])).await.unwrap();
     let snapshot = env.allocator.snapshot().await.unwrap();
@@ -141,9 +139,66 @@ async fn an_unowned_block_goes_back_when_its_last_address_is_released() {
     assert_eq!(snapshot.blocks.len(), 1, "the block keeps the borrowed address");
     assert_eq!(snapshot.blocks[0].affinity, None);
     assert_eq!(env.allocator.release_ip(borrowed[0].ip, None).await.unwrap().unwrap().handle, "b0");
+    let cidr = snapshot.blocks[0].cidr;
+    assert!(!env.allocator.release_unowned_block(cidr).await.unwrap(), "not while an address cools down");
+    let snapshot = env.allocator.snapshot().await.unwrap();
+    assert!(snapshot.blocks.len() == 1 && snapshot.handles.is_empty(), "{snapshot:?}");
+    env.advance(5);
+    assert!(env.allocator.release_unowned_block(cidr).await.unwrap(), "once it has cooled down");
     let snapshot = env.allocator.snapshot().await.unwrap();
     assert!(snapshot.blocks.is_empty() && snapshot.handles.is_empty(), "{snapshot:?}");
     assert_clean(&env).await;
+}
+
+/// The reuse cooldown holds when the block an address was released from has lost its owner: the block is
+/// not given back (and cut again, the address free at once) while the address cools down. A claim on a
+/// pool with no unclaimed block left adopts the block nobody owns once it has an address to give.
+#[tokio::test]
+async fn a_released_address_cools_down_in_a_block_nobody_owns() {
+    let cooldown = "apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {reuseCooldownSeconds: 60, strictAffinity: STRICT}\n";
+    // A borrowed address released after its block's node went.
+    let env = Env::new();
+    env.apply(&pool_yaml("pair", "10.4.1.0/31", 31, "")).await; // one block of 2
+    env.apply(&cooldown.replace("STRICT", "false")).await;
+    let mine = env.allocator.assign(&request("a0", "node-a", "default", &[])).await.unwrap()[0].ip;
+    let x = env.allocator.assign(&request("b0", "node-b", "default", &[])).await.unwrap()[0].ip;
+    let affinity = env.allocator.snapshot().await.unwrap().affinities[0].clone();
+    env.allocator.release_handle("a0").await.unwrap();
+    assert!(env.allocator.release_affinity(&affinity).await.unwrap());
+    env.allocator.release_handle("b0").await.unwrap();
+    env.advance(1);
+    let early = env.allocator.assign(&request("c0", "node-c", "default", &[])).await;
+    assert!(matches!(early, Err(AllocError::Exhausted { .. })), "{x} and {mine} cool down: {early:?}");
+    assert!(!env.allocator.release_unowned_block(affinity.cidr).await.unwrap(), "not given back while cooling");
+    env.advance(60);
+    let mut got = BTreeSet::new();
+    for handle in ["c0", "c1"] {
+        got.insert(env.allocator.assign(&request(handle, "node-c", "default", &[])).await.unwrap()[0].ip);
+    }
+    assert_eq!(got, BTreeSet::from([mine, x]), "after the cooldown both come back");
+    let snapshot = env.allocator.snapshot().await.unwrap();
+    assert_eq!(snapshot.blocks[0].affinity.as_deref(), Some("node-c"), "adopted: {snapshot:?}");
+    assert_clean(&env).await;
+
+    // A block already empty when its node went, with and without strictAffinity.
+    for strict in ["false", "true"] {
+        let env = Env::new();
+        env.apply(&pool_yaml("one", "10.4.2.7/32", 32, "")).await; // one block of 1
+        env.apply(&cooldown.replace("STRICT", strict)).await;
+        let x = env.allocator.assign(&request("a0", "node-a", "default", &[])).await.unwrap()[0].ip;
+        let affinity = env.allocator.snapshot().await.unwrap().affinities[0].clone();
+        env.allocator.release_handle("a0").await.unwrap();
+        assert!(env.allocator.release_affinity(&affinity).await.unwrap());
+        env.advance(1);
+        let early = env.allocator.assign(&request("c0", "node-c", "default", &[])).await;
+        assert!(matches!(early, Err(AllocError::Exhausted { .. })), "strict {strict}: {x} cools down: {early:?}");
+        env.advance(60);
+        let got = env.allocator.assign(&request("c0", "node-c", "default", &[])).await.unwrap();
+        assert_eq!(got[0].ip, x, "strict {strict}");
+        let snapshot = env.allocator.snapshot().await.unwrap();
+        assert_eq!(snapshot.blocks[0].affinity.as_deref(), Some("node-c"), "strict {strict}: adopted");
+        assert_clean(&env).await;
+    }
 }
 
 #[tokio::test]

@@ -518,6 +518,30 @@ impl Allocator {
                     }
                     continue;
                 }
+                // Every block is cut: adopt one nobody owns any more (its node went) that has an address to
+                // give, keeping its free list and the cooldowns in it.
+                let (block_kvs, _) = self.store.list(keys::BLOCKS).await?;
+                let mut adopted = None;
+                for kv in &block_kvs {
+                    let mut block: Block = decode(&kv.key, &kv.value)?;
+                    let Some(pool) = pools.iter().find(|p| belongs(&block, p)) else { continue };
+                    if block.affinity.is_some() || !block.has_available(now, cooldown) {
+                        continue;
+                    }
+                    block.affinity = Some(owner.node.clone());
+                    if let Some(ip) = take(&mut block, now) {
+                        adopted = Some((pool, block, kv.mod_revision, ip));
+                        break;
+                    }
+                }
+                if let Some((pool, block, rev, ip)) = adopted {
+                    let affinity = Affinity { node: owner.node.clone(), cidr: block.cidr };
+                    let adopt = Txn::new().create(keys::affinity(&owner.node, block.cidr), encode(&affinity));
+                    if self.commit_assignment(owner, &block, Some(rev), adopt).await? {
+                        return Ok((Assigned { ip, pool: pool.name().to_string(), block: block.cidr }, false));
+                    }
+                    continue;
+                }
             }
 
             // 3. Borrow from another node's block.
@@ -770,7 +794,7 @@ impl Allocator {
             for cidr in record.blocks.keys() {
                 if let Some((mut block, rev)) = self.block(*cidr).await? {
                     released.extend(block.release_handle(handle, now));
-                    txn = write_released(txn, &block, rev);
+                    txn = write_block(txn, &block, Some(rev));
                 }
             }
             if self.store.txn(txn).await?.is_committed() {
@@ -803,7 +827,7 @@ impl Allocator {
                 return Err(AllocError::Reassigned { ip, expected: sequence, actual: current.sequence });
             }
             let Some(allocation) = block.release_ip(ip, now) else { return Ok(None) };
-            let mut txn = write_released(Txn::new(), &block, rev);
+            let mut txn = write_block(Txn::new(), &block, Some(rev));
             let (mut record, handle_rev) = self.handle_record(&allocation.handle).await?;
             if let Some(handle_rev) = handle_rev {
                 let hkey = keys::handle(&allocation.handle);
@@ -847,19 +871,24 @@ impl Allocator {
         Ok(released)
     }
 
-    /// Release a node's claim on a block (its node is gone): an empty block goes back to its pool with the
-    /// affinity; a block other nodes still hold addresses in stays, owned by nobody, until it is empty.
-    /// Returns whether anything was released.
+    /// Release a node's claim on a block (its node is gone): an empty block whose released addresses have
+    /// cooled down goes back to its pool with the affinity; any other stays, owned by nobody, until it is
+    /// (see [`Self::release_unowned_block`]), or until a claim adopts it. Returns whether anything was
+    /// released.
     pub async fn release_affinity(&self, affinity: &Affinity) -> Result<bool, AllocError> {
+        let cooldown = Catalog::new(Arc::clone(&self.store)).config().await?.0.spec.reuse_cooldown_seconds;
         let akey = keys::affinity(&affinity.node, affinity.cidr);
         for _ in 0..MAX_ATTEMPTS {
             let Some(akv) = self.store.get(&akey).await? else { return Ok(false) };
             let lock = self.locks.get(format!("block/{}", affinity.cidr));
             let _turn = lock.lock().await;
             let txn = Txn::new().delete(&akey, akv.mod_revision);
+            let now = (self.clock)();
             let txn = match self.block(affinity.cidr).await? {
                 None => txn,
-                Some((block, rev)) if block.is_empty() => delete_block(txn, &block, rev),
+                Some((block, rev)) if block.is_empty() && now >= block.cooled_down_at(cooldown) => {
+                    delete_block(txn, &block, rev)
+                }
                 Some((mut block, rev)) => {
                     let previous = block.affinity.take();
                     let txn = txn.update(keys::block(block.cidr), rev, encode(&block));
@@ -876,12 +905,18 @@ impl Allocator {
         Err(AllocError::Contention { operation: format!("releasing node {}'s block {}", affinity.node, affinity.cidr) })
     }
 
-    /// Give back a block nobody owns once it is empty. Returns whether it was given back.
+    /// Give back a block nobody owns once it is empty and its released addresses have cooled down (given
+    /// back sooner, it could be cut again at once and an address handed out inside its cooldown). Returns
+    /// whether it was given back.
     pub async fn release_unowned_block(&self, cidr: IpNet) -> Result<bool, AllocError> {
+        let cooldown = Catalog::new(Arc::clone(&self.store)).config().await?.0.spec.reuse_cooldown_seconds;
         let lock = self.locks.get(format!("block/{cidr}"));
         let _turn = lock.lock().await;
+        let now = (self.clock)();
         match self.block(cidr).await? {
-            Some((block, rev)) if block.affinity.is_none() && block.is_empty() => {
+            Some((block, rev))
+                if block.affinity.is_none() && block.is_empty() && now >= block.cooled_down_at(cooldown) =>
+            {
                 Ok(self.store.txn(delete_block(Txn::new(), &block, rev)).await?.is_committed())
             }
             _ => Ok(false),
@@ -960,14 +995,10 @@ fn holds_family(record: &HandleRecord, ipv6: bool) -> bool {
     record.blocks.keys().any(|cidr| cidr.network().is_ipv6() == ipv6)
 }
 
-/// Write a block addresses were released from: one that nobody owns goes back to its pool once it is empty
-/// (what is left of a gone node's block that another node borrowed from).
-fn write_released(txn: Txn, block: &Block, revision: Revision) -> Txn {
-    if block.affinity.is_none() && block.is_empty() {
-        delete_block(txn, block, revision)
-    } else {
-        write_block(txn, block, Some(revision))
-    }
+/// Whether `block` is a block of `pool` as the pool is now: a block of a deleted pool of the same name, cut
+/// at another size or from another range, is not.
+fn belongs(block: &Block, pool: &IpPool) -> bool {
+    block.pool == pool.name() && block.cidr.prefix_len() == pool.block_size() && pool.cidr().contains(&block.cidr)
 }
 
 fn pool_names(pools: &[&IpPool]) -> String {

@@ -276,8 +276,8 @@ impl Agent {
                 warn!(block = %affinity.cidr, node = %affinity.node, "released the block of a node that is gone");
             }
         }
-        // A block nobody owns goes back when its last address is released; what an older version left
-        // behind among the blocks read goes now.
+        // A block nobody owns goes back once it is empty and its released addresses have cooled down (until
+        // then a claim may adopt it); this pass gives back those among the blocks read.
         for cidr in ipam::gc::unowned_empty_blocks(&read) {
             if self.allocator.release_unowned_block(cidr).await? {
                 blocks += 1;

@@ -75,7 +75,8 @@ pub fn orphaned_affinities(affinities: &[Affinity], registered: &BTreeSet<String
 }
 
 /// Blocks that no node owns and that hold nothing (what is left when a gone node's affinity was released
-/// while another node still borrowed from the block): they go back to their pool.
+/// while another node still borrowed from the block): they go back to their pool once their released
+/// addresses have cooled down (the allocator checks that, at the block's version).
 pub fn unowned_empty_blocks(blocks: &[Block]) -> Vec<IpNet> {
     blocks.iter().filter(|b| b.affinity.is_none() && b.is_empty()).map(|b| b.cidr).collect()
 }

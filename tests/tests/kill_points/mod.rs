@@ -267,6 +267,7 @@ async fn after_the_kill(point: &str, backend: &Backend) {
     for node in ["a", "b"] {
         allocator.release_empty_blocks(node, &config).await.expect("give back");
     }
+    allocator.release_unowned_blocks(&config).await.expect("give back the blocks nobody owns");
     let left = checked_blocks(objects.as_ref()).await;
     assert!(left.is_empty(), "{point}: left after everything was released: {left:?}");
 }

@@ -38,7 +38,8 @@ macro_rules! block_allocator_tests {
     ($fresh:path) => {
         $crate::block_allocator_tests!($fresh; claims_assigns_and_gives_back, borrows_and_respects_strict_affinity,
             a_pool_changed_under_a_claim_is_refused, fixed_addresses, concurrent_nodes_never_share_an_address,
-            random_sequences_keep_every_invariant, attachments_are_read_back_with_their_attributes);
+            random_sequences_keep_every_invariant, attachments_are_read_back_with_their_attributes,
+            a_released_address_cools_down_in_a_block_nobody_owns);
     };
     ($fresh:path; $($name:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -57,6 +58,7 @@ pub async fn all(objects: Arc<dyn ObjectStore>, run: &str) {
     a_pool_changed_under_a_claim_is_refused(Arc::clone(&objects), &format!("{run}-changed")).await;
     fixed_addresses(Arc::clone(&objects), &format!("{run}-fixed")).await;
     attachments_are_read_back_with_their_attributes(Arc::clone(&objects), &format!("{run}-attachments")).await;
+    a_released_address_cools_down_in_a_block_nobody_owns(Arc::clone(&objects), &format!("{run}-cooldown")).await;
     concurrent_nodes_never_share_an_address(objects, &format!("{run}-concurrent")).await;
 }
 
@@ -326,7 +328,70 @@ pub async fn borrows_and_respects_strict_affinity(objects: Arc<dyn ObjectStore>,
     for h in 0..5 {
         assert_eq!(bench.release(&a, "a", &format!("a{h}")).await.len(), 1, "released by its node's name");
     }
-    assert!(bench.blocks().await.is_empty(), "an unowned block goes with its last address");
+    let config = bench.pools.loaded().config;
+    assert_eq!(b.release_unowned_blocks(&config).await.expect("give back").len(), 2, "empty and cooled down");
+    assert!(bench.blocks().await.is_empty(), "an unowned block goes once empty");
+}
+
+/// The reuse cooldown holds when the block an address was released from has lost its owner: the block is not
+/// given back (and cut again, the address free at once) while the address cools down. A claim in a pool with
+/// no block left to cut adopts the block nobody owns once it has an address to give, with or without
+/// strictAffinity.
+pub async fn a_released_address_cools_down_in_a_block_nobody_owns(objects: Arc<dyn ObjectStore>, run: &str) {
+    // A borrowed address released after its block's node went (one block of two addresses).
+    let bench = Bench::new(Arc::clone(&objects), run, "10.251.6.0/31", 31).await;
+    bench.pools.configure(|c| c.reuse_cooldown_seconds = 60);
+    let (a, b, c) = (bench.agent(), bench.agent(), bench.agent());
+    let mine = bench.assign(&a, "a", "a0").await.expect("node a claims");
+    let x = bench.assign(&b, "b", "b0").await.expect("node b borrows");
+    bench.release(&a, "a", "a0").await;
+    assert_eq!(a.release_node(&bench.node("a")).await.expect("node a goes").len(), 1);
+    bench.release(&b, "b", "b0").await;
+    bench.now.fetch_add(1, Ordering::SeqCst);
+    let early = bench.assign(&c, "c", "c0").await;
+    assert!(matches!(early, Err(AllocError::Exhausted { .. })), "{x} and {mine} cool down: {early:?}");
+    let config = bench.pools.loaded().config;
+    assert!(c.release_unowned_blocks(&config).await.expect("give back").is_empty(), "not while cooling");
+    bench.now.fetch_add(60, Ordering::SeqCst);
+    let got = BTreeSet::from([
+        bench.assign(&c, "c", "c0").await.expect("after the cooldown"),
+        bench.assign(&c, "c", "c1").await.expect("after the cooldown"),
+    ]);
+    assert_eq!(got, BTreeSet::from([mine, x]), "both come back");
+    let blocks = bench.blocks().await;
+    assert_eq!(blocks[0].affinity.as_deref(), Some(bench.node("c").as_str()), "adopted: {blocks:?}");
+    for h in ["c0", "c1"] {
+        bench.release(&c, "c", h).await;
+    }
+    bench.now.fetch_add(1_000, Ordering::SeqCst);
+    c.release_empty_blocks(&bench.node("c"), &config).await.expect("give back");
+    assert!(bench.blocks().await.is_empty(), "nothing left");
+
+    // A block already empty when its node went (one block of one address).
+    for strict in [false, true] {
+        let run = format!("{run}-{strict}");
+        let bench = Bench::new(Arc::clone(&objects), &run, "10.251.6.7/32", 32).await;
+        bench.pools.configure(|c| {
+            c.reuse_cooldown_seconds = 60;
+            c.strict_affinity = strict;
+        });
+        let (a, c) = (bench.agent(), bench.agent());
+        let x = bench.assign(&a, "a", "a0").await.expect("node a claims");
+        bench.release(&a, "a", "a0").await;
+        a.release_node(&bench.node("a")).await.expect("node a goes");
+        bench.now.fetch_add(1, Ordering::SeqCst);
+        let early = bench.assign(&c, "c", "c0").await;
+        assert!(matches!(early, Err(AllocError::Exhausted { .. })), "strict {strict}: {x} cools down: {early:?}");
+        bench.now.fetch_add(60, Ordering::SeqCst);
+        assert_eq!(bench.assign(&c, "c", "c0").await.expect("after the cooldown"), x, "strict {strict}");
+        let blocks = bench.blocks().await;
+        assert_eq!(blocks[0].affinity.as_deref(), Some(bench.node("c").as_str()), "strict {strict}: adopted");
+        bench.release(&c, "c", "c0").await;
+        bench.now.fetch_add(1_000, Ordering::SeqCst);
+        let config = bench.pools.loaded().config;
+        c.release_empty_blocks(&bench.node("c"), &config).await.expect("give back");
+        assert!(bench.blocks().await.is_empty(), "nothing left");
+    }
 }
 
 /// A pool deleted and re-created with another block size between reading it and claiming a block of it: the
@@ -520,7 +585,8 @@ pub fn random_case(seed: u64) -> (Shape, Vec<Op>) {
 
 /// Run `ops` against a model of who should hold what, checking after every step that no address is held
 /// twice, blocks never overlap and carry the labels of what they hold, used + free is conserved, release
-/// undoes assign, the store holds exactly the model and `ipam check` finds nothing; then release
+/// undoes assign, no address is handed out again inside its cooldown, the store holds exactly the model and
+/// `ipam check` finds nothing; then release
 /// everything and check every block went back.
 pub async fn keeps_every_invariant(objects: Arc<dyn ObjectStore>, run: &str, shape: Shape, ops: Vec<Op>) {
     let (open, bound, six) = (format!("{run}-open"), format!("{run}-bound"), format!("{run}-six"));
@@ -538,6 +604,9 @@ pub async fn keeps_every_invariant(objects: Arc<dyn ObjectStore>, run: &str, sha
     let node_of = |handle: u8| usize::from(handle % 3);
     let full = |handle: u8| format!("{run}-h{handle}");
     let mut model: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+    // When each address was last released, to check its cooldown.
+    let mut released_at: BTreeMap<IpAddr, u64> = BTreeMap::new();
+    let now = || bench.now.load(Ordering::SeqCst);
     for op in ops {
         match op {
             Op::Assign { handle, bound_namespace } => {
@@ -567,6 +636,15 @@ pub async fn keeps_every_invariant(objects: Arc<dyn ObjectStore>, run: &str, sha
                                 &open
                             };
                             assert_eq!(&a.pool, want, "{} for {}", a.ip, request.handle);
+                            if let Some(at) = released_at.get(&a.ip) {
+                                assert!(
+                                    now() >= at + u64::from(shape.cooldown),
+                                    "{} handed to {} {}s after its release, inside the cooldown",
+                                    a.ip,
+                                    request.handle,
+                                    now() - at
+                                );
+                            }
                             assert!(
                                 model.values().all(|held| !held.contains(&a.ip)),
                                 "{} handed to {} while held",
@@ -590,6 +668,7 @@ pub async fn keeps_every_invariant(objects: Arc<dyn ObjectStore>, run: &str, sha
                     .expect("release")
                     .into_iter()
                     .collect();
+                released_at.extend(released.iter().map(|ip| (*ip, now())));
                 assert_eq!(released, model.remove(&full(handle)).unwrap_or_default(), "release undoes assign");
             }
             Op::ReleaseIp { pick } => {
@@ -601,6 +680,7 @@ pub async fn keeps_every_invariant(objects: Arc<dyn ObjectStore>, run: &str, sha
                 let (handle, ip) = &all[pick % all.len()];
                 let allocation = agents[0].release_ip(*ip, None).await.expect("release").expect("held is allocated");
                 assert_eq!(&allocation.handle, handle);
+                released_at.insert(*ip, now());
                 let held = model.get_mut(handle).expect("held");
                 held.remove(ip);
                 if held.is_empty() {
@@ -613,7 +693,10 @@ pub async fn keeps_every_invariant(objects: Arc<dyn ObjectStore>, run: &str, sha
                 agents[usize::from(node)].release_empty_blocks(&name, &config).await.expect("give back");
             }
             Op::ReleaseNode { node } => {
+                // The node is gone: the collector releases its blocks, then gives back those nobody owns.
                 agents[usize::from(node)].release_node(&bench.node(&format!("n{node}"))).await.expect("release node");
+                let config = bench.pools.loaded().config;
+                agents[0].release_unowned_blocks(&config).await.expect("give back unowned");
             }
             Op::Advance { seconds } => {
                 bench.now.fetch_add(u64::from(seconds), Ordering::SeqCst);
@@ -657,6 +740,7 @@ async fn give_back_all(bench: &Bench, agents: &[BlockAllocator]) {
         for (n, agent) in agents.iter().enumerate() {
             agent.release_empty_blocks(&bench.node(&format!("n{n}")), &config).await.expect("give back");
         }
+        agents[0].release_unowned_blocks(&config).await.expect("give back unowned");
         if bench.blocks().await.is_empty() {
             return;
         }

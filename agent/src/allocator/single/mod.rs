@@ -27,7 +27,9 @@ use async_trait::async_trait;
 use ipnet::IpNet;
 
 use self::view::NodeView;
-use super::{AllocError, AssignRequest, Assigned, Clock, Loaded, Locks, MAX_ATTEMPTS, pool_names, system_clock};
+use super::{
+    AllocError, AssignRequest, Assigned, Clock, Loaded, Locks, MAX_ATTEMPTS, belongs, pool_names, system_clock,
+};
 use crate::{
     catalog::Catalog,
     ipam::{self, Affinity, Allocation, Block, BlockError, HandleRecord, Owner, check::Snapshot},
@@ -165,12 +167,6 @@ pub(crate) fn encode(block: &Block) -> serde_json::Value {
     serde_json::to_value(block).unwrap_or_default()
 }
 
-/// Whether `block` is a block of `pool` as the pool is now: a block of a deleted pool of the same name, cut
-/// at another size or from another range, is not.
-fn belongs(block: &Block, pool: &IpPool) -> bool {
-    block.pool == pool.name() && block.cidr.prefix_len() == pool.block_size() && pool.cidr().contains(&block.cidr)
-}
-
 /// Allocates and releases addresses in block objects.
 #[derive(Clone)]
 pub struct BlockAllocator {
@@ -283,20 +279,31 @@ impl BlockAllocator {
         Ok(self.objects.get(Kind::Block, &block_name(cidr)).await?.as_ref().map(decode).transpose()?)
     }
 
-    /// Write `block` over `stored` (one read at `stored.version`): deleted when nobody owns it and it is empty,
-    /// updated otherwise. Returns false when the object changed or went since it was read.
+    /// Write `block` over `stored` (one read at `stored.version`). Returns false when the object changed or
+    /// went since it was read.
     async fn write(&self, stored: &Stored, block: &Block) -> Result<bool, AllocError> {
-        let name = block_name(block.cidr);
-        let result = if block.affinity.is_none() && block.is_empty() {
-            self.objects.delete(Kind::Block, &name, &stored.version).await.map(|()| None)
-        } else {
-            let object = Object {
-                name: name.clone(),
-                labels: labels_of(block),
-                spec: encode(block),
-                version: stored.version.clone(),
-            };
-            self.objects.update(Kind::Block, &object).await.map(Some)
+        self.commit(stored, Some(block)).await
+    }
+
+    /// Delete the block `stored` holds, at the version read (a block used meanwhile stays). Returns false
+    /// when it changed or went since it was read.
+    async fn delete(&self, stored: &Stored) -> Result<bool, AllocError> {
+        self.commit(stored, None).await
+    }
+
+    async fn commit(&self, stored: &Stored, block: Option<&Block>) -> Result<bool, AllocError> {
+        let name = block_name(stored.block.cidr);
+        let result = match block {
+            None => self.objects.delete(Kind::Block, &name, &stored.version).await.map(|()| None),
+            Some(block) => {
+                let object = Object {
+                    name: name.clone(),
+                    labels: labels_of(block),
+                    spec: encode(block),
+                    version: stored.version.clone(),
+                };
+                self.objects.update(Kind::Block, &object).await.map(Some)
+            }
         };
         match result {
             Ok(Some(object)) => self.written(&object),
@@ -477,26 +484,38 @@ impl BlockAllocator {
             let at_limit = config.max_blocks_per_host > 0 && owned.len() >= config.max_blocks_per_host as usize;
             if !at_limit {
                 for pool in pools {
-                    let mut claimed: BTreeSet<IpNet> =
-                        self.named_blocks(pool.name()).await?.into_iter().map(|s| s.block.cidr).collect();
+                    let named = self.named_blocks(pool.name()).await?;
+                    let mut claimed: BTreeSet<IpNet> = named.iter().map(|s| s.block.cidr).collect();
                     // Names found taken by a block this list does not show (another pool's, left over).
                     claimed.extend(lost.iter().copied());
-                    let Some(cidr) = ipam::unclaimed_blocks(pool, &claimed)
-                        .find(|c| eligible.is_none_or(|e| e.any_in(*c, pool.cidr())))
-                    else {
-                        continue;
-                    };
-                    let mut block = Block::new(cidr, pool.name(), &owner.node, now);
-                    let ip = take(&mut block, pool, now)
-                        .ok_or_else(|| exhausted(format!("new block {cidr} has no address it may give")))?;
-                    let Some(object) = self.create(&block).await? else {
-                        lost.insert(cidr);
-                        continue 'attempt;
-                    };
-                    faults::reached("claim-created");
-                    self.confirm_claim(pool, object).await?;
-                    faults::reached("claim-confirmed");
-                    return Ok(Assigned { ip, pool: pool.name().to_string(), block: cidr });
+                    let unclaimed = ipam::unclaimed_blocks(pool, &claimed)
+                        .find(|c| eligible.is_none_or(|e| e.any_in(*c, pool.cidr())));
+                    if let Some(cidr) = unclaimed {
+                        let mut block = Block::new(cidr, pool.name(), &owner.node, now);
+                        let ip = take(&mut block, pool, now)
+                            .ok_or_else(|| exhausted(format!("new block {cidr} has no address it may give")))?;
+                        let Some(object) = self.create(&block).await? else {
+                            lost.insert(cidr);
+                            continue 'attempt;
+                        };
+                        faults::reached("claim-created");
+                        self.confirm_claim(pool, object).await?;
+                        faults::reached("claim-confirmed");
+                        return Ok(Assigned { ip, pool: pool.name().to_string(), block: cidr });
+                    }
+                    // Every block of the pool is cut: adopt one nobody owns any more (its node went) that has
+                    // an address to give, keeping its free list and the cooldowns in it. One update, as an
+                    // assignment in an owned block.
+                    for stored in named.iter().filter(|s| s.block.affinity.is_none() && belongs(&s.block, pool)) {
+                        let mut block = stored.block.clone();
+                        block.affinity = Some(owner.node.clone());
+                        let Some(ip) = take(&mut block, pool, now) else { continue };
+                        if !self.write(stored, &block).await? {
+                            continue 'attempt;
+                        }
+                        faults::reached("assigned");
+                        return Ok(Assigned { ip, pool: pool.name().to_string(), block: block.cidr });
+                    }
                 }
             }
             // 3. Borrow from another node's block.
@@ -562,7 +581,10 @@ impl BlockAllocator {
             for ip in own {
                 block.release_ip(ip, (self.clock)());
             }
-            if self.write(&stored, &block).await? {
+            // Nothing in it was ever wired to a pod: an empty block goes at once, without a cooldown.
+            let undone =
+                if block.is_empty() { self.delete(&stored).await? } else { self.write(&stored, &block).await? };
+            if undone {
                 break;
             }
             match self.get(stored.block.cidr).await? {
@@ -716,10 +738,7 @@ impl BlockAllocator {
             if !(block.is_empty() && idle && now >= block.cooled_down_at(config.reuse_cooldown_seconds)) {
                 continue;
             }
-            // Owned by nobody and empty: the write deletes it, at the version read.
-            let mut gone = block.clone();
-            gone.affinity = None;
-            if self.write(&stored, &gone).await? {
+            if self.delete(&stored).await? {
                 released.push(block.cidr);
                 faults::reached("given-back");
             }
@@ -727,8 +746,31 @@ impl BlockAllocator {
         Ok(released)
     }
 
-    /// A gone node's claim on its blocks: an empty block goes back to its pool, one that still holds
-    /// addresses stays, owned by nobody, until its last address is released. Returns the blocks released.
+    /// Give back the blocks nobody owns (their node went) that are empty and whose released addresses have
+    /// cooled down (given back sooner, a block could be cut again at once and an address handed out inside
+    /// its cooldown). One list of every block, a delete at the version read for each. Returns them.
+    pub async fn release_unowned_blocks(&self, config: &IpamConfigSpec) -> Result<Vec<IpNet>, AllocError> {
+        let now = (self.clock)();
+        let mut released = Vec::new();
+        for stored in self.selected(Labels::new()).await? {
+            let block = &stored.block;
+            if block.affinity.is_some()
+                || !block.is_empty()
+                || now < block.cooled_down_at(config.reuse_cooldown_seconds)
+            {
+                continue;
+            }
+            if self.delete(&stored).await? {
+                released.push(block.cidr);
+                faults::reached("given-back");
+            }
+        }
+        Ok(released)
+    }
+
+    /// A gone node's claim on its blocks: each stays, owned by nobody, until it is empty and its released
+    /// addresses have cooled down ([`Self::release_unowned_blocks`]) or a claim adopts it. Returns the blocks
+    /// released.
     pub async fn release_node(&self, node: &str) -> Result<Vec<IpNet>, AllocError> {
         let mut released = Vec::new();
         for _ in 0..MAX_ATTEMPTS {
