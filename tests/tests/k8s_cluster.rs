@@ -654,6 +654,131 @@ fn the_block_allocator_passes_its_checks_on_the_api_server() {
     });
 }
 
+/// The Kubernetes datastore's pools: what `kubectl apply -f` writes, as the pools' lease holder judged it, is
+/// what the block allocator allocates from (`ResourcePools` over the API server's IPPool and IPAMConfig
+/// resources, IPAMBlock objects for the blocks): a ready pool gives addresses, a pool refused as overlapping
+/// it is never seen, and once the ready one is deleted nothing more comes from it while what it gave is still
+/// released.
+#[test]
+fn the_block_allocator_allocates_from_the_ippool_resources_as_judged() {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use poolwarden::{
+        allocator::{
+            AllocError, AssignRequest,
+            single::{BlockAllocator, PoolSource},
+        },
+        ipam::{NamespaceInfo, NodeInfo},
+        k8s::pools::ResourcePools,
+        objects::{ObjectStore, kubernetes::KubeObjects},
+        resources::ANNOTATION_IPV4_POOLS,
+    };
+
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    ipamblocks_served(&kubectl);
+    let run = format!("r{}", std::process::id());
+    let (ready, overlapping) = (format!("{run}-ready"), format!("{run}-overlapping"));
+    // Bound to a namespace no pod is in: the agents judge the pools, and allocate nothing from them.
+    let yaml = format!(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {{name: {ready}}}\nspec: {{cidr: 10.253.0.0/28, blockSize: 30, allowedNamespaces: [{run}]}}\n---\n\
+apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {{name: {overlapping}}}\nspec: {{cidr: 10.253.0.0/29, blockSize: 30, allowedNamespaces: [{run}]}}\n"
+    );
+    let verdict = |name: &str| {
+        let (found, out, _) = kubectl.run(&["get", "ippool", name, "-o", "json"], None);
+        let object: Value = if found { serde_json::from_str(&out).expect("kubectl JSON") } else { Value::Null };
+        let conditions = object["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        let ready = conditions.into_iter().find(|c| c["type"] == "Ready").unwrap_or(Value::Null);
+        (found, ready["status"].as_str().map(str::to_string), ready["reason"].as_str().map(str::to_string))
+    };
+    // Applied one after the other: the older of two overlapping pools is the one kept.
+    kubectl.ok_with(&["apply", "-f", "-"], Some(yaml.split("---").next().expect("the first pool")));
+    wait_for("the pool judged ready", Duration::from_secs(60), || verdict(&ready).1.as_deref() == Some("True"));
+    kubectl.ok_with(&["apply", "-f", "-"], Some(&yaml));
+    wait_for("the overlapping pool refused", Duration::from_secs(60), || {
+        verdict(&overlapping).2.as_deref() == Some("Overlap")
+    });
+
+    let kubeconfig = dir.join("admin.kubeconfig");
+    let (deleted, released) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel::<()>());
+    let (deleted_tx, deleted_rx) = deleted;
+    let (released_tx, released_rx) = released;
+    let thread_run = run.clone();
+    let thread = std::thread::spawn(move || {
+        let run = thread_run;
+        kill_points::enter(std::path::Path::new(CONTROL_PLANE_NETNS));
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let client = poolwarden::k8s::connect(Some(&kubeconfig)).await.expect("a client of the API server");
+            let pools = Arc::new(ResourcePools::start(client.clone()));
+            let objects: Arc<dyn ObjectStore> = Arc::new(KubeObjects::new(client));
+            let source: Arc<dyn PoolSource> = pools.clone();
+            let allocator = BlockAllocator::new(objects, source);
+            let loaded = pools.load().await.expect("the resources listed");
+            let mine: Vec<(&str, bool)> = loaded
+                .pools
+                .iter()
+                .filter(|p| p.name().starts_with(&run))
+                .map(|p| (p.name(), p.spec.disabled))
+                .collect();
+            assert_eq!(mine, [(format!("{run}-ready").as_str(), false)], "the ready pool, not the refused one");
+            let request = |handle: &str| {
+                let mut namespace = NamespaceInfo::bare(&run);
+                namespace.annotations.insert(ANNOTATION_IPV4_POOLS.into(), format!("[\"{run}-ready\"]"));
+                AssignRequest {
+                    handle: format!("{run}-{handle}"),
+                    node: NodeInfo { name: format!("{run}-node"), labels: BTreeMap::new() },
+                    namespace,
+                    pod: None,
+                    requested: Default::default(),
+                    eligible: None,
+                    attributes: BTreeMap::new(),
+                }
+            };
+            let got = allocator.assign(&request("h0"), &loaded).await.expect("an address from the ready pool");
+            assert_eq!(got[0].pool, format!("{run}-ready"));
+            let std::net::IpAddr::V4(ip) = got[0].ip else { panic!("an IPv4 address: {got:?}") };
+            assert!((0x0afd_0000..0x0afd_0010).contains(&u32::from(ip)), "in 10.253.0.0/28: {got:?}");
+            let second = allocator.assign(&request("h1"), &loaded).await;
+            assert!(second.is_ok(), "a second address: {second:?}");
+
+            // The operator deletes the ready pool: once its resource is gone, nothing more comes from it.
+            deleted_tx.send(()).expect("the test");
+            let node = format!("{run}-node");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let now = pools.load().await.expect("the resources listed");
+                if !now.pools.iter().any(|p| p.name() == format!("{run}-ready") && !p.spec.disabled) {
+                    let after = allocator.assign(&request("h2"), &now).await;
+                    assert!(matches!(after, Err(AllocError::Selection(_) | AllocError::Exhausted { .. })), "{after:?}");
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "the deleted pool is still given out from");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            for handle in ["h0", "h1"] {
+                let ips = allocator.release_handle(&node, &format!("{run}-{handle}")).await.expect("release");
+                assert_eq!(ips.len(), 1, "{handle}'s address released after its pool went");
+            }
+            let mut config = pools.load().await.expect("the resources listed").config;
+            config.empty_block_grace_seconds = 0;
+            assert_eq!(allocator.release_empty_blocks(&node, &config).await.expect("give back").len(), 1);
+            released_tx.send(()).expect("the test");
+        });
+    });
+    // Whatever the thread did (a failed assertion drops its senders), the pools go, and its blocks with them.
+    let _ = deleted_rx.recv();
+    kubectl.ok(&["delete", "ippool", &ready, &overlapping, "--wait=false"]);
+    let ok = released_rx.recv().is_ok() && thread.join().is_ok();
+    if !ok {
+        kubectl.run(&["delete", "ipamblocks", "-l", &format!("poolwarden.io/pool={ready}")], None);
+    }
+    assert!(ok, "the allocator's thread failed (its panic is printed above)");
+    wait_for("the pools gone", Duration::from_secs(60), || !verdict(&ready).0 && !verdict(&overlapping).0);
+    no_ipamblocks_left(&kubectl);
+}
+
 /// The control plane's network namespace, where the API server is reached from.
 const CONTROL_PLANE_NETNS: &str = "/run/netns/pwk-cp";
 

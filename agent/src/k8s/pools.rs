@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 use super::lease::Holder;
 use crate::{
+    allocator::{AllocError, Loaded, single::PoolSource},
     catalog::{Catalog, CatalogError, decode},
     ipam::Block,
     resources::{self, IpPool, IpamConfig, Located, Resource},
@@ -821,6 +822,98 @@ async fn set_finalizers(
     }
 }
 
+/// IPPool and IPAMConfig resources as the block allocator's pools (the Kubernetes datastore): followed by
+/// watches and read from their caches, so an ADD asks the API server nothing for its pools.
+pub struct ResourcePools {
+    pools: Store<DynamicObject>,
+    configs: Store<DynamicObject>,
+    watches: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for ResourcePools {
+    fn drop(&mut self) {
+        self.watches.iter().for_each(tokio::task::JoinHandle::abort);
+    }
+}
+
+impl ResourcePools {
+    /// Follow the resources through `client`.
+    pub fn start(client: Client) -> Self {
+        let follow = |resource: ApiResource, what| {
+            let writer = kube::runtime::reflector::store::Writer::new(resource.clone());
+            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+            super::reflect_into(writer, api, watcher::Config::default(), what, None)
+        };
+        let (pools, pools_task) = follow(ippools(), "ippools");
+        let (configs, configs_task) = follow(ipamconfigs(), "ipamconfigs");
+        Self { pools, configs, watches: vec![pools_task, configs_task] }
+    }
+
+    /// Whether both caches were listed within `limit`.
+    pub async fn wait_ready(&self, limit: Duration) -> bool {
+        let both = async {
+            let _ = self.pools.wait_until_ready().await;
+            let _ = self.configs.wait_until_ready().await;
+        };
+        tokio::time::timeout(limit, both).await.is_ok()
+    }
+}
+
+#[async_trait::async_trait]
+impl PoolSource for ResourcePools {
+    async fn load(&self) -> Result<Loaded, AllocError> {
+        if !self.wait_ready(Duration::from_secs(5)).await {
+            return Err(AllocError::Store(StoreError::Backend {
+                operation: "list of the IPPool and IPAMConfig resources".into(),
+                message: "not listed within 5 s: are poolwarden's custom resource definitions installed \
+                          (kubectl apply -f deploy/crds.yaml), and may this agent read them?"
+                    .into(),
+            }));
+        }
+        Ok(loaded(&self.pools.state(), &self.configs.state()))
+    }
+}
+
+/// What the allocator allocates from, given the resources as they are: every IPPool judged ready at its
+/// current generation (its `Ready` condition true and observed at the resource's generation: a pool not
+/// judged yet, or refused as overlapping another, is not there; a change waits for the lease holder's next
+/// pass), disabled while it is being deleted if its last verdict let it be used (its addresses stay until
+/// released, nothing new is handed out from it); the `default` IPAMConfig's settings,
+/// or the defaults without one. In name order, as the datastore's catalog lists them.
+pub fn loaded(pools: &[Arc<DynamicObject>], configs: &[Arc<DynamicObject>]) -> Loaded {
+    let judged = |object: &DynamicObject| {
+        let generation = object.metadata.generation.unwrap_or(0);
+        object.data["status"]["conditions"]
+            .as_array()
+            .and_then(|conditions| conditions.iter().find(|c| c["type"] == "Ready"))
+            .is_some_and(|c| c["observedGeneration"].as_i64().unwrap_or(0) >= generation)
+    };
+    let mut found: Vec<IpPool> = pools
+        .iter()
+        .filter(|object| judged(object) || object.metadata.deletion_timestamp.is_some())
+        .filter_map(|object| {
+            let verdict = condition_of(object)?;
+            // Used as judged: ready, or draining after it was (a refused pool stays refused when deleted).
+            if !verdict.ready && verdict.reason != Reason::Deleting {
+                return None;
+            }
+            let Ok(Located { resource: Resource::IpPool(mut pool), .. }) = parse(object, "IPPool") else { return None };
+            pool.spec.disabled |= object.metadata.deletion_timestamp.is_some() || verdict.reason == Reason::Deleting;
+            Some(pool)
+        })
+        .collect();
+    found.sort_by(|a, b| a.name().cmp(b.name()));
+    let config = configs
+        .iter()
+        .filter(|object| object.name_any() == "default" && object.metadata.deletion_timestamp.is_none())
+        .find_map(|object| match parse(object, "IPAMConfig") {
+            Ok(Located { resource: Resource::IpamConfig(config), .. }) => Some(config.spec),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Loaded { pools: found, config }
+}
+
 /// Why a pass did not finish (tried again on the next).
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -852,6 +945,63 @@ pub enum SyncError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An IPPool resource at `generation`, with a `Ready` condition observed at `observed` when given.
+    fn ippool(
+        name: &str,
+        cidr: &str,
+        generation: i64,
+        ready: Option<(&str, &str, i64)>,
+        deleting: bool,
+    ) -> Arc<DynamicObject> {
+        let mut object = json!({
+            "apiVersion": API_VERSION, "kind": "IPPool",
+            "metadata": {"name": name, "generation": generation},
+            "spec": {"cidr": cidr, "blockSize": 29},
+        });
+        if let Some((status, reason, observed)) = ready {
+            object["status"] = json!({"conditions": [{
+                "type": "Ready", "status": status, "reason": reason, "message": "", "observedGeneration": observed,
+            }]});
+        }
+        if deleting {
+            object["metadata"]["deletionTimestamp"] = json!("2026-12-02T10:00:00Z");
+        }
+        Arc::new(serde_json::from_value(object).expect("a resource"))
+    }
+
+    #[test]
+    fn the_allocator_sees_the_pools_judged_ready_and_those_being_deleted_as_disabled() {
+        let pools = [
+            ippool("ready", "10.1.0.0/24", 1, Some(("True", "Applied", 1)), false),
+            ippool("refused", "10.1.0.0/25", 1, Some(("False", "Overlap", 1)), false),
+            ippool("unjudged", "10.2.0.0/24", 1, None, false),
+            ippool("changed-since", "10.3.0.0/24", 2, Some(("True", "Applied", 1)), false),
+            ippool("deleting", "10.4.0.0/24", 2, Some(("True", "Applied", 1)), true),
+            ippool("draining", "10.5.0.0/24", 2, Some(("False", "Deleting", 2)), true),
+            ippool("refused-then-deleted", "10.1.0.0/26", 2, Some(("False", "Overlap", 1)), true),
+            ippool("invalid", "10.6.0.0/33", 1, Some(("True", "Applied", 1)), false),
+        ];
+        let got = loaded(&pools, &[]);
+        let seen: Vec<(&str, bool)> = got.pools.iter().map(|p| (p.name(), p.spec.disabled)).collect();
+        assert_eq!(seen, [("deleting", true), ("draining", true), ("ready", false)]);
+        assert_eq!(got.config, resources::IpamConfigSpec::default(), "no IPAMConfig: the defaults");
+
+        let config = |name: &str, deleting: bool| {
+            let mut object = json!({
+                "apiVersion": API_VERSION, "kind": "IPAMConfig", "metadata": {"name": name},
+                "spec": {"strictAffinity": true, "reuseCooldownSeconds": 30},
+            });
+            if deleting {
+                object["metadata"]["deletionTimestamp"] = json!("2026-12-02T10:00:00Z");
+            }
+            Arc::new(serde_json::from_value::<DynamicObject>(object).expect("a resource"))
+        };
+        let spec = loaded(&[], &[config("other", false), config("default", false)]).config;
+        assert!(spec.strict_affinity && spec.reuse_cooldown_seconds == 30, "{spec:?}");
+        let spec = loaded(&[], &[config("default", true)]).config;
+        assert_eq!(spec, resources::IpamConfigSpec::default(), "a deleted default is the defaults");
+    }
 
     #[test]
     fn utilisation_has_one_decimal_and_never_divides_by_zero() {

@@ -19,7 +19,7 @@ use std::{
 use async_trait::async_trait;
 use ipnet::IpNet;
 
-use super::{BlockAllocator, PoolSource, labels_of};
+use super::{BlockAllocator, GoneNodes, PoolSource, labels_of};
 use crate::{
     allocator::{AllocError, AssignRequest, Loaded},
     ipam::{Block, NamespaceInfo, NodeInfo, Requested},
@@ -39,7 +39,7 @@ macro_rules! block_allocator_tests {
         $crate::block_allocator_tests!($fresh; claims_assigns_and_gives_back, borrows_and_respects_strict_affinity,
             a_pool_changed_under_a_claim_is_refused, fixed_addresses, concurrent_nodes_never_share_an_address,
             random_sequences_keep_every_invariant, attachments_are_read_back_with_their_attributes,
-            a_released_address_cools_down_in_a_block_nobody_owns);
+            a_released_address_cools_down_in_a_block_nobody_owns, gone_nodes_are_collected_after_their_grace);
     };
     ($fresh:path; $($name:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -59,6 +59,7 @@ pub async fn all(objects: Arc<dyn ObjectStore>, run: &str) {
     fixed_addresses(Arc::clone(&objects), &format!("{run}-fixed")).await;
     attachments_are_read_back_with_their_attributes(Arc::clone(&objects), &format!("{run}-attachments")).await;
     a_released_address_cools_down_in_a_block_nobody_owns(Arc::clone(&objects), &format!("{run}-cooldown")).await;
+    gone_nodes_are_collected_after_their_grace(Arc::clone(&objects), &format!("{run}-gone")).await;
     concurrent_nodes_never_share_an_address(objects, &format!("{run}-concurrent")).await;
 }
 
@@ -331,6 +332,47 @@ pub async fn borrows_and_respects_strict_affinity(objects: Arc<dyn ObjectStore>,
     let config = bench.pools.loaded().config;
     assert_eq!(b.release_unowned_blocks(&config).await.expect("give back").len(), 2, "empty and cooled down");
     assert!(bench.blocks().await.is_empty(), "an unowned block goes once empty");
+}
+
+/// A node missing from the live ones (its Node object deleted) for the grace period loses its addresses and
+/// its claim on its blocks; one seen again in between starts over; a live node's address in a gone node's
+/// block stays, and the block goes back once that is released too.
+pub async fn gone_nodes_are_collected_after_their_grace(objects: Arc<dyn ObjectStore>, run: &str) {
+    let bench = Bench::new(objects, run, "10.251.7.0/30", 30).await;
+    let (a, b) = (bench.agent(), bench.agent());
+    let mut held = BTreeSet::new();
+    for h in ["a0", "a1"] {
+        held.insert(bench.assign(&a, "a", h).await.expect("node a"));
+    }
+    let borrowed = bench.assign(&b, "b", "b0").await.expect("node b borrows");
+    let config = bench.pools.loaded().config;
+    let live = |nodes: &[&str]| nodes.iter().map(|n| bench.node(n)).collect::<BTreeSet<String>>();
+    let mut absent = BTreeMap::new();
+    let collector = bench.agent();
+    let pass = async |nodes: &[&str], absent: &mut BTreeMap<String, u64>| {
+        collector.collect_gone_nodes(&live(nodes), absent, 60, &config).await.expect("a pass")
+    };
+    assert_eq!(pass(&["b"], &mut absent).await, GoneNodes::default(), "missing, not yet gone");
+    bench.now.fetch_add(30, Ordering::SeqCst);
+    assert_eq!(pass(&["a", "b"], &mut absent).await, GoneNodes::default(), "seen again");
+    bench.now.fetch_add(1, Ordering::SeqCst);
+    assert_eq!(pass(&["b"], &mut absent).await, GoneNodes::default(), "missing again: the grace starts over");
+    bench.now.fetch_add(59, Ordering::SeqCst);
+    assert_eq!(pass(&["b"], &mut absent).await, GoneNodes::default(), "59 s");
+    bench.now.fetch_add(1, Ordering::SeqCst);
+    let collected = pass(&["b"], &mut absent).await;
+    assert_eq!(collected.nodes, live(&["a"]));
+    assert_eq!(collected.addresses.iter().copied().collect::<BTreeSet<_>>(), held, "a's addresses");
+    assert_eq!(collected.blocks.len(), 1, "a's block, owned by nobody now");
+    assert!(collected.given_back.is_empty(), "b still holds {borrowed} in it");
+    let blocks = bench.blocks().await;
+    assert_eq!(Bench::allocated(&blocks).into_keys().collect::<Vec<_>>(), [borrowed], "b's address stays");
+
+    bench.release(&b, "b", "b0").await;
+    let collected = pass(&["b"], &mut absent).await;
+    assert_eq!((collected.nodes.len(), collected.given_back.len()), (0, 1), "the empty block goes back: {collected:?}");
+    assert!(absent.is_empty(), "nothing names a any more: {absent:?}");
+    assert!(bench.blocks().await.is_empty(), "nothing left");
 }
 
 /// The reuse cooldown holds when the block an address was released from has lost its owner: the block is not

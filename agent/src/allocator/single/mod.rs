@@ -794,6 +794,67 @@ impl BlockAllocator {
         }
         Err(AllocError::Contention { operation: format!("releasing node {node}'s blocks") })
     }
+
+    /// Release what nodes that are gone hold: a node named by a block (its affinity, or an allocation) that
+    /// is not in `live` (on Kubernetes, the Node objects) is gone once it has been missing from every pass
+    /// for `grace` seconds, as `absent_since` (kept by the caller from pass to pass) remembers; a node seen
+    /// again in between starts over. For each gone node: its addresses, at the allocation seen (one
+    /// reassigned meanwhile stays), then its claim on its blocks; then every block nobody owns that is
+    /// empty and cooled down goes back. One list of every block a pass. A process that restarts forgets the
+    /// absences it saw and waits the grace period again: late, never early.
+    pub async fn collect_gone_nodes(
+        &self,
+        live: &BTreeSet<String>,
+        absent_since: &mut BTreeMap<String, u64>,
+        grace: u64,
+        config: &IpamConfigSpec,
+    ) -> Result<GoneNodes, AllocError> {
+        let now = (self.clock)();
+        let blocks = self.blocks().await?;
+        let named: BTreeSet<&str> = blocks
+            .iter()
+            .flat_map(|b| b.affinity.as_deref().into_iter().chain(b.allocated().map(|(_, a)| a.node.as_str())))
+            .collect();
+        let missing: BTreeSet<&str> = named.iter().copied().filter(|n| !live.contains(*n)).collect();
+        absent_since.retain(|node, _| missing.contains(node.as_str()));
+        for node in &missing {
+            absent_since.entry((*node).to_string()).or_insert(now);
+        }
+        let gone: BTreeSet<String> = absent_since
+            .iter()
+            .filter(|(_, since)| now >= since.saturating_add(grace))
+            .map(|(node, _)| node.clone())
+            .collect();
+        let mut collected = GoneNodes::default();
+        for block in &blocks {
+            for (ip, allocation) in block.allocated().filter(|(_, a)| gone.contains(&a.node)) {
+                match self.release_ip(ip, Some((allocation.sequence, &allocation.handle))).await {
+                    Ok(Some(_)) => collected.addresses.push(ip),
+                    Ok(None) | Err(AllocError::Reassigned { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        for node in &gone {
+            collected.blocks.extend(self.release_node(node).await?);
+        }
+        collected.given_back = self.release_unowned_blocks(config).await?;
+        collected.nodes = gone;
+        Ok(collected)
+    }
+}
+
+/// What [`BlockAllocator::collect_gone_nodes`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GoneNodes {
+    /// The nodes found gone.
+    pub nodes: BTreeSet<String>,
+    /// Their addresses, released.
+    pub addresses: Vec<IpAddr>,
+    /// Their blocks, now owned by nobody.
+    pub blocks: Vec<IpNet>,
+    /// Blocks nobody owns given back to their pools (theirs and any earlier).
+    pub given_back: Vec<IpNet>,
 }
 
 /// The selectors of a node's blocks: those affine to it, and those it borrowed addresses from.
