@@ -858,8 +858,9 @@ fn restart_api_server(dir: &std::path::Path) -> Duration {
 }
 
 /// What issue 17's torture asks of the Kubernetes datastore, at the allocator: 1,000 ADDs and DELs of 500
-/// pods over two nodes (an allocator and view each, as two agents), 20 at a time, through the block allocator
-/// on IPAMBlock objects, with the kube-apiserver killed (-9) and restarted a quarter of the way in. A failed ADD
+/// pods over two nodes (an allocator, view and pool source each, as two agents), 20 at a time, through the
+/// block allocator on IPAMBlock objects, from a pool applied as an IPPool resource and read from it, with the
+/// kube-apiserver killed (-9) and restarted a quarter of the way in. A failed ADD
 /// is followed by its DEL and retried, as kubelet does; a failed DEL is retried. No address is ever held by two
 /// pods at once, and at the end nothing is held, `ipam check` finds nothing and no block is left once given back.
 #[test]
@@ -873,11 +874,14 @@ fn the_block_allocator_keeps_addresses_unique_through_an_api_server_restart() {
     };
 
     use poolwarden::{
-        allocator::{AssignRequest, single::BlockAllocator},
-        catalog::Catalog,
+        allocator::{
+            AssignRequest,
+            single::{BlockAllocator, PoolSource},
+        },
         ipam::{NamespaceInfo, NodeInfo, check::check},
+        k8s::pools::ResourcePools,
         objects::{ObjectStore, kubernetes::KubeObjects},
-        store::{Store, embedded::EmbeddedStore},
+        resources::ANNOTATION_IPV4_POOLS,
     };
 
     const PODS: usize = 500;
@@ -886,8 +890,14 @@ fn the_block_allocator_keeps_addresses_unique_through_an_api_server_restart() {
     let kubectl = Kubectl::new(&dir);
     ipamblocks_served(&kubectl);
     let kubeconfig = dir.join("admin.kubeconfig");
-    let scratch = tempfile::tempdir().expect("temp dir");
-    let pools_path = scratch.path().join("pools.redb");
+    // Bound to the namespace the churn's pods are in, so the cluster's own pods never take from it.
+    kubectl.ok_with(
+        &["apply", "-f", "-"],
+        Some("apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: churn}\nspec: {cidr: 10.252.0.0/24, blockSize: 28, allowedNamespaces: [churn]}\n"),
+    );
+    let ready =
+        || kubectl.ok(&["get", "ippool", "churn", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]);
+    wait_for("the churn pool judged ready", Duration::from_secs(60), || ready() == "True");
     let started = Arc::new(AtomicUsize::new(0));
     let restart_dir = dir.clone();
     let restart_started = Arc::clone(&started);
@@ -917,19 +927,13 @@ fn the_block_allocator_keeps_addresses_unique_through_an_api_server_restart() {
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         runtime.block_on(async move {
-            let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&pools_path).expect("the pools' store"));
-            let pools = "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: churn}\nspec: {cidr: 10.252.0.0/24, blockSize: 28}\n---\n\
-apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {emptyBlockGraceSeconds: 0}\n";
-            let docs = poolwarden::resources::parse_documents("pools.yaml", pools).expect("pools");
-            Catalog::new(Arc::clone(&store)).apply(&docs).await.expect("apply");
             let client = poolwarden::k8s::connect(Some(&kubeconfig)).await.expect("a client of the API server");
-            let objects: Arc<dyn ObjectStore> = Arc::new(KubeObjects::new(client));
+            let objects: Arc<dyn ObjectStore> = Arc::new(KubeObjects::new(client.clone()));
             let nodes: Arc<Vec<(String, BlockAllocator)>> = Arc::new(
                 ["churn-1", "churn-2"]
                     .into_iter()
                     .map(|node| {
-                        let pools: Arc<dyn poolwarden::allocator::single::PoolSource> =
-                            Arc::new(Catalog::new(Arc::clone(&store)));
+                        let pools: Arc<dyn PoolSource> = Arc::new(ResourcePools::start(client.clone()));
                         (node.to_string(), BlockAllocator::new(Arc::clone(&objects), pools))
                     })
                     .collect(),
@@ -958,10 +962,12 @@ apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec:
                             started.fetch_add(1, Ordering::SeqCst);
                             let (node, allocator) = &nodes[i % 2];
                             let handle = format!("churn.pod-{i}");
+                            let mut namespace = NamespaceInfo::bare("churn");
+                            namespace.annotations.insert(ANNOTATION_IPV4_POOLS.into(), "[\"churn\"]".into());
                             let request = AssignRequest {
                                 handle: handle.clone(),
                                 node: NodeInfo { name: node.clone(), labels: Default::default() },
-                                namespace: NamespaceInfo::bare("churn"),
+                                namespace,
                                 pod: None,
                                 requested: Default::default(),
                                 eligible: None,
@@ -1020,9 +1026,11 @@ apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec:
             let snapshot = first.snapshot().await.expect("snapshot");
             assert!(check(&snapshot).is_empty(), "ipam check: {:?}", check(&snapshot));
             let blocks = poolwarden::allocator::single::conformance::checked_blocks(objects.as_ref()).await;
-            let left: Vec<_> = blocks.iter().flat_map(|b| b.allocated().map(|(ip, a)| (ip, a.handle.clone()))).collect();
+            let left: Vec<_> =
+                blocks.iter().flat_map(|b| b.allocated().map(|(ip, a)| (ip, a.handle.clone()))).collect();
             assert!(left.is_empty(), "still held after every DEL: {left:?}");
-            let config = first.load().await.expect("pools").config;
+            let mut config = first.load().await.expect("pools").config;
+            config.empty_block_grace_seconds = 0;
             for (node, allocator) in nodes.iter() {
                 allocator.release_empty_blocks(node, &config).await.expect("give back");
             }
@@ -1037,9 +1045,11 @@ apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec:
         // What the churn left would break the next tests on the API server's blocks.
         kubectl.run(&["delete", "ipamblocks", "-l", "poolwarden.io/pool=churn", "--wait=false"], None);
     }
+    kubectl.ok(&["delete", "ippool", "churn", "--wait=false"]);
     let retried = outcome.expect("the churn failed (its panic is printed above)");
     let restart = restart.expect("the API server was restarted");
     no_ipamblocks_left(&kubectl);
+    wait_for("the churn pool gone", Duration::from_secs(60), || !kubectl.run(&["get", "ippool", "churn"], None).0);
     println!(
         "{PODS} pods (1,000 ADD/DEL), {AT_ONCE} at a time: API server down and back in {restart:.1?}; {retried} failed \
          ADDs or DELs retried; no address twice, nothing left"
