@@ -462,21 +462,22 @@ impl Catalog {
     }
 }
 
-/// Write a block record and keep its node's room index in step with it.
+/// Write a block record and keep its node's room index in step with it, or, for a block nobody owns, the
+/// index of those (an adoption, which gives it an owner again, removes that entry itself).
 pub fn write_block(txn: Txn, block: &Block, revision: Option<Revision>) -> Txn {
     let txn = txn.write(keys::block(block.cidr), revision, encode(block));
     match &block.affinity {
         Some(node) if block.free_count() > 0 => txn.put(keys::room(node, block.cidr), Vec::new()),
         Some(node) => txn.remove(keys::room(node, block.cidr)),
-        None => txn,
+        None => txn.put(keys::unowned(block.cidr), Vec::new()),
     }
 }
 
-/// Delete a block and its room index entry.
+/// Delete a block and its index entry (room, or unowned).
 pub fn delete_block(txn: Txn, block: &Block, revision: Revision) -> Txn {
     let txn = txn.delete(keys::block(block.cidr), revision);
     match &block.affinity {
         Some(node) => txn.remove(keys::room(node, block.cidr)),
-        None => txn,
+        None => txn.remove(keys::unowned(block.cidr)),
     }
 }

@@ -379,6 +379,8 @@ pub fn records(blocks: &[Block]) -> Result<BTreeMap<String, Vec<u8>>, MigrateErr
             if block.free_count() > 0 {
                 out.insert(keys::room(node, block.cidr), Vec::new());
             }
+        } else {
+            out.insert(keys::unowned(block.cidr), Vec::new());
         }
         for (ip, allocation) in block.allocated() {
             if block.affinity.as_deref() != Some(allocation.node.as_str()) {
@@ -442,7 +444,8 @@ async fn put_all(store: &Arc<dyn Store>, records: &BTreeMap<String, Vec<u8>>) ->
 }
 
 /// The prefixes of the multi-key layout's IPAM records.
-const IPAM: [&str; 6] = [keys::BLOCKS, keys::AFFINITIES, keys::ROOM, keys::HANDLES, keys::ENDPOINTS, keys::BORROWED];
+const IPAM: [&str; 7] =
+    [keys::BLOCKS, keys::AFFINITIES, keys::ROOM, keys::UNOWNED, keys::HANDLES, keys::ENDPOINTS, keys::BORROWED];
 
 /// Write `blocks` into `store` in the multi-key layout (see [`records`]), the pools and configuration first
 /// (through the catalog, so they are judged as `apply` judges them), and leave [`IN_PROGRESS`] set: the

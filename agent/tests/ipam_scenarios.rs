@@ -140,11 +140,13 @@ async fn an_unowned_block_goes_back_once_its_last_address_has_cooled_down() {
     assert_eq!(snapshot.blocks[0].affinity, None);
     assert_eq!(env.allocator.release_ip(borrowed[0].ip, None).await.unwrap().unwrap().handle, "b0");
     let cidr = snapshot.blocks[0].cidr;
+    assert_eq!(env.allocator.unowned_blocks().await.unwrap(), [cidr], "indexed for the collector");
     assert!(!env.allocator.release_unowned_block(cidr).await.unwrap(), "not while an address cools down");
     let snapshot = env.allocator.snapshot().await.unwrap();
     assert!(snapshot.blocks.len() == 1 && snapshot.handles.is_empty(), "{snapshot:?}");
     env.advance(5);
     assert!(env.allocator.release_unowned_block(cidr).await.unwrap(), "once it has cooled down");
+    assert!(env.allocator.unowned_blocks().await.unwrap().is_empty(), "and out of the index");
     let snapshot = env.allocator.snapshot().await.unwrap();
     assert!(snapshot.blocks.is_empty() && snapshot.handles.is_empty(), "{snapshot:?}");
     assert_clean(&env).await;
@@ -176,6 +178,7 @@ async fn a_released_address_cools_down_in_a_block_nobody_owns() {
         got.insert(env.allocator.assign(&request(handle, "node-c", "default", &[])).await.unwrap()[0].ip);
     }
     assert_eq!(got, BTreeSet::from([mine, x]), "after the cooldown both come back");
+    assert!(env.allocator.unowned_blocks().await.unwrap().is_empty(), "adopted: out of the index");
     let snapshot = env.allocator.snapshot().await.unwrap();
     assert_eq!(snapshot.blocks[0].affinity.as_deref(), Some("node-c"), "adopted: {snapshot:?}");
     assert_clean(&env).await;

@@ -174,9 +174,11 @@ fn a_node_removed_for_good_gives_its_addresses_and_blocks_back_to_the_others() {
     let fabric = Fabric::new();
     let (_etcd_namespaces, cluster) = etcd_on(&fabric, 1);
     let mut nodes = nodes_on(&fabric, &cluster, 2);
-    // Two blocks in the whole pool, one per node.
+    // Two blocks in the whole pool, one per node; released addresses cool down for 3 s, so node-1's block,
+    // emptied by the collection, waits that long owned by nobody before it goes back.
     nodes[0].apply(
-        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: two}\nspec: {cidr: 10.78.0.0/28, blockSize: 29}\n",
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: two}\nspec: {cidr: 10.78.0.0/28, blockSize: 29}\n---\n\
+apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {reuseCooldownSeconds: 3}\n",
     );
     for node in &mut nodes {
         node.start_agent_with(&["--registration-ttl", "2s", "--leak-grace-period", "1s"]);

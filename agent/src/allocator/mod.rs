@@ -95,6 +95,15 @@ pub enum AllocError {
         /// How many.
         entries: usize,
     },
+    /// Gone nodes were to be collected with no node live while blocks name some.
+    #[error(
+        "no node is live while blocks name {named} node(s): the list of live nodes is not trusted (a cache not \
+         synced, or Nodes this agent may not list); nothing collected"
+    )]
+    NodesUnknown {
+        /// How many nodes the blocks name.
+        named: usize,
+    },
     /// Concurrent writers kept winning.
     #[error("gave up on {operation} after {MAX_ATTEMPTS} attempts: other writers kept changing the same records")]
     Contention {
@@ -483,15 +492,41 @@ impl Allocator {
                 let (block_keys, _) = self.store.list_keys(keys::BLOCKS).await?;
                 let claimed: BTreeSet<IpNet> =
                     block_keys.iter().filter_map(|k| keys::parse_cidr_segment(k.strip_prefix(keys::BLOCKS)?)).collect();
-                // (IPAM-only: a block holding an address the attachment may be given.)
-                let next = pools.iter().find_map(|p| {
-                    ipam::unclaimed_blocks(p, &claimed)
-                        .find(|c| eligible.is_none_or(|e| e.any_in(*c, p.cidr())))
-                        .map(|c| (p, c))
-                });
-                if let Some((pool, cidr)) = next {
+                // Pool by pool in their order of preference: a block not cut yet (IPAM-only: one holding an
+                // address the attachment may be given), else one nobody owns any more (its node went) that
+                // has an address to give, adopted with its free list and the cooldowns in it. The blocks'
+                // values are read only when a pool has none left to cut.
+                let mut listed: Option<Vec<KeyValue>> = None;
+                let mut chosen = None;
+                for pool in pools {
+                    let unclaimed = ipam::unclaimed_blocks(pool, &claimed)
+                        .find(|c| eligible.is_none_or(|e| e.any_in(*c, pool.cidr())));
+                    if let Some(cidr) = unclaimed {
+                        chosen = Some((*pool, Claim::Cut(cidr)));
+                        break;
+                    }
+                    if listed.is_none() {
+                        listed = Some(self.store.list(keys::BLOCKS).await?.0);
+                    }
+                    for kv in listed.iter().flatten() {
+                        let mut block: Block = decode(&kv.key, &kv.value)?;
+                        if block.affinity.is_some() || !belongs(&block, pool) || !block.has_available(now, cooldown) {
+                            continue;
+                        }
+                        block.affinity = Some(owner.node.clone());
+                        if let Some(ip) = take(&mut block, now) {
+                            chosen = Some((*pool, Claim::Adopt(block, kv.mod_revision, ip)));
+                            break;
+                        }
+                    }
+                    if chosen.is_some() {
+                        break;
+                    }
+                }
+                if let Some((pool, claim)) = chosen {
                     // The claim holds only if the pool is still the one read: a pool deleted meanwhile (and
-                    // maybe re-created with another block size) must not get a block cut the old way.
+                    // maybe re-created with another block size) must not get a block cut the old way, nor
+                    // hand out from one of its blocks.
                     let pool_key = keys::pool(pool.name());
                     let changed = |detail: &str| AllocError::PoolChanged {
                         pool: pool.name().to_string(),
@@ -502,42 +537,27 @@ impl Allocator {
                     if now_pool.cidr() != pool.cidr() || now_pool.block_size() != pool.block_size() {
                         return Err(changed("it was re-created with another range or block size"));
                     }
-                    let mut block = Block::new(cidr, pool.name(), &owner.node, now);
-                    let ip = take(&mut block, now).ok_or_else(|| AllocError::Exhausted {
-                        family,
-                        pools: pool_names(pools),
-                        node: owner.node.clone(),
-                        detail: format!("new block {cidr} has no address"),
-                    })?;
-                    let affinity = Affinity { node: owner.node.clone(), cidr };
-                    let claim = Txn::new()
-                        .create(keys::affinity(&owner.node, cidr), encode(&affinity))
-                        .unchanged(&pool_key, current.mod_revision);
-                    if self.commit_assignment(owner, &block, None, claim).await? {
-                        return Ok((Assigned { ip, pool: pool.name().to_string(), block: cidr }, false));
-                    }
-                    continue;
-                }
-                // Every block is cut: adopt one nobody owns any more (its node went) that has an address to
-                // give, keeping its free list and the cooldowns in it.
-                let (block_kvs, _) = self.store.list(keys::BLOCKS).await?;
-                let mut adopted = None;
-                for kv in &block_kvs {
-                    let mut block: Block = decode(&kv.key, &kv.value)?;
-                    let Some(pool) = pools.iter().find(|p| belongs(&block, p)) else { continue };
-                    if block.affinity.is_some() || !block.has_available(now, cooldown) {
-                        continue;
-                    }
-                    block.affinity = Some(owner.node.clone());
-                    if let Some(ip) = take(&mut block, now) {
-                        adopted = Some((pool, block, kv.mod_revision, ip));
-                        break;
-                    }
-                }
-                if let Some((pool, block, rev, ip)) = adopted {
+                    let (block, revision, ip) = match claim {
+                        Claim::Cut(cidr) => {
+                            let mut block = Block::new(cidr, pool.name(), &owner.node, now);
+                            let ip = take(&mut block, now).ok_or_else(|| AllocError::Exhausted {
+                                family,
+                                pools: pool_names(pools),
+                                node: owner.node.clone(),
+                                detail: format!("new block {cidr} has no address"),
+                            })?;
+                            (block, None, ip)
+                        }
+                        Claim::Adopt(block, revision, ip) => (block, Some(revision), ip),
+                    };
                     let affinity = Affinity { node: owner.node.clone(), cidr: block.cidr };
-                    let adopt = Txn::new().create(keys::affinity(&owner.node, block.cidr), encode(&affinity));
-                    if self.commit_assignment(owner, &block, Some(rev), adopt).await? {
+                    let mut txn = Txn::new()
+                        .create(keys::affinity(&owner.node, block.cidr), encode(&affinity))
+                        .unchanged(&pool_key, current.mod_revision);
+                    if revision.is_some() {
+                        txn = txn.remove(keys::unowned(block.cidr));
+                    }
+                    if self.commit_assignment(owner, &block, revision, txn).await? {
                         return Ok((Assigned { ip, pool: pool.name().to_string(), block: block.cidr }, false));
                     }
                     continue;
@@ -890,8 +910,9 @@ impl Allocator {
                     delete_block(txn, &block, rev)
                 }
                 Some((mut block, rev)) => {
+                    // Owned by nobody now: out of its node's room index, into the index of such blocks.
                     let previous = block.affinity.take();
-                    let txn = txn.update(keys::block(block.cidr), rev, encode(&block));
+                    let txn = write_block(txn, &block, Some(rev));
                     match previous {
                         Some(node) => txn.remove(keys::room(&node, block.cidr)),
                         None => txn,
@@ -919,8 +940,19 @@ impl Allocator {
             {
                 Ok(self.store.txn(delete_block(Txn::new(), &block, rev)).await?.is_committed())
             }
-            _ => Ok(false),
+            Some((block, _)) if block.affinity.is_none() => Ok(false),
+            // Gone, or adopted: its index entry, if one is left, goes.
+            _ => {
+                self.store.txn(Txn::new().remove(keys::unowned(cidr))).await?;
+                Ok(false)
+            }
         }
+    }
+
+    /// The blocks nobody owns, from their index (what the collector gives back once empty and cooled down).
+    pub async fn unowned_blocks(&self) -> Result<Vec<IpNet>, AllocError> {
+        let (found, _) = self.store.list_keys(keys::UNOWNED).await?;
+        Ok(found.iter().filter_map(|k| keys::parse_cidr_segment(k.strip_prefix(keys::UNOWNED)?)).collect())
     }
 
     /// What concerns `nodes`: their affinities, the blocks they own, and the blocks holding `addresses`
@@ -993,6 +1025,13 @@ impl Allocator {
 /// Whether a handle already holds an address of the family (a pod gets one per family).
 fn holds_family(record: &HandleRecord, ipv6: bool) -> bool {
     record.blocks.keys().any(|cidr| cidr.network().is_ipv6() == ipv6)
+}
+
+/// How a claim gets its block: cut from the pool, or adopted from nobody (with its revision and the address
+/// taken from it).
+enum Claim {
+    Cut(IpNet),
+    Adopt(Block, Revision, IpAddr),
 }
 
 /// Whether `block` is a block of `pool` as the pool is now: a block of a deleted pool of the same name, cut

@@ -277,8 +277,11 @@ impl Agent {
             }
         }
         // A block nobody owns goes back once it is empty and its released addresses have cooled down (until
-        // then a claim may adopt it); this pass gives back those among the blocks read.
-        for cidr in ipam::gc::unowned_empty_blocks(&read) {
+        // then a claim may adopt it): those of their index (one list of keys, usually empty), and any among
+        // the blocks read (an older version wrote no index).
+        let mut unowned: BTreeSet<ipnet::IpNet> = self.allocator.unowned_blocks().await?.into_iter().collect();
+        unowned.extend(ipam::gc::unowned_empty_blocks(&read));
+        for cidr in unowned {
             if self.allocator.release_unowned_block(cidr).await? {
                 blocks += 1;
                 info!(block = %cidr, "gave a block nobody owns back to its pool");

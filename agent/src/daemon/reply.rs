@@ -94,7 +94,7 @@ impl From<AllocError> for ErrorReply {
                 message,
                 "the runtime's container ID, interface name or network namespace path is longer than an allocation carries",
             ),
-            AllocError::Contention { .. } | AllocError::PoolChanged { .. } => {
+            AllocError::Contention { .. } | AllocError::PoolChanged { .. } | AllocError::NodesUnknown { .. } => {
                 reply(code::TRY_AGAIN_LATER, message, "retry the request")
             }
             AllocError::Store(e) => e.into(),

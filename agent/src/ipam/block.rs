@@ -149,7 +149,10 @@ impl Block {
 
     /// The time after which no address of this block is still cooling down.
     pub fn cooled_down_at(&self, cooldown: u64) -> u64 {
-        self.free.back().map_or(0, |&(_, released)| if released == 0 { 0 } else { released + cooldown })
+        // The newest release, wherever it is: a block released from by several processes (borrowers, a
+        // collector) may hold their stamps out of order when their clocks differ.
+        let newest = self.free.iter().map(|&(_, released)| released).max().unwrap_or(0);
+        if newest == 0 { 0 } else { newest + cooldown }
     }
 
     /// Assign the address that has been free the longest, if one is past its cooldown.

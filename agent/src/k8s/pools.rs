@@ -910,7 +910,7 @@ pub fn loaded(pools: &[Arc<DynamicObject>], configs: &[Arc<DynamicObject>]) -> L
             Ok(Located { resource: Resource::IpamConfig(config), .. }) => Some(config.spec),
             _ => None,
         })
-        .unwrap_or_default();
+        .unwrap_or_else(|| IpamConfig::default().spec);
     Loaded { pools: found, config }
 }
 
@@ -985,7 +985,8 @@ mod tests {
         let got = loaded(&pools, &[]);
         let seen: Vec<(&str, bool)> = got.pools.iter().map(|p| (p.name(), p.spec.disabled)).collect();
         assert_eq!(seen, [("deleting", true), ("draining", true), ("ready", false)]);
-        assert_eq!(got.config, resources::IpamConfigSpec::default(), "no IPAMConfig: the defaults");
+        assert_eq!(got.config, IpamConfig::default().spec, "no IPAMConfig: the defaults");
+        assert_eq!(got.config.empty_block_grace_seconds, resources::DEFAULT_EMPTY_BLOCK_GRACE_SECONDS);
 
         let config = |name: &str, deleting: bool| {
             let mut object = json!({
@@ -1000,7 +1001,7 @@ mod tests {
         let spec = loaded(&[], &[config("other", false), config("default", false)]).config;
         assert!(spec.strict_affinity && spec.reuse_cooldown_seconds == 30, "{spec:?}");
         let spec = loaded(&[], &[config("default", true)]).config;
-        assert_eq!(spec, resources::IpamConfigSpec::default(), "a deleted default is the defaults");
+        assert_eq!(spec, IpamConfig::default().spec, "a deleted default is the defaults");
     }
 
     #[test]

@@ -349,6 +349,9 @@ pub mod keys {
     /// `room/<node>/<cidr>`: an index of the blocks affine to a node that have a free address, written in the
     /// same transaction as the block, so that finding room costs the same however many full blocks a node has.
     pub const ROOM: &str = "room/";
+    /// `unowned/<cidr>`: an index of the blocks nobody owns (their node went), written with the block, so the
+    /// collector finds them to give back once empty and cooled down without reading every block.
+    pub const UNOWNED: &str = "unowned/";
     /// `handles/<handle>`: which blocks hold a handle's addresses.
     pub const HANDLES: &str = "handles/";
     /// `endpoints/<node>/<handle>`: what a node's agent wired for one attachment.
@@ -426,6 +429,11 @@ pub mod keys {
     /// The room index key of a node's block.
     pub fn room(node: &str, cidr: IpNet) -> String {
         format!("{ROOM}{node}/{}", cidr_segment(cidr))
+    }
+
+    /// The index key of a block nobody owns.
+    pub fn unowned(cidr: IpNet) -> String {
+        format!("{UNOWNED}{}", cidr_segment(cidr))
     }
 
     /// The key of a handle.

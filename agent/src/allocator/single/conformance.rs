@@ -349,18 +349,25 @@ pub async fn gone_nodes_are_collected_after_their_grace(objects: Arc<dyn ObjectS
     let live = |nodes: &[&str]| nodes.iter().map(|n| bench.node(n)).collect::<BTreeSet<String>>();
     let mut absent = BTreeMap::new();
     let collector = bench.agent();
-    let pass = async |nodes: &[&str], absent: &mut BTreeMap<String, u64>| {
-        collector.collect_gone_nodes(&live(nodes), absent, 60, &config).await.expect("a pass")
+    // The grace on a clock of its own, moved by the check (the allocator's wall clock is not used for it).
+    let start = std::time::Instant::now();
+    let at = |seconds: u64| start + std::time::Duration::from_secs(seconds);
+    let grace = std::time::Duration::from_secs(60);
+    let me = bench.node("b");
+    let pass = async |nodes: &[&str], absent: &mut BTreeMap<String, std::time::Instant>, now| {
+        collector.collect_gone_nodes(&me, &live(nodes), absent, now, grace, &config).await.expect("a pass")
     };
-    assert_eq!(pass(&["b"], &mut absent).await, GoneNodes::default(), "missing, not yet gone");
-    bench.now.fetch_add(30, Ordering::SeqCst);
-    assert_eq!(pass(&["a", "b"], &mut absent).await, GoneNodes::default(), "seen again");
-    bench.now.fetch_add(1, Ordering::SeqCst);
-    assert_eq!(pass(&["b"], &mut absent).await, GoneNodes::default(), "missing again: the grace starts over");
-    bench.now.fetch_add(59, Ordering::SeqCst);
-    assert_eq!(pass(&["b"], &mut absent).await, GoneNodes::default(), "59 s");
-    bench.now.fetch_add(1, Ordering::SeqCst);
-    let collected = pass(&["b"], &mut absent).await;
+    assert_eq!(pass(&["b"], &mut absent, at(0)).await, GoneNodes::default(), "missing, not yet gone");
+    assert_eq!(pass(&["a", "b"], &mut absent, at(30)).await, GoneNodes::default(), "seen again");
+    assert_eq!(pass(&["b"], &mut absent, at(31)).await, GoneNodes::default(), "missing again: the grace starts over");
+    assert_eq!(pass(&["b"], &mut absent, at(90)).await, GoneNodes::default(), "59 s");
+    let unknown = collector.collect_gone_nodes(&me, &BTreeSet::new(), &mut absent, at(1_000), grace, &config).await;
+    assert!(matches!(unknown, Err(AllocError::NodesUnknown { named: 2 })), "no live node: refused: {unknown:?}");
+    let mine = collector
+        .collect_gone_nodes(&bench.node("a"), &live(&["b"]), &mut absent.clone(), at(91), grace, &config)
+        .await;
+    assert_eq!(mine.expect("a pass"), GoneNodes::default(), "the caller's own node is never gone");
+    let collected = pass(&["b"], &mut absent, at(91)).await;
     assert_eq!(collected.nodes, live(&["a"]));
     assert_eq!(collected.addresses.iter().copied().collect::<BTreeSet<_>>(), held, "a's addresses");
     assert_eq!(collected.blocks.len(), 1, "a's block, owned by nobody now");
@@ -369,7 +376,7 @@ pub async fn gone_nodes_are_collected_after_their_grace(objects: Arc<dyn ObjectS
     assert_eq!(Bench::allocated(&blocks).into_keys().collect::<Vec<_>>(), [borrowed], "b's address stays");
 
     bench.release(&b, "b", "b0").await;
-    let collected = pass(&["b"], &mut absent).await;
+    let collected = pass(&["b"], &mut absent, at(92)).await;
     assert_eq!((collected.nodes.len(), collected.given_back.len()), (0, 1), "the empty block goes back: {collected:?}");
     assert!(absent.is_empty(), "nothing names a any more: {absent:?}");
     assert!(bench.blocks().await.is_empty(), "nothing left");

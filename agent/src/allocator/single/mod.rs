@@ -581,9 +581,15 @@ impl BlockAllocator {
             for ip in own {
                 block.release_ip(ip, (self.clock)());
             }
-            // Nothing in it was ever wired to a pod: an empty block goes at once, without a cooldown.
-            let undone =
-                if block.is_empty() { self.delete(&stored).await? } else { self.write(&stored, &block).await? };
+            // An empty block goes at once when no address of it was ever released before (the claim's own
+            // was never wired to a pod); one another node borrowed and released from meanwhile stays, owned by
+            // nobody, until that address has cooled down.
+            let never_released = stored.block.cooled_down_at(0) == 0;
+            let undone = if block.is_empty() && never_released {
+                self.delete(&stored).await?
+            } else {
+                self.write(&stored, &block).await?
+            };
             if undone {
                 break;
             }
@@ -796,33 +802,41 @@ impl BlockAllocator {
     }
 
     /// Release what nodes that are gone hold: a node named by a block (its affinity, or an allocation) that
-    /// is not in `live` (on Kubernetes, the Node objects) is gone once it has been missing from every pass
-    /// for `grace` seconds, as `absent_since` (kept by the caller from pass to pass) remembers; a node seen
-    /// again in between starts over. For each gone node: its addresses, at the allocation seen (one
-    /// reassigned meanwhile stays), then its claim on its blocks; then every block nobody owns that is
-    /// empty and cooled down goes back. One list of every block a pass. A process that restarts forgets the
-    /// absences it saw and waits the grace period again: late, never early.
+    /// is not in `live` (on Kubernetes, the Node objects of a synced cache) is gone once it has been missing
+    /// from every pass for `grace`, as `absent_since` (kept by the caller from pass to pass, on the monotonic
+    /// clock `now`: a step of the wall clock shortens nothing) remembers; a node seen again in between
+    /// starts over. For each gone node: its addresses, at the allocation seen (one reassigned meanwhile
+    /// stays), then its claim on its blocks; then every block nobody owns that is empty and cooled down goes
+    /// back. One list of every block a pass. `me`, the caller's own node, is never gone, and an empty `live`
+    /// while blocks name nodes is refused (a cache not synced, or a list it may not read, would otherwise
+    /// make every node gone). A process that restarts forgets the absences it saw and waits the grace
+    /// period again. The caller confirms a node gone with the API server before relying on this for one it
+    /// has not seen for long; a node whose Node object is deleted while its kubelet runs registers again.
     pub async fn collect_gone_nodes(
         &self,
+        me: &str,
         live: &BTreeSet<String>,
-        absent_since: &mut BTreeMap<String, u64>,
-        grace: u64,
+        absent_since: &mut BTreeMap<String, std::time::Instant>,
+        now: std::time::Instant,
+        grace: std::time::Duration,
         config: &IpamConfigSpec,
     ) -> Result<GoneNodes, AllocError> {
-        let now = (self.clock)();
         let blocks = self.blocks().await?;
         let named: BTreeSet<&str> = blocks
             .iter()
             .flat_map(|b| b.affinity.as_deref().into_iter().chain(b.allocated().map(|(_, a)| a.node.as_str())))
             .collect();
-        let missing: BTreeSet<&str> = named.iter().copied().filter(|n| !live.contains(*n)).collect();
+        if live.is_empty() && !named.is_empty() {
+            return Err(AllocError::NodesUnknown { named: named.len() });
+        }
+        let missing: BTreeSet<&str> = named.iter().copied().filter(|n| !live.contains(*n) && *n != me).collect();
         absent_since.retain(|node, _| missing.contains(node.as_str()));
         for node in &missing {
             absent_since.entry((*node).to_string()).or_insert(now);
         }
         let gone: BTreeSet<String> = absent_since
             .iter()
-            .filter(|(_, since)| now >= since.saturating_add(grace))
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= grace)
             .map(|(node, _)| node.clone())
             .collect();
         let mut collected = GoneNodes::default();
