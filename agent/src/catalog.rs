@@ -96,13 +96,14 @@ pub enum CatalogError {
         /// Blocks claimed from it.
         blocks: usize,
     },
-    /// A new pool covers blocks still in the datastore (left by a pool deleted with --force): their addresses
-    /// may be live, and a pool cut another way over them would hand those addresses out again.
+    /// A new pool covers blocks still in the datastore (left by a pool deleted with --force, or cooling down):
+    /// their addresses may be live or just released, and a pool over them would hand those addresses out again.
     #[error(
         "{at}: IPPool {pool:?}: field spec.cidr: {cidr} overlaps block(s) {blocks} left by a deleted pool, whose \
-         addresses may still be in use; release them first (`poolwarden get blocks` lists them, \
-         `poolwarden ipam release --ip ADDRESS` frees an address, and an empty block goes back with its node's \
-         `poolwarden ipam release-empty-blocks --node NODE`)"
+         addresses may still be in use or were released less than reuseCooldownSeconds ago; release them first \
+         (`poolwarden get blocks` lists them, `poolwarden ipam release --ip ADDRESS` frees an address, and an \
+         empty block goes back with its node's `poolwarden ipam release-empty-blocks --node NODE`, or, owned by \
+         nobody, with the agents' next collection once its addresses have cooled down)"
     )]
     LeftoverBlocks {
         /// Where the pool was given.
@@ -140,6 +141,7 @@ pub struct Applied {
 /// Typed access to the operator-owned records.
 pub struct Catalog {
     store: Arc<dyn Store>,
+    clock: crate::ipam::Clock,
 }
 
 /// Decode a JSON record, naming the key if it is corrupt.
@@ -155,7 +157,12 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 impl Catalog {
     /// Operate on `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self::with_clock(store, crate::ipam::system_clock())
+    }
+
+    /// Operate on `store`, judging cooldowns by `clock` (the allocator's, in tests).
+    pub fn with_clock(store: Arc<dyn Store>, clock: crate::ipam::Clock) -> Self {
+        Self { store, clock }
     }
 
     /// Every pool, with its revision, in name order.
@@ -359,9 +366,14 @@ impl Catalog {
     }
 
     /// Delete a pool. Refused while addresses are allocated from it, unless `force`; returns the blocks that
-    /// were left behind (their addresses stay allocated until released).
+    /// were left behind (their addresses stay allocated until released). An empty block whose released
+    /// addresses are still cooling down stays too, owned by nobody, until the agents' collection gives it
+    /// back once they have cooled down: deleted now, a pool re-created over the range would hand them out at
+    /// once (meanwhile such a pool is refused, as over any leftover block).
     pub async fn delete_pool(&self, name: &str, force: bool) -> Result<Vec<Block>, CatalogError> {
+        let cooldown = self.config().await?.0.spec.reuse_cooldown_seconds;
         for _ in 0..MAX_ATTEMPTS {
+            let now = (self.clock)();
             let key = keys::pool(name);
             let kv = self
                 .store
@@ -378,8 +390,18 @@ impl Catalog {
                     continue;
                 }
                 if block.is_empty() {
-                    // Empty blocks go with the pool, with their affinities.
-                    txn = delete_block(txn, &block, bkv.mod_revision);
+                    // Empty blocks go with the pool, with their affinities; a cooling one stays, owned by
+                    // nobody (indexed for the collection).
+                    if now < block.cooled_down_at(cooldown) {
+                        let mut kept = block.clone();
+                        kept.affinity = None;
+                        txn = write_block(txn, &kept, Some(bkv.mod_revision));
+                        if let Some(node) = &block.affinity {
+                            txn = txn.remove(keys::room(node, block.cidr));
+                        }
+                    } else {
+                        txn = delete_block(txn, &block, bkv.mod_revision);
+                    }
                     if let Some(node) = &block.affinity {
                         let akey = keys::affinity(node, block.cidr);
                         if let Some(akv) = self.store.get(&akey).await? {

@@ -204,6 +204,37 @@ async fn a_released_address_cools_down_in_a_block_nobody_owns() {
     }
 }
 
+/// A pool deleted right after an address of it was released, and applied again over the same range: the
+/// released address is not handed out before its cooldown ends. The emptied block stays, owned by nobody,
+/// while it cools down (the pool's re-creation is refused meanwhile, naming the cooldown), and the collection
+/// gives it back after.
+#[tokio::test]
+async fn a_pool_deleted_and_re_created_keeps_the_cooldown_of_its_released_addresses() {
+    let env = Env::new();
+    let pool = pool_yaml("again", "10.4.3.0/30", 30, "");
+    env.apply(&pool).await;
+    env.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {reuseCooldownSeconds: 60}\n",
+    )
+    .await;
+    let x = env.allocator.assign(&request("a0", "node-a", "default", &[])).await.unwrap()[0].ip;
+    env.allocator.release_handle("a0").await.unwrap();
+    assert!(env.catalog().delete_pool("again", false).await.unwrap().is_empty(), "nothing in use");
+    env.advance(1);
+    let docs = poolwarden::resources::parse_documents("again.yaml", &pool).unwrap();
+    let refused = env.catalog().apply(&docs).await.unwrap_err();
+    assert!(refused.to_string().contains("reuseCooldownSeconds"), "{refused}");
+    let cidr: ipnet::IpNet = "10.4.3.0/30".parse().unwrap();
+    assert_eq!(env.allocator.unowned_blocks().await.unwrap(), [cidr], "kept, owned by nobody");
+    assert!(!env.allocator.release_unowned_block(cidr).await.unwrap(), "not before {x} has cooled down");
+    env.advance(60);
+    assert!(env.allocator.release_unowned_block(cidr).await.unwrap(), "once it has");
+    env.apply(&pool).await;
+    let got = env.allocator.assign(&request("b0", "node-b", "default", &[])).await.unwrap();
+    assert_eq!(got[0].block, cidr);
+    assert_clean(&env).await;
+}
+
 #[tokio::test]
 async fn specific_addresses_and_in_use_errors() {
     let env = Env::new();

@@ -11,7 +11,6 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use ipnet::IpNet;
@@ -31,12 +30,7 @@ use crate::{
 pub const MAX_ATTEMPTS: usize = 32;
 
 /// Seconds since the epoch; injectable so tests can move time.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// The wall clock.
-pub fn system_clock() -> Clock {
-    Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
-}
+pub use crate::ipam::{Clock, system_clock};
 
 /// Errors from allocation and release.
 #[derive(Debug, thiserror::Error)]

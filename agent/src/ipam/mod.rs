@@ -9,7 +9,12 @@ pub mod gc;
 pub mod mismatch;
 pub mod selection;
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -18,6 +23,15 @@ pub use block::{Allocation, Block, BlockError, Owner};
 pub use selection::{NamespaceInfo, NodeInfo, PodInfo, Requested, Selection, SelectionError};
 
 use crate::resources::IpPool;
+
+/// Seconds since the Unix epoch, as the allocators and the catalog stamp released addresses and judge their
+/// cooldown; tests move one of their own.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+}
 
 /// A node's claim on a block.
 ///

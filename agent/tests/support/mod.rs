@@ -43,8 +43,10 @@ impl Env {
         self.now.fetch_add(seconds, Ordering::SeqCst);
     }
 
+    /// The catalog, on this environment's clock.
     pub fn catalog(&self) -> Catalog {
-        Catalog::new(Arc::clone(&self.store))
+        let now = Arc::clone(&self.now);
+        Catalog::with_clock(Arc::clone(&self.store), Arc::new(move || now.load(Ordering::SeqCst)))
     }
 
     pub async fn apply(&self, yaml: &str) {
