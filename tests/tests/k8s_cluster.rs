@@ -838,7 +838,7 @@ fn restart_api_server(dir: &std::path::Path) -> Duration {
         clippy::zombie_processes,
         reason = "it outlives this test, as the cluster's; cluster down stops it by PID"
     )]
-    let child = Command::new("setsid")
+    let mut child = Command::new("setsid")
         .arg("nsenter")
         .arg("--net=/var/run/netns/pwk-cp")
         .args(&args)
@@ -850,8 +850,23 @@ fn restart_api_server(dir: &std::path::Path) -> Duration {
     std::fs::write(&pid_file, child.id().to_string()).expect("record its PID");
     let kubectl = Kubectl::new(dir);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !kubectl.run(&["get", "--raw", "/readyz"], None).0 {
-        assert!(Instant::now() < deadline, "the API server did not come back in 120 s");
+    loop {
+        let (ready, out, err) = kubectl.run(&["get", "--raw", "/readyz?verbose"], None);
+        if ready {
+            break;
+        }
+        if Instant::now() >= deadline {
+            // What it says of itself, for whoever reads the failure (the cluster's directory goes with it).
+            let log = std::fs::read_to_string(dir.join("logs/kube-apiserver.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+            let exited = child.try_wait().ok().flatten();
+            panic!(
+                "the API server did not come back in 120 s (process {}: {exited:?}); /readyz: {out}{err}\nits log's \
+                 last lines:\n{}",
+                child.id(),
+                tail.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     killed.elapsed()
