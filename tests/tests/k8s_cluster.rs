@@ -821,10 +821,12 @@ fn restart_api_server(dir: &std::path::Path) -> Duration {
     let killed = Instant::now();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill -9");
     // Gone, or a zombie: under `cargo xtask test` the API server is the child of xtask, which reaps it
-    // only when it exits.
+    // only when it exits. A zombie leader whose other threads are still exiting still holds the process's
+    // sockets (its listening port with them): gone only once it is the last of its threads.
     let gone = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map_or(true, |stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')));
+        zombie && std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count) <= 1
     };
     while !gone() {
         assert!(killed.elapsed() < Duration::from_secs(30), "the API server ({pid}) outlived kill -9 by 30 s");
