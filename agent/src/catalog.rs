@@ -392,16 +392,11 @@ impl Catalog {
                 if block.is_empty() {
                     // Empty blocks go with the pool, with their affinities; a cooling one stays, owned by
                     // nobody (indexed for the collection).
-                    if now < block.cooled_down_at(cooldown) {
-                        let mut kept = block.clone();
-                        kept.affinity = None;
-                        txn = write_block(txn, &kept, Some(bkv.mod_revision));
-                        if let Some(node) = &block.affinity {
-                            txn = txn.remove(keys::room(node, block.cidr));
-                        }
+                    txn = if block.may_go_back(now, cooldown) {
+                        delete_block(txn, &block, bkv.mod_revision)
                     } else {
-                        txn = delete_block(txn, &block, bkv.mod_revision);
-                    }
+                        disown_block(txn, &block, bkv.mod_revision)
+                    };
                     if let Some(node) = &block.affinity {
                         let akey = keys::affinity(node, block.cidr);
                         if let Some(akv) = self.store.get(&akey).await? {
@@ -492,6 +487,18 @@ pub fn write_block(txn: Txn, block: &Block, revision: Option<Revision>) -> Txn {
         Some(node) if block.free_count() > 0 => txn.put(keys::room(node, block.cidr), Vec::new()),
         Some(node) => txn.remove(keys::room(node, block.cidr)),
         None => txn.put(keys::unowned(block.cidr), Vec::new()),
+    }
+}
+
+/// Write `block` (read at `revision`) as owned by nobody: out of its node's room index, into the index of
+/// blocks nobody owns. Its node's affinity record is the caller's to remove.
+pub fn disown_block(txn: Txn, block: &Block, revision: Revision) -> Txn {
+    let mut disowned = block.clone();
+    let previous = disowned.affinity.take();
+    let txn = write_block(txn, &disowned, Some(revision));
+    match previous {
+        Some(node) => txn.remove(keys::room(&node, block.cidr)),
+        None => txn,
     }
 }
 

@@ -17,7 +17,7 @@ use ipnet::IpNet;
 use tokio::sync::oneshot;
 
 use crate::{
-    catalog::{Catalog, decode, delete_block, encode, write_block},
+    catalog::{Catalog, decode, delete_block, disown_block, encode, write_block},
     ipam::{
         self, Affinity, Allocation, Block, BlockError, HandleRecord, NamespaceInfo, NodeInfo, Owner, PodInfo,
         Requested, SelectionError, check::Snapshot,
@@ -874,7 +874,7 @@ impl Allocator {
             let affinity: Affinity = decode(&akv.key, &akv.value)?;
             let Some((block, rev)) = self.block(affinity.cidr).await? else { continue };
             let idle = block.empty_since.is_some_and(|t| now >= t.saturating_add(config.empty_block_grace_seconds));
-            if block.is_empty() && idle && now >= block.cooled_down_at(config.reuse_cooldown_seconds) {
+            if idle && block.may_go_back(now, config.reuse_cooldown_seconds) {
                 let txn = delete_block(Txn::new(), &block, rev).delete(&akv.key, akv.mod_revision);
                 // A conflict means the block was used meanwhile: keep it.
                 if let TxnOutcome::Committed(_) = self.store.txn(txn).await? {
@@ -900,18 +900,8 @@ impl Allocator {
             let now = (self.clock)();
             let txn = match self.block(affinity.cidr).await? {
                 None => txn,
-                Some((block, rev)) if block.is_empty() && now >= block.cooled_down_at(cooldown) => {
-                    delete_block(txn, &block, rev)
-                }
-                Some((mut block, rev)) => {
-                    // Owned by nobody now: out of its node's room index, into the index of such blocks.
-                    let previous = block.affinity.take();
-                    let txn = write_block(txn, &block, Some(rev));
-                    match previous {
-                        Some(node) => txn.remove(keys::room(&node, block.cidr)),
-                        None => txn,
-                    }
-                }
+                Some((block, rev)) if block.may_go_back(now, cooldown) => delete_block(txn, &block, rev),
+                Some((block, rev)) => disown_block(txn, &block, rev),
             };
             if self.store.txn(txn).await?.is_committed() {
                 return Ok(true);
@@ -929,9 +919,7 @@ impl Allocator {
         let _turn = lock.lock().await;
         let now = (self.clock)();
         match self.block(cidr).await? {
-            Some((block, rev))
-                if block.affinity.is_none() && block.is_empty() && now >= block.cooled_down_at(cooldown) =>
-            {
+            Some((block, rev)) if block.affinity.is_none() && block.may_go_back(now, cooldown) => {
                 Ok(self.store.txn(delete_block(Txn::new(), &block, rev)).await?.is_committed())
             }
             Some((block, _)) if block.affinity.is_none() => Ok(false),

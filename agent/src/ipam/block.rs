@@ -147,6 +147,12 @@ impl Block {
         self.free.front().is_some_and(|&(_, released)| reusable(released, now, cooldown))
     }
 
+    /// Whether the block may go back to its pool at `now`: nothing allocated, and every released address past
+    /// its cooldown (given back sooner, it could be cut again with that address free at once).
+    pub fn may_go_back(&self, now: u64, cooldown: u64) -> bool {
+        self.is_empty() && now >= self.cooled_down_at(cooldown)
+    }
+
     /// The time after which no address of this block is still cooling down.
     pub fn cooled_down_at(&self, cooldown: u64) -> u64 {
         // The newest release, wherever it is: a block released from by several processes (borrowers, a

@@ -741,7 +741,7 @@ impl BlockAllocator {
         for stored in owned {
             let block = &stored.block;
             let idle = block.empty_since.is_some_and(|t| now >= t.saturating_add(config.empty_block_grace_seconds));
-            if !(block.is_empty() && idle && now >= block.cooled_down_at(config.reuse_cooldown_seconds)) {
+            if !(idle && block.may_go_back(now, config.reuse_cooldown_seconds)) {
                 continue;
             }
             if self.delete(&stored).await? {
@@ -756,14 +756,17 @@ impl BlockAllocator {
     /// cooled down (given back sooner, a block could be cut again at once and an address handed out inside
     /// its cooldown). One list of every block, a delete at the version read for each. Returns them.
     pub async fn release_unowned_blocks(&self, config: &IpamConfigSpec) -> Result<Vec<IpNet>, AllocError> {
+        let every = self.selected(Labels::new()).await?;
+        self.give_back_unowned(every, config).await
+    }
+
+    /// [`Self::release_unowned_blocks`] among `blocks` as read (a delete at each one's version).
+    async fn give_back_unowned(&self, blocks: Vec<Stored>, config: &IpamConfigSpec) -> Result<Vec<IpNet>, AllocError> {
         let now = (self.clock)();
         let mut released = Vec::new();
-        for stored in self.selected(Labels::new()).await? {
+        for stored in blocks {
             let block = &stored.block;
-            if block.affinity.is_some()
-                || !block.is_empty()
-                || now < block.cooled_down_at(config.reuse_cooldown_seconds)
-            {
+            if block.affinity.is_some() || !block.may_go_back(now, config.reuse_cooldown_seconds) {
                 continue;
             }
             if self.delete(&stored).await? {
@@ -807,7 +810,7 @@ impl BlockAllocator {
     /// clock `now`: a step of the wall clock shortens nothing) remembers; a node seen again in between
     /// starts over. For each gone node: its addresses, at the allocation seen (one reassigned meanwhile
     /// stays), then its claim on its blocks; then every block nobody owns that is empty and cooled down goes
-    /// back. One list of every block a pass. `me`, the caller's own node, is never gone, and an empty `live`
+    /// back. One list of every block a pass (two when it collected a node). `me`, the caller's own node, is never gone, and an empty `live`
     /// while blocks name nodes is refused (a cache not synced, or a list it may not read, would otherwise
     /// make every node gone). A process that restarts forgets the absences it saw and waits the grace
     /// period again. The caller confirms a node gone with the API server before relying on this for one it
@@ -821,9 +824,10 @@ impl BlockAllocator {
         grace: std::time::Duration,
         config: &IpamConfigSpec,
     ) -> Result<GoneNodes, AllocError> {
-        let blocks = self.blocks().await?;
-        let named: BTreeSet<&str> = blocks
+        let read = self.selected(Labels::new()).await?;
+        let named: BTreeSet<&str> = read
             .iter()
+            .map(|s| &s.block)
             .flat_map(|b| b.affinity.as_deref().into_iter().chain(b.allocated().map(|(_, a)| a.node.as_str())))
             .collect();
         if live.is_empty() && !named.is_empty() {
@@ -840,7 +844,7 @@ impl BlockAllocator {
             .map(|(node, _)| node.clone())
             .collect();
         let mut collected = GoneNodes::default();
-        for block in &blocks {
+        for block in read.iter().map(|s| &s.block) {
             for (ip, allocation) in block.allocated().filter(|(_, a)| gone.contains(&a.node)) {
                 match self.release_ip(ip, Some((allocation.sequence, &allocation.handle))).await {
                     Ok(Some(_)) => collected.addresses.push(ip),
@@ -852,7 +856,9 @@ impl BlockAllocator {
         for node in &gone {
             collected.blocks.extend(self.release_node(node).await?);
         }
-        collected.given_back = self.release_unowned_blocks(config).await?;
+        // The blocks as read, unless this pass changed some.
+        let now_read = if gone.is_empty() { read } else { self.selected(Labels::new()).await? };
+        collected.given_back = self.give_back_unowned(now_read, config).await?;
         collected.nodes = gone;
         Ok(collected)
     }
