@@ -45,11 +45,35 @@ pub fn available() -> bool {
     false
 }
 
-/// Two free ports on loopback.
+/// Two free ports on loopback, below the kernel's ephemeral range. A port the kernel handed out for
+/// `bind(0)` and given back is in that range, where any outgoing connection (another test's client, the
+/// member's own peers) may take it as its source port before etcd binds it: a fresh-clone run lost a member
+/// to "bind: address already in use" that way. Below the range only an explicit bind takes a port, so each
+/// process counts through its own stretch of it and skips what is bound already.
 fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    let b = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    (a.local_addr().expect("addr").port(), b.local_addr().expect("addr").port())
+    (free_port(), free_port())
+}
+
+fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // The ephemeral range's first port (32768 when unreadable); ours are the 12,000 ports below it.
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    let span = 12_000.min(ephemeral.saturating_sub(1024));
+    assert!(span >= 1000, "the ephemeral port range starts at {ephemeral}: no room below it for test servers");
+    let first = ephemeral - span;
+    let start = std::process::id() * 97 % span;
+    for _ in 0..span {
+        let port = first + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(port).expect("a port");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on loopback between {first} and {ephemeral}");
 }
 
 /// Certificates for a cluster that requires TLS and client certificates: a CA, the members' certificate
