@@ -10,6 +10,10 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     ipam::Block,
+    objects::{
+        AFFINITY_LABEL, Kind, UNOWNED_LABEL,
+        kv::{list_raw, stage_delete, stage_unchanged, stage_update},
+    },
     resources::{
         IpPool, IpamConfig, Located, Location, Namespace, Resource, ResourceError, check_pool_annotation, valid_name,
     },
@@ -171,6 +175,16 @@ impl Catalog {
         kvs.iter().map(|kv| Ok((decode(&kv.key, &kv.value)?, kv.mod_revision))).collect()
     }
 
+    /// Every block, in either layout: the multi-key records, or the block objects of the single-object
+    /// allocator (a datastore holds one of them).
+    pub async fn blocks(&self) -> Result<Vec<Block>, StoreError> {
+        let (kvs, _) = self.store.list(keys::BLOCKS).await?;
+        let mut blocks: Vec<Block> = kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
+        let objects = list_raw::<Block>(self.store.as_ref(), Kind::Block).await?;
+        blocks.extend(objects.into_iter().map(|o| o.spec));
+        Ok(blocks)
+    }
+
     /// Pools deleted so far (by `delete pool`) that no pool of the same name has replaced.
     pub async fn retired_pools(&self) -> Result<Vec<RetiredPool>, StoreError> {
         let (kvs, _) = self.store.list(keys::RETIRED_POOLS).await?;
@@ -275,10 +289,13 @@ impl Catalog {
             let existing = stored.iter().find(|(p, _)| p.name() == pool.name());
             if existing.is_none() {
                 // Any block in the new pool's range is another pool's leftover: an overlap.
+                // Either layout: the multi-key records, or the block objects of the single-object allocator.
                 let (block_keys, _) = self.store.list_keys(keys::BLOCKS).await?;
+                let objects = list_raw::<Block>(self.store.as_ref(), Kind::Block).await?;
                 let leftovers: Vec<String> = block_keys
                     .iter()
                     .filter_map(|k| keys::parse_cidr_segment(k.strip_prefix(keys::BLOCKS)?))
+                    .chain(objects.iter().map(|o| o.spec.cidr))
                     .filter(|b| pool.cidr().contains(b) || b.contains(&pool.cidr()))
                     .map(|b| b.to_string())
                     .collect();
@@ -406,6 +423,26 @@ impl Catalog {
                 } else {
                     txn = txn.unchanged(&bkv.key, bkv.mod_revision);
                     in_use.push(block);
+                }
+            }
+            // The same for the block objects of the single-object allocator (a datastore holds one layout).
+            for object in list_raw::<Block>(self.store.as_ref(), Kind::Block).await? {
+                let block = &object.spec;
+                if !pool.cidr().contains(&block.cidr) {
+                    continue;
+                }
+                if !block.is_empty() {
+                    txn = stage_unchanged(txn, Kind::Block, &object);
+                    in_use.push(block.clone());
+                } else if block.may_go_back(now, cooldown) {
+                    txn = stage_delete(txn, Kind::Block, &object);
+                } else {
+                    let mut disowned = block.clone();
+                    disowned.affinity = None;
+                    let mut labels = object.labels.clone();
+                    labels.remove(AFFINITY_LABEL);
+                    labels.insert(UNOWNED_LABEL.to_string(), "true".to_string());
+                    txn = stage_update(txn, Kind::Block, &object, &labels, &disowned);
                 }
             }
             if !in_use.is_empty() && !force {

@@ -1,12 +1,17 @@
 //! The `poolwarden` commands: their arguments (clap) and what they do, writing their output to a string so
 //! the same code serves the command line and, while an agent holds the datastore, the agent's socket.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::IpAddr,
+    sync::Arc,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
-    allocator::{Allocator, AssignRequest},
+    allocator::{AssignRequest, single::BlockAllocator},
     catalog::Catalog,
     cli::{self, Format},
     directory::{self, Directory, Source},
@@ -534,7 +539,7 @@ pub async fn execute(
     out: &mut String,
 ) -> Result<u8, CommandError> {
     let catalog = Catalog::new(Arc::clone(&store));
-    let allocator = Allocator::new(Arc::clone(&store));
+    let allocator = BlockAllocator::of_store(Arc::clone(&store));
     let namespaces = Namespaces::new(Arc::clone(&store), agent, cli.kubeconfig.clone());
     match cli.command {
         Command::Agent { .. } | Command::InstallCni { .. } | Command::Uninstall { .. } => {
@@ -582,9 +587,9 @@ pub async fn execute(
                     }
                     cli::pools(&pools, output)
                 }
-                Kind::Blocks => cli::blocks(&allocator.snapshot().await?.blocks, output),
-                Kind::Affinities => cli::affinities(&allocator.snapshot().await?, output),
-                Kind::Handles => cli::handles(&allocator.snapshot().await?, output),
+                Kind::Blocks => cli::blocks(&snapshot(&allocator, &store).await?.blocks, output),
+                Kind::Affinities => cli::affinities(&snapshot(&allocator, &store).await?, output),
+                Kind::Handles => cli::handles(&snapshot(&allocator, &store).await?, output),
                 Kind::Namespaces => {
                     let mut known: Vec<resources::Namespace> = namespaces
                         .directory()
@@ -656,7 +661,9 @@ pub async fn execute(
             catalog.edit_namespace(&name, &changes, false).await?;
             w!(out, "namespace/{name} labeled");
         }
-        Command::Ipam { command } => return ipam_command(command, &catalog, &allocator, &namespaces, out).await,
+        Command::Ipam { command } => {
+            return ipam_command(command, &catalog, &allocator, &store, &namespaces, out).await;
+        }
         Command::Firewall { command: FirewallCommand::Export { format, pool, watch: _ } } => {
             // `--watch` is the caller's loop around this (see the `poolwarden` binary).
             out.push_str(&firewall_export(&catalog, &namespaces, format, pool.as_deref()).await?);
@@ -703,16 +710,26 @@ pub async fn execute(
     Ok(0)
 }
 
+/// Everything `ipam check` and `get` look at: the blocks, with the nodes registered now (an address of a node
+/// that is not, and a block affine to one, are reported as leaked).
+async fn snapshot(allocator: &BlockAllocator, store: &Arc<dyn Store>) -> Result<ipam::check::Snapshot, CommandError> {
+    let mut snapshot = allocator.snapshot().await?;
+    let (registered, _) = store.list_keys(store::keys::NODES).await?;
+    snapshot.nodes = registered.iter().filter_map(|k| k.strip_prefix(store::keys::NODES)).map(str::to_string).collect();
+    Ok(snapshot)
+}
+
 async fn ipam_command(
     command: IpamCommand,
     catalog: &Catalog,
-    allocator: &Allocator,
+    allocator: &BlockAllocator,
+    store: &Arc<dyn Store>,
     namespaces: &Namespaces,
     out: &mut String,
 ) -> Result<u8, CommandError> {
     match command {
         IpamCommand::Show { mismatched: true, .. } => {
-            let snapshot = allocator.snapshot().await?;
+            let snapshot = snapshot(allocator, store).await?;
             let directory = namespaces.directory().await?;
             let known: BTreeMap<String, ipam::NamespaceInfo> =
                 directory.namespaces().await?.into_iter().map(|ns| (ns.name.clone(), ns)).collect();
@@ -731,11 +748,11 @@ async fn ipam_command(
             out.push_str(&cli::mismatched(&found));
         }
         IpamCommand::Show { blocks, .. } => {
-            let snapshot = allocator.snapshot().await?;
+            let snapshot = snapshot(allocator, store).await?;
             out.push_str(&if blocks { cli::ipam_show_blocks(&snapshot) } else { cli::ipam_show(&snapshot) });
         }
         IpamCommand::Check => {
-            let snapshot = allocator.snapshot().await?;
+            let snapshot = snapshot(allocator, store).await?;
             let problems = check::check(&snapshot);
             for problem in &problems {
                 w!(out, "{problem}");
@@ -758,7 +775,17 @@ async fn ipam_command(
             None => w!(out, "{ip} was not allocated"),
         },
         IpamCommand::Release { handle: Some(handle), .. } => {
-            let ips = allocator.release_handle(&handle).await?;
+            // On every node that holds an address for it (one, unless something went wrong).
+            let held = snapshot(allocator, store).await?;
+            let nodes: BTreeSet<String> = held
+                .blocks
+                .iter()
+                .flat_map(|b| b.allocated().filter(|(_, a)| a.handle == handle).map(|(_, a)| a.node.clone()))
+                .collect();
+            let mut ips = Vec::new();
+            for node in nodes {
+                ips.extend(allocator.release_handle(&node, &handle).await?);
+            }
             if ips.is_empty() {
                 w!(out, "handle {handle} held no address");
             }
@@ -788,13 +815,15 @@ async fn ipam_command(
                     request.pod.get_or_insert_with(|| PodInfo { name: "standalone".into(), ..Default::default() });
                 pod.annotations = annotations;
             }
-            for a in allocator.assign(&request).await? {
+            let loaded = allocator.load().await?;
+            for a in allocator.assign(&request, &loaded).await? {
                 w!(out, "{}\t{}\t{}\t{}", a.ip, a.pool, a.block, handle);
             }
         }
         IpamCommand::ReleaseEmptyBlocks { node } => {
             let node = node_name(node);
-            let released = allocator.release_empty_blocks(&node).await?;
+            let config = allocator.load().await?.config;
+            let released = allocator.release_empty_blocks(&node, &config).await?;
             w!(out, "released {} empty block(s) of node {node}", released.len());
             for cidr in released {
                 w!(out, "  {cidr}");

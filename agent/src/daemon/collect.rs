@@ -4,18 +4,17 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use poolwarden_protocol::DelRequest;
 use tracing::{debug, info, warn};
 
+use ipnet::IpNet;
+
 use super::{Agent, Endpoint, MAINTENANCE_INTERVAL, wiring::WiringError};
 use crate::{
     allocator::AllocError,
-    catalog::decode,
-    cluster,
     dataplane::routes::RouteError,
     ipam,
     store::{StoreError, Txn, keys},
@@ -64,9 +63,7 @@ impl Agent {
     /// Whether this node has an endpoint for `handle` whose container is still there by the kernel's
     /// account (recorded, and its interface or netns still there); the API server is not asked.
     async fn endpoint_alive(&self, handle: &str) -> Result<bool, CollectError> {
-        let key = keys::endpoint(&self.node.name, handle);
-        let Some(kv) = self.store.get(&key).await? else { return Ok(false) };
-        let endpoint: Endpoint = decode(&key, &kv.value)?;
+        let Some(endpoint) = self.endpoint(handle).await? else { return Ok(false) };
         self.endpoint_there(&endpoint).await
     }
 
@@ -111,19 +108,22 @@ impl Agent {
         let registered = &nodes.registered;
         let unregistered = nodes.unregistered(&self.node.name);
         let endpoints = self.endpoints().await?;
-        let mut addresses: Vec<IpAddr> = endpoints.iter().flat_map(|e| e.ips.iter().copied()).collect();
-        if !unregistered.is_empty() {
-            let (kvs, _) = self.store.list(keys::BORROWED).await?;
-            for kv in &kvs {
-                let borrowed: cluster::Borrowed = decode(&kv.key, &kv.value)?;
-                if unregistered.contains(&borrowed.node) {
-                    addresses.push(borrowed.ip);
-                }
-            }
+        // This node's blocks and those it borrowed from (its view), and those of the unregistered nodes (read).
+        let (owned, borrowed) = self.blocks.node_blocks(&self.node.name).await?;
+        let mut read: BTreeMap<IpNet, ipam::Block> =
+            owned.into_iter().chain(borrowed).map(|s| (s.block.cidr, s.block)).collect();
+        for node in &unregistered {
+            let (owned, borrowed) = self.blocks.node_blocks_now(node).await?;
+            read.extend(owned.into_iter().chain(borrowed).map(|s| (s.block.cidr, s.block)));
         }
+        let read: Vec<ipam::Block> = read.into_values().collect();
         let mut whose = unregistered.clone();
         whose.insert(self.node.name.clone());
-        let (affinities, read) = self.allocator.view_of(&whose, addresses).await?;
+        let affinities: Vec<ipam::Affinity> = read
+            .iter()
+            .filter_map(|b| Some(ipam::Affinity { node: b.affinity.clone()?, cidr: b.cidr }))
+            .filter(|a| whose.contains(&a.node))
+            .collect();
         let mut local = ipam::gc::LocalEndpoints::new();
         // Handles whose pod the API server says is gone (asked here, not while ADDs are held off below).
         let mut pods_gone = BTreeSet::new();
@@ -243,14 +243,11 @@ impl Agent {
                     }
                 }
             }
-            match self.allocator.release_ip(leak.ip, Some((leak.sequence, &leak.handle))).await {
+            match self.blocks.release_ip(leak.ip, Some((leak.sequence, &leak.handle))).await {
                 Ok(Some(_)) => {
                     released += 1;
                     cleared.insert(leak.ip);
                     warn!(address = %leak.ip, handle = %leak.handle, node = %leak.node, reason = %leak.reason, "released a leaked address");
-                    let endpoint = keys::endpoint(&leak.node, &leak.handle);
-                    let txn = Txn::new().remove(endpoint).remove(keys::borrowed(leak.ip));
-                    self.store.txn(txn).await?;
                 }
                 // Released or reassigned since it was seen: nothing of ours to take.
                 Ok(None) | Err(AllocError::Reassigned { .. }) => {
@@ -271,21 +268,17 @@ impl Agent {
                 debug!(block = %affinity.cidr, node = %affinity.node, "a gone node's block keeps its affinity until its addresses are released");
                 continue;
             }
-            if self.allocator.release_affinity(affinity).await? {
+            if self.blocks.release_claim(affinity.cidr, &affinity.node).await? {
                 blocks += 1;
                 warn!(block = %affinity.cidr, node = %affinity.node, "released the block of a node that is gone");
             }
         }
         // A block nobody owns goes back once it is empty and its released addresses have cooled down (until
-        // then a claim may adopt it): those of their index (one list of keys, usually empty), and any among
-        // the blocks read (an older version wrote no index).
-        let mut unowned: BTreeSet<ipnet::IpNet> = self.allocator.unowned_blocks().await?.into_iter().collect();
-        unowned.extend(ipam::gc::unowned_empty_blocks(&read));
-        for cidr in unowned {
-            if self.allocator.release_unowned_block(cidr).await? {
-                blocks += 1;
-                info!(block = %cidr, "gave a block nobody owns back to its pool");
-            }
+        // then a claim may adopt it): one selected list, usually empty.
+        let config = self.blocks.load().await?.config;
+        for cidr in self.blocks.release_unowned_blocks(&config).await? {
+            blocks += 1;
+            info!(block = %cidr, "gave a block nobody owns back to its pool");
         }
         // A decommissioned node found holding nothing (no block, no address) for twice the leak grace period
         // is forgotten: its marker goes, unless it registered again or its addresses came back meanwhile.
@@ -310,9 +303,7 @@ impl Agent {
     /// Collect this node's attachment `handle` as its DEL would: how many addresses it freed, or `None` when it
     /// has no endpoint record (then only its address goes).
     async fn collect_attachment(&self, handle: &str) -> Result<Option<usize>, CollectError> {
-        let key = keys::endpoint(&self.node.name, handle);
-        let Some(kv) = self.store.get(&key).await? else { return Ok(None) };
-        let endpoint: Endpoint = decode(&key, &kv.value)?;
+        let Some(endpoint) = self.endpoint(handle).await? else { return Ok(None) };
         let freed = self
             .del(DelRequest {
                 container_id: endpoint.container_id.clone(),

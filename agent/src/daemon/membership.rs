@@ -2,7 +2,8 @@
 //! collection pass nor a route reconcile lists the cluster: which nodes are registered (`nodes/`, leased),
 //! known by their last addresses (`node-addresses/`, kept while the node is not decommissioned) and
 //! decommissioned (`decommissioned/`), and what routes to them need: the blocks affine to each node
-//! (`affinities/`) and the addresses nodes borrowed from others' blocks (`borrowed/`). Listed once, then kept
+//! and the addresses nodes hold in blocks they do not own, both read from the block objects
+//! (`objects/ipamblocks/`, see `docs/allocator-single-object.md`). Listed once, then kept
 //! by the watches' events; while a watch is broken (the store away, history compacted) they are listed
 //! afresh by whoever asks, so nobody ever judges a node, or routes, by a stale view.
 
@@ -68,14 +69,52 @@ pub struct Routing {
 impl Routing {
     /// List it from the store (what a reconcile read before the watches, and reads while they are broken).
     pub async fn list(store: &dyn Store) -> Result<Self, StoreError> {
-        let (affinities, _) = store.list(keys::AFFINITIES).await?;
-        let (borrowed, _) = store.list(keys::BORROWED).await?;
-        Ok(Self {
-            nodes: cluster::routable(store).await?,
-            affinities: affinities.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?,
-            borrowed: borrowed.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?,
-        })
+        let (blocks, _) = store.list(&BLOCKS).await?;
+        let mut routing = Self { nodes: cluster::routable(store).await?, ..Self::default() };
+        for kv in &blocks {
+            routing.add(decode(&kv.key, &block_routes(&kv.key, &kv.value))?);
+        }
+        Ok(routing)
     }
+
+    fn add(&mut self, routes: BlockRoutes) {
+        self.affinities.extend(routes.affinity);
+        self.borrowed.extend(routes.borrowed);
+    }
+}
+
+/// The key prefix of the block objects in a key-value datastore.
+static BLOCKS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| crate::objects::kv::object_prefix(crate::objects::Kind::Block));
+
+/// What routes need of one block: the node it is affine to, and the addresses held in it by other nodes
+/// (every address, when nobody owns it). Kept per block in the mirror instead of the block itself, which
+/// holds every allocation's attributes.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct BlockRoutes {
+    affinity: Option<Affinity>,
+    borrowed: Vec<Borrowed>,
+}
+
+/// [`BlockRoutes`] of the block object stored under `key`, encoded; none of a block that does not read
+/// (logged: one damaged object must not keep every other route from being followed).
+fn block_routes(key: &str, value: &[u8]) -> Vec<u8> {
+    let block = crate::objects::kv::decode_spec::<crate::ipam::Block>(key, value);
+    let routes = match block {
+        Ok(block) => BlockRoutes {
+            affinity: block.affinity.clone().map(|node| Affinity { node, cidr: block.cidr }),
+            borrowed: block
+                .allocated()
+                .filter(|(_, a)| block.affinity.as_ref() != Some(&a.node))
+                .map(|(ip, a)| Borrowed { ip, node: a.node.clone() })
+                .collect(),
+        },
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "a block object does not read; no route follows it");
+            BlockRoutes::default()
+        }
+    };
+    crate::catalog::encode(&routes)
 }
 
 fn names(prefix: &str, keys: Vec<String>) -> BTreeSet<String> {
@@ -85,7 +124,7 @@ fn names(prefix: &str, keys: Vec<String>) -> BTreeSet<String> {
 /// The followed prefixes' keys (without the prefix) and values, as the watches last reported them.
 #[derive(Clone, Debug, Default)]
 struct Mirror {
-    entries: BTreeMap<&'static str, BTreeMap<String, Vec<u8>>>,
+    entries: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
 }
 
 impl Mirror {
@@ -113,7 +152,11 @@ impl Mirror {
             self.decoded::<NodeRecord>(keys::NODE_ADDRESSES)?,
             &self.names(keys::DECOMMISSIONED),
         );
-        Ok(Routing { nodes, affinities: self.decoded(keys::AFFINITIES)?, borrowed: self.decoded(keys::BORROWED)? })
+        let mut routing = Routing { nodes, ..Routing::default() };
+        for routes in self.decoded::<BlockRoutes>(&BLOCKS)? {
+            routing.add(routes);
+        }
+        Ok(routing)
     }
 }
 
@@ -127,7 +170,15 @@ pub struct Membership {
     changes: tokio::sync::Notify,
 }
 
-const PREFIXES: [&str; 5] = [keys::NODES, keys::NODE_ADDRESSES, keys::DECOMMISSIONED, keys::AFFINITIES, keys::BORROWED];
+/// The followed prefixes: the nodes' three and the block objects'.
+fn prefixes() -> [&'static str; 4] {
+    [keys::NODES, keys::NODE_ADDRESSES, keys::DECOMMISSIONED, BLOCKS.as_str()]
+}
+
+/// What the mirror keeps of a value under `prefix`: a block's routes, anything else as it is.
+fn mirrored(prefix: &str, key: &str, value: Vec<u8>) -> Vec<u8> {
+    if prefix == BLOCKS.as_str() { block_routes(key, &value) } else { value }
+}
 
 impl Membership {
     /// The nodes: as followed, or listed now when not followed.
@@ -172,11 +223,13 @@ impl Membership {
     async fn follow_once(&self, store: &dyn Store) -> Result<(), StoreError> {
         let mut mirror = Mirror::default();
         let mut watches = Vec::new();
-        for prefix in PREFIXES {
+        for prefix in prefixes() {
             let (listed, revision) = store.list(prefix).await?;
-            let entries =
-                listed.into_iter().filter_map(|kv| Some((kv.key.strip_prefix(prefix)?.to_string(), kv.value)));
-            mirror.entries.insert(prefix, entries.collect());
+            let entries = listed.into_iter().filter_map(|kv| {
+                let name = kv.key.strip_prefix(prefix)?.to_string();
+                Some((name, mirrored(prefix, &kv.key, kv.value)))
+            });
+            mirror.entries.insert(prefix.to_string(), entries.collect());
             let watch = store.watch(prefix, revision + 1).await?;
             // One stream of (prefix, event) per watch, merged below and dropped with this call; a watch that
             // ends reports it, so a prefix is never silently no longer followed.
@@ -198,9 +251,9 @@ impl Membership {
             let Some(name) = event.kv.key.strip_prefix(prefix) else { continue };
             let mut followed = self.followed.lock().unwrap_or_else(|p| p.into_inner());
             let Some(mirror) = followed.as_mut() else { return Ok(()) };
-            let entries = mirror.entries.entry(prefix).or_default();
+            let entries = mirror.entries.entry(prefix.to_string()).or_default();
             match event.kind {
-                EventKind::Put => entries.insert(name.to_string(), event.kv.value),
+                EventKind::Put => entries.insert(name.to_string(), mirrored(prefix, &event.kv.key, event.kv.value)),
                 EventKind::Delete => entries.remove(name),
             };
             drop(followed);
@@ -267,12 +320,25 @@ mod tests {
                 .put(keys::node(&node.name), crate::catalog::encode(&node))
                 .put(keys::node_addresses(&node.name), crate::catalog::encode(&node))
         };
-        let block = |node: &str, cidr: &str| {
-            let affinity = Affinity { node: node.into(), cidr: cidr.parse().unwrap() };
-            Txn::new().put(keys::affinity(node, affinity.cidr), crate::catalog::encode(&affinity))
-        };
+        let objects = crate::objects::kv::KeyValueObjects::new(Arc::clone(&store));
+        // A block object as the allocator writes it (created, or written over what is stored).
+        async fn put(objects: &crate::objects::kv::KeyValueObjects, block: &crate::ipam::Block) {
+            use crate::{
+                allocator::single::{block_name, labels_of},
+                objects::{Kind, Object, ObjectStore},
+            };
+            let (name, spec) = (block_name(block.cidr), serde_json::to_value(block).unwrap());
+            match objects.get(Kind::Block, &name).await.unwrap() {
+                None => drop(objects.create(Kind::Block, &name, labels_of(block), spec).await.unwrap()),
+                Some(old) => {
+                    let object = Object { name, labels: labels_of(block), spec, version: old.version };
+                    drop(objects.update(Kind::Block, &object).await.unwrap());
+                }
+            }
+        }
+        let mut block_a = crate::ipam::Block::new("10.0.0.0/26".parse().unwrap(), "p", "a", 0);
         store.txn(register(record("a", "192.0.2.1"))).await.unwrap();
-        store.txn(block("a", "10.0.0.0/26")).await.unwrap();
+        put(&objects, &block_a).await;
         let membership = Arc::new(Membership::default());
         tokio::spawn(Arc::clone(&membership).follow(Arc::clone(&store)));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -283,13 +349,13 @@ mod tests {
         // Changes of every kind: a node registers and claims, the first one's agent goes (its addresses stay
         // known), a third node borrows, then it is decommissioned.
         store.txn(register(record("b", "192.0.2.2"))).await.unwrap();
-        store.txn(block("b", "10.0.0.64/26")).await.unwrap();
+        put(&objects, &crate::ipam::Block::new("10.0.0.64/26".parse().unwrap(), "p", "b", 0)).await;
         store.txn(Txn::new().remove(keys::node("a"))).await.unwrap();
         let borrowed = Borrowed { ip: "10.0.0.5".parse().unwrap(), node: "c".into() };
-        store
-            .txn(register(record("c", "192.0.2.3")).put(keys::borrowed(borrowed.ip), crate::catalog::encode(&borrowed)))
-            .await
-            .unwrap();
+        store.txn(register(record("c", "192.0.2.3"))).await.unwrap();
+        let owner = crate::ipam::Owner { handle: "h".into(), node: "c".into(), ..Default::default() };
+        block_a.assign_ip(borrowed.ip, &owner, 0, 0).unwrap();
+        put(&objects, &block_a).await;
         store
             .txn(
                 Txn::new()

@@ -19,7 +19,7 @@ mod wiring;
 pub use self::{collect::CollectError, reconcile::ReconcileError, reply::StatusError, wiring::WiringError};
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -33,8 +33,11 @@ use tracing::{Instrument, info_span, warn};
 use self::membership::Membership;
 
 use crate::{
-    allocator::Allocator,
-    catalog::{Catalog, decode, encode},
+    allocator::{
+        AllocError,
+        single::{BlockAllocator, Stored},
+    },
+    catalog::{Catalog, encode},
     cluster,
     dataplane::{
         enforcement::{Enforcement, EnforcementError},
@@ -251,7 +254,9 @@ pub struct Agent {
     /// Where other nodes reach this one (`--node-address`; detected when not given).
     node_addresses: Vec<IpAddr>,
     store: Arc<dyn Store>,
-    allocator: Allocator,
+    /// The single-object allocator on the datastore's block objects (`docs/allocator-single-object.md`):
+    /// the blocks hold the allocations and, in each allocation's attributes, the endpoint its ADD wired.
+    blocks: BlockAllocator,
     routes: Routes,
     /// Requests wiring or unwiring endpoints share this; a reconcile takes it alone, so it never sees an
     /// endpoint's route without the endpoint record it is computed from (and removes it as a stray).
@@ -302,7 +307,7 @@ impl Agent {
             drop_reports: std::sync::Mutex::new(drop_reports),
             enforcement,
             pool_mode: mode == EnforcementMode::Pool,
-            allocator: Allocator::new(Arc::clone(&store)),
+            blocks: BlockAllocator::of_store(Arc::clone(&store)),
             routes: Routes::connect()?,
             wiring: tokio::sync::RwLock::new(()),
             retired: tokio::sync::Notify::new(),
@@ -453,16 +458,17 @@ impl Agent {
         if usable.is_empty() {
             return Err(StatusError::NoPool { node: self.node.name.clone() });
         }
-        let prefix = keys::node_room(&self.node.name);
-        let (room, _) = self.store.list_keys(&prefix).await?;
-        let roomy = room
-            .iter()
-            .filter_map(|k| keys::parse_cidr_segment(k.strip_prefix(&prefix)?))
-            .any(|cidr| usable.iter().any(|p| p.cidr().contains(&cidr)));
+        let now = unix_now();
+        let config = self.blocks.load().await?.config;
+        let (owned, _) = self.blocks.node_blocks(&self.node.name).await?;
+        let roomy = owned.iter().map(|s| &s.block).any(|block| {
+            block.has_available(now, config.reuse_cooldown_seconds)
+                && usable.iter().any(|p| p.cidr().contains(&block.cidr))
+        });
         if roomy {
             return Ok(());
         }
-        let snapshot = self.allocator.snapshot().await?;
+        let snapshot = self.blocks.snapshot().await?;
         let free: u128 = usable.iter().map(|p| p.size().saturating_sub(snapshot.used_in(p))).sum();
         if free == 0 {
             let pools = usable.iter().map(|p| p.name().to_string()).collect();
@@ -476,10 +482,40 @@ impl Agent {
         Ok(Catalog::new(Arc::clone(&self.store)).pools().await?.into_iter().map(|(p, _)| p).collect())
     }
 
-    /// Every endpoint recorded for this node.
-    pub async fn endpoints(&self) -> Result<Vec<Endpoint>, StoreError> {
-        let (kvs, _) = self.store.list(&keys::node_endpoints(&self.node.name)).await?;
-        kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+    /// Every endpoint wired on this node, as its allocations' attributes hold it (from the node's view of its
+    /// blocks). An allocation whose attributes do not make an endpoint of its handle (written by something
+    /// else than an ADD, or damaged) is logged and left out: nothing is done to an interface on its word, and
+    /// the collector judges its address as one no endpoint was wired for.
+    pub async fn endpoints(&self) -> Result<Vec<Endpoint>, AllocError> {
+        let attachments = self.blocks.attachments(&self.node.name).await?;
+        Ok(attachments.iter().filter_map(|a| self.endpoint_of(a)).collect())
+    }
+
+    /// The endpoint an attachment's attributes describe, if they describe one of its handle.
+    fn endpoint_of(&self, attachment: &crate::allocator::single::Attachment) -> Option<Endpoint> {
+        let ips = attachment.addresses.iter().map(|a| a.ip).collect();
+        let namespace = attachment.namespace.as_deref().unwrap_or_default();
+        let pod = attachment.pod.as_deref().unwrap_or_default();
+        let endpoint = Endpoint::from_attributes(namespace, pod, ips, &attachment.attributes)
+            .and_then(|e| e.check_names(&attachment.handle).map(|()| e));
+        match endpoint {
+            Ok(endpoint) => Some(endpoint),
+            Err(e) => {
+                warn!(handle = %attachment.handle, error = %e, "an allocation of this node does not describe an endpoint; left to the collector");
+                None
+            }
+        }
+    }
+
+    /// This node's endpoint for `handle`, if it has one.
+    pub async fn endpoint(&self, handle: &str) -> Result<Option<Endpoint>, AllocError> {
+        let attachments = self.blocks.attachments(&self.node.name).await?;
+        Ok(attachments.iter().find(|a| a.handle == handle).and_then(|a| self.endpoint_of(a)))
+    }
+
+    /// The blocks this node owns, from its view.
+    async fn owned_blocks(&self) -> Result<Vec<Stored>, AllocError> {
+        Ok(self.blocks.node_blocks(&self.node.name).await?.0)
     }
 
     /// Log the packets enforcement drops, as the kernel reports them (at most a hundred a second per CPU;
@@ -536,8 +572,8 @@ impl Agent {
     pub async fn refresh_pool_metrics(&self) {
         // The pools and this node's blocks, not the whole store (see `metrics`).
         let Ok(pools) = self.pools().await else { return };
-        let mine = BTreeSet::from([self.node.name.clone()]);
-        let Ok((_, blocks)) = self.allocator.view_of(&mine, []).await else { return };
+        let Ok(owned) = self.owned_blocks().await else { return };
+        let blocks: Vec<crate::ipam::Block> = owned.into_iter().map(|s| s.block).collect();
         self.metrics.set_pools(&pools, &blocks);
         if let Some(enforcement) = &self.enforcement {
             let counts = enforcement.lock().unwrap_or_else(|p| p.into_inner()).counts();

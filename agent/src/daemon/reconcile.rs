@@ -9,14 +9,12 @@ use tracing::{info, warn};
 use super::{Agent, PoolRef, membership, wiring::WiringError};
 use crate::{
     allocator::AllocError,
-    catalog::decode,
     cluster,
     dataplane::{
         enforcement::EnforcementError,
         routes::{OwnedRoute, RouteError},
     },
-    ipam,
-    store::{StoreError, keys},
+    store::StoreError,
 };
 
 /// Why a reconcile (or maintenance) failed.
@@ -71,12 +69,11 @@ impl Agent {
         }
         let ipam_only: Vec<IpAddr> =
             endpoints.iter().filter(|e| e.host_ifname.is_empty()).flat_map(|e| e.ips.clone()).collect();
-        let (affinities, _) = self.store.list(&keys::node_affinities(&self.node.name)).await?;
-        for kv in &affinities {
-            let affinity: ipam::Affinity = decode(&kv.key, &kv.value)?;
+        let owned = self.owned_blocks().await?;
+        for cidr in owned.iter().map(|s| s.block.cidr) {
             // Blocks serving IPAM-only endpoints get no blackhole: see `wire`.
-            if !ipam_only.iter().any(|ip| affinity.cidr.contains(ip)) {
-                desired.insert(OwnedRoute::Blackhole(affinity.cidr));
+            if !ipam_only.iter().any(|ip| cidr.contains(ip)) {
+                desired.insert(OwnedRoute::Blackhole(cidr));
             }
         }
         let mut enforced = BTreeSet::new();
@@ -147,7 +144,7 @@ impl Agent {
         }
         desired.extend(self.remote_routes(&stored).await?);
         let (added, removed) = self.routes.reconcile(&desired).await?;
-        self.metrics.set_blocks_owned(affinities.len());
+        self.metrics.set_blocks_owned(owned.len());
         Ok((added, removed))
     }
 
@@ -196,7 +193,8 @@ impl Agent {
 
     /// Give back empty blocks past their grace period, then reconcile (their blackholes go with them).
     pub async fn maintain(&self) -> Result<(), ReconcileError> {
-        let released = self.allocator.release_empty_blocks(&self.node.name).await?;
+        let config = self.blocks.load().await?.config;
+        let released = self.blocks.release_empty_blocks(&self.node.name, &config).await?;
         for block in &released {
             info!(%block, "released empty block");
         }

@@ -15,16 +15,14 @@ use tracing::{info, warn};
 
 use super::{Agent, Endpoint, GC_GRACE, HOST_INTERFACE_WAIT, HostIndex, PoolRef, unix_now};
 use crate::{
-    allocator::{AllocError, AssignRequest, Record},
-    catalog::{decode, encode},
-    cluster,
+    allocator::{AllocError, AssignRequest},
     dataplane::{
         enforcement::{EndpointSpec, EnforcementError},
         routes::{OwnedRoute, RouteError},
     },
     directory::DirectoryError,
     ipam::{self, Requested},
-    store::{StoreError, Txn, keys},
+    store::StoreError,
 };
 
 /// Why a request about one attachment failed.
@@ -155,7 +153,7 @@ impl Agent {
         // Until this ADD is over, its allocation without an endpoint is not a leak.
         let _adding = self.adds.read().await;
         // Read once: the allocator assigns from the same pools.
-        let loaded = self.allocator.load().await?;
+        let loaded = self.blocks.load().await?;
         let pool_list = &loaded.pools;
         let directory = &self.directory;
         let pod = if request.pod.is_empty() {
@@ -163,23 +161,8 @@ impl Agent {
         } else {
             Some(directory.pod(&namespace, &request.pod, &request.pod_uid).await?)
         };
-        let assign = AssignRequest {
-            handle: handle.clone(),
-            node: directory.node(&self.node).await?,
-            namespace: directory.namespace(&namespace).await?,
-            pod,
-            requested: Requested::from_pool_names(pool_list, &request.pools, request.ips.clone()),
-            eligible: request.ipam_range.as_ref().map(|range| {
-                Arc::new(ipam::Eligible {
-                    subnets: range.subnets.clone(),
-                    starts: range.starts.clone(),
-                    ends: range.ends.clone(),
-                    exclude: range.gateways.clone(),
-                })
-            }),
-            // The multi-key allocator the agent runs keeps endpoint records apart.
-            attributes: Default::default(),
-        };
+        let node = directory.node(&self.node).await?;
+        let namespace_info = directory.namespace(&namespace).await?;
         let mut endpoint = Endpoint {
             container_id: request.container_id.clone(),
             ifname: request.ifname.clone(),
@@ -212,11 +195,22 @@ impl Agent {
                     .map_err(|source| WiringError::Enforcement { ifname: endpoint.bridge_port.clone(), source })?;
             }
         }
-        // The endpoint record is committed with the addresses when the allocator can (one fsync per ADD).
-        let template = endpoint.clone();
-        let record = Record {
-            key: keys::endpoint(&self.node.name, &handle),
-            value: Arc::new(move |ips: &[IpAddr]| encode(&Endpoint { ips: ips.to_vec(), ..template.clone() })),
+        let assign = AssignRequest {
+            handle: handle.clone(),
+            node,
+            namespace: namespace_info,
+            pod,
+            requested: Requested::from_pool_names(pool_list, &request.pools, request.ips.clone()),
+            eligible: request.ipam_range.as_ref().map(|range| {
+                Arc::new(ipam::Eligible {
+                    subnets: range.subnets.clone(),
+                    starts: range.starts.clone(),
+                    ends: range.ends.clone(),
+                    exclude: range.gateways.clone(),
+                })
+            }),
+            // The endpoint is kept in its allocations: no record apart, nothing to keep in step with them.
+            attributes: endpoint.attributes(),
         };
         // While the addresses are allocated, the plugin makes the veth: find its host side and attach the
         // program to it (with no entry yet it drops everything there), so that once the addresses are known
@@ -261,8 +255,8 @@ impl Agent {
             }
             Ok(Some(ifindex))
         };
-        let (allocated, host) = tokio::join!(self.allocator.assign_recording(&assign, Some(&record), &loaded), host);
-        let ((assigned, recorded), ifindex) = match (allocated, host) {
+        let (allocated, host) = tokio::join!(self.blocks.assign(&assign, &loaded), host);
+        let (assigned, ifindex) = match (allocated, host) {
             (Ok(allocated), Ok(ifindex)) => (allocated, ifindex),
             (Err(err), host) => {
                 if let Ok(Some(ifindex)) = host {
@@ -274,8 +268,7 @@ impl Agent {
                 return Err(err.into());
             }
             (Ok(_), Err(err)) => {
-                let _ = self.allocator.release_handle(&handle).await;
-                let _ = self.store.txn(Txn::new().remove(&record.key)).await;
+                let _ = self.blocks.release_handle(&self.node.name, &handle).await;
                 return Err(err);
             }
         };
@@ -283,8 +276,8 @@ impl Agent {
         let pool_cidrs: Vec<PoolRef> =
             assigned.iter().filter_map(|a| pool_list.iter().find(|p| p.name() == a.pool).map(PoolRef::of)).collect();
         let blocks: Vec<IpNet> = assigned.iter().map(|a| a.block).collect();
-        if let Err(err) = self.wire(&endpoint, &record.key, &blocks, &pool_cidrs, ifindex, recorded).await {
-            let _ = self.allocator.release_handle(&handle).await;
+        if let Err(err) = self.wire(&endpoint, &blocks, &pool_cidrs, ifindex).await {
+            let _ = self.blocks.release_handle(&self.node.name, &handle).await;
             return Err(err);
         }
         for a in &assigned {
@@ -299,42 +292,21 @@ impl Agent {
             .collect())
     }
 
-    /// Record the endpoint under `key` (unless the allocation's transaction already did: `recorded`) and route its
-    /// addresses to its host veth (`ifindex`, absent in IPAM-only mode); make sure its blocks' blackholes
-    /// exist and its entry is in the enforcement maps. On failure, what this did is undone and the record
-    /// removed; the caller releases the addresses.
+    /// Route an endpoint's addresses (held by its allocations, with the endpoint in their attributes) to its
+    /// host veth (`ifindex`, absent in IPAM-only mode); make sure its blocks' blackholes exist and its entry
+    /// is in the enforcement maps. On failure, what this did is undone; the caller releases the addresses.
     async fn wire(
         &self,
         endpoint: &Endpoint,
-        key: &str,
         blocks: &[IpNet],
         pools: &[PoolRef],
         ifindex: Option<u32>,
-        recorded: bool,
     ) -> Result<(), WiringError> {
         let _wiring = self.wiring.read().await;
-        let mut owned = Vec::with_capacity(blocks.len());
-        for block in blocks {
-            // A block with no affinity to this node lent the address: other nodes must route it here.
-            if self.store.get(&keys::affinity(&self.node.name, *block)).await?.is_some() {
-                owned.push(*block);
-            }
-        }
-        let borrowed: Vec<IpAddr> =
-            endpoint.ips.iter().copied().filter(|ip| !owned.iter().any(|b| b.contains(ip))).collect();
-        // The allocator records the endpoint only with addresses from this node's own blocks; a borrowed
-        // address needs its `borrowed/` key beside the record, so that case (and every other) commits here.
-        if !recorded || !borrowed.is_empty() {
-            let existing = self.store.get(key).await?.map(|kv| kv.mod_revision);
-            let mut txn = Txn::new().write(key, existing, encode(endpoint));
-            for ip in &borrowed {
-                txn =
-                    txn.put(keys::borrowed(*ip), encode(&cluster::Borrowed { ip: *ip, node: self.node.name.clone() }));
-            }
-            if !self.store.txn(txn).await?.is_committed() {
-                return Err(WiringError::Busy { key: key.to_string() });
-            }
-        }
+        // A block this node does not own lent the address: its owner gets no blackhole from us, and the other
+        // nodes route the address here from the block's allocation.
+        let mine: BTreeSet<IpNet> = self.owned_blocks().await?.into_iter().map(|s| s.block.cidr).collect();
+        let owned: Vec<IpNet> = blocks.iter().copied().filter(|b| mine.contains(b)).collect();
         let Some(ifindex) = ifindex else {
             // IPAM-only: the main plugin (a bridge, say) routes the pod; a blackhole for its block would eat
             // the node's own traffic to it.
@@ -345,7 +317,6 @@ impl Agent {
                 // Enforced on its bridge port before the plugin hears of the address.
                 let port = endpoint.bridge_port_index;
                 if let Err(err) = self.enforce_endpoint(endpoint, port, pools) {
-                    let _ = self.store.txn(Txn::new().remove(key)).await;
                     self.forget_enforcement(port);
                     return Err(err);
                 }
@@ -368,11 +339,6 @@ impl Agent {
             self.enforce_endpoint(endpoint, ifindex, pools)
         };
         let Err(err) = program.await else { return Ok(()) };
-        let mut undo = Txn::new().remove(key);
-        for ip in &endpoint.ips {
-            undo = undo.remove(keys::borrowed(*ip));
-        }
-        let _ = self.store.txn(undo).await;
         for ip in &endpoint.ips {
             let _ = self.routes.remove(&OwnedRoute::Endpoint(*ip, ifindex)).await;
         }
@@ -430,18 +396,15 @@ impl Agent {
         check_attachment(&request.container_id, &request.ifname)?;
         let handle = ipam::handle_for(&request.container_id, &request.ifname);
         let _wiring = self.wiring.read().await;
-        let released = self.allocator.release_handle(&handle).await?;
-        let key = keys::endpoint(&self.node.name, &handle);
-        let endpoint = match self.store.get(&key).await? {
-            Some(kv) => Some((decode::<Endpoint>(&key, &kv.value)?, kv.mod_revision)),
-            None => None,
-        };
+        // What the ADD wired, read before its allocations (which hold it) go.
+        let endpoint = self.endpoint(&handle).await?;
+        let released = self.blocks.release_handle(&self.node.name, &handle).await?;
         // The recorded interface; without a record (a lost store), the one this attachment's plugin would have
         // made, if the plugin names it: never another name it sends (the node's uplink, say).
         let derived = poolwarden_protocol::host_ifname(&request.container_id, &request.ifname);
         let host_ifname = endpoint
             .as_ref()
-            .map(|(e, _)| e.host_ifname.clone())
+            .map(|e| e.host_ifname.clone())
             .filter(|name| !name.is_empty())
             .unwrap_or_else(|| if request.host_ifname == derived { derived } else { String::new() });
         let found = if host_ifname.is_empty() { None } else { self.routes.ifindex(&host_ifname).await? };
@@ -459,7 +422,7 @@ impl Agent {
         // A bridge port's entry goes (fail closed until the main plugin deletes the veth; the port is not ours
         // to delete). The main plugin may have deleted the port already: by its index, unless that index is
         // another interface's now.
-        if let Some((recorded, _)) = &endpoint
+        if let Some(recorded) = &endpoint
             && recorded.bridge_port_index != 0
         {
             let now = crate::dataplane::enforcement::interface_name(recorded.bridge_port_index);
@@ -467,17 +430,12 @@ impl Agent {
                 self.forget_enforcement(recorded.bridge_port_index);
             }
         }
-        if let Some((endpoint, revision)) = endpoint {
-            if let Some(ifindex) = ifindex {
-                for ip in &endpoint.ips {
-                    self.routes.remove(&OwnedRoute::Endpoint(*ip, ifindex)).await?;
-                }
-            }
-            let mut txn = Txn::new().delete(&key, revision);
+        if let Some(endpoint) = endpoint
+            && let Some(ifindex) = ifindex
+        {
             for ip in &endpoint.ips {
-                txn = txn.remove(keys::borrowed(*ip));
+                self.routes.remove(&OwnedRoute::Endpoint(*ip, ifindex)).await?;
             }
-            let _ = self.store.txn(txn).await?;
         }
         if let Some(index) = ifindex {
             // Deleting a device makes the kernel wait for an RCU grace period; retired links are deleted
@@ -495,7 +453,8 @@ impl Agent {
         }
         // A block emptied by this DEL goes back now if the grace period allows it (it is 0 in some setups);
         // otherwise the periodic maintenance gives it back later.
-        for block in self.allocator.release_empty_blocks(&self.node.name).await? {
+        let config = self.blocks.load().await?.config;
+        for block in self.blocks.release_empty_blocks(&self.node.name, &config).await? {
             self.routes.remove(&OwnedRoute::Blackhole(block)).await?;
             info!(%block, "released empty block");
         }
@@ -506,8 +465,14 @@ impl Agent {
     pub(super) async fn check(&self, request: CheckRequest) -> Result<(), WiringError> {
         check_attachment(&request.container_id, &request.ifname)?;
         let handle = ipam::handle_for(&request.container_id, &request.ifname);
-        let held: BTreeSet<IpAddr> =
-            self.allocator.addresses_of(&handle).await?.unwrap_or_default().into_iter().map(|a| a.ip).collect();
+        let held: BTreeSet<IpAddr> = self
+            .blocks
+            .addresses_of(&self.node.name, &handle)
+            .await?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| a.ip)
+            .collect();
         let reported: BTreeSet<IpAddr> = request.ips.iter().copied().collect();
         if held.is_empty() {
             return Err(WiringError::NoAddress { container: request.container_id, ifname: request.ifname });

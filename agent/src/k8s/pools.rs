@@ -28,10 +28,10 @@ use tracing::{info, warn};
 use super::lease::Holder;
 use crate::{
     allocator::{AllocError, Loaded, single::PoolSource},
-    catalog::{Catalog, CatalogError, decode},
+    catalog::{Catalog, CatalogError},
     ipam::Block,
     resources::{self, IpPool, IpamConfig, Located, Resource},
-    store::{self, Store as Datastore, StoreError},
+    store::{Store as Datastore, StoreError},
 };
 
 /// The API group and version of the resources.
@@ -511,8 +511,7 @@ impl PoolSync {
         resources: &[&Arc<DynamicObject>],
         verdicts: &BTreeMap<String, Verdict>,
     ) -> Result<(), SyncError> {
-        let (kvs, _) = self.store.list(store::keys::BLOCKS).await?;
-        let blocks: Vec<Block> = kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
+        let blocks = Catalog::new(Arc::clone(&self.store)).blocks().await?;
         let api = &self.pool_api;
         for object in resources {
             let name = object.name_any();

@@ -32,8 +32,17 @@ struct Stored {
     spec: serde_json::Value,
 }
 
-fn object_prefix(kind: Kind) -> String {
+/// The key prefix of the objects of `kind`.
+pub fn object_prefix(kind: Kind) -> String {
     format!("objects/{}/", kind.plural())
+}
+
+/// The spec of the object stored as `value` under `key`, read as a `T` (for whoever follows the objects'
+/// keys directly, as the agent's routes do).
+pub fn decode_spec<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError> {
+    let corrupt = |e: serde_json::Error| StoreError::Corrupt { key: key.to_string(), message: e.to_string() };
+    let stored: Stored = serde_json::from_slice(value).map_err(corrupt)?;
+    serde_json::from_value(stored.spec).map_err(corrupt)
 }
 
 fn object_key(kind: Kind, name: &str) -> String {
@@ -92,6 +101,61 @@ fn revision_of(kind: Kind, name: &str, version: &str) -> Result<Revision, Object
         name: name.to_string(),
         version: version.to_string(),
     })
+}
+
+/// An object as a key-value store holds it, its spec read as a `T`: for a caller that changes objects in one
+/// transaction with other keys (the catalog deleting a pool with its empty blocks).
+#[derive(Clone, Debug)]
+pub struct RawObject<T> {
+    /// Its name.
+    pub name: String,
+    /// Its key's revision (its version).
+    pub revision: Revision,
+    /// Its labels.
+    pub labels: Labels,
+    /// Its spec.
+    pub spec: T,
+}
+
+/// Every object of `kind` in `store`, its spec read as a `T`.
+pub async fn list_raw<T: serde::de::DeserializeOwned>(
+    store: &dyn Store,
+    kind: Kind,
+) -> Result<Vec<RawObject<T>>, StoreError> {
+    let (kvs, _) = store.list(&object_prefix(kind)).await?;
+    kvs.iter()
+        .map(|kv| {
+            let corrupt = |e: serde_json::Error| StoreError::Corrupt { key: kv.key.clone(), message: e.to_string() };
+            let stored: Stored = serde_json::from_slice(&kv.value).map_err(corrupt)?;
+            Ok(RawObject {
+                name: kv.key.rsplit('/').next().unwrap_or_default().to_string(),
+                revision: kv.mod_revision,
+                labels: stored.labels,
+                spec: serde_json::from_value(stored.spec).map_err(corrupt)?,
+            })
+        })
+        .collect()
+}
+
+/// `txn` with `object` deleted at the revision read, its label pointers with it.
+pub fn stage_delete<T>(txn: Txn, kind: Kind, object: &RawObject<T>) -> Txn {
+    let mut txn = txn.delete(object_key(kind, &object.name), object.revision);
+    for key in index_keys(kind, &object.name, &object.labels) {
+        txn = txn.remove(key);
+    }
+    txn
+}
+
+/// `txn` with `object` replaced by `labels` and `spec` at the revision read, its label pointers following.
+pub fn stage_update<T: Serialize>(txn: Txn, kind: Kind, object: &RawObject<T>, labels: &Labels, spec: &T) -> Txn {
+    let spec = serde_json::to_value(spec).unwrap_or_default();
+    let txn = txn.update(object_key(kind, &object.name), object.revision, encode(labels, &spec));
+    KeyValueObjects::with_pointers(txn, kind, &object.name, &object.labels, labels)
+}
+
+/// `txn` with `object` left as it is read (the transaction fails if it changed).
+pub fn stage_unchanged<T>(txn: Txn, kind: Kind, object: &RawObject<T>) -> Txn {
+    txn.unchanged(object_key(kind, &object.name), object.revision)
 }
 
 impl KeyValueObjects {

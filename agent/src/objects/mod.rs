@@ -45,6 +45,17 @@ impl Kind {
     }
 }
 
+/// The label naming a block's pool (its name, or a digest of a name too long for a label value).
+pub const POOL_LABEL: &str = "poolwarden.io/pool";
+/// The label naming the node a block is affine to; absent when it is owned by nobody.
+pub const AFFINITY_LABEL: &str = "poolwarden.io/affinity";
+/// The prefix of one label per node that holds an address in a block it does not own.
+pub const BORROWER_PREFIX: &str = "borrower.poolwarden.io/";
+/// The label (`true`) of a block owned by nobody (its node went, or its pool was deleted while it cooled
+/// down), so that the collectors find such blocks with one selected list, usually empty, not a read of every
+/// block.
+pub const UNOWNED_LABEL: &str = "poolwarden.io/unowned";
+
 /// A DNS subdomain (RFC 1123), as Kubernetes wants an object's name.
 pub fn dns_subdomain(name: &str) -> bool {
     let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();

@@ -37,12 +37,7 @@ use crate::{
     resources::{IpPool, IpamConfigSpec},
 };
 
-/// The label naming a block's pool ([`label_for`] its name).
-pub const POOL_LABEL: &str = "poolwarden.io/pool";
-/// The label naming the node a block is affine to; absent when it is owned by nobody.
-pub const AFFINITY_LABEL: &str = "poolwarden.io/affinity";
-/// The prefix of one label per node that holds an address in a block it does not own.
-pub const BORROWER_PREFIX: &str = "borrower.poolwarden.io/";
+pub use crate::objects::{AFFINITY_LABEL, BORROWER_PREFIX, POOL_LABEL, UNOWNED_LABEL};
 
 /// Where the allocator reads the pools and the IPAM configuration: the datastore's catalog, or the resources
 /// on Kubernetes.
@@ -85,9 +80,10 @@ pub fn block_name(cidr: IpNet) -> String {
 /// The labels a block carries, from what it holds.
 pub fn labels_of(block: &Block) -> Labels {
     let mut labels = Labels::from([(POOL_LABEL.to_string(), label_for(&block.pool))]);
-    if let Some(node) = &block.affinity {
-        labels.insert(AFFINITY_LABEL.to_string(), label_for(node));
-    }
+    match &block.affinity {
+        Some(node) => labels.insert(AFFINITY_LABEL.to_string(), label_for(node)),
+        None => labels.insert(UNOWNED_LABEL.to_string(), "true".to_string()),
+    };
     for (_, allocation) in block.allocated() {
         if block.affinity.as_deref() != Some(allocation.node.as_str()) {
             labels.insert(borrower_label(&allocation.node), String::new());
@@ -183,6 +179,11 @@ impl BlockAllocator {
         Self::with_clock(objects, pools, system_clock())
     }
 
+    /// The allocator of a key-value datastore (etcd, embedded): its block objects, the pools of its catalog.
+    pub fn of_store(store: Arc<dyn crate::store::Store>) -> Self {
+        Self::new(Arc::new(crate::objects::kv::KeyValueObjects::new(Arc::clone(&store))), Arc::new(Catalog::new(store)))
+    }
+
     /// An allocator with an injected clock.
     pub fn with_clock(objects: Arc<dyn ObjectStore>, pools: Arc<dyn PoolSource>, clock: Clock) -> Self {
         Self { objects, pools, clock, locks: Arc::default(), views: Arc::default() }
@@ -217,6 +218,12 @@ impl BlockAllocator {
     pub async fn node_blocks(&self, node: &str) -> Result<(Vec<Stored>, Vec<Stored>), AllocError> {
         let (owned, borrowed) = self.view(node).blocks().await?;
         Ok(mine(node, owned, borrowed))
+    }
+
+    /// The blocks `node` owns and those it borrowed from, read from the store now (for another node's
+    /// collector: no view of that node is started).
+    pub async fn node_blocks_now(&self, node: &str) -> Result<(Vec<Stored>, Vec<Stored>), AllocError> {
+        self.node_blocks_read(node).await
     }
 
     /// [`BlockAllocator::node_blocks`] read from the store, not the view (and put into the views).
@@ -756,8 +763,27 @@ impl BlockAllocator {
     /// cooled down (given back sooner, a block could be cut again at once and an address handed out inside
     /// its cooldown). One list of every block, a delete at the version read for each. Returns them.
     pub async fn release_unowned_blocks(&self, config: &IpamConfigSpec) -> Result<Vec<IpNet>, AllocError> {
-        let every = self.selected(Labels::new()).await?;
-        self.give_back_unowned(every, config).await
+        let unowned = self.selected(Labels::from([(UNOWNED_LABEL.to_string(), "true".to_string())])).await?;
+        self.give_back_unowned(unowned, config).await
+    }
+
+    /// Take `node`'s claim off block `cidr` if it still has it (a gone node's block, one at a time): the
+    /// block stays, owned by nobody, until it is empty and cooled down or a claim adopts it. Returns whether
+    /// this took it.
+    pub async fn release_claim(&self, cidr: IpNet, node: &str) -> Result<bool, AllocError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(stored) = self.get(cidr).await? else { return Ok(false) };
+            if stored.block.affinity.as_deref() != Some(node) {
+                return Ok(false);
+            }
+            let mut block = stored.block.clone();
+            block.affinity = None;
+            if self.write(&stored, &block).await? {
+                faults::reached("node-released");
+                return Ok(true);
+            }
+        }
+        Err(AllocError::Contention { operation: format!("releasing node {node}'s claim on {cidr}") })
     }
 
     /// [`Self::release_unowned_blocks`] among `blocks` as read (a delete at each one's version).
