@@ -86,6 +86,21 @@ async fn run(cli: Cli) -> Result<u8> {
                  `poolwarden datastore migrate` again to completion before starting agents on it"
             );
         }
+        // What agents of an older version wrote is converted to block objects first, once none of them runs.
+        loop {
+            match poolwarden::migrate::convert_in_place(&store, &node.name).await {
+                Ok(poolwarden::migrate::Conversion::NotNeeded) => break,
+                Ok(poolwarden::migrate::Conversion::Converted { blocks, addresses }) => {
+                    tracing::info!(blocks, addresses, "converted the older version's records to block objects");
+                    break;
+                }
+                Ok(poolwarden::migrate::Conversion::Wait(why)) => {
+                    tracing::warn!("not starting yet: {why}");
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                }
+                Err(e) => bail!("converting the datastore to block objects: {e}"),
+            }
+        }
         let mut addresses = node_address.clone();
         if !*kubernetes
             && poolwarden::directory::source_of(store.as_ref()).await? == poolwarden::directory::Source::Kubernetes

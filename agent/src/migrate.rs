@@ -109,6 +109,23 @@ pub async fn read(store: &Arc<dyn Store>) -> Result<Source, MigrateError> {
             registered.join(", ")
         )));
     }
+    let source = read_state(store, revision, count).await?;
+    unchanged(store, &source).await?;
+    Ok(source)
+}
+
+/// What [`read`] copies, read without its checks of the agents and of a migration in progress (the in-place
+/// conversion makes those itself): the multi-key records, or, on a datastore an agent of this version ran on,
+/// its block objects.
+async fn read_state(store: &Arc<dyn Store>, revision: Revision, count: usize) -> Result<Source, MigrateError> {
+    if !has_records(store).await? {
+        let allocator = single::BlockAllocator::of_store(Arc::clone(store));
+        let snapshot = allocator.snapshot().await.map_err(|e| refused(e.to_string()))?;
+        let (config, _) = Catalog::new(Arc::clone(store)).config().await?;
+        let left = left_behind(store).await?;
+        let blocks = snapshot.blocks;
+        return Ok(Source { revision, keys: count, pools: snapshot.pools, config, blocks, without_record: 0, left });
+    }
     let snapshot = Allocator::new(Arc::clone(store)).snapshot().await.map_err(|e| refused(e.to_string()))?;
     let problems = check::check(&snapshot);
     if !problems.is_empty() {
@@ -152,6 +169,23 @@ pub async fn read(store: &Arc<dyn Store>) -> Result<Source, MigrateError> {
     if unused > 0 {
         left.push(format!("{unused} endpoint record(s) with no address (their attachments hold none)"));
     }
+    left.extend(left_behind(store).await?);
+    Ok(Source { revision, keys: count, pools: snapshot.pools, config, blocks, without_record, left })
+}
+
+/// Whether `store` holds records of the multi-key layout.
+async fn has_records(store: &Arc<dyn Store>) -> Result<bool, MigrateError> {
+    for prefix in IPAM {
+        if !store.list_keys(prefix).await?.0.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// What a copy to Kubernetes leaves behind, counted by kind.
+async fn left_behind(store: &Arc<dyn Store>) -> Result<Vec<String>, MigrateError> {
+    let mut left = Vec::new();
     for (prefix, what) in [
         (keys::NODE_ADDRESSES, "node address record(s) (Kubernetes' Node objects say where nodes are)"),
         (keys::DECOMMISSIONED, "decommissioned node mark(s) (in Kubernetes a node is gone when its Node is deleted)"),
@@ -163,9 +197,7 @@ pub async fn read(store: &Arc<dyn Store>) -> Result<Source, MigrateError> {
             left.push(format!("{} {what}", found.len()));
         }
     }
-    let source = Source { revision, keys: count, pools: snapshot.pools, config, blocks, without_record, left };
-    unchanged(store, &source).await?;
-    Ok(source)
+    Ok(left)
 }
 
 /// The label on a block a migration created, naming the source's revision it was copied at. The allocator
@@ -443,6 +475,138 @@ async fn put_all(store: &Arc<dyn Store>, records: &BTreeMap<String, Vec<u8>>) ->
     Ok(())
 }
 
+/// What [`convert_in_place`] did, or why not now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Conversion {
+    /// The datastore holds no record of the older layout (it is marked [`crate::store::OBJECTS_LAYOUT`] now).
+    NotNeeded,
+    /// Its records were converted to block objects and removed.
+    Converted {
+        /// The blocks converted.
+        blocks: usize,
+        /// The addresses they hold.
+        addresses: usize,
+    },
+    /// Not now, and why: agents of the older version are registered, or another agent converts.
+    Wait(String),
+}
+
+/// How long a conversion's mark keeps other agents waiting before it counts as left by one that died.
+const CONVERSION_STALE_SECONDS: u64 = 120;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Convert, in place, what agents of older versions wrote (the multi-key records) into the block objects
+/// this version's agents allocate in, as `me`'s agent starts (`docs/allocator-single-object.md`, "Switching
+/// the agent", step 5). Only with every agent stopped: while any node is registered (an older agent still
+/// runs, or its registration has not lapsed) it is [`Conversion::Wait`]. The steps, each safe to stop at:
+///
+/// 1. mark the datastore as being converted by `me` ([`crate::store::CONVERTING`], taken only if nobody holds
+///    it, or over a mark older than two minutes: a converter that died); older agents do not start on it;
+/// 2. read the records (refused if they do not pass `ipam check`) and write one object per block, each
+///    allocation carrying its endpoint record as attributes; read the objects back and the records again;
+/// 3. mark the layout for good ([`crate::store::OBJECTS_LAYOUT`]: older agents never start on it again);
+/// 4. remove the records.
+///
+/// Stopped in 2, a run again finds its own objects (labelled with the records' revision) and keeps them, or
+/// deletes them if the records moved; stopped in 4, a run again only removes what is left of the records.
+/// A datastore without records is only marked (step 3).
+pub async fn convert_in_place(store: &Arc<dyn Store>, me: &str) -> Result<Conversion, MigrateError> {
+    use crate::store::{CONVERTING, OBJECTS_LAYOUT};
+    let mark = store.get(IN_PROGRESS).await?;
+    let value = mark.as_ref().map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+    let records = has_records(store).await?;
+    match value.as_deref() {
+        Some(v) if v == OBJECTS_LAYOUT => {
+            // Converted; what a conversion stopped in step 4 left goes now.
+            remove_records(store).await?;
+            return Ok(Conversion::NotNeeded);
+        }
+        Some(v) if v.starts_with(CONVERTING) => {
+            let since = v.rsplit(' ').next().and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+            if unix_now().saturating_sub(since) < CONVERSION_STALE_SECONDS {
+                return Ok(Conversion::Wait(format!("{v}: waiting for it to finish")));
+            }
+        }
+        Some(v) => {
+            return Err(refused(format!(
+                "a migration into this datastore (from {v}) did not finish: run `poolwarden datastore migrate` \
+                 again to completion before starting agents on it"
+            )));
+        }
+        None => {}
+    }
+    let taken = |txn: Txn| match &mark {
+        None => txn.still_absent(IN_PROGRESS),
+        Some(kv) => txn.unchanged(IN_PROGRESS, kv.mod_revision),
+    };
+    if !records {
+        store.txn(taken(Txn::new()).put(IN_PROGRESS, OBJECTS_LAYOUT.as_bytes().to_vec())).await?;
+        return Ok(Conversion::NotNeeded);
+    }
+    let (registered, _) = store.list_keys(keys::NODES).await?;
+    let registered: Vec<&str> = registered.iter().filter_map(|k| k.strip_prefix(keys::NODES)).collect();
+    if !registered.is_empty() {
+        return Ok(Conversion::Wait(format!(
+            "the datastore holds the records of an older poolwarden, converted once no agent runs, and agents are \
+             registered for node(s) {}: stop every agent of the older version (their registrations lapse after \
+             --registration-ttl, 30s by default); the first agent of this version to start then converts it",
+            registered.join(", ")
+        )));
+    }
+    let ours = format!("{CONVERTING}node {me} since {}", unix_now());
+    if !store.txn(taken(Txn::new()).put(IN_PROGRESS, ours.clone().into_bytes())).await?.is_committed() {
+        return Ok(Conversion::Wait("another agent began converting the datastore".into()));
+    }
+    let converted = async {
+        let (revision, count) = fingerprint(store).await?;
+        let source = read_state(store, revision, count).await?;
+        let objects = crate::objects::kv::KeyValueObjects::new(Arc::clone(store));
+        let kept = check_target(&objects, &source).await?;
+        write_blocks(&objects, &source.blocks, &source.label(), &kept).await?;
+        verify(&objects, &source.blocks).await?;
+        // Nothing wrote records meanwhile (no agent runs, and the mark keeps new ones off): read them again.
+        if read_state(store, revision, count).await?.blocks != source.blocks {
+            return Err(refused(
+                "the records changed while they were converted: is an agent of the older version running?",
+            ));
+        }
+        Ok(source)
+    }
+    .await;
+    let ours_now = |txn: Txn, revision| txn.unchanged(IN_PROGRESS, revision);
+    let Some(held) = store.get(IN_PROGRESS).await?.filter(|kv| kv.value == ours.as_bytes()) else {
+        return Err(refused("another agent took the conversion over: it counted this one as dead"));
+    };
+    let source = match converted {
+        Ok(source) => source,
+        Err(e) => {
+            // Left for a run again, which keeps or deletes what this one wrote; nobody waits for a mark.
+            store.txn(ours_now(Txn::new(), held.mod_revision).remove(IN_PROGRESS)).await?;
+            return Err(e);
+        }
+    };
+    let marked = ours_now(Txn::new(), held.mod_revision).put(IN_PROGRESS, OBJECTS_LAYOUT.as_bytes().to_vec());
+    if !store.txn(marked).await?.is_committed() {
+        return Err(refused("another agent took the conversion over: it counted this one as dead"));
+    }
+    remove_records(store).await?;
+    Ok(Conversion::Converted { blocks: source.blocks.len(), addresses: source.addresses() })
+}
+
+/// Remove every record of the multi-key layout.
+async fn remove_records(store: &Arc<dyn Store>) -> Result<(), MigrateError> {
+    for prefix in IPAM {
+        let (found, _) = store.list_keys(prefix).await?;
+        for chunk in found.chunks(KEYS_PER_TXN) {
+            store.txn(chunk.iter().fold(Txn::new(), |txn, key| txn.remove(key.as_str()))).await?;
+        }
+    }
+    Ok(())
+}
+
 /// The prefixes of the multi-key layout's IPAM records.
 const IPAM: [&str; 7] =
     [keys::BLOCKS, keys::AFFINITIES, keys::ROOM, keys::UNOWNED, keys::HANDLES, keys::ENDPOINTS, keys::BORROWED];
@@ -460,7 +624,14 @@ pub async fn into_store(
     from: &str,
 ) -> Result<usize, MigrateError> {
     let records = records(blocks)?;
-    let interrupted = store.get(IN_PROGRESS).await?.is_some();
+    let mark = store.get(IN_PROGRESS).await?.map(|kv| kv.value);
+    if mark.as_deref() == Some(crate::store::OBJECTS_LAYOUT.as_bytes()) {
+        return Err(refused(
+            "agents of a newer poolwarden ran on the target (it keeps block objects): migrate into a datastore no \
+             agent ran on",
+        ));
+    }
+    let interrupted = mark.is_some();
     let mut leftovers = Vec::new();
     for prefix in IPAM.into_iter().chain([keys::POOLS, keys::IPAM_CONFIG]) {
         let (found, _) = store.list_keys(prefix).await?;
@@ -769,6 +940,106 @@ mod tests {
         objects.update(Kind::Block, &touched).await.expect("an agent's write");
         let err = check_target(objects.as_ref(), &read).await.unwrap_err().to_string();
         assert!(err.contains(&format!("already holds {} IPAMBlock", read.blocks.len())), "{err}");
+    }
+
+    /// Every node's endpoints as the block objects of `store` hold them (the handle without a record left out).
+    async fn endpoints_in_objects(store: &Arc<dyn Store>) -> BTreeMap<(String, String), Endpoint> {
+        let allocator = single::BlockAllocator::of_store(Arc::clone(store));
+        let mut found = BTreeMap::new();
+        for node in ["node-a", "node-b"] {
+            for attachment in allocator.attachments(node).await.expect("attachments") {
+                let ips = attachment.addresses.iter().map(|a| a.ip).collect();
+                let namespace = attachment.namespace.as_deref().unwrap_or_default();
+                let pod = attachment.pod.as_deref().unwrap_or_default();
+                if let Ok(endpoint) = Endpoint::from_attributes(namespace, pod, ips, &attachment.attributes)
+                    && endpoint.check_names(&attachment.handle).is_ok()
+                {
+                    found.insert((node.to_string(), attachment.handle), endpoint);
+                }
+            }
+        }
+        found
+    }
+
+    #[tokio::test]
+    async fn an_agent_converts_the_older_records_in_place_once_no_agent_runs() {
+        use crate::store::{OBJECTS_LAYOUT, unfinished_migration};
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, "old.db");
+        let endpoints = populate(&store).await;
+        let before = read(&store).await.expect("read");
+
+        // An older agent still registered: not now, and nothing is written.
+        store.txn(Txn::new().put(keys::node("node-b"), b"{}".to_vec())).await.unwrap();
+        let records = ipam_records(&store).await;
+        match convert_in_place(&store, "node-a").await.expect("convert") {
+            Conversion::Wait(why) => assert!(why.contains("node(s) node-b"), "{why}"),
+            other => panic!("converted with an agent registered: {other:?}"),
+        }
+        assert!(differences(&records, &ipam_records(&store).await).is_empty());
+        assert!(store.get(IN_PROGRESS).await.unwrap().is_none());
+
+        // Once it is gone: every allocation, with its endpoint, in the objects; no record left; the layout
+        // marked for good (older agents take the mark for a migration that did not finish, this one does not).
+        store.txn(Txn::new().remove(keys::node("node-b"))).await.unwrap();
+        let done = convert_in_place(&store, "node-a").await.expect("convert");
+        assert_eq!(done, Conversion::Converted { blocks: before.blocks.len(), addresses: 30 });
+        assert!(ipam_records(&store).await.is_empty(), "{:?}", ipam_records(&store).await);
+        assert_eq!(endpoints_in_objects(&store).await, endpoints);
+        let snapshot = single::BlockAllocator::of_store(Arc::clone(&store)).snapshot().await.unwrap();
+        assert_eq!(snapshot.blocks, before.blocks);
+        assert!(check::check(&snapshot).is_empty());
+        assert_eq!(store.get(IN_PROGRESS).await.unwrap().unwrap().value, OBJECTS_LAYOUT.as_bytes());
+        assert_eq!(unfinished_migration(store.as_ref()).await.unwrap(), None);
+        assert_eq!(convert_in_place(&store, "node-b").await.expect("again"), Conversion::NotNeeded);
+        // `datastore migrate` never copies into it (it would take the mark for its own, left part way).
+        let err = into_store(&store, &[], &[], "test").await.unwrap_err().to_string();
+        assert!(err.contains("newer poolwarden ran on the target"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_conversion_stopped_at_any_step_is_finished_by_the_next_agent() {
+        use crate::store::{CONVERTING, OBJECTS_LAYOUT};
+        let dir = tempfile::tempdir().unwrap();
+
+        // Stopped in step 2 (its mark taken two minutes and more ago, half the objects written): the next
+        // agent waits while the mark is fresh, then takes it over and keeps or redoes what was written.
+        let store = store(&dir, "step2.db");
+        let endpoints = populate(&store).await;
+        let source = read(&store).await.expect("read");
+        let objects = KeyValueObjects::new(Arc::clone(&store));
+        let half: Vec<Block> = source.blocks.iter().take(source.blocks.len() / 2).cloned().collect();
+        write_blocks(&objects, &half, &source.label(), &BTreeSet::new()).await.expect("half");
+        let fresh = format!("{CONVERTING}node node-x since {}", unix_now());
+        store.txn(Txn::new().put(IN_PROGRESS, fresh.into_bytes())).await.unwrap();
+        match convert_in_place(&store, "node-a").await.expect("convert") {
+            Conversion::Wait(why) => assert!(why.contains("node node-x"), "{why}"),
+            other => panic!("took a fresh mark over: {other:?}"),
+        }
+        let stale = format!("{CONVERTING}node node-x since {}", unix_now() - CONVERSION_STALE_SECONDS - 1);
+        store.txn(Txn::new().put(IN_PROGRESS, stale.into_bytes())).await.unwrap();
+        let done = convert_in_place(&store, "node-a").await.expect("convert");
+        assert!(matches!(done, Conversion::Converted { addresses: 30, .. }), "{done:?}");
+        assert_eq!(endpoints_in_objects(&store).await, endpoints);
+        assert!(ipam_records(&store).await.is_empty());
+
+        // Stopped in step 4 (marked, half the records removed): the next agent removes the rest.
+        let store2 = self::store(&dir, "step4.db");
+        populate(&store2).await;
+        let records = ipam_records(&store2).await;
+        assert_eq!(
+            convert_in_place(&store2, "node-a").await.ok().map(|c| matches!(c, Conversion::Converted { .. })),
+            Some(true)
+        );
+        let half = records.keys().take(records.len() / 2);
+        store2
+            .txn(half.fold(Txn::new(), |txn, key| txn.put(key.as_str(), records[key].clone().into_bytes())))
+            .await
+            .unwrap();
+        assert!(!ipam_records(&store2).await.is_empty());
+        assert_eq!(store2.get(IN_PROGRESS).await.unwrap().unwrap().value, OBJECTS_LAYOUT.as_bytes());
+        assert_eq!(convert_in_place(&store2, "node-b").await.expect("again"), Conversion::NotNeeded);
+        assert!(ipam_records(&store2).await.is_empty());
     }
 
     #[tokio::test]

@@ -294,10 +294,24 @@ pub trait Store: Send + Sync {
 /// How the user names a backend on the command line: `embedded:PATH` (the default) or `etcd:URL[,URL...]`.
 pub const DEFAULT_DATASTORE: &str = "embedded:/var/lib/poolwarden/store.redb";
 
+/// What [`keys::MIGRATION_IN_PROGRESS`] holds, for good, once an agent of this version ran on a datastore
+/// (and converted what older versions wrote): the IPAM state is kept as block objects. Agents of older
+/// versions take it for a migration that did not finish, and so never start on it (they would write the
+/// multi-key records beside the objects: two sources of truth); this version does not.
+pub const OBJECTS_LAYOUT: &str =
+    "a newer poolwarden, which keeps the IPAM state as block objects: agents of this version cannot run on it";
+
+/// How [`keys::MIGRATION_IN_PROGRESS`] begins while an agent of this version converts what older versions
+/// wrote into block objects (`migrate::convert_in_place`); older agents do not start meanwhile.
+pub const CONVERTING: &str = "an agent converting the multi-key records to block objects: ";
+
 /// Where a `poolwarden datastore migrate` into `store` that has not finished came from ([`keys::MIGRATION_IN_PROGRESS`]):
-/// while it is set, the IPAM state is partial.
+/// while it is set, the IPAM state is partial. (Not [`OBJECTS_LAYOUT`] nor [`CONVERTING`], which mark the
+/// layout and its conversion, not a copy.)
 pub async fn unfinished_migration(store: &dyn Store) -> Result<Option<String>, StoreError> {
-    Ok(store.get(keys::MIGRATION_IN_PROGRESS).await?.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+    let mark = store.get(keys::MIGRATION_IN_PROGRESS).await?;
+    let mark = mark.map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+    Ok(mark.filter(|v| v != OBJECTS_LAYOUT && !v.starts_with(CONVERTING)))
 }
 
 /// Open the backend named by `spec`, as given to `--datastore`; an etcd backend takes what `spec` does not say
