@@ -500,8 +500,9 @@ fn unix_now() -> u64 {
 
 /// Convert, in place, what agents of older versions wrote (the multi-key records) into the block objects
 /// this version's agents allocate in, as `me`'s agent starts (`docs/allocator-single-object.md`, "Switching
-/// the agent", step 5). Only with every agent stopped: while any node is registered (an older agent still
-/// runs, or its registration has not lapsed) it is [`Conversion::Wait`]. The steps, each safe to stop at:
+/// the agent", step 5). Only with every other agent stopped: while another node is registered (an older
+/// agent still runs, or its registration has not lapsed) it is [`Conversion::Wait`]. The steps, each safe to
+/// stop at:
 ///
 /// 1. mark the datastore as being converted by `me` ([`crate::store::CONVERTING`], taken only if nobody holds
 ///    it, or over a mark older than two minutes: a converter that died); older agents do not start on it;
@@ -547,7 +548,10 @@ pub async fn convert_in_place(store: &Arc<dyn Store>, me: &str) -> Result<Conver
         return Ok(Conversion::NotNeeded);
     }
     let (registered, _) = store.list_keys(keys::NODES).await?;
-    let registered: Vec<&str> = registered.iter().filter_map(|k| k.strip_prefix(keys::NODES)).collect();
+    // This node's own registration is its previous agent's (a node runs one agent; the embedded store, which
+    // one process holds, keeps it for good).
+    let registered: Vec<&str> =
+        registered.iter().filter_map(|k| k.strip_prefix(keys::NODES)).filter(|n| *n != me).collect();
     if !registered.is_empty() {
         return Ok(Conversion::Wait(format!(
             "the datastore holds the records of an older poolwarden, converted once no agent runs, and agents are \

@@ -153,6 +153,91 @@ fn restart_after_kill_reconciles_routes_and_keeps_addresses() {
     );
 }
 
+/// Rewrite the node's datastore (its agent stopped) as an older poolwarden would have left the same state: the
+/// multi-key records (blocks, affinities, room, handles and endpoint records), no block object, no layout mark.
+fn as_older_layout(node: &Node) {
+    use poolwarden::store::{Store, Txn, embedded::EmbeddedStore, keys};
+    let path = node.dir.path().join("store.redb");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(EmbeddedStore::open(&path).expect("open"));
+        let allocator = poolwarden::allocator::single::BlockAllocator::of_store(std::sync::Arc::clone(&store));
+        let blocks = allocator.blocks().await.expect("blocks");
+        assert!(!blocks.is_empty(), "the agent wrote block objects");
+        let records = poolwarden::migrate::records(&blocks).expect("records");
+        let mut gone = store.list_keys("objects/").await.expect("objects").0;
+        gone.extend(store.list_keys("index/").await.expect("index").0);
+        gone.push(keys::MIGRATION_IN_PROGRESS.to_string());
+        let writes = gone.into_iter().map(|k| (k, None)).chain(records.into_iter().map(|(k, v)| (k, Some(v))));
+        let writes: Vec<(String, Option<Vec<u8>>)> = writes.collect();
+        for chunk in writes.chunks(50) {
+            let txn = chunk.iter().fold(Txn::new(), |txn, (key, value)| match value {
+                Some(value) => txn.put(key.as_str(), value.clone()),
+                None => txn.remove(key.as_str()),
+            });
+            store.txn(txn).await.expect("write");
+        }
+    });
+}
+
+/// The keys under `prefix` in the node's datastore (its agent stopped).
+fn stored_keys(node: &Node, prefix: &str) -> Vec<String> {
+    use poolwarden::store::{Store, embedded::EmbeddedStore};
+    let store = EmbeddedStore::open(&node.dir.path().join("store.redb")).expect("open");
+    tokio::runtime::Runtime::new().expect("runtime").block_on(store.list_keys(prefix)).expect("list").0
+}
+
+#[test]
+fn an_upgrade_from_the_older_records_keeps_every_pod_its_address_and_route() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.0.9");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.69.0.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let mut pods = Vec::new();
+    for i in 0..3 {
+        let pod_ns = NetNs::new("pwp");
+        let container = format!("upgrade-{i}");
+        let (ok, result) =
+            node.cni("ADD", &container, &pod_ns.path(), &k8s_args("default", &container), &node.conf(json!({})));
+        assert!(ok, "{result}");
+        pods.push((container, pod_ns, address_of(&result)));
+    }
+    // The older agent killed; what it wrote is the multi-key records (its registration, this node's, stays).
+    node.kill_agent();
+    as_older_layout(&node);
+    assert!(!stored_keys(&node, "endpoints/").is_empty() && stored_keys(&node, "objects/").is_empty());
+    node.start_agent();
+    wait_for("the records converted and the routes reconciled", Duration::from_secs(30), || {
+        node.agent_log().contains("converted the older version's records to block objects")
+            && pods.iter().all(|(_, _, ip)| our_routes(&node).contains(&format!("{ip} dev pw")))
+    });
+    for (container, pod_ns, ip) in &pods {
+        assert!(pod_ns.pings(&node.address), "{container} ({ip}) works after the upgrade");
+        let (ok, again) =
+            node.cni("ADD", container, &pod_ns.path(), &k8s_args("default", container), &node.conf(json!({})));
+        assert!(ok, "{again}");
+        assert_eq!(&address_of(&again), ip, "a repeated ADD after the upgrade keeps the address");
+    }
+    // A new pod gets none of theirs.
+    let newcomer = NetNs::new("pwp");
+    let (ok, result) =
+        node.cni("ADD", "upgrade-new", &newcomer.path(), &k8s_args("default", "new"), &node.conf(json!({})));
+    assert!(ok, "{result}");
+    assert!(pods.iter().all(|(_, _, ip)| *ip != address_of(&result)), "{result}");
+    for (container, pod_ns, _) in
+        pods.iter().map(|(c, n, ip)| (c.as_str(), n, ip)).chain([("upgrade-new", &newcomer, &String::new())])
+    {
+        assert!(node.cni("DEL", container, &pod_ns.path(), "", &node.conf(json!({}))).0);
+    }
+    node.stop_agent();
+    assert!(node.cli_ok(&["ipam", "check"]).starts_with("ipam check: clean"));
+    assert!(stored_keys(&node, "endpoints/").is_empty() && stored_keys(&node, "blocks/").is_empty(), "no record left");
+}
+
 #[test]
 fn fifty_concurrent_adds_are_distinct_and_wired() {
     if !privileged() {
