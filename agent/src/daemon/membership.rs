@@ -252,12 +252,19 @@ impl Membership {
             let mut followed = self.followed.lock().unwrap_or_else(|p| p.into_inner());
             let Some(mirror) = followed.as_mut() else { return Ok(()) };
             let entries = mirror.entries.entry(prefix.to_string()).or_default();
-            match event.kind {
-                EventKind::Put => entries.insert(name.to_string(), mirrored(prefix, &event.kv.key, event.kv.value)),
-                EventKind::Delete => entries.remove(name),
+            let changed = match event.kind {
+                EventKind::Put => {
+                    let value = mirrored(prefix, &event.kv.key, event.kv.value);
+                    entries.insert(name.to_string(), value.clone()).is_none_or(|old| old != value)
+                }
+                EventKind::Delete => entries.remove(name).is_some(),
             };
             drop(followed);
-            self.changes.notify_one();
+            // A block written without a change to its routes (an address assigned in a node's own block, the
+            // common ADD) wakes nobody: routes are recomputed when what they are made of changes.
+            if changed {
+                self.changes.notify_one();
+            }
         }
         Err(StoreError::Closed)
     }
@@ -374,5 +381,19 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert!(membership.is_followed());
+
+        // An address assigned in a node's own block changes no route: nobody is woken. One lent to another
+        // node does.
+        let woken = || tokio::time::timeout(std::time::Duration::from_millis(300), membership.changed());
+        let _ = woken().await;
+        let own = crate::ipam::Owner { handle: "own".into(), node: "a".into(), ..Default::default() };
+        block_a.assign_ip("10.0.0.6".parse().unwrap(), &own, 0, 0).unwrap();
+        put(&objects, &block_a).await;
+        assert!(woken().await.is_err(), "woken by a write that changes no route");
+        let lent = crate::ipam::Owner { handle: "lent".into(), node: "b".into(), ..Default::default() };
+        block_a.assign_ip("10.0.0.7".parse().unwrap(), &lent, 0, 0).unwrap();
+        put(&objects, &block_a).await;
+        assert!(woken().await.is_ok(), "not woken by an address lent to another node");
+        assert_eq!(membership.routing(store.as_ref()).await.unwrap().borrowed.len(), 2);
     }
 }
