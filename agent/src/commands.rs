@@ -713,10 +713,23 @@ pub async fn execute(
 /// Everything `ipam check` and `get` look at: the blocks, with the nodes registered now (an address of a node
 /// that is not, and a block affine to one, are reported as leaked).
 async fn snapshot(allocator: &BlockAllocator, store: &Arc<dyn Store>) -> Result<ipam::check::Snapshot, CommandError> {
+    refuse_older_layout(store).await?;
     let mut snapshot = allocator.snapshot().await?;
     let (registered, _) = store.list_keys(store::keys::NODES).await?;
     snapshot.nodes = registered.iter().filter_map(|k| k.strip_prefix(store::keys::NODES)).map(str::to_string).collect();
     Ok(snapshot)
+}
+
+/// Refused on a datastore whose IPAM state an older poolwarden wrote and no agent of this version converted
+/// yet: read as block objects it would look empty (and a block written into it would stop the conversion).
+async fn refuse_older_layout(store: &Arc<dyn Store>) -> Result<(), CommandError> {
+    if crate::migrate::older_layout(store).await.map_err(|e| e.to_string())? {
+        fail!(
+            "this datastore holds the IPAM records of an older poolwarden, not converted yet: start an agent of this \
+             version on it (it converts them once no older agent runs), or use the older version's command"
+        );
+    }
+    Ok(())
 }
 
 async fn ipam_command(
@@ -727,6 +740,7 @@ async fn ipam_command(
     namespaces: &Namespaces,
     out: &mut String,
 ) -> Result<u8, CommandError> {
+    refuse_older_layout(store).await?;
     match command {
         IpamCommand::Show { mismatched: true, .. } => {
             let snapshot = snapshot(allocator, store).await?;

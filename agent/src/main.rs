@@ -87,8 +87,9 @@ async fn run(cli: Cli) -> Result<u8> {
             );
         }
         // What agents of an older version wrote is converted to block objects first, once none of them runs.
+        let mut watch = poolwarden::migrate::MarkWatch::default();
         loop {
-            match poolwarden::migrate::convert_in_place(&store, &node.name).await {
+            match poolwarden::migrate::convert_in_place(&store, &node.name, &mut watch).await {
                 Ok(poolwarden::migrate::Conversion::NotNeeded) => break,
                 Ok(poolwarden::migrate::Conversion::Converted { blocks, addresses }) => {
                     tracing::info!(blocks, addresses, "converted the older version's records to block objects");

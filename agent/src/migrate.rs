@@ -126,7 +126,10 @@ async fn read_state(store: &Arc<dyn Store>, revision: Revision, count: usize) ->
         let blocks = snapshot.blocks;
         return Ok(Source { revision, keys: count, pools: snapshot.pools, config, blocks, without_record: 0, left });
     }
-    let snapshot = Allocator::new(Arc::clone(store)).snapshot().await.map_err(|e| refused(e.to_string()))?;
+    let mut snapshot = Allocator::new(Arc::clone(store)).snapshot().await.map_err(|e| refused(e.to_string()))?;
+    // With the agents stopped, nobody's liveness is known (a node's own registration may outlive its agent):
+    // nothing is called leaked, as `ipam check` does with no agent registered.
+    snapshot.nodes.clear();
     let problems = check::check(&snapshot);
     if !problems.is_empty() {
         let listed: Vec<String> = problems.iter().take(5).map(ToString::to_string).collect();
@@ -171,6 +174,14 @@ async fn read_state(store: &Arc<dyn Store>, revision: Revision, count: usize) ->
     }
     left.extend(left_behind(store).await?);
     Ok(Source { revision, keys: count, pools: snapshot.pools, config, blocks, without_record, left })
+}
+
+/// Whether `store` holds the IPAM state of an older poolwarden not converted yet (its multi-key records, and
+/// no mark of this version's layout): what this version reads there would be empty.
+pub async fn older_layout(store: &Arc<dyn Store>) -> Result<bool, MigrateError> {
+    let mark = store.get(IN_PROGRESS).await?;
+    let converted = mark.is_some_and(|kv| kv.value == crate::store::OBJECTS_LAYOUT.as_bytes());
+    Ok(!converted && has_records(store).await?)
 }
 
 /// Whether `store` holds records of the multi-key layout.
@@ -491,12 +502,35 @@ pub enum Conversion {
     Wait(String),
 }
 
-/// How long a conversion's mark keeps other agents waiting before it counts as left by one that died.
-const CONVERSION_STALE_SECONDS: u64 = 120;
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+/// What a caller of [`convert_in_place`] remembers, from call to call, of another agent's conversion mark: a
+/// mark whose revision has not moved for `patience` on this process's own monotonic clock was left by a
+/// converter that died (a running one rewrites it between its steps and every [`BLOCKS_PER_REFRESH`]
+/// blocks), whatever the nodes' wall clocks say.
+#[derive(Debug)]
+pub struct MarkWatch {
+    seen: Option<(Revision, std::time::Instant)>,
+    patience: std::time::Duration,
 }
+
+impl Default for MarkWatch {
+    fn default() -> Self {
+        Self::with_patience(std::time::Duration::from_secs(60))
+    }
+}
+
+impl MarkWatch {
+    /// A watch that takes a mark over once it has not moved for `patience`.
+    pub fn with_patience(patience: std::time::Duration) -> Self {
+        Self { seen: None, patience }
+    }
+}
+
+/// How many blocks a conversion writes between two rewrites of its mark.
+const BLOCKS_PER_REFRESH: usize = 64;
+
+/// Set, with [`crate::store::OBJECTS_LAYOUT`], while a conversion removes the records it converted: records
+/// found under the layout mark without it were written since, by an agent of an older version.
+const REMOVING: &str = "config/conversion-removing-records";
 
 /// Convert, in place, what agents of older versions wrote (the multi-key records) into the block objects
 /// this version's agents allocate in, as `me`'s agent starts (`docs/allocator-single-object.md`, "Switching
@@ -504,31 +538,54 @@ fn unix_now() -> u64 {
 /// agent still runs, or its registration has not lapsed) it is [`Conversion::Wait`]. The steps, each safe to
 /// stop at:
 ///
-/// 1. mark the datastore as being converted by `me` ([`crate::store::CONVERTING`], taken only if nobody holds
-///    it, or over a mark older than two minutes: a converter that died); older agents do not start on it;
+/// 1. mark the datastore as being converted by `me` ([`crate::store::CONVERTING`]; taken only if nobody holds
+///    it, or over a mark that has not moved for a minute, see [`MarkWatch`]), then look for registrations (an
+///    older agent looks for a mark after it registers: one of the two sees the other);
 /// 2. read the records (refused if they do not pass `ipam check`) and write one object per block, each
-///    allocation carrying its endpoint record as attributes; read the objects back and the records again;
+///    allocation carrying its endpoint record as attributes, rewriting the mark as it goes; read the objects
+///    back and the records again;
 /// 3. mark the layout for good ([`crate::store::OBJECTS_LAYOUT`]: older agents never start on it again);
 /// 4. remove the records.
 ///
-/// Stopped in 2, a run again finds its own objects (labelled with the records' revision) and keeps them, or
-/// deletes them if the records moved; stopped in 4, a run again only removes what is left of the records.
-/// A datastore without records is only marked (step 3).
-pub async fn convert_in_place(store: &Arc<dyn Store>, me: &str) -> Result<Conversion, MigrateError> {
-    use crate::store::{CONVERTING, OBJECTS_LAYOUT};
+/// Stopped in 2, the next converter finds the objects and redoes them (or keeps those of the same records);
+/// stopped in 4, the next agent removes what is left of the records. A datastore without records is only
+/// marked (steps 1 and 3). Records that appear under the layout mark are refused, not removed: an agent of an
+/// older version wrote them.
+pub async fn convert_in_place(
+    store: &Arc<dyn Store>,
+    me: &str,
+    watch: &mut MarkWatch,
+) -> Result<Conversion, MigrateError> {
+    use crate::store::{CONVERTING, OBJECTS_LAYOUT, TxnOutcome};
     let mark = store.get(IN_PROGRESS).await?;
     let value = mark.as_ref().map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
-    let records = has_records(store).await?;
     match value.as_deref() {
         Some(v) if v == OBJECTS_LAYOUT => {
-            // Converted; what a conversion stopped in step 4 left goes now.
-            remove_records(store).await?;
+            if has_records(store).await? {
+                if store.get(REMOVING).await?.is_none() {
+                    return Err(refused(
+                        "the datastore was converted to block objects, yet it holds records of the older layout \
+                         (blocks/, endpoints/ ...) written since: an agent of an older poolwarden ran on it. Stop \
+                         it; what it allocated there is not in this version's state",
+                    ));
+                }
+                // A conversion stopped in step 4: its records go now.
+                remove_records(store).await?;
+            }
+            store.txn(Txn::new().remove(REMOVING)).await?;
             return Ok(Conversion::NotNeeded);
         }
         Some(v) if v.starts_with(CONVERTING) => {
-            let since = v.rsplit(' ').next().and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
-            if unix_now().saturating_sub(since) < CONVERSION_STALE_SECONDS {
-                return Ok(Conversion::Wait(format!("{v}: waiting for it to finish")));
+            let revision = mark.as_ref().map_or(0, |kv| kv.mod_revision);
+            match watch.seen {
+                Some((seen, since)) if seen == revision && since.elapsed() >= watch.patience => {}
+                Some((seen, _)) if seen == revision => {
+                    return Ok(Conversion::Wait(format!("{v} (waiting for it to finish)")));
+                }
+                _ => {
+                    watch.seen = Some((revision, std::time::Instant::now()));
+                    return Ok(Conversion::Wait(format!("{v} (waiting for it to finish)")));
+                }
             }
         }
         Some(v) => {
@@ -539,37 +596,76 @@ pub async fn convert_in_place(store: &Arc<dyn Store>, me: &str) -> Result<Conver
         }
         None => {}
     }
-    let taken = |txn: Txn| match &mark {
-        None => txn.still_absent(IN_PROGRESS),
-        Some(kv) => txn.unchanged(IN_PROGRESS, kv.mod_revision),
+    let ours = format!("{CONVERTING}node {me}");
+    let taken = match &mark {
+        None => Txn::new().still_absent(IN_PROGRESS),
+        Some(kv) => Txn::new().unchanged(IN_PROGRESS, kv.mod_revision),
     };
-    if !records {
-        store.txn(taken(Txn::new()).put(IN_PROGRESS, OBJECTS_LAYOUT.as_bytes().to_vec())).await?;
-        return Ok(Conversion::NotNeeded);
+    let TxnOutcome::Committed(mut held) = store.txn(taken.put(IN_PROGRESS, ours.clone().into_bytes())).await? else {
+        return Ok(Conversion::Wait("another agent began converting the datastore".into()));
+    };
+    let done = convert_marked(store, me, &ours, &mut held).await;
+    if !matches!(done, Ok(Conversion::NotNeeded | Conversion::Converted { .. })) {
+        // Left for a run again, which keeps or redoes what this one wrote; nobody waits for a mark.
+        store.txn(Txn::new().unchanged(IN_PROGRESS, held).remove(IN_PROGRESS)).await?;
     }
+    done
+}
+
+/// The nodes other than `me` that hold a registration.
+async fn other_registrations(store: &Arc<dyn Store>, me: &str) -> Result<Vec<String>, MigrateError> {
     let (registered, _) = store.list_keys(keys::NODES).await?;
     // This node's own registration is its previous agent's (a node runs one agent; the embedded store, which
     // one process holds, keeps it for good).
-    let registered: Vec<&str> =
-        registered.iter().filter_map(|k| k.strip_prefix(keys::NODES)).filter(|n| *n != me).collect();
-    if !registered.is_empty() {
-        return Ok(Conversion::Wait(format!(
-            "the datastore holds the records of an older poolwarden, converted once no agent runs, and agents are \
-             registered for node(s) {}: stop every agent of the older version (their registrations lapse after \
-             --registration-ttl, 30s by default); the first agent of this version to start then converts it",
-            registered.join(", ")
-        )));
+    Ok(registered.iter().filter_map(|k| k.strip_prefix(keys::NODES)).filter(|n| *n != me).map(String::from).collect())
+}
+
+/// Steps 2 to 4 of [`convert_in_place`], under `me`'s mark (`ours`, last written at `held`).
+async fn convert_marked(
+    store: &Arc<dyn Store>,
+    me: &str,
+    ours: &str,
+    held: &mut Revision,
+) -> Result<Conversion, MigrateError> {
+    use crate::store::{OBJECTS_LAYOUT, TxnOutcome};
+    let wait = |others: Vec<String>| {
+        Conversion::Wait(format!(
+            "agents are registered for node(s) {}, and an agent of this version starts only once the datastore \
+             is converted to block objects, which needs every agent stopped: stop every agent of the older \
+             version (their registrations lapse after --registration-ttl, 30s by default); the first agent of \
+             this version to start then converts it",
+            others.join(", ")
+        ))
+    };
+    let others = other_registrations(store, me).await?;
+    if !others.is_empty() {
+        return Ok(wait(others));
     }
-    let ours = format!("{CONVERTING}node {me} since {}", unix_now());
-    if !store.txn(taken(Txn::new()).put(IN_PROGRESS, ours.clone().into_bytes())).await?.is_committed() {
-        return Ok(Conversion::Wait("another agent began converting the datastore".into()));
-    }
-    let converted = async {
+    let refresh = async |held: &mut Revision| -> Result<(), MigrateError> {
+        let rewrite = Txn::new().unchanged(IN_PROGRESS, *held).put(IN_PROGRESS, ours.as_bytes().to_vec());
+        match store.txn(rewrite).await? {
+            TxnOutcome::Committed(revision) => {
+                *held = revision;
+                Ok(())
+            }
+            TxnOutcome::Conflict { .. } => {
+                Err(refused("another agent took the conversion over: it took this one for dead"))
+            }
+        }
+    };
+    let records = has_records(store).await?;
+    let mut converted = Conversion::NotNeeded;
+    if records {
         let (revision, count) = fingerprint(store).await?;
         let source = read_state(store, revision, count).await?;
         let objects = crate::objects::kv::KeyValueObjects::new(Arc::clone(store));
         let kept = check_target(&objects, &source).await?;
-        write_blocks(&objects, &source.blocks, &source.label(), &kept).await?;
+        refresh(held).await?;
+        let missing: Vec<Block> = source.blocks.iter().filter(|b| !kept.contains(&b.cidr)).cloned().collect();
+        for chunk in missing.chunks(BLOCKS_PER_REFRESH) {
+            write_blocks(&objects, chunk, &source.label(), &kept).await?;
+            refresh(held).await?;
+        }
         verify(&objects, &source.blocks).await?;
         // Nothing wrote records meanwhile (no agent runs, and the mark keeps new ones off): read them again.
         if read_state(store, revision, count).await?.blocks != source.blocks {
@@ -577,27 +673,22 @@ pub async fn convert_in_place(store: &Arc<dyn Store>, me: &str) -> Result<Conver
                 "the records changed while they were converted: is an agent of the older version running?",
             ));
         }
-        Ok(source)
+        converted = Conversion::Converted { blocks: source.blocks.len(), addresses: source.addresses() };
     }
-    .await;
-    let ours_now = |txn: Txn, revision| txn.unchanged(IN_PROGRESS, revision);
-    let Some(held) = store.get(IN_PROGRESS).await?.filter(|kv| kv.value == ours.as_bytes()) else {
-        return Err(refused("another agent took the conversion over: it counted this one as dead"));
-    };
-    let source = match converted {
-        Ok(source) => source,
-        Err(e) => {
-            // Left for a run again, which keeps or deletes what this one wrote; nobody waits for a mark.
-            store.txn(ours_now(Txn::new(), held.mod_revision).remove(IN_PROGRESS)).await?;
-            return Err(e);
-        }
-    };
-    let marked = ours_now(Txn::new(), held.mod_revision).put(IN_PROGRESS, OBJECTS_LAYOUT.as_bytes().to_vec());
+    let others = other_registrations(store, me).await?;
+    if !others.is_empty() {
+        return Ok(wait(others));
+    }
+    let marked = Txn::new().unchanged(IN_PROGRESS, *held).put(IN_PROGRESS, OBJECTS_LAYOUT.as_bytes().to_vec());
+    let marked = if records { marked.put(REMOVING, Vec::new()) } else { marked };
     if !store.txn(marked).await?.is_committed() {
-        return Err(refused("another agent took the conversion over: it counted this one as dead"));
+        return Err(refused("another agent took the conversion over: it took this one for dead"));
     }
-    remove_records(store).await?;
-    Ok(Conversion::Converted { blocks: source.blocks.len(), addresses: source.addresses() })
+    if records {
+        remove_records(store).await?;
+        store.txn(Txn::new().remove(REMOVING)).await?;
+    }
+    Ok(converted)
 }
 
 /// Remove every record of the multi-key layout.
@@ -976,7 +1067,7 @@ mod tests {
         // An older agent still registered: not now, and nothing is written.
         store.txn(Txn::new().put(keys::node("node-b"), b"{}".to_vec())).await.unwrap();
         let records = ipam_records(&store).await;
-        match convert_in_place(&store, "node-a").await.expect("convert") {
+        match convert_in_place(&store, "node-a", &mut MarkWatch::default()).await.expect("convert") {
             Conversion::Wait(why) => assert!(why.contains("node(s) node-b"), "{why}"),
             other => panic!("converted with an agent registered: {other:?}"),
         }
@@ -985,8 +1076,10 @@ mod tests {
 
         // Once it is gone: every allocation, with its endpoint, in the objects; no record left; the layout
         // marked for good (older agents take the mark for a migration that did not finish, this one does not).
-        store.txn(Txn::new().remove(keys::node("node-b"))).await.unwrap();
-        let done = convert_in_place(&store, "node-a").await.expect("convert");
+        // This node's own registration, its previous agent's, neither holds it up nor makes node-b's
+        // addresses look leaked.
+        store.txn(Txn::new().remove(keys::node("node-b")).put(keys::node("node-a"), b"{}".to_vec())).await.unwrap();
+        let done = convert_in_place(&store, "node-a", &mut MarkWatch::default()).await.expect("convert");
         assert_eq!(done, Conversion::Converted { blocks: before.blocks.len(), addresses: 30 });
         assert!(ipam_records(&store).await.is_empty(), "{:?}", ipam_records(&store).await);
         assert_eq!(endpoints_in_objects(&store).await, endpoints);
@@ -995,10 +1088,18 @@ mod tests {
         assert!(check::check(&snapshot).is_empty());
         assert_eq!(store.get(IN_PROGRESS).await.unwrap().unwrap().value, OBJECTS_LAYOUT.as_bytes());
         assert_eq!(unfinished_migration(store.as_ref()).await.unwrap(), None);
-        assert_eq!(convert_in_place(&store, "node-b").await.expect("again"), Conversion::NotNeeded);
+        assert_eq!(
+            convert_in_place(&store, "node-b", &mut MarkWatch::default()).await.expect("again"),
+            Conversion::NotNeeded
+        );
         // `datastore migrate` never copies into it (it would take the mark for its own, left part way).
         let err = into_store(&store, &[], &[], "test").await.unwrap_err().to_string();
         assert!(err.contains("newer poolwarden ran on the target"), "{err}");
+        // Records an older agent wrote since are refused, not removed.
+        store.txn(Txn::new().put(keys::block("10.99.0.0/29".parse().unwrap()), b"{}".to_vec())).await.unwrap();
+        let err = convert_in_place(&store, "node-a", &mut MarkWatch::default()).await.unwrap_err().to_string();
+        assert!(err.contains("an agent of an older poolwarden ran on it"), "{err}");
+        assert_eq!(ipam_records(&store).await.len(), 1);
     }
 
     #[tokio::test]
@@ -1006,44 +1107,44 @@ mod tests {
         use crate::store::{CONVERTING, OBJECTS_LAYOUT};
         let dir = tempfile::tempdir().unwrap();
 
-        // Stopped in step 2 (its mark taken two minutes and more ago, half the objects written): the next
-        // agent waits while the mark is fresh, then takes it over and keeps or redoes what was written.
+        // Stopped in step 2 (its mark taken, half the objects written): the next agent waits while the mark
+        // moves, takes it over once it has not moved for its patience, and redoes what was written.
         let store = store(&dir, "step2.db");
         let endpoints = populate(&store).await;
         let source = read(&store).await.expect("read");
         let objects = KeyValueObjects::new(Arc::clone(&store));
         let half: Vec<Block> = source.blocks.iter().take(source.blocks.len() / 2).cloned().collect();
         write_blocks(&objects, &half, &source.label(), &BTreeSet::new()).await.expect("half");
-        let fresh = format!("{CONVERTING}node node-x since {}", unix_now());
-        store.txn(Txn::new().put(IN_PROGRESS, fresh.into_bytes())).await.unwrap();
-        match convert_in_place(&store, "node-a").await.expect("convert") {
-            Conversion::Wait(why) => assert!(why.contains("node node-x"), "{why}"),
-            other => panic!("took a fresh mark over: {other:?}"),
+        store.txn(Txn::new().put(IN_PROGRESS, format!("{CONVERTING}node node-x").into_bytes())).await.unwrap();
+        let mut patient = MarkWatch::default();
+        for _ in 0..2 {
+            match convert_in_place(&store, "node-a", &mut patient).await.expect("convert") {
+                Conversion::Wait(why) => assert!(why.contains("node node-x"), "{why}"),
+                other => panic!("took a mark over that was not left for long: {other:?}"),
+            }
         }
-        let stale = format!("{CONVERTING}node node-x since {}", unix_now() - CONVERSION_STALE_SECONDS - 1);
-        store.txn(Txn::new().put(IN_PROGRESS, stale.into_bytes())).await.unwrap();
-        let done = convert_in_place(&store, "node-a").await.expect("convert");
+        let mut impatient = MarkWatch::with_patience(std::time::Duration::ZERO);
+        let first = convert_in_place(&store, "node-a", &mut impatient).await.expect("convert");
+        assert!(matches!(first, Conversion::Wait(_)), "a mark is judged by what was seen of it before: {first:?}");
+        let done = convert_in_place(&store, "node-a", &mut impatient).await.expect("convert");
         assert!(matches!(done, Conversion::Converted { addresses: 30, .. }), "{done:?}");
         assert_eq!(endpoints_in_objects(&store).await, endpoints);
         assert!(ipam_records(&store).await.is_empty());
 
-        // Stopped in step 4 (marked, half the records removed): the next agent removes the rest.
+        // Stopped in step 4 (marked, the records half removed): the next agent removes the rest.
         let store2 = self::store(&dir, "step4.db");
         populate(&store2).await;
         let records = ipam_records(&store2).await;
-        assert_eq!(
-            convert_in_place(&store2, "node-a").await.ok().map(|c| matches!(c, Conversion::Converted { .. })),
-            Some(true)
-        );
+        let converted = convert_in_place(&store2, "node-a", &mut MarkWatch::default()).await.expect("convert");
+        assert!(matches!(converted, Conversion::Converted { .. }), "{converted:?}");
         let half = records.keys().take(records.len() / 2);
-        store2
-            .txn(half.fold(Txn::new(), |txn, key| txn.put(key.as_str(), records[key].clone().into_bytes())))
-            .await
-            .unwrap();
-        assert!(!ipam_records(&store2).await.is_empty());
+        let restored = half.fold(Txn::new(), |txn, key| txn.put(key.as_str(), records[key].clone().into_bytes()));
+        store2.txn(restored.put(REMOVING, Vec::new())).await.unwrap();
         assert_eq!(store2.get(IN_PROGRESS).await.unwrap().unwrap().value, OBJECTS_LAYOUT.as_bytes());
-        assert_eq!(convert_in_place(&store2, "node-b").await.expect("again"), Conversion::NotNeeded);
+        let again = convert_in_place(&store2, "node-b", &mut MarkWatch::default()).await.expect("again");
+        assert_eq!(again, Conversion::NotNeeded);
         assert!(ipam_records(&store2).await.is_empty());
+        assert!(store2.get(REMOVING).await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -239,6 +239,16 @@ pub async fn attachments_are_read_back_with_their_attributes(objects: Arc<dyn Ob
         );
     }
 
+    // A repeated ADD keeps the address and records what it says now (here in a borrowed block), for every
+    // agent that reads the node's attachments afterwards.
+    let mut again = bench.request("b", "b0");
+    again.attributes = attributes("cb0-again");
+    assert_eq!(b.assign(&again, &loaded).await.expect("repeated ADD"), vec![borrowed.clone()]);
+    for agent in [&b, &bench.agent()] {
+        let seen = agent.attachments(&bench.node("b")).await.expect("b's attachments");
+        assert_eq!((seen.len(), &seen[0].attributes), (1, &attributes("cb0-again")), "{seen:?}");
+    }
+
     // Too much to carry for every address: refused, naming the limits.
     let mut request = bench.request("a", "big");
     request.attributes = BTreeMap::from([("netns".to_string(), "x".repeat(super::super::MAX_ATTRIBUTE_BYTES))]);

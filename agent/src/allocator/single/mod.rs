@@ -400,6 +400,9 @@ impl BlockAllocator {
         let lock = self.locks.get(format!("node/{node}"));
         let _turn = lock.lock().await;
         if let Some(existing) = self.addresses_of(node, &request.handle).await? {
+            // A repeated ADD: the addresses stay, and what it recorded is what this one says (another host
+            // interface or bridge port, or a record an older version never wrote).
+            self.record_attributes(node, &request.handle, &request.attributes).await?;
             return Ok(existing);
         }
         let selection = ipam::selection::select(
@@ -659,6 +662,35 @@ impl BlockAllocator {
             }
         }
         Err(AllocError::Contention { operation: format!("assigning {ip}") })
+    }
+
+    /// Make every allocation of `handle` on `node` carry `attributes` (one update per block whose allocations
+    /// carry others; none when they all do).
+    async fn record_attributes(
+        &self,
+        node: &str,
+        handle: &str,
+        attributes: &BTreeMap<String, String>,
+    ) -> Result<(), AllocError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let (owned, borrowed) = self.node_blocks(node).await?;
+            let mut again = false;
+            for stored in owned.iter().chain(&borrowed) {
+                let stale = |a: &ipam::Allocation| a.handle == handle && a.node == node && a.attributes != *attributes;
+                if !stored.block.allocations.values().any(stale) {
+                    continue;
+                }
+                let mut block = stored.block.clone();
+                for allocation in block.allocations.values_mut().filter(|a| stale(a)) {
+                    allocation.attributes.clone_from(attributes);
+                }
+                again |= !self.write(stored, &block).await?;
+            }
+            if !again {
+                return Ok(());
+            }
+        }
+        Err(AllocError::Contention { operation: format!("recording handle {handle}'s attributes") })
     }
 
     /// Release every address `handle` holds on `node` (one update per block holding it). Returns the
