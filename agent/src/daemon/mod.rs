@@ -450,7 +450,8 @@ impl Agent {
     /// CNI STATUS: whether an ADD can get an address here. Reads the pools and this node's room index; only
     /// when no block of this node has room (its next ADD claims a block) does it look at the whole store.
     pub async fn status(&self) -> Result<(), StatusError> {
-        let pools: Vec<crate::resources::IpPool> = self.pools().await?;
+        // The pools and the configuration in one read.
+        let crate::allocator::Loaded { pools, config } = self.blocks.load().await?;
         // Without the API server's labels, the given ones: STATUS answers about addresses, not the API.
         let node = self.directory.node(&self.node).await.unwrap_or_else(|_| self.node.clone());
         let usable: Vec<_> =
@@ -459,7 +460,6 @@ impl Agent {
             return Err(StatusError::NoPool { node: self.node.name.clone() });
         }
         let now = unix_now();
-        let config = self.blocks.load().await?.config;
         let (owned, _) = self.blocks.node_blocks(&self.node.name).await?;
         let roomy = owned.iter().map(|s| &s.block).any(|block| {
             block.has_available(now, config.reuse_cooldown_seconds)
@@ -509,8 +509,8 @@ impl Agent {
 
     /// This node's endpoint for `handle`, if it has one.
     pub async fn endpoint(&self, handle: &str) -> Result<Option<Endpoint>, AllocError> {
-        let attachments = self.blocks.attachments(&self.node.name).await?;
-        Ok(attachments.iter().find(|a| a.handle == handle).and_then(|a| self.endpoint_of(a)))
+        let attachment = self.blocks.attachment(&self.node.name, handle).await?;
+        Ok(attachment.as_ref().and_then(|a| self.endpoint_of(a)))
     }
 
     /// The blocks this node owns, from its view.

@@ -367,11 +367,22 @@ impl BlockAllocator {
     /// agent restarting rebuilds its kernel state from. An attachment's attributes are those of its first
     /// address (an ADD writes the same to each).
     pub async fn attachments(&self, node: &str) -> Result<Vec<Attachment>, AllocError> {
+        self.attachments_of(node, None).await
+    }
+
+    /// `node`'s attachment `handle`, as [`BlockAllocator::attachments`] reads it, from the blocks holding it
+    /// only (a DEL's lookup).
+    pub async fn attachment(&self, node: &str, handle: &str) -> Result<Option<Attachment>, AllocError> {
+        Ok(self.attachments_of(node, Some(handle)).await?.pop())
+    }
+
+    async fn attachments_of(&self, node: &str, handle: Option<&str>) -> Result<Vec<Attachment>, AllocError> {
         let (owned, borrowed) = self.node_blocks(node).await?;
         let mut found: BTreeMap<String, Attachment> = BTreeMap::new();
-        for stored in owned.iter().chain(&borrowed) {
+        for stored in owned.iter().chain(&borrowed).filter(|s| handle.is_none_or(|h| s.block.holds(h))) {
             let block = &stored.block;
-            for (ip, allocation) in block.allocated().filter(|(_, a)| a.node == node) {
+            let wanted = |a: &Allocation| a.node == node && handle.is_none_or(|h| a.handle == h);
+            for (ip, allocation) in block.allocated().filter(|(_, a)| wanted(a)) {
                 let attachment = found.entry(allocation.handle.clone()).or_insert_with(|| Attachment {
                     handle: allocation.handle.clone(),
                     namespace: allocation.namespace.clone(),
