@@ -40,7 +40,8 @@ macro_rules! fail {
 #[derive(Parser)]
 #[command(name = "poolwarden", version, about = "Per-namespace IP address management with kernel enforcement")]
 pub struct Cli {
-    /// Where IPAM state lives: embedded:PATH (a single local file) or etcd:URL[,URL...] (a cluster).
+    /// Where IPAM state lives: embedded:PATH (a single local file), etcd:URL[,URL...] (a cluster) or
+    /// kubernetes (custom resources of the API server, with pools from the IPPool resources; the agent).
     #[arg(long, global = true, env = "POOLWARDEN_DATASTORE", default_value = store::DEFAULT_DATASTORE)]
     pub datastore: String,
     /// The CA certificate that signed the etcd members' certificates (PEM).
@@ -732,6 +733,58 @@ async fn refuse_older_layout(store: &Arc<dyn Store>) -> Result<(), CommandError>
     Ok(())
 }
 
+/// `ipam check` of `snapshot`: each problem, then the verdict; the exit code (1 on any problem).
+fn report_check(snapshot: &ipam::check::Snapshot, out: &mut String) -> u8 {
+    let problems = check::check(snapshot);
+    for problem in &problems {
+        w!(out, "{problem}");
+    }
+    let counts = format!(
+        "{} pool(s), {} block(s), {} affinit(ies), {} handle(s)",
+        snapshot.pools.len(),
+        snapshot.blocks.len(),
+        snapshot.affinities.len(),
+        snapshot.handles.len()
+    );
+    if !problems.is_empty() {
+        w!(out, "ipam check: {} problem(s) in {counts}", problems.len());
+        return 1;
+    }
+    w!(out, "ipam check: clean ({counts})");
+    0
+}
+
+/// A command on the Kubernetes datastore (`--datastore kubernetes`): the blocks are the IPAMBlock resources,
+/// the pools the IPPool resources as the agents judged them (one not judged ready is not a pool here), the
+/// registered nodes the Node objects. `ipam show` and `ipam check` read them; the rest is refused with what
+/// to use instead.
+pub async fn execute_on_kubernetes(cli: Cli, out: &mut String) -> Result<u8, CommandError> {
+    let Command::Ipam { command: command @ (IpamCommand::Check | IpamCommand::Show { mismatched: false, .. }) } =
+        cli.command
+    else {
+        fail!(
+            "--datastore kubernetes: from the command line, only `ipam show` and `ipam check` read the Kubernetes \
+             datastore yet; use kubectl for the rest (`kubectl get ippools,ipamblocks`, `kubectl apply -f`)"
+        )
+    };
+    let client = crate::k8s::connect(cli.kubeconfig.as_deref()).await?;
+    let pools = Arc::new(crate::k8s::pools::ResourcePools::start(client.clone()));
+    let allocator = BlockAllocator::new(Arc::new(crate::objects::kubernetes::KubeObjects::new(client.clone())), pools);
+    let mut snapshot = allocator.snapshot().await?;
+    let nodes = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client)
+        .list_metadata(&kube::api::ListParams::default())
+        .await?;
+    snapshot.nodes = nodes.items.iter().map(kube::ResourceExt::name_any).collect();
+    match command {
+        IpamCommand::Check => return Ok(report_check(&snapshot, out)),
+        IpamCommand::Show { blocks, .. } => {
+            out.push_str(&if blocks { cli::ipam_show_blocks(&snapshot) } else { cli::ipam_show(&snapshot) });
+        }
+        _ => {}
+    }
+    Ok(0)
+}
+
 async fn ipam_command(
     command: IpamCommand,
     catalog: &Catalog,
@@ -765,25 +818,7 @@ async fn ipam_command(
             let snapshot = snapshot(allocator, store).await?;
             out.push_str(&if blocks { cli::ipam_show_blocks(&snapshot) } else { cli::ipam_show(&snapshot) });
         }
-        IpamCommand::Check => {
-            let snapshot = snapshot(allocator, store).await?;
-            let problems = check::check(&snapshot);
-            for problem in &problems {
-                w!(out, "{problem}");
-            }
-            let counts = format!(
-                "{} pool(s), {} block(s), {} affinit(ies), {} handle(s)",
-                snapshot.pools.len(),
-                snapshot.blocks.len(),
-                snapshot.affinities.len(),
-                snapshot.handles.len()
-            );
-            if !problems.is_empty() {
-                w!(out, "ipam check: {} problem(s) in {counts}", problems.len());
-                return Ok(1);
-            }
-            w!(out, "ipam check: clean ({counts})");
-        }
+        IpamCommand::Check => return Ok(report_check(&snapshot(allocator, store).await?, out)),
         IpamCommand::Release { ip: Some(ip), .. } => match allocator.release_ip(ip, None).await? {
             Some(a) => w!(out, "released {ip} (handle {})", a.handle),
             None => w!(out, "{ip} was not allocated"),

@@ -79,6 +79,48 @@ async fn run(cli: Cli) -> Result<u8> {
         if node.name.is_empty() {
             bail!("no node name: give --node or set NODENAME");
         }
+        let lifetimes = poolwarden::daemon::Lifetimes {
+            leak_grace: leak_grace_period.0,
+            registration_ttl: registration_ttl.0,
+            node_gone_after: node_gone_after.0,
+        };
+        if cli.datastore == store::KUBERNETES_DATASTORE {
+            // Everything is in the API server: blocks as IPAMBlock resources, pools as IPPool resources
+            // (judged by the holder of the pools' Lease), nodes as Node objects; namespaces and pods too.
+            let client = poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?;
+            let pools = Arc::new(poolwarden::k8s::pools::ResourcePools::start(client.clone()));
+            let judge = poolwarden::k8s::pools::PoolSync::judge(client.clone());
+            let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "kube-system".into());
+            tokio::spawn(judge.run(namespace, node.name.clone()));
+            let (directory, addresses) =
+                kube_directory(client.clone(), &node.name, node_address.clone(), kube_sync_timeout.0).await;
+            // The Node object is this node's registration: under another name, the other agents would find
+            // this node's blocks named by a node that does not exist, and take its addresses.
+            if let Err(e) = poolwarden::directory::Directory::node(directory.as_ref(), &node).await {
+                bail!(
+                    "--datastore kubernetes: no Node object for --node {:?} ({e}): the node's name must be the one \
+                     the API server knows it by (the DaemonSet passes spec.nodeName)",
+                    node.name
+                );
+            }
+            if !pools.wait_ready(kube_sync_timeout.0).await {
+                tracing::warn!("the IPPool and IPAMConfig resources are not listed yet; ADDs wait for them");
+            }
+            let changes = pools.changes();
+            let agent = poolwarden::daemon::Agent::on_kubernetes(
+                node,
+                client,
+                pools,
+                directory,
+                *enforcement,
+                bpf_dir,
+                addresses,
+                lifetimes,
+            )?
+            .with_pool_changes(changes);
+            poolwarden::daemon::server::run(Arc::new(agent), socket.clone(), *metrics_addr).await?;
+            return Ok(0);
+        }
         let store = open_for_agent(&cli).await?;
         if let Some(from) = store::unfinished_migration(store.as_ref()).await? {
             bail!(
@@ -124,37 +166,14 @@ async fn run(cli: Cli) -> Result<u8> {
                 let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "kube-system".into());
                 tokio::spawn(sync.run(namespace, node.name.clone()));
             }
-            let directory = poolwarden::k8s::KubeDirectory::start(client, &node.name);
-            if !directory.wait_ready(kube_sync_timeout.0).await {
-                tracing::warn!(
-                    "the Kubernetes caches are not in sync after {:?}; serving anyway, with direct lookups until \
-                     they are",
-                    kube_sync_timeout.0
-                );
-            }
-            if addresses.is_empty() {
-                match directory.node_addresses().await {
-                    Ok(found) => addresses = found,
-                    Err(e) => tracing::warn!(error = %e, "no node addresses from the API server; detecting them"),
-                }
-            }
+            let (directory, found) = kube_directory(client, &node.name, addresses, kube_sync_timeout.0).await;
+            addresses = found;
             poolwarden::directory::record_source(store.as_ref(), poolwarden::directory::Source::Kubernetes).await?;
-            Some(Arc::new(directory))
+            Some(directory)
         } else {
             None
         };
-        let mut agent = poolwarden::daemon::Agent::new(
-            node,
-            store,
-            *enforcement,
-            bpf_dir,
-            addresses,
-            poolwarden::daemon::Lifetimes {
-                leak_grace: leak_grace_period.0,
-                registration_ttl: registration_ttl.0,
-                node_gone_after: node_gone_after.0,
-            },
-        )?;
+        let mut agent = poolwarden::daemon::Agent::new(node, store, *enforcement, bpf_dir, addresses, lifetimes)?;
         if let Some(directory) = kube {
             agent = agent.with_directory(directory);
         }
@@ -191,6 +210,12 @@ async fn run(cli: Cli) -> Result<u8> {
     if let Command::Firewall { command: FirewallCommand::Export { watch: true, .. } } = &cli.command {
         return watch_export(cli).await;
     }
+    if cli.datastore == store::KUBERNETES_DATASTORE {
+        let mut out = String::new();
+        let result = commands::execute_on_kubernetes(cli, &mut out).await;
+        print!("{out}");
+        return result.map_err(|e| anyhow::anyhow!(e));
+    }
     let stdin = if reads_stdin(&cli) { Some(std::io::read_to_string(std::io::stdin().lock())?) } else { None };
     let opened = if cli.command.read_only() {
         store::open_existing(&cli.datastore, &cli.etcd_options()).await
@@ -212,6 +237,30 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Err(other) => Err(other.into()),
     }
+}
+
+/// The Kubernetes directory for `node` (namespaces, its pods, itself), its caches awaited up to `limit`; and
+/// the node's addresses: `given`, or else its Node object's.
+async fn kube_directory(
+    client: kube::Client,
+    node: &str,
+    given: Vec<std::net::IpAddr>,
+    limit: std::time::Duration,
+) -> (Arc<poolwarden::k8s::KubeDirectory>, Vec<std::net::IpAddr>) {
+    let directory = poolwarden::k8s::KubeDirectory::start(client, node);
+    if !directory.wait_ready(limit).await {
+        tracing::warn!(
+            "the Kubernetes caches are not in sync after {limit:?}; serving anyway, with direct lookups until they are"
+        );
+    }
+    let mut addresses = given;
+    if addresses.is_empty() {
+        match directory.node_addresses().await {
+            Ok(found) => addresses = found,
+            Err(e) => tracing::warn!(error = %e, "no node addresses from the API server; detecting them"),
+        }
+    }
+    (Arc::new(directory), addresses)
 }
 
 /// `datastore migrate`: to Kubernetes from a datastore, or from Kubernetes into one.

@@ -346,6 +346,11 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
             pools::create(&client, resource).await?;
             created.push(resource);
         }
+        // Accepted where they come from: the agents allocate from them as they are, and never judge them
+        // against their own blocks.
+        for pool in &source.pools {
+            pools::accept_as_is(&client, pool.name()).await?;
+        }
         blocks = write_blocks(&objects, &source.blocks, &source.label(), &kept).await?;
         verify(&objects, &source.blocks).await?;
         unchanged(store, &source).await

@@ -1702,3 +1702,400 @@ fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() 
     assert_eq!(poolwarden::migrate::fixtures::differences(&copied.0, &original.0), Vec::<String>::new());
     assert!(copied.1.contains(&"migrated=10.126.0.0/24".to_string()), "{:?}", copied.1);
 }
+
+/// The agents switched to the Kubernetes datastore (`POOLWARDEN_DATASTORE=kubernetes` on the DaemonSet's
+/// agent container) for as long as this lives; back on the cluster's etcd when dropped, even when the test
+/// failed.
+struct OnKubernetesDatastore<'a>(&'a Kubectl);
+
+impl<'a> OnKubernetesDatastore<'a> {
+    fn switch(kubectl: &'a Kubectl) -> Self {
+        kubectl.ok(&[
+            "-n",
+            "kube-system",
+            "set",
+            "env",
+            "ds/poolwarden",
+            "-c",
+            "agent",
+            "POOLWARDEN_DATASTORE=kubernetes",
+        ]);
+        let switched = Self(kubectl);
+        kubectl.ok(&["-n", "kube-system", "rollout", "status", "daemonset/poolwarden", "--timeout=180s"]);
+        switched
+    }
+}
+
+impl Drop for OnKubernetesDatastore<'_> {
+    fn drop(&mut self) {
+        let kubectl = self.0;
+        kubectl
+            .run(&["-n", "kube-system", "set", "env", "ds/poolwarden", "-c", "agent", "POOLWARDEN_DATASTORE-"], None);
+        kubectl.run(&["-n", "kube-system", "rollout", "status", "daemonset/poolwarden", "--timeout=180s"], None);
+        // The blocks the tests' pools left (empty, within their grace period, or left by a failure): the
+        // agents on etcd no longer read them, and later tests (the migration's, the allocator's) want none.
+        for pool in ["kd-pool", "kd-churn"] {
+            kubectl.run(&["delete", "ipamblocks", "-l", &format!("poolwarden.io/pool={pool}")], None);
+        }
+    }
+}
+
+/// An IPAMBlock resource as a test reads it: its CIDR, its affinity, and its allocations' (node, pod).
+type BlockSeen = (String, String, Vec<(String, String)>);
+
+/// The IPAMBlock resources in the /16 whose first two octets are `first`.
+fn ipamblocks_in(kubectl: &Kubectl, first: [u8; 2]) -> Vec<BlockSeen> {
+    let blocks = kubectl.json(&["get", "ipamblocks"]);
+    let mut found: Vec<BlockSeen> = blocks["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|b| {
+            let spec = &b["spec"];
+            let cidr = spec["cidr"].as_str()?.to_string();
+            in_cidr(cidr.split('/').next()?, [first[0], first[1], 0, 0], 16).then(|| {
+                let allocations = spec["allocations"]
+                    .as_object()
+                    .map(|a| {
+                        a.values()
+                            .map(|a| {
+                                let text = |f: &str| a[f].as_str().unwrap_or_default().to_string();
+                                (text("node"), text("pod"))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (cidr, spec["affinity"].as_str().unwrap_or_default().to_string(), allocations)
+            })
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The agents on the Kubernetes datastore (issue 17: nothing in etcd). An IPPool applied with kubectl is
+/// judged by the agents themselves (ready; a later pool overlapping it refused with the reason), a pod on
+/// each node gets an address of it from an IPAMBlock resource its node claimed, the pods reach each other
+/// across the nodes (routes from the block objects and the Node objects), `kubectl get ippool` counts them,
+/// and once the pods are deleted their addresses are released in the blocks and the pool can be deleted.
+#[test]
+fn the_agents_allocate_on_the_kubernetes_datastore() {
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    let _switched = OnKubernetesDatastore::switch(&kubectl);
+    let _cleanup = Cleanup(
+        &kubectl,
+        &[
+            &["delete", "namespace", "kd-ns", "--ignore-not-found", "--timeout=120s"],
+            &["delete", "ippool", "kd-pool", "kd-overlap", "--ignore-not-found", "--timeout=60s"],
+        ],
+    );
+    let pool = |name: &str, cidr: &str| {
+        format!(
+            "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {{name: {name}}}\nspec:\n  cidr: {cidr}\n  blockSize: 28\n  allowedNamespaces: [kd-ns]\n"
+        )
+    };
+    kubectl.ok_with(&["apply", "-f", "-"], Some(&pool("kd-pool", "10.140.0.0/24")));
+    let (ready, reason, message) = verdict(&kubectl, "kd-pool", Duration::from_secs(90));
+    assert!(ready, "{reason}: {message}");
+    kubectl.ok_with(&["apply", "-f", "-"], Some(&pool("kd-overlap", "10.140.0.128/25")));
+    let (ready, reason, message) = verdict(&kubectl, "kd-overlap", Duration::from_secs(60));
+    assert!(!ready && reason == "Overlap" && message.contains("kd-pool"), "{ready} {reason}: {message}");
+    kubectl.ok(&["create", "namespace", "kd-ns"]);
+    kubectl.ok(&["annotate", "namespace", "kd-ns", "poolwarden.io/ipv4pools=[\"kd-pool\"]"]);
+    pod_on(&kubectl, "kd-ns", "one", "pwk-node1", "exec sleep 3600");
+    pod_on(&kubectl, "kd-ns", "two", "pwk-node2", "exec sleep 3600");
+    for pod in ["one", "two"] {
+        kubectl.ok(&["-n", "kd-ns", "wait", "--for=condition=Ready", &format!("pod/{pod}"), "--timeout=120s"]);
+    }
+    let (one, two) = (pod_ip(&kubectl, "kd-ns", "one"), pod_ip(&kubectl, "kd-ns", "two"));
+    assert!(in_cidr(&one, [10, 140, 0, 0], 24) && in_cidr(&two, [10, 140, 0, 0], 24), "{one} {two}");
+    let blocks = ipamblocks_in(&kubectl, [10, 140]);
+    let owners: Vec<&str> = blocks.iter().map(|(_, affinity, _)| affinity.as_str()).collect();
+    assert!(owners.contains(&"pwk-node1") && owners.contains(&"pwk-node2"), "{blocks:?}");
+    let mut held: Vec<(String, String)> = blocks.iter().flat_map(|(_, _, a)| a.clone()).collect();
+    held.sort();
+    assert_eq!(held, [("pwk-node1".into(), "one".into()), ("pwk-node2".into(), "two".into())], "{blocks:?}");
+    // Across the nodes, both ways: node1 routes node2's block to node2's InternalIP, and back.
+    for (from, to) in [("one", &two), ("two", &one)] {
+        let (ok, out, err) = kubectl.run(&["-n", "kd-ns", "exec", from, "--", "ping", "-c", "3", "-W", "2", to], None);
+        assert!(ok, "{from} -> {to}: {out}{err}");
+    }
+    wait_for("the pool's status to count both pods", Duration::from_secs(60), || {
+        kubectl.json(&["get", "ippool", "kd-pool"])["status"]["used"].as_u64() == Some(2)
+    });
+    println!("{}", kubectl.ok(&["get", "ippools", "kd-pool", "kd-overlap"]));
+    println!("{}", kubectl.ok(&["get", "ipamblocks"]));
+
+    kubectl.ok(&["delete", "namespace", "kd-ns", "--wait=true", "--timeout=120s"]);
+    wait_for("the pods' addresses to be released in their blocks", Duration::from_secs(60), || {
+        ipamblocks_in(&kubectl, [10, 140]).iter().all(|(_, _, held)| held.is_empty())
+    });
+    // Nothing allocated from it any more: the finalizer goes and the resource with it.
+    kubectl.ok(&["delete", "ippool", "kd-pool", "kd-overlap", "--wait=true", "--timeout=60s"]);
+}
+
+/// Nodes of the test's own on the cluster: a Node object each (no kubelet: the test's agents are theirs),
+/// each a namespace on the cluster's bridge at `10.250.0.20x`; the objects are deleted when this is dropped.
+struct TestNodes<'a> {
+    kubectl: &'a Kubectl,
+    nodes: Vec<poolwarden_tests::Node>,
+}
+
+impl<'a> TestNodes<'a> {
+    fn create(kubectl: &'a Kubectl, names: &[&str]) -> Self {
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let address = format!("10.250.0.{}", 201 + i);
+            let node = json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"poolwarden.io/test-node": "true"}},
+                "status": {"addresses": [{"type": "InternalIP", "address": address}]},
+            });
+            kubectl.ok_with(&["create", "-f", "-"], Some(&node.to_string()));
+            let node = poolwarden_tests::Node::in_cluster(&address, name, "kubernetes");
+            let port = format!("pwtkd{i}");
+            let peer = node.ns.name.clone();
+            let run = |args: &[&str]| {
+                let out = Command::new("ip").args(args).output().expect("ip");
+                assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            };
+            run(&[
+                "link",
+                "add",
+                &port,
+                "netns",
+                "pwk-fabric",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "fabric0",
+                "netns",
+                &peer,
+            ]);
+            run(&["-n", "pwk-fabric", "link", "set", &port, "master", "br0", "up"]);
+            node.ns.exec(&["ip", "addr", "add", &format!("{address}/24"), "dev", "fabric0"]);
+            node.ns.exec(&["ip", "link", "set", "fabric0", "up"]);
+            nodes.push(node);
+        }
+        Self { kubectl, nodes }
+    }
+}
+
+impl Drop for TestNodes<'_> {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill_agent();
+        }
+        for node in &self.nodes {
+            self.kubectl.run(&["delete", "node", &node.name, "--wait=false"], None);
+        }
+    }
+}
+
+/// What a test made, deleted when it ends (passed or failed): kubectl commands run on drop, in order.
+struct Cleanup<'a>(&'a Kubectl, &'a [&'a [&'a str]]);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        for command in self.1 {
+            self.0.run(command, None);
+        }
+    }
+}
+
+/// Like kubelet: a DEL retried until it succeeds (an agent down, the API server away).
+fn del_until_done(runtime: &poolwarden_tests::Runtime, container: &str, netns: &str, args: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (ok, out) = runtime.cni("DEL", container, netns, args);
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "DEL {container} kept failing: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The IPAMBlock resources as objects, checked as the conformance suite checks them (labels match what a
+/// block holds, no address both allocated and free, no two blocks overlapping, no handle holding two
+/// addresses of a family).
+fn checked_blocks(kubectl: &Kubectl) -> Vec<poolwarden::ipam::Block> {
+    let listed = kubectl.json(&["get", "ipamblocks"]);
+    let objects: Vec<poolwarden::objects::Object> = listed["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|item| poolwarden::objects::Object {
+            name: item["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+            version: item["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string(),
+            labels: serde_json::from_value(item["metadata"]["labels"].clone()).unwrap_or_default(),
+            spec: item["spec"].clone(),
+        })
+        .collect();
+    poolwarden::allocator::single::conformance::checked(&objects)
+}
+
+/// Issue 17's torture through agents on the Kubernetes datastore: 1,000 CNI operations (ADD, then DEL, of 500
+/// attachments) over two nodes of the test's own, 20 at a time, their agents on `--datastore kubernetes`
+/// (blocks as IPAMBlock resources, the pool an IPPool resource judged by the agents), while one agent is
+/// killed (-9) and started again at once, the kube-apiserver is killed (-9) and started again, and the other
+/// agent is killed and kept down for nine seconds. Small blocks given back as soon as they are empty, so
+/// claims and give-backs run all through. No address is ever held by two attachments, nothing is held once the
+/// collector has run (an ADD cut off by a kill leaves an address for it), every block object passes the
+/// invariant checks, and no pod route is left on either node. The ADDs name a namespace and no pod: the
+/// agents' pod lookups are not what is tortured (500 pod objects bound to nodes without a kubelet would only
+/// add the node lifecycle controller's evictions).
+#[test]
+fn a_thousand_operations_through_agents_and_an_api_server_restart_on_the_kubernetes_datastore() {
+    const PODS: usize = 500;
+    const IN_FLIGHT: usize = 20;
+    let Some(dir) = cluster() else { return };
+    let kubectl = Kubectl::new(&dir);
+    let _switched = OnKubernetesDatastore::switch(&kubectl);
+    let (exists, _, _) = kubectl.run(&["get", "ipamconfig", "default"], None);
+    assert!(!exists, "an IPAMConfig default is left from another test");
+    let _cleanup = Cleanup(
+        &kubectl,
+        &[
+            &["delete", "namespace", "kd-torture", "--ignore-not-found", "--wait=false"],
+            &["delete", "ipamconfig", "default", "--ignore-not-found"],
+            &["delete", "ippool", "kd-churn", "--ignore-not-found", "--timeout=60s"],
+        ],
+    );
+    kubectl.ok_with(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: poolwarden.io/v1\nkind: IPAMConfig\nmetadata: {name: default}\nspec: {emptyBlockGraceSeconds: 0}\n---\n\
+             apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: kd-churn}\nspec: {cidr: 10.141.0.0/22, blockSize: 29, allowedNamespaces: [kd-torture]}\n",
+        ),
+    );
+    let (ready, reason, message) = verdict(&kubectl, "kd-churn", Duration::from_secs(90));
+    assert!(ready, "{reason}: {message}");
+    kubectl.ok(&["create", "namespace", "kd-torture"]);
+    kubectl.ok(&["annotate", "namespace", "kd-torture", "poolwarden.io/ipv4pools=[\"kd-churn\"]"]);
+    let mut test_nodes = TestNodes::create(&kubectl, &["pwt-kd-a", "pwt-kd-b"]);
+    let kubeconfig = dir.join("admin.kubeconfig").display().to_string();
+    let agent_args = |address: &str| {
+        vec![
+            "--kubernetes".to_string(),
+            "--kubeconfig".to_string(),
+            kubeconfig.clone(),
+            "--node-address".to_string(),
+            address.to_string(),
+            "--registration-ttl".to_string(),
+            "5s".to_string(),
+            "--leak-grace-period".to_string(),
+            "2s".to_string(),
+        ]
+    };
+    let start = |node: &mut poolwarden_tests::Node| {
+        let args = agent_args(&node.address);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        node.start_agent_with(&args);
+    };
+    for node in &mut test_nodes.nodes {
+        start(node);
+    }
+    let runtimes: Vec<poolwarden_tests::Runtime> =
+        test_nodes.nodes.iter().map(poolwarden_tests::Node::runtime).collect();
+    let live: std::sync::Mutex<std::collections::BTreeMap<String, String>> = std::sync::Mutex::default();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let failed_adds: std::sync::Mutex<Vec<String>> = std::sync::Mutex::default();
+    let working = std::sync::atomic::AtomicUsize::new(IN_FLIGHT);
+    struct Leaving<'a>(&'a std::sync::atomic::AtomicUsize);
+    impl Drop for Leaving<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    use std::sync::atomic::Ordering::SeqCst;
+    let started = Instant::now();
+    let mut api_down = Duration::ZERO;
+    std::thread::scope(|scope| {
+        for _ in 0..IN_FLIGHT {
+            scope.spawn(|| {
+                let _leaving = Leaving(&working);
+                loop {
+                    let i = next.fetch_add(1, SeqCst);
+                    if i >= PODS {
+                        return;
+                    }
+                    let runtime = &runtimes[i % runtimes.len()];
+                    let pod = poolwarden_tests::NetNs::new("pwt");
+                    let container = format!("kd{i}");
+                    let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=kd-torture";
+                    let (ok, result) = runtime.cni("ADD", &container, &pod.path(), args);
+                    if ok {
+                        let cidr = result["ips"][0]["address"].as_str().expect("address").to_string();
+                        let address = cidr.split('/').next().expect("address").to_string();
+                        if let Some(other) = live.lock().expect("live").insert(address.clone(), container.clone()) {
+                            panic!("{address} handed to {container} while {other} still holds it");
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                        // Released from the live set before its DEL: once the DEL is asked, the address may
+                        // go to another ADD as soon as the agent answers (before this thread hears it).
+                        live.lock().expect("live").remove(&address);
+                        del_until_done(runtime, &container, &pod.path(), args);
+                    } else {
+                        failed_adds.lock().expect("failures").push(result["msg"].as_str().unwrap_or("?").to_string());
+                        del_until_done(runtime, &container, &pod.path(), args);
+                    }
+                    done.fetch_add(2, SeqCst);
+                }
+            });
+        }
+        let wait_until = |ops: usize| {
+            while done.load(SeqCst) < ops && next.load(SeqCst) < PODS && working.load(SeqCst) > 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        wait_until(2 * PODS / 4);
+        test_nodes.nodes[0].kill_agent();
+        std::thread::sleep(Duration::from_millis(800));
+        start(&mut test_nodes.nodes[0]);
+        wait_until(2 * PODS * 2 / 5);
+        api_down = restart_api_server(&dir);
+        wait_until(2 * PODS * 3 / 5);
+        test_nodes.nodes[1].kill_agent();
+        std::thread::sleep(Duration::from_secs(9));
+        start(&mut test_nodes.nodes[1]);
+    });
+    let took = started.elapsed();
+    assert_eq!(done.load(SeqCst), 2 * PODS, "every attachment was added (or its ADD failed) and deleted");
+    let failures = failed_adds.into_inner().expect("failures");
+    let mut reasons: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for failure in &failures {
+        *reasons.entry(failure.as_str()).or_default() += 1;
+    }
+    println!(
+        "{} operations in {took:.1?} (the API server down for {api_down:.1?}); {} of {PODS} ADDs failed while an \
+         agent or the API server was down: {reasons:?}",
+        2 * PODS,
+        failures.len()
+    );
+    assert!(failures.len() < PODS / 5, "most ADDs must succeed, or nothing was tortured: {reasons:?}");
+    // Whatever an interrupted ADD left is collected after the grace period; every block passes the checks.
+    let held = |kubectl: &Kubectl| -> usize {
+        checked_blocks(kubectl).iter().filter(|b| b.pool == "kd-churn").map(|b| b.allocations.len()).sum()
+    };
+    wait_for("every address of the run to be released", Duration::from_secs(60), || held(&kubectl) == 0);
+    for (node, other) in test_nodes.nodes.iter().zip(["pwt-kd-b", "pwt-kd-a"]) {
+        // The other node's Node object exists all along: none of its addresses is ever taken.
+        let log = node.agent_log();
+        let taken = log.lines().find(|l| l.contains("released a leaked") && l.contains(&format!("node={other}")));
+        assert!(taken.is_none(), "{} took {other}'s address: {taken:?}", node.name);
+        let routes = node.ns.exec(&["ip", "route", "show", "proto", "97"]);
+        assert!(!routes.contains("dev pw"), "pod routes left on {}:\n{routes}", node.name);
+    }
+    let check = test_nodes.nodes[0].cli(&["--kubeconfig", &kubeconfig, "ipam", "check"]);
+    let said = String::from_utf8_lossy(&check.stdout).into_owned() + &String::from_utf8_lossy(&check.stderr);
+    println!("{said}");
+    assert!(check.status.success() && said.contains("ipam check: clean"), "{said}");
+    // The blocks go back as their nodes give them back (the grace is 0 here).
+    wait_for("the run's blocks to be given back", Duration::from_secs(90), || {
+        checked_blocks(&kubectl).iter().all(|b| b.pool != "kd-churn")
+    });
+}

@@ -104,7 +104,7 @@ impl Agent {
     /// in), not the cluster: the registered nodes come from [`Membership`]'s watches, and another node's
     /// blocks and borrowed addresses are read only while that node is unregistered.
     pub async fn collect_garbage(&self) -> Result<(usize, usize), CollectError> {
-        let nodes = self.membership.nodes(self.store.as_ref()).await?;
+        let nodes = self.membership.nodes().await?;
         let registered = &nodes.registered;
         let unregistered = nodes.unregistered(&self.node.name);
         let endpoints = self.endpoints().await?;
@@ -292,7 +292,8 @@ impl Agent {
                 .still_absent(keys::node(node))
                 .still_absent(keys::node_addresses(node))
                 .remove(keys::decommissioned(node));
-            if self.store.txn(forget).await?.is_committed() {
+            let Some(store) = self.store() else { continue };
+            if store.txn(forget).await?.is_committed() {
                 info!(%node, "a decommissioned node holds nothing any more; its marker is removed");
             }
         }

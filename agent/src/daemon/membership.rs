@@ -1,35 +1,54 @@
 //! What the datastore says about the cluster's nodes, followed by watches so that neither a garbage
-//! collection pass nor a route reconcile lists the cluster: which nodes are registered (`nodes/`, leased),
-//! known by their last addresses (`node-addresses/`, kept while the node is not decommissioned) and
-//! decommissioned (`decommissioned/`), and what routes to them need: the blocks affine to each node
-//! and the addresses nodes hold in blocks they do not own, both read from the block objects
-//! (`objects/ipamblocks/`, see `docs/allocator-single-object.md`). Listed once, then kept
-//! by the watches' events; while a watch is broken (the store away, history compacted) they are listed
-//! afresh by whoever asks, so nobody ever judges a node, or routes, by a stale view.
+//! collection pass nor a route reconcile lists the cluster. On etcd and the embedded store: which nodes are
+//! registered (`nodes/`, leased), known by their last addresses (`node-addresses/`, kept while the node is
+//! not decommissioned) and decommissioned (`decommissioned/`). On the Kubernetes datastore: the Node
+//! objects (a node is registered while its object exists, reached at its kubelet's `InternalIP`) and the
+//! nodes the block objects name. Either way, what routes to them need: the blocks affine to each node and
+//! the addresses nodes hold in blocks they do not own, read from the block objects (`objects/ipamblocks/`,
+//! or the IPAMBlock resources; see `docs/allocator-single-object.md`). Listed once, then kept by the
+//! watches' events; while a watch is broken (the store away, history compacted) they are listed afresh by
+//! whoever asks, so nobody ever judges a node, or routes, by a stale view.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
 };
 
-use futures::StreamExt;
+use futures::{StreamExt, stream::BoxStream};
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, ResourceExt,
+    api::{ListParams, WatchEvent, WatchParams},
+};
 use tracing::debug;
 
 use crate::{
-    catalog::decode,
+    catalog::{decode, encode},
     cluster::{self, Borrowed, NodeRecord},
-    ipam::Affinity,
+    ipam::{Affinity, Block},
+    objects::{Kind, Labels, ObjectError, ObjectEvent, ObjectStore, kubernetes::KubeObjects},
     store::{EventKind, Store, StoreError, keys},
 };
+
+/// Where the nodes and blocks are followed from.
+#[derive(Clone)]
+pub enum Source {
+    /// etcd or the embedded store.
+    KeyValue(Arc<dyn Store>),
+    /// The Kubernetes API server.
+    Kubernetes(kube::Client),
+}
 
 /// The three sets of node names.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Nodes {
-    /// Nodes whose agent holds a registration now.
+    /// Nodes whose agent holds a registration now (on Kubernetes: whose Node object exists).
     pub registered: BTreeSet<String>,
-    /// Nodes whose last addresses are kept (every node that registered and was not decommissioned since).
+    /// Nodes whose last addresses are kept (every node that registered and was not decommissioned since);
+    /// on Kubernetes, also every node a block object names.
     pub known: BTreeSet<String>,
-    /// Nodes an operator decommissioned (`poolwarden node decommission`).
+    /// Nodes an operator decommissioned (`poolwarden node decommission`; none on Kubernetes, where a node
+    /// is gone when its Node object is deleted).
     pub decommissioned: BTreeSet<String>,
 }
 
@@ -99,7 +118,15 @@ struct BlockRoutes {
 /// [`BlockRoutes`] of the block object stored under `key`, encoded; none of a block that does not read
 /// (logged: one damaged object must not keep every other route from being followed).
 fn block_routes(key: &str, value: &[u8]) -> Vec<u8> {
-    let block = crate::objects::kv::decode_spec::<crate::ipam::Block>(key, value);
+    routes_of(key, crate::objects::kv::decode_spec::<Block>(key, value).map_err(|e| e.to_string()))
+}
+
+/// [`BlockRoutes`] of an IPAMBlock resource's spec, encoded.
+fn resource_routes(name: &str, spec: &serde_json::Value) -> Vec<u8> {
+    routes_of(name, serde_json::from_value::<Block>(spec.clone()).map_err(|e| e.to_string()))
+}
+
+fn routes_of(name: &str, block: Result<Block, String>) -> Vec<u8> {
     let routes = match block {
         Ok(block) => BlockRoutes {
             affinity: block.affinity.clone().map(|node| Affinity { node, cidr: block.cidr }),
@@ -110,21 +137,40 @@ fn block_routes(key: &str, value: &[u8]) -> Vec<u8> {
                 .collect(),
         },
         Err(e) => {
-            tracing::warn!(%key, error = %e, "a block object does not read; no route follows it");
+            tracing::warn!(block = %name, error = %e, "a block object does not read; no route follows it");
             BlockRoutes::default()
         }
     };
-    crate::catalog::encode(&routes)
+    encode(&routes)
+}
+
+/// The record routes use of a Node object: its name, its kubelet's addresses and its labels.
+fn node_record(node: &Node) -> NodeRecord {
+    NodeRecord {
+        name: node.name_any(),
+        addresses: crate::k8s::node_addresses_of(node),
+        labels: node.labels().clone().into_iter().collect(),
+    }
 }
 
 fn names(prefix: &str, keys: Vec<String>) -> BTreeSet<String> {
     keys.into_iter().filter_map(|k| k.strip_prefix(prefix).map(str::to_string)).collect()
 }
 
-/// The followed prefixes' keys (without the prefix) and values, as the watches last reported them.
+/// The followed prefixes' keys (without the prefix) and values, as the watches last reported them. On
+/// Kubernetes, each Node object is kept under both `nodes/` and `node-addresses/` (registered and known
+/// while it exists), and the block objects under the same prefix as in a key-value store.
 #[derive(Clone, Debug, Default)]
 struct Mirror {
     entries: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// Whether it mirrors the Kubernetes API (then every node a block names is known).
+    kubernetes: bool,
+}
+
+/// One change to the mirror.
+enum Change {
+    Put(&'static str, String, Vec<u8>),
+    Delete(&'static str, String),
 }
 
 impl Mirror {
@@ -137,12 +183,15 @@ impl Mirror {
         entries.map(|(key, value)| decode(&format!("{prefix}{key}"), value)).collect()
     }
 
-    fn nodes(&self) -> Nodes {
-        Nodes {
-            registered: self.names(keys::NODES),
-            known: self.names(keys::NODE_ADDRESSES),
-            decommissioned: self.names(keys::DECOMMISSIONED),
+    fn nodes(&self) -> Result<Nodes, StoreError> {
+        let mut known = self.names(keys::NODE_ADDRESSES);
+        if self.kubernetes {
+            for routes in self.decoded::<BlockRoutes>(&BLOCKS)? {
+                known.extend(routes.affinity.map(|a| a.node));
+                known.extend(routes.borrowed.into_iter().map(|b| b.node));
+            }
         }
+        Ok(Nodes { registered: self.names(keys::NODES), known, decommissioned: self.names(keys::DECOMMISSIONED) })
     }
 
     /// As [`cluster::routable`] reads it, from the copy.
@@ -158,12 +207,27 @@ impl Mirror {
         }
         Ok(routing)
     }
+
+    /// Apply one change: whether it changed what the mirror holds.
+    fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Put(prefix, name, value) => self
+                .entries
+                .entry(prefix.to_string())
+                .or_default()
+                .insert(name, value.clone())
+                .is_none_or(|old| old != value),
+            Change::Delete(prefix, name) => {
+                self.entries.get_mut(prefix).is_some_and(|entries| entries.remove(&name).is_some())
+            }
+        }
+    }
 }
 
 /// The nodes and routing as the watches last reported them; `None` while not followed (or a watch is
 /// broken).
-#[derive(Default)]
 pub struct Membership {
+    source: Source,
     followed: Mutex<Option<Mirror>>,
     /// Woken after every change applied (and every fresh listing), so that whoever routes by the mirror
     /// looks again after the mirror changed, never before.
@@ -180,21 +244,153 @@ fn mirrored(prefix: &str, key: &str, value: Vec<u8>) -> Vec<u8> {
     if prefix == BLOCKS.as_str() { block_routes(key, &value) } else { value }
 }
 
-impl Membership {
-    /// The nodes: as followed, or listed now when not followed.
-    pub async fn nodes(&self, store: &dyn Store) -> Result<Nodes, StoreError> {
-        if let Some(mirror) = self.followed.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            return Ok(mirror.nodes());
+/// A stream of changes; an error ends the following (everything is listed again).
+type Changes = BoxStream<'static, Result<Vec<Change>, StoreError>>;
+
+fn api_error(operation: &str) -> impl Fn(String) -> StoreError + '_ {
+    move |message| StoreError::Backend { operation: operation.to_string(), message }
+}
+
+/// The Node objects and block objects listed, and the versions to watch them from.
+async fn list_kubernetes(client: &kube::Client) -> Result<(Mirror, String, String), StoreError> {
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| api_error("list of the Node objects")(e.to_string()))?;
+    let (blocks, blocks_version) = KubeObjects::new(client.clone())
+        .list(Kind::Block, &Labels::new())
+        .await
+        .map_err(|e| api_error("list of the IPAMBlock objects")(e.to_string()))?;
+    let mut mirror = Mirror { kubernetes: true, ..Mirror::default() };
+    for node in &nodes.items {
+        let record = encode(&node_record(node));
+        mirror.apply(Change::Put(keys::NODES, node.name_any(), record.clone()));
+        mirror.apply(Change::Put(keys::NODE_ADDRESSES, node.name_any(), record));
+    }
+    for object in &blocks {
+        mirror.apply(Change::Put(BLOCKS.as_str(), object.name.clone(), resource_routes(&object.name, &object.spec)));
+    }
+    Ok((mirror, nodes.metadata.resource_version.unwrap_or_default(), blocks_version))
+}
+
+/// The Node objects' changes from `version`, the watch opened again from the last version seen whenever
+/// the API server ends it.
+fn node_changes(api: Api<Node>, version: String) -> Changes {
+    type Watch = BoxStream<'static, Result<WatchEvent<Node>, kube::Error>>;
+    let state: (Api<Node>, String, Option<Watch>) = (api, version, None);
+    futures::stream::unfold(state, |(api, mut version, mut watch)| async move {
+        loop {
+            if watch.is_none() {
+                match api.watch(&WatchParams::default(), &version).await {
+                    Ok(opened) => watch = Some(opened.boxed()),
+                    Err(e) => {
+                        return Some((
+                            Err(api_error("watch of the Node objects")(e.to_string())),
+                            (api, version, None),
+                        ));
+                    }
+                }
+            }
+            let event = watch.as_mut().expect("opened above").next().await;
+            let changes = match event {
+                None => {
+                    watch = None;
+                    continue;
+                }
+                Some(Ok(WatchEvent::Added(node) | WatchEvent::Modified(node))) => {
+                    version = node.resource_version().unwrap_or(version);
+                    let record = encode(&node_record(&node));
+                    vec![
+                        Change::Put(keys::NODES, node.name_any(), record.clone()),
+                        Change::Put(keys::NODE_ADDRESSES, node.name_any(), record),
+                    ]
+                }
+                Some(Ok(WatchEvent::Deleted(node))) => {
+                    version = node.resource_version().unwrap_or(version);
+                    vec![
+                        Change::Delete(keys::NODES, node.name_any()),
+                        Change::Delete(keys::NODE_ADDRESSES, node.name_any()),
+                    ]
+                }
+                Some(Ok(WatchEvent::Bookmark(bookmark))) => {
+                    version = bookmark.metadata.resource_version;
+                    continue;
+                }
+                Some(Ok(WatchEvent::Error(status))) => {
+                    return Some((Err(api_error("watch of the Node objects")(status.message)), (api, version, None)));
+                }
+                Some(Err(e)) => {
+                    return Some((Err(api_error("watch of the Node objects")(e.to_string())), (api, version, None)));
+                }
+            };
+            return Some((Ok(changes), (api, version, watch)));
         }
-        Nodes::list(store).await
+    })
+    .boxed()
+}
+
+/// The IPAMBlock objects' changes from `version`, the watch opened again from the last version seen
+/// whenever the API server ends it.
+fn block_changes(objects: Arc<KubeObjects>, version: String) -> Changes {
+    let state = (objects, version, None);
+    futures::stream::unfold(state, |(objects, mut version, mut watch)| async move {
+        let failed = |e: ObjectError| api_error("watch of the IPAMBlock objects")(e.to_string());
+        loop {
+            if watch.is_none() {
+                match objects.watch(Kind::Block, &Labels::new(), &version).await {
+                    Ok(opened) => watch = Some(opened),
+                    Err(e) => return Some((Err(failed(e)), (objects, version, None))),
+                }
+            }
+            let change = match watch.as_mut().expect("opened above").next().await {
+                None => {
+                    watch = None;
+                    continue;
+                }
+                Some(Ok(ObjectEvent::Applied(object))) => {
+                    version.clone_from(&object.version);
+                    Change::Put(BLOCKS.as_str(), object.name.clone(), resource_routes(&object.name, &object.spec))
+                }
+                Some(Ok(ObjectEvent::Deleted { name, version: at })) => {
+                    version = at;
+                    Change::Delete(BLOCKS.as_str(), name)
+                }
+                Some(Ok(ObjectEvent::Progress(at))) => {
+                    version = at;
+                    continue;
+                }
+                Some(Err(e)) => return Some((Err(failed(e)), (objects, version, None))),
+            };
+            return Some((Ok(vec![change]), (objects, version, watch)));
+        }
+    })
+    .boxed()
+}
+
+impl Membership {
+    /// Nodes and routes of `source`, not followed yet (see [`Membership::follow`]).
+    pub fn new(source: Source) -> Self {
+        Self { source, followed: Mutex::new(None), changes: tokio::sync::Notify::new() }
+    }
+
+    /// The nodes: as followed, or listed now when not followed.
+    pub async fn nodes(&self) -> Result<Nodes, StoreError> {
+        if let Some(mirror) = self.followed.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return mirror.nodes();
+        }
+        match &self.source {
+            Source::KeyValue(store) => Nodes::list(store.as_ref()).await,
+            Source::Kubernetes(client) => list_kubernetes(client).await?.0.nodes(),
+        }
     }
 
     /// What routes to the other nodes are made of: as followed, or listed now when not followed.
-    pub async fn routing(&self, store: &dyn Store) -> Result<Routing, StoreError> {
+    pub async fn routing(&self) -> Result<Routing, StoreError> {
         let followed = self.followed.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(Mirror::routing);
-        match followed {
-            Some(routing) => routing,
-            None => Routing::list(store).await,
+        match (followed, &self.source) {
+            (Some(routing), _) => routing,
+            (None, Source::KeyValue(store)) => Routing::list(store.as_ref()).await,
+            (None, Source::Kubernetes(client)) => list_kubernetes(client).await?.0.routing(),
         }
     }
 
@@ -208,57 +404,87 @@ impl Membership {
         self.followed.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
-    /// Follow the prefixes for as long as the store lives: list them with their revision, watch from
-    /// the next one, and on any watch failure forget the sets and start over.
-    pub async fn follow(self: Arc<Self>, store: Arc<dyn Store>) {
+    /// Follow the source for as long as the process lives: list with its revision, watch from the next
+    /// one, and on any watch failure forget what was followed and start over.
+    pub async fn follow(self: Arc<Self>) {
         loop {
-            if let Err(e) = self.follow_once(store.as_ref()).await {
-                debug!(error = %e, "following the node registrations failed; listing them again");
+            let (mirror, changes) = match self.listed().await {
+                Ok(listed) => listed,
+                Err(e) => {
+                    debug!(error = %e, "listing the nodes and blocks failed; trying again");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = self.apply_changes(mirror, changes).await {
+                debug!(error = %e, "following the nodes and blocks failed; listing them again");
             }
             *self.followed.lock().unwrap_or_else(|p| p.into_inner()) = None;
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
     }
 
-    async fn follow_once(&self, store: &dyn Store) -> Result<(), StoreError> {
-        let mut mirror = Mirror::default();
-        let mut watches = Vec::new();
-        for prefix in prefixes() {
-            let (listed, revision) = store.list(prefix).await?;
-            let entries = listed.into_iter().filter_map(|kv| {
-                let name = kv.key.strip_prefix(prefix)?.to_string();
-                Some((name, mirrored(prefix, &kv.key, kv.value)))
-            });
-            mirror.entries.insert(prefix.to_string(), entries.collect());
-            let watch = store.watch(prefix, revision + 1).await?;
-            // One stream of (prefix, event) per watch, merged below and dropped with this call; a watch that
-            // ends reports it, so a prefix is never silently no longer followed.
-            let events = futures::stream::unfold(Some(watch), |watch| async move {
-                let mut watch = watch?;
-                Some(match watch.next().await {
-                    Some(event) => (event, Some(watch)),
-                    None => (Err(StoreError::Closed), None),
-                })
-            });
-            watches.push(events.map(move |event| (prefix, event)).boxed());
+    /// Everything listed, and the merged watches from the listing on.
+    async fn listed(&self) -> Result<(Mirror, Changes), StoreError> {
+        match &self.source {
+            Source::KeyValue(store) => {
+                let mut mirror = Mirror::default();
+                let mut watches = Vec::new();
+                for prefix in prefixes() {
+                    let (listed, revision) = store.list(prefix).await?;
+                    let entries = listed.into_iter().filter_map(|kv| {
+                        let name = kv.key.strip_prefix(prefix)?.to_string();
+                        Some((name, mirrored(prefix, &kv.key, kv.value)))
+                    });
+                    mirror.entries.insert(prefix.to_string(), entries.collect());
+                    let watch = store.watch(prefix, revision + 1).await?;
+                    // One stream of changes per watch, merged below; a watch that ends reports it, so a
+                    // prefix is never silently no longer followed.
+                    let events = futures::stream::unfold(Some(watch), |watch| async move {
+                        let mut watch = watch?;
+                        Some(match watch.next().await {
+                            Some(event) => (event, Some(watch)),
+                            None => (Err(StoreError::Closed), None),
+                        })
+                    });
+                    watches.push(
+                        events
+                            .map(move |event| {
+                                let event = event?;
+                                let Some(name) = event.kv.key.strip_prefix(prefix) else { return Ok(Vec::new()) };
+                                let name = name.to_string();
+                                Ok(vec![match event.kind {
+                                    EventKind::Put => {
+                                        Change::Put(prefix, name, mirrored(prefix, &event.kv.key, event.kv.value))
+                                    }
+                                    EventKind::Delete => Change::Delete(prefix, name),
+                                }])
+                            })
+                            .boxed(),
+                    );
+                }
+                Ok((mirror, futures::stream::select_all(watches).boxed()))
+            }
+            Source::Kubernetes(client) => {
+                let (mirror, nodes_version, blocks_version) = list_kubernetes(client).await?;
+                let nodes = node_changes(Api::all(client.clone()), nodes_version);
+                let blocks = block_changes(Arc::new(KubeObjects::new(client.clone())), blocks_version);
+                Ok((mirror, futures::stream::select(nodes, blocks).boxed()))
+            }
         }
+    }
+
+    async fn apply_changes(&self, mirror: Mirror, mut changes: Changes) -> Result<(), StoreError> {
         *self.followed.lock().unwrap_or_else(|p| p.into_inner()) = Some(mirror);
         // Whatever changed before the watches started is in the listing.
         self.changes.notify_one();
-        let mut events = futures::stream::select_all(watches);
-        while let Some((prefix, event)) = events.next().await {
-            let event = event?;
-            let Some(name) = event.kv.key.strip_prefix(prefix) else { continue };
+        while let Some(batch) = changes.next().await {
             let mut followed = self.followed.lock().unwrap_or_else(|p| p.into_inner());
             let Some(mirror) = followed.as_mut() else { return Ok(()) };
-            let entries = mirror.entries.entry(prefix.to_string()).or_default();
-            let changed = match event.kind {
-                EventKind::Put => {
-                    let value = mirrored(prefix, &event.kv.key, event.kv.value);
-                    entries.insert(name.to_string(), value.clone()).is_none_or(|old| old != value)
-                }
-                EventKind::Delete => entries.remove(name).is_some(),
-            };
+            let mut changed = false;
+            for change in batch? {
+                changed |= mirror.apply(change);
+            }
             drop(followed);
             // A block written without a change to its routes (an address assigned in a node's own block, the
             // common ADD) wakes nobody: routes are recomputed when what they are made of changes.
@@ -282,10 +508,10 @@ mod tests {
         let put = |key: String| Txn::new().put(key, b"{}".to_vec());
         store.txn(put(keys::node("a")).put(keys::node_addresses("a"), Vec::new())).await.unwrap();
         store.txn(put(keys::node_addresses("b"))).await.unwrap();
-        let membership = Arc::new(Membership::default());
-        let listed = membership.nodes(store.as_ref()).await.unwrap();
+        let membership = Arc::new(Membership::new(Source::KeyValue(Arc::clone(&store))));
+        let listed = membership.nodes().await.unwrap();
         assert_eq!(listed.unregistered("a"), BTreeSet::from(["b".to_string()]));
-        tokio::spawn(Arc::clone(&membership).follow(Arc::clone(&store)));
+        tokio::spawn(Arc::clone(&membership).follow());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while !membership.is_followed() {
             assert!(std::time::Instant::now() < deadline, "never followed");
@@ -305,8 +531,8 @@ mod tests {
             known: BTreeSet::from(["a".to_string()]),
             decommissioned: BTreeSet::from(["b".to_string()]),
         };
-        while membership.nodes(store.as_ref()).await.unwrap() != want {
-            assert!(std::time::Instant::now() < deadline, "{:?}", membership.nodes(store.as_ref()).await);
+        while membership.nodes().await.unwrap() != want {
+            assert!(std::time::Instant::now() < deadline, "{:?}", membership.nodes().await);
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert_eq!(want.unregistered("c"), BTreeSet::from(["a".to_string(), "b".to_string()]));
@@ -346,8 +572,8 @@ mod tests {
         let mut block_a = crate::ipam::Block::new("10.0.0.0/26".parse().unwrap(), "p", "a", 0);
         store.txn(register(record("a", "192.0.2.1"))).await.unwrap();
         put(&objects, &block_a).await;
-        let membership = Arc::new(Membership::default());
-        tokio::spawn(Arc::clone(&membership).follow(Arc::clone(&store)));
+        let membership = Arc::new(Membership::new(Source::KeyValue(Arc::clone(&store))));
+        tokio::spawn(Arc::clone(&membership).follow());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while !membership.is_followed() {
             assert!(std::time::Instant::now() < deadline, "never followed");
@@ -376,8 +602,8 @@ mod tests {
         assert_eq!(listed.nodes.keys().collect::<Vec<_>>(), ["a", "b"], "{listed:?}");
         assert_eq!(listed.affinities.len(), 2);
         assert_eq!(listed.borrowed, [borrowed]);
-        while membership.routing(store.as_ref()).await.unwrap() != listed {
-            assert!(std::time::Instant::now() < deadline, "{:?}", membership.routing(store.as_ref()).await);
+        while membership.routing().await.unwrap() != listed {
+            assert!(std::time::Instant::now() < deadline, "{:?}", membership.routing().await);
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert!(membership.is_followed());
@@ -394,6 +620,34 @@ mod tests {
         block_a.assign_ip("10.0.0.7".parse().unwrap(), &lent, 0, 0).unwrap();
         put(&objects, &block_a).await;
         assert!(woken().await.is_ok(), "not woken by an address lent to another node");
-        assert_eq!(membership.routing(store.as_ref()).await.unwrap().borrowed.len(), 2);
+        assert_eq!(membership.routing().await.unwrap().borrowed.len(), 2);
+    }
+
+    #[test]
+    fn on_kubernetes_every_node_a_block_names_is_known_and_only_node_objects_are_registered() {
+        let mut mirror = Mirror { kubernetes: true, ..Mirror::default() };
+        let record =
+            |name: &str| encode(&NodeRecord { name: name.into(), addresses: Vec::new(), labels: Default::default() });
+        for prefix in [keys::NODES, keys::NODE_ADDRESSES] {
+            mirror.apply(Change::Put(prefix, "a".into(), record("a")));
+        }
+        // A block of a node whose object is gone, in which a third node (also without one) holds an address.
+        let mut block = crate::ipam::Block::new("10.0.0.0/26".parse().unwrap(), "p", "gone", 0);
+        let owner = crate::ipam::Owner { handle: "h".into(), node: "borrower".into(), ..Default::default() };
+        block.assign_ip("10.0.0.5".parse().unwrap(), &owner, 0, 0).unwrap();
+        let spec = serde_json::to_value(&block).unwrap();
+        mirror.apply(Change::Put(BLOCKS.as_str(), "10-0-0-0-26".into(), resource_routes("10-0-0-0-26", &spec)));
+        let nodes = mirror.nodes().unwrap();
+        assert_eq!(nodes.registered, BTreeSet::from(["a".to_string()]));
+        let unregistered = nodes.unregistered("a");
+        assert_eq!(unregistered, BTreeSet::from(["borrower".to_string(), "gone".to_string()]));
+        // A key-value mirror knows nodes by their addresses' records only.
+        let key_value = Mirror { kubernetes: false, ..mirror.clone() };
+        assert!(key_value.nodes().unwrap().unregistered("a").is_empty());
+        let routing = mirror.routing().unwrap();
+        assert_eq!(routing.nodes.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(routing.borrowed.len(), 1);
+        assert!(mirror.apply(Change::Delete(keys::NODES, "a".into())));
+        assert!(!mirror.apply(Change::Delete(keys::NODES, "a".into())), "a second delete changes nothing");
     }
 }

@@ -253,7 +253,8 @@ pub struct Agent {
     node: NodeInfo,
     /// Where other nodes reach this one (`--node-address`; detected when not given).
     node_addresses: Vec<IpAddr>,
-    store: Arc<dyn Store>,
+    /// The datastore: etcd or the embedded store, or the Kubernetes API server.
+    datastore: membership::Source,
     /// The single-object allocator on the datastore's block objects (`docs/allocator-single-object.md`):
     /// the blocks hold the allocations and, in each allocation's attributes, the endpoint its ADD wired.
     blocks: BlockAllocator,
@@ -285,13 +286,61 @@ pub struct Agent {
     nat: crate::dataplane::nat::Nat,
     /// The nodes the store knows, followed by watches (see [`Agent::follow_membership`]).
     membership: Arc<Membership>,
+    /// Woken when the pools change, on the Kubernetes datastore (a key-value store's pools are watched).
+    pool_changes: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Agent {
-    /// An agent for `node` on `store`, programming routes in this process's network namespace.
+    /// An agent for `node` on `store` (etcd or the embedded store), programming routes in this process's
+    /// network namespace.
     pub fn new(
         node: NodeInfo,
         store: Arc<dyn Store>,
+        mode: EnforcementMode,
+        bpf_dir: &std::path::Path,
+        node_addresses: Vec<IpAddr>,
+        lifetimes: Lifetimes,
+    ) -> Result<Self, AgentError> {
+        let blocks = BlockAllocator::of_store(Arc::clone(&store));
+        let directory = Arc::new(StandaloneDirectory::new(Arc::clone(&store)));
+        Self::build(
+            node,
+            membership::Source::KeyValue(store),
+            blocks,
+            directory,
+            mode,
+            bpf_dir,
+            node_addresses,
+            lifetimes,
+        )
+    }
+
+    /// An agent for `node` on the Kubernetes datastore: blocks as IPAMBlock resources through `client`,
+    /// pools from `pools` (the IPPool resources as judged), nodes from the Node objects, namespaces and pods
+    /// from `directory`.
+    #[expect(clippy::too_many_arguments, reason = "each is one independent part of the agent")]
+    pub fn on_kubernetes(
+        node: NodeInfo,
+        client: kube::Client,
+        pools: Arc<dyn crate::allocator::single::PoolSource>,
+        directory: Arc<dyn Directory>,
+        mode: EnforcementMode,
+        bpf_dir: &std::path::Path,
+        node_addresses: Vec<IpAddr>,
+        lifetimes: Lifetimes,
+    ) -> Result<Self, AgentError> {
+        let objects = Arc::new(crate::objects::kubernetes::KubeObjects::new(client.clone()));
+        let blocks = BlockAllocator::new(objects, pools);
+        let source = membership::Source::Kubernetes(client);
+        Self::build(node, source, blocks, directory, mode, bpf_dir, node_addresses, lifetimes)
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "each is one independent part of the agent")]
+    fn build(
+        node: NodeInfo,
+        datastore: membership::Source,
+        blocks: BlockAllocator,
+        directory: Arc<dyn Directory>,
         mode: EnforcementMode,
         bpf_dir: &std::path::Path,
         node_addresses: Vec<IpAddr>,
@@ -307,7 +356,7 @@ impl Agent {
             drop_reports: std::sync::Mutex::new(drop_reports),
             enforcement,
             pool_mode: mode == EnforcementMode::Pool,
-            blocks: BlockAllocator::of_store(Arc::clone(&store)),
+            blocks,
             routes: Routes::connect()?,
             wiring: tokio::sync::RwLock::new(()),
             retired: tokio::sync::Notify::new(),
@@ -317,11 +366,33 @@ impl Agent {
             lifetimes,
             suspects: std::sync::Mutex::new(BTreeMap::new()),
             adds: tokio::sync::RwLock::new(()),
-            directory: Arc::new(StandaloneDirectory::new(Arc::clone(&store))),
+            directory,
             nat: crate::dataplane::nat::Nat::default(),
-            membership: Arc::default(),
-            store,
+            membership: Arc::new(Membership::new(datastore.clone())),
+            datastore,
+            pool_changes: None,
         })
+    }
+
+    /// Be woken by `changes` when the pools change (the Kubernetes datastore's pool resources).
+    pub fn with_pool_changes(mut self, changes: Arc<tokio::sync::Notify>) -> Self {
+        self.pool_changes = Some(changes);
+        self
+    }
+
+    /// What wakes a reconcile when the pools change, if not a watch of the key-value store.
+    pub fn pool_changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.pool_changes.clone()
+    }
+
+    /// Whether the datastore answers: a revision read, or the API server's version.
+    pub async fn datastore_answers(&self) -> Result<(), String> {
+        match &self.datastore {
+            membership::Source::KeyValue(store) => store.revision().await.map(drop).map_err(|e| e.to_string()),
+            membership::Source::Kubernetes(client) => {
+                client.apiserver_version().await.map(drop).map_err(|e| e.to_string())
+            }
+        }
     }
 
     /// Take namespaces, pods and node labels from `directory` (the Kubernetes API) instead of the datastore.
@@ -332,7 +403,7 @@ impl Agent {
 
     /// Follow the nodes' registrations with watches from now on, so that collection passes do not list them.
     pub fn follow_membership(&self) {
-        tokio::spawn(Arc::clone(&self.membership).follow(Arc::clone(&self.store)));
+        tokio::spawn(Arc::clone(&self.membership).follow());
     }
 
     /// Wait until what routes are made of changes (see [`Membership::changed`]).
@@ -356,13 +427,15 @@ impl Agent {
             addresses.extend(found.iter().find(|a| a.is_ipv6()));
         }
         let record = cluster::NodeRecord { name: self.node.name.clone(), addresses, labels: self.node.labels.clone() };
-        self.store.put_leased(&keys::node(&self.node.name), encode(&record), self.lifetimes.registration_ttl).await?;
+        // On Kubernetes the Node object is the registration: its kubelet keeps it, other nodes route by it.
+        let membership::Source::KeyValue(store) = &self.datastore else { return Ok(record) };
+        store.put_leased(&keys::node(&self.node.name), encode(&record), self.lifetimes.registration_ttl).await?;
         // Kept without a lease (the other nodes route by it while this agent is down), and a node that
         // registers again is no longer decommissioned.
         let txn = Txn::new()
             .put(keys::node_addresses(&self.node.name), encode(&record))
             .remove(keys::decommissioned(&self.node.name));
-        self.store.txn(txn).await?;
+        store.txn(txn).await?;
         Ok(record)
     }
 
@@ -371,9 +444,20 @@ impl Agent {
         &self.node
     }
 
-    /// The datastore.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+    /// The key-value datastore (etcd or the embedded store); none on the Kubernetes datastore.
+    pub fn store(&self) -> Option<&Arc<dyn Store>> {
+        match &self.datastore {
+            membership::Source::KeyValue(store) => Some(store),
+            membership::Source::Kubernetes(_) => None,
+        }
+    }
+
+    /// The Kubernetes API server, when it is the datastore.
+    pub fn kubernetes(&self) -> Option<&kube::Client> {
+        match &self.datastore {
+            membership::Source::KeyValue(_) => None,
+            membership::Source::Kubernetes(client) => Some(client),
+        }
     }
 
     /// Answer one request.
@@ -432,10 +516,15 @@ impl Agent {
             Ok(cli) => cli,
             Err(e) => return Response::CliOutput { stdout: String::new(), stderr: e.render().to_string(), exit: 2 },
         };
+        let Some(store) = self.store() else {
+            let stderr = "this agent's datastore is the Kubernetes API: run the command with --datastore kubernetes, \
+                          or read the IPPool and IPAMBlock resources with kubectl\n";
+            return Response::CliOutput { stdout: String::new(), stderr: stderr.into(), exit: 1 };
+        };
         let mut stdout = String::new();
         match crate::commands::execute(
             cli,
-            Arc::clone(&self.store),
+            Arc::clone(store),
             Some(Arc::clone(&self.directory)),
             request.stdin,
             &mut stdout,
@@ -478,8 +567,20 @@ impl Agent {
     }
 
     /// The pools, without their revisions.
-    async fn pools(&self) -> Result<Vec<crate::resources::IpPool>, StoreError> {
-        Ok(Catalog::new(Arc::clone(&self.store)).pools().await?.into_iter().map(|(p, _)| p).collect())
+    pub(crate) async fn pools(&self) -> Result<Vec<crate::resources::IpPool>, StoreError> {
+        match &self.datastore {
+            membership::Source::KeyValue(store) => {
+                Ok(Catalog::new(Arc::clone(store)).pools().await?.into_iter().map(|(p, _)| p).collect())
+            }
+            // The pools judged usable, as every allocation sees them.
+            membership::Source::Kubernetes(_) => match self.blocks.load().await {
+                Ok(loaded) => Ok(loaded.pools),
+                Err(AllocError::Store(e)) => Err(e),
+                Err(other) => {
+                    Err(StoreError::Backend { operation: "loading the pools".into(), message: other.to_string() })
+                }
+            },
+        }
     }
 
     /// Every endpoint wired on this node, as its allocations' attributes hold it (from the node's view of its

@@ -152,7 +152,7 @@ impl Agent {
     /// made (and its peers entered) when a pool's `vxlanMode` needs it, and removed when none does.
     async fn remote_routes(&self, pools: &[crate::resources::IpPool]) -> Result<BTreeSet<OwnedRoute>, ReconcileError> {
         // Followed by watches (see `Membership`): a reconcile at rest reads nothing of the other nodes.
-        let routing = self.membership.routing(self.store.as_ref()).await?;
+        let routing = self.membership.routing().await?;
         let membership::Routing { nodes, affinities, borrowed } = routing;
         let overlay = crate::dataplane::overlay::Overlay::new(self.routes.clone());
         if nodes.keys().all(|name| *name == self.node.name) {

@@ -151,8 +151,8 @@ async fn serve_metrics(agent: Arc<Agent>, listener: TcpListener) {
                 }
                 "/healthz" => ("200 OK", "ok\n".to_string(), "text/plain"),
                 // Ready to serve ADDs: the datastore answers.
-                "/readyz" => match agent.store().revision().await {
-                    Ok(_) => ("200 OK", "ready\n".to_string(), "text/plain"),
+                "/readyz" => match agent.datastore_answers().await {
+                    Ok(()) => ("200 OK", "ready\n".to_string(), "text/plain"),
                     Err(e) => {
                         ("503 Service Unavailable", format!("the datastore does not answer: {e}\n"), "text/plain")
                     }
@@ -180,14 +180,16 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
     }
     // Checked again once registered: a migration that began between the check at start and the registration
     // did not see this agent (it marks first, then looks for registrations).
-    if let Ok(Some(from)) = crate::store::unfinished_migration(agent.store().as_ref()).await {
+    if let Some(store) = agent.store()
+        && let Ok(Some(from)) = crate::store::unfinished_migration(store.as_ref()).await
+    {
         return Err(ServeError::Register(format!(
             "a migration into this datastore (from {from}) began as this agent started: its IPAM state is partial \
              until it finishes"
         )));
     }
-    if let Ok(pools) = crate::catalog::Catalog::new(Arc::clone(agent.store())).pools().await {
-        for notice in pools.iter().filter_map(|(pool, _)| crate::dataplane::encapsulation_not_applied(pool)) {
+    if let Ok(pools) = agent.pools().await {
+        for notice in pools.iter().filter_map(crate::dataplane::encapsulation_not_applied) {
             warn!("{notice}");
         }
     }
@@ -226,9 +228,17 @@ pub async fn run(agent: Arc<Agent>, socket: PathBuf, metrics: SocketAddr) -> Res
     });
     let (watcher, pools_changed) = (Arc::clone(&agent), changed.clone());
     tokio::spawn(async move {
+        // On the Kubernetes datastore, the pool resources' caches say when they change.
+        if let Some(notify) = watcher.pool_changes() {
+            loop {
+                notify.notified().await;
+                let _ = pools_changed.try_send(());
+            }
+        }
+        let Some(store) = watcher.store() else { return };
         loop {
-            let from = watcher.store().revision().await.unwrap_or(0) + 1;
-            let Ok(mut watch) = watcher.store().watch(keys::POOLS, from).await else {
+            let from = store.revision().await.unwrap_or(0) + 1;
+            let Ok(mut watch) = store.watch(keys::POOLS, from).await else {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 continue;
             };

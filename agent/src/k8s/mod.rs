@@ -181,6 +181,17 @@ fn namespace_info(ns: &Namespace) -> NamespaceInfo {
     NamespaceInfo { name, labels, annotations: ns.metadata.annotations.clone().unwrap_or_default() }
 }
 
+/// A node's `InternalIP` addresses (then `ExternalIP` when it has no internal one), as its kubelet reported
+/// them: where other nodes reach it.
+pub fn node_addresses_of(node: &Node) -> Vec<IpAddr> {
+    let reported = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    let of_type = |kind: &str| -> Vec<IpAddr> {
+        reported.into_iter().flatten().filter(|a| a.type_ == kind).filter_map(|a| a.address.parse().ok()).collect()
+    };
+    let internal = of_type("InternalIP");
+    if internal.is_empty() { of_type("ExternalIP") } else { internal }
+}
+
 /// The node as selection sees it: `given` with the labels the API server has for it (those win).
 fn node_info(given: &NodeInfo, node: &Node) -> NodeInfo {
     let mut labels = given.labels.clone();
@@ -231,13 +242,7 @@ impl KubeDirectory {
     /// This node's `InternalIP` addresses (then `ExternalIP` when it has no internal one), as the kubelet
     /// reported them: where other nodes reach this one.
     pub async fn node_addresses(&self) -> Result<Vec<IpAddr>, DirectoryError> {
-        let node = self.node_object().await?;
-        let reported = node.status.and_then(|s| s.addresses).unwrap_or_default();
-        let of_type = |kind: &str| -> Vec<IpAddr> {
-            reported.iter().filter(|a| a.type_ == kind).filter_map(|a| a.address.parse().ok()).collect()
-        };
-        let internal = of_type("InternalIP");
-        Ok(if internal.is_empty() { of_type("ExternalIP") } else { internal })
+        Ok(node_addresses_of(&self.node_object().await?))
     }
 
     /// A namespace as the cache has it (no request).

@@ -17,6 +17,8 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use ipnet::IpNet;
+
 use kube::{
     Api, Client, ResourceExt,
     api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
@@ -85,6 +87,74 @@ pub fn resource_of(resource: &Resource) -> Option<(ApiResource, String, Value)> 
 pub const SOURCE_ANNOTATION: &str = "poolwarden.io/source";
 /// On a resource created for what only the datastore had: the datastore's object is the one it stands for.
 const ADOPTED_ANNOTATION: &str = "poolwarden.io/adopted-from";
+/// Where the pools' judge records that it accepted a pool resource: the resource's UID, the generation
+/// judged and the spec accepted then (see [`Accepted`]).
+pub const ACCEPTED_ANNOTATION: &str = "poolwarden.io/accepted";
+
+/// A pool resource's acceptance, kept in its [`ACCEPTED_ANNOTATION`]. The agents allocate from the accepted
+/// spec, not the current one: an edit counts once judged, and an invalid edit leaves the accepted spec in use
+/// (as a refused `apply` leaves the stored pool). A pool with a record for its own UID takes part in every
+/// later overlap check whatever the order of creation, and is never judged against its own blocks; a record
+/// copied with the resource's YAML into a new resource names another UID and counts for nothing.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Accepted {
+    uid: String,
+    generation: i64,
+    spec: Value,
+}
+
+/// The resource's acceptance, if it has one for its own UID.
+fn accepted_of(object: &DynamicObject) -> Option<Accepted> {
+    let record: Accepted = serde_json::from_str(object.annotations().get(ACCEPTED_ANNOTATION)?).ok()?;
+    (object.metadata.uid.as_ref() == Some(&record.uid)).then_some(record)
+}
+
+/// The pool as it was accepted.
+fn accepted_pool(object: &DynamicObject) -> Option<IpPool> {
+    let record = accepted_of(object)?;
+    let mut copy = object.clone();
+    copy.data["spec"] = record.spec;
+    match parse(&copy, "IPPool") {
+        Ok(Located { resource: Resource::IpPool(pool), .. }) => Some(pool),
+        _ => None,
+    }
+}
+
+/// Record that `object` (as cached, its spec at its generation) is accepted, unless it already is at that
+/// generation.
+async fn accept(api: &Api<DynamicObject>, object: &DynamicObject) -> Result<(), SyncError> {
+    let Some(uid) = object.metadata.uid.clone() else { return Ok(()) };
+    let generation = object.metadata.generation.unwrap_or(0);
+    if accepted_of(object).is_some_and(|r| r.generation == generation) {
+        return Ok(());
+    }
+    let record = Accepted { uid, generation, spec: object.data.get("spec").cloned().unwrap_or_default() };
+    let text = serde_json::to_string(&record).map_err(|e| SyncError::Encode(e.to_string()))?;
+    // At the version read: a spec changed since is judged again before it is recorded.
+    let patch = json!({"metadata": {
+        "annotations": {ACCEPTED_ANNOTATION: text},
+        "resourceVersion": object.metadata.resource_version,
+    }});
+    match api.patch(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Record the pool resource `name` as accepted as it is now (a migration's pools, accepted in the datastore
+/// they came from).
+pub async fn accept_as_is(client: &Client, name: &str) -> Result<(), SyncError> {
+    let api = Api::<DynamicObject>::all_with(client.clone(), &ippools());
+    for _ in 0..5 {
+        let Some(object) = api.get_opt(name).await? else { return Err(SyncError::NotFound(name.to_string())) };
+        accept(&api, &object).await?;
+        if api.get_opt(name).await?.as_ref().and_then(accepted_of).is_some() {
+            return Ok(());
+        }
+    }
+    Err(SyncError::Encode(format!("IPPool {name:?} kept changing while its acceptance was recorded")))
+}
 
 /// The resource as poolwarden reads it: validated on its own, named `IPPool/<name>` in messages, a pool
 /// marked as copied from a resource.
@@ -153,6 +223,11 @@ impl Verdict {
         Self { ready: true, reason: Reason::Applied, message: "in the datastore; nodes allocate from it".into() }
     }
 
+    /// Ready on the Kubernetes datastore, where nothing is copied.
+    fn judged() -> Self {
+        Self { ready: true, reason: Reason::Applied, message: "judged usable; nodes allocate from it".into() }
+    }
+
     fn refused(err: &CatalogError) -> Option<Self> {
         let reason = match err {
             CatalogError::Invalid(_) => Reason::Invalid,
@@ -169,8 +244,9 @@ impl Verdict {
 /// The copy of the resources into the datastore, run by every agent; only the lease holder writes.
 pub struct PoolSync {
     client: Client,
-    catalog: Catalog,
-    store: Arc<dyn Datastore>,
+    /// The datastore the pools are copied into; none on the Kubernetes datastore, where the resources are
+    /// the pools and the holder only judges them (see [`PoolSync::judge`]).
+    catalog: Option<Catalog>,
     pools: Store<DynamicObject>,
     configs: Store<DynamicObject>,
     /// `ippools.poolwarden.io` and `ipamconfigs.poolwarden.io`.
@@ -194,6 +270,19 @@ impl Drop for PoolSync {
 impl PoolSync {
     /// Follow the resources (every agent does, so a new holder starts from a full cache).
     pub fn start(client: Client, store: Arc<dyn Datastore>) -> Self {
+        Self::following(client, Some(Catalog::new(store)))
+    }
+
+    /// Follow the resources on the Kubernetes datastore: nothing is copied; the holder judges each pool by
+    /// the rules `poolwarden apply` applies (valid, no overlap with an older pool judged ready, no block
+    /// object in its range when first judged), writes the verdict in its status (which the agents'
+    /// [`ResourcePools`] allocate by), and keeps a deleted pool until no block object in its range holds an
+    /// address.
+    pub fn judge(client: Client) -> Self {
+        Self::following(client, None)
+    }
+
+    fn following(client: Client, catalog: Option<Catalog>) -> Self {
         let changed = Arc::new(tokio::sync::Notify::new());
         let follow = |resource: ApiResource, what| {
             let writer = kube::runtime::reflector::store::Writer::new(resource.clone());
@@ -206,8 +295,7 @@ impl PoolSync {
             pool_api: Api::all_with(client.clone(), &ippools()),
             config_api: Api::all_with(client.clone(), &ipamconfigs()),
             client,
-            catalog: Catalog::new(Arc::clone(&store)),
-            store,
+            catalog,
             pools,
             configs,
             changed,
@@ -276,21 +364,18 @@ impl PoolSync {
     /// pools whose verdict or generation is not yet stated (all of them when `refresh`). One object's failure
     /// is logged and the pass goes on; a lapsed lease stops it.
     async fn pass(&self, refresh: bool) -> Result<(), SyncError> {
-        if let Err(e) = self.config().await {
+        let Some(catalog) = &self.catalog else { return self.judge_pass(refresh).await };
+        if let Err(e) = self.config(catalog).await {
             lapsed_or_log(e, "IPAMConfig default")?;
         }
-        let mut resources: Vec<Arc<DynamicObject>> = self.pools.state();
-        resources.sort_by(|a, b| {
-            (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any())
-                .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any()))
-        });
+        let resources = self.oldest_first();
         let mut stored: BTreeMap<String, IpPool> =
-            self.catalog.pools().await?.into_iter().map(|(p, _)| (p.name().to_string(), p)).collect();
+            catalog.pools().await?.into_iter().map(|(p, _)| (p.name().to_string(), p)).collect();
         let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
         for object in &resources {
             let name = object.name_any();
             let here = stored.remove(&name);
-            match self.pool(object, here.as_ref()).await {
+            match self.pool(catalog, object, here.as_ref()).await {
                 Ok(Some(verdict)) => {
                     verdicts.insert(name, verdict);
                 }
@@ -299,7 +384,7 @@ impl PoolSync {
             }
         }
         for pool in stored.values() {
-            if let Err(e) = self.unowned(pool).await {
+            if let Err(e) = self.unowned(catalog, pool).await {
                 lapsed_or_log(e, &format!("IPPool {} (datastore)", pool.name()))?;
             }
         }
@@ -310,32 +395,209 @@ impl PoolSync {
                     refresh
                         || condition_of(object).as_ref() != Some(verdict)
                         || object.data["status"]["observedGeneration"].as_i64() != object.metadata.generation
+                        || (verdict.ready && accepted_of(object).map(|r| r.generation) != object.metadata.generation)
                 })
             })
             .collect();
         if !due.is_empty() {
-            self.statuses(&due, &verdicts).await?;
+            self.statuses(&due, &verdicts, &catalog.blocks().await?).await?;
         }
         Ok(())
+    }
+
+    /// One pass on the Kubernetes datastore: each pool judged oldest first, deleted ones kept while
+    /// addresses are allocated in their range, then the statuses due. The block objects are listed only when
+    /// something needs them (a pool not judged ready yet, a deletion, a status to write).
+    async fn judge_pass(&self, refresh: bool) -> Result<(), SyncError> {
+        let resources = self.oldest_first();
+        let stale =
+            |object: &DynamicObject| object.data["status"]["observedGeneration"].as_i64() != object.metadata.generation;
+        let unrecorded = |object: &DynamicObject| {
+            condition_of(object).is_some_and(|v| v.ready)
+                && accepted_of(object).map(|r| r.generation) != object.metadata.generation
+        };
+        // A refused pool at its current generation is judged again with the counts (every 15 s): what
+        // refused it (a leftover block) may be gone by then.
+        let needed = refresh
+            || resources.iter().any(|o| {
+                condition_of(o).is_none() || stale(o) || unrecorded(o) || o.metadata.deletion_timestamp.is_some()
+            });
+        if !needed {
+            self.release_config_finalizer().await?;
+            return Ok(());
+        }
+        let blocks = self.block_objects().await?;
+        // Every pool accepted before (its range, as accepted), whatever its place in the order: no newcomer
+        // may overlap one, even one created in the same second with a name that sorts first.
+        let mut accepted: Vec<(String, IpNet)> =
+            resources.iter().filter_map(|o| accepted_pool(o).map(|p| (o.name_any(), p.cidr()))).collect();
+        let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
+        for object in &resources {
+            let name = object.name_any();
+            let range = accepted_pool(object).map(|p| p.cidr());
+            if object.metadata.deletion_timestamp.is_some() {
+                // Kept while an address is allocated in the range it was accepted with.
+                let held: Vec<&Block> = match range {
+                    Some(cidr) => blocks.iter().filter(|b| cidr.contains(&b.cidr) && b.used() > 0).collect(),
+                    None => Vec::new(),
+                };
+                if !held.is_empty() {
+                    let addresses: u32 = held.iter().map(|b| b.used()).sum();
+                    verdicts.insert(
+                        name,
+                        Verdict {
+                            ready: false,
+                            reason: Reason::Deleting,
+                            message: format!(
+                                "deleted, and disabled meanwhile: waiting for {addresses} allocated address(es) in {} \
+                             block(s) to be released (their pods to go) before the resource goes",
+                                held.len()
+                            ),
+                        },
+                    );
+                    continue;
+                }
+                self.fence()?;
+                release_finalizer(&self.pool_api, object).await?;
+                if range.is_some() {
+                    info!(pool = %name, "IPPool deleted: nothing is allocated from it any more");
+                }
+                continue;
+            }
+            if !self.hold_finalizer(object).await? {
+                continue;
+            }
+            let doc = match parse(object, "IPPool") {
+                Ok(doc) => doc,
+                Err(e) => {
+                    // An accepted pool stays in use as accepted; its edit is refused.
+                    verdicts.extend(Verdict::refused(&CatalogError::Invalid(e)).map(|v| (name, v)));
+                    continue;
+                }
+            };
+            let Resource::IpPool(pool) = &doc.resource else { continue };
+            let overlaps = |cidr: &IpNet| cidr.contains(&pool.cidr()) || pool.cidr().contains(cidr);
+            let refusal = if let Some((other, other_cidr)) = accepted.iter().find(|(o, c)| *o != name && overlaps(c)) {
+                Some(CatalogError::Overlap {
+                    at: doc.at.clone(),
+                    pool: name.clone(),
+                    cidr: pool.cidr().to_string(),
+                    other: other.clone(),
+                    other_cidr: other_cidr.to_string(),
+                    other_at: " (accepted before it)".to_string(),
+                })
+            } else if range.is_none() {
+                // Judged for the first time: any block in its range is what another pool (or an earlier
+                // pool of this name) left, whose addresses may still be held or cooling down.
+                let leftovers: Vec<String> = blocks
+                    .iter()
+                    .filter(|b| pool.cidr().contains(&b.cidr) || b.cidr.contains(&pool.cidr()))
+                    .map(|b| b.cidr.to_string())
+                    .collect();
+                (!leftovers.is_empty()).then(|| CatalogError::LeftoverBlocks {
+                    at: doc.at.clone(),
+                    pool: name.clone(),
+                    cidr: pool.cidr().to_string(),
+                    blocks: leftovers.join(", "),
+                })
+            } else {
+                None
+            };
+            match refusal {
+                Some(refused) => {
+                    if let Some(verdict) = Verdict::refused(&refused) {
+                        if condition_of(object).as_ref() != Some(&verdict) {
+                            warn!(pool = %name, error = %refused, "IPPool refused");
+                        }
+                        verdicts.insert(name, verdict);
+                    }
+                }
+                None => {
+                    if range.is_none() {
+                        accepted.push((name.clone(), pool.cidr()));
+                    }
+                    verdicts.insert(name, Verdict::judged());
+                }
+            }
+        }
+        let due: Vec<&Arc<DynamicObject>> = resources
+            .iter()
+            .filter(|object| {
+                verdicts.get(&object.name_any()).is_some_and(|verdict| {
+                    refresh
+                        || condition_of(object).as_ref() != Some(verdict)
+                        || stale(object)
+                        || (verdict.ready && accepted_of(object).map(|r| r.generation) != object.metadata.generation)
+                })
+            })
+            .collect();
+        if !due.is_empty() {
+            self.statuses(&due, &verdicts, &blocks).await?;
+        }
+        self.release_config_finalizer().await
+    }
+
+    /// On the Kubernetes datastore nothing is copied from the IPAMConfig: a finalizer an earlier holder (on
+    /// a key-value datastore) put on a deleted one is released.
+    async fn release_config_finalizer(&self) -> Result<(), SyncError> {
+        for object in self.configs.state() {
+            if object.metadata.deletion_timestamp.is_some() && object.finalizers().iter().any(|f| f == FINALIZER) {
+                self.fence()?;
+                release_finalizer(&self.config_api, &object).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The pool resources, oldest first (creation time, then name): of two overlapping pools the later one
+    /// is refused, whichever agent judges.
+    fn oldest_first(&self) -> Vec<Arc<DynamicObject>> {
+        let mut resources: Vec<Arc<DynamicObject>> = self.pools.state();
+        resources.sort_by(|a, b| {
+            (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any())
+                .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any()))
+        });
+        resources
+    }
+
+    /// Every IPAMBlock object's block (one that does not read is skipped, logged).
+    async fn block_objects(&self) -> Result<Vec<Block>, SyncError> {
+        let api = Api::<DynamicObject>::all_with(self.client.clone(), &crd("IPAMBlock", "ipamblocks"));
+        let listed = api.list(&kube::api::ListParams::default()).await?;
+        Ok(listed
+            .items
+            .into_iter()
+            .filter_map(|object| {
+                let spec = object.data.get("spec").cloned().unwrap_or_default();
+                serde_json::from_value::<Block>(spec)
+                    .inspect_err(|e| warn!(block = %object.name_any(), error = %e, "an IPAMBlock does not read"))
+                    .ok()
+            })
+            .collect())
     }
 
     /// One pool resource: deleted (the pool retired, then the finalizer released), or applied once the
     /// finalizer is on (nothing reaches the datastore before: a resource deleted without it would leave a
     /// pool behind).
-    async fn pool(&self, object: &DynamicObject, stored: Option<&IpPool>) -> Result<Option<Verdict>, SyncError> {
+    async fn pool(
+        &self,
+        catalog: &Catalog,
+        object: &DynamicObject,
+        stored: Option<&IpPool>,
+    ) -> Result<Option<Verdict>, SyncError> {
         if object.metadata.deletion_timestamp.is_some() {
-            return self.delete(object, stored).await;
+            return self.delete(catalog, object, stored).await;
         }
         if !self.hold_finalizer(object).await? {
             return Ok(None);
         }
-        self.apply(object, stored).await
+        self.apply(catalog, object, stored).await
     }
 
     /// A pool in the datastore with no resource in the cache, confirmed absent from the API server: one
     /// that came from a resource is retired (its resource went without this finalizer's release); one that
     /// never did (applied with the datastore as the source) gets a resource.
-    async fn unowned(&self, pool: &IpPool) -> Result<(), SyncError> {
+    async fn unowned(&self, catalog: &Catalog, pool: &IpPool) -> Result<(), SyncError> {
         let api = &self.pool_api;
         if api.get_opt(pool.name()).await?.is_some() {
             return Ok(());
@@ -343,7 +605,7 @@ impl PoolSync {
         if !pool.metadata.annotations.contains_key(SOURCE_ANNOTATION) {
             return self.adopt(&Resource::IpPool(pool.clone()), "IPPool").await;
         }
-        if let Some(verdict) = self.retire(pool).await? {
+        if let Some(verdict) = self.retire(catalog, pool).await? {
             warn!(pool = %pool.name(), "its IPPool resource is gone; {}", verdict.message);
         }
         Ok(())
@@ -352,9 +614,9 @@ impl PoolSync {
     /// The IPAMConfig `default` into the datastore; the datastore's back to defaults when it is deleted. A
     /// config the datastore has with no resource gets one, unless it came from a resource (then the
     /// resource was deleted: defaults).
-    async fn config(&self) -> Result<(), SyncError> {
+    async fn config(&self, catalog: &Catalog) -> Result<(), SyncError> {
         let resource = self.configs.state().into_iter().find(|c| c.name_any() == "default");
-        let (stored, _) = self.catalog.config().await?;
+        let (stored, _) = catalog.config().await?;
         let api = &self.config_api;
         let from_resource = stored.metadata.annotations.contains_key(SOURCE_ANNOTATION);
         let Some(object) = resource else {
@@ -362,7 +624,7 @@ impl PoolSync {
                 return Ok(());
             }
             if from_resource {
-                self.write(Resource::IpamConfig(IpamConfig::default()), "IPAMConfig/default").await?;
+                self.write(catalog, Resource::IpamConfig(IpamConfig::default()), "IPAMConfig/default").await?;
                 info!("IPAMConfig default is gone: the datastore's settings are back to their defaults");
                 return Ok(());
             }
@@ -370,7 +632,7 @@ impl PoolSync {
         };
         if object.metadata.deletion_timestamp.is_some() {
             if !same(&stored, &IpamConfig::default()) {
-                self.write(Resource::IpamConfig(IpamConfig::default()), "IPAMConfig/default").await?;
+                self.write(catalog, Resource::IpamConfig(IpamConfig::default()), "IPAMConfig/default").await?;
                 info!("IPAMConfig default deleted: the datastore's settings are back to their defaults");
             }
             self.fence()?;
@@ -381,7 +643,7 @@ impl PoolSync {
         }
         match parse(&object, "IPAMConfig") {
             Ok(Located { resource: Resource::IpamConfig(config), .. }) if !same(&config, &stored) => {
-                self.write(Resource::IpamConfig(config), "IPAMConfig/default").await?;
+                self.write(catalog, Resource::IpamConfig(config), "IPAMConfig/default").await?;
                 info!("IPAMConfig default copied into the datastore");
             }
             Ok(_) => {}
@@ -391,7 +653,12 @@ impl PoolSync {
     }
 
     /// Apply one pool resource unless the datastore has it as stated.
-    async fn apply(&self, object: &DynamicObject, stored: Option<&IpPool>) -> Result<Option<Verdict>, SyncError> {
+    async fn apply(
+        &self,
+        catalog: &Catalog,
+        object: &DynamicObject,
+        stored: Option<&IpPool>,
+    ) -> Result<Option<Verdict>, SyncError> {
         let name = object.name_any();
         let doc = match parse(object, "IPPool") {
             Ok(doc) => doc,
@@ -401,7 +668,7 @@ impl PoolSync {
             return Ok(Some(Verdict::ready()));
         }
         self.fence()?;
-        match self.catalog.apply(std::slice::from_ref(&doc)).await {
+        match catalog.apply(std::slice::from_ref(&doc)).await {
             Ok(_) => {
                 info!(pool = %name, "IPPool copied into the datastore");
                 Ok(Some(Verdict::ready()))
@@ -424,10 +691,15 @@ impl PoolSync {
     /// pool the resource was adopted from (deleted before the next pass copied it back and stamped it; left
     /// alone, the pool would stay and be adopted again). A datastore pool of the same name that is neither
     /// (the resource was refused beside it) is left alone, and adopted once the resource is gone.
-    async fn delete(&self, object: &DynamicObject, stored: Option<&IpPool>) -> Result<Option<Verdict>, SyncError> {
+    async fn delete(
+        &self,
+        catalog: &Catalog,
+        object: &DynamicObject,
+        stored: Option<&IpPool>,
+    ) -> Result<Option<Verdict>, SyncError> {
         let adopted = object.annotations().get(ADOPTED_ANNOTATION).is_some_and(|from| from == "datastore");
         if let Some(pool) = stored.filter(|p| adopted || p.metadata.annotations.contains_key(SOURCE_ANNOTATION))
-            && let Some(waiting) = self.retire(pool).await?
+            && let Some(waiting) = self.retire(catalog, pool).await?
         {
             return Ok(Some(waiting));
         }
@@ -438,15 +710,15 @@ impl PoolSync {
 
     /// Take a deleted pool out of the datastore: disabled at once, gone once nothing is allocated from it.
     /// `Some` says what it waits for.
-    async fn retire(&self, pool: &IpPool) -> Result<Option<Verdict>, SyncError> {
+    async fn retire(&self, catalog: &Catalog, pool: &IpPool) -> Result<Option<Verdict>, SyncError> {
         let name = pool.name();
         if !pool.spec.disabled {
             let mut disabled = pool.clone();
             disabled.spec.disabled = true;
-            self.write(Resource::IpPool(disabled), &format!("IPPool/{name}")).await?;
+            self.write(catalog, Resource::IpPool(disabled), &format!("IPPool/{name}")).await?;
         }
         self.fence()?;
-        match self.catalog.delete_pool(name, false).await {
+        match catalog.delete_pool(name, false).await {
             Ok(_) => {
                 info!(pool = %name, "IPPool deleted: nothing was allocated from it; gone from the datastore");
                 Ok(None)
@@ -465,10 +737,10 @@ impl PoolSync {
     }
 
     /// Write `resource` into the datastore as poolwarden apply would.
-    async fn write(&self, resource: Resource, file: &str) -> Result<(), SyncError> {
+    async fn write(&self, catalog: &Catalog, resource: Resource, file: &str) -> Result<(), SyncError> {
         self.fence()?;
         let at = resources::Location { file: file.to_string(), document: 1, line: 1, item: None };
-        self.catalog.apply(&[Located { resource, at }]).await?;
+        catalog.apply(&[Located { resource, at }]).await?;
         Ok(())
     }
 
@@ -510,13 +782,21 @@ impl PoolSync {
         &self,
         resources: &[&Arc<DynamicObject>],
         verdicts: &BTreeMap<String, Verdict>,
+        blocks: &[Block],
     ) -> Result<(), SyncError> {
-        let blocks = Catalog::new(Arc::clone(&self.store)).blocks().await?;
         let api = &self.pool_api;
         for object in resources {
             let name = object.name_any();
             let Some(verdict) = verdicts.get(&name) else { continue };
             let generation = object.metadata.generation.unwrap_or(0);
+            // What the agents allocate from: recorded before the status says so.
+            if verdict.ready {
+                self.fence()?;
+                if let Err(e) = accept(api, object).await {
+                    warn!(pool = %name, error = %e, "IPPool acceptance could not be recorded");
+                    continue;
+                }
+            }
             // Counts absent are written as null, so a merge patch removes the old ones.
             let mut status = json!({
                 "observedGeneration": generation,
@@ -826,6 +1106,7 @@ async fn set_finalizers(
 pub struct ResourcePools {
     pools: Store<DynamicObject>,
     configs: Store<DynamicObject>,
+    changed: Arc<tokio::sync::Notify>,
     watches: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -838,14 +1119,20 @@ impl Drop for ResourcePools {
 impl ResourcePools {
     /// Follow the resources through `client`.
     pub fn start(client: Client) -> Self {
+        let changed = Arc::new(tokio::sync::Notify::new());
         let follow = |resource: ApiResource, what| {
             let writer = kube::runtime::reflector::store::Writer::new(resource.clone());
             let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-            super::reflect_into(writer, api, watcher::Config::default(), what, None)
+            super::reflect_into(writer, api, watcher::Config::default(), what, Some(Arc::clone(&changed)))
         };
         let (pools, pools_task) = follow(ippools(), "ippools");
         let (configs, configs_task) = follow(ipamconfigs(), "ipamconfigs");
-        Self { pools, configs, watches: vec![pools_task, configs_task] }
+        Self { pools, configs, changed, watches: vec![pools_task, configs_task] }
+    }
+
+    /// Woken (one stored wake-up) whenever a resource changes.
+    pub fn changes(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.changed)
     }
 
     /// Whether both caches were listed within `limit`.
@@ -873,31 +1160,19 @@ impl PoolSource for ResourcePools {
     }
 }
 
-/// What the allocator allocates from, given the resources as they are: every IPPool judged ready at its
-/// current generation (its `Ready` condition true and observed at the resource's generation: a pool not
-/// judged yet, or refused as overlapping another, is not there; a change waits for the lease holder's next
-/// pass), disabled while it is being deleted if its last verdict let it be used (its addresses stay until
-/// released, nothing new is handed out from it); the `default` IPAMConfig's settings,
-/// or the defaults without one. In name order, as the datastore's catalog lists them.
+/// What the allocator allocates from, given the resources as they are: every IPPool the lease holder accepted,
+/// as accepted (its [`Accepted`] record for its own UID: a pool not judged yet, or refused, is not there; an
+/// edit counts once judged, and an invalid one never), disabled while it is being deleted (its addresses
+/// stay until released, nothing new is handed out from it); the `default` IPAMConfig's settings, or the
+/// defaults without one. In name order, as the datastore's catalog lists them.
 pub fn loaded(pools: &[Arc<DynamicObject>], configs: &[Arc<DynamicObject>]) -> Loaded {
-    let judged = |object: &DynamicObject| {
-        let generation = object.metadata.generation.unwrap_or(0);
-        object.data["status"]["conditions"]
-            .as_array()
-            .and_then(|conditions| conditions.iter().find(|c| c["type"] == "Ready"))
-            .is_some_and(|c| c["observedGeneration"].as_i64().unwrap_or(0) >= generation)
-    };
     let mut found: Vec<IpPool> = pools
         .iter()
-        .filter(|object| judged(object) || object.metadata.deletion_timestamp.is_some())
         .filter_map(|object| {
-            let verdict = condition_of(object)?;
-            // Used as judged: ready, or draining after it was (a refused pool stays refused when deleted).
-            if !verdict.ready && verdict.reason != Reason::Deleting {
-                return None;
-            }
-            let Ok(Located { resource: Resource::IpPool(mut pool), .. }) = parse(object, "IPPool") else { return None };
-            pool.spec.disabled |= object.metadata.deletion_timestamp.is_some() || verdict.reason == Reason::Deleting;
+            let mut pool = accepted_pool(object)?;
+            let deleting = object.metadata.deletion_timestamp.is_some()
+                || condition_of(object).is_some_and(|v| v.reason == Reason::Deleting);
+            pool.spec.disabled |= deleting;
             Some(pool)
         })
         .collect();
@@ -945,17 +1220,20 @@ pub enum SyncError {
 mod tests {
     use super::*;
 
-    /// An IPPool resource at `generation`, with a `Ready` condition observed at `observed` when given.
+    /// An IPPool resource at `generation`, with a `Ready` condition observed at `observed` when given, and
+    /// an acceptance record (of its UID unless `foreign`) of `generation` with a spec of `cidr` when given.
     fn ippool(
         name: &str,
         cidr: &str,
         generation: i64,
         ready: Option<(&str, &str, i64)>,
         deleting: bool,
+        accepted: Option<(i64, &str, bool)>,
     ) -> Arc<DynamicObject> {
+        let uid = format!("uid-{name}");
         let mut object = json!({
             "apiVersion": API_VERSION, "kind": "IPPool",
-            "metadata": {"name": name, "generation": generation},
+            "metadata": {"name": name, "generation": generation, "uid": uid},
             "spec": {"cidr": cidr, "blockSize": 29},
         });
         if let Some((status, reason, observed)) = ready {
@@ -966,24 +1244,59 @@ mod tests {
         if deleting {
             object["metadata"]["deletionTimestamp"] = json!("2026-12-02T10:00:00Z");
         }
+        if let Some((generation, cidr, foreign)) = accepted {
+            let uid = if foreign { "another".to_string() } else { uid };
+            let record = Accepted { uid, generation, spec: json!({"cidr": cidr, "blockSize": 29}) };
+            object["metadata"]["annotations"] = json!({ACCEPTED_ANNOTATION: serde_json::to_string(&record).unwrap()});
+        }
         Arc::new(serde_json::from_value(object).expect("a resource"))
     }
 
     #[test]
-    fn the_allocator_sees_the_pools_judged_ready_and_those_being_deleted_as_disabled() {
+    fn the_allocator_sees_the_pools_as_accepted_and_those_being_deleted_as_disabled() {
         let pools = [
-            ippool("ready", "10.1.0.0/24", 1, Some(("True", "Applied", 1)), false),
-            ippool("refused", "10.1.0.0/25", 1, Some(("False", "Overlap", 1)), false),
-            ippool("unjudged", "10.2.0.0/24", 1, None, false),
-            ippool("changed-since", "10.3.0.0/24", 2, Some(("True", "Applied", 1)), false),
-            ippool("deleting", "10.4.0.0/24", 2, Some(("True", "Applied", 1)), true),
-            ippool("draining", "10.5.0.0/24", 2, Some(("False", "Deleting", 2)), true),
-            ippool("refused-then-deleted", "10.1.0.0/26", 2, Some(("False", "Overlap", 1)), true),
-            ippool("invalid", "10.6.0.0/33", 1, Some(("True", "Applied", 1)), false),
+            ippool("ready", "10.1.0.0/24", 1, Some(("True", "Applied", 1)), false, Some((1, "10.1.0.0/24", false))),
+            ippool("refused", "10.1.0.0/25", 1, Some(("False", "Overlap", 1)), false, None),
+            ippool("unjudged", "10.2.0.0/24", 1, None, false, None),
+            // Ready, but its acceptance not recorded yet: not yet.
+            ippool("unrecorded", "10.2.1.0/24", 1, Some(("True", "Applied", 1)), false, None),
+            // Edited since it was accepted: used as accepted until the edit is judged.
+            ippool(
+                "changed-since",
+                "10.3.0.0/24",
+                2,
+                Some(("True", "Applied", 1)),
+                false,
+                Some((1, "10.3.0.0/24", false)),
+            ),
+            ippool("deleting", "10.4.0.0/24", 2, Some(("True", "Applied", 1)), true, Some((1, "10.4.0.0/24", false))),
+            ippool("draining", "10.5.0.0/24", 2, Some(("False", "Deleting", 2)), true, Some((1, "10.5.0.0/24", false))),
+            ippool("refused-then-deleted", "10.1.0.0/26", 2, Some(("False", "Overlap", 1)), true, None),
+            // An invalid edit of an accepted pool: the accepted spec stays in use.
+            ippool(
+                "invalid-edit",
+                "10.6.0.0/33",
+                2,
+                Some(("False", "Invalid", 2)),
+                false,
+                Some((1, "10.6.0.0/24", false)),
+            ),
+            // A record copied from another resource (its YAML re-applied after a delete): nothing.
+            ippool("copied", "10.7.0.0/24", 1, None, false, Some((1, "10.7.0.0/24", true))),
         ];
         let got = loaded(&pools, &[]);
-        let seen: Vec<(&str, bool)> = got.pools.iter().map(|p| (p.name(), p.spec.disabled)).collect();
-        assert_eq!(seen, [("deleting", true), ("draining", true), ("ready", false)]);
+        let seen: Vec<(&str, String, bool)> =
+            got.pools.iter().map(|p| (p.name(), p.cidr().to_string(), p.spec.disabled)).collect();
+        assert_eq!(
+            seen,
+            [
+                ("changed-since", "10.3.0.0/24".to_string(), false),
+                ("deleting", "10.4.0.0/24".to_string(), true),
+                ("draining", "10.5.0.0/24".to_string(), true),
+                ("invalid-edit", "10.6.0.0/24".to_string(), false),
+                ("ready", "10.1.0.0/24".to_string(), false),
+            ]
+        );
         assert_eq!(got.config, IpamConfig::default().spec, "no IPAMConfig: the defaults");
         assert_eq!(got.config.empty_block_grace_seconds, resources::DEFAULT_EMPTY_BLOCK_GRACE_SECONDS);
 

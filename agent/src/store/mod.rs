@@ -294,6 +294,10 @@ pub trait Store: Send + Sync {
 /// How the user names a backend on the command line: `embedded:PATH` (the default) or `etcd:URL[,URL...]`.
 pub const DEFAULT_DATASTORE: &str = "embedded:/var/lib/poolwarden/store.redb";
 
+/// `--datastore kubernetes`: the agent keeps everything as custom resources of the API server (see
+/// `docs/allocator-single-object.md`); there is no key-value store to open.
+pub const KUBERNETES_DATASTORE: &str = "kubernetes";
+
 /// What [`keys::MIGRATION_IN_PROGRESS`] holds, for good, once an agent of this version ran on a datastore
 /// (and converted what older versions wrote): the IPAM state is kept as block objects. Agents of older
 /// versions take it for a migration that did not finish, and so never start on it (they would write the
@@ -327,6 +331,14 @@ pub async fn open_existing(spec: &str, etcd: &etcd::EtcdConfig) -> Result<Arc<dy
 }
 
 async fn open_for(spec: &str, etcd: &etcd::EtcdConfig, create: bool) -> Result<Arc<dyn Store>, StoreError> {
+    if spec == KUBERNETES_DATASTORE {
+        return Err(StoreError::InvalidSpec {
+            spec: spec.to_string(),
+            reason: "the Kubernetes datastore is read by the agents (`poolwarden agent --datastore kubernetes`); \
+                     this command does not read it yet: `kubectl get ippools,ipamblocks` shows its pools and blocks"
+                .into(),
+        });
+    }
     match spec.split_once(':') {
         Some(("embedded", path)) if !path.is_empty() => {
             let file = std::path::Path::new(path);
