@@ -241,6 +241,98 @@ impl Verdict {
     }
 }
 
+/// What the judge does with one pool resource in a pass.
+#[derive(Debug, PartialEq)]
+enum Judgement {
+    /// Deleted, and nothing is allocated in the range it was accepted with: its finalizer goes.
+    Release,
+    /// Its verdict (for a deleted one, `Deleting` while an address is allocated in its range).
+    Verdict(Verdict),
+}
+
+/// The judge's decisions on the Kubernetes datastore, one per resource of `resources` (oldest first), given
+/// every block object. Every pool accepted before (its range as accepted) takes part in every overlap check,
+/// whatever its place in the order: no newcomer may overlap one, even one created in the same second with a
+/// name that sorts first. Newcomers are judged in order, each accepted one counting for those after it; a
+/// newcomer is refused over any block in its range (another pool's, or an earlier incarnation's, whose
+/// addresses may be held or cooling down); an accepted pool is never judged against its own blocks, and an
+/// invalid edit of one is refused while its accepted spec stays in use.
+fn judge(resources: &[Arc<DynamicObject>], blocks: &[Block]) -> Vec<Judgement> {
+    let mut accepted: Vec<(String, IpNet)> =
+        resources.iter().filter_map(|o| accepted_pool(o).map(|p| (o.name_any(), p.cidr()))).collect();
+    let mut judged = Vec::new();
+    for object in resources {
+        let name = object.name_any();
+        let range = accepted_pool(object).map(|p| p.cidr());
+        if object.metadata.deletion_timestamp.is_some() {
+            let held: Vec<&Block> = match range {
+                Some(cidr) => blocks.iter().filter(|b| cidr.contains(&b.cidr) && b.used() > 0).collect(),
+                None => Vec::new(),
+            };
+            judged.push(if held.is_empty() {
+                Judgement::Release
+            } else {
+                let addresses: u32 = held.iter().map(|b| b.used()).sum();
+                Judgement::Verdict(Verdict {
+                    ready: false,
+                    reason: Reason::Deleting,
+                    message: format!(
+                        "deleted, and disabled meanwhile: waiting for {addresses} allocated address(es) in {} \
+                         block(s) to be released (their pods to go) before the resource goes",
+                        held.len()
+                    ),
+                })
+            });
+            continue;
+        }
+        let doc = match parse(object, "IPPool") {
+            Ok(doc) => doc,
+            Err(e) => {
+                let verdict = Verdict::refused(&CatalogError::Invalid(e)).expect("invalid is a verdict");
+                judged.push(Judgement::Verdict(verdict));
+                continue;
+            }
+        };
+        let Resource::IpPool(pool) = &doc.resource else {
+            let message = format!("{}: not an IPPool", doc.at);
+            judged.push(Judgement::Verdict(Verdict { ready: false, reason: Reason::Invalid, message }));
+            continue;
+        };
+        let overlaps = |cidr: &IpNet| cidr.contains(&pool.cidr()) || pool.cidr().contains(cidr);
+        let refusal = if let Some((other, other_cidr)) = accepted.iter().find(|(o, c)| *o != name && overlaps(c)) {
+            Some(CatalogError::Overlap {
+                at: doc.at.clone(),
+                pool: name.clone(),
+                cidr: pool.cidr().to_string(),
+                other: other.clone(),
+                other_cidr: other_cidr.to_string(),
+                other_at: " (accepted before it)".to_string(),
+            })
+        } else if range.is_none() {
+            let leftovers: Vec<String> =
+                blocks.iter().filter(|b| overlaps(&b.cidr)).map(|b| b.cidr.to_string()).collect();
+            (!leftovers.is_empty()).then(|| CatalogError::LeftoverBlocks {
+                at: doc.at.clone(),
+                pool: name.clone(),
+                cidr: pool.cidr().to_string(),
+                blocks: leftovers.join(", "),
+            })
+        } else {
+            None
+        };
+        match refusal.as_ref().and_then(Verdict::refused) {
+            Some(verdict) => judged.push(Judgement::Verdict(verdict)),
+            None => {
+                if range.is_none() {
+                    accepted.push((name, pool.cidr()));
+                }
+                judged.push(Judgement::Verdict(Verdict::judged()));
+            }
+        }
+    }
+    judged
+}
+
 /// The copy of the resources into the datastore, run by every agent; only the lease holder writes.
 pub struct PoolSync {
     client: Client,
@@ -427,96 +519,30 @@ impl PoolSync {
             return Ok(());
         }
         let blocks = self.block_objects().await?;
-        // Every pool accepted before (its range, as accepted), whatever its place in the order: no newcomer
-        // may overlap one, even one created in the same second with a name that sorts first.
-        let mut accepted: Vec<(String, IpNet)> =
-            resources.iter().filter_map(|o| accepted_pool(o).map(|p| (o.name_any(), p.cidr()))).collect();
         let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
-        for object in &resources {
+        for (object, judgement) in resources.iter().zip(judge(&resources, &blocks)) {
             let name = object.name_any();
-            let range = accepted_pool(object).map(|p| p.cidr());
-            if object.metadata.deletion_timestamp.is_some() {
-                // Kept while an address is allocated in the range it was accepted with.
-                let held: Vec<&Block> = match range {
-                    Some(cidr) => blocks.iter().filter(|b| cidr.contains(&b.cidr) && b.used() > 0).collect(),
-                    None => Vec::new(),
-                };
-                if !held.is_empty() {
-                    let addresses: u32 = held.iter().map(|b| b.used()).sum();
-                    verdicts.insert(
-                        name,
-                        Verdict {
-                            ready: false,
-                            reason: Reason::Deleting,
-                            message: format!(
-                                "deleted, and disabled meanwhile: waiting for {addresses} allocated address(es) in {} \
-                             block(s) to be released (their pods to go) before the resource goes",
-                                held.len()
-                            ),
-                        },
-                    );
-                    continue;
-                }
-                self.fence()?;
-                release_finalizer(&self.pool_api, object).await?;
-                if range.is_some() {
-                    info!(pool = %name, "IPPool deleted: nothing is allocated from it any more");
-                }
-                continue;
-            }
-            if !self.hold_finalizer(object).await? {
-                continue;
-            }
-            let doc = match parse(object, "IPPool") {
-                Ok(doc) => doc,
-                Err(e) => {
-                    // An accepted pool stays in use as accepted; its edit is refused.
-                    verdicts.extend(Verdict::refused(&CatalogError::Invalid(e)).map(|v| (name, v)));
-                    continue;
-                }
-            };
-            let Resource::IpPool(pool) = &doc.resource else { continue };
-            let overlaps = |cidr: &IpNet| cidr.contains(&pool.cidr()) || pool.cidr().contains(cidr);
-            let refusal = if let Some((other, other_cidr)) = accepted.iter().find(|(o, c)| *o != name && overlaps(c)) {
-                Some(CatalogError::Overlap {
-                    at: doc.at.clone(),
-                    pool: name.clone(),
-                    cidr: pool.cidr().to_string(),
-                    other: other.clone(),
-                    other_cidr: other_cidr.to_string(),
-                    other_at: " (accepted before it)".to_string(),
-                })
-            } else if range.is_none() {
-                // Judged for the first time: any block in its range is what another pool (or an earlier
-                // pool of this name) left, whose addresses may still be held or cooling down.
-                let leftovers: Vec<String> = blocks
-                    .iter()
-                    .filter(|b| pool.cidr().contains(&b.cidr) || b.cidr.contains(&pool.cidr()))
-                    .map(|b| b.cidr.to_string())
-                    .collect();
-                (!leftovers.is_empty()).then(|| CatalogError::LeftoverBlocks {
-                    at: doc.at.clone(),
-                    pool: name.clone(),
-                    cidr: pool.cidr().to_string(),
-                    blocks: leftovers.join(", "),
-                })
-            } else {
-                None
-            };
-            match refusal {
-                Some(refused) => {
-                    if let Some(verdict) = Verdict::refused(&refused) {
-                        if condition_of(object).as_ref() != Some(&verdict) {
-                            warn!(pool = %name, error = %refused, "IPPool refused");
-                        }
-                        verdicts.insert(name, verdict);
+            match judgement {
+                Judgement::Release => {
+                    self.fence()?;
+                    release_finalizer(&self.pool_api, object).await?;
+                    if accepted_of(object).is_some() {
+                        info!(pool = %name, "IPPool deleted: nothing is allocated from it any more");
                     }
                 }
-                None => {
-                    if range.is_none() {
-                        accepted.push((name.clone(), pool.cidr()));
+                Judgement::Verdict(verdict) if verdict.reason == Reason::Deleting => {
+                    verdicts.insert(name, verdict);
+                }
+                Judgement::Verdict(verdict) => {
+                    // Nothing is recorded before the finalizer is on: a resource deleted without it would
+                    // leave its addresses behind.
+                    if !self.hold_finalizer(object).await? {
+                        continue;
                     }
-                    verdicts.insert(name, Verdict::judged());
+                    if !verdict.ready && condition_of(object).as_ref() != Some(&verdict) {
+                        warn!(pool = %name, reason = verdict.reason.as_str(), "IPPool refused: {}", verdict.message);
+                    }
+                    verdicts.insert(name, verdict);
                 }
             }
         }
@@ -1314,6 +1340,68 @@ mod tests {
         assert!(spec.strict_affinity && spec.reuse_cooldown_seconds == 30, "{spec:?}");
         let spec = loaded(&[], &[config("default", true)]).config;
         assert_eq!(spec, IpamConfig::default().spec, "a deleted default is the defaults");
+    }
+
+    #[test]
+    fn the_judge_never_accepts_two_overlapping_pools_nor_a_newcomer_over_blocks() {
+        let reasons = |judged: Vec<Judgement>| -> Vec<String> {
+            judged
+                .into_iter()
+                .map(|j| match j {
+                    Judgement::Release => "release".to_string(),
+                    Judgement::Verdict(v) if v.ready => "ready".to_string(),
+                    Judgement::Verdict(v) => format!("{}: {}", v.reason.as_str(), v.message),
+                })
+                .collect()
+        };
+        let accepted =
+            |name: &str, cidr: &str| ippool(name, cidr, 1, Some(("True", "Applied", 1)), false, Some((1, cidr, false)));
+        let newcomer = |name: &str, cidr: &str| ippool(name, cidr, 1, None, false, None);
+        // A newcomer created in the same second as an accepted pool, its name sorting first: refused.
+        let got = reasons(judge(&[newcomer("alpha", "10.50.5.0/24"), accepted("zeta", "10.50.0.0/16")], &[]));
+        assert_eq!(got[1], "ready");
+        assert!(got[0].starts_with("Overlap") && got[0].contains("\"zeta\""), "{got:?}");
+        // Two newcomers overlapping: the first in the order is accepted, the second refused over it.
+        let got = reasons(judge(&[newcomer("first", "10.51.0.0/24"), newcomer("second", "10.51.0.0/25")], &[]));
+        assert_eq!(got[0], "ready");
+        assert!(got[1].starts_with("Overlap") && got[1].contains("\"first\""), "{got:?}");
+        // Blocks in a newcomer's range refuse it, whatever pool they name; an accepted pool's own do not.
+        let mut held = Block::new("10.52.0.0/29".parse().unwrap(), "old", "node-a", 0);
+        let owner = crate::ipam::Owner { handle: "h".into(), node: "node-a".into(), ..Default::default() };
+        held.assign_ip("10.52.0.1".parse().unwrap(), &owner, 0, 0).unwrap();
+        let empty = Block::new("10.53.0.0/29".parse().unwrap(), "mine", "node-a", 0);
+        let blocks = [held.clone(), empty.clone()];
+        let got = reasons(judge(&[newcomer("old", "10.52.0.0/24"), accepted("mine", "10.53.0.0/24")], &blocks));
+        assert!(got[0].starts_with("LeftoverBlocks") && got[0].contains("10.52.0.0/29"), "{got:?}");
+        assert_eq!(got[1], "ready");
+        // A record copied from another resource (its YAML re-applied after a delete) is no acceptance.
+        let copied = ippool("old", "10.52.0.0/24", 1, None, false, Some((1, "10.52.0.0/24", true)));
+        assert!(reasons(judge(&[copied], &blocks))[0].starts_with("LeftoverBlocks"));
+        // An invalid edit of an accepted pool is refused (its accepted spec stays in use, see `loaded`), and
+        // it still counts in every overlap check.
+        let edited =
+            ippool("edited", "10.54.0.0/33", 2, Some(("True", "Applied", 1)), false, Some((1, "10.54.0.0/24", false)));
+        let got = reasons(judge(&[edited, newcomer("under", "10.54.0.0/26")], &[]));
+        assert!(got[0].starts_with("Invalid"), "{got:?}");
+        assert!(got[1].starts_with("Overlap") && got[1].contains("\"edited\""), "{got:?}");
+        // Deleted: kept while an address is allocated in the range it was accepted with, then released; one
+        // never accepted goes at once.
+        let deleting = |name: &str, cidr: &str, accepted: bool| {
+            ippool(name, cidr, 1, Some(("True", "Applied", 1)), true, accepted.then_some((1, cidr, false)))
+        };
+        let got = reasons(judge(
+            &[
+                deleting("busy", "10.52.0.0/24", true),
+                deleting("idle", "10.53.0.0/24", true),
+                deleting("never", "10.52.0.0/25", false),
+            ],
+            &blocks,
+        ));
+        assert!(got[0].starts_with("Deleting") && got[0].contains("1 allocated address"), "{got:?}");
+        assert_eq!(got[1..], ["release", "release"]);
+        // A deleted pool's range stays taken while it drains.
+        let got = reasons(judge(&[deleting("busy", "10.52.0.0/24", true), newcomer("next", "10.52.0.0/24")], &blocks));
+        assert!(got[1].starts_with("Overlap"), "{got:?}");
     }
 
     #[test]
