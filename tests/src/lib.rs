@@ -348,13 +348,18 @@ impl Fabric {
 
     /// Plug `ns` into the segment with `address` (CIDR) on its interface `ifname`.
     pub fn attach_as(&self, ns: &NetNs, address: &str, ifname: &str) {
-        let port = unique("pwfp");
-        let (fabric, peer) = (self.ns.name.as_str(), ns.name.as_str());
-        sh("ip", &["link", "add", &port, "netns", fabric, "type", "veth", "peer", "name", ifname, "netns", peer]);
-        self.ns.exec(&["ip", "link", "set", &port, "master", "br0", "up"]);
-        ns.exec(&["ip", "addr", "add", address, "dev", ifname]);
-        ns.exec(&["ip", "link", "set", ifname, "up"]);
+        attach_to_bridge(&self.ns.name, ns, address, ifname);
     }
+}
+
+/// Plug `ns` into the bridge `br0` of the namespace `fabric` (a [`Fabric`]'s, or a test cluster's) with
+/// `address` (CIDR) on its interface `ifname`; the veth goes with `ns`.
+pub fn attach_to_bridge(fabric: &str, ns: &NetNs, address: &str, ifname: &str) {
+    let port = unique("pwfp");
+    sh("ip", &["link", "add", &port, "netns", fabric, "type", "veth", "peer", "name", ifname, "netns", &ns.name]);
+    sh("ip", &["-n", fabric, "link", "set", &port, "master", "br0", "up"]);
+    ns.exec(&["ip", "addr", "add", address, "dev", ifname]);
+    ns.exec(&["ip", "link", "set", ifname, "up"]);
 }
 
 impl Default for Fabric {
@@ -441,6 +446,33 @@ impl Runtime {
     /// `poolwarden-cni` with the node's default configuration.
     pub fn cni(&self, command: &str, container: &str, pod_netns: &str, args: &str) -> (bool, Value) {
         self.plugin("poolwarden-cni", command, container, pod_netns, args, &self.conf)
+    }
+
+    /// Like kubelet: a failed ADD is followed by DEL, and a DEL is retried until it succeeds. `asking` is told
+    /// whether an attempt so far may have reached the agent: true before each attempt, and after an attempt that
+    /// provably did not (the plugin could not connect) whatever the earlier attempts left it at. An attempt
+    /// whose answer was lost may have released the address, and a later refused attempt does not undo that.
+    pub fn del_until_done(&self, container: &str, netns: &str, args: &str, limit: Duration, asking: impl Fn(bool)) {
+        let deadline = Instant::now() + limit;
+        let mut reached = false;
+        loop {
+            asking(true);
+            let (ok, out) = self.cni("DEL", container, netns, args);
+            if ok {
+                return;
+            }
+            // Refused or no socket at all: the request never reached an agent.
+            let details = out["details"].as_str().unwrap_or_default();
+            if out["msg"].as_str().is_some_and(|m| m.contains("agent is not reachable"))
+                && (details.contains("Connection refused") || details.contains("No such file or directory"))
+            {
+                asking(reached);
+            } else {
+                reached = true;
+            }
+            assert!(Instant::now() < deadline, "DEL {container} kept failing: {out}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 

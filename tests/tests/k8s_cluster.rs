@@ -1854,29 +1854,7 @@ impl<'a> TestNodes<'a> {
             });
             kubectl.ok_with(&["create", "-f", "-"], Some(&node.to_string()));
             let node = poolwarden_tests::Node::in_cluster(&address, name, "kubernetes");
-            let port = format!("pwtkd{i}");
-            let peer = node.ns.name.clone();
-            let run = |args: &[&str]| {
-                let out = Command::new("ip").args(args).output().expect("ip");
-                assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            };
-            run(&[
-                "link",
-                "add",
-                &port,
-                "netns",
-                "pwk-fabric",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "fabric0",
-                "netns",
-                &peer,
-            ]);
-            run(&["-n", "pwk-fabric", "link", "set", &port, "master", "br0", "up"]);
-            node.ns.exec(&["ip", "addr", "add", &format!("{address}/24"), "dev", "fabric0"]);
-            node.ns.exec(&["ip", "link", "set", "fabric0", "up"]);
+            poolwarden_tests::attach_to_bridge("pwk-fabric", &node.ns, &format!("{address}/24"), "fabric0");
             nodes.push(node);
         }
         Self { kubectl, nodes }
@@ -1902,19 +1880,6 @@ impl Drop for Cleanup<'_> {
         for command in self.1 {
             self.0.run(command, None);
         }
-    }
-}
-
-/// Like kubelet: a DEL retried until it succeeds (an agent down, the API server away).
-fn del_until_done(runtime: &poolwarden_tests::Runtime, container: &str, netns: &str, args: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (ok, out) = runtime.cni("DEL", container, netns, args);
-        if ok {
-            return;
-        }
-        assert!(Instant::now() < deadline, "DEL {container} kept failing: {out}");
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -2038,10 +2003,10 @@ fn a_thousand_operations_through_agents_and_an_api_server_restart_on_the_kuberne
                         // Released from the live set before its DEL: once the DEL is asked, the address may
                         // go to another ADD as soon as the agent answers (before this thread hears it).
                         live.lock().expect("live").remove(&address);
-                        del_until_done(runtime, &container, &pod.path(), args);
+                        runtime.del_until_done(&container, &pod.path(), args, Duration::from_secs(120), |_| {});
                     } else {
                         failed_adds.lock().expect("failures").push(result["msg"].as_str().unwrap_or("?").to_string());
-                        del_until_done(runtime, &container, &pod.path(), args);
+                        runtime.del_until_done(&container, &pod.path(), args, Duration::from_secs(120), |_| {});
                     }
                     done.fetch_add(2, SeqCst);
                 }

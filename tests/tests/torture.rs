@@ -18,33 +18,6 @@ use serde_json::Value;
 const PODS: usize = 500;
 const IN_FLIGHT: usize = 20;
 
-/// Like kubelet: a failed ADD is followed by DEL, and a DEL is retried until it succeeds. `asking` is told
-/// whether an attempt so far may have reached the agent: true before each attempt, and after an attempt that
-/// provably did not (the plugin could not connect) whatever the earlier attempts left it at. An attempt
-/// whose answer was lost may have released the address, and a later refused attempt does not undo that.
-fn del_until_done(runtime: &Runtime, container: &str, netns: &str, args: &str, asking: impl Fn(bool)) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut reached = false;
-    loop {
-        asking(true);
-        let (ok, out) = runtime.cni("DEL", container, netns, args);
-        if ok {
-            return;
-        }
-        // Refused or no socket at all: the request never reached an agent.
-        let details = out["details"].as_str().unwrap_or_default();
-        if out["msg"].as_str().is_some_and(|m| m.contains("agent is not reachable"))
-            && (details.contains("Connection refused") || details.contains("No such file or directory"))
-        {
-            asking(reached);
-        } else {
-            reached = true;
-        }
-        assert!(Instant::now() < deadline, "DEL {container} kept failing: {out}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn allocations(node: &Node) -> usize {
     let blocks: Value = serde_json::from_str(&node.cli_ok(&["get", "blocks", "-o", "json"])).expect("blocks JSON");
     blocks.as_array().map_or(0, |b| b.iter().map(|b| b["allocations"].as_object().map_or(0, |a| a.len())).sum())
@@ -119,14 +92,14 @@ fn a_thousand_operations_through_agent_kills_and_an_etcd_member_restart() {
                                 *asking = asked;
                             }
                         };
-                        del_until_done(runtime, &container, &pod.path(), &args, asking);
+                        runtime.del_until_done(&container, &pod.path(), &args, Duration::from_secs(60), asking);
                         let mut held = live.lock().expect("live");
                         if held.get(&address).is_some_and(|(holder, _)| *holder == name) {
                             held.remove(&address);
                         }
                     } else {
                         failed_adds.lock().expect("failures").push(result["msg"].as_str().unwrap_or("?").to_string());
-                        del_until_done(runtime, &container, &pod.path(), &args, |_| {});
+                        runtime.del_until_done(&container, &pod.path(), &args, Duration::from_secs(60), |_| {});
                     }
                     done.fetch_add(2, Ordering::SeqCst);
                 }

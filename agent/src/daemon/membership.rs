@@ -247,8 +247,8 @@ fn mirrored(prefix: &str, key: &str, value: Vec<u8>) -> Vec<u8> {
 /// A stream of changes; an error ends the following (everything is listed again).
 type Changes = BoxStream<'static, Result<Vec<Change>, StoreError>>;
 
-fn api_error(operation: &str) -> impl Fn(String) -> StoreError + '_ {
-    move |message| StoreError::Backend { operation: operation.to_string(), message }
+fn api_error(operation: &str, message: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend { operation: operation.to_string(), message: message.to_string() }
 }
 
 /// The Node objects and block objects listed, and the versions to watch them from.
@@ -256,11 +256,11 @@ async fn list_kubernetes(client: &kube::Client) -> Result<(Mirror, String, Strin
     let nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await
-        .map_err(|e| api_error("list of the Node objects")(e.to_string()))?;
+        .map_err(|e| api_error("list of the Node objects", e))?;
     let (blocks, blocks_version) = KubeObjects::new(client.clone())
         .list(Kind::Block, &Labels::new())
         .await
-        .map_err(|e| api_error("list of the IPAMBlock objects")(e.to_string()))?;
+        .map_err(|e| api_error("list of the IPAMBlock objects", e))?;
     let mut mirror = Mirror { kubernetes: true, ..Mirror::default() };
     for node in &nodes.items {
         let record = encode(&node_record(node));
@@ -284,10 +284,7 @@ fn node_changes(api: Api<Node>, version: String) -> Changes {
                 match api.watch(&WatchParams::default(), &version).await {
                     Ok(opened) => watch = Some(opened.boxed()),
                     Err(e) => {
-                        return Some((
-                            Err(api_error("watch of the Node objects")(e.to_string())),
-                            (api, version, None),
-                        ));
+                        return Some((Err(api_error("watch of the Node objects", e)), (api, version, None)));
                     }
                 }
             }
@@ -317,10 +314,10 @@ fn node_changes(api: Api<Node>, version: String) -> Changes {
                     continue;
                 }
                 Some(Ok(WatchEvent::Error(status))) => {
-                    return Some((Err(api_error("watch of the Node objects")(status.message)), (api, version, None)));
+                    return Some((Err(api_error("watch of the Node objects", status.message)), (api, version, None)));
                 }
                 Some(Err(e)) => {
-                    return Some((Err(api_error("watch of the Node objects")(e.to_string())), (api, version, None)));
+                    return Some((Err(api_error("watch of the Node objects", e)), (api, version, None)));
                 }
             };
             return Some((Ok(changes), (api, version, watch)));
@@ -334,7 +331,7 @@ fn node_changes(api: Api<Node>, version: String) -> Changes {
 fn block_changes(objects: Arc<KubeObjects>, version: String) -> Changes {
     let state = (objects, version, None);
     futures::stream::unfold(state, |(objects, mut version, mut watch)| async move {
-        let failed = |e: ObjectError| api_error("watch of the IPAMBlock objects")(e.to_string());
+        let failed = |e: ObjectError| api_error("watch of the IPAMBlock objects", e);
         loop {
             if watch.is_none() {
                 match objects.watch(Kind::Block, &Labels::new(), &version).await {

@@ -241,6 +241,36 @@ impl Verdict {
     }
 }
 
+/// Whether the resource's status was written for an older generation.
+fn status_stale(object: &DynamicObject) -> bool {
+    object.data["status"]["observedGeneration"].as_i64() != object.metadata.generation
+}
+
+/// Whether the resource's acceptance is not recorded at its generation.
+fn unrecorded(object: &DynamicObject) -> bool {
+    accepted_of(object).map(|r| r.generation) != object.metadata.generation
+}
+
+/// The resources whose status (and, for a ready verdict, acceptance record) must be written: all of them on
+/// a `refresh`, otherwise those whose verdict, generation or record is not what the resource says.
+fn due<'a>(
+    resources: &'a [Arc<DynamicObject>],
+    verdicts: &BTreeMap<String, Verdict>,
+    refresh: bool,
+) -> Vec<&'a Arc<DynamicObject>> {
+    resources
+        .iter()
+        .filter(|object| {
+            verdicts.get(&object.name_any()).is_some_and(|verdict| {
+                refresh
+                    || condition_of(object).as_ref() != Some(verdict)
+                    || status_stale(object)
+                    || (verdict.ready && unrecorded(object))
+            })
+        })
+        .collect()
+}
+
 /// What the judge does with one pool resource in a pass.
 #[derive(Debug, PartialEq)]
 enum Judgement {
@@ -480,17 +510,7 @@ impl PoolSync {
                 lapsed_or_log(e, &format!("IPPool {} (datastore)", pool.name()))?;
             }
         }
-        let due: Vec<&Arc<DynamicObject>> = resources
-            .iter()
-            .filter(|object| {
-                verdicts.get(&object.name_any()).is_some_and(|verdict| {
-                    refresh
-                        || condition_of(object).as_ref() != Some(verdict)
-                        || object.data["status"]["observedGeneration"].as_i64() != object.metadata.generation
-                        || (verdict.ready && accepted_of(object).map(|r| r.generation) != object.metadata.generation)
-                })
-            })
-            .collect();
+        let due = due(&resources, &verdicts, refresh);
         if !due.is_empty() {
             self.statuses(&due, &verdicts, &catalog.blocks().await?).await?;
         }
@@ -502,17 +522,15 @@ impl PoolSync {
     /// something needs them (a pool not judged ready yet, a deletion, a status to write).
     async fn judge_pass(&self, refresh: bool) -> Result<(), SyncError> {
         let resources = self.oldest_first();
-        let stale =
-            |object: &DynamicObject| object.data["status"]["observedGeneration"].as_i64() != object.metadata.generation;
-        let unrecorded = |object: &DynamicObject| {
-            condition_of(object).is_some_and(|v| v.ready)
-                && accepted_of(object).map(|r| r.generation) != object.metadata.generation
-        };
         // A refused pool at its current generation is judged again with the counts (every 15 s): what
         // refused it (a leftover block) may be gone by then.
         let needed = refresh
             || resources.iter().any(|o| {
-                condition_of(o).is_none() || stale(o) || unrecorded(o) || o.metadata.deletion_timestamp.is_some()
+                let ready = condition_of(o).map(|v| v.ready);
+                ready.is_none()
+                    || status_stale(o)
+                    || (ready == Some(true) && unrecorded(o))
+                    || o.metadata.deletion_timestamp.is_some()
             });
         if !needed {
             self.release_config_finalizer().await?;
@@ -546,17 +564,7 @@ impl PoolSync {
                 }
             }
         }
-        let due: Vec<&Arc<DynamicObject>> = resources
-            .iter()
-            .filter(|object| {
-                verdicts.get(&object.name_any()).is_some_and(|verdict| {
-                    refresh
-                        || condition_of(object).as_ref() != Some(verdict)
-                        || stale(object)
-                        || (verdict.ready && accepted_of(object).map(|r| r.generation) != object.metadata.generation)
-                })
-            })
-            .collect();
+        let due = due(&resources, &verdicts, refresh);
         if !due.is_empty() {
             self.statuses(&due, &verdicts, &blocks).await?;
         }
