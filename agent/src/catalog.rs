@@ -245,7 +245,7 @@ impl Catalog {
         Ok(self.plan(docs, &stored).await?.1)
     }
 
-    fn once_each(docs: &[Located]) -> Result<(), CatalogError> {
+    pub(crate) fn once_each(docs: &[Located]) -> Result<(), CatalogError> {
         let mut seen: BTreeMap<String, &Location> = BTreeMap::new();
         for doc in docs {
             let object = doc.resource.describe();

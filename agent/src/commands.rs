@@ -62,7 +62,7 @@ pub struct Cli {
     pub kubeconfig: Option<std::path::PathBuf>,
     /// Where pools and the IPAM config are defined: `datastore` (written by `poolwarden apply`) or
     /// `kubernetes` (IPPool and IPAMConfig custom resources, copied into the datastore by the agents; `apply`
-    /// and `delete pool` then write the resources).
+    /// and `delete pool` then write the resources). On `--datastore kubernetes` they are always the resources.
     #[arg(long, global = true, value_enum, env = "POOLWARDEN_POOL_SOURCE", default_value = "datastore")]
     pub pool_source: PoolSource,
     #[command(subcommand)]
@@ -459,7 +459,8 @@ pub fn node_name(node: Option<String>) -> String {
 /// Where namespaces come from for a command: the agent's own (cached) directory when the agent runs it,
 /// otherwise what the datastore records (standalone records, or the API server through --kubeconfig).
 pub struct Namespaces {
-    store: Arc<dyn Store>,
+    /// The key-value datastore whose records say where namespaces come from (none on the Kubernetes one).
+    store: Option<Arc<dyn Store>>,
     agent: Option<Arc<dyn Directory>>,
     kubeconfig: Option<std::path::PathBuf>,
 }
@@ -471,13 +472,19 @@ impl Namespaces {
         agent: Option<Arc<dyn Directory>>,
         kubeconfig: Option<std::path::PathBuf>,
     ) -> Self {
-        Self { store, agent, kubeconfig }
+        Self { store: Some(store), agent, kubeconfig }
+    }
+
+    /// Namespaces for a command on the Kubernetes datastore: the API server's.
+    pub fn on_kubernetes(kubeconfig: Option<std::path::PathBuf>) -> Self {
+        Self { store: None, agent: None, kubeconfig }
     }
 
     async fn source(&self) -> Result<Source, CommandError> {
-        match &self.agent {
-            Some(directory) => Ok(directory.source()),
-            None => Ok(directory::source_of(self.store.as_ref()).await?),
+        match (&self.agent, &self.store) {
+            (Some(directory), _) => Ok(directory.source()),
+            (None, Some(store)) => Ok(directory::source_of(store.as_ref()).await?),
+            (None, None) => Ok(Source::Kubernetes),
         }
     }
 
@@ -485,8 +492,13 @@ impl Namespaces {
         if let Some(directory) = &self.agent {
             return Ok(Arc::clone(directory));
         }
-        let source = self.source().await?;
-        Ok(crate::k8s::directory_for(source, Arc::clone(&self.store), self.kubeconfig.as_deref()).await?)
+        match (self.source().await?, &self.store) {
+            (Source::Standalone, Some(store)) => Ok(Arc::new(directory::StandaloneDirectory::new(Arc::clone(store)))),
+            _ => {
+                let client = crate::k8s::connect(self.kubeconfig.as_deref()).await?;
+                Ok(Arc::new(crate::k8s::KubeLookups::new(client)))
+            }
+        }
     }
 
     /// Refuse a standalone namespace command when namespaces come from the API server.
@@ -502,14 +514,113 @@ impl Namespaces {
     }
 }
 
-/// The firewall export of the pools in `store`, as text.
+/// What a command reads and writes: a key-value datastore (embedded or etcd) with its catalog of pools, or
+/// the Kubernetes API (`--datastore kubernetes`: the IPAMBlock resources, the IPPool resources as the agents
+/// judged them, the Node objects as the registered nodes).
+pub enum Held {
+    /// Embedded or etcd.
+    KeyValue {
+        /// The datastore.
+        store: Arc<dyn Store>,
+        /// Its pools and IPAM config.
+        catalog: Catalog,
+    },
+    /// The API server.
+    Kubernetes {
+        /// Its client.
+        client: kube::Client,
+        /// The pool resources, followed.
+        pools: Arc<crate::k8s::pools::ResourcePools>,
+    },
+}
+
+impl Held {
+    /// The key-value datastore `store`.
+    pub fn key_value(store: Arc<dyn Store>) -> Self {
+        Self::KeyValue { catalog: Catalog::new(Arc::clone(&store)), store }
+    }
+
+    /// The Kubernetes datastore, through `client`.
+    pub fn kubernetes(client: kube::Client) -> Self {
+        Self::Kubernetes { pools: Arc::new(crate::k8s::pools::ResourcePools::start(client.clone())), client }
+    }
+
+    /// An allocator on it.
+    pub fn allocator(&self) -> BlockAllocator {
+        match self {
+            Self::KeyValue { store, .. } => BlockAllocator::of_store(Arc::clone(store)),
+            Self::Kubernetes { client, pools } => BlockAllocator::new(
+                Arc::new(crate::objects::kubernetes::KubeObjects::new(client.clone())),
+                Arc::clone(pools) as Arc<dyn crate::allocator::single::PoolSource>,
+            ),
+        }
+    }
+
+    /// The pools, in name order (on Kubernetes, those the agents accepted, as accepted).
+    async fn pools(&self) -> Result<Vec<crate::resources::IpPool>, CommandError> {
+        use crate::allocator::single::PoolSource as _;
+        Ok(match self {
+            Self::KeyValue { catalog, .. } => catalog.pools().await?.into_iter().map(|(p, _)| p).collect(),
+            Self::Kubernetes { pools, .. } => pools.load().await?.pools,
+        })
+    }
+
+    /// The pools deleted whose firewall sets stay (emptied by every load): on Kubernetes, those the pools'
+    /// lease holder recorded ([`crate::k8s::pools::RETIRED_POOLS`], in the agents' namespace) that are not
+    /// pools again.
+    async fn retired(&self) -> Result<Vec<(String, bool)>, CommandError> {
+        Ok(match self {
+            Self::KeyValue { catalog, .. } => catalog
+                .retired_pools()
+                .await?
+                .iter()
+                .map(|r| (firewall::set_name(&r.name), r.cidr.addr().is_ipv6()))
+                .collect(),
+            Self::Kubernetes { client, .. } => {
+                use crate::k8s::pools;
+                let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| pools::DEFAULT_NAMESPACE.into());
+                let live: BTreeSet<String> = self.pools().await?.iter().map(|p| p.name().to_string()).collect();
+                pools::retired(client, &namespace)
+                    .await?
+                    .into_iter()
+                    .filter(|(name, _)| !live.contains(name))
+                    .map(|(name, cidr)| (firewall::set_name(&name), cidr.addr().is_ipv6()))
+                    .collect()
+            }
+        })
+    }
+
+    /// Everything `ipam check` and `get` look at: the blocks, with the nodes registered now (an address of a
+    /// node that is not, and a block affine to one, are reported as leaked): on Kubernetes the Node objects.
+    async fn snapshot(&self, allocator: &BlockAllocator) -> Result<ipam::check::Snapshot, CommandError> {
+        if let Self::KeyValue { store, .. } = self {
+            refuse_older_layout(store).await?;
+        }
+        let mut snapshot = allocator.snapshot().await?;
+        snapshot.nodes = match self {
+            Self::KeyValue { store, .. } => {
+                let (registered, _) = store.list_keys(store::keys::NODES).await?;
+                registered.iter().filter_map(|k| k.strip_prefix(store::keys::NODES)).map(str::to_string).collect()
+            }
+            Self::Kubernetes { client, .. } => {
+                let nodes = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+                    .list_metadata(&kube::api::ListParams::default())
+                    .await?;
+                nodes.items.iter().map(kube::ResourceExt::name_any).collect()
+            }
+        };
+        Ok(snapshot)
+    }
+}
+
+/// The firewall export of the pools `held` has, as text.
 pub async fn firewall_export(
-    catalog: &Catalog,
+    held: &Held,
     namespaces: &Namespaces,
     format: ExportFormat,
     pool: Option<&str>,
 ) -> Result<String, CommandError> {
-    let pools: Vec<_> = catalog.pools().await?.into_iter().map(|(p, _)| p).collect();
+    let pools = held.pools().await?;
     if let Some(name) = pool
         && !pools.iter().any(|p| p.name() == name)
     {
@@ -517,31 +628,32 @@ pub async fn firewall_export(
     }
     let known = namespaces.directory().await?.namespaces().await?;
     // Deleted pools' sets stay in the firewall and are emptied by every load (not for `--pool`).
-    let retired: Vec<(String, bool)> = match pool {
+    let retired = match pool {
         Some(_) => Vec::new(),
-        None => catalog
-            .retired_pools()
-            .await?
-            .iter()
-            .map(|r| (firewall::set_name(&r.name), r.cidr.addr().is_ipv6()))
-            .collect(),
+        None => held.retired().await?,
     };
     Ok(firewall::render_with_retired(&firewall::export(&pools, &known, pool), &retired, format))
 }
 
-/// Run one command on `store`, writing what it prints to `out`; returns the exit code.
+/// Run one command on the datastore `held`, writing what it prints to `out`; returns the exit code.
 /// `stdin` is what `-f -` reads (the caller read it; the agent gets it over the socket); `agent` is the
-/// agent's directory when the agent runs the command.
+/// agent's directory when the agent runs the command. On the Kubernetes datastore pools are always the
+/// IPPool resources (`apply` and `delete pool` write them, judged first as the agents will judge them),
+/// namespaces and nodes the API server's; what only a key-value datastore has (standalone namespaces, a
+/// node's decommissioning) is refused there, naming what to use instead.
 pub async fn execute(
     cli: Cli,
-    store: Arc<dyn Store>,
+    held: Held,
     agent: Option<Arc<dyn Directory>>,
     stdin: Option<String>,
     out: &mut String,
 ) -> Result<u8, CommandError> {
-    let catalog = Catalog::new(Arc::clone(&store));
-    let allocator = BlockAllocator::of_store(Arc::clone(&store));
-    let namespaces = Namespaces::new(Arc::clone(&store), agent, cli.kubeconfig.clone());
+    let allocator = held.allocator();
+    let namespaces = match &held {
+        Held::KeyValue { store, .. } => Namespaces::new(Arc::clone(store), agent, cli.kubeconfig.clone()),
+        Held::Kubernetes { .. } => Namespaces::on_kubernetes(cli.kubeconfig.clone()),
+    };
+    let pools_as_resources = matches!(held, Held::Kubernetes { .. }) || cli.pool_source == PoolSource::Kubernetes;
     match cli.command {
         Command::Agent { .. } | Command::InstallCni { .. } | Command::Uninstall { .. } => {
             fail!("this command acts on the node it runs on, not through the agent's socket")
@@ -557,15 +669,24 @@ pub async fn execute(
             if let Some(doc) = docs.iter().find(|d| matches!(d.resource, resources::Resource::Namespace(_))) {
                 namespaces.refuse_in_kubernetes(&format!("{}: {}", doc.at, doc.resource.describe())).await?;
             }
-            if cli.pool_source == PoolSource::Kubernetes {
-                let client = crate::k8s::connect(cli.kubeconfig.as_deref()).await?;
-                let code = crate::k8s::pools::apply(client, &catalog, &docs, out).await?;
-                if code != 0 {
-                    return Ok(code);
+            match &held {
+                Held::KeyValue { catalog, .. } if !pools_as_resources => {
+                    for applied in catalog.apply(&docs).await? {
+                        w!(out, "{} {}", applied.object, applied.action);
+                    }
                 }
-            } else {
-                for applied in catalog.apply(&docs).await? {
-                    w!(out, "{} {}", applied.object, applied.action);
+                _ => {
+                    use crate::k8s::pools::Against;
+                    let (client, against) = match &held {
+                        Held::KeyValue { catalog, .. } => {
+                            (crate::k8s::connect(cli.kubeconfig.as_deref()).await?, Against::Datastore(catalog))
+                        }
+                        Held::Kubernetes { client, .. } => (client.clone(), Against::Resources),
+                    };
+                    let code = crate::k8s::pools::apply(client, against, &docs, out).await?;
+                    if code != 0 {
+                        return Ok(code);
+                    }
                 }
             }
             for doc in &docs {
@@ -579,18 +700,18 @@ pub async fn execute(
         Command::Get { what, name, output } => {
             let text = match what {
                 Kind::Pools => {
-                    let mut pools: Vec<_> = catalog.pools().await?.into_iter().map(|(p, _)| p).collect();
+                    let mut pools = held.pools().await?;
                     if let Some(name) = &name {
                         pools.retain(|p| p.name() == name);
                         if pools.is_empty() {
-                            fail!("IPPool {name:?} does not exist");
+                            fail!("IPPool {name:?} does not exist{}", not_accepted(&held));
                         }
                     }
                     cli::pools(&pools, output)
                 }
-                Kind::Blocks => cli::blocks(&snapshot(&allocator, &store).await?.blocks, output),
-                Kind::Affinities => cli::affinities(&snapshot(&allocator, &store).await?, output),
-                Kind::Handles => cli::handles(&snapshot(&allocator, &store).await?, output),
+                Kind::Blocks => cli::blocks(&held.snapshot(&allocator).await?.blocks, output),
+                Kind::Affinities => cli::affinities(&held.snapshot(&allocator).await?, output),
+                Kind::Handles => cli::handles(&held.snapshot(&allocator).await?, output),
                 Kind::Namespaces => {
                     let mut known: Vec<resources::Namespace> = namespaces
                         .directory()
@@ -608,20 +729,38 @@ pub async fn execute(
                     }
                     cli::namespaces(&known, output)
                 }
-                Kind::Ipamconfig => cli::config(&catalog.config().await?.0, output),
+                Kind::Ipamconfig => {
+                    let config = match &held {
+                        Held::KeyValue { catalog, .. } => catalog.config().await?.0,
+                        Held::Kubernetes { .. } => resources::IpamConfig {
+                            spec: allocator.load().await?.config,
+                            ..resources::IpamConfig::default()
+                        },
+                    };
+                    cli::config(&config, output)
+                }
                 Kind::Nodes => {
-                    let mut nodes: Vec<_> = crate::cluster::registered(store.as_ref()).await?.into_values().collect();
+                    let mut nodes: Vec<_> = match &held {
+                        Held::KeyValue { store, .. } => {
+                            crate::cluster::registered(store.as_ref()).await?.into_values().collect()
+                        }
+                        Held::Kubernetes { client, .. } => node_objects(client).await?,
+                    };
                     nodes.retain(|n| name.as_ref().is_none_or(|want| &n.name == want));
                     cli::nodes(&nodes, output)
                 }
             };
             out.push_str(&text);
         }
-        Command::Delete { what: DeleteKind::Pool, name, force } if cli.pool_source == PoolSource::Kubernetes => {
-            let client = crate::k8s::connect(cli.kubeconfig.as_deref()).await?;
+        Command::Delete { what: DeleteKind::Pool, name, force } if pools_as_resources => {
+            let client = match &held {
+                Held::Kubernetes { client, .. } => client.clone(),
+                Held::KeyValue { .. } => crate::k8s::connect(cli.kubeconfig.as_deref()).await?,
+            };
             crate::k8s::pools::delete(client, &name, force, out).await?;
         }
         Command::Delete { what: DeleteKind::Pool, name, force } => {
+            let Held::KeyValue { catalog, .. } = &held else { unreachable!("pools are resources on Kubernetes") };
             let left = catalog.delete_pool(&name, force).await?;
             w!(out, "ippool/{name} deleted");
             if !left.is_empty() {
@@ -636,6 +775,12 @@ pub async fn execute(
             }
         }
         Command::Node { command: NodeCommand::Decommission { name } } => {
+            let Held::KeyValue { store, .. } = &held else {
+                fail!(
+                    "node decommission {name}: on the Kubernetes datastore a node is gone when its Node object is \
+                     deleted (`kubectl delete node {name}`); the agents then take its addresses and blocks back"
+                )
+            };
             if store.get(&store::keys::node(&name)).await?.is_some() {
                 fail!(
                     "node {name} is registered: its agent is running (or stopped less than its registration TTL \
@@ -654,71 +799,94 @@ pub async fn execute(
         }
         Command::Annotate { what: NamespaceKind::Namespace, name, changes } => {
             namespaces.refuse_in_kubernetes(&format!("annotate namespace {name}")).await?;
+            let Held::KeyValue { catalog, .. } = &held else { unreachable!("refused above") };
             catalog.edit_namespace(&name, &changes, true).await?;
             w!(out, "namespace/{name} annotated");
         }
         Command::Label { what: NamespaceKind::Namespace, name, changes } => {
             namespaces.refuse_in_kubernetes(&format!("label namespace {name}")).await?;
+            let Held::KeyValue { catalog, .. } = &held else { unreachable!("refused above") };
             catalog.edit_namespace(&name, &changes, false).await?;
             w!(out, "namespace/{name} labeled");
         }
         Command::Ipam { command } => {
-            return ipam_command(command, &catalog, &allocator, &store, &namespaces, out).await;
+            return ipam_command(command, &allocator, &held, &namespaces, out).await;
         }
         Command::Firewall { command: FirewallCommand::Export { format, pool, watch: _ } } => {
             // `--watch` is the caller's loop around this (see the `poolwarden` binary).
-            out.push_str(&firewall_export(&catalog, &namespaces, format, pool.as_deref()).await?);
+            out.push_str(&firewall_export(&held, &namespaces, format, pool.as_deref()).await?);
         }
-        Command::Enforcement { command: EnforcementCommand::Status { bpf_dir } } => {
-            use crate::dataplane::enforcement::{self, HAS_IPV4, HAS_IPV6, POOL_MODE, reason};
-            // Everything comes from the pinned maps (pool names too), so this works with the agent down.
-            let state = enforcement::read_pinned(&bpf_dir)?;
-            let name_of = |slot: u32| state.pool_names.get(&slot).map_or(enforcement::NO_POOL, String::as_str);
-            w!(out, "{} interface(s) enforced (maps pinned in {})", state.attached.len(), bpf_dir.display());
-            let ports: Vec<String> = state.decap_ports.iter().map(u16::to_string).collect();
-            w!(out, "tunnels dropped: IP protocols {:?}, UDP ports {}", enforcement::TUNNEL_PROTOCOLS, ports.join(","));
-            let rows: Vec<Vec<String>> = state
-                .endpoints
-                .iter()
-                .map(|(ifindex, e)| {
-                    let mut addresses = Vec::new();
-                    if e.flags & HAS_IPV4 != 0 {
-                        addresses.push(std::net::Ipv4Addr::from(e.ipv4).to_string());
-                    }
-                    if e.flags & HAS_IPV6 != 0 {
-                        addresses.push(std::net::Ipv6Addr::from(e.ipv6).to_string());
-                    }
-                    let mode = if e.flags & POOL_MODE != 0 { "pool" } else { "strict" };
-                    let attached = if state.attached.contains(ifindex) { "yes" } else { "no" };
-                    vec![
-                        ifindex.to_string(),
-                        addresses.join(","),
-                        name_of(e.pool_id).to_string(),
-                        mode.to_string(),
-                        attached.to_string(),
-                    ]
-                })
-                .collect();
-            out.push_str(&cli::table(&["IFINDEX", "ADDRESSES", "POOL", "MODE", "ATTACHED"], &rows));
-            let rows: Vec<Vec<String>> = state
-                .counters
-                .iter()
-                .map(|(pool, why, n)| vec![pool.clone(), reason::name(*why).to_string(), n.to_string()])
-                .collect();
-            out.push_str(&cli::table(&["POOL", "REASON", "PACKETS"], &rows));
-        }
+        Command::Enforcement { command: EnforcementCommand::Status { bpf_dir } } => enforcement_status(&bpf_dir, out)?,
     }
     Ok(0)
 }
 
-/// Everything `ipam check` and `get` look at: the blocks, with the nodes registered now (an address of a node
-/// that is not, and a block affine to one, are reported as leaked).
-async fn snapshot(allocator: &BlockAllocator, store: &Arc<dyn Store>) -> Result<ipam::check::Snapshot, CommandError> {
-    refuse_older_layout(store).await?;
-    let mut snapshot = allocator.snapshot().await?;
-    let (registered, _) = store.list_keys(store::keys::NODES).await?;
-    snapshot.nodes = registered.iter().filter_map(|k| k.strip_prefix(store::keys::NODES)).map(str::to_string).collect();
-    Ok(snapshot)
+/// What `get pools NAME` adds on the Kubernetes datastore, where a resource the agents refused (or have not
+/// judged yet) is not a pool.
+fn not_accepted(held: &Held) -> &'static str {
+    match held {
+        Held::KeyValue { .. } => "",
+        Held::Kubernetes { .. } => {
+            " as a pool the agents accepted (`kubectl get ippool NAME` shows a resource's verdict)"
+        }
+    }
+}
+
+/// The Node objects as registered nodes: name, the addresses other nodes route its blocks to, labels.
+async fn node_objects(client: &kube::Client) -> Result<Vec<crate::cluster::NodeRecord>, CommandError> {
+    let nodes = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .list(&kube::api::ListParams::default())
+        .await?;
+    Ok(nodes
+        .items
+        .iter()
+        .map(|node| crate::cluster::NodeRecord {
+            name: kube::ResourceExt::name_any(node),
+            addresses: crate::k8s::node_addresses_of(node),
+            labels: node.metadata.labels.clone().unwrap_or_default().into_iter().collect(),
+        })
+        .collect())
+}
+
+/// `enforcement status`: everything comes from the pinned maps (pool names too), so this works with the
+/// agent down and on any datastore.
+fn enforcement_status(bpf_dir: &std::path::Path, out: &mut String) -> Result<(), CommandError> {
+    use crate::dataplane::enforcement::{self, HAS_IPV4, HAS_IPV6, POOL_MODE, reason};
+    let state = enforcement::read_pinned(bpf_dir)?;
+    let name_of = |slot: u32| state.pool_names.get(&slot).map_or(enforcement::NO_POOL, String::as_str);
+    w!(out, "{} interface(s) enforced (maps pinned in {})", state.attached.len(), bpf_dir.display());
+    let ports: Vec<String> = state.decap_ports.iter().map(u16::to_string).collect();
+    w!(out, "tunnels dropped: IP protocols {:?}, UDP ports {}", enforcement::TUNNEL_PROTOCOLS, ports.join(","));
+    let rows: Vec<Vec<String>> = state
+        .endpoints
+        .iter()
+        .map(|(ifindex, e)| {
+            let mut addresses = Vec::new();
+            if e.flags & HAS_IPV4 != 0 {
+                addresses.push(std::net::Ipv4Addr::from(e.ipv4).to_string());
+            }
+            if e.flags & HAS_IPV6 != 0 {
+                addresses.push(std::net::Ipv6Addr::from(e.ipv6).to_string());
+            }
+            let mode = if e.flags & POOL_MODE != 0 { "pool" } else { "strict" };
+            let attached = if state.attached.contains(ifindex) { "yes" } else { "no" };
+            vec![
+                ifindex.to_string(),
+                addresses.join(","),
+                name_of(e.pool_id).to_string(),
+                mode.to_string(),
+                attached.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&cli::table(&["IFINDEX", "ADDRESSES", "POOL", "MODE", "ATTACHED"], &rows));
+    let rows: Vec<Vec<String>> = state
+        .counters
+        .iter()
+        .map(|(pool, why, n)| vec![pool.clone(), reason::name(*why).to_string(), n.to_string()])
+        .collect();
+    out.push_str(&cli::table(&["POOL", "REASON", "PACKETS"], &rows));
+    Ok(())
 }
 
 /// Refused on a datastore whose IPAM state an older poolwarden wrote and no agent of this version converted
@@ -754,49 +922,19 @@ fn report_check(snapshot: &ipam::check::Snapshot, out: &mut String) -> u8 {
     0
 }
 
-/// A command on the Kubernetes datastore (`--datastore kubernetes`): the blocks are the IPAMBlock resources,
-/// the pools the IPPool resources as the agents judged them (one not judged ready is not a pool here), the
-/// registered nodes the Node objects. `ipam show` and `ipam check` read them; the rest is refused with what
-/// to use instead.
-pub async fn execute_on_kubernetes(cli: Cli, out: &mut String) -> Result<u8, CommandError> {
-    let Command::Ipam { command: command @ (IpamCommand::Check | IpamCommand::Show { mismatched: false, .. }) } =
-        cli.command
-    else {
-        fail!(
-            "--datastore kubernetes: from the command line, only `ipam show` and `ipam check` read the Kubernetes \
-             datastore yet; use kubectl for the rest (`kubectl get ippools,ipamblocks`, `kubectl apply -f`)"
-        )
-    };
-    let client = crate::k8s::connect(cli.kubeconfig.as_deref()).await?;
-    let pools = Arc::new(crate::k8s::pools::ResourcePools::start(client.clone()));
-    let allocator = BlockAllocator::new(Arc::new(crate::objects::kubernetes::KubeObjects::new(client.clone())), pools);
-    let mut snapshot = allocator.snapshot().await?;
-    let nodes = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client)
-        .list_metadata(&kube::api::ListParams::default())
-        .await?;
-    snapshot.nodes = nodes.items.iter().map(kube::ResourceExt::name_any).collect();
-    match command {
-        IpamCommand::Check => return Ok(report_check(&snapshot, out)),
-        IpamCommand::Show { blocks, .. } => {
-            out.push_str(&if blocks { cli::ipam_show_blocks(&snapshot) } else { cli::ipam_show(&snapshot) });
-        }
-        _ => {}
-    }
-    Ok(0)
-}
-
 async fn ipam_command(
     command: IpamCommand,
-    catalog: &Catalog,
     allocator: &BlockAllocator,
-    store: &Arc<dyn Store>,
+    held: &Held,
     namespaces: &Namespaces,
     out: &mut String,
 ) -> Result<u8, CommandError> {
-    refuse_older_layout(store).await?;
+    if let Held::KeyValue { store, .. } = held {
+        refuse_older_layout(store).await?;
+    }
     match command {
         IpamCommand::Show { mismatched: true, .. } => {
-            let snapshot = snapshot(allocator, store).await?;
+            let snapshot = held.snapshot(allocator).await?;
             let directory = namespaces.directory().await?;
             let known: BTreeMap<String, ipam::NamespaceInfo> =
                 directory.namespaces().await?.into_iter().map(|ns| (ns.name.clone(), ns)).collect();
@@ -815,17 +953,17 @@ async fn ipam_command(
             out.push_str(&cli::mismatched(&found));
         }
         IpamCommand::Show { blocks, .. } => {
-            let snapshot = snapshot(allocator, store).await?;
+            let snapshot = held.snapshot(allocator).await?;
             out.push_str(&if blocks { cli::ipam_show_blocks(&snapshot) } else { cli::ipam_show(&snapshot) });
         }
-        IpamCommand::Check => return Ok(report_check(&snapshot(allocator, store).await?, out)),
+        IpamCommand::Check => return Ok(report_check(&held.snapshot(allocator).await?, out)),
         IpamCommand::Release { ip: Some(ip), .. } => match allocator.release_ip(ip, None).await? {
             Some(a) => w!(out, "released {ip} (handle {})", a.handle),
             None => w!(out, "{ip} was not allocated"),
         },
         IpamCommand::Release { handle: Some(handle), .. } => {
             // On every node that holds an address for it (one, unless something went wrong).
-            let held = snapshot(allocator, store).await?;
+            let held = held.snapshot(allocator).await?;
             let nodes: BTreeSet<String> = held
                 .blocks
                 .iter()
@@ -845,7 +983,7 @@ async fn ipam_command(
         IpamCommand::Release { .. } => fail!("give --ip or --handle"),
         IpamCommand::Assign { namespace, pod, pod_annotations, handle, node, node_labels, pool, ip } => {
             let ns = namespaces.directory().await?.namespace(&namespace).await?;
-            let pools: Vec<_> = catalog.pools().await?.into_iter().map(|(p, _)| p).collect();
+            let pools = held.pools().await?;
             let handle =
                 handle.unwrap_or_else(|| format!("{namespace}.{}", pod.clone().unwrap_or_else(|| "standalone".into())));
             let request = AssignRequest {

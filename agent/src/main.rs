@@ -85,12 +85,27 @@ async fn run(cli: Cli) -> Result<u8> {
             node_gone_after: node_gone_after.0,
         };
         if cli.datastore == store::KUBERNETES_DATASTORE {
+            // An agent of the DaemonSet on a node whose agent kept its state in the embedded default (the
+            // DaemonSet's default before `kubernetes`): the running pods' addresses are in that file, not in
+            // the API server, so starting here would hand them out again. Switching is a migration.
+            let embedded = store::DEFAULT_DATASTORE.trim_start_matches("embedded:");
+            if std::env::var_os("POD_NAMESPACE").is_some() && std::path::Path::new(embedded).exists() {
+                bail!(
+                    "--datastore kubernetes, but this node's agent kept its IPAM state in {embedded} (the embedded \
+                     datastore, deploy/'s default before kubernetes): its pods' addresses are there, not in the API \
+                     server. Set POOLWARDEN_DATASTORE back to embedded:{embedded} in the poolwarden-config \
+                     ConfigMap, or migrate (deploy/README.md, \"Upgrade\": every agent stopped, \
+                     `poolwarden datastore migrate --from embedded:{embedded} --to kubernetes`, then move the file \
+                     away) before starting agents on kubernetes"
+                );
+            }
             // Everything is in the API server: blocks as IPAMBlock resources, pools as IPPool resources
             // (judged by the holder of the pools' Lease), nodes as Node objects; namespaces and pods too.
             let client = poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?;
             let pools = Arc::new(poolwarden::k8s::pools::ResourcePools::start(client.clone()));
             let judge = poolwarden::k8s::pools::PoolSync::judge(client.clone());
-            let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "kube-system".into());
+            let namespace =
+                std::env::var("POD_NAMESPACE").unwrap_or_else(|_| poolwarden::k8s::pools::DEFAULT_NAMESPACE.into());
             tokio::spawn(judge.run(namespace, node.name.clone()));
             let (directory, addresses) =
                 kube_directory(client.clone(), &node.name, node_address.clone(), kube_sync_timeout.0).await;
@@ -210,13 +225,14 @@ async fn run(cli: Cli) -> Result<u8> {
     if let Command::Firewall { command: FirewallCommand::Export { watch: true, .. } } = &cli.command {
         return watch_export(cli).await;
     }
+    let stdin = if reads_stdin(&cli) { Some(std::io::read_to_string(std::io::stdin().lock())?) } else { None };
     if cli.datastore == store::KUBERNETES_DATASTORE {
+        let held = commands::Held::kubernetes(poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?);
         let mut out = String::new();
-        let result = commands::execute_on_kubernetes(cli, &mut out).await;
+        let result = commands::execute(cli, held, None, stdin, &mut out).await;
         print!("{out}");
         return result.map_err(|e| anyhow::anyhow!(e));
     }
-    let stdin = if reads_stdin(&cli) { Some(std::io::read_to_string(std::io::stdin().lock())?) } else { None };
     let opened = if cli.command.read_only() {
         store::open_existing(&cli.datastore, &cli.etcd_options()).await
     } else {
@@ -225,7 +241,7 @@ async fn run(cli: Cli) -> Result<u8> {
     match opened {
         Ok(store) => {
             let mut out = String::new();
-            let result = commands::execute(cli, store, None, stdin, &mut out).await;
+            let result = commands::execute(cli, commands::Held::key_value(store), None, stdin, &mut out).await;
             print!("{out}");
             result.map_err(|e| anyhow::anyhow!(e))
         }
@@ -369,6 +385,18 @@ fn print_if_changed(last: &mut String, text: String) -> Result<()> {
     Ok(())
 }
 
+/// The export of `held`'s pools, printed unless it is what was printed `last`.
+async fn export_again(
+    held: &commands::Held,
+    namespaces: &commands::Namespaces,
+    format: poolwarden::firewall::ExportFormat,
+    pool: Option<&str>,
+    last: &mut String,
+) -> Result<()> {
+    let text = commands::firewall_export(held, namespaces, format, pool).await.map_err(|e| anyhow::anyhow!(e))?;
+    print_if_changed(last, text)
+}
+
 /// `firewall export --watch`: print the export, then again each time it changes, until interrupted. With
 /// the datastore at hand it wakes on every pool or namespace change; otherwise it asks the agent again
 /// every few seconds. Either way it prints only when the text changed.
@@ -377,17 +405,28 @@ async fn watch_export(cli: Cli) -> Result<u8> {
         return Ok(2);
     };
     let mut last = String::new();
+    if cli.datastore == store::KUBERNETES_DATASTORE {
+        // Woken by a pool resource changing; namespaces are asked again every few seconds.
+        let held = commands::Held::kubernetes(poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?);
+        let commands::Held::Kubernetes { pools: resources, .. } = &held else { unreachable!("made above") };
+        let changed = resources.changes();
+        let namespaces = commands::Namespaces::on_kubernetes(cli.kubeconfig.clone());
+        loop {
+            export_again(&held, &namespaces, *format, pool.as_deref(), &mut last).await?;
+            tokio::select! {
+                () = changed.notified() => {}
+                () = tokio::time::sleep(EXPORT_POLL) => {}
+            }
+        }
+    }
     match store::open_existing(&cli.datastore, &cli.etcd_options()).await {
         Ok(store) => {
-            let catalog = poolwarden::catalog::Catalog::new(Arc::clone(&store));
+            let held = commands::Held::key_value(Arc::clone(&store));
             let namespaces = commands::Namespaces::new(Arc::clone(&store), None, cli.kubeconfig.clone());
             let mut pools = store.watch(store::keys::POOLS, 0).await?;
             let mut standalone = store.watch(store::keys::NAMESPACES, 0).await?;
             loop {
-                let text = commands::firewall_export(&catalog, &namespaces, *format, pool.as_deref())
-                    .await
-                    .map_err(|e| anyhow::anyhow!(e))?;
-                print_if_changed(&mut last, text)?;
+                export_again(&held, &namespaces, *format, pool.as_deref(), &mut last).await?;
                 tokio::select! {
                     event = pools.next() => if event.is_none() { return Ok(0) },
                     event = standalone.next() => if event.is_none() { return Ok(0) },

@@ -4,10 +4,12 @@
 //! - The cluster's own agents: read from their metrics endpoints (`poolwarden_kubernetes_requests_total`,
 //!   counted by every agent's client), over the window.
 //! - Simulated nodes: in this process, each with a client of its own counting what it sends, and what an agent
-//!   opens against the API server: its directory (namespaces, its pods, its Node), the pool resources and the
-//!   pools' Lease (`PoolSync`, competing for the lease with the real agents), and its blocks' view (the
-//!   single-object allocator's two label-selected watches on `ipamblocks`). 1, 2, then 1,000 of them; the
-//!   start-up requests (lists and watches opened) are reported apart from the window.
+//!   on the Kubernetes datastore (the DaemonSet's default) opens against the API server: its directory
+//!   (namespaces, its pods, its Node), the pool resources and the pools' Lease (`ResourcePools`, and
+//!   `PoolSync::judge` competing for the lease with the real agents), its blocks' view (the single-object
+//!   allocator's two label-selected watches on `ipamblocks`) and what it routes by (`Membership`: every Node
+//!   and every IPAMBlock, listed and watched). 1, 2, then 1,000 of them; the start-up requests (lists and
+//!   watches opened) are reported apart from the window.
 //!
 //! Needs root and a cluster (`cargo xtask bench --only at-rest`, which runs it from the tests' build with
 //! `--bench`: it counts requests, its one time figure is how long the simulated nodes took to start); under
@@ -20,17 +22,14 @@ use std::{
 };
 
 use poolwarden::{
-    allocator::single::{
-        BlockAllocator, PoolSource,
-        conformance::{FixedPools, pool},
-    },
+    allocator::single::{BlockAllocator, PoolSource},
+    daemon::membership::{Membership, Source},
     k8s::{
         self, KubeDirectory,
-        pools::PoolSync,
+        pools::{PoolSync, ResourcePools},
         requests::{ApiRequest, Tally},
     },
     objects::{ObjectStore, kubernetes::KubeObjects},
-    store::{Store, embedded::EmbeddedStore},
 };
 
 /// The window each figure is measured over: longer than a watch lasts (kube-rs asks the API server to end a
@@ -46,12 +45,12 @@ struct Simulated {
     tally: Arc<Tally>,
     _directory: Arc<KubeDirectory>,
     _allocator: Arc<BlockAllocator>,
-    sync: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Simulated {
     fn drop(&mut self) {
-        self.sync.abort();
+        self.tasks.iter().for_each(tokio::task::JoinHandle::abort);
     }
 }
 
@@ -62,8 +61,7 @@ fn total(counts: &BTreeMap<ApiRequest, u64>) -> u64 {
 /// Start `n` simulated nodes named `<run>-<i>`, each with its own counted client; return once every one's
 /// caches have listed and its blocks' view is open (its first list; retried while the API server is busy with
 /// the others' start).
-async fn start(config: &kube::Config, store: &Arc<dyn Store>, run: &str, n: usize) -> Vec<Simulated> {
-    let pools: Arc<dyn PoolSource> = FixedPools::new(vec![pool("at-rest", "10.253.0.0/16", 26)]);
+async fn start(config: &kube::Config, run: &str, n: usize) -> Vec<Simulated> {
     let mut nodes = Vec::with_capacity(n);
     let mut ready = Vec::with_capacity(n);
     for i in 0..n {
@@ -71,10 +69,12 @@ async fn start(config: &kube::Config, store: &Arc<dyn Store>, run: &str, n: usiz
         let tally = Arc::new(Tally::default());
         let client = k8s::counted_client(config.clone(), Arc::clone(&tally)).expect("a client");
         let directory = Arc::new(KubeDirectory::start(client.clone(), &node));
-        let sync =
-            tokio::spawn(PoolSync::start(client.clone(), Arc::clone(store)).run("kube-system".into(), node.clone()));
+        let pools = Arc::new(ResourcePools::start(client.clone()));
+        let judge = tokio::spawn(PoolSync::judge(client.clone()).run("kube-system".into(), node.clone()));
+        let membership = Arc::new(Membership::new(Source::Kubernetes(client.clone())));
+        let follow = tokio::spawn(Arc::clone(&membership).follow());
         let objects: Arc<dyn ObjectStore> = Arc::new(KubeObjects::new(client));
-        let allocator = Arc::new(BlockAllocator::new(objects, Arc::clone(&pools)));
+        let allocator = Arc::new(BlockAllocator::new(objects, Arc::clone(&pools) as Arc<dyn PoolSource>));
         ready.push(tokio::spawn({
             let (directory, allocator) = (Arc::clone(&directory), Arc::clone(&allocator));
             async move {
@@ -82,12 +82,19 @@ async fn start(config: &kube::Config, store: &Arc<dyn Store>, run: &str, n: usiz
                 while !directory.wait_ready(Duration::from_secs(30)).await {
                     assert!(Instant::now() < deadline, "{node}'s caches did not sync in 10 minutes");
                 }
+                while !pools.wait_ready(Duration::from_secs(30)).await {
+                    assert!(Instant::now() < deadline, "{node}'s pool resources were not listed in 10 minutes");
+                }
                 while let Err(e) = allocator.node_blocks(&node).await {
                     assert!(Instant::now() < deadline, "{node}'s blocks were not listed in 10 minutes: {e}");
                 }
+                while !membership.is_followed() {
+                    assert!(Instant::now() < deadline, "{node}'s nodes and blocks were not followed in 10 minutes");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }));
-        nodes.push(Simulated { tally, _directory: directory, _allocator: allocator, sync });
+        nodes.push(Simulated { tally, _directory: directory, _allocator: allocator, tasks: vec![judge, follow] });
     }
     for started in ready {
         started.await.expect("a simulated node's start");
@@ -168,15 +175,11 @@ fn main() {
     };
     let netns = std::fs::File::open("/run/netns/pwk-cp").expect("the control plane's namespace");
     nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns (root?)");
-    let scratch = tempfile::tempdir().expect("a scratch directory");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     runtime.block_on(async {
         let file = kube::config::Kubeconfig::read_from(dir.join("admin.kubeconfig")).expect("kubeconfig");
         let config = kube::Config::from_custom_kubeconfig(file, &Default::default()).await.expect("config");
         let admin = k8s::counted_client(config.clone(), Arc::new(Tally::default())).expect("client");
-        // A pool sync that took the lease would write here (it does not while a real agent renews it).
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(&scratch.path().join("store.redb")).expect("the scratch store"));
         let run = format!("rest{}", std::process::id());
 
         let window = window();
@@ -186,7 +189,7 @@ fn main() {
         let mut followers = BTreeMap::new();
         for n in [1usize, 2, 1000] {
             let started = Instant::now();
-            let nodes = start(&config, &store, &format!("{run}-{n}"), n).await;
+            let nodes = start(&config, &format!("{run}-{n}"), n).await;
             let up = started.elapsed();
             tokio::time::sleep(Duration::from_secs(5)).await;
             let before: Vec<_> = nodes.iter().map(|s| s.tally.counts()).collect();

@@ -356,10 +356,11 @@ fn verdict(kubectl: &Kubectl, name: &str, limit: Duration) -> (bool, String, Str
     found.expect("waited for")
 }
 
-/// Pools as resources, as the agents treat them: of two overlapping pools the later is refused (and taken once
-/// the first is gone), `poolwarden apply` writes resources and fails on a refusal, a deleted pool stays disabled
-/// while an address is allocated from it and goes with the last, and a pool that only the datastore had gets a
-/// resource.
+/// Pools as resources, as the agents treat them on their default, the Kubernetes datastore: of two
+/// overlapping pools the later is refused (and taken once the first is gone), `poolwarden apply` in an
+/// agent's container judges as the agents will, writes resources and fails on a refusal, a deleted pool stays
+/// disabled while an address is allocated from it and goes with the last; then on etcd, a pool that only
+/// the datastore had gets a resource.
 #[test]
 fn pool_resources_are_judged_kept_while_used_and_adopted_by_the_agents() {
     let Some(dir) = cluster() else { return };
@@ -459,9 +460,11 @@ fn pool_resources_are_judged_kept_while_used_and_adopted_by_the_agents() {
     let config = agent_cli(&kubectl, &["get", "ipamconfig", "-o", "yaml"]);
     assert!(config.contains("emptyBlockGraceSeconds: 300"), "{config}");
 
-    // A pool only the datastore has (written with the datastore as the source) gets a resource; deleting
-    // that resource takes the pool out of the datastore, even when the delete comes at once, before the lease
-    // holder's next pass (three times, since that window is a quarter of a second).
+    // With the agents on etcd (pools copied from the resources into it): a pool only the datastore has
+    // (written with the datastore as the source) gets a resource; deleting that resource takes the pool out
+    // of the datastore, even when the delete comes at once, before the lease holder's next pass (three
+    // times, since that window is a quarter of a second).
+    let _agents = OnEtcdDatastore::switch(&kubectl);
     for round in 1..=3 {
         let name = format!("adopted-{round}");
         let (ok, out, err) = in_agent(
@@ -540,10 +543,13 @@ fn at_rest_the_agents_follow_by_watches_and_poll_nothing() {
         .unwrap_or_default()
         .to_string();
     let pods = kubectl.json(&["-n", "kube-system", "get", "pods", "-l", "app.kubernetes.io/name=poolwarden"]);
+    // Running ones: a test's kubelet-less Node objects (and the DaemonSet's pods for them, Pending until
+    // the objects' deletion is noticed) may still be about.
     let agents: Vec<(String, String)> = pods["items"]
         .as_array()
         .expect("items")
         .iter()
+        .filter(|p| p["status"]["phase"] == "Running")
         .map(|p| {
             let field = |v: &Value| v.as_str().unwrap_or_default().to_string();
             (field(&p["spec"]["nodeName"]), field(&p["status"]["hostIP"]))
@@ -676,7 +682,7 @@ fn the_block_allocator_allocates_from_the_ippool_resources_as_judged() {
 
     let Some(dir) = cluster() else { return };
     let kubectl = Kubectl::new(&dir);
-    ipamblocks_served(&kubectl);
+    let _agents = OnEtcdDatastore::switch(&kubectl);
     let run = format!("r{}", std::process::id());
     let (ready, overlapping) = (format!("{run}-ready"), format!("{run}-overlapping"));
     // Bound to a namespace no pod is in: the agents judge the pools, and allocate nothing from them.
@@ -782,11 +788,6 @@ apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {{name: {overlapping}}}\ns
 /// The control plane's network namespace, where the API server is reached from.
 const CONTROL_PLANE_NETNS: &str = "/run/netns/pwk-cp";
 
-/// Wait until the IPAMBlock kind is served (the tests on the API server's blocks start with this).
-fn ipamblocks_served(kubectl: &Kubectl) {
-    kubectl.ok(&["wait", "--for=condition=Established", "crd/ipamblocks.poolwarden.io", "--timeout=60s"]);
-}
-
 /// No IPAMBlock is left (the tests on the API server's blocks end with this).
 fn no_ipamblocks_left(kubectl: &Kubectl) {
     let left = kubectl.ok(&["get", "ipamblocks", "-o", "name"]);
@@ -799,7 +800,7 @@ fn no_ipamblocks_left(kubectl: &Kubectl) {
 fn a_kill_at_every_step_boundary_leaves_a_state_the_next_steps_clean_up_on_the_api_server() {
     let Some(dir) = cluster() else { return };
     let kubectl = Kubectl::new(&dir);
-    ipamblocks_served(&kubectl);
+    let _agents = OnEtcdDatastore::switch(&kubectl);
     let kubeconfig = dir.join("admin.kubeconfig");
     kill_points::kill_at_every_boundary(move |_, scratch| kill_points::Backend::Kubernetes {
         kubeconfig: kubeconfig.clone(),
@@ -905,7 +906,7 @@ fn the_block_allocator_keeps_addresses_unique_through_an_api_server_restart() {
     const AT_ONCE: usize = 20;
     let Some(dir) = cluster() else { return };
     let kubectl = Kubectl::new(&dir);
-    ipamblocks_served(&kubectl);
+    let _agents = OnEtcdDatastore::switch(&kubectl);
     let kubeconfig = dir.join("admin.kubeconfig");
     // Bound to the namespace the churn's pods are in, so the cluster's own pods never take from it.
     kubectl.ok_with(
@@ -1089,7 +1090,7 @@ type Suite = fn(
 fn on_the_api_server(what: &str, suite: Suite) {
     let Some(dir) = cluster() else { return };
     let kubectl = Kubectl::new(&dir);
-    ipamblocks_served(&kubectl);
+    let _agents = OnEtcdDatastore::switch(&kubectl);
     let kubeconfig = dir.join("admin.kubeconfig");
     let run = format!("c{}", std::process::id());
     let thread = std::thread::spawn(move || {
@@ -1590,7 +1591,7 @@ fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() 
 
     let Some(dir) = cluster() else { return };
     let kubectl = Kubectl::new(&dir);
-    ipamblocks_served(&kubectl);
+    let _agents = OnEtcdDatastore::switch(&kubectl);
     /// What the migration wrote goes, however the test ends (the agents retire the pool, and put the IPAM
     /// settings back to their defaults, once its resources are deleted).
     struct Cleanup<'a>(&'a Kubectl);
@@ -1703,40 +1704,40 @@ fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() 
     assert!(copied.1.contains(&"migrated=10.126.0.0/24".to_string()), "{:?}", copied.1);
 }
 
-/// The agents switched to the Kubernetes datastore (`POOLWARDEN_DATASTORE=kubernetes` on the DaemonSet's
-/// agent container) for as long as this lives; back on the cluster's etcd when dropped, even when the test
-/// failed.
-struct OnKubernetesDatastore<'a>(&'a Kubectl);
+/// The cluster's etcd for poolwarden (`cargo xtask cluster up` starts it in the control plane's namespace).
+const POOLWARDEN_ETCD: &str = "etcd:http://10.250.0.1:22379";
 
-impl<'a> OnKubernetesDatastore<'a> {
+/// The agents switched from their default, the Kubernetes datastore, to the cluster's etcd
+/// (`POOLWARDEN_DATASTORE` on the DaemonSet's agent container) for as long as this lives, and back when
+/// dropped, even when the test failed. Switched, the IPAMBlock objects the agents left with nothing allocated
+/// (empty blocks within their grace period) are deleted, so that a test of the API server's blocks has them to
+/// itself; one still holding an address means a pod of an earlier test is left, and fails the switch.
+struct OnEtcdDatastore<'a>(&'a Kubectl);
+
+impl<'a> OnEtcdDatastore<'a> {
     fn switch(kubectl: &'a Kubectl) -> Self {
-        kubectl.ok(&[
-            "-n",
-            "kube-system",
-            "set",
-            "env",
-            "ds/poolwarden",
-            "-c",
-            "agent",
-            "POOLWARDEN_DATASTORE=kubernetes",
-        ]);
+        kubectl.ok(&["wait", "--for=condition=Established", "crd/ipamblocks.poolwarden.io", "--timeout=60s"]);
+        let datastore = format!("POOLWARDEN_DATASTORE={POOLWARDEN_ETCD}");
+        kubectl.ok(&["-n", "kube-system", "set", "env", "ds/poolwarden", "-c", "agent", &datastore]);
         let switched = Self(kubectl);
         kubectl.ok(&["-n", "kube-system", "rollout", "status", "daemonset/poolwarden", "--timeout=180s"]);
+        let blocks = kubectl.json(&["get", "ipamblocks"]);
+        for block in blocks["items"].as_array().expect("items") {
+            let name = block["metadata"]["name"].as_str().expect("a name");
+            let held = block["spec"]["allocations"].as_object().map_or(0, serde_json::Map::len);
+            assert_eq!(held, 0, "IPAMBlock {name} still holds addresses (a pod of an earlier test left?): {block}");
+            kubectl.ok(&["delete", "ipamblock", name, "--ignore-not-found"]);
+        }
         switched
     }
 }
 
-impl Drop for OnKubernetesDatastore<'_> {
+impl Drop for OnEtcdDatastore<'_> {
     fn drop(&mut self) {
         let kubectl = self.0;
         kubectl
             .run(&["-n", "kube-system", "set", "env", "ds/poolwarden", "-c", "agent", "POOLWARDEN_DATASTORE-"], None);
         kubectl.run(&["-n", "kube-system", "rollout", "status", "daemonset/poolwarden", "--timeout=180s"], None);
-        // The blocks the tests' pools left (empty, within their grace period, or left by a failure): the
-        // agents on etcd no longer read them, and later tests (the migration's, the allocator's) want none.
-        for pool in ["kd-pool", "kd-churn"] {
-            kubectl.run(&["delete", "ipamblocks", "-l", &format!("poolwarden.io/pool={pool}")], None);
-        }
     }
 }
 
@@ -1782,7 +1783,7 @@ fn ipamblocks_in(kubectl: &Kubectl, first: [u8; 2]) -> Vec<BlockSeen> {
 fn the_agents_allocate_on_the_kubernetes_datastore() {
     let Some(dir) = cluster() else { return };
     let kubectl = Kubectl::new(&dir);
-    let _switched = OnKubernetesDatastore::switch(&kubectl);
+    let _blocks = EmptyBlocksGone(&kubectl, "kd-pool");
     let _cleanup = Cleanup(
         &kubectl,
         &[
@@ -1826,6 +1827,21 @@ fn the_agents_allocate_on_the_kubernetes_datastore() {
     });
     println!("{}", kubectl.ok(&["get", "ippools", "kd-pool", "kd-overlap"]));
     println!("{}", kubectl.ok(&["get", "ipamblocks"]));
+    // The commands in an agent's container read the same resources: the accepted pool only, both pods'
+    // addresses with their node, the nodes as the Node objects, the firewall export with the namespace.
+    let pools = agent_cli(&kubectl, &["get", "pools"]);
+    assert!(pools.contains("kd-pool") && !pools.contains("kd-overlap"), "{pools}");
+    let handles = agent_cli(&kubectl, &["get", "handles", "-o", "json"]);
+    assert!(handles.contains(&one) && handles.contains(&two), "{handles}");
+    let nodes = agent_cli(&kubectl, &["get", "nodes"]);
+    assert!(nodes.contains("pwk-node1") && nodes.contains("10.250.0.12"), "{nodes}");
+    let export = agent_cli(&kubectl, &["firewall", "export", "--format", "csv"]);
+    assert!(export.contains("kd-pool,10.140.0.0/24,ipv4,kd-ns,kd-ns,"), "{export}");
+    let (ok, out, err) = in_agent(&kubectl, &["apply", "-f", "-"], Some(&pool("kd-third", "10.140.0.0/16")));
+    assert!(!ok && err.contains("overlaps pool \"kd-pool\""), "{out}{err}");
+    assert!(!kubectl.run(&["get", "ippool", "kd-third"], None).0, "a refused pool was written");
+    let report = ipam_check(&kubectl);
+    assert!(report.contains("ipam check: clean"), "{report}");
 
     kubectl.ok(&["delete", "namespace", "kd-ns", "--wait=true", "--timeout=120s"]);
     wait_for("the pods' addresses to be released in their blocks", Duration::from_secs(60), || {
@@ -1833,6 +1849,12 @@ fn the_agents_allocate_on_the_kubernetes_datastore() {
     });
     // Nothing allocated from it any more: the finalizer goes and the resource with it.
     kubectl.ok(&["delete", "ippool", "kd-pool", "kd-overlap", "--wait=true", "--timeout=60s"]);
+    // Its firewall set stays, emptied by every export from now on (the lease holder recorded it retired).
+    let export = agent_cli(&kubectl, &["firewall", "export"]);
+    assert!(
+        export.contains("flush set inet poolwarden_pools pool_kd_pool") && !export.contains("10.140.0.0/24"),
+        "{export}"
+    );
 }
 
 /// Nodes of the test's own on the cluster: a Node object each (no kubelet: the test's agents are theirs),
@@ -1883,6 +1905,27 @@ impl Drop for Cleanup<'_> {
     }
 }
 
+/// When dropped (after the test's other cleanup, when declared before it): the pool's IPAMBlock objects that
+/// hold nothing are deleted (the agents would give them back after the grace period); one still holding an
+/// address stays, for the agents and the next `OnEtcdDatastore::switch` to find.
+struct EmptyBlocksGone<'a>(&'a Kubectl, &'a str);
+
+impl Drop for EmptyBlocksGone<'_> {
+    fn drop(&mut self) {
+        let (ok, out, _) =
+            self.0.run(&["get", "ipamblocks", "-l", &format!("poolwarden.io/pool={}", self.1), "-o", "json"], None);
+        let listed: Value = if ok { serde_json::from_str(&out).unwrap_or_default() } else { Value::Null };
+        for block in listed["items"].as_array().into_iter().flatten() {
+            let held = block["spec"]["allocations"].as_object().map_or(0, serde_json::Map::len);
+            if held == 0
+                && let Some(name) = block["metadata"]["name"].as_str()
+            {
+                self.0.run(&["delete", "ipamblock", name, "--ignore-not-found"], None);
+            }
+        }
+    }
+}
+
 /// The IPAMBlock resources as objects, checked as the conformance suite checks them (labels match what a
 /// block holds, no address both allocated and free, no two blocks overlapping, no handle holding two
 /// addresses of a family).
@@ -1918,9 +1961,9 @@ fn a_thousand_operations_through_agents_and_an_api_server_restart_on_the_kuberne
     const IN_FLIGHT: usize = 20;
     let Some(dir) = cluster() else { return };
     let kubectl = Kubectl::new(&dir);
-    let _switched = OnKubernetesDatastore::switch(&kubectl);
     let (exists, _, _) = kubectl.run(&["get", "ipamconfig", "default"], None);
     assert!(!exists, "an IPAMConfig default is left from another test");
+    let _blocks = EmptyBlocksGone(&kubectl, "kd-churn");
     let _cleanup = Cleanup(
         &kubectl,
         &[

@@ -537,9 +537,10 @@ pub fn up(root: &Path, nodes: u8, image: Build) -> Result<PathBuf> {
 }
 
 /// Install poolwarden the way a user does: `kubectl apply -k` of an overlay of `deploy/` that changes the image
-/// and nothing in the manifests. Its settings say what a user's would: the datastore is the cluster's
-/// poolwarden etcd (a cluster of more than one node needs a shared one), and the agent is told where the API
-/// server is (it must not need kube-proxy for that).
+/// and nothing in the manifests. Its settings say what a user's would: the datastore is deploy/'s default (the
+/// Kubernetes API; the cluster's poolwarden etcd is there for the tests that switch the agents to etcd), the
+/// leak grace period is short for the garbage collection tests, and the agent is told where the API server is
+/// (it must not need kube-proxy for that).
 pub fn install(root: &Path, build: Build) -> Result<()> {
     let state = state_dir(root);
     let overlay = state.join("overlay");
@@ -559,7 +560,6 @@ configMapGenerator:
     behavior: merge
     options: {{disableNameSuffixHash: true}}
     literals:
-      - POOLWARDEN_DATASTORE=etcd:http://{CONTROL_ADDRESS}:{POOLWARDEN_ETCD_PORT}
       # Short, for the garbage collection tests (the default is 15m).
       - POOLWARDEN_LEAK_GRACE_PERIOD=20s
   - name: poolwarden-api-endpoint

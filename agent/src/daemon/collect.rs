@@ -274,11 +274,13 @@ impl Agent {
             }
         }
         // A block nobody owns goes back once it is empty and its released addresses have cooled down (until
-        // then a claim may adopt it): one selected list, usually empty.
-        let config = self.blocks.load().await?.config;
-        for cidr in self.blocks.release_unowned_blocks(&config).await? {
-            blocks += 1;
-            info!(block = %cidr, "gave a block nobody owns back to its pool");
+        // then a claim may adopt it): one selected list, made only when the followed blocks include one.
+        if self.membership.any_unowned_block() != Some(false) {
+            let config = self.blocks.load().await?.config;
+            for cidr in self.blocks.release_unowned_blocks(&config).await? {
+                blocks += 1;
+                info!(block = %cidr, "gave a block nobody owns back to its pool");
+            }
         }
         // A decommissioned node found holding nothing (no block, no address) for twice the leak grace period
         // is forgotten: its marker goes, unless it registered again or its addresses came back meanwhile.

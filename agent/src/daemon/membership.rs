@@ -20,7 +20,7 @@ use kube::{
     Api, ResourceExt,
     api::{ListParams, WatchEvent, WatchParams},
 };
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use crate::{
     catalog::{decode, encode},
@@ -396,6 +396,14 @@ impl Membership {
         self.changes.notified().await;
     }
 
+    /// Whether a followed block belongs to no node (one that does not read counts too): `None` when not
+    /// followed. The collector lists such blocks only when there are some, so that at rest it asks nothing.
+    pub fn any_unowned_block(&self) -> Option<bool> {
+        let followed = self.followed.lock().unwrap_or_else(|p| p.into_inner());
+        let mirror = followed.as_ref()?;
+        Some(mirror.decoded::<BlockRoutes>(&BLOCKS).map_or(true, |all| all.iter().any(|r| r.affinity.is_none())))
+    }
+
     /// Whether the sets are being followed (the watches run and were listed from).
     pub fn is_followed(&self) -> bool {
         self.followed.lock().unwrap_or_else(|p| p.into_inner()).is_some()
@@ -404,15 +412,23 @@ impl Membership {
     /// Follow the source for as long as the process lives: list with its revision, watch from the next
     /// one, and on any watch failure forget what was followed and start over.
     pub async fn follow(self: Arc<Self>) {
+        // Said once per run of failures (a forbidden list fails every second until RBAC is mended).
+        let mut failing = false;
         loop {
             let (mirror, changes) = match self.listed().await {
                 Ok(listed) => listed,
                 Err(e) => {
-                    debug!(error = %e, "listing the nodes and blocks failed; trying again");
+                    if !failing {
+                        warn!(error = %e, "listing the nodes and blocks failed (not ready meanwhile); trying again");
+                    }
+                    failing = true;
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     continue;
                 }
             };
+            if std::mem::take(&mut failing) {
+                info!("the nodes and blocks are listed again");
+            }
             if let Err(e) = self.apply_changes(mirror, changes).await {
                 debug!(error = %e, "following the nodes and blocks failed; listing them again");
             }
@@ -604,6 +620,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert!(membership.is_followed());
+        assert_eq!(membership.any_unowned_block(), Some(false), "every block has its node");
 
         // An address assigned in a node's own block changes no route: nobody is woken. One lent to another
         // node does.
@@ -618,6 +635,14 @@ mod tests {
         put(&objects, &block_a).await;
         assert!(woken().await.is_ok(), "not woken by an address lent to another node");
         assert_eq!(membership.routing().await.unwrap().borrowed.len(), 2);
+
+        // A block its node gave up: the collector has one to look at.
+        block_a.affinity = None;
+        put(&objects, &block_a).await;
+        while membership.any_unowned_block() != Some(true) {
+            assert!(std::time::Instant::now() < deadline, "an unowned block not seen");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     #[test]

@@ -385,13 +385,18 @@ impl Agent {
         self.pool_changes.clone()
     }
 
-    /// Whether the datastore answers: a revision read, or the API server's version.
+    /// Whether the datastore answers: a revision read; on Kubernetes, without asking anything (readiness is
+    /// probed every few seconds on every node), whether the Node and IPAMBlock objects are followed: listed,
+    /// and their watches running (not while listing or watching them fails, as it does when the API server
+    /// is unreachable or this agent may not read them).
     pub async fn datastore_answers(&self) -> Result<(), String> {
         match &self.datastore {
             membership::Source::KeyValue(store) => store.revision().await.map(drop).map_err(|e| e.to_string()),
-            membership::Source::Kubernetes(client) => {
-                client.apiserver_version().await.map(drop).map_err(|e| e.to_string())
-            }
+            membership::Source::Kubernetes(_) if self.membership.is_followed() => Ok(()),
+            membership::Source::Kubernetes(_) => Err("the Node and IPAMBlock objects are not followed: listing or \
+                                                      watching them fails (is the API server reachable, and may \
+                                                      this agent list and watch nodes and ipamblocks?)"
+                .into()),
         }
     }
 
@@ -524,7 +529,7 @@ impl Agent {
         let mut stdout = String::new();
         match crate::commands::execute(
             cli,
-            Arc::clone(store),
+            crate::commands::Held::key_value(Arc::clone(store)),
             Some(Arc::clone(&self.directory)),
             request.stdin,
             &mut stdout,

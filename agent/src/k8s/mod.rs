@@ -378,18 +378,5 @@ impl Directory for KubeLookups {
     }
 }
 
-/// A directory for commands run against `source`: the datastore's records in standalone mode, the API
-/// server (through `kubeconfig`, in-cluster config or `$KUBECONFIG`) in Kubernetes mode.
-pub async fn directory_for(
-    source: Source,
-    store: Arc<dyn crate::store::Store>,
-    kubeconfig: Option<&Path>,
-) -> Result<Arc<dyn Directory>, KubeError> {
-    Ok(match source {
-        Source::Standalone => Arc::new(crate::directory::StandaloneDirectory::new(store)),
-        Source::Kubernetes => Arc::new(KubeLookups::new(connect(kubeconfig).await?)),
-    })
-}
-
 #[cfg(test)]
 mod tests;

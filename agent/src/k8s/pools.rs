@@ -363,6 +363,175 @@ fn judge(resources: &[Arc<DynamicObject>], blocks: &[Block]) -> Vec<Judgement> {
     judged
 }
 
+/// Pool resources oldest first (creation time, then name): of two overlapping newcomers the later one is
+/// refused, whichever agent judges.
+fn oldest_first(mut resources: Vec<Arc<DynamicObject>>) -> Vec<Arc<DynamicObject>> {
+    resources.sort_by(|a, b| {
+        (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any())
+            .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any()))
+    });
+    resources
+}
+
+/// Every IPAMBlock object's block, listed now.
+async fn block_objects(client: &Client) -> Result<Vec<Block>, SyncError> {
+    let api = Api::<DynamicObject>::all_with(client.clone(), &crd("IPAMBlock", "ipamblocks"));
+    let listed = api.list(&kube::api::ListParams::default()).await?;
+    Ok(listed.items.iter().filter_map(block_of).collect())
+}
+
+/// The block an IPAMBlock object holds (one that does not read is skipped, logged).
+fn block_of(object: &DynamicObject) -> Option<Block> {
+    let spec = object.data.get("spec").cloned().unwrap_or_default();
+    serde_json::from_value::<Block>(spec)
+        .inspect_err(|e| warn!(block = %object.name_any(), error = %e, "an IPAMBlock does not read"))
+        .ok()
+}
+
+/// How long a pass of the lease holder waits for its cache of the IPAMBlock objects to be listed (within
+/// its term; a list that takes longer goes on in the background and the next pass finds it done).
+const BLOCKS_LISTED: Duration = Duration::from_secs(5);
+
+/// `poolwarden apply` on the Kubernetes datastore, before it writes anything: the documents judged as the
+/// lease holder will judge them once written (each document's pool in its resource's place, a new one after
+/// every existing resource, every block object counted), so that a refusal is said at once and nothing of
+/// the file is written.
+async fn check_on_resources(client: &Client, docs: &[Located]) -> Result<(), SyncError> {
+    Catalog::once_each(docs)?;
+    if !docs.iter().any(|d| matches!(d.resource, Resource::IpPool(_))) {
+        return Ok(());
+    }
+    let api = Api::<DynamicObject>::all_with(client.clone(), &ippools());
+    let listed = api.list(&kube::api::ListParams::default()).await?;
+    let resources: Vec<Arc<DynamicObject>> = listed.items.into_iter().map(Arc::new).collect();
+    judged_as_applied(resources, docs, &block_objects(client).await?)
+}
+
+/// [`check_on_resources`] on what it listed: `resources` with `docs` written over them, judged with `blocks`.
+fn judged_as_applied(resources: Vec<Arc<DynamicObject>>, docs: &[Located], blocks: &[Block]) -> Result<(), SyncError> {
+    let mut resources = oldest_first(resources);
+    let mut named = Vec::new();
+    for doc in docs {
+        let Resource::IpPool(_) = &doc.resource else { continue };
+        let Some((_, name, body)) = resource_of(&doc.resource) else { continue };
+        match resources.iter_mut().find(|o| o.name_any() == name) {
+            Some(existing) if existing.metadata.deletion_timestamp.is_some() => {
+                return Err(SyncError::Refused(format!(
+                    "{}: IPPool {name:?} is being deleted (it goes once no address is allocated from it): apply \
+                     it again once `kubectl get ippool {name}` finds nothing",
+                    doc.at
+                )));
+            }
+            Some(existing) => {
+                // What the resource's CEL rules refuse (once the documents before it were written): said
+                // first, as `apply` on a key-value datastore says it.
+                if let (Ok(Located { resource: Resource::IpPool(old), .. }), Resource::IpPool(new)) =
+                    (parse(existing, "IPPool"), &doc.resource)
+                {
+                    let immutable = |field, old: String, new: String| {
+                        SyncError::Catalog(CatalogError::Immutable {
+                            at: doc.at.clone(),
+                            pool: name.clone(),
+                            field,
+                            old,
+                            new,
+                        })
+                    };
+                    if old.cidr() != new.cidr() {
+                        return Err(immutable("spec.cidr", old.cidr().to_string(), new.cidr().to_string()));
+                    }
+                    if old.block_size() != new.block_size() {
+                        let (was, now) = (old.block_size().to_string(), new.block_size().to_string());
+                        return Err(immutable("spec.blockSize", was, now));
+                    }
+                }
+                let mut edited = (**existing).clone();
+                edited.data["spec"] = body["spec"].clone();
+                edited.metadata.generation = Some(edited.metadata.generation.unwrap_or(0) + 1);
+                *existing = Arc::new(edited);
+            }
+            None => {
+                let object: DynamicObject =
+                    serde_json::from_value(body).map_err(|e| SyncError::Encode(e.to_string()))?;
+                resources.push(Arc::new(object));
+            }
+        }
+        named.push(name);
+    }
+    for (object, judgement) in resources.iter().zip(judge(&resources, blocks)) {
+        let name = object.name_any();
+        if !named.contains(&name) {
+            continue;
+        }
+        match judgement {
+            Judgement::Verdict(verdict) if verdict.ready => {}
+            Judgement::Verdict(verdict) => return Err(SyncError::Refused(verdict.message)),
+            // Only a deleted resource, and one the documents name is refused above.
+            Judgement::Release => {}
+        }
+    }
+    Ok(())
+}
+
+/// Where the pools' Lease and the retired pools' record live unless the agent says otherwise (its
+/// `POD_NAMESPACE`).
+pub const DEFAULT_NAMESPACE: &str = "kube-system";
+
+/// The ConfigMap, in the pools' Lease's namespace, recording the pools deleted on the Kubernetes datastore
+/// (name: the CIDR it was accepted with), so that every firewall export empties their sets: a set left
+/// holding a deleted pool's range would admit whatever is given that range next.
+pub const RETIRED_POOLS: &str = "poolwarden-retired-pools";
+
+/// Record `pool`, accepted with `cidr`, as retired (before its resource goes).
+async fn record_retired(client: &Client, namespace: &str, pool: &str, cidr: IpNet) -> Result<(), SyncError> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
+    let params = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+    for _ in 0..5 {
+        let written = match api.get_opt(RETIRED_POOLS).await? {
+            None => {
+                let map: ConfigMap = serde_json::from_value(json!({
+                    "metadata": {"name": RETIRED_POOLS, "labels": {"app.kubernetes.io/name": "poolwarden"}},
+                    "data": {pool: cidr.to_string()},
+                }))
+                .map_err(|e| SyncError::Encode(e.to_string()))?;
+                api.create(&params, &map).await.map(drop)
+            }
+            Some(mut map) => {
+                let data = map.data.get_or_insert_with(Default::default);
+                if data.get(pool) == Some(&cidr.to_string()) {
+                    return Ok(());
+                }
+                data.insert(pool.to_string(), cidr.to_string());
+                // At the version read: a concurrent record is read again, not overwritten.
+                api.replace(RETIRED_POOLS, &params, &map).await.map(drop)
+            }
+        };
+        match written {
+            Ok(()) => return Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SyncError::Catalog(CatalogError::Contention(5)))
+}
+
+/// The pools recorded as retired on the Kubernetes datastore: name and the CIDR it had.
+pub async fn retired(client: &Client, namespace: &str) -> Result<Vec<(String, IpNet)>, SyncError> {
+    let api = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), namespace);
+    let Some(map) = api.get_opt(RETIRED_POOLS).await? else { return Ok(Vec::new()) };
+    Ok(map.data.unwrap_or_default().into_iter().filter_map(|(name, cidr)| Some((name, cidr.parse().ok()?))).collect())
+}
+
+/// What `poolwarden apply` with pools as resources judges the documents against before writing them.
+#[derive(Clone, Copy)]
+pub enum Against<'a> {
+    /// The datastore the agents copy the resources into (etcd or embedded), as its catalog would.
+    Datastore(&'a Catalog),
+    /// The Kubernetes datastore: the other pool resources and the IPAMBlock objects, as the judge would.
+    Resources,
+}
+
 /// The copy of the resources into the datastore, run by every agent; only the lease holder writes.
 pub struct PoolSync {
     client: Client,
@@ -379,11 +548,20 @@ pub struct PoolSync {
     /// Until when this process may write: its last renewal's start plus the lease's duration, less a margin.
     /// Every write first checks it, so a holder that stalled past its lease writes nothing more.
     term: std::sync::Mutex<tokio::time::Instant>,
+    /// On the Kubernetes datastore, the IPAMBlock objects followed by a watch, opened by the first pass
+    /// that needs them and closed when the lease is not held: the holder's passes ask the API server
+    /// nothing, and the other agents do not follow the blocks twice.
+    blocks: std::sync::Mutex<Option<(Store<DynamicObject>, tokio::task::JoinHandle<()>)>>,
+    /// The namespace of the pools' Lease, where the retired pools are recorded ([`RETIRED_POOLS`]).
+    namespace: String,
 }
 
 impl Drop for PoolSync {
     fn drop(&mut self) {
         for watch in &self.watches {
+            watch.abort();
+        }
+        if let Some((_, watch)) = self.blocks.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             watch.abort();
         }
     }
@@ -423,11 +601,14 @@ impl PoolSync {
             changed,
             watches: vec![pools_task, configs_task],
             term: std::sync::Mutex::new(tokio::time::Instant::now()),
+            blocks: std::sync::Mutex::default(),
+            namespace: DEFAULT_NAMESPACE.to_string(),
         }
     }
 
     /// Run until the process ends: hold the lease when free, and while held copy every change.
-    pub async fn run(self, namespace: String, identity: String) {
+    pub async fn run(mut self, namespace: String, identity: String) {
+        self.namespace.clone_from(&namespace);
         let mut lease = Holder::new(self.client.clone(), &namespace, LEASE, &identity, LEASE_DURATION);
         for (cache, kind) in [(&self.pools, "IPPool"), (&self.configs, "IPAMConfig")] {
             while tokio::time::timeout(Duration::from_secs(60), cache.wait_until_ready()).await.is_err() {
@@ -464,6 +645,10 @@ impl PoolSync {
                 }
             } else {
                 usage_at = None;
+                // Only the holder follows the blocks: a follower asks nothing, not even a watch.
+                if let Some((_, watch)) = self.blocks.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    watch.abort();
+                }
             }
             tokio::select! {
                 // A burst of changes (`kubectl apply -f` of many pools, a re-list) makes one pass, not one each.
@@ -536,12 +721,18 @@ impl PoolSync {
             self.release_config_finalizer().await?;
             return Ok(());
         }
-        let blocks = self.block_objects().await?;
+        let draining = resources.iter().any(|o| o.metadata.deletion_timestamp.is_some());
+        let blocks = self.block_objects(draining).await?;
         let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
         for (object, judgement) in resources.iter().zip(judge(&resources, &blocks)) {
             let name = object.name_any();
             match judgement {
                 Judgement::Release => {
+                    // Recorded before the resource can go, so that every firewall export empties its set.
+                    if let Some(pool) = accepted_pool(object) {
+                        self.fence()?;
+                        record_retired(&self.client, &self.namespace, &name, pool.cidr()).await?;
+                    }
                     self.fence()?;
                     release_finalizer(&self.pool_api, object).await?;
                     if accepted_of(object).is_some() {
@@ -583,31 +774,32 @@ impl PoolSync {
         Ok(())
     }
 
-    /// The pool resources, oldest first (creation time, then name): of two overlapping pools the later one
-    /// is refused, whichever agent judges.
+    /// The pool resources as cached, oldest first.
     fn oldest_first(&self) -> Vec<Arc<DynamicObject>> {
-        let mut resources: Vec<Arc<DynamicObject>> = self.pools.state();
-        resources.sort_by(|a, b| {
-            (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any())
-                .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any()))
-        });
-        resources
+        oldest_first(self.pools.state())
     }
 
-    /// Every IPAMBlock object's block (one that does not read is skipped, logged).
-    async fn block_objects(&self) -> Result<Vec<Block>, SyncError> {
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &crd("IPAMBlock", "ipamblocks"));
-        let listed = api.list(&kube::api::ListParams::default()).await?;
-        Ok(listed
-            .items
-            .into_iter()
-            .filter_map(|object| {
-                let spec = object.data.get("spec").cloned().unwrap_or_default();
-                serde_json::from_value::<Block>(spec)
-                    .inspect_err(|e| warn!(block = %object.name_any(), error = %e, "an IPAMBlock does not read"))
-                    .ok()
-            })
-            .collect())
+    /// Every IPAMBlock object's block.
+    /// `fresh`: listed now (a deleted pool's finalizer is released on what the API server says at that
+    /// moment, never on a cache that may be a moment behind an allocation); otherwise from the watch.
+    async fn block_objects(&self, fresh: bool) -> Result<Vec<Block>, SyncError> {
+        if fresh {
+            return block_objects(&self.client).await;
+        }
+        let cache = {
+            let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+            let (cache, _) = blocks.get_or_insert_with(|| {
+                let resource = crd("IPAMBlock", "ipamblocks");
+                let writer = kube::runtime::reflector::store::Writer::new(resource.clone());
+                let api = Api::<DynamicObject>::all_with(self.client.clone(), &resource);
+                super::reflect_into(writer, api, watcher::Config::default(), "ipamblocks", None)
+            });
+            cache.clone()
+        };
+        if tokio::time::timeout(BLOCKS_LISTED, cache.wait_until_ready()).await.is_err() {
+            return Err(SyncError::NotListed("IPAMBlock", BLOCKS_LISTED));
+        }
+        Ok(cache.state().iter().filter_map(|object| block_of(object)).collect())
     }
 
     /// One pool resource: deleted (the pool retired, then the finalizer released), or applied once the
@@ -918,8 +1110,11 @@ const APPLY_WAIT: Duration = Duration::from_secs(30);
 /// against the datastore), write each as its resource's whole spec (created, or replaced at the version read,
 /// so the spec is the document's whoever wrote it before), then wait for the agents' verdict on each pool and
 /// report it. Returns the exit code.
-pub async fn apply(client: Client, catalog: &Catalog, docs: &[Located], out: &mut String) -> Result<u8, SyncError> {
-    catalog.check(docs).await?;
+pub async fn apply(client: Client, against: Against<'_>, docs: &[Located], out: &mut String) -> Result<u8, SyncError> {
+    match against {
+        Against::Datastore(catalog) => drop(catalog.check(docs).await?),
+        Against::Resources => check_on_resources(&client, docs).await?,
+    }
     let mut written = Vec::new();
     for doc in docs {
         let Some((resource, name, body)) = resource_of(&doc.resource) else { continue };
@@ -951,16 +1146,24 @@ pub async fn apply(client: Client, catalog: &Catalog, docs: &[Located], out: &mu
                         }
                     })
                 }
-                Resource::IpamConfig(config) => same(&catalog.config().await?.0.spec, &config.spec).then_some(()),
+                Resource::IpamConfig(config) => match against {
+                    Against::Datastore(catalog) => same(&catalog.config().await?.0.spec, &config.spec).then_some(()),
+                    // Taken as it is by every agent: nothing to wait for.
+                    Against::Resources => Some(()),
+                },
                 Resource::Namespace(_) => Some(()),
             };
             if done.is_some() {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
+                let running = match against {
+                    Against::Datastore(_) => "with POOLWARDEN_POOL_SOURCE=kubernetes",
+                    Against::Resources => "one of them holding the poolwarden-pools Lease in kube-system",
+                };
                 out.push_str(&format!(
-                    "note: {kind}/{name}: no agent has taken it into the datastore within {APPLY_WAIT:?}; are the \
-                     poolwarden agents running, with POOLWARDEN_POOL_SOURCE=kubernetes?\n"
+                    "note: {kind}/{name}: no agent has judged it within {APPLY_WAIT:?}; are the poolwarden agents \
+                     running, {running}?\n"
                 ));
                 break;
             }
@@ -1231,12 +1434,21 @@ pub enum SyncError {
     /// The lease's term ended during the pass: another agent may hold it now.
     #[error("the lease's term ended during the pass (the agent stalled?): leaving the rest to its holder")]
     LeaseLapsed,
+    /// `poolwarden apply` of a pool the judge would refuse: why.
+    #[error("{0}")]
+    Refused(String),
+    /// A cache of the resources of that kind was not listed within that time.
+    #[error("the {0} resources were not listed within {1:?}: may this agent list and watch them?")]
+    NotListed(&'static str, Duration),
     /// The named pool resource does not exist.
     #[error("IPPool {0:?} does not exist")]
     NotFound(String),
     /// `--force` asked of a pool defined as a resource.
     #[error(
-        "IPPool {0:?} is a Kubernetes resource: --force would only remove the datastore's copy, which the agents          would write again. Delete the resource (poolwarden delete pool NAME, or kubectl delete ippool NAME): it          is disabled at once and leaves when its last address is released"
+        "IPPool {0:?} is a Kubernetes resource, which stays while an address is allocated from it: --force is \
+         refused (on a key-value datastore it would only remove the agents' copy, which they would write again). \
+         Delete the resource (poolwarden delete pool NAME, or kubectl delete ippool NAME): it is disabled at once \
+         and leaves when its last address is released"
     )]
     Forced(String),
     /// The datastore failed.
@@ -1348,6 +1560,56 @@ mod tests {
         assert!(spec.strict_affinity && spec.reuse_cooldown_seconds == 30, "{spec:?}");
         let spec = loaded(&[], &[config("default", true)]).config;
         assert_eq!(spec, IpamConfig::default().spec, "a deleted default is the defaults");
+    }
+
+    #[test]
+    fn apply_on_the_kubernetes_datastore_refuses_what_the_judge_would_before_writing() {
+        let accepted =
+            |name: &str, cidr: &str| ippool(name, cidr, 1, Some(("True", "Applied", 1)), false, Some((1, cidr, false)));
+        let docs = |text: &str| resources::parse_documents("pools.yaml", text).expect("documents");
+        let pool = |name: &str, cidr: &str| {
+            format!(
+                "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {{cidr: {cidr}, blockSize: 29}}\n"
+            )
+        };
+        let existing =
+            || vec![accepted("first", "10.60.0.0/24"), ippool("pending", "10.61.0.0/24", 1, None, false, None)];
+        let refused = |result: Result<(), SyncError>| match result {
+            Err(SyncError::Refused(message)) => message,
+            other => panic!("not refused: {other:?}"),
+        };
+        // Over an accepted pool, or over one written and not judged yet (judged before it, so taken first).
+        let message = refused(judged_as_applied(existing(), &docs(&pool("third", "10.60.0.128/25")), &[]));
+        assert!(message.contains("overlaps pool \"first\""), "{message}");
+        let message = refused(judged_as_applied(existing(), &docs(&pool("third", "10.61.0.0/16")), &[]));
+        assert!(message.contains("\"pending\""), "{message}");
+        // Over block objects another pool left: refused; an accepted pool re-applied over its own: fine.
+        let mut left = Block::new("10.62.0.0/29".parse().unwrap(), "gone", "node-a", 0);
+        let owner = crate::ipam::Owner { handle: "h".into(), node: "node-a".into(), ..Default::default() };
+        left.assign_ip("10.62.0.1".parse().unwrap(), &owner, 0, 0).unwrap();
+        let own = Block::new("10.60.0.0/29".parse().unwrap(), "first", "node-a", 0);
+        let blocks = [left, own];
+        let message = refused(judged_as_applied(existing(), &docs(&pool("new", "10.62.0.0/24")), &blocks));
+        assert!(message.contains("10.62.0.0/29"), "{message}");
+        assert!(judged_as_applied(existing(), &docs(&pool("first", "10.60.0.0/24")), &blocks).is_ok());
+        // A refused document refuses the whole file, even after one that would pass; two of one file that
+        // overlap each other: the second is refused.
+        let both = format!("{}---\n{}", pool("fine", "10.63.0.0/24"), pool("bad", "10.60.0.0/16"));
+        assert!(refused(judged_as_applied(existing(), &docs(&both), &[])).contains("\"bad\""));
+        let pair = format!("{}---\n{}", pool("one", "10.64.0.0/24"), pool("two", "10.64.0.0/25"));
+        assert!(refused(judged_as_applied(existing(), &docs(&pair), &[])).contains("overlaps pool \"one\""));
+        // An immutable field changed: refused before anything is written (the API server would refuse that
+        // document only after writing the ones before it); an absent block size is the default.
+        let both = format!("{}---\n{}", pool("fine", "10.63.0.0/24"), pool("first", "10.60.0.0/23"));
+        let refused_first = judged_as_applied(existing(), &docs(&both), &[]);
+        assert!(matches!(&refused_first, Err(SyncError::Catalog(CatalogError::Immutable { field: "spec.cidr", .. }))));
+        let resized = pool("first", "10.60.0.0/24").replace("blockSize: 29", "blockSize: 28");
+        assert!(judged_as_applied(existing(), &docs(&resized), &[]).is_err());
+        // A pool being deleted is not applied over.
+        let draining =
+            ippool("first", "10.60.0.0/24", 1, Some(("True", "Applied", 1)), true, Some((1, "10.60.0.0/24", false)));
+        let message = refused(judged_as_applied(vec![draining], &docs(&pool("first", "10.60.0.0/24")), &[]));
+        assert!(message.contains("being deleted"), "{message}");
     }
 
     #[test]
