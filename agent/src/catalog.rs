@@ -185,6 +185,12 @@ impl Catalog {
         Ok(blocks)
     }
 
+    /// Record pool `name`, which had `cidr`, as deleted (a migration's copy of another datastore's record).
+    pub async fn record_retired(&self, name: &str, cidr: ipnet::IpNet) -> Result<(), StoreError> {
+        let retired = RetiredPool { name: name.to_string(), cidr };
+        self.store.txn(Txn::new().put(keys::retired_pool(name), encode(&retired))).await.map(drop)
+    }
+
     /// Pools deleted so far (by `delete pool`) that no pool of the same name has replaced.
     pub async fn retired_pools(&self) -> Result<Vec<RetiredPool>, StoreError> {
         let (kvs, _) = self.store.list(keys::RETIRED_POOLS).await?;

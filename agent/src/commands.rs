@@ -578,7 +578,7 @@ impl Held {
                 .collect(),
             Self::Kubernetes { client, .. } => {
                 use crate::k8s::pools;
-                let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| pools::DEFAULT_NAMESPACE.into());
+                let namespace = pools::agents_namespace();
                 let live: BTreeSet<String> = self.pools().await?.iter().map(|p| p.name().to_string()).collect();
                 pools::retired(client, &namespace)
                     .await?

@@ -89,9 +89,9 @@ async fn run(cli: Cli) -> Result<u8> {
             // DaemonSet's default before `kubernetes`): the running pods' addresses are in that file, not in
             // the API server, so starting here would hand them out again. Switching is a migration.
             let embedded = store::DEFAULT_DATASTORE.trim_start_matches("embedded:");
-            if std::env::var_os("POD_NAMESPACE").is_some() && std::path::Path::new(embedded).exists() {
+            if std::env::var_os("POD_NAMESPACE").is_some() && holds_blocks(&cli).await {
                 bail!(
-                    "--datastore kubernetes, but this node's agent kept its IPAM state in {embedded} (the embedded \
+                    "--datastore kubernetes, but this node's agent kept its IPAM state (blocks) in {embedded} (the embedded \
                      datastore, deploy/'s default before kubernetes): its pods' addresses are there, not in the API \
                      server. Set POOLWARDEN_DATASTORE back to embedded:{embedded} in the poolwarden-config \
                      ConfigMap, or migrate (deploy/README.md, \"Upgrade\": every agent stopped, \
@@ -104,8 +104,7 @@ async fn run(cli: Cli) -> Result<u8> {
             let client = poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?;
             let pools = Arc::new(poolwarden::k8s::pools::ResourcePools::start(client.clone()));
             let judge = poolwarden::k8s::pools::PoolSync::judge(client.clone());
-            let namespace =
-                std::env::var("POD_NAMESPACE").unwrap_or_else(|_| poolwarden::k8s::pools::DEFAULT_NAMESPACE.into());
+            let namespace = poolwarden::k8s::pools::agents_namespace();
             tokio::spawn(judge.run(namespace, node.name.clone()));
             let (directory, addresses) =
                 kube_directory(client.clone(), &node.name, node_address.clone(), kube_sync_timeout.0).await;
@@ -178,7 +177,7 @@ async fn run(cli: Cli) -> Result<u8> {
             let client = poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?;
             if cli.pool_source == commands::PoolSource::Kubernetes {
                 let sync = poolwarden::k8s::pools::PoolSync::start(client.clone(), Arc::clone(&store));
-                let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "kube-system".into());
+                let namespace = poolwarden::k8s::pools::agents_namespace();
                 tokio::spawn(sync.run(namespace, node.name.clone()));
             }
             let (directory, found) = kube_directory(client, &node.name, addresses, kube_sync_timeout.0).await;
@@ -383,6 +382,25 @@ fn print_if_changed(last: &mut String, text: String) -> Result<()> {
         *last = text;
     }
     Ok(())
+}
+
+/// Whether the embedded default's file on this node holds blocks (either layout), or cannot be read to say:
+/// an agent kept its IPAM state there. A file without any (an agent that ran there briefly, what a migration
+/// away leaves once its blocks went) holds no address.
+async fn holds_blocks(cli: &Cli) -> bool {
+    let path = store::DEFAULT_DATASTORE.trim_start_matches("embedded:");
+    if !std::path::Path::new(path).exists() {
+        return false;
+    }
+    let Ok(store) = store::open_existing(store::DEFAULT_DATASTORE, &cli.etcd_options()).await else { return true };
+    let block_objects = poolwarden::objects::kv::object_prefix(poolwarden::objects::Kind::Block);
+    for prefix in [store::keys::BLOCKS, block_objects.as_str()] {
+        match store.list_keys(prefix).await {
+            Ok((found, _)) if found.is_empty() => {}
+            _ => return true,
+        }
+    }
+    false
 }
 
 /// The export of `held`'s pools, printed unless it is what was printed `last`.

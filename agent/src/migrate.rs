@@ -201,7 +201,6 @@ async fn left_behind(store: &Arc<dyn Store>) -> Result<Vec<String>, MigrateError
         (keys::NODE_ADDRESSES, "node address record(s) (Kubernetes' Node objects say where nodes are)"),
         (keys::DECOMMISSIONED, "decommissioned node mark(s) (in Kubernetes a node is gone when its Node is deleted)"),
         (keys::NAMESPACES, "standalone namespace record(s) (a cluster's namespaces are Kubernetes')"),
-        (keys::RETIRED_POOLS, "retired pool record(s) (the firewall export's sets of deleted pools)"),
     ] {
         let (found, _) = store.list_keys(prefix).await?;
         if !found.is_empty() {
@@ -350,6 +349,10 @@ pub async fn to_kubernetes(store: &Arc<dyn Store>, client: kube::Client, out: &m
         // against their own blocks.
         for pool in &source.pools {
             pools::accept_as_is(&client, pool.name()).await?;
+        }
+        // The deleted pools' records, so that every firewall export goes on emptying their sets.
+        for retired in Catalog::new(Arc::clone(store)).retired_pools().await? {
+            pools::record_retired(&client, &crate::k8s::pools::agents_namespace(), &retired.name, retired.cidr).await?;
         }
         blocks = write_blocks(&objects, &source.blocks, &source.label(), &kept).await?;
         verify(&objects, &source.blocks).await?;
@@ -793,6 +796,10 @@ pub async fn from_kubernetes(
     let blocks: Vec<Block> = before.iter().map(|o| single::decode(o).map(|s| s.block)).collect::<Result<_, _>>()?;
     let docs = crate::k8s::pools::resources(&client).await?;
     let written = into_store(store, &docs, &blocks, "kubernetes").await?;
+    let catalog = Catalog::new(Arc::clone(store));
+    for (name, cidr) in crate::k8s::pools::retired(&client, &crate::k8s::pools::agents_namespace()).await? {
+        catalog.record_retired(&name, cidr).await?;
+    }
     let snapshot = Allocator::new(Arc::clone(store)).snapshot().await.map_err(|e| refused(e.to_string()))?;
     let problems = check::check(&snapshot);
     if let Some(first) = problems.first() {

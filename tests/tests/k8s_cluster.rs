@@ -1616,6 +1616,9 @@ fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() 
         )
         .expect("pools");
         Catalog::new(Arc::clone(&store)).apply(&docs).await.expect("apply");
+        // A pool deleted before: its firewall set is emptied by every export, on either side.
+        let gone = "10.127.0.0/24".parse().expect("a CIDR");
+        Catalog::new(Arc::clone(&store)).record_retired("migrated-gone", gone).await.expect("retired record");
         poolwarden::migrate::fixtures::populate(&store, &["migrated"], &["migrated-a", "migrated-b"], 24, None).await
     });
     assert_eq!(records.len(), 18);
@@ -1655,7 +1658,12 @@ fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() 
     let (ok, out) = migrate(&["--from", &from, "--to", "kubernetes"]);
     assert!(ok, "{out}");
     assert!(out.contains("copied 1 pool(s) (1 created") && out.contains("18 address(es)"), "{out}");
-    assert_eq!(kubectl.json(&["get", "ippool", "migrated", "-o", "json"])["spec"]["cidr"], "10.126.0.0/24");
+    let pool = kubectl.json(&["get", "ippool", "migrated", "-o", "json"]);
+    assert_eq!(pool["spec"]["cidr"], "10.126.0.0/24");
+    // Kept while an address is allocated from it, as a pool the agents accepted is.
+    assert_eq!(pool["metadata"]["finalizers"], json!(["poolwarden.io/addresses"]), "{pool}");
+    let retired = kubectl.json(&["-n", "kube-system", "get", "configmap", "poolwarden-retired-pools", "-o", "json"]);
+    assert_eq!(retired["data"]["migrated-gone"], "10.127.0.0/24", "{retired}");
     assert_eq!(kubectl.json(&["get", "ipamconfig", "default", "-o", "json"])["spec"]["emptyBlockGraceSeconds"], 600);
     // Every allocation in the API server's blocks, read back as the endpoint its agent recorded.
     let blocks = kubectl.json(&["get", "ipamblocks", "-l", "poolwarden.io/pool=migrated", "-o", "json"]);
@@ -1702,6 +1710,11 @@ fn a_datastore_migrates_to_the_api_server_and_back_with_every_endpoint_record() 
     });
     assert_eq!(poolwarden::migrate::fixtures::differences(&copied.0, &original.0), Vec::<String>::new());
     assert!(copied.1.contains(&"migrated=10.126.0.0/24".to_string()), "{:?}", copied.1);
+    let retired = runtime.block_on(async {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&back).expect("store"));
+        Catalog::new(store).retired_pools().await.expect("retired pools")
+    });
+    assert!(retired.iter().any(|r| r.name == "migrated-gone" && r.cidr.to_string() == "10.127.0.0/24"), "{retired:?}");
 }
 
 /// The cluster's etcd for poolwarden (`cargo xtask cluster up` starts it in the control plane's namespace).

@@ -143,11 +143,18 @@ async fn accept(api: &Api<DynamicObject>, object: &DynamicObject) -> Result<(), 
 }
 
 /// Record the pool resource `name` as accepted as it is now (a migration's pools, accepted in the datastore
-/// they came from).
+/// they came from), with the finalizer that keeps it while an address is allocated from it (deleted before
+/// the lease holder's first pass, it would otherwise go at once, unrecorded).
 pub async fn accept_as_is(client: &Client, name: &str) -> Result<(), SyncError> {
     let api = Api::<DynamicObject>::all_with(client.clone(), &ippools());
     for _ in 0..5 {
         let Some(object) = api.get_opt(name).await? else { return Err(SyncError::NotFound(name.to_string())) };
+        if !object.finalizers().iter().any(|f| f == FINALIZER) {
+            let mut finalizers = object.finalizers().to_vec();
+            finalizers.push(FINALIZER.to_string());
+            set_finalizers(&api, &object, finalizers).await?;
+            continue;
+        }
         accept(&api, &object).await?;
         if api.get_opt(name).await?.as_ref().and_then(accepted_of).is_some() {
             return Ok(());
@@ -425,9 +432,10 @@ fn judged_as_applied(resources: Vec<Arc<DynamicObject>>, docs: &[Located], block
             Some(existing) => {
                 // What the resource's CEL rules refuse (once the documents before it were written): said
                 // first, as `apply` on a key-value datastore says it.
-                if let (Ok(Located { resource: Resource::IpPool(old), .. }), Resource::IpPool(new)) =
-                    (parse(existing, "IPPool"), &doc.resource)
-                {
+                // Read from the stored spec as the CEL rules read it (the CIDR as text, equal when it is the
+                // same network, which `write_spec` then keeps as it was written; an absent block size is the
+                // family's default), whether or not the rest of that spec is one poolwarden reads.
+                if let Resource::IpPool(new) = &doc.resource {
                     let immutable = |field, old: String, new: String| {
                         SyncError::Catalog(CatalogError::Immutable {
                             at: doc.at.clone(),
@@ -437,12 +445,15 @@ fn judged_as_applied(resources: Vec<Arc<DynamicObject>>, docs: &[Located], block
                             new,
                         })
                     };
-                    if old.cidr() != new.cidr() {
-                        return Err(immutable("spec.cidr", old.cidr().to_string(), new.cidr().to_string()));
+                    let stored = &existing.data["spec"];
+                    let old_text = stored["cidr"].as_str().unwrap_or_default();
+                    if old_text.parse::<IpNet>().ok() != Some(new.cidr()) {
+                        return Err(immutable("spec.cidr", old_text.to_string(), new.cidr().to_string()));
                     }
-                    if old.block_size() != new.block_size() {
-                        let (was, now) = (old.block_size().to_string(), new.block_size().to_string());
-                        return Err(immutable("spec.blockSize", was, now));
+                    let default = if new.cidr().addr().is_ipv4() { 26 } else { 122 };
+                    let old_size = stored["blockSize"].as_u64().unwrap_or(default);
+                    if old_size != u64::from(new.block_size()) {
+                        return Err(immutable("spec.blockSize", old_size.to_string(), new.block_size().to_string()));
                     }
                 }
                 let mut edited = (**existing).clone();
@@ -477,13 +488,18 @@ fn judged_as_applied(resources: Vec<Arc<DynamicObject>>, docs: &[Located], block
 /// `POD_NAMESPACE`).
 pub const DEFAULT_NAMESPACE: &str = "kube-system";
 
+/// The agents' namespace: `POD_NAMESPACE` (the DaemonSet sets it), else [`DEFAULT_NAMESPACE`].
+pub fn agents_namespace() -> String {
+    std::env::var("POD_NAMESPACE").unwrap_or_else(|_| DEFAULT_NAMESPACE.into())
+}
+
 /// The ConfigMap, in the pools' Lease's namespace, recording the pools deleted on the Kubernetes datastore
 /// (name: the CIDR it was accepted with), so that every firewall export empties their sets: a set left
 /// holding a deleted pool's range would admit whatever is given that range next.
 pub const RETIRED_POOLS: &str = "poolwarden-retired-pools";
 
-/// Record `pool`, accepted with `cidr`, as retired (before its resource goes).
-async fn record_retired(client: &Client, namespace: &str, pool: &str, cidr: IpNet) -> Result<(), SyncError> {
+/// Record `pool`, accepted with `cidr`, as retired (before its resource goes, or by a migration).
+pub async fn record_retired(client: &Client, namespace: &str, pool: &str, cidr: IpNet) -> Result<(), SyncError> {
     use k8s_openapi::api::core::v1::ConfigMap;
     let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
     let params = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
@@ -721,10 +737,16 @@ impl PoolSync {
             self.release_config_finalizer().await?;
             return Ok(());
         }
-        let draining = resources.iter().any(|o| o.metadata.deletion_timestamp.is_some());
-        let blocks = self.block_objects(draining).await?;
+        let mut blocks = self.block_objects(false).await?;
+        let mut judged = judge(&resources, &blocks);
+        // A deleted pool's finalizer is released on what the API server says now, never on a cache that may
+        // be a moment behind an allocation: listed only then, not on every pass while a pool drains.
+        if judged.contains(&Judgement::Release) {
+            blocks = self.block_objects(true).await?;
+            judged = judge(&resources, &blocks);
+        }
         let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
-        for (object, judgement) in resources.iter().zip(judge(&resources, &blocks)) {
+        for (object, judgement) in resources.iter().zip(judged) {
             let name = object.name_any();
             match judgement {
                 Judgement::Release => {
@@ -1077,7 +1099,7 @@ impl PoolSync {
 /// Make `body`'s spec the resource's: created, unchanged, or replaced at the version read (again on a
 /// conflict). The action, and the resource's generation after it.
 async fn write_spec(api: &Api<DynamicObject>, name: &str, body: Value) -> Result<(&'static str, i64), SyncError> {
-    let spec = body["spec"].clone();
+    let mut spec = body["spec"].clone();
     for _ in 0..5 {
         let Some(mut existing) = api.get_opt(name).await? else {
             let object: DynamicObject =
@@ -1089,6 +1111,13 @@ async fn write_spec(api: &Api<DynamicObject>, name: &str, body: Value) -> Result
                 Err(e) => return Err(e.into()),
             }
         };
+        // The CIDR as it was written when it is the same network (`FD00::/48` and `fd00::/48`): the API
+        // server compares it as text, and refuses a change.
+        let written = existing.data["spec"]["cidr"].clone();
+        let network = |v: &Value| v.as_str().and_then(|t| t.parse::<IpNet>().ok());
+        if network(&written).is_some() && network(&written) == network(&spec["cidr"]) {
+            spec["cidr"] = written;
+        }
         if existing.data.get("spec") == Some(&spec) {
             return Ok(("unchanged", existing.metadata.generation.unwrap_or(0)));
         }
