@@ -545,6 +545,15 @@ impl Held {
         Self::Kubernetes { pools: Arc::new(crate::k8s::pools::ResourcePools::start(client.clone())), client }
     }
 
+    /// A client of the API server that holds the pool resources: the datastore's own, or `--kubeconfig`'s
+    /// (pools as resources over a key-value datastore).
+    async fn client(&self, kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, CommandError> {
+        match self {
+            Self::Kubernetes { client, .. } => Ok(client.clone()),
+            Self::KeyValue { .. } => Ok(crate::k8s::connect(kubeconfig).await?),
+        }
+    }
+
     /// An allocator on it.
     pub fn allocator(&self) -> BlockAllocator {
         match self {
@@ -669,24 +678,21 @@ pub async fn execute(
             if let Some(doc) = docs.iter().find(|d| matches!(d.resource, resources::Resource::Namespace(_))) {
                 namespaces.refuse_in_kubernetes(&format!("{}: {}", doc.at, doc.resource.describe())).await?;
             }
-            match &held {
+            let against = match &held {
                 Held::KeyValue { catalog, .. } if !pools_as_resources => {
                     for applied in catalog.apply(&docs).await? {
                         w!(out, "{} {}", applied.object, applied.action);
                     }
+                    None
                 }
-                _ => {
-                    use crate::k8s::pools::Against;
-                    let (client, against) = match &held {
-                        Held::KeyValue { catalog, .. } => {
-                            (crate::k8s::connect(cli.kubeconfig.as_deref()).await?, Against::Datastore(catalog))
-                        }
-                        Held::Kubernetes { client, .. } => (client.clone(), Against::Resources),
-                    };
-                    let code = crate::k8s::pools::apply(client, against, &docs, out).await?;
-                    if code != 0 {
-                        return Ok(code);
-                    }
+                Held::KeyValue { catalog, .. } => Some(crate::k8s::pools::Against::Datastore(catalog)),
+                Held::Kubernetes { .. } => Some(crate::k8s::pools::Against::Resources),
+            };
+            if let Some(against) = against {
+                let code = crate::k8s::pools::apply(held.client(cli.kubeconfig.as_deref()).await?, against, &docs, out)
+                    .await?;
+                if code != 0 {
+                    return Ok(code);
                 }
             }
             for doc in &docs {
@@ -753,11 +759,7 @@ pub async fn execute(
             out.push_str(&text);
         }
         Command::Delete { what: DeleteKind::Pool, name, force } if pools_as_resources => {
-            let client = match &held {
-                Held::Kubernetes { client, .. } => client.clone(),
-                Held::KeyValue { .. } => crate::k8s::connect(cli.kubeconfig.as_deref()).await?,
-            };
-            crate::k8s::pools::delete(client, &name, force, out).await?;
+            crate::k8s::pools::delete(held.client(cli.kubeconfig.as_deref()).await?, &name, force, out).await?;
         }
         Command::Delete { what: DeleteKind::Pool, name, force } => {
             let Held::KeyValue { catalog, .. } = &held else { unreachable!("pools are resources on Kubernetes") };
@@ -837,15 +839,7 @@ async fn node_objects(client: &kube::Client) -> Result<Vec<crate::cluster::NodeR
     let nodes = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
         .list(&kube::api::ListParams::default())
         .await?;
-    Ok(nodes
-        .items
-        .iter()
-        .map(|node| crate::cluster::NodeRecord {
-            name: kube::ResourceExt::name_any(node),
-            addresses: crate::k8s::node_addresses_of(node),
-            labels: node.metadata.labels.clone().unwrap_or_default().into_iter().collect(),
-        })
-        .collect())
+    Ok(nodes.items.iter().map(crate::k8s::node_record).collect())
 }
 
 /// `enforcement status`: everything comes from the pinned maps (pool names too), so this works with the

@@ -89,7 +89,7 @@ async fn run(cli: Cli) -> Result<u8> {
             // DaemonSet's default before `kubernetes`): the running pods' addresses are in that file, not in
             // the API server, so starting here would hand them out again. Switching is a migration.
             let embedded = store::DEFAULT_DATASTORE.trim_start_matches("embedded:");
-            if std::env::var_os("POD_NAMESPACE").is_some() && holds_blocks(&cli).await {
+            if std::env::var_os("POD_NAMESPACE").is_some() && holds_blocks(&cli, embedded).await {
                 bail!(
                     "--datastore kubernetes, but this node's agent kept its IPAM state (blocks) in {embedded} (the embedded \
                      datastore, deploy/'s default before kubernetes): its pods' addresses are there, not in the API \
@@ -384,23 +384,17 @@ fn print_if_changed(last: &mut String, text: String) -> Result<()> {
     Ok(())
 }
 
-/// Whether the embedded default's file on this node holds blocks (either layout), or cannot be read to say:
-/// an agent kept its IPAM state there. A file without any (an agent that ran there briefly, what a migration
+/// Whether the embedded datastore at `path` holds blocks (either layout), or cannot be read to say: an
+/// agent kept its IPAM state there. A file without any (an agent that ran there briefly, what a migration
 /// away leaves once its blocks went) holds no address.
-async fn holds_blocks(cli: &Cli) -> bool {
-    let path = store::DEFAULT_DATASTORE.trim_start_matches("embedded:");
+async fn holds_blocks(cli: &Cli, path: &str) -> bool {
     if !std::path::Path::new(path).exists() {
         return false;
     }
-    let Ok(store) = store::open_existing(store::DEFAULT_DATASTORE, &cli.etcd_options()).await else { return true };
-    let block_objects = poolwarden::objects::kv::object_prefix(poolwarden::objects::Kind::Block);
-    for prefix in [store::keys::BLOCKS, block_objects.as_str()] {
-        match store.list_keys(prefix).await {
-            Ok((found, _)) if found.is_empty() => {}
-            _ => return true,
-        }
+    match store::open_existing(&format!("embedded:{path}"), &cli.etcd_options()).await {
+        Ok(store) => poolwarden::catalog::Catalog::new(store).blocks().await.map_or(true, |b| !b.is_empty()),
+        Err(_) => true,
     }
-    false
 }
 
 /// The export of `held`'s pools, printed unless it is what was printed `last`.
@@ -425,9 +419,10 @@ async fn watch_export(cli: Cli) -> Result<u8> {
     let mut last = String::new();
     if cli.datastore == store::KUBERNETES_DATASTORE {
         // Woken by a pool resource changing; namespaces are asked again every few seconds.
-        let held = commands::Held::kubernetes(poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?);
-        let commands::Held::Kubernetes { pools: resources, .. } = &held else { unreachable!("made above") };
-        let changed = resources.changes();
+        let client = poolwarden::k8s::connect(cli.kubeconfig.as_deref()).await?;
+        let pools = Arc::new(poolwarden::k8s::pools::ResourcePools::start(client.clone()));
+        let changed = pools.changes();
+        let held = commands::Held::Kubernetes { client, pools };
         let namespaces = commands::Namespaces::on_kubernetes(cli.kubeconfig.clone());
         loop {
             export_again(&held, &namespaces, *format, pool.as_deref(), &mut last).await?;

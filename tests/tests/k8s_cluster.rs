@@ -1737,7 +1737,7 @@ impl<'a> OnEtcdDatastore<'a> {
         let blocks = kubectl.json(&["get", "ipamblocks"]);
         for block in blocks["items"].as_array().expect("items") {
             let name = block["metadata"]["name"].as_str().expect("a name");
-            let held = block["spec"]["allocations"].as_object().map_or(0, serde_json::Map::len);
+            let held = held_in(block);
             assert_eq!(held, 0, "IPAMBlock {name} still holds addresses (a pod of an earlier test left?): {block}");
             kubectl.ok(&["delete", "ipamblock", name, "--ignore-not-found"]);
         }
@@ -1918,6 +1918,11 @@ impl Drop for Cleanup<'_> {
     }
 }
 
+/// How many addresses an IPAMBlock object (as kubectl prints it) holds.
+fn held_in(block: &Value) -> usize {
+    block["spec"]["allocations"].as_object().map_or(0, serde_json::Map::len)
+}
+
 /// When dropped (after the test's other cleanup, when declared before it): the pool's IPAMBlock objects that
 /// hold nothing are deleted (the agents would give them back after the grace period); one still holding an
 /// address stays, for the agents and the next `OnEtcdDatastore::switch` to find.
@@ -1929,8 +1934,7 @@ impl Drop for EmptyBlocksGone<'_> {
             self.0.run(&["get", "ipamblocks", "-l", &format!("poolwarden.io/pool={}", self.1), "-o", "json"], None);
         let listed: Value = if ok { serde_json::from_str(&out).unwrap_or_default() } else { Value::Null };
         for block in listed["items"].as_array().into_iter().flatten() {
-            let held = block["spec"]["allocations"].as_object().map_or(0, serde_json::Map::len);
-            if held == 0
+            if held_in(block) == 0
                 && let Some(name) = block["metadata"]["name"].as_str()
             {
                 self.0.run(&["delete", "ipamblock", name, "--ignore-not-found"], None);

@@ -144,15 +144,6 @@ fn routes_of(name: &str, block: Result<Block, String>) -> Vec<u8> {
     encode(&routes)
 }
 
-/// The record routes use of a Node object: its name, its kubelet's addresses and its labels.
-fn node_record(node: &Node) -> NodeRecord {
-    NodeRecord {
-        name: node.name_any(),
-        addresses: crate::k8s::node_addresses_of(node),
-        labels: node.labels().clone().into_iter().collect(),
-    }
-}
-
 fn names(prefix: &str, keys: Vec<String>) -> BTreeSet<String> {
     keys.into_iter().filter_map(|k| k.strip_prefix(prefix).map(str::to_string)).collect()
 }
@@ -263,7 +254,7 @@ async fn list_kubernetes(client: &kube::Client) -> Result<(Mirror, String, Strin
         .map_err(|e| api_error("list of the IPAMBlock objects", e))?;
     let mut mirror = Mirror { kubernetes: true, ..Mirror::default() };
     for node in &nodes.items {
-        let record = encode(&node_record(node));
+        let record = encode(&crate::k8s::node_record(node));
         mirror.apply(Change::Put(keys::NODES, node.name_any(), record.clone()));
         mirror.apply(Change::Put(keys::NODE_ADDRESSES, node.name_any(), record));
     }
@@ -296,7 +287,7 @@ fn node_changes(api: Api<Node>, version: String) -> Changes {
                 }
                 Some(Ok(WatchEvent::Added(node) | WatchEvent::Modified(node))) => {
                     version = node.resource_version().unwrap_or(version);
-                    let record = encode(&node_record(&node));
+                    let record = encode(&crate::k8s::node_record(&node));
                     vec![
                         Change::Put(keys::NODES, node.name_any(), record.clone()),
                         Change::Put(keys::NODE_ADDRESSES, node.name_any(), record),

@@ -192,6 +192,15 @@ pub fn node_addresses_of(node: &Node) -> Vec<IpAddr> {
     if internal.is_empty() { of_type("ExternalIP") } else { internal }
 }
 
+/// The record routes use of a Node object: its name, its kubelet's addresses and its labels.
+pub fn node_record(node: &Node) -> crate::cluster::NodeRecord {
+    crate::cluster::NodeRecord {
+        name: kube::ResourceExt::name_any(node),
+        addresses: node_addresses_of(node),
+        labels: kube::ResourceExt::labels(node).clone().into_iter().collect(),
+    }
+}
+
 /// The node as selection sees it: `given` with the labels the API server has for it (those win).
 fn node_info(given: &NodeInfo, node: &Node) -> NodeInfo {
     let mut labels = given.labels.clone();

@@ -430,11 +430,10 @@ fn judged_as_applied(resources: Vec<Arc<DynamicObject>>, docs: &[Located], block
                 )));
             }
             Some(existing) => {
-                // What the resource's CEL rules refuse (once the documents before it were written): said
-                // first, as `apply` on a key-value datastore says it.
-                // Read from the stored spec as the CEL rules read it (the CIDR as text, equal when it is the
-                // same network, which `write_spec` then keeps as it was written; an absent block size is the
-                // family's default), whether or not the rest of that spec is one poolwarden reads.
+                // What the resource's CEL rules would refuse only once the documents before it were written:
+                // said first, as `apply` on a key-value datastore says it, reading the stored spec as those
+                // rules do (the same network is the same CIDR, which `write_spec` then keeps as it was written;
+                // an absent block size is the family's default), whether or not poolwarden reads the rest.
                 if let Resource::IpPool(new) = &doc.resource {
                     let immutable = |field, old: String, new: String| {
                         SyncError::Catalog(CatalogError::Immutable {
@@ -1187,8 +1186,10 @@ pub async fn apply(client: Client, against: Against<'_>, docs: &[Located], out: 
             }
             if tokio::time::Instant::now() >= deadline {
                 let running = match against {
-                    Against::Datastore(_) => "with POOLWARDEN_POOL_SOURCE=kubernetes",
-                    Against::Resources => "one of them holding the poolwarden-pools Lease in kube-system",
+                    Against::Datastore(_) => "with POOLWARDEN_POOL_SOURCE=kubernetes".to_string(),
+                    Against::Resources => {
+                        format!("one of them holding the {LEASE} Lease in {}", agents_namespace())
+                    }
                 };
                 out.push_str(&format!(
                     "note: {kind}/{name}: no agent has judged it within {APPLY_WAIT:?}; are the poolwarden agents \
