@@ -274,8 +274,9 @@ impl Agent {
             }
         }
         // A block nobody owns goes back once it is empty and its released addresses have cooled down (until
-        // then a claim may adopt it): one selected list, made only when the followed blocks include one.
-        if self.membership.any_unowned_block() != Some(false) {
+        // then a claim may adopt it): one selected list, made only when the followed blocks include an empty
+        // one (a gone node's block holding a live node's addresses stays as it is, and is not listed for).
+        if self.membership.any_unowned_empty_block() != Some(false) {
             let config = self.blocks.load().await?.config;
             for cidr in self.blocks.release_unowned_blocks(&config).await? {
                 blocks += 1;

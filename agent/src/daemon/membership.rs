@@ -107,12 +107,14 @@ static BLOCKS: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| crate::objects::kv::object_prefix(crate::objects::Kind::Block));
 
 /// What routes need of one block: the node it is affine to, and the addresses held in it by other nodes
-/// (every address, when nobody owns it). Kept per block in the mirror instead of the block itself, which
-/// holds every allocation's attributes.
+/// (every address, when nobody owns it), and whether it is a block nobody owns that holds nothing (one the
+/// collector may give back). Kept per block in the mirror instead of the block itself, which holds every
+/// allocation's attributes: an address assigned in a node's own block changes none of this.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct BlockRoutes {
     affinity: Option<Affinity>,
     borrowed: Vec<Borrowed>,
+    unowned_and_empty: bool,
 }
 
 /// [`BlockRoutes`] of the block object stored under `key`, encoded; none of a block that does not read
@@ -135,6 +137,7 @@ fn routes_of(name: &str, block: Result<Block, String>) -> Vec<u8> {
                 .filter(|(_, a)| block.affinity.as_ref() != Some(&a.node))
                 .map(|(ip, a)| Borrowed { ip, node: a.node.clone() })
                 .collect(),
+            unowned_and_empty: block.affinity.is_none() && block.is_empty(),
         },
         Err(e) => {
             tracing::warn!(block = %name, error = %e, "a block object does not read; no route follows it");
@@ -387,12 +390,14 @@ impl Membership {
         self.changes.notified().await;
     }
 
-    /// Whether a followed block belongs to no node (one that does not read counts too): `None` when not
-    /// followed. The collector lists such blocks only when there are some, so that at rest it asks nothing.
-    pub fn any_unowned_block(&self) -> Option<bool> {
+    /// Whether a followed block belongs to no node and holds no address (one that does not read counts too):
+    /// `None` when not followed. The collector lists the blocks nobody owns only when one of them could go
+    /// back, so that at rest it asks nothing, even while a block of a gone node still holds the addresses a
+    /// live node borrowed from it.
+    pub fn any_unowned_empty_block(&self) -> Option<bool> {
         let followed = self.followed.lock().unwrap_or_else(|p| p.into_inner());
         let mirror = followed.as_ref()?;
-        Some(mirror.decoded::<BlockRoutes>(&BLOCKS).map_or(true, |all| all.iter().any(|r| r.affinity.is_none())))
+        Some(mirror.decoded::<BlockRoutes>(&BLOCKS).map_or(true, |all| all.iter().any(|r| r.unowned_and_empty)))
     }
 
     /// Whether the sets are being followed (the watches run and were listed from).
@@ -611,7 +616,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert!(membership.is_followed());
-        assert_eq!(membership.any_unowned_block(), Some(false), "every block has its node");
+        assert_eq!(membership.any_unowned_empty_block(), Some(false), "every block has its node");
 
         // An address assigned in a node's own block changes no route: nobody is woken. One lent to another
         // node does.
@@ -627,11 +632,21 @@ mod tests {
         assert!(woken().await.is_ok(), "not woken by an address lent to another node");
         assert_eq!(membership.routing().await.unwrap().borrowed.len(), 2);
 
-        // A block its node gave up: the collector has one to look at.
+        // A block its node gave up, still holding addresses (every one is now routed as borrowed): nothing
+        // for the collector to give back, so nothing for it to list. Once its last address goes, there is.
         block_a.affinity = None;
         put(&objects, &block_a).await;
-        while membership.any_unowned_block() != Some(true) {
-            assert!(std::time::Instant::now() < deadline, "an unowned block not seen");
+        while membership.routing().await.unwrap().borrowed.len() != 3 {
+            assert!(std::time::Instant::now() < deadline, "{:?}", membership.routing().await);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(membership.any_unowned_empty_block(), Some(false), "a block holding addresses");
+        for ip in ["10.0.0.5", "10.0.0.6", "10.0.0.7"] {
+            block_a.release_ip(ip.parse().unwrap(), 1).unwrap();
+        }
+        put(&objects, &block_a).await;
+        while membership.any_unowned_empty_block() != Some(true) {
+            assert!(std::time::Instant::now() < deadline, "an empty unowned block not seen");
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
