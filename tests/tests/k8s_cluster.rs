@@ -1800,6 +1800,7 @@ fn the_agents_allocate_on_the_kubernetes_datastore() {
     let _cleanup = Cleanup(
         &kubectl,
         &[
+            &["delete", "ipamblock", "10-141-0-0-28", "--ignore-not-found"],
             &["delete", "namespace", "kd-ns", "--ignore-not-found", "--timeout=120s"],
             &["delete", "ippool", "kd-pool", "kd-overlap", "--ignore-not-found", "--timeout=60s"],
         ],
@@ -1853,6 +1854,15 @@ fn the_agents_allocate_on_the_kubernetes_datastore() {
     let (ok, out, err) = in_agent(&kubectl, &["apply", "-f", "-"], Some(&pool("kd-third", "10.140.0.0/16")));
     assert!(!ok && err.contains("overlaps pool \"kd-pool\""), "{out}{err}");
     assert!(!kubectl.run(&["get", "ippool", "kd-third"], None).0, "a refused pool was written");
+    // A block object that does not read (the schema keeps any spec): its range may hold addresses, so
+    // nothing is judged past it, and apply says which object to mend.
+    let unreadable =
+        "apiVersion: poolwarden.io/v1\nkind: IPAMBlock\nmetadata: {name: 10-141-0-0-28}\nspec: {cidr: 10.141.0.0/28}\n";
+    kubectl.ok_with(&["create", "-f", "-"], Some(unreadable));
+    let (ok, out, err) = in_agent(&kubectl, &["apply", "-f", "-"], Some(&pool("kd-third", "10.141.0.0/24")));
+    assert!(!ok && err.contains("IPAMBlock \"10-141-0-0-28\" does not read"), "{out}{err}");
+    assert!(!kubectl.run(&["get", "ippool", "kd-third"], None).0, "a refused pool was written");
+    kubectl.ok(&["delete", "ipamblock", "10-141-0-0-28"]);
     let report = ipam_check(&kubectl);
     assert!(report.contains("ipam check: clean"), "{report}");
 

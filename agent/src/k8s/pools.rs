@@ -384,15 +384,16 @@ fn oldest_first(mut resources: Vec<Arc<DynamicObject>>) -> Vec<Arc<DynamicObject
 async fn block_objects(client: &Client) -> Result<Vec<Block>, SyncError> {
     let api = Api::<DynamicObject>::all_with(client.clone(), &crd("IPAMBlock", "ipamblocks"));
     let listed = api.list(&kube::api::ListParams::default()).await?;
-    Ok(listed.items.iter().filter_map(block_of).collect())
+    listed.items.iter().map(block_of).collect()
 }
 
-/// The block an IPAMBlock object holds (one that does not read is skipped, logged).
-fn block_of(object: &DynamicObject) -> Option<Block> {
+/// The block an IPAMBlock object holds. One that does not read (its spec is kept as written: the schema
+/// cannot refuse a hand-made one) is an error, never skipped: judged without it, a pool over its range could
+/// be accepted, or a deleted pool's finalizer released, while it holds addresses.
+fn block_of(object: &DynamicObject) -> Result<Block, SyncError> {
     let spec = object.data.get("spec").cloned().unwrap_or_default();
     serde_json::from_value::<Block>(spec)
-        .inspect_err(|e| warn!(block = %object.name_any(), error = %e, "an IPAMBlock does not read"))
-        .ok()
+        .map_err(|e| SyncError::UnreadableBlock { block: object.name_any(), error: e.to_string() })
 }
 
 /// How long a pass of the lease holder waits for its cache of the IPAMBlock objects to be listed (within
@@ -820,7 +821,7 @@ impl PoolSync {
         if tokio::time::timeout(BLOCKS_LISTED, cache.wait_until_ready()).await.is_err() {
             return Err(SyncError::NotListed("IPAMBlock", BLOCKS_LISTED));
         }
-        Ok(cache.state().iter().filter_map(|object| block_of(object)).collect())
+        cache.state().iter().map(|object| block_of(object)).collect()
     }
 
     /// One pool resource: deleted (the pool retired, then the finalizer released), or applied once the
@@ -1490,6 +1491,12 @@ pub enum SyncError {
     /// A resource could not be built from what the datastore holds.
     #[error("encoding a resource: {0}")]
     Encode(String),
+    /// An IPAMBlock object whose spec does not read as a block: no pool is judged while it is there.
+    #[error(
+        "IPAMBlock {block:?} does not read as a block ({error}): no pool is accepted, changed or let go until it \
+         is mended or deleted (kubectl get ipamblock {block} -o yaml), since the addresses it may hold are unknown"
+    )]
+    UnreadableBlock { block: String, error: String },
 }
 
 #[cfg(test)]
@@ -1640,6 +1647,25 @@ mod tests {
             ippool("first", "10.60.0.0/24", 1, Some(("True", "Applied", 1)), true, Some((1, "10.60.0.0/24", false)));
         let message = refused(judged_as_applied(vec![draining], &docs(&pool("first", "10.60.0.0/24")), &[]));
         assert!(message.contains("being deleted"), "{message}");
+    }
+
+    #[test]
+    fn an_ipamblock_that_does_not_read_stops_the_judge_naming_it() {
+        let object = |name: &str, spec: serde_json::Value| {
+            let mut object = DynamicObject::new(name, &crd("IPAMBlock", "ipamblocks"));
+            object.data = serde_json::json!({ "spec": spec });
+            object
+        };
+        let block = Block::new("10.70.0.0/29".parse().unwrap(), "p", "node-a", 0);
+        let read = block_of(&object("10-70-0-0-29", serde_json::to_value(&block).unwrap())).expect("reads");
+        assert_eq!(read, block);
+        // Hand-made (the schema keeps any spec), or written by a version this one cannot read: never
+        // skipped, which would let a pool over its range be accepted.
+        for spec in [serde_json::json!({"cidr": "10.70.0.8/29"}), serde_json::json!("x"), serde_json::Value::Null] {
+            let err = block_of(&object("10-70-0-8-29", spec.clone())).expect_err("does not read");
+            assert!(matches!(&err, SyncError::UnreadableBlock { block, .. } if block == "10-70-0-8-29"), "{err:?}");
+            assert!(err.to_string().contains("kubectl get ipamblock 10-70-0-8-29"), "{err}");
+        }
     }
 
     #[test]
