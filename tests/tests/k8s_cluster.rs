@@ -1802,7 +1802,7 @@ fn the_agents_allocate_on_the_kubernetes_datastore() {
         &[
             &["delete", "ipamblock", "10-141-0-0-28", "--ignore-not-found"],
             &["delete", "namespace", "kd-ns", "--ignore-not-found", "--timeout=120s"],
-            &["delete", "ippool", "kd-pool", "kd-overlap", "--ignore-not-found", "--timeout=60s"],
+            &["delete", "ippool", "kd-pool", "kd-overlap", "kd-fourth", "--ignore-not-found", "--timeout=60s"],
         ],
     );
     let pool = |name: &str, cidr: &str| {
@@ -1862,7 +1862,15 @@ fn the_agents_allocate_on_the_kubernetes_datastore() {
     let (ok, out, err) = in_agent(&kubectl, &["apply", "-f", "-"], Some(&pool("kd-third", "10.141.0.0/24")));
     assert!(!ok && err.contains("IPAMBlock \"10-141-0-0-28\" does not read"), "{out}{err}");
     assert!(!kubectl.run(&["get", "ippool", "kd-third"], None).0, "a refused pool was written");
+    // A pool applied with kubectl meanwhile waits, and its status says for what; mended, it is judged.
+    kubectl.ok_with(&["apply", "-f", "-"], Some(&pool("kd-fourth", "10.142.0.0/24")));
+    let (ready, reason, message) = verdict(&kubectl, "kd-fourth", Duration::from_secs(60));
+    assert!(!ready && reason == "UnreadableBlock" && message.contains("\"10-141-0-0-28\""), "{reason}: {message}");
     kubectl.ok(&["delete", "ipamblock", "10-141-0-0-28"]);
+    wait_for("IPPool kd-fourth judged once the block is gone", Duration::from_secs(60), || {
+        verdict(&kubectl, "kd-fourth", Duration::from_secs(10)).0
+    });
+    kubectl.ok(&["delete", "ippool", "kd-fourth", "--timeout=60s"]);
     let report = ipam_check(&kubectl);
     assert!(report.contains("ipam check: clean"), "{report}");
 

@@ -193,16 +193,19 @@ enum Reason {
     LeftoverBlocks,
     Immutable,
     Deleting,
+    /// Not judged: a block object does not read, so what its range holds is unknown.
+    UnreadableBlock,
 }
 
 impl Reason {
-    const ALL: [Reason; 6] = [
+    const ALL: [Reason; 7] = [
         Reason::Applied,
         Reason::Invalid,
         Reason::Overlap,
         Reason::LeftoverBlocks,
         Reason::Immutable,
         Reason::Deleting,
+        Reason::UnreadableBlock,
     ];
 
     fn as_str(self) -> &'static str {
@@ -213,6 +216,7 @@ impl Reason {
             Reason::LeftoverBlocks => "LeftoverBlocks",
             Reason::Immutable => "Immutable",
             Reason::Deleting => "Deleting",
+            Reason::UnreadableBlock => "UnreadableBlock",
         }
     }
 }
@@ -275,6 +279,17 @@ fn due<'a>(
                     || (verdict.ready && unrecorded(object))
             })
         })
+        .collect()
+}
+
+/// The verdicts of the pools waiting for one (none yet, or not at their generation; not deleted) while the
+/// judge is stopped by `err`: not ready, with its words. Pools judged at their generation keep their verdict.
+fn waiting(resources: &[Arc<DynamicObject>], err: &SyncError) -> BTreeMap<String, Verdict> {
+    let verdict = Verdict { ready: false, reason: Reason::UnreadableBlock, message: err.to_string() };
+    resources
+        .iter()
+        .filter(|o| o.metadata.deletion_timestamp.is_none() && (condition_of(o).is_none() || status_stale(o)))
+        .map(|o| (o.name_any(), verdict.clone()))
         .collect()
 }
 
@@ -737,12 +752,12 @@ impl PoolSync {
             self.release_config_finalizer().await?;
             return Ok(());
         }
-        let mut blocks = self.block_objects(false).await?;
+        let mut blocks = self.blocks_to_judge(&resources, false).await?;
         let mut judged = judge(&resources, &blocks);
         // A deleted pool's finalizer is released on what the API server says now, never on a cache that may
         // be a moment behind an allocation: listed only then, not on every pass while a pool drains.
         if judged.contains(&Judgement::Release) {
-            blocks = self.block_objects(true).await?;
+            blocks = self.blocks_to_judge(&resources, true).await?;
             judged = judge(&resources, &blocks);
         }
         let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
@@ -794,6 +809,22 @@ impl PoolSync {
             }
         }
         Ok(())
+    }
+
+    /// [`Self::block_objects`] for a judgement. When one does not read, nothing is judged: the pools waiting
+    /// for a verdict (none yet, or not at their generation) say so in their status, with the object to mend,
+    /// and the pass fails with the same words.
+    async fn blocks_to_judge(&self, resources: &[Arc<DynamicObject>], fresh: bool) -> Result<Vec<Block>, SyncError> {
+        let err = match self.block_objects(fresh).await {
+            Err(err @ SyncError::UnreadableBlock { .. }) => err,
+            other => return other,
+        };
+        let verdicts = waiting(resources, &err);
+        let due = due(resources, &verdicts, false);
+        if !due.is_empty() {
+            self.statuses(&due, &verdicts, &[]).await?;
+        }
+        Err(err)
     }
 
     /// The pool resources as cached, oldest first.
@@ -1666,6 +1697,49 @@ mod tests {
             assert!(matches!(&err, SyncError::UnreadableBlock { block, .. } if block == "10-70-0-8-29"), "{err:?}");
             assert!(err.to_string().contains("kubectl get ipamblock 10-70-0-8-29"), "{err}");
         }
+    }
+
+    #[test]
+    fn while_a_block_does_not_read_only_pools_waiting_for_a_verdict_are_told_why() {
+        let resource = |name: &str, generation: i64, status: serde_json::Value| {
+            let mut object = DynamicObject::new(name, &crd("IPPool", "ippools"));
+            object.metadata.generation = Some(generation);
+            object.data = serde_json::json!({ "spec": {"cidr": "10.90.0.0/24"}, "status": status });
+            object
+        };
+        let judged = |generation: i64, status: &str, reason: &str| {
+            serde_json::json!({"observedGeneration": generation,
+                "conditions": [{"type": "Ready", "status": status, "reason": reason, "message": "m"}]})
+        };
+        let mut deleted = resource("deleted", 1, serde_json::Value::Null);
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+        let resources: Vec<Arc<DynamicObject>> = [
+            resource("new", 1, serde_json::Value::Null),
+            resource("changed", 3, judged(2, "True", "Applied")),
+            resource("accepted", 2, judged(2, "True", "Applied")),
+            resource("refused", 1, judged(1, "False", "Overlap")),
+            deleted,
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        let err = SyncError::UnreadableBlock { block: "10-90-0-0-28".into(), error: "missing field `pool`".into() };
+        let verdicts = waiting(&resources, &err);
+        assert_eq!(verdicts.keys().collect::<Vec<_>>(), ["changed", "new"]);
+        for verdict in verdicts.values() {
+            assert!(!verdict.ready && verdict.reason == Reason::UnreadableBlock, "{verdict:?}");
+            assert!(verdict.message.contains("IPAMBlock \"10-90-0-0-28\""), "{}", verdict.message);
+        }
+        // Written, it reads back as the same verdict: the next failing pass writes nothing again.
+        let written = resource(
+            "new",
+            1,
+            serde_json::json!({"observedGeneration": 1, "conditions": [{
+            "type": "Ready", "status": "False", "reason": "UnreadableBlock", "message": verdicts["new"].message}]}),
+        );
+        assert_eq!(condition_of(&written).as_ref(), Some(&verdicts["new"]));
+        assert!(waiting(&[Arc::new(written)], &err).is_empty());
     }
 
     #[test]
