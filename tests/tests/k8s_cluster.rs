@@ -533,6 +533,7 @@ fn the_pools_are_taken_over_when_the_lease_holder_stalls() {
 /// (`poolwarden_kubernetes_requests_total` on its metrics endpoint), per minute over a window: printed by verb and
 /// resource. An agent that does not hold the pools' lease follows it by a watch, so it reads nothing on a
 /// timer (a DaemonSet's followers are as many as the cluster's nodes); the holder renews with one update, no read.
+/// One window of three in a row must be clean: a timer shows in each, what earlier tests left to finish does not.
 #[test]
 fn at_rest_the_agents_follow_by_watches_and_poll_nothing() {
     const WINDOW: Duration = Duration::from_secs(40);
@@ -593,31 +594,48 @@ fn at_rest_the_agents_follow_by_watches_and_poll_nothing() {
         }
         before = now;
     }
-    std::thread::sleep(WINDOW);
-    let after: Vec<_> = agents.iter().map(|(_, ip)| counts(ip)).collect();
+    // A timer shows in every window; what an earlier test left behind (a deleted pool's blocks going back
+    // one by one, a namespace's pods leaving) is done by the next one. Up to three windows, one clean.
     let per_minute = 60.0 / WINDOW.as_secs_f64();
-    for ((node, _), (before, after)) in agents.iter().zip(before.iter().zip(&after)) {
-        let role = if *node == holder { "holds the pools' lease" } else { "follows the lease" };
-        let moved: Vec<((String, String), f64)> = after
-            .iter()
-            .map(|(kind, n)| (kind.clone(), (n - before.get(kind).copied().unwrap_or(0.0)) * per_minute))
-            .filter(|(_, rate)| *rate > 0.0)
-            .collect();
-        let total = moved.iter().fold(0.0, |sum, (_, rate)| sum + rate);
-        println!("{node} ({role}): {total:.1} requests per minute at rest");
-        for ((verb, resource), rate) in &moved {
-            println!("    {verb:>8} {resource:<24} {rate:.1}/min");
+    let mut last_polled = Vec::new();
+    for window in 1..=3 {
+        std::thread::sleep(WINDOW);
+        let after: Vec<_> = agents.iter().map(|(_, ip)| counts(ip)).collect();
+        let mut polled_here = Vec::new();
+        for ((node, _), (before, after)) in agents.iter().zip(before.iter().zip(&after)) {
+            let role = if *node == holder { "holds the pools' lease" } else { "follows the lease" };
+            let moved: Vec<((String, String), f64)> = after
+                .iter()
+                .map(|(kind, n)| (kind.clone(), (n - before.get(kind).copied().unwrap_or(0.0)) * per_minute))
+                .filter(|(_, rate)| *rate > 0.0)
+                .collect();
+            let total = moved.iter().fold(0.0, |sum, (_, rate)| sum + rate);
+            println!("window {window}: {node} ({role}): {total:.1} requests per minute at rest");
+            for ((verb, resource), rate) in &moved {
+                println!("    {verb:>8} {resource:<24} {rate:.1}/min");
+            }
+            let polled: Vec<((String, String), f64)> = moved
+                .iter()
+                .filter(|((verb, resource), _)| verb != "watch" && !(*node == holder && resource == "leases"))
+                .cloned()
+                .collect();
+            if !polled.is_empty() {
+                polled_here.push(format!("{node} ({role}): {polled:?}"));
+            }
+            if *node == holder {
+                let renewals = moved.iter().find(|((v, r), _)| v == "update" && r == "leases").map_or(0.0, |(_, n)| *n);
+                assert!(renewals > 0.0, "the holder {node} did not renew the lease");
+            }
         }
-        let polled: Vec<&((String, String), f64)> = moved
-            .iter()
-            .filter(|((verb, resource), _)| verb != "watch" && !(*node == holder && resource == "leases"))
-            .collect();
-        assert!(polled.is_empty(), "{node} ({role}) asks the API server on a timer at rest: {polled:?}");
-        if *node == holder {
-            let renewals = moved.iter().find(|((v, r), _)| v == "update" && r == "leases").map_or(0.0, |(_, n)| *n);
-            assert!(renewals > 0.0, "the holder {node} did not renew the lease");
+        if polled_here.is_empty() {
+            return;
         }
+        last_polled = polled_here;
+        before = after;
     }
+    panic!(
+        "the agents ask the API server on a timer at rest, in three windows of {WINDOW:?} in a row: {last_polled:?}"
+    );
 }
 
 /// The PID of the agent process serving `node` (its container's, read from /proc: NODENAME in its environment).
