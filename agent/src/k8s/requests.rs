@@ -133,6 +133,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> S::Future {
+        // Which request made a count (RUST_LOG=poolwarden::k8s::requests=debug): the tally has no room for it.
+        tracing::debug!(method = %request.method(), uri = %request.uri(), "Kubernetes API request");
         self.tally.note(classify(request.method(), request.uri()));
         self.inner.call(request)
     }
