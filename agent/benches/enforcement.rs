@@ -16,7 +16,7 @@ use poolwarden::dataplane::enforcement::{
 };
 
 const REPEAT: u32 = 1_000_000;
-const ROUNDS: usize = 15;
+const ROUNDS: usize = 41;
 
 /// Nanoseconds per packet of `program` on `frame` over one run of [`REPEAT`] (the kernel's figure, in whole
 /// nanoseconds).

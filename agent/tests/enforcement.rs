@@ -3,8 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use poolwarden::dataplane::enforcement::{
-    ENFORCE, EndpointSpec, Enforcement, PASS, POOL_SLOTS, VERDICT_DROP, VERDICT_PASS, decode_drop, drop_source, frames,
-    reason,
+    ARRAY_ENDPOINTS, ENFORCE, EndpointSpec, Enforcement, PASS, POOL_SLOTS, VERDICT_DROP, VERDICT_PASS, decode_drop,
+    drop_source, frames, reason,
 };
 
 fn root() -> bool {
@@ -139,6 +139,39 @@ fn ipv6_pod_passes_its_own_address_only() {
         enforcement.run(ENFORCE, &frames::ipv6("fd00:65::6".parse().unwrap(), to, 17, 0), 1).unwrap().0,
         VERDICT_DROP
     );
+}
+
+/// An interface whose index is past the array's (a busy node's veths reach it: indexes only grow) has its
+/// entry in the hash map part, looked up by a function of its own: the same verdicts, its own entry only.
+#[test]
+fn interfaces_past_the_array_are_enforced_by_their_own_entry() {
+    if !root() {
+        return;
+    }
+    let bpffs = Bpffs::new();
+    let mut enforcement = bpffs.load();
+    let high = ARRAY_ENDPOINTS + 4_464;
+    let run = |e: &Enforcement, ifindex: u32, frame: &[u8]| e.run_on(ifindex, ENFORCE, frame, 1).unwrap().0;
+    let other = Ipv4Addr::new(10, 0, 0, 6);
+    assert_eq!(run(&enforcement, high, &frames::ipv4(POD, NODE)), VERDICT_DROP, "no entry: fail closed");
+    let spec =
+        |address| EndpointSpec { addresses: vec![IpAddr::V4(address)], pools: vec![], pool_mode: false, pool_id: 1 };
+    enforcement.set_endpoint(high, &spec(POD)).unwrap();
+    enforcement.set_endpoint(LOOPBACK, &spec(other)).unwrap();
+    for (what, ifindex, source, want) in [
+        ("own address, past the array", high, POD, VERDICT_PASS),
+        ("another pod's address, past the array", high, other, VERDICT_DROP),
+        ("the array's entry is its own interface's", LOOPBACK, POD, VERDICT_DROP),
+        ("and passes that interface's own address", LOOPBACK, other, VERDICT_PASS),
+    ] {
+        assert_eq!(run(&enforcement, ifindex, &frames::ipv4(source, NODE)), want, "{what}");
+    }
+    // The other paths through the program find the entry too: ARP for its own address, and the drop of a
+    // spoofed one.
+    assert_eq!(run(&enforcement, high, &frames::arp(POD, NODE)), VERDICT_PASS);
+    assert_eq!(run(&enforcement, high, &frames::arp(other, NODE)), VERDICT_DROP);
+    enforcement.remove_endpoint(high).unwrap();
+    assert_eq!(run(&enforcement, high, &frames::ipv4(POD, NODE)), VERDICT_DROP, "removed: fail closed");
 }
 
 /// Every pool counts in a slot of its own, named in the pinned maps (so the CLI reads names with the agent

@@ -77,12 +77,23 @@ const ICMPV6_LISTENER_REPORT_V2: u8 = 143;
 /// The verdict for a pod's packet.
 #[classifier]
 pub fn enforce(ctx: TcContext) -> i32 {
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(endpoint) = endpoint_of(ifindex) else {
+    // The interface the packet arrived on, which the kernel records (`skb_iif`) before the ingress hook runs:
+    // one load, where `ifindex` reads it through the skb's device (two, one after the other).
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // The entry's flags are tested once for the common case (present, with IPv4), and for presence only
+    // when that does not decide.
+    let verdict = match entry_of(ifindex) {
+        Some(endpoint) => match common(&ctx, endpoint) {
+            Some(verdict) => Ok((endpoint, verdict)),
+            None if endpoint.flags & PRESENT == 0 => Err(()),
+            None => Ok((endpoint, check(&ctx, endpoint).unwrap_or(reason::OTHER))),
+        },
+        None => Err(()),
+    };
+    let Ok((endpoint, verdict)) = verdict else {
         report(&ctx, ifindex, 0, reason::NO_ENDPOINT);
         return drop(0, reason::NO_ENDPOINT);
     };
-    let verdict = check(&ctx, endpoint).unwrap_or(reason::OTHER);
     if verdict == reason::PASSED {
         count(endpoint.pool_id, reason::PASSED);
         // UNSPEC, not OK: other TC programs on the interface still run.
@@ -96,9 +107,23 @@ pub fn enforce(ctx: TcContext) -> i32 {
 /// The pod whose host-side veth has index `ifindex`.
 #[inline(always)]
 fn endpoint_of(ifindex: u32) -> Option<&'static Endpoint> {
-    let endpoint =
-        if ifindex < ARRAY_ENDPOINTS { ENDPOINTS.get(ifindex) } else { unsafe { ENDPOINTS_HIGH.get(&ifindex) } };
-    endpoint.filter(|e| e.flags & PRESENT != 0)
+    entry_of(ifindex).filter(|e| e.flags & PRESENT != 0)
+}
+
+/// The entry of index `ifindex`, present or not (array slots exist for every index below
+/// [`ARRAY_ENDPOINTS`]).
+#[inline(always)]
+fn entry_of(ifindex: u32) -> Option<&'static Endpoint> {
+    if ifindex < ARRAY_ENDPOINTS { ENDPOINTS.get(ifindex) } else { high_entry(ifindex) }
+}
+
+/// The entry of an index past the array's, in a function of its own (a BPF-to-BPF call, on this rare path
+/// only): inlined, LLVM may merge its lookup with the array's into one helper call whose map is known only at
+/// run time, which the verifier cannot turn into the array's bounds check and load, so every packet would pay
+/// a real call.
+#[inline(never)]
+fn high_entry(ifindex: u32) -> Option<&'static Endpoint> {
+    unsafe { ENDPOINTS_HIGH.get(&ifindex) }
 }
 
 /// Tell the agent about a drop, at most [`DROP_REPORTS_PER_SECOND`] per CPU, so a flood of spoofed
@@ -152,12 +177,12 @@ pub fn pass(_ctx: TcContext) -> i32 {
 /// measures it beside [`enforce`] and [`pass`]; it is never attached.
 #[classifier]
 pub fn floor(ctx: TcContext) -> i32 {
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let Some(endpoint) = endpoint_of(ifindex) else { return TC_ACT_SHOT as i32 };
     let start = ctx.data();
     if start + ETH_HLEN + 20 <= ctx.data_end() {
         // SAFETY: within the 34 bytes checked just above.
-        if unsafe { load_u32(start + ETH_HLEN + 12) } == u32::from_ne_bytes(endpoint.ipv4) {
+        if unsafe { load::<4, { ETH_HLEN + 12 }>(start) } == u64::from(u32::from_ne_bytes(endpoint.ipv4)) {
             return TC_ACT_UNSPEC;
         }
     }
@@ -198,21 +223,77 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, i64> {
     at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
-/// One 32-bit load at `address` in the packet, whatever the address's alignment: the BPF instruction has no
-/// alignment requirement where the CPU has none (the verifier checks), but a Rust read of a `u32` does, and an
-/// unaligned one is split by LLVM into four byte loads. Hence the instruction itself.
+/// One load of `SIZE` (1, 2 or 4) bytes at `start + OFFSET` in the packet, zero-extended to 64 bits: the BPF
+/// instruction itself, with the offset in it. The instruction has no alignment requirement where the CPU has
+/// none (the verifier checks), but a Rust read of a `u32` does, and an unaligned one is split by LLVM into four
+/// byte loads; and a 64-bit result needs no zero extension before a comparison.
 ///
-/// SAFETY: `address .. address + 4` must be within the packet (checked against its end).
+/// SAFETY: `start + OFFSET .. start + OFFSET + SIZE` must be within the packet (checked against its end).
 #[inline(always)]
-unsafe fn load_u32(address: usize) -> u32 {
+unsafe fn load<const SIZE: usize, const OFFSET: usize>(start: usize) -> u64 {
     let value: u64;
-    // SAFETY: a read of 4 bytes the caller checked, with no other effect.
+    // SAFETY: a read of bytes the caller checked, with no other effect.
     unsafe {
-        core::arch::asm!("{v} = *(u32 *)({p} + 0)", p = in(reg) address, v = lateout(reg) value,
-            options(pure, readonly, nostack, preserves_flags))
+        match SIZE {
+            1 => core::arch::asm!("{v} = *(u8 *)({p} + {o})", p = in(reg) start, o = const OFFSET,
+                v = lateout(reg) value, options(pure, readonly, nostack, preserves_flags)),
+            2 => core::arch::asm!("{v} = *(u16 *)({p} + {o})", p = in(reg) start, o = const OFFSET,
+                v = lateout(reg) value, options(pure, readonly, nostack, preserves_flags)),
+            _ => core::arch::asm!("{v} = *(u32 *)({p} + {o})", p = in(reg) start, o = const OFFSET,
+                v = lateout(reg) value, options(pure, readonly, nostack, preserves_flags)),
+        }
     };
-    value as u32
+    value
 }
+
+/// The verdict for the common case, in one bounds check and a few loads. For a present entry with IPv4, an
+/// untagged Ethernet frame with IPv4 without options whose source is not the pod's (nor, in pool mode, in its
+/// pool) is spoofed; from it, one that is not a later fragment and carries TCP, or UDP to a port nothing
+/// decapsulates, passes. `None` for anything else: [`check`] decides, from the start (ARP, IPv6, fragments,
+/// options, ICMP, tunnels...). Everything it decides, `check` would decide the same way.
+#[inline(always)]
+fn common(ctx: &TcContext, endpoint: &Endpoint) -> Option<u32> {
+    let start = ctx.data();
+    if start + ETH_HLEN + 24 > ctx.data_end() || endpoint.flags & (PRESENT | HAS_IPV4) != PRESENT | HAS_IPV4 {
+        return None;
+    }
+    // The kernel takes one 802.1Q/802.1ad tag off before this hook and keeps it in the skb: see `check`.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return None;
+    }
+    // SAFETY (every load below): within the 38 bytes checked above.
+    // Ethertype, version and header length in one word.
+    let head = unsafe { load::<4, 12>(start) };
+    if head & u64::from(u32::from_ne_bytes([0xff, 0xff, 0xff, 0]))
+        != u64::from(u32::from_ne_bytes([0x08, 0x00, 0x45, 0]))
+    {
+        return None;
+    }
+    let source = unsafe { load::<4, { ETH_HLEN + 12 }>(start) };
+    if source != u64::from(u32::from_ne_bytes(endpoint.ipv4))
+        && (endpoint.flags & POOL_MODE == 0
+            || source & u64::from(u32::from_ne_bytes(endpoint.pool_ipv4_mask))
+                != u64::from(u32::from_ne_bytes(endpoint.pool_ipv4)))
+    {
+        return Some(reason::SPOOFED_IPV4);
+    }
+    // The fragment offset (in the word of identification, flags and offset): none, so the transport header
+    // follows.
+    if unsafe { load::<4, { ETH_HLEN + 4 }>(start) } & u64::from(u32::from_ne_bytes([0, 0, 0x1f, 0xff])) != 0 {
+        return None;
+    }
+    // The protocol, compared as loaded (a 64-bit register: no masking to a byte first).
+    match unsafe { load::<1, { ETH_HLEN + 9 }>(start) } {
+        TCP => Some(reason::PASSED),
+        UDP if !decapsulated_at(u16::from_be(unsafe { load::<2, { ETH_HLEN + 22 }>(start) } as u16)) => {
+            Some(reason::PASSED)
+        }
+        _ => None,
+    }
+}
+
+const TCP: u64 = IPPROTO_TCP as u64;
+const UDP: u64 = IPPROTO_UDP as u64;
 
 /// Read a `T` at an offset the verifier only knows a range of: the pointer is made once and checked against
 /// the packet's end itself (so the verifier ties the check to the access), with the load helper for headers
@@ -244,33 +325,6 @@ fn check(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
     // a frame the pod tagged is judged by that, not by the inner header that is left.
     if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
         return Ok(reason::VLAN);
-    }
-    // The common case in one bounds check and a few word loads: Ethernet, IPv4 without options (ethertype,
-    // version and header length in one word), the pod's own source (one word), not a later fragment, and
-    // the transport header's ports.
-    let start = ctx.data();
-    if start + ETH_HLEN + 24 <= ctx.data_end() && endpoint.flags & HAS_IPV4 != 0 {
-        // SAFETY (every load below): within the 38 bytes checked just above.
-        let head = unsafe { load_u32(start + 12) };
-        if head & u32::from_ne_bytes([0xff, 0xff, 0xff, 0]) == u32::from_ne_bytes([0x08, 0x00, 0x45, 0]) {
-            let source = unsafe { load_u32(start + ETH_HLEN + 12) };
-            if source != u32::from_ne_bytes(endpoint.ipv4)
-                && (endpoint.flags & POOL_MODE == 0
-                    || source & u32::from_ne_bytes(endpoint.pool_ipv4_mask) != u32::from_ne_bytes(endpoint.pool_ipv4))
-            {
-                return Ok(reason::SPOOFED_IPV4);
-            }
-            // Flags and fragment offset, time to live, protocol.
-            let [flags_offset_high, offset_low, _, protocol] = unsafe { load_u32(start + ETH_HLEN + 6) }.to_ne_bytes();
-            if flags_offset_high & 0x1f != 0 || offset_low != 0 {
-                return Ok(reason::PASSED);
-            }
-            return carried_port(protocol, || {
-                // Source and destination port.
-                let [_, _, high, low] = unsafe { load_u32(start + ETH_HLEN + 20) }.to_ne_bytes();
-                Ok(u16::from_be_bytes([high, low]))
-            });
-        }
     }
     let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
     match ethertype {
@@ -318,22 +372,22 @@ fn check_ipv4(ctx: &TcContext, endpoint: &Endpoint) -> Result<u32, i64> {
 /// What an IP packet from an allowed source carries: tunnels are dropped, anything else passes.
 #[inline(always)]
 fn carried(ctx: &TcContext, protocol: u8, transport: usize) -> Result<u32, i64> {
-    carried_port(protocol, || read_variable::<u16>(ctx, transport + 2).map(u16::from_be))
-}
-
-/// [`carried`], with the UDP destination port from `port` (read only for UDP).
-#[inline(always)]
-fn carried_port(protocol: u8, port: impl FnOnce() -> Result<u16, i64>) -> Result<u32, i64> {
     if protocol == IPPROTO_TCP {
         return Ok(reason::PASSED);
     }
     if TUNNEL_PROTOCOLS.contains(&protocol) {
         return Ok(reason::ENCAPSULATED);
     }
-    if protocol == IPPROTO_UDP && DECAP_PORTS.get(u32::from(port()?)).is_some_and(|listening| *listening != 0) {
+    if protocol == IPPROTO_UDP && decapsulated_at(u16::from_be(read_variable::<u16>(ctx, transport + 2)?)) {
         return Ok(reason::ENCAPSULATED);
     }
     Ok(reason::PASSED)
+}
+
+/// Whether something on the node (or a peer) decapsulates what arrives at UDP port `port`.
+#[inline(always)]
+fn decapsulated_at(port: u16) -> bool {
+    DECAP_PORTS.get(u32::from(port)).is_some_and(|listening| *listening != 0)
 }
 
 /// How many IPv6 extension headers the program follows before giving up (and dropping: no pod needs more).

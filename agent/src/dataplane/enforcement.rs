@@ -527,13 +527,30 @@ impl Enforcement {
     /// Run `program` on `packet` (an Ethernet frame) `repeat` times in the kernel, as if it arrived on the
     /// loopback interface (ifindex 1); returns the verdict and the kernel's average time per run.
     pub fn run(&self, program: &str, packet: &[u8], repeat: u32) -> Result<(u32, Duration), EnforcementError> {
+        self.run_on(1, program, packet, repeat)
+    }
+
+    /// [`Enforcement::run`], with the packet recorded as arriving on interface `ifindex` (the skb's
+    /// `ingress_ifindex`, which the program looks its endpoint up by; the device is still the loopback).
+    pub fn run_on(
+        &self,
+        ifindex: u32,
+        program: &str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Duration), EnforcementError> {
         let program: &SchedClassifier = self
             .ebpf
             .program(program)
             .ok_or_else(|| EnforcementError::Load(format!("program {program} missing")))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))?;
-        let options = TestRunOptions { data_in: Some(packet), repeat, ..TestRunOptions::default() };
+        // The context: the start of a `struct __sk_buff` up to `ingress_ifindex` (its tenth field); the kernel
+        // sets the rest.
+        let mut context = [0u8; 40];
+        context[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+        let options =
+            TestRunOptions { data_in: Some(packet), ctx_in: Some(&context), repeat, ..TestRunOptions::default() };
         let result = program
             .test_run(options)
             .map_err(|e| EnforcementError::Map { operation: "BPF_PROG_TEST_RUN".into(), message: e.to_string() })?;
