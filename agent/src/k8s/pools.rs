@@ -149,7 +149,7 @@ pub async fn accept_as_is(client: &Client, name: &str) -> Result<(), SyncError> 
     let api = Api::<DynamicObject>::all_with(client.clone(), &ippools());
     for _ in 0..5 {
         let Some(object) = api.get_opt(name).await? else { return Err(SyncError::NotFound(name.to_string())) };
-        if !object.finalizers().iter().any(|f| f == FINALIZER) {
+        if !holds_finalizer(&object) {
             let mut finalizers = object.finalizers().to_vec();
             finalizers.push(FINALIZER.to_string());
             set_finalizers(&api, &object, finalizers).await?;
@@ -298,8 +298,17 @@ fn waiting(resources: &[Arc<DynamicObject>], err: &SyncError) -> BTreeMap<String
 enum Judgement {
     /// Deleted, and nothing is allocated in the range it was accepted with: its finalizer goes.
     Release,
+    /// Deleted, and this finalizer no longer on it (released, the resource kept by another's): nothing to
+    /// do, and nothing to list for it. Its range, as accepted, still counts in every overlap check while it
+    /// is there.
+    NotHeld,
     /// Its verdict (for a deleted one, `Deleting` while an address is allocated in its range).
     Verdict(Verdict),
+}
+
+/// Whether this finalizer is on `object`.
+fn holds_finalizer(object: &DynamicObject) -> bool {
+    object.finalizers().iter().any(|f| f == FINALIZER)
 }
 
 /// The judge's decisions on the Kubernetes datastore, one per resource of `resources` (oldest first), given
@@ -317,6 +326,10 @@ fn judge(resources: &[Arc<DynamicObject>], blocks: &[Block]) -> Vec<Judgement> {
         let name = object.name_any();
         let range = accepted_pool(object).map(|p| p.cidr());
         if object.metadata.deletion_timestamp.is_some() {
+            if !holds_finalizer(object) {
+                judged.push(Judgement::NotHeld);
+                continue;
+            }
             let held: Vec<&Block> = match range {
                 Some(cidr) => blocks.iter().filter(|b| cidr.contains(&b.cidr) && b.used() > 0).collect(),
                 None => Vec::new(),
@@ -493,7 +506,7 @@ fn judged_as_applied(resources: Vec<Arc<DynamicObject>>, docs: &[Located], block
             Judgement::Verdict(verdict) if verdict.ready => {}
             Judgement::Verdict(verdict) => return Err(SyncError::Refused(verdict.message)),
             // Only a deleted resource, and one the documents name is refused above.
-            Judgement::Release => {}
+            Judgement::Release | Judgement::NotHeld => {}
         }
     }
     Ok(())
@@ -746,7 +759,7 @@ impl PoolSync {
                 ready.is_none()
                     || status_stale(o)
                     || (ready == Some(true) && unrecorded(o))
-                    || o.metadata.deletion_timestamp.is_some()
+                    || (o.metadata.deletion_timestamp.is_some() && holds_finalizer(o))
             });
         if !needed {
             self.release_config_finalizer().await?;
@@ -776,6 +789,7 @@ impl PoolSync {
                         info!(pool = %name, "IPPool deleted: nothing is allocated from it any more");
                     }
                 }
+                Judgement::NotHeld => {}
                 Judgement::Verdict(verdict) if verdict.reason == Reason::Deleting => {
                     verdicts.insert(name, verdict);
                 }
@@ -803,7 +817,7 @@ impl PoolSync {
     /// a key-value datastore) put on a deleted one is released.
     async fn release_config_finalizer(&self) -> Result<(), SyncError> {
         for object in self.configs.state() {
-            if object.metadata.deletion_timestamp.is_some() && object.finalizers().iter().any(|f| f == FINALIZER) {
+            if object.metadata.deletion_timestamp.is_some() && holds_finalizer(&object) {
                 self.fence()?;
                 release_finalizer(&self.config_api, &object).await?;
             }
@@ -1557,6 +1571,7 @@ mod tests {
         }
         if deleting {
             object["metadata"]["deletionTimestamp"] = json!("2026-12-02T10:00:00Z");
+            object["metadata"]["finalizers"] = json!([FINALIZER]);
         }
         if let Some((generation, cidr, foreign)) = accepted {
             let uid = if foreign { "another".to_string() } else { uid };
@@ -1749,6 +1764,7 @@ mod tests {
                 .into_iter()
                 .map(|j| match j {
                     Judgement::Release => "release".to_string(),
+                    Judgement::NotHeld => "not held".to_string(),
                     Judgement::Verdict(v) if v.ready => "ready".to_string(),
                     Judgement::Verdict(v) => format!("{}: {}", v.reason.as_str(), v.message),
                 })
@@ -1802,6 +1818,17 @@ mod tests {
         // A deleted pool's range stays taken while it drains.
         let got = reasons(judge(&[deleting("busy", "10.52.0.0/24", true), newcomer("next", "10.52.0.0/24")], &blocks));
         assert!(got[1].starts_with("Overlap"), "{got:?}");
+        // Released, the resource kept by another's finalizer: not this judge's any more (no release again, no
+        // status, no fresh list of the blocks on every pass), its range still taken while it is there.
+        let kept = |name: &str, cidr: &str| {
+            let mut object = (*deleting(name, cidr, true)).clone();
+            object.metadata.finalizers = Some(vec!["example.com/backup".to_string()]);
+            Arc::new(object)
+        };
+        let got = reasons(judge(&[kept("kept", "10.53.0.0/24"), newcomer("next", "10.53.0.0/24")], &blocks));
+        assert_eq!(got[0], "not held");
+        assert!(got[1].starts_with("Overlap") && got[1].contains("\"kept\""), "{got:?}");
+        assert_eq!(reasons(judge(&[kept("busy", "10.52.0.0/24")], &blocks)), ["not held"]);
     }
 
     #[test]
