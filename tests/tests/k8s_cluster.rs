@@ -656,7 +656,8 @@ fn request_counts(ip: &str) -> std::collections::BTreeMap<(String, String), f64>
 /// poolwarden's any more: the lease holder's passes (every 5 s, and on every change) neither list the
 /// IPAMBlocks again to release it nor read the retired pools' record again for it. Up to three windows of
 /// 30 s, one clean: another test's leftovers may ask for a while, a pass that judges this pool again asks in
-/// every window.
+/// every window. One whose poolwarden finalizer was removed by hand still gets its retirement recorded, once
+/// nothing is allocated from it.
 #[test]
 fn a_deleted_pool_kept_by_another_finalizer_is_left_alone() {
     const WINDOW: Duration = Duration::from_secs(30);
@@ -666,7 +667,7 @@ fn a_deleted_pool_kept_by_another_finalizer_is_left_alone() {
         &["apply", "-f", "-"],
         Some(
             "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: kept-pool, finalizers: [example.com/keep]}\n\
-             spec: {cidr: 10.126.0.0/24, blockSize: 29}\n",
+             spec: {cidr: 10.143.0.0/24, blockSize: 29}\n",
         ),
     );
     assert!(verdict(&kubectl, "kept-pool", Duration::from_secs(60)).0);
@@ -707,6 +708,38 @@ fn a_deleted_pool_kept_by_another_finalizer_is_left_alone() {
         seen.is_empty(),
         "the holder {holder} kept asking for a pool it released, three windows of {WINDOW:?}: {seen:?}"
     );
+
+    // poolwarden's finalizer removed by hand from a deleted pool still in use, another's keeping the resource:
+    // the pool's retirement is recorded once its last address goes (so every firewall export empties its
+    // set), not before.
+    pool_for_namespace(&kubectl, "bare-pool", "10.144.0.0/28", 29, "bare-ns");
+    pod_on(&kubectl, "bare-ns", "holder", "pwk-node1", "sleep 3600");
+    kubectl.ok(&["-n", "bare-ns", "wait", "--for=condition=Ready", "pod/holder", "--timeout=120s"]);
+    let finalizers = |list: Value| json!({"metadata": {"finalizers": list}}).to_string();
+    kubectl.ok(&[
+        "patch",
+        "ippool",
+        "bare-pool",
+        "--type=merge",
+        "-p",
+        &finalizers(json!(["poolwarden.io/addresses", "example.com/keep"])),
+    ]);
+    kubectl.ok(&["delete", "ippool", "bare-pool", "--wait=false"]);
+    let (ready, reason, _) = verdict(&kubectl, "bare-pool", Duration::from_secs(60));
+    assert!(!ready && reason == "Deleting", "{reason}");
+    kubectl.ok(&["patch", "ippool", "bare-pool", "--type=merge", "-p", &finalizers(json!(["example.com/keep"]))]);
+    let retired = || {
+        let (_, out, _) =
+            kubectl.run(&["-n", "kube-system", "get", "configmap", "poolwarden-retired-pools", "-o", "json"], None);
+        serde_json::from_str::<Value>(&out).unwrap_or_default()["data"]["bare-pool"].clone()
+    };
+    std::thread::sleep(Duration::from_secs(20));
+    assert_ne!(retired(), json!("10.144.0.0/28"), "recorded as retired while an address is allocated from it");
+    kubectl.ok(&["-n", "bare-ns", "delete", "pod", "holder", "--wait=true", "--timeout=120s"]);
+    wait_for("bare-pool's retirement to be recorded", Duration::from_secs(60), || retired() == json!("10.144.0.0/28"));
+    kubectl.ok(&["patch", "ippool", "bare-pool", "--type=merge", "-p", &finalizers(Value::Null)]);
+    kubectl.ok(&["wait", "--for=delete", "ippool/bare-pool", "--timeout=60s"]);
+    kubectl.ok(&["delete", "namespace", "bare-ns", "--wait=true", "--timeout=120s"]);
 }
 
 /// The PID of the agent process serving `node` (its container's, read from /proc: NODENAME in its environment).

@@ -298,10 +298,12 @@ fn waiting(resources: &[Arc<DynamicObject>], err: &SyncError) -> BTreeMap<String
 enum Judgement {
     /// Deleted, and nothing is allocated in the range it was accepted with: its finalizer goes.
     Release,
-    /// Deleted, and this finalizer no longer on it (released, the resource kept by another's): nothing to
-    /// do, and nothing to list for it. Its range, as accepted, still counts in every overlap check while it
-    /// is there.
-    NotHeld,
+    /// Deleted, and this finalizer no longer on it (released, the resource kept by another's; or removed by
+    /// hand): nothing to hold or release, and nothing to list for it. `drained` when no block object in the
+    /// range it was accepted with holds an address: then its retirement is recorded once, if it is not
+    /// already (this finalizer removed by another hand before it was). Its range, as accepted, still counts
+    /// in every overlap check while it is there.
+    NotHeld { drained: bool },
     /// Its verdict (for a deleted one, `Deleting` while an address is allocated in its range).
     Verdict(Verdict),
 }
@@ -326,14 +328,14 @@ fn judge(resources: &[Arc<DynamicObject>], blocks: &[Block]) -> Vec<Judgement> {
         let name = object.name_any();
         let range = accepted_pool(object).map(|p| p.cidr());
         if object.metadata.deletion_timestamp.is_some() {
-            if !holds_finalizer(object) {
-                judged.push(Judgement::NotHeld);
-                continue;
-            }
             let held: Vec<&Block> = match range {
                 Some(cidr) => blocks.iter().filter(|b| cidr.contains(&b.cidr) && b.used() > 0).collect(),
                 None => Vec::new(),
             };
+            if !holds_finalizer(object) {
+                judged.push(Judgement::NotHeld { drained: held.is_empty() });
+                continue;
+            }
             judged.push(if held.is_empty() {
                 Judgement::Release
             } else {
@@ -506,7 +508,7 @@ fn judged_as_applied(resources: Vec<Arc<DynamicObject>>, docs: &[Located], block
             Judgement::Verdict(verdict) if verdict.ready => {}
             Judgement::Verdict(verdict) => return Err(SyncError::Refused(verdict.message)),
             // Only a deleted resource, and one the documents name is refused above.
-            Judgement::Release | Judgement::NotHeld => {}
+            Judgement::Release | Judgement::NotHeld { .. } => {}
         }
     }
     Ok(())
@@ -598,6 +600,9 @@ pub struct PoolSync {
     blocks: std::sync::Mutex<Option<(Store<DynamicObject>, tokio::task::JoinHandle<()>)>>,
     /// The namespace of the pools' Lease, where the retired pools are recorded ([`RETIRED_POOLS`]).
     namespace: String,
+    /// The UIDs of the deleted pool resources whose retirement this process recorded (or found recorded):
+    /// one it released, kept by another's finalizer, is not recorded again on every pass.
+    retired: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Drop for PoolSync {
@@ -647,7 +652,24 @@ impl PoolSync {
             term: std::sync::Mutex::new(tokio::time::Instant::now()),
             blocks: std::sync::Mutex::default(),
             namespace: DEFAULT_NAMESPACE.to_string(),
+            retired: std::sync::Mutex::default(),
         }
+    }
+
+    /// Note that the retirement of `object` (a deleted pool resource) is recorded.
+    fn retired_here(&self, object: &DynamicObject) {
+        if let Some(uid) = &object.metadata.uid {
+            self.retired.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid.clone());
+        }
+    }
+
+    /// Whether this process recorded the retirement of `object` (or found it recorded).
+    fn is_retired_here(&self, object: &DynamicObject) -> bool {
+        object
+            .metadata
+            .uid
+            .as_ref()
+            .is_some_and(|uid| self.retired.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(uid))
     }
 
     /// Run until the process ends: hold the lease when free, and while held copy every change.
@@ -782,6 +804,7 @@ impl PoolSync {
                     if let Some(pool) = accepted_pool(object) {
                         self.fence()?;
                         record_retired(&self.client, &self.namespace, &name, pool.cidr()).await?;
+                        self.retired_here(object);
                     }
                     self.fence()?;
                     release_finalizer(&self.pool_api, object).await?;
@@ -789,7 +812,18 @@ impl PoolSync {
                         info!(pool = %name, "IPPool deleted: nothing is allocated from it any more");
                     }
                 }
-                Judgement::NotHeld => {}
+                // Released by this process, or recorded by it already: nothing. Otherwise (released before,
+                // or this finalizer removed by hand) the record is made sure of once: one read of it when
+                // it is there. On the cache's blocks: no new address comes from a deleted pool, and the
+                // record only empties the firewall export's set, it releases nothing.
+                Judgement::NotHeld { drained: true } => {
+                    if let Some(pool) = accepted_pool(object).filter(|_| !self.is_retired_here(object)) {
+                        self.fence()?;
+                        record_retired(&self.client, &self.namespace, &name, pool.cidr()).await?;
+                        self.retired_here(object);
+                    }
+                }
+                Judgement::NotHeld { drained: false } => {}
                 Judgement::Verdict(verdict) if verdict.reason == Reason::Deleting => {
                     verdicts.insert(name, verdict);
                 }
@@ -1764,7 +1798,8 @@ mod tests {
                 .into_iter()
                 .map(|j| match j {
                     Judgement::Release => "release".to_string(),
-                    Judgement::NotHeld => "not held".to_string(),
+                    Judgement::NotHeld { drained: true } => "not held, drained".to_string(),
+                    Judgement::NotHeld { drained: false } => "not held, in use".to_string(),
                     Judgement::Verdict(v) if v.ready => "ready".to_string(),
                     Judgement::Verdict(v) => format!("{}: {}", v.reason.as_str(), v.message),
                 })
@@ -1826,9 +1861,10 @@ mod tests {
             Arc::new(object)
         };
         let got = reasons(judge(&[kept("kept", "10.53.0.0/24"), newcomer("next", "10.53.0.0/24")], &blocks));
-        assert_eq!(got[0], "not held");
+        assert_eq!(got[0], "not held, drained");
         assert!(got[1].starts_with("Overlap") && got[1].contains("\"kept\""), "{got:?}");
-        assert_eq!(reasons(judge(&[kept("busy", "10.52.0.0/24")], &blocks)), ["not held"]);
+        // Its finalizer removed by hand while an address is allocated: its retirement waits (see `judge_pass`).
+        assert_eq!(reasons(judge(&[kept("busy", "10.52.0.0/24")], &blocks)), ["not held, in use"]);
     }
 
     #[test]
