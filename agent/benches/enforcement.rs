@@ -1,5 +1,6 @@
 //! Per-packet cost of the enforcement program with BPF_PROG_TEST_RUN (1,000,000 repeats a run), for the
-//! allowed path and the drop path, against an empty TC program measured in the same rounds, with 10, 1,000 and
+//! allowed path (as by default, and counting passed packets as `--count-passed-packets` has it) and the drop
+//! path, against an empty TC program measured in the same rounds, with 10, 1,000 and
 //! 100,000 endpoint entries in the map; beside them the floor program (the endpoint's entry and one comparison
 //! of the source: what any check by one program shared by every pod costs at least). Medians of [`ROUNDS`]
 //! rounds, each running the four one after the other, and the median of the rounds' own ratios (a round's runs
@@ -59,8 +60,17 @@ fn main() {
         "\nenforcement program, BPF_PROG_TEST_RUN, {REPEAT} repeats a run, medians of {ROUNDS} rounds (ns per packet)"
     );
     println!(
-        "{:>8} {:>6} {:>6} {:>8} {:>8} {:>12} {:>14} {:>14}",
-        "entries", "empty", "floor", "allowed", "dropped", "floor/empty", "allowed/empty", "dropped/empty"
+        "{:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>12} {:>14} {:>14} {:>14}",
+        "entries",
+        "empty",
+        "floor",
+        "allowed",
+        "counted",
+        "dropped",
+        "floor/empty",
+        "allowed/empty",
+        "counted/empty",
+        "dropped/empty"
     );
     let mut filled = 1u32;
     for entries in [10u32, 1_000, 100_000] {
@@ -72,27 +82,34 @@ fn main() {
             enforcement.set_endpoint(filled + 1, &other).expect("fill");
             filled += 1;
         }
-        let rounds: Vec<[f64; 4]> = (0..ROUNDS)
+        let rounds: Vec<[f64; 5]> = (0..ROUNDS)
             .map(|_| {
-                [
-                    per_packet(&enforcement, PASS, &allowed, VERDICT_PASS),
-                    per_packet(&enforcement, FLOOR, &allowed, VERDICT_PASS),
-                    per_packet(&enforcement, ENFORCE, &allowed, VERDICT_PASS),
-                    per_packet(&enforcement, ENFORCE, &spoofed, VERDICT_DROP),
-                ]
+                let empty = per_packet(&enforcement, PASS, &allowed, VERDICT_PASS);
+                let floor = per_packet(&enforcement, FLOOR, &allowed, VERDICT_PASS);
+                let allowed_cost = per_packet(&enforcement, ENFORCE, &allowed, VERDICT_PASS);
+                // The same entry, written as the agent writes it with --count-passed-packets.
+                enforcement.count_passed_packets(true);
+                enforcement.set_endpoint(1, &spec).expect("counting entry");
+                let counted = per_packet(&enforcement, ENFORCE, &allowed, VERDICT_PASS);
+                enforcement.count_passed_packets(false);
+                enforcement.set_endpoint(1, &spec).expect("entry");
+                let dropped = per_packet(&enforcement, ENFORCE, &spoofed, VERDICT_DROP);
+                [empty, floor, allowed_cost, counted, dropped]
             })
             .collect();
         let column = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
         let ratio = |i: usize| median(rounds.iter().map(|r| r[i] / r[0]).collect());
         println!(
-            "{entries:>8} {:>6.0} {:>6.0} {:>8.0} {:>8.0} {:>11.2}x {:>13.2}x {:>13.2}x",
+            "{entries:>8} {:>6.0} {:>6.0} {:>8.0} {:>8.0} {:>8.0} {:>11.2}x {:>13.2}x {:>13.2}x {:>13.2}x",
             column(0),
             column(1),
             column(2),
             column(3),
+            column(4),
             ratio(1),
             ratio(2),
-            ratio(3)
+            ratio(3),
+            ratio(4)
         );
     }
     drop(enforcement);

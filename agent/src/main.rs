@@ -63,6 +63,7 @@ async fn run(cli: Cli) -> Result<u8> {
         metrics_addr,
         log_format,
         enforcement,
+        count_passed_packets,
         bpf_dir,
         kubernetes,
         kube_sync_timeout,
@@ -131,7 +132,8 @@ async fn run(cli: Cli) -> Result<u8> {
                 addresses,
                 lifetimes,
             )?
-            .with_pool_changes(changes);
+            .with_pool_changes(changes)
+            .counting_passed_packets(*count_passed_packets);
             poolwarden::daemon::server::run(Arc::new(agent), socket.clone(), *metrics_addr).await?;
             return Ok(0);
         }
@@ -187,7 +189,8 @@ async fn run(cli: Cli) -> Result<u8> {
         } else {
             None
         };
-        let mut agent = poolwarden::daemon::Agent::new(node, store, *enforcement, bpf_dir, addresses, lifetimes)?;
+        let mut agent = poolwarden::daemon::Agent::new(node, store, *enforcement, bpf_dir, addresses, lifetimes)?
+            .counting_passed_packets(*count_passed_packets);
         if let Some(directory) = kube {
             agent = agent.with_directory(directory);
         }

@@ -3,8 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use poolwarden::dataplane::enforcement::{
-    ARRAY_ENDPOINTS, ENFORCE, EndpointSpec, Enforcement, PASS, POOL_SLOTS, VERDICT_DROP, VERDICT_PASS, decode_drop,
-    drop_source, frames, reason,
+    ARRAY_ENDPOINTS, COUNT_PASSED, ENFORCE, EndpointSpec, Enforcement, PASS, POOL_SLOTS, VERDICT_DROP, VERDICT_PASS,
+    decode_drop, drop_source, frames, reason,
 };
 
 fn root() -> bool {
@@ -56,6 +56,7 @@ fn strict_mode_passes_only_the_pods_own_source() {
     let verdict = |e: &Enforcement, frame: &[u8]| e.run(ENFORCE, frame, 1).expect("test run").0;
     assert_eq!(verdict(&enforcement, &frames::ipv4(POD, NODE)), VERDICT_DROP, "no endpoint entry: fail closed");
 
+    enforcement.count_passed_packets(true);
     let spec = EndpointSpec {
         addresses: vec![IpAddr::V4(POD)],
         pools: vec!["10.0.0.0/24".parse().unwrap()],
@@ -188,6 +189,7 @@ fn counter_slots_are_never_shared() {
     assert!(a != 0 && b != 0 && a != b, "{a} {b}");
     assert_eq!(enforcement.pool_slot("pool-a").unwrap(), a, "a pool keeps its slot");
     let spec = |pool_id| EndpointSpec { addresses: vec![IpAddr::V4(POD)], pools: vec![], pool_mode: false, pool_id };
+    enforcement.count_passed_packets(true);
     enforcement.set_endpoint(LOOPBACK, &spec(a)).unwrap();
     for _ in 0..3 {
         enforcement.run(ENFORCE, &frames::ipv4(POD, NODE), 1).unwrap();
@@ -222,9 +224,11 @@ fn counter_slots_are_never_shared() {
 
 const OWN6: &str = "fd00:65::5";
 
-/// An enforcement with one endpoint on loopback: `POD`, and `OWN6` when `ipv6`.
+/// An enforcement with one endpoint on loopback: `POD`, and `OWN6` when `ipv6`, counting passed packets too
+/// (so that every verdict's reason can be read back).
 fn enforcing(bpffs: &Bpffs, ipv6: bool) -> Enforcement {
     let mut enforcement = bpffs.load();
+    enforcement.count_passed_packets(true);
     let mut addresses = vec![IpAddr::V4(POD)];
     if ipv6 {
         addresses.push(OWN6.parse().unwrap());
@@ -398,6 +402,57 @@ fn tunnels_from_the_pods_own_address_are_dropped() {
         &enforcement,
         vec![("UDP to a port a device listens on", udp(9999, &frames::vxlan(1, &inner_frame)), reason::ENCAPSULATED)],
     );
+    // The next agent's program (its own copy of the ports) blocks what this one found, from the pinned record.
+    drop(enforcement);
+    let enforcement = bpffs.load();
+    judge(
+        &enforcement,
+        vec![
+            ("UDP to a port an earlier agent blocked", udp(9999, b""), reason::ENCAPSULATED),
+            ("VXLAN", udp(4789, b""), reason::ENCAPSULATED),
+            ("plain UDP", udp(53, b""), reason::PASSED),
+        ],
+    );
+}
+
+/// Drops are always counted; passed packets only on the entries written while the agent counts them, and
+/// the status (read from the pins) says which.
+#[test]
+fn passed_packets_are_counted_only_when_asked() {
+    if !root() {
+        return;
+    }
+    let bpffs = Bpffs::new();
+    let mut enforcement = bpffs.load();
+    let spec = EndpointSpec {
+        addresses: vec![IpAddr::V4(POD)],
+        pools: vec![],
+        pool_mode: false,
+        pool_id: enforcement.pool_slot("three").unwrap(),
+    };
+    enforcement.set_endpoint(LOOPBACK, &spec).unwrap();
+    let own = frames::ipv4(POD, NODE);
+    let spoofed = frames::ipv4(Ipv4Addr::new(10, 0, 0, 9), NODE);
+    let tcp = v4(&[0; 20], 6);
+    for frame in [&own, &own, &tcp, &spoofed] {
+        enforcement.run(ENFORCE, frame, 1).unwrap();
+    }
+    assert_eq!(enforcement.counts().unwrap(), vec![("three".to_string(), reason::SPOOFED_IPV4, 1)]);
+    let pinned = || poolwarden::dataplane::enforcement::read_pinned(&bpffs.0.path().join("poolwarden")).unwrap();
+    assert!(pinned().endpoints.iter().all(|(_, e)| e.flags & COUNT_PASSED == 0));
+
+    enforcement.count_passed_packets(true);
+    assert_eq!(enforcement.run(ENFORCE, &own, 1).unwrap().0, VERDICT_PASS);
+    assert_eq!(enforcement.counts().unwrap().len(), 1, "the entry written before still counts no pass");
+    enforcement.set_endpoint(LOOPBACK, &spec).unwrap();
+    for frame in [&own, &tcp, &spoofed] {
+        enforcement.run(ENFORCE, frame, 1).unwrap();
+    }
+    assert_eq!(
+        enforcement.counts().unwrap(),
+        vec![("three".to_string(), reason::PASSED, 2), ("three".to_string(), reason::SPOOFED_IPV4, 2)]
+    );
+    assert!(pinned().endpoints.iter().all(|(_, e)| e.flags & COUNT_PASSED != 0));
 }
 
 /// Neighbour and router discovery: a pod may send what a host sends (solicitations, advertisements for its

@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use poolwarden_ebpf_common::{
-    ARRAY_ENDPOINTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE, POOL_NAME_LEN,
-    POOL_SLOTS, PRESENT, TUNNEL_PROTOCOLS, counter_index, reason,
+    ARRAY_ENDPOINTS, COUNT_PASSED, DEFAULT_DECAP_PORTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4,
+    HAS_IPV6, POOL_MODE, POOL_NAME_LEN, POOL_SLOTS, PRESENT, TUNNEL_PROTOCOLS, counter_index, reason,
 };
 
 /// ifindex of the host-side veth -> the pod it belongs to, for indexes below [`ARRAY_ENDPOINTS`]. Pinned by
@@ -36,9 +36,28 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(POOL_SLOTS * reason::COUNT, 0);
 
 /// UDP destination port -> non-zero when something on the node (or a peer) decapsulates what arrives there:
-/// the defaults and every VXLAN/GENEVE device's port, written by the agent.
+/// the defaults and every VXLAN/GENEVE device's port, written by the agent. The record that outlives the
+/// agent (and `poolwarden enforcement status` reads); the program itself reads [`DECAP`].
 #[map]
 static DECAP_PORTS: Array<u8> = Array::pinned(65_536, 0);
+
+/// The same ports for this program instance: global data (the value of a one-entry array map, which the
+/// program addresses directly, so a packet's port costs one load, not a map lookup), with the defaults
+/// compiled in. The agent that loaded the instance writes every port it blocks here as well as in
+/// [`DECAP_PORTS`], those an earlier agent pinned included, before attaching it anywhere.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".data.decap_ports")]
+static mut DECAP: [u8; 65_536] = decap_defaults();
+
+const fn decap_defaults() -> [u8; 65_536] {
+    let mut ports = [0; 65_536];
+    let mut i = 0;
+    while i < DEFAULT_DECAP_PORTS.len() {
+        ports[DEFAULT_DECAP_PORTS[i] as usize] = 1;
+        i += 1;
+    }
+    ports
+}
 
 /// Counter slot -> the pool's name (NUL-padded), written by the agent and read by whoever reports the
 /// counters (`poolwarden enforcement status` too, with the agent down). The program never reads it.
@@ -95,7 +114,11 @@ pub fn enforce(ctx: TcContext) -> i32 {
         return drop(0, reason::NO_ENDPOINT);
     };
     if verdict == reason::PASSED {
-        count(endpoint.pool_id, reason::PASSED);
+        // Passed packets are counted only where the agent asks (`--count-passed-packets`): counting makes the
+        // check of an allowed packet about a third dearer.
+        if endpoint.flags & COUNT_PASSED != 0 {
+            count(endpoint.pool_id, reason::PASSED);
+        }
         // UNSPEC, not OK: other TC programs on the interface still run.
         TC_ACT_UNSPEC
     } else {
@@ -277,23 +300,25 @@ fn common(ctx: &TcContext, endpoint: &Endpoint) -> Option<u32> {
     {
         return Some(reason::SPOOFED_IPV4);
     }
-    // The fragment offset (in the word of identification, flags and offset): none, so the transport header
-    // follows.
-    if unsafe { load::<4, { ETH_HLEN + 4 }>(start) } & u64::from(u32::from_ne_bytes([0, 0, 0x1f, 0xff])) != 0 {
-        return None;
-    }
-    // The protocol, compared as loaded (a 64-bit register: no masking to a byte first).
-    match unsafe { load::<1, { ETH_HLEN + 9 }>(start) } {
-        TCP => Some(reason::PASSED),
-        UDP if !decapsulated_at(u16::from_be(unsafe { load::<2, { ETH_HLEN + 22 }>(start) } as u16)) => {
+    // Flags with the fragment offset, TTL and protocol in one word, masked to the offset and the protocol: no
+    // offset (so the transport header follows) and TCP, or UDP to a port nothing decapsulates.
+    match unsafe { load::<4, { ETH_HLEN + 6 }>(start) } & OFFSET_AND_PROTOCOL {
+        TCP_UNFRAGMENTED => Some(reason::PASSED),
+        UDP_UNFRAGMENTED if !decapsulated_at(u16::from_be(unsafe { load::<2, { ETH_HLEN + 22 }>(start) } as u16)) => {
             Some(reason::PASSED)
         }
         _ => None,
     }
 }
 
-const TCP: u64 = IPPROTO_TCP as u64;
-const UDP: u64 = IPPROTO_UDP as u64;
+/// The fragment offset and the protocol in the IPv4 header's word of flags, offset, TTL and protocol. Widened
+/// with its sign, so that on a little-endian machine it fits an instruction's immediate (which the machine
+/// widens that way): the loaded word's upper half is zero either way.
+const OFFSET_AND_PROTOCOL: u64 = u32::from_ne_bytes([0x1f, 0xff, 0, 0xff]) as i32 as i64 as u64;
+/// That word, masked, for TCP and no fragment offset.
+const TCP_UNFRAGMENTED: u64 = u32::from_ne_bytes([0, 0, 0, IPPROTO_TCP]) as u64;
+/// The same for UDP.
+const UDP_UNFRAGMENTED: u64 = u32::from_ne_bytes([0, 0, 0, IPPROTO_UDP]) as u64;
 
 /// Read a `T` at an offset the verifier only knows a range of: the pointer is made once and checked against
 /// the packet's end itself (so the verifier ties the check to the access), with the load helper for headers
@@ -387,7 +412,8 @@ fn carried(ctx: &TcContext, protocol: u8, transport: usize) -> Result<u32, i64> 
 /// Whether something on the node (or a peer) decapsulates what arrives at UDP port `port`.
 #[inline(always)]
 fn decapsulated_at(port: u16) -> bool {
-    DECAP_PORTS.get(u32::from(port)).is_some_and(|listening| *listening != 0)
+    // SAFETY: a read within the array (a u16 index); volatile, as the agent writes it after the build.
+    unsafe { core::ptr::read_volatile(&raw const DECAP[usize::from(port)]) != 0 }
 }
 
 /// How many IPv6 extension headers the program follows before giving up (and dropping: no pod needs more).

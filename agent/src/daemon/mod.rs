@@ -400,6 +400,15 @@ impl Agent {
         }
     }
 
+    /// Have enforcement count the packets it passes on the endpoints written from now on (the agent writes
+    /// every endpoint's entry again at its first reconcile).
+    pub fn counting_passed_packets(self, on: bool) -> Self {
+        if let Some(enforcement) = &self.enforcement {
+            enforcement.lock().unwrap_or_else(|p| p.into_inner()).count_passed_packets(on);
+        }
+        self
+    }
+
     /// Take namespaces, pods and node labels from `directory` (the Kubernetes API) instead of the datastore.
     pub fn with_directory(mut self, directory: Arc<dyn Directory>) -> Self {
         self.directory = directory;

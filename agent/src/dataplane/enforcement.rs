@@ -19,8 +19,8 @@ use aya::{
 };
 use ipnet::IpNet;
 pub use poolwarden_ebpf_common::{
-    ARRAY_ENDPOINTS, DEFAULT_DECAP_PORTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE,
-    POOL_NAME_LEN, POOL_SLOTS, PRESENT, TUNNEL_PROTOCOLS, counter_index, reason,
+    ARRAY_ENDPOINTS, COUNT_PASSED, DEFAULT_DECAP_PORTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4,
+    HAS_IPV6, POOL_MODE, POOL_NAME_LEN, POOL_SLOTS, PRESENT, TUNNEL_PROTOCOLS, counter_index, reason,
 };
 pub use poolwarden_protocol::EnforcementHook;
 
@@ -177,7 +177,15 @@ pub struct Enforcement {
     entered: std::collections::BTreeSet<u32>,
     /// Counter slot -> pool name, as pinned in POOL_NAMES (read once, at load, and kept in step).
     names: std::collections::BTreeMap<u32, String>,
+    /// The blocked UDP ports as this instance's program reads them (its `.data.decap_ports`), kept in step.
+    decap: Box<[u8; DECAP_PORTS_LEN]>,
+    /// Entries written from now on ask the program to count passed packets.
+    count_passed: bool,
 }
+
+/// The program's own copy of the blocked UDP ports: global data, one byte per port.
+const DECAP_DATA: &str = ".data.decap_ports";
+const DECAP_PORTS_LEN: usize = 65_536;
 
 /// The priority of our filter at clsact ingress.
 const FILTER_PRIORITY: u16 = 1;
@@ -203,22 +211,56 @@ impl Enforcement {
         }
         let entered = read_entries(&pin_dir)?.into_iter().map(|(index, _)| index).collect();
         let names = read_names(&pin_dir)?;
-        let mut enforcement =
-            Self { ebpf, pin_dir, root: root.to_path_buf(), attached_here: Default::default(), entered, names };
-        enforcement.block_decap_ports(DEFAULT_DECAP_PORTS)?;
+        // What this build's program instance was compiled with (the defaults), which the pinned ports join.
+        let decap = Array::<&MapData, [u8; DECAP_PORTS_LEN]>::try_from(
+            ebpf.map(DECAP_DATA).ok_or_else(|| EnforcementError::Load(format!("map {DECAP_DATA} missing")))?,
+        )
+        .and_then(|data| data.get(&0, 0))
+        .map(Box::new)
+        .map_err(map_error(format!("read {DECAP_DATA}")))?;
+        let pinned = read_decap_ports(&pin_dir)?;
+        let mut enforcement = Self {
+            ebpf,
+            pin_dir,
+            root: root.to_path_buf(),
+            attached_here: Default::default(),
+            entered,
+            names,
+            decap,
+            count_passed: false,
+        };
+        enforcement.block_decap_ports(DEFAULT_DECAP_PORTS.into_iter().chain(pinned))?;
         Ok(enforcement)
     }
 
     /// Drop what pods send to these UDP ports (whatever the destination): ports where a VXLAN, GENEVE or
     /// FOU device decapsulates. Ports stay blocked once blocked (the map is pinned; a device that goes may
-    /// come back).
+    /// come back). Each goes into the pinned record first, then into this instance's own copy, which its
+    /// program reads (programs an earlier agent attached read theirs until this one's replaces them).
     pub fn block_decap_ports(&mut self, ports: impl IntoIterator<Item = u16>) -> Result<(), EnforcementError> {
-        let mut map: Array<&mut MapData, u8> =
-            Array::try_from(self.map_mut("DECAP_PORTS")?).map_err(map_error("open DECAP_PORTS"))?;
+        let mut map: Array<&mut MapData, u8> = Array::try_from(
+            self.ebpf.map_mut("DECAP_PORTS").ok_or_else(|| EnforcementError::Load("map DECAP_PORTS missing".into()))?,
+        )
+        .map_err(map_error("open DECAP_PORTS"))?;
+        let mut added = false;
         for port in ports {
             map.set(u32::from(port), 1, 0).map_err(map_error(format!("block UDP port {port}")))?;
+            added |= std::mem::replace(&mut self.decap[usize::from(port)], 1) == 0;
+        }
+        if added {
+            let decap = self.decap.clone();
+            let mut data: Array<&mut MapData, [u8; DECAP_PORTS_LEN]> =
+                Array::try_from(self.map_mut(DECAP_DATA)?).map_err(map_error(format!("open {DECAP_DATA}")))?;
+            data.set(0, *decap, 0).map_err(map_error(format!("write {DECAP_DATA}")))?;
         }
         Ok(())
+    }
+
+    /// Whether entries written from now on have the program count the packets it passes (drops are always
+    /// counted). Counting makes the check of an allowed packet about a third dearer (the enforcement bench
+    /// measures both).
+    pub fn count_passed_packets(&mut self, on: bool) {
+        self.count_passed = on;
     }
 
     /// Enforce `spec` on the host-side interface `ifname` (index `ifindex`): the entry first, then the
@@ -419,7 +461,11 @@ impl Enforcement {
 
     /// Enforce `spec` on the interface with index `ifindex`.
     pub fn set_endpoint(&mut self, ifindex: u32, spec: &EndpointSpec) -> Result<(), EnforcementError> {
-        self.write_endpoint(ifindex, Some(spec.entry()))
+        let mut entry = spec.entry();
+        if self.count_passed {
+            entry.flags |= COUNT_PASSED;
+        }
+        self.write_endpoint(ifindex, Some(entry))
     }
 
     /// Stop enforcing on an interface (its packets are then dropped: fail closed).
@@ -656,14 +702,21 @@ pub fn read_pinned(root: &Path) -> Result<PinnedState, EnforcementError> {
         PerCpuArray::try_from(open_pinned(pin_dir, "COUNTERS")?).map_err(map_error("COUNTERS"))?;
     state.pool_names = read_names(pin_dir)?;
     state.counters = read_counters(&counters, &state.pool_names)?;
+    state.decap_ports = read_decap_ports(pin_dir)?;
+    Ok(state)
+}
+
+/// The UDP ports blocked in the record pinned in `pin_dir`.
+fn read_decap_ports(pin_dir: &Path) -> Result<Vec<u16>, EnforcementError> {
     let ports: Array<MapData, u8> =
         Array::try_from(open_pinned(pin_dir, "DECAP_PORTS")?).map_err(map_error("DECAP_PORTS"))?;
+    let mut out = Vec::new();
     for (port, blocked) in ports.iter().enumerate() {
         if blocked.map_err(map_error("read DECAP_PORTS"))? != 0 {
-            state.decap_ports.push(u16::try_from(port).unwrap_or(u16::MAX));
+            out.push(u16::try_from(port).unwrap_or(u16::MAX));
         }
     }
-    Ok(state)
+    Ok(out)
 }
 
 /// Decode one drop report.

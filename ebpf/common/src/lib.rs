@@ -10,6 +10,8 @@ pub const HAS_IPV6: u32 = 1 << 1;
 pub const POOL_MODE: u32 = 1 << 2;
 /// The entry is in use (array slots exist for every index; this marks the ones that hold a pod).
 pub const PRESENT: u32 = 1 << 3;
+/// Count the packets passed (per pool, under [`reason::PASSED`]); drops are always counted.
+pub const COUNT_PASSED: u32 = 1 << 4;
 
 /// Interfaces with an index below this have their entry in an array (a lookup the verifier turns into a
 /// bounds check and a load); higher indexes, rare, in a hash map.
@@ -25,7 +27,7 @@ pub struct Endpoint {
     pub pool_ipv4: [u8; 4],
     /// The IPv4 pool's netmask, network byte order.
     pub pool_ipv4_mask: [u8; 4],
-    /// `HAS_IPV4 | HAS_IPV6 | POOL_MODE`.
+    /// `HAS_IPV4 | HAS_IPV6 | POOL_MODE | PRESENT | COUNT_PASSED`.
     pub flags: u32,
     /// The pod's IPv6 address.
     pub ipv6: [u8; 16],
