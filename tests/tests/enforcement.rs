@@ -451,3 +451,43 @@ fn spoof_matrix_of_raw_frames_from_a_pod() {
         }
     }
 }
+
+/// An enforced interface whose endpoint record was lost (a restore, a collection by mistake) keeps its entry,
+/// and a restarted agent swaps its own program in there too: a decapsulating port it finds (a device made
+/// while no agent ran) is closed on that pod as well. The program the earlier agent attached reads its own
+/// copy of the closed ports, which nobody writes any more: left in place, it lets the tunnel through.
+#[test]
+fn an_unrecorded_interface_gets_the_ports_a_later_agent_finds() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.3.7");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.89.0.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let (pod, result) = node.add_pod("unrecorded", "default", "p");
+    let own = address_of(&result);
+    node.stop_agent();
+    node.cli_ok(&["ipam", "release", "--ip", &own]);
+    node.ns.exec(&["ip", "link", "add", "pwt.vx3", "type", "vxlan", "id", "43", "dstport", "4799", "nolearning"]);
+    node.ns.exec(&["ip", "link", "set", "pwt.vx3", "up"]);
+    node.ns.exec(&["iptables", "-t", "raw", "-I", "PREROUTING", "-p", "udp", "--dport", "4799", "-j", "ACCEPT"]);
+    node.start_agent();
+    assert!(node.agent_log().contains("an enforced interface has no endpoint record"), "{}", node.agent_log());
+    let send = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor _ in range(3): s.sendto(b'x',('{}',4799))",
+        node.address
+    );
+    pod.exec(&["python3", "-c", &send]);
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let table = node.ns.exec(&["iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-n", "-x"]);
+    let arrived: u64 = table
+        .lines()
+        .find(|l| l.contains("dpt:4799"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no counter for UDP 4799:\n{table}"));
+    assert_eq!(arrived, 0, "UDP to the port a later agent found reached the node from {own}:\n{table}");
+    let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
+    assert!(status.lines().any(|l| l.starts_with("a ") && l.contains("encapsulated")), "{status}");
+}

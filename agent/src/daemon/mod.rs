@@ -691,8 +691,12 @@ impl Agent {
         let blocks: Vec<crate::ipam::Block> = owned.into_iter().map(|s| s.block).collect();
         self.metrics.set_pools(&pools, &blocks);
         if let Some(enforcement) = &self.enforcement {
-            let counts = enforcement.lock().unwrap_or_else(|p| p.into_inner()).counts();
-            if let Ok(counts) = counts {
+            let enforcement = enforcement.lock().unwrap_or_else(|p| p.into_inner());
+            if let Ok(mut counts) = enforcement.counts() {
+                // Passes an earlier run counted stay pinned; they are exported only while counted.
+                if !enforcement.counts_passed_packets() {
+                    counts.retain(|(_, why, _)| *why != crate::dataplane::enforcement::reason::PASSED);
+                }
                 self.metrics.set_enforcement(counts);
             }
         }

@@ -123,6 +123,11 @@ impl Agent {
                 // entries of interfaces that are gone go (with an unknown interface list, none do).
                 if interfaces.as_ref().is_none_or(|existing| existing.contains(&stale)) {
                     warn!(ifindex = stale, "an enforced interface has no endpoint record; its entry stays");
+                    // It runs this build's program too (wherever ours is attached), which reads this agent's
+                    // closed ports: an earlier agent's program keeps a copy of its own.
+                    if let Err(e) = enforcement.adopt_unrecorded(stale) {
+                        warn!(ifindex = stale, error = %e, "replacing the program on an unrecorded interface failed");
+                    }
                     continue;
                 }
                 info!(ifindex = stale, "removing the enforcement entry of an interface that is gone");

@@ -14,7 +14,7 @@ use aya::{
     programs::{
         SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         links::{FdLink, Link as _, LinkOrder, PinnedLink},
-        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     },
 };
 use ipnet::IpNet;
@@ -242,18 +242,68 @@ impl Enforcement {
             self.ebpf.map_mut("DECAP_PORTS").ok_or_else(|| EnforcementError::Load("map DECAP_PORTS missing".into()))?,
         )
         .map_err(map_error("open DECAP_PORTS"))?;
-        let mut added = false;
+        let mut decap = self.decap.clone();
         for port in ports {
             map.set(u32::from(port), 1, 0).map_err(map_error(format!("block UDP port {port}")))?;
-            added |= std::mem::replace(&mut self.decap[usize::from(port)], 1) == 0;
+            decap[usize::from(port)] = 1;
         }
-        if added {
-            let decap = self.decap.clone();
+        if decap != self.decap {
             let mut data: Array<&mut MapData, [u8; DECAP_PORTS_LEN]> =
                 Array::try_from(self.map_mut(DECAP_DATA)?).map_err(map_error(format!("open {DECAP_DATA}")))?;
             data.set(0, *decap, 0).map_err(map_error(format!("write {DECAP_DATA}")))?;
+            // Only once the program has them: a failed write is tried again by the next call.
+            self.decap = decap;
         }
         Ok(())
+    }
+
+    /// Swap this instance's program in wherever a program of ours is attached to interface `ifindex` (the
+    /// TCX link pinned for it, or its clsact filter), never attaching anew, and have its entry count passed
+    /// packets as this agent does. For an interface with an entry that no endpoint record names (the record
+    /// was lost), so that it too runs this build's program, which reads this instance's closed ports: the
+    /// program an earlier agent attached reads its own copy, which nobody writes any more. Nothing happens on
+    /// an interface that is gone or carries nothing of ours (an index used again by another interface).
+    pub fn adopt_unrecorded(&mut self, ifindex: u32) -> Result<(), EnforcementError> {
+        if self.attached_here.contains(&ifindex) {
+            return Ok(());
+        }
+        let Some(ifname) = interface_name(ifindex) else { return Ok(()) };
+        if !self.swap_into_pinned_tcx(&ifname, ifindex)? {
+            let attach_err = |e: String| EnforcementError::Map {
+                operation: format!("replace the program on {ifname} (clsact ingress)"),
+                message: e,
+            };
+            let existing =
+                SchedClassifierLink::attached(&ifname, TcAttachType::Ingress, FILTER_PRIORITY, FILTER_HANDLE, None)
+                    .map_err(|e| attach_err(e.to_string()))?;
+            let program = enforce_program(&mut self.ebpf)?;
+            // A replacement only (no NLM_F_CREATE): no filter of ours there is ENOENT.
+            let id = match program.attach_to_link(existing) {
+                Ok(id) => id,
+                Err(aya::programs::ProgramError::TcError(TcError::NetlinkError(e)))
+                    if e.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) =>
+                {
+                    return Ok(());
+                }
+                Err(e) => return Err(attach_err(e.to_string())),
+            };
+            let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+            std::mem::forget(link);
+        }
+        self.attached_here.insert(ifindex);
+        if let Some(mut entry) = read_entry(&self.pin_dir, ifindex)? {
+            let counting = if self.count_passed { entry.flags | COUNT_PASSED } else { entry.flags & !COUNT_PASSED };
+            if counting != entry.flags {
+                entry.flags = counting;
+                self.write_entry(ifindex, Some(entry))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether entries written now have passed packets counted.
+    pub fn counts_passed_packets(&self) -> bool {
+        self.count_passed
     }
 
     /// Whether entries written from now on have the program count the packets it passes (drops are always
@@ -328,6 +378,27 @@ impl Enforcement {
     /// atomically and is pinned in this build's directory; a pin whose interface is gone (its link is
     /// defunct: the update fails) is removed and a new link made.
     fn attach_tcx(&mut self, ifname: &str, ifindex: u32) -> Result<(), EnforcementError> {
+        if self.swap_into_pinned_tcx(ifname, ifindex)? {
+            return Ok(());
+        }
+        let attach_err =
+            |e: String| EnforcementError::Map { operation: format!("attach to {ifname} (TCX ingress)"), message: e };
+        let pin = Self::tcx_pin(&self.pin_dir, ifindex);
+        let program = enforce_program(&mut self.ebpf)?;
+        std::fs::create_dir_all(pin.parent().unwrap_or(&self.pin_dir)).map_err(|e| attach_err(e.to_string()))?;
+        let id = program
+            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(|e| attach_err(e.to_string()))?;
+        let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+        let link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
+        link.pin(&pin).map_err(|e| attach_err(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Swap this program into the TCX link an earlier run (of this build or an older one) pinned for
+    /// interface `ifindex`, pinned then in this build's directory; a pin whose interface is gone (its link is
+    /// defunct: the update fails) is removed. Whether a link took the program.
+    fn swap_into_pinned_tcx(&mut self, ifname: &str, ifindex: u32) -> Result<bool, EnforcementError> {
         let attach_err =
             |e: String| EnforcementError::Map { operation: format!("attach to {ifname} (TCX ingress)"), message: e };
         let pin = Self::tcx_pin(&self.pin_dir, ifindex);
@@ -363,15 +434,9 @@ impl Enforcement {
                 let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
                 drop(FdLink::try_from(link));
             }
-            return Ok(());
+            return Ok(true);
         }
-        let id = program
-            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-            .map_err(|e| attach_err(e.to_string()))?;
-        let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
-        let link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
-        link.pin(&pin).map_err(|e| attach_err(e.to_string()))?;
-        Ok(())
+        Ok(false)
     }
 
     /// Remove the TCX pins of interfaces that are gone (not in `existing`, this namespace's interface
@@ -690,6 +755,24 @@ fn read_entries(pin_dir: &Path) -> Result<Vec<(u32, Endpoint)>, EnforcementError
         out.push(item.map_err(map_error("read ENDPOINTS_HIGH"))?);
     }
     Ok(out)
+}
+
+/// The entry of interface `ifindex` pinned in `pin_dir`, if it has one.
+fn read_entry(pin_dir: &Path, ifindex: u32) -> Result<Option<Endpoint>, EnforcementError> {
+    let entry = if ifindex < ARRAY_ENDPOINTS {
+        let endpoints: Array<MapData, Endpoint> =
+            Array::try_from(open_pinned(pin_dir, "ENDPOINTS")?).map_err(map_error("ENDPOINTS"))?;
+        Some(endpoints.get(&ifindex, 0).map_err(map_error("read ENDPOINTS"))?)
+    } else {
+        let high: HashMap<MapData, u32, Endpoint> =
+            HashMap::try_from(open_pinned(pin_dir, "ENDPOINTS_HIGH")?).map_err(map_error("ENDPOINTS_HIGH"))?;
+        match high.get(&ifindex, 0) {
+            Ok(entry) => Some(entry),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => return Err(map_error("read ENDPOINTS_HIGH")(e)),
+        }
+    };
+    Ok(entry.filter(|e| e.flags & PRESENT != 0))
 }
 
 /// Read the state this build pinned under `root`.
