@@ -3,8 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use poolwarden::dataplane::enforcement::{
-    ARRAY_ENDPOINTS, COUNT_PASSED, ENFORCE, EndpointSpec, Enforcement, PASS, POOL_SLOTS, VERDICT_DROP, VERDICT_PASS,
-    decode_drop, drop_source, frames, reason,
+    ARRAY_ENDPOINTS, COUNT_PASSED, ENFORCE, ENFORCE_COUNTING, EndpointSpec, Enforcement, PASS, POOL_SLOTS,
+    VERDICT_DROP, VERDICT_PASS, decode_drop, drop_source, frames, reason,
 };
 
 fn root() -> bool {
@@ -53,7 +53,7 @@ fn strict_mode_passes_only_the_pods_own_source() {
     let bpffs = Bpffs::new();
     let mut enforcement = bpffs.load();
     let mut reports = enforcement.take_drop_reports().expect("drop report ring buffer");
-    let verdict = |e: &Enforcement, frame: &[u8]| e.run(ENFORCE, frame, 1).expect("test run").0;
+    let verdict = |e: &Enforcement, frame: &[u8]| e.run(ENFORCE_COUNTING, frame, 1).expect("test run").0;
     assert_eq!(verdict(&enforcement, &frames::ipv4(POD, NODE)), VERDICT_DROP, "no endpoint entry: fail closed");
 
     enforcement.count_passed_packets(true);
@@ -192,10 +192,10 @@ fn counter_slots_are_never_shared() {
     enforcement.count_passed_packets(true);
     enforcement.set_endpoint(LOOPBACK, &spec(a)).unwrap();
     for _ in 0..3 {
-        enforcement.run(ENFORCE, &frames::ipv4(POD, NODE), 1).unwrap();
+        enforcement.run(ENFORCE_COUNTING, &frames::ipv4(POD, NODE), 1).unwrap();
     }
     enforcement.set_endpoint(LOOPBACK, &spec(b)).unwrap();
-    enforcement.run(ENFORCE, &frames::ipv4(Ipv4Addr::new(10, 0, 0, 9), NODE), 1).unwrap();
+    enforcement.run(ENFORCE_COUNTING, &frames::ipv4(Ipv4Addr::new(10, 0, 0, 9), NODE), 1).unwrap();
     let counts = enforcement.counts().unwrap();
     assert_eq!(
         counts,
@@ -258,11 +258,14 @@ fn v6(source: &str, next_header: u8, payload: &[u8]) -> Vec<u8> {
     frames::ethernet(frames::MACS.0, frames::MACS.1, 0x86dd, &packet)
 }
 
-/// (frame, verdict, reason counted) for each case, with what it is.
+/// (frame, verdict, reason counted) for each case, with what it is: the reason as the program that counts
+/// passes too counts it, the verdict the same from both programs.
 fn judge(enforcement: &Enforcement, cases: Vec<(&str, Vec<u8>, u32)>) {
     for (what, frame, want) in cases {
+        let (default, _) = enforcement.run(ENFORCE, &frame, 1).expect("test run");
         let before = enforcement.counts().unwrap();
-        let (verdict, _) = enforcement.run(ENFORCE, &frame, 1).expect("test run");
+        let (verdict, _) = enforcement.run(ENFORCE_COUNTING, &frame, 1).expect("test run");
+        assert_eq!(default, verdict, "{what}: the two programs disagree");
         let after = enforcement.counts().unwrap();
         let grew: Vec<u32> = after
             .iter()
@@ -415,8 +418,8 @@ fn tunnels_from_the_pods_own_address_are_dropped() {
     );
 }
 
-/// Drops are always counted; passed packets only on the entries written while the agent counts them, and
-/// the status (read from the pins) says which.
+/// Drops are always counted; passed packets only by the program an agent counting them attaches, and the
+/// entries it writes say so (for the status, read from the pins).
 #[test]
 fn passed_packets_are_counted_only_when_asked() {
     if !root() {
@@ -434,6 +437,7 @@ fn passed_packets_are_counted_only_when_asked() {
     let own = frames::ipv4(POD, NODE);
     let spoofed = frames::ipv4(Ipv4Addr::new(10, 0, 0, 9), NODE);
     let tcp = v4(&[0; 20], 6);
+    // The default program counts drops only.
     for frame in [&own, &own, &tcp, &spoofed] {
         enforcement.run(ENFORCE, frame, 1).unwrap();
     }
@@ -441,16 +445,16 @@ fn passed_packets_are_counted_only_when_asked() {
     let pinned = || poolwarden::dataplane::enforcement::read_pinned(&bpffs.0.path().join("poolwarden")).unwrap();
     assert!(pinned().endpoints.iter().all(|(_, e)| e.flags & COUNT_PASSED == 0));
 
+    // The counting one passes too, the fast path (TCP, UDP) and the full check (ARP) alike; entries written
+    // while counting say so.
     enforcement.count_passed_packets(true);
-    assert_eq!(enforcement.run(ENFORCE, &own, 1).unwrap().0, VERDICT_PASS);
-    assert_eq!(enforcement.counts().unwrap().len(), 1, "the entry written before still counts no pass");
     enforcement.set_endpoint(LOOPBACK, &spec).unwrap();
-    for frame in [&own, &tcp, &spoofed] {
-        enforcement.run(ENFORCE, frame, 1).unwrap();
+    for frame in [&own, &tcp, &frames::arp(POD, NODE), &spoofed] {
+        enforcement.run(ENFORCE_COUNTING, frame, 1).unwrap();
     }
     assert_eq!(
         enforcement.counts().unwrap(),
-        vec![("three".to_string(), reason::PASSED, 2), ("three".to_string(), reason::SPOOFED_IPV4, 2)]
+        vec![("three".to_string(), reason::PASSED, 3), ("three".to_string(), reason::SPOOFED_IPV4, 2)]
     );
     assert!(pinned().endpoints.iter().all(|(_, e)| e.flags & COUNT_PASSED != 0));
 }
@@ -636,6 +640,8 @@ mod random_frames {
                 // The kernel refuses test runs of some truncated frames (shorter than an Ethernet header, or
                 // than the network header their ethertype names): those the program is never shown here.
                 let Ok((verdict, _)) = enforcement.run(ENFORCE, &frame, 1) else { continue };
+                let (counting, _) = enforcement.run(ENFORCE_COUNTING, &frame, 1).expect("test run");
+                prop_assert_eq!(verdict, counting, "the two programs disagree: {:02x?}", frame);
                 if verdict == VERDICT_PASS {
                     prop_assert!(source_allowed(&frame), "passed with a source not the pod's: {frame:02x?}");
                     prop_assert!(!ipv4_tunnel(&frame) && !ipv6_tunnel(&frame), "passed a tunnel: {frame:02x?}");

@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use poolwarden_ebpf_common::{
-    ARRAY_ENDPOINTS, COUNT_PASSED, DEFAULT_DECAP_PORTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4,
-    HAS_IPV6, POOL_MODE, POOL_NAME_LEN, POOL_SLOTS, PRESENT, TUNNEL_PROTOCOLS, counter_index, reason,
+    ARRAY_ENDPOINTS, DEFAULT_DECAP_PORTS, DROP_REPORTS_PER_SECOND, DropEvent, Endpoint, HAS_IPV4, HAS_IPV6, POOL_MODE,
+    POOL_NAME_LEN, POOL_SLOTS, PRESENT, TUNNEL_PROTOCOLS, counter_index, reason,
 };
 
 /// ifindex of the host-side veth -> the pod it belongs to, for indexes below [`ARRAY_ENDPOINTS`]. Pinned by
@@ -93,9 +93,22 @@ const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
 const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
 const ICMPV6_LISTENER_REPORT_V2: u8 = 143;
 
-/// The verdict for a pod's packet.
+/// The verdict for a pod's packet, counting drops (per pool and reason); what the agent attaches by default.
 #[classifier]
 pub fn enforce(ctx: TcContext) -> i32 {
+    decide::<false>(ctx)
+}
+
+/// The same verdict, counting passed packets too (per pool): what the agent attaches with
+/// `--count-passed-packets`. A program of its own, so that the default one does not even test whether to
+/// count: counting makes the check of an allowed packet about a third dearer, and the test alone costs.
+#[classifier]
+pub fn enforce_counting(ctx: TcContext) -> i32 {
+    decide::<true>(ctx)
+}
+
+#[inline(always)]
+fn decide<const COUNT_PASSES: bool>(ctx: TcContext) -> i32 {
     // The interface the packet arrived on, which the kernel records (`skb_iif`) before the ingress hook runs:
     // one load, where `ifindex` reads it through the skb's device (two, one after the other).
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
@@ -103,6 +116,13 @@ pub fn enforce(ctx: TcContext) -> i32 {
     // when that does not decide.
     let verdict = match entry_of(ifindex) {
         Some(endpoint) => match common(&ctx, endpoint) {
+            // Straight out: the common case shares no code with the others' ending.
+            Some(reason::PASSED) => {
+                if COUNT_PASSES {
+                    count(endpoint.pool_id, reason::PASSED);
+                }
+                return TC_ACT_UNSPEC;
+            }
             Some(verdict) => Ok((endpoint, verdict)),
             None if endpoint.flags & PRESENT == 0 => Err(()),
             None => Ok((endpoint, check(&ctx, endpoint).unwrap_or(reason::OTHER))),
@@ -114,9 +134,7 @@ pub fn enforce(ctx: TcContext) -> i32 {
         return drop(0, reason::NO_ENDPOINT);
     };
     if verdict == reason::PASSED {
-        // Passed packets are counted only where the agent asks (`--count-passed-packets`): counting makes the
-        // check of an allowed packet about a third dearer.
-        if endpoint.flags & COUNT_PASSED != 0 {
+        if COUNT_PASSES {
             count(endpoint.pool_id, reason::PASSED);
         }
         // UNSPEC, not OK: other TC programs on the interface still run.

@@ -400,8 +400,8 @@ impl Agent {
         }
     }
 
-    /// Have enforcement count the packets it passes on the endpoints written from now on (the agent writes
-    /// every endpoint's entry again at its first reconcile).
+    /// Have enforcement count the packets it passes: the program attached from now on is the one that counts
+    /// them. Set before the first reconcile, which puts this agent's program on every enforced interface.
     pub fn counting_passed_packets(self, on: bool) -> Self {
         if let Some(enforcement) = &self.enforcement {
             enforcement.lock().unwrap_or_else(|p| p.into_inner()).count_passed_packets(on);

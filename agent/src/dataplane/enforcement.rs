@@ -42,8 +42,10 @@ pub enum EnforcementMode {
 /// The enforcement object, built for `bpfel-unknown-none` by `build.rs`.
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/poolwarden-ebpf"));
 
-/// The program that decides.
+/// The program that decides (counting drops), attached by default.
 pub const ENFORCE: &str = "enforce";
+/// The same, counting passed packets too: attached by an agent run with `--count-passed-packets`.
+pub const ENFORCE_COUNTING: &str = "enforce_counting";
 /// The program that passes everything (the benchmark's baseline).
 pub const PASS: &str = "pass";
 /// The least a check of a pod's source by one shared program costs (its endpoint's entry and one comparison):
@@ -201,7 +203,7 @@ impl Enforcement {
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&pin_dir);
         let mut ebpf = loader.load(OBJECT).map_err(|e| EnforcementError::Load(e.to_string()))?;
-        for name in [ENFORCE, PASS, FLOOR] {
+        for name in [ENFORCE, ENFORCE_COUNTING, PASS, FLOOR] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| EnforcementError::Load(format!("program {name} missing from the object")))?
@@ -276,7 +278,7 @@ impl Enforcement {
             let existing =
                 SchedClassifierLink::attached(&ifname, TcAttachType::Ingress, FILTER_PRIORITY, FILTER_HANDLE, None)
                     .map_err(|e| attach_err(e.to_string()))?;
-            let program = enforce_program(&mut self.ebpf)?;
+            let program = enforce_program(&mut self.ebpf, self.count_passed)?;
             // A replacement only (no NLM_F_CREATE): no filter of ours there is ENOENT.
             let id = match program.attach_to_link(existing) {
                 Ok(id) => id,
@@ -306,9 +308,10 @@ impl Enforcement {
         self.count_passed
     }
 
-    /// Whether entries written from now on have the program count the packets it passes (drops are always
-    /// counted). Counting makes the check of an allowed packet about a third dearer (the enforcement bench
-    /// measures both).
+    /// Whether the program attached from now on counts the packets it passes ([`ENFORCE_COUNTING`]; drops
+    /// are always counted), as the entries written from now on record (for `enforcement status`). Set before
+    /// attaching anything: an interface this process attached keeps its program. Counting makes the check of
+    /// an allowed packet about a third dearer (the enforcement bench measures both).
     pub fn count_passed_packets(&mut self, on: bool) {
         self.count_passed = on;
     }
@@ -345,7 +348,7 @@ impl Enforcement {
             self.attached_here.insert(ifindex);
             return Ok(());
         }
-        let program = enforce_program(&mut self.ebpf)?;
+        let program = enforce_program(&mut self.ebpf, self.count_passed)?;
         let attach_err =
             |e: String| EnforcementError::Map { operation: format!("attach to {ifname} (clsact ingress)"), message: e };
         // Creating the clsact qdisc fails harmlessly when it exists.
@@ -384,7 +387,7 @@ impl Enforcement {
         let attach_err =
             |e: String| EnforcementError::Map { operation: format!("attach to {ifname} (TCX ingress)"), message: e };
         let pin = Self::tcx_pin(&self.pin_dir, ifindex);
-        let program = enforce_program(&mut self.ebpf)?;
+        let program = enforce_program(&mut self.ebpf, self.count_passed)?;
         std::fs::create_dir_all(pin.parent().unwrap_or(&self.pin_dir)).map_err(|e| attach_err(e.to_string()))?;
         let id = program
             .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
@@ -406,7 +409,7 @@ impl Enforcement {
             .chain(self.older_versions().iter().map(|dir| Self::tcx_pin(dir, ifindex)))
             .filter(|p| p.exists())
             .collect();
-        let program = enforce_program(&mut self.ebpf)?;
+        let program = enforce_program(&mut self.ebpf, self.count_passed)?;
         std::fs::create_dir_all(pin.parent().unwrap_or(&self.pin_dir)).map_err(|e| attach_err(e.to_string()))?;
         for existing in earlier {
             let pinned =
@@ -670,9 +673,11 @@ impl Enforcement {
 }
 
 /// The enforcing program of a loaded object.
-fn enforce_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, EnforcementError> {
-    ebpf.program_mut(ENFORCE)
-        .ok_or_else(|| EnforcementError::Load(format!("program {ENFORCE} missing")))?
+/// The program this agent attaches: [`ENFORCE_COUNTING`] when it counts passed packets, else [`ENFORCE`].
+fn enforce_program(ebpf: &mut Ebpf, count_passed: bool) -> Result<&mut SchedClassifier, EnforcementError> {
+    let name = if count_passed { ENFORCE_COUNTING } else { ENFORCE };
+    ebpf.program_mut(name)
+        .ok_or_else(|| EnforcementError::Load(format!("program {name} missing")))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| EnforcementError::Load(e.to_string()))
 }

@@ -10,7 +10,8 @@ pub const HAS_IPV6: u32 = 1 << 1;
 pub const POOL_MODE: u32 = 1 << 2;
 /// The entry is in use (array slots exist for every index; this marks the ones that hold a pod).
 pub const PRESENT: u32 = 1 << 3;
-/// Count the packets passed (per pool, under [`reason::PASSED`]); drops are always counted.
+/// The agent that wrote the entry counts the packets passed there (per pool, under [`reason::PASSED`]): it
+/// attaches the program that does. A record for `poolwarden enforcement status`; the programs ignore it.
 pub const COUNT_PASSED: u32 = 1 << 4;
 
 /// Interfaces with an index below this have their entry in an array (a lookup the verifier turns into a
