@@ -656,11 +656,15 @@ impl PoolSync {
         }
     }
 
-    /// Note that the retirement of `object` (a deleted pool resource) is recorded.
-    fn retired_here(&self, object: &DynamicObject) {
+    /// Record the retirement of `object` (a deleted pool resource, `name`, of range `cidr`) while this
+    /// process holds the pools' Lease, and remember that it did.
+    async fn record_retirement(&self, object: &DynamicObject, name: &str, cidr: IpNet) -> Result<(), SyncError> {
+        self.fence()?;
+        record_retired(&self.client, &self.namespace, name, cidr).await?;
         if let Some(uid) = &object.metadata.uid {
             self.retired.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid.clone());
         }
+        Ok(())
     }
 
     /// Whether this process recorded the retirement of `object` (or found it recorded).
@@ -802,9 +806,7 @@ impl PoolSync {
                 Judgement::Release => {
                     // Recorded before the resource can go, so that every firewall export empties its set.
                     if let Some(pool) = accepted_pool(object) {
-                        self.fence()?;
-                        record_retired(&self.client, &self.namespace, &name, pool.cidr()).await?;
-                        self.retired_here(object);
+                        self.record_retirement(object, &name, pool.cidr()).await?;
                     }
                     self.fence()?;
                     release_finalizer(&self.pool_api, object).await?;
@@ -818,9 +820,7 @@ impl PoolSync {
                 // record only empties the firewall export's set, it releases nothing.
                 Judgement::NotHeld { drained: true } => {
                     if let Some(pool) = accepted_pool(object).filter(|_| !self.is_retired_here(object)) {
-                        self.fence()?;
-                        record_retired(&self.client, &self.namespace, &name, pool.cidr()).await?;
-                        self.retired_here(object);
+                        self.record_retirement(object, &name, pool.cidr()).await?;
                     }
                 }
                 Judgement::NotHeld { drained: false } => {}
