@@ -491,3 +491,40 @@ fn an_unrecorded_interface_gets_the_ports_a_later_agent_finds() {
     let status = node.cli_ok(&["enforcement", "status", "--bpf-dir", &node.bpf_dir()]);
     assert!(status.lines().any(|l| l.starts_with("a ") && l.contains("encapsulated")), "{status}");
 }
+
+/// After an upgrade that changes the map layout, a pod attached by TCX whose endpoint record was lost has its
+/// entry only in the older build's maps: the new agent leaves it the older program, and keeps the link pinned
+/// (unpinning it would detach the program and leave the pod unenforced), while it removes the rest of the
+/// older build's pins.
+#[test]
+fn an_unrecorded_tcx_link_of_an_older_build_stays_pinned() {
+    if !privileged() {
+        return;
+    }
+    let mut node = Node::new("10.255.3.8");
+    node.apply(
+        "apiVersion: poolwarden.io/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.98.0.0/24, blockSize: 28}\n",
+    );
+    node.start_agent();
+    let pod = NetNs::new("pwp");
+    let conf = node.conf(json!({"enforcementHook": "tcx"}));
+    let (ok, result) = node.cni("ADD", "unrecorded-tcx", &pod.path(), &k8s_args("default", "p"), &conf);
+    assert!(ok, "ADD: {result}\n{}", node.agent_log());
+    let own = address_of(&result);
+    node.stop_agent();
+    let root = std::path::Path::new(&node.bpf_dir()).to_path_buf();
+    let current = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('v')))
+        .expect("this build's pin directory");
+    std::fs::rename(&current, root.join("v1")).expect("rename the pin directory on bpffs");
+    node.cli_ok(&["ipam", "release", "--ip", &own]);
+    node.start_agent();
+    watch_source(&node, "10.98.0.99");
+    send_from(&pod, "10.98.0.99", &node.address);
+    assert_eq!(arrived(&node, "10.98.0.99"), 0, "the older build's program still enforces\n{}", node.agent_log());
+    let pins: Vec<_> =
+        std::fs::read_dir(root.join("v1")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert_eq!(pins, vec![root.join("v1").join("tcx")], "only the link stays of the older build's pins");
+}

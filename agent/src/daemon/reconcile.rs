@@ -117,6 +117,9 @@ impl Agent {
             let entered = enforcement
                 .entered()
                 .map_err(|source| ReconcileError::Enforcement { operation: "reading enforcement entries", source })?;
+            // An interface whose program could not be replaced may still hang on an older build's pinned link:
+            // those pins stay until a pass replaces every program.
+            let mut unreplaced = false;
             for stale in entered.into_iter().filter(|i| !enforced.contains(i)) {
                 // An interface that still exists keeps its entry: a pod may be behind it whose record this
                 // store lost (a restore, a collection by mistake), and cutting it off fixes nothing. Only the
@@ -127,6 +130,7 @@ impl Agent {
                     // closed ports: an earlier agent's program keeps a copy of its own.
                     if let Err(e) = enforcement.adopt_unrecorded(stale) {
                         warn!(ifindex = stale, error = %e, "replacing the program on an unrecorded interface failed");
+                        unreplaced = true;
                     }
                     continue;
                 }
@@ -143,7 +147,9 @@ impl Agent {
                 enforcement.remove_defunct_tcx_pins(interfaces);
             }
             // Every endpoint's link has moved over to this build by now; what older builds pinned can go.
-            if let Err(e) = enforcement.remove_older_versions() {
+            if unreplaced {
+                warn!("keeping older builds' pinned objects until every enforced interface runs this build's program");
+            } else if let Err(e) = enforcement.remove_older_versions(interfaces.as_ref()) {
                 warn!(error = %e, "removing an older build's pinned objects failed");
             }
         }

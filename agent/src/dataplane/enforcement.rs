@@ -181,7 +181,8 @@ pub struct Enforcement {
     names: std::collections::BTreeMap<u32, String>,
     /// The blocked UDP ports as this instance's program reads them (its `.data.decap_ports`), kept in step.
     decap: Box<[u8; DECAP_PORTS_LEN]>,
-    /// Entries written from now on ask the program to count passed packets.
+    /// The program attached from now on counts passed packets ([`ENFORCE_COUNTING`]), and the entries
+    /// written from now on record so.
     count_passed: bool,
 }
 
@@ -244,12 +245,18 @@ impl Enforcement {
             self.ebpf.map_mut("DECAP_PORTS").ok_or_else(|| EnforcementError::Load("map DECAP_PORTS missing".into()))?,
         )
         .map_err(map_error("open DECAP_PORTS"))?;
-        let mut decap = self.decap.clone();
+        let mut new = Vec::new();
         for port in ports {
             map.set(u32::from(port), 1, 0).map_err(map_error(format!("block UDP port {port}")))?;
-            decap[usize::from(port)] = 1;
+            if self.decap[usize::from(port)] == 0 {
+                new.push(port);
+            }
         }
-        if decap != self.decap {
+        if !new.is_empty() {
+            let mut decap = self.decap.clone();
+            for port in new {
+                decap[usize::from(port)] = 1;
+            }
             let mut data: Array<&mut MapData, [u8; DECAP_PORTS_LEN]> =
                 Array::try_from(self.map_mut(DECAP_DATA)?).map_err(map_error(format!("open {DECAP_DATA}")))?;
             data.set(0, *decap, 0).map_err(map_error(format!("write {DECAP_DATA}")))?;
@@ -279,11 +286,13 @@ impl Enforcement {
                 SchedClassifierLink::attached(&ifname, TcAttachType::Ingress, FILTER_PRIORITY, FILTER_HANDLE, None)
                     .map_err(|e| attach_err(e.to_string()))?;
             let program = enforce_program(&mut self.ebpf, self.count_passed)?;
-            // A replacement only (no NLM_F_CREATE): no filter of ours there is ENOENT.
+            // A replacement only (no NLM_F_CREATE): no filter of ours there is ENOENT, and no clsact qdisc (or a
+            // filter of another kind at our priority) EINVAL.
             let id = match program.attach_to_link(existing) {
                 Ok(id) => id,
                 Err(aya::programs::ProgramError::TcError(TcError::NetlinkError(e)))
-                    if e.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) =>
+                    if matches!(e.raw_os_error(), Some(code) if code == nix::errno::Errno::ENOENT as i32
+                        || code == nix::errno::Errno::EINVAL as i32) =>
                 {
                     return Ok(());
                 }
@@ -303,7 +312,7 @@ impl Enforcement {
         Ok(())
     }
 
-    /// Whether entries written now have passed packets counted.
+    /// Whether the program attached now counts passed packets.
     pub fn counts_passed_packets(&self) -> bool {
         self.count_passed
     }
@@ -470,13 +479,50 @@ impl Enforcement {
     }
 
     /// Once every endpoint's filter runs this build's program: remove what older builds pinned (their maps go
-    /// when no program uses them).
-    pub fn remove_older_versions(&self) -> Result<(), EnforcementError> {
+    /// when no program uses them), except the TCX links they pinned for interfaces that still exist (all,
+    /// when `existing` is unknown) and that this process did not take over. Unpinning such a link would
+    /// detach its program: an interface whose endpoint record was lost has its entry only in the older
+    /// build's maps, and keeps that build's program.
+    pub fn remove_older_versions(
+        &self,
+        existing: Option<&std::collections::BTreeSet<u32>>,
+    ) -> Result<(), EnforcementError> {
+        let failed = |path: &Path| {
+            let operation = format!("remove {}", path.display());
+            move |e: std::io::Error| EnforcementError::Map { operation, message: e.to_string() }
+        };
+        let kept = |ifindex: u32| {
+            !self.attached_here.contains(&ifindex) && existing.is_none_or(|existing| existing.contains(&ifindex))
+        };
         for dir in self.older_versions() {
-            std::fs::remove_dir_all(&dir).map_err(|e| EnforcementError::Map {
-                operation: format!("remove {}", dir.display()),
-                message: e.to_string(),
-            })?;
+            let links = dir.join("tcx");
+            let held: Vec<PathBuf> = std::fs::read_dir(&links)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_str().and_then(|n| n.parse().ok()).is_some_and(kept))
+                .map(|e| e.path())
+                .collect();
+            if held.is_empty() {
+                std::fs::remove_dir_all(&dir).map_err(failed(&dir))?;
+                continue;
+            }
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path == links {
+                    continue;
+                }
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path).map_err(failed(&path))?;
+                } else {
+                    std::fs::remove_file(&path).map_err(failed(&path))?;
+                }
+            }
+            for entry in std::fs::read_dir(&links).into_iter().flatten().flatten() {
+                if !held.contains(&entry.path()) {
+                    std::fs::remove_file(entry.path()).map_err(failed(&entry.path()))?;
+                }
+            }
         }
         Ok(())
     }
