@@ -240,6 +240,20 @@ fn ipv6_and_arp_spoofs_never_arrive() {
     }
 }
 
+/// Move this build's pin directory to `v1`, as an older build with another map layout would have pinned it;
+/// the pin root.
+fn pins_of_an_older_build(node: &Node) -> std::path::PathBuf {
+    let root = std::path::Path::new(&node.bpf_dir()).to_path_buf();
+    let current = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('v')))
+        .expect("this build's pin directory");
+    assert_ne!(current, root.join("v1"), "this build is not layout v1");
+    std::fs::rename(&current, root.join("v1")).expect("rename the pin directory on bpffs");
+    root
+}
+
 #[test]
 fn a_new_build_takes_over_the_filters_without_a_gap() {
     if !privileged() {
@@ -253,14 +267,7 @@ fn a_new_build_takes_over_the_filters_without_a_gap() {
     let (pod, _) = node.add_pod("upgraded", "default", "p");
     node.stop_agent();
     // Make what is pinned look like an older build's layout: the old program keeps running on the old maps.
-    let root = std::path::Path::new(&node.bpf_dir()).to_path_buf();
-    let current = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('v')))
-        .expect("this build's pin directory");
-    assert_ne!(current, root.join("v1"), "this build is not layout v1");
-    std::fs::rename(&current, root.join("v1")).expect("rename the pin directory on bpffs");
+    let root = pins_of_an_older_build(&node);
     watch_source(&node, "10.86.0.99");
     send_from(&pod, "10.86.0.99", &node.address);
     assert_eq!(arrived(&node, "10.86.0.99"), 0, "the old build's program still enforces");
@@ -512,13 +519,7 @@ fn an_unrecorded_tcx_link_of_an_older_build_stays_pinned() {
     assert!(ok, "ADD: {result}\n{}", node.agent_log());
     let own = address_of(&result);
     node.stop_agent();
-    let root = std::path::Path::new(&node.bpf_dir()).to_path_buf();
-    let current = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('v')))
-        .expect("this build's pin directory");
-    std::fs::rename(&current, root.join("v1")).expect("rename the pin directory on bpffs");
+    let root = pins_of_an_older_build(&node);
     node.cli_ok(&["ipam", "release", "--ip", &own]);
     node.start_agent();
     watch_source(&node, "10.98.0.99");
